@@ -1,0 +1,228 @@
+//! The two boot entries, in assembly, and the kernel image's boundaries.
+//!
+//! * PVH (QEMU `-kernel`): a Xen ELF note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY) names
+//!   `pvh_start32`'s physical address. QEMU enters it in 32-bit protected mode, paging
+//!   off, EBX = physical address of `hvm_start_info`. The code runs at its physical
+//!   (load) address although it is linked in the higher half, so every absolute
+//!   reference subtracts `KERNEL_VMA`. It zeroes .bss, builds boot page tables
+//!   (identity and HHDM over the first 4 GiB with 2 MiB pages, and the kernel window at
+//!   `KERNEL_VMA`), enables long mode with NX when the CPU has it, and calls
+//!   `panda_pvh_main(start_info_phys)` on the boot stack.
+//! * Limine: the ELF entry point `limine_entry`, already in long mode on Limine's page
+//!   tables. It moves to the boot stack and calls `panda_limine_main()`.
+//!
+//! Both `panda_*_main` functions are defined by the kernel crate; neither returns.
+//! The boot page tables only carry the kernel until it builds its own.
+
+use core::arch::global_asm;
+
+global_asm!(
+    r#"
+    .set KVMA, 0xffffffff80000000
+
+    /* The PVH note: QEMU and Xen read it from a PT_NOTE segment. */
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4
+    .long 4
+    .long 18
+    .asciz "Xen"
+    .balign 4
+    .long pvh_start32 - KVMA
+    .balign 4
+
+    .section .bss.boot_tables, "aw", @nobits
+    .balign 4096
+    boot_pml4:      .skip 4096
+    boot_pdpt_low:  .skip 4096
+    boot_pdpt_high: .skip 4096
+    boot_pd:        .skip 4 * 4096
+
+    .section .rodata.boot_gdt, "a"
+    .balign 16
+    boot_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff     /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff     /* 0x10: data */
+    boot_gdt_end:
+    boot_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .long boot_gdt - KVMA
+
+    .section .text.boot32, "ax"
+    .code32
+    .global pvh_start32
+    pvh_start32:
+    cli
+    cld
+    mov ebp, ebx                          /* hvm_start_info (physical) */
+
+    /* .bss is not file-backed: zero it before anything relies on it (this also
+       zeroes the boot page tables and stacks, none in use yet). */
+    mov edi, offset __bss_start - KVMA
+    mov ecx, offset __bss_end - KVMA
+    sub ecx, edi
+    shr ecx, 2
+    xor eax, eax
+    rep stosd
+
+    mov esp, offset boot_stack_top - KVMA
+
+    /* Long mode is required; without it, say so on COM1 and stop. */
+    mov eax, 0x80000000
+    cpuid
+    cmp eax, 0x80000001
+    jb 90f
+    mov eax, 0x80000001
+    cpuid
+    test edx, 1 << 29
+    jz 90f
+    mov esi, edx                          /* bit 20: NX */
+
+    /* 2048 PD entries: 2 MiB pages over the first 4 GiB (present, writable, large). */
+    mov edi, offset boot_pd - KVMA
+    mov eax, 0x83
+    mov ecx, 2048
+    2:
+    mov dword ptr [edi], eax
+    mov dword ptr [edi + 4], 0
+    add eax, 0x200000
+    add edi, 8
+    dec ecx
+    jnz 2b
+
+    /* PDPT (low): four PDs = 4 GiB. Used for identity and for the HHDM. */
+    mov edi, offset boot_pdpt_low - KVMA
+    mov eax, offset boot_pd - KVMA
+    or eax, 3
+    mov dword ptr [edi], eax
+    add eax, 4096
+    mov dword ptr [edi + 8], eax
+    add eax, 4096
+    mov dword ptr [edi + 16], eax
+    add eax, 4096
+    mov dword ptr [edi + 24], eax
+
+    /* PDPT (high): entry 510 = 0xffffffff80000000 -> the first GiB. */
+    mov edi, offset boot_pdpt_high - KVMA
+    mov eax, offset boot_pd - KVMA
+    or eax, 3
+    mov dword ptr [edi + 510 * 8], eax
+
+    /* PML4: 0 identity, 256 HHDM (0xffff800000000000), 511 kernel window. */
+    mov edi, offset boot_pml4 - KVMA
+    mov eax, offset boot_pdpt_low - KVMA
+    or eax, 3
+    mov dword ptr [edi], eax
+    mov dword ptr [edi + 256 * 8], eax
+    mov eax, offset boot_pdpt_high - KVMA
+    or eax, 3
+    mov dword ptr [edi + 511 * 8], eax
+
+    mov eax, cr4
+    or eax, 1 << 5                        /* PAE */
+    mov cr4, eax
+    mov eax, offset boot_pml4 - KVMA
+    mov cr3, eax
+
+    mov ecx, 0xc0000080                   /* EFER */
+    rdmsr
+    or eax, 1 << 8                        /* LME */
+    test esi, 1 << 20
+    jz 3f
+    or eax, 1 << 11                       /* NXE */
+    3:
+    wrmsr
+
+    mov eax, cr0
+    or eax, 0x80010001                    /* PG | WP | PE */
+    mov cr0, eax
+
+    lgdt [boot_gdtr - KVMA]
+    mov eax, 0x08
+    push eax
+    mov eax, offset pvh_long_mode - KVMA
+    push eax
+    retf
+
+    90:
+    mov dx, 0x3f8
+    mov al, 'L'
+    out dx, al
+    mov al, 'M'
+    out dx, al
+    mov al, '?'
+    out dx, al
+    91:
+    hlt
+    jmp 91b
+
+    .code64
+    pvh_long_mode:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor eax, eax
+    mov fs, ax
+    mov gs, ax
+    movabs rax, offset pvh_higher_half
+    jmp rax
+
+    .section .text.boot64, "ax"
+    pvh_higher_half:
+    movabs rsp, offset boot_stack_top
+    mov edi, ebp                          /* zero-extends: start_info physical */
+    xor ebp, ebp                          /* ends the frame-pointer chain */
+    call panda_pvh_main
+    ud2
+
+    .global limine_entry
+    limine_entry:
+    cli
+    cld
+    movabs rsp, offset boot_stack_top
+    xor ebp, ebp
+    call panda_limine_main
+    ud2
+    "#
+);
+
+unsafe extern "C" {
+    static __kernel_start: u8;
+    static __text_start: u8;
+    static __text_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __data_start: u8;
+    static __kernel_end: u8;
+}
+
+/// The kernel image's sections, as virtual address ranges (page-aligned by the linker
+/// script).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelImage {
+    pub start: u64,
+    pub text: (u64, u64),
+    pub rodata: (u64, u64),
+    /// .data and .bss (including the boot stacks): read-write, no-execute.
+    pub data: (u64, u64),
+    pub end: u64,
+}
+
+/// Where the linker put the kernel's sections.
+pub fn kernel_image() -> KernelImage {
+    KernelImage {
+        start: &raw const __kernel_start as u64,
+        text: (&raw const __text_start as u64, &raw const __text_end as u64),
+        rodata: (
+            &raw const __rodata_start as u64,
+            &raw const __rodata_end as u64,
+        ),
+        data: (
+            &raw const __data_start as u64,
+            &raw const __kernel_end as u64,
+        ),
+        end: &raw const __kernel_end as u64,
+    }
+}

@@ -1,0 +1,39 @@
+//! `panda-arch`: the x86_64 mechanisms Panda stands on.
+//!
+//! This crate owns every instruction the kernel needs and the unsafe code around them:
+//! the two boot entries (PVH's 32-bit start and Limine's 64-bit one), the boot CPU's
+//! stacks with their guard pages, COM1, control-register and CPUID set-up, the GDT/TSS,
+//! the IDT with its trap entry stubs, recoverable memory probes (an exception table),
+//! the TSC clock, page-table entry formats and CR3, and leaving QEMU.
+//!
+//! Everything above it (`kernel`, later `mm` and `sched`) calls the safe functions here
+//! and builds under `#![deny(unsafe_code)]`. Each `unsafe` block carries a `// SAFETY:`
+//! line that names the invariant it relies on.
+#![no_std]
+
+pub mod backtrace;
+pub mod boot;
+pub mod cpu;
+pub mod gdt;
+pub mod idt;
+pub mod paging;
+pub mod percpu;
+pub mod power;
+pub mod probe;
+pub mod pvh;
+pub mod serial;
+pub mod stacks;
+pub mod time;
+pub mod trap;
+
+/// Base of the kernel image's virtual addresses: the top 2 GiB, as the kernel code
+/// model requires. The image's physical address is its virtual address minus this on
+/// the PVH path; Limine may load it elsewhere and reports where.
+pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
+
+/// The higher-half direct map: physical address `p` is at `HHDM_BASE + p`.
+/// It equals Limine's default with 4-level paging, so both boot paths agree.
+pub const HHDM_BASE: u64 = 0xffff_8000_0000_0000;
+
+/// Size of a small page.
+pub const PAGE_SIZE: u64 = 4096;

@@ -1,0 +1,306 @@
+//! Page-table entries, a table builder, and CR3.
+//!
+//! 4-level paging. Tables are reached through the HHDM, so building tables needs the
+//! physical frames they live in to be mapped there already (true for the boot tables of
+//! both entry paths below 4 GiB, and for the kernel's own tables afterwards). The frame
+//! source is a trait so the boot allocator now and `mm` later can supply frames.
+//! This is the lowest layer of memory management; address spaces come with `mm`.
+
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::PhysFrame;
+use x86_64::PhysAddr;
+
+/// Entry bits.
+pub mod flags {
+    pub const PRESENT: u64 = 1 << 0;
+    pub const WRITABLE: u64 = 1 << 1;
+    pub const USER: u64 = 1 << 2;
+    pub const WRITE_THROUGH: u64 = 1 << 3;
+    pub const NO_CACHE: u64 = 1 << 4;
+    pub const ACCESSED: u64 = 1 << 5;
+    pub const DIRTY: u64 = 1 << 6;
+    pub const HUGE: u64 = 1 << 7;
+    pub const GLOBAL: u64 = 1 << 8;
+    pub const NO_EXECUTE: u64 = 1 << 63;
+}
+
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Page sizes a leaf entry can map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageSize {
+    Size4K,
+    Size2M,
+}
+
+impl PageSize {
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => 4096,
+            PageSize::Size2M => 2 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where page-table frames come from.
+pub trait FrameSource {
+    /// A zeroed 4 KiB frame's physical address, reachable through the HHDM.
+    fn zeroed_frame(&mut self) -> Option<u64>;
+}
+
+/// Hands out zeroed frames from a list of free physical ranges, in order, and
+/// remembers what it handed out so the caller can mark it used. For the kernel's first
+/// page tables, before the frame allocator exists.
+pub struct EarlyFrames {
+    hhdm: u64,
+    ranges: [(u64, u64); 16],
+    count: usize,
+    current: usize,
+    next: u64,
+    used: [(u64, u64); 16],
+}
+
+impl EarlyFrames {
+    /// # Safety
+    /// Every range must be free RAM that nothing else uses while the frames are in use,
+    /// mapped writable at `hhdm + phys`.
+    pub unsafe fn new(hhdm: u64, free: impl Iterator<Item = (u64, u64)>) -> Self {
+        let mut ranges = [(0, 0); 16];
+        let mut count = 0;
+        for (slot, (start, end)) in ranges.iter_mut().zip(free) {
+            *slot = ((start + 0xfff) & !0xfff, end & !0xfff);
+            count += 1;
+        }
+        Self {
+            hhdm,
+            ranges,
+            count,
+            current: 0,
+            next: ranges[0].0,
+            used: [(0, 0); 16],
+        }
+    }
+
+    /// The ranges handed out, one (start, end) per source range (empty ones are (0, 0)).
+    pub fn used(&self) -> [(u64, u64); 16] {
+        self.used
+    }
+
+    /// Bytes handed out so far.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+impl FrameSource for EarlyFrames {
+    fn zeroed_frame(&mut self) -> Option<u64> {
+        while self.current < self.count {
+            let (start, end) = self.ranges[self.current];
+            self.next = self.next.max(start);
+            if self.next + 4096 <= end {
+                let frame = self.next;
+                self.next += 4096;
+                let used = &mut self.used[self.current];
+                if used.0 == used.1 {
+                    *used = (frame, frame);
+                }
+                used.1 = frame + 4096;
+                let page = (self.hhdm + frame) as *mut u64;
+                // SAFETY: the frame is free RAM mapped writable through the HHDM (the
+                // contract of `new`), and handed out once.
+                unsafe { core::ptr::write_bytes(page, 0, 512) };
+                return Some(frame);
+            }
+            self.current += 1;
+            if self.current < self.count {
+                self.next = self.ranges[self.current].0;
+            }
+        }
+        None
+    }
+}
+
+/// Why a mapping could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    OutOfFrames,
+    AlreadyMapped { virt: u64 },
+    Misaligned { virt: u64, phys: u64 },
+}
+
+/// A 4-level hierarchy being built, rooted at a PML4 frame.
+pub struct TableBuilder {
+    root: u64,
+    hhdm: u64,
+}
+
+impl TableBuilder {
+    /// Starts a hierarchy with a fresh, zeroed PML4.
+    pub fn new(frames: &mut dyn FrameSource, hhdm: u64) -> Result<Self, MapError> {
+        let root = frames.zeroed_frame().ok_or(MapError::OutOfFrames)?;
+        Ok(Self { root, hhdm })
+    }
+
+    /// Physical address of the PML4.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    fn table(&self, phys: u64) -> *mut u64 {
+        (self.hhdm + phys) as *mut u64
+    }
+
+    fn read(&self, table: u64, index: usize) -> u64 {
+        // SAFETY: `table` is a page-table frame this builder allocated (or the root),
+        // mapped through the HHDM, and index < 512.
+        unsafe { self.table(table).add(index).read_volatile() }
+    }
+
+    fn write(&self, table: u64, index: usize, value: u64) {
+        // SAFETY: as in `read`; the hierarchy is not loaded in CR3 while being built, or
+        // the write only fills an empty slot, so no live translation changes under us.
+        unsafe { self.table(table).add(index).write_volatile(value) }
+    }
+
+    /// The next-level table under `table[index]`, created when empty.
+    fn next(
+        &self,
+        table: u64,
+        index: usize,
+        frames: &mut dyn FrameSource,
+    ) -> Result<u64, MapError> {
+        let entry = self.read(table, index);
+        if entry & flags::PRESENT != 0 {
+            if entry & flags::HUGE != 0 {
+                return Err(MapError::AlreadyMapped { virt: 0 });
+            }
+            return Ok(entry & ADDR_MASK);
+        }
+        let frame = frames.zeroed_frame().ok_or(MapError::OutOfFrames)?;
+        // Intermediate entries are permissive; leaves decide the access rights.
+        self.write(table, index, frame | flags::PRESENT | flags::WRITABLE);
+        Ok(frame)
+    }
+
+    /// Makes sure PML4 slot `index` points at a table (for sharing the kernel half).
+    pub fn ensure_pml4_slot(
+        &mut self,
+        index: usize,
+        frames: &mut dyn FrameSource,
+    ) -> Result<(), MapError> {
+        self.next(self.root, index, frames).map(|_| ())
+    }
+
+    /// Maps one page.
+    pub fn map(
+        &mut self,
+        virt: u64,
+        phys: u64,
+        size: PageSize,
+        leaf_flags: u64,
+        frames: &mut dyn FrameSource,
+    ) -> Result<(), MapError> {
+        if !virt.is_multiple_of(size.bytes()) || !phys.is_multiple_of(size.bytes()) {
+            return Err(MapError::Misaligned { virt, phys });
+        }
+        let idx = |level: u32| ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
+        let pdpt = self.next(self.root, idx(3), frames)?;
+        let pd = self.next(pdpt, idx(2), frames)?;
+        let (table, index, bits) = match size {
+            PageSize::Size2M => (pd, idx(1), leaf_flags | flags::HUGE),
+            PageSize::Size4K => (self.next(pd, idx(1), frames)?, idx(0), leaf_flags),
+        };
+        if self.read(table, index) & flags::PRESENT != 0 {
+            return Err(MapError::AlreadyMapped { virt });
+        }
+        self.write(table, index, phys | bits | flags::PRESENT);
+        Ok(())
+    }
+
+    /// Maps `[virt, virt + len)` to `[phys, ...)` with the largest pages alignment allows.
+    pub fn map_range(
+        &mut self,
+        virt: u64,
+        phys: u64,
+        len: u64,
+        leaf_flags: u64,
+        frames: &mut dyn FrameSource,
+    ) -> Result<(), MapError> {
+        let big = PageSize::Size2M.bytes();
+        let mut off = 0;
+        while off < len {
+            let (v, p) = (virt + off, phys + off);
+            let size = if v % big == 0 && p % big == 0 && len - off >= big {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            };
+            self.map(v, p, size, leaf_flags, frames)?;
+            off += size.bytes();
+        }
+        Ok(())
+    }
+
+    /// Walks the hierarchy: the physical address and leaf flags `virt` maps to.
+    pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
+        translate_in(self.root, self.hhdm, virt)
+    }
+}
+
+/// Walks the hierarchy rooted at `root` for `virt`: (physical address, leaf entry bits).
+pub fn translate_in(root: u64, hhdm: u64, virt: u64) -> Option<(u64, u64)> {
+    let mut table = root;
+    for level in (0..4u32).rev() {
+        let index = ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
+        // SAFETY: `table` is a page-table frame of a live hierarchy, reachable through
+        // the HHDM; the read has no side effects.
+        let entry = unsafe { ((hhdm + table) as *const u64).add(index).read_volatile() };
+        if entry & flags::PRESENT == 0 {
+            return None;
+        }
+        let leaf = level == 0 || (level <= 2 && entry & flags::HUGE != 0);
+        if leaf {
+            let page = 1u64 << (12 + 9 * level);
+            let base = entry & ADDR_MASK & !(page - 1);
+            return Some((base + (virt & (page - 1)), entry & !ADDR_MASK));
+        }
+        table = entry & ADDR_MASK;
+    }
+    None
+}
+
+/// The active PML4's physical address.
+pub fn active_root() -> u64 {
+    Cr3::read().0.start_address().as_u64()
+}
+
+/// Switches to the hierarchy rooted at `root` (flushing non-global TLB entries).
+///
+/// # Safety
+/// The hierarchy must map the running code, its stack, and everything the kernel will
+/// touch afterwards with the access rights it needs.
+pub unsafe fn switch_to(root: u64) {
+    let frame = PhysFrame::containing_address(PhysAddr::new(root));
+    // SAFETY: the caller vouches for the new hierarchy.
+    unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+}
+
+/// Flushes the whole TLB, global entries included, by toggling CR4.PGE.
+pub fn flush_all() {
+    use x86_64::registers::control::{Cr4, Cr4Flags};
+    let cr4 = Cr4::read();
+    if cr4.contains(Cr4Flags::PAGE_GLOBAL) {
+        // SAFETY: clearing and restoring PGE only flushes the TLB.
+        unsafe {
+            Cr4::write(cr4 - Cr4Flags::PAGE_GLOBAL);
+            Cr4::write(cr4);
+        }
+    } else {
+        x86_64::instructions::tlb::flush_all();
+    }
+}
+
+/// Reads a physical u64 through the HHDM (for tests and boot-time table parsing).
+pub fn read_phys_u64(hhdm: u64, phys: u64) -> Option<u64> {
+    crate::probe::read_u64(hhdm + phys).ok()
+}

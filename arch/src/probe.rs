@@ -1,0 +1,266 @@
+//! Memory accesses that may fault, and the exception table that makes them safe.
+//!
+//! Each probe is a tiny assembly routine whose one faulting instruction has an entry in
+//! `.panda_extable` (instruction address, fixup address). When a trap hits a listed
+//! instruction, `fixup` resumes at the fixup label with the vector, error code and CR2
+//! in RAX, R8 and R9, and the routine stores them for the caller. The same mechanism
+//! will serve copies to and from user memory.
+//!
+//! `exec` calls an address and recovers if fetching its first instruction faults. The
+//! faulting RIP is then the target, not a listed instruction, so the target is armed in
+//! `EXEC_TARGET` for the duration of the call (one probe at a time, under a lock).
+
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::trap::TrapFrame;
+
+/// What a faulting probe observed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Fault {
+    pub vector: u64,
+    pub error_code: u64,
+    pub address: u64,
+}
+
+impl Fault {
+    /// Page-fault error code: the page was present (a protection violation).
+    pub fn protection(&self) -> bool {
+        self.vector == 14 && self.error_code & 1 != 0
+    }
+    /// Page-fault error code: the access was a write.
+    pub fn write(&self) -> bool {
+        self.vector == 14 && self.error_code & 2 != 0
+    }
+    /// Page-fault error code: the access was an instruction fetch.
+    pub fn fetch(&self) -> bool {
+        self.vector == 14 && self.error_code & 0x10 != 0
+    }
+}
+
+global_asm!(
+    r#"
+    .section .text.probe, "ax"
+
+    /* u64 panda_probe_read_u64(addr, *Fault, *u64 out): 0 ok, 1 faulted */
+    .global panda_probe_read_u64
+    panda_probe_read_u64:
+    10: mov rax, qword ptr [rdi]
+    mov qword ptr [rdx], rax
+    xor eax, eax
+    ret
+    11: mov qword ptr [rsi], rax
+    mov qword ptr [rsi + 8], r8
+    mov qword ptr [rsi + 16], r9
+    mov eax, 1
+    ret
+
+    /* u64 panda_probe_write_u8(addr, value, *Fault): 0 ok, 1 faulted */
+    .global panda_probe_write_u8
+    panda_probe_write_u8:
+    20: mov byte ptr [rdi], sil
+    xor eax, eax
+    ret
+    21: mov qword ptr [rdx], rax
+    mov qword ptr [rdx + 8], r8
+    mov qword ptr [rdx + 16], r9
+    mov eax, 1
+    ret
+
+    /* u64 panda_probe_ud2(*Fault): 0 if ud2 did not fault (impossible), 1 faulted */
+    .global panda_probe_ud2
+    panda_probe_ud2:
+    30: ud2
+    xor eax, eax
+    ret
+    31: mov qword ptr [rdi], rax
+    mov qword ptr [rdi + 8], r8
+    mov qword ptr [rdi + 16], r9
+    mov eax, 1
+    ret
+
+    /* u64 panda_probe_exec(target, *Fault): calls target (which must just `ret`).
+       0 if it ran, 1 if fetching it faulted. */
+    .global panda_probe_exec
+    panda_probe_exec:
+    push rbx
+    mov rbx, rsi
+    call rdi
+    xor eax, eax
+    pop rbx
+    ret
+    .global panda_probe_exec_fixup
+    panda_probe_exec_fixup:
+    mov qword ptr [rbx], rax
+    mov qword ptr [rbx + 8], r8
+    mov qword ptr [rbx + 16], r9
+    mov eax, 1
+    pop rbx
+    ret
+
+    .global panda_probe_ret_in_text
+    panda_probe_ret_in_text:
+    ret
+
+    .section .panda_extable, "a"
+    .balign 8
+    .quad 10b, 11b
+    .quad 20b, 21b
+    .quad 30b, 31b
+    "#
+);
+
+unsafe extern "C" {
+    fn panda_probe_read_u64(addr: u64, fault: *mut Fault, out: *mut u64) -> u64;
+    fn panda_probe_write_u8(addr: u64, value: u8, fault: *mut Fault) -> u64;
+    fn panda_probe_ud2(fault: *mut Fault) -> u64;
+    fn panda_probe_exec(target: u64, fault: *mut Fault) -> u64;
+    static panda_probe_exec_fixup: u8;
+    static panda_probe_ret_in_text: u8;
+    static __extable_start: [u64; 2];
+    static __extable_end: [u64; 2];
+}
+
+static EXEC_TARGET: AtomicU64 = AtomicU64::new(0);
+static EXEC_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+fn extable() -> &'static [[u64; 2]] {
+    // SAFETY: the linker script brackets `.panda_extable` with these symbols, and the
+    // section holds only pairs of u64 written by the assembly above.
+    unsafe {
+        let start = &raw const __extable_start;
+        let end = &raw const __extable_end;
+        let len = (end as usize - start as usize) / core::mem::size_of::<[u64; 2]>();
+        core::slice::from_raw_parts(start, len)
+    }
+}
+
+/// Called by the trap dispatcher for exceptions: if the trap hit a probe, redirect the
+/// frame to its fixup and return true.
+pub(crate) fn fixup(frame: &mut TrapFrame) -> bool {
+    let cr2 = if frame.vector == 14 {
+        x86_64::registers::control::Cr2::read_raw()
+    } else {
+        0
+    };
+    let target = EXEC_TARGET.load(Ordering::Acquire);
+    let resume = if target != 0 && frame.vector == 14 && frame.rip == target {
+        // The `call rdi` pushed a return address; drop it and land in the fixup.
+        frame.rsp += 8;
+        Some(&raw const panda_probe_exec_fixup as u64)
+    } else {
+        extable()
+            .iter()
+            .find(|entry| entry[0] == frame.rip)
+            .map(|entry| entry[1])
+    };
+    let Some(resume) = resume else {
+        return false;
+    };
+    frame.rip = resume;
+    frame.rax = frame.vector;
+    frame.r8 = frame.error_code;
+    frame.r9 = cr2;
+    true
+}
+
+/// Reads a u64, reporting a fault instead of taking it.
+pub fn read_u64(addr: u64) -> Result<u64, Fault> {
+    let mut fault = Fault::default();
+    let mut value = 0u64;
+    // SAFETY: the read is covered by the exception table: a fault resumes in the probe's
+    // fixup, which only writes `fault`. No Rust reference to the target is formed.
+    let faulted = unsafe { panda_probe_read_u64(addr, &mut fault, &mut value) };
+    if faulted == 0 {
+        Ok(value)
+    } else {
+        Err(fault)
+    }
+}
+
+/// Writes a byte, reporting a fault instead of taking it. The caller must own the byte
+/// (or expect the write to fault): a successful write changes memory.
+pub fn write_u8(addr: u64, value: u8) -> Result<(), Fault> {
+    let mut fault = Fault::default();
+    // SAFETY: as in `read_u64`; the caller chose the address and accepts the write.
+    let faulted = unsafe { panda_probe_write_u8(addr, value, &mut fault) };
+    if faulted == 0 {
+        Ok(())
+    } else {
+        Err(fault)
+    }
+}
+
+/// Executes `ud2` under the exception table: returns the #UD it raised.
+pub fn invalid_opcode() -> Result<(), Fault> {
+    let mut fault = Fault::default();
+    // SAFETY: the ud2 is covered by the exception table.
+    let faulted = unsafe { panda_probe_ud2(&mut fault) };
+    if faulted == 0 {
+        Ok(())
+    } else {
+        Err(fault)
+    }
+}
+
+/// A `ret` in each kind of kernel memory, for checking that only .text executes.
+#[unsafe(no_mangle)]
+static PANDA_RET_IN_RODATA: u8 = 0xc3;
+static RET_IN_DATA: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0xc3);
+
+/// Where a `ret` instruction is placed for `exec_ret_in`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetIn {
+    Text,
+    Rodata,
+    Data,
+}
+
+/// Address of the `ret` kept in the given kind of memory.
+pub fn ret_address(kind: RetIn) -> u64 {
+    match kind {
+        RetIn::Text => &raw const panda_probe_ret_in_text as u64,
+        RetIn::Rodata => &raw const PANDA_RET_IN_RODATA as u64,
+        RetIn::Data => RET_IN_DATA.as_ptr() as u64,
+    }
+}
+
+/// Calls the `ret` kept in `kind` of memory: Ok if it executed, the fault if fetching
+/// it faulted (as it must outside .text when NX is on).
+pub fn exec_ret_in(kind: RetIn) -> Result<(), Fault> {
+    exec(ret_address(kind))
+}
+
+/// Calls `target`, which holds a `ret` (0xc3) if it is executable at all; reports the
+/// fault if fetching it faults.
+fn exec(target: u64) -> Result<(), Fault> {
+    let _only_one = EXEC_LOCK.lock();
+    let mut fault = Fault::default();
+    EXEC_TARGET.store(target, Ordering::Release);
+    // SAFETY: `target` is one of the `ret` bytes above, so if it executes it returns at
+    // once; if not, the
+    // armed target makes a fetch fault there resume in the fixup with the stack as
+    // the call left it.
+    let faulted = unsafe { panda_probe_exec(target, &mut fault) };
+    EXEC_TARGET.store(0, Ordering::Release);
+    if faulted == 0 {
+        Ok(())
+    } else {
+        Err(fault)
+    }
+}
+
+/// Copies `buf.len()` bytes from `addr`, reporting a fault instead of taking it.
+pub fn read_bytes(addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
+    let mut i = 0usize;
+    while i < buf.len() {
+        let at = addr + i as u64;
+        let word = read_u64(at & !7)?.to_le_bytes();
+        let from = (at & 7) as usize;
+        let n = (8 - from).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&word[from..from + n]);
+        i += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! COM1, a 16550 UART at I/O port 0x3f8: the kernel's console.
+//!
+//! Output is polled (no interrupts), 115200 8N1. `Console` serialises whole lines
+//! between CPUs with a spin lock taken with interrupts off; the fatal paths (panic,
+//! unexpected exception) use `emergency()`, which waits only a bounded time for the lock
+//! so that a CPU that died holding it cannot silence the report.
+
+use core::fmt;
+use spin::Mutex;
+use x86_64::instructions::interrupts;
+use x86_64::instructions::port::Port;
+
+const COM1: u16 = 0x3f8;
+
+/// The UART registers, reached through port I/O.
+pub struct Uart {
+    base: u16,
+}
+
+impl Uart {
+    const fn new(base: u16) -> Self {
+        Self { base }
+    }
+
+    fn out(&self, reg: u16, value: u8) {
+        // SAFETY: COM1's registers are standard PC I/O ports; writing them has no effect
+        // on memory safety.
+        unsafe { Port::new(self.base + reg).write(value) }
+    }
+
+    fn inb(&self, reg: u16) -> u8 {
+        // SAFETY: as in `out`: reading a UART register has no memory effects.
+        unsafe { Port::new(self.base + reg).read() }
+    }
+
+    fn init(&self) {
+        self.out(1, 0x00); // no interrupts
+        self.out(3, 0x80); // DLAB on
+        self.out(0, 0x01); // divisor 1: 115200 baud
+        self.out(1, 0x00);
+        self.out(3, 0x03); // 8N1, DLAB off
+        self.out(2, 0xc7); // FIFO on, cleared, 14-byte threshold
+        self.out(4, 0x03); // DTR, RTS
+    }
+
+    fn write_byte(&self, byte: u8) {
+        // Bounded wait for the transmit holding register: a missing UART (some
+        // hardware has none) must not hang the kernel.
+        for _ in 0..100_000 {
+            if self.inb(5) & 0x20 != 0 {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        self.out(0, byte);
+    }
+}
+
+impl fmt::Write for Uart {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.write_byte(b'\r');
+            }
+            self.write_byte(b);
+        }
+        Ok(())
+    }
+}
+
+static CONSOLE: Mutex<Uart> = Mutex::new(Uart::new(COM1));
+
+/// Programs COM1. Called once, first thing on the boot CPU.
+pub fn init() {
+    CONSOLE.lock().init();
+}
+
+/// Runs `f` with the console locked and interrupts off, so lines never interleave.
+pub fn with_console<R>(f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
+    interrupts::without_interrupts(|| f(&mut *CONSOLE.lock()))
+}
+
+/// A writer for fatal paths: takes the console lock if it frees up soon, and writes
+/// without it otherwise (a CPU may have died holding it).
+pub fn emergency(f: impl FnOnce(&mut dyn fmt::Write)) {
+    interrupts::disable();
+    for _ in 0..10_000_000 {
+        if let Some(mut guard) = CONSOLE.try_lock() {
+            f(&mut *guard);
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    f(&mut Uart::new(COM1));
+}

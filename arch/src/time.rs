@@ -1,0 +1,102 @@
+//! The TSC as the kernel's clock.
+//!
+//! The TSC frequency comes from CPUID leaf 0x15 (crystal ratio) or 0x16 when they give
+//! it, and otherwise from counting TSC ticks across 10 ms of the legacy PIT (channel 2,
+//! gated through port 0x61), which every PC and QEMU has. Until calibration, `now_ns`
+//! reads 0. The cores issue replaces the PIT with the HPET or ACPI PM timer.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::instructions::port::Port;
+
+use crate::cpu::{cpuid, rdtsc};
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
+
+/// How the TSC frequency was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calibration {
+    Cpuid15,
+    Cpuid16,
+    Pit,
+}
+
+/// Records the TSC at kernel entry; `now_ns` counts from here.
+pub fn mark_boot() {
+    TSC_AT_BOOT.store(rdtsc(), Ordering::Relaxed);
+}
+
+fn from_cpuid() -> Option<(u64, Calibration)> {
+    if cpuid(0, 0).eax >= 0x15 {
+        let r = cpuid(0x15, 0);
+        if r.eax != 0 && r.ebx != 0 && r.ecx != 0 {
+            return Some((
+                r.ecx as u64 * r.ebx as u64 / r.eax as u64,
+                Calibration::Cpuid15,
+            ));
+        }
+    }
+    if cpuid(0, 0).eax >= 0x16 {
+        let mhz = cpuid(0x16, 0).eax & 0xffff;
+        if mhz != 0 {
+            return Some((mhz as u64 * 1_000_000, Calibration::Cpuid16));
+        }
+    }
+    None
+}
+
+fn from_pit() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    const MS: u64 = 10;
+    let count = (PIT_HZ * MS / 1000) as u16;
+    let mut gate: Port<u8> = Port::new(0x61);
+    let mut cmd: Port<u8> = Port::new(0x43);
+    let mut ch2: Port<u8> = Port::new(0x42);
+    // SAFETY: ports 0x42/0x43/0x61 are the PIT's channel 2 and its gate on every PC;
+    // programming them touches no memory.
+    unsafe {
+        let g = gate.read();
+        gate.write((g & !0x02) & !0x01); // speaker off, gate low
+        cmd.write(0b1011_0000); // channel 2, lo/hi byte, mode 0, binary
+        ch2.write(count as u8);
+        ch2.write((count >> 8) as u8);
+        let g = gate.read();
+        gate.write(g | 0x01); // gate high: count starts
+        let start = rdtsc();
+        let mut spins: u64 = 0;
+        while gate.read() & 0x20 == 0 {
+            spins += 1;
+            if spins > 1_000_000_000 {
+                break;
+            }
+        }
+        let end = rdtsc();
+        (end - start) * 1000 / MS
+    }
+}
+
+/// Finds the TSC frequency. Called once on the boot CPU.
+pub fn calibrate() -> (u64, Calibration) {
+    let (hz, how) = from_cpuid().unwrap_or_else(|| (from_pit(), Calibration::Pit));
+    TSC_HZ.store(hz.max(1), Ordering::Relaxed);
+    (hz, how)
+}
+
+/// TSC ticks per second (0 before calibration).
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// Converts TSC ticks to nanoseconds.
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    let hz = tsc_hz();
+    if hz == 0 {
+        return 0;
+    }
+    (ticks as u128 * 1_000_000_000 / hz as u128) as u64
+}
+
+/// Nanoseconds since kernel entry.
+pub fn now_ns() -> u64 {
+    ticks_to_ns(rdtsc().saturating_sub(TSC_AT_BOOT.load(Ordering::Relaxed)))
+}

@@ -1,0 +1,287 @@
+//! The physical memory map: a sorted list of non-overlapping ranges, each with a kind.
+//!
+//! Both front-ends fill it from their protocol's map, then carve out what is in use
+//! (kernel image, modules, boot data, early page tables) with `claim`, which splits
+//! usable ranges so that no usable range ever overlaps something in use. Capacity is
+//! fixed because there is no heap while it is built.
+
+use core::fmt;
+
+/// What a physical range holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Free RAM.
+    Usable,
+    /// Firmware-reserved or unknown: never touched.
+    Reserved,
+    /// ACPI tables; reclaimable once parsed.
+    AcpiReclaimable,
+    /// ACPI non-volatile storage: never touched.
+    AcpiNvs,
+    /// Defective RAM.
+    BadMemory,
+    /// Bootloader data (boot structures, Limine's page tables); reclaimable after boot.
+    BootloaderReclaimable,
+    /// The kernel image and boot modules.
+    KernelAndModules,
+    /// Page tables and other frames the kernel allocated before its frame allocator.
+    KernelEarly,
+    /// A framebuffer.
+    Framebuffer,
+}
+
+impl MemoryKind {
+    /// Whether the range is RAM (as opposed to MMIO or holes), i.e. belongs in the HHDM.
+    pub fn is_ram(self) -> bool {
+        !matches!(
+            self,
+            MemoryKind::Reserved | MemoryKind::BadMemory | MemoryKind::Framebuffer
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryKind::Usable => "usable",
+            MemoryKind::Reserved => "reserved",
+            MemoryKind::AcpiReclaimable => "acpi-reclaimable",
+            MemoryKind::AcpiNvs => "acpi-nvs",
+            MemoryKind::BadMemory => "bad",
+            MemoryKind::BootloaderReclaimable => "bootloader-reclaimable",
+            MemoryKind::KernelAndModules => "kernel+modules",
+            MemoryKind::KernelEarly => "kernel-early",
+            MemoryKind::Framebuffer => "framebuffer",
+        }
+    }
+}
+
+/// A half-open physical range `[start, end)` of one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    pub kind: MemoryKind,
+}
+
+impl Region {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+}
+
+/// Why the memory map could not take a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    Full,
+}
+
+/// Most entries kept; firmware maps rarely exceed a few dozen.
+pub const CAPACITY: usize = 128;
+
+/// The physical memory map.
+#[derive(Clone)]
+pub struct MemoryMap {
+    entries: [Region; CAPACITY],
+    len: usize,
+}
+
+impl Default for MemoryMap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryMap {
+    pub const fn new() -> Self {
+        Self {
+            entries: [Region {
+                start: 0,
+                end: 0,
+                kind: MemoryKind::Reserved,
+            }; CAPACITY],
+            len: 0,
+        }
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.entries[..self.len]
+    }
+
+    fn insert_at(&mut self, at: usize, region: Region) -> Result<(), MapError> {
+        if self.len == CAPACITY {
+            return Err(MapError::Full);
+        }
+        self.entries.copy_within(at..self.len, at + 1);
+        self.entries[at] = region;
+        self.len += 1;
+        Ok(())
+    }
+
+    fn remove_at(&mut self, at: usize) {
+        self.entries.copy_within(at + 1..self.len, at);
+        self.len -= 1;
+    }
+
+    /// Adds a range as the firmware reported it. Ranges are page-rounded (usable ones
+    /// inward, others outward); where they overlap what is already there, the more
+    /// restrictive kind wins, so a usable range never covers a reserved one.
+    pub fn add(&mut self, start: u64, end: u64, kind: MemoryKind) -> Result<(), MapError> {
+        let (start, end) = if kind == MemoryKind::Usable {
+            (align_up(start), end & !0xfff)
+        } else {
+            (start & !0xfff, align_up(end))
+        };
+        if start >= end {
+            return Ok(());
+        }
+        if kind == MemoryKind::Usable {
+            // Insert only the parts not already covered by anything.
+            let mut cursor = start;
+            let mut i = 0;
+            while cursor < end {
+                let next = self.regions().get(i).copied();
+                match next {
+                    Some(r) if r.end <= cursor => i += 1,
+                    Some(r) if r.start < end => {
+                        if r.start > cursor {
+                            self.insert_sorted(Region {
+                                start: cursor,
+                                end: r.start,
+                                kind,
+                            })?;
+                        }
+                        cursor = cursor.max(r.end);
+                        i = 0;
+                    }
+                    _ => {
+                        self.insert_sorted(Region {
+                            start: cursor,
+                            end,
+                            kind,
+                        })?;
+                        cursor = end;
+                    }
+                }
+            }
+            self.merge();
+            Ok(())
+        } else {
+            self.claim(start, end, kind)
+        }
+    }
+
+    fn insert_sorted(&mut self, region: Region) -> Result<(), MapError> {
+        let at = self
+            .regions()
+            .iter()
+            .position(|r| r.start >= region.end)
+            .unwrap_or(self.len);
+        self.insert_at(at, region)
+    }
+
+    /// Marks `[start, end)` (page-rounded outward) as `kind`, splitting whatever it
+    /// overlaps. The result stays sorted and non-overlapping.
+    pub fn claim(&mut self, start: u64, end: u64, kind: MemoryKind) -> Result<(), MapError> {
+        let (start, end) = (start & !0xfff, align_up(end));
+        if start >= end {
+            return Ok(());
+        }
+        let mut i = 0;
+        while i < self.len {
+            let r = self.entries[i];
+            if r.end <= start || r.start >= end {
+                i += 1;
+                continue;
+            }
+            // r overlaps [start, end): keep its parts outside.
+            self.remove_at(i);
+            if r.end > end {
+                self.insert_at(
+                    i,
+                    Region {
+                        start: end,
+                        end: r.end,
+                        kind: r.kind,
+                    },
+                )?;
+            }
+            if r.start < start {
+                self.insert_at(
+                    i,
+                    Region {
+                        start: r.start,
+                        end: start,
+                        kind: r.kind,
+                    },
+                )?;
+                i += 1;
+            }
+        }
+        self.insert_sorted(Region { start, end, kind })?;
+        self.merge();
+        Ok(())
+    }
+
+    /// Joins adjacent ranges of the same kind.
+    fn merge(&mut self) {
+        let mut i = 1;
+        while i < self.len {
+            let (a, b) = (self.entries[i - 1], self.entries[i]);
+            if a.kind == b.kind && a.end == b.start {
+                self.entries[i - 1].end = b.end;
+                self.remove_at(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Bytes of the given kind.
+    pub fn total(&self, kind: MemoryKind) -> u64 {
+        self.regions()
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(Region::len)
+            .sum()
+    }
+
+    /// Bytes of RAM of any kind.
+    pub fn total_ram(&self) -> u64 {
+        self.regions()
+            .iter()
+            .filter(|r| r.kind.is_ram())
+            .map(Region::len)
+            .sum()
+    }
+
+    /// Checks the invariants: sorted, non-empty, non-overlapping, page-aligned.
+    pub fn check(&self) -> Result<(), &'static str> {
+        for r in self.regions() {
+            if r.is_empty() {
+                return Err("empty region");
+            }
+            if r.start % 4096 != 0 || r.end % 4096 != 0 {
+                return Err("region not page-aligned");
+            }
+        }
+        for w in self.regions().windows(2) {
+            if w[0].end > w[1].start {
+                return Err("regions overlap or are unsorted");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MemoryMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.regions()).finish()
+    }
+}
+
+fn align_up(x: u64) -> u64 {
+    x.saturating_add(0xfff) & !0xfff
+}

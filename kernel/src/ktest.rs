@@ -1,0 +1,453 @@
+//! In-kernel tests, run when the command line says `test`.
+//!
+//! Each test prints `ok NAME` or `FAIL NAME: reason` on its own line, and the run ends
+//! with `N passed, M failed`, the format `scripts/test.sh` and CI read. Tests check the
+//! machine the kernel actually built: boot information, the permissions of its own page
+//! tables (by probing, through the exception table, what faults and what does not),
+//! exception delivery and the clock. `test.inject_failure` adds a test that fails, to
+//! prove the harness and the scripts notice.
+
+// Failures carry their message inline because there is no heap yet; the size only
+// matters on this test path.
+#![allow(clippy::result_large_err)]
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use panda_arch::probe::{self, RetIn};
+use panda_arch::trap::TrapFrame;
+
+use crate::boot::{BootInfo, MemoryKind, MemoryMap};
+use crate::console;
+use crate::kernel_tables::KernelTables;
+
+/// A failure message, formatted without a heap.
+pub struct Failure {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Failure {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<bad utf8>")
+    }
+}
+
+impl Write for Failure {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+fn fail(args: core::fmt::Arguments<'_>) -> Failure {
+    let mut f = Failure {
+        buf: [0; 160],
+        len: 0,
+    };
+    let _ = f.write_fmt(args);
+    f
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(fail(format_args!($($arg)*)));
+        }
+    };
+}
+
+struct Context<'a> {
+    boot: &'a BootInfo,
+    tables: &'a KernelTables,
+}
+
+type Test = (&'static str, fn(&Context<'_>) -> Outcome);
+
+const TESTS: &[Test] = &[
+    ("boot_info_memory_map", boot_info_memory_map),
+    ("boot_info_hhdm_and_rsdp", boot_info_hhdm_and_rsdp),
+    ("boot_info_kernel_claimed", boot_info_kernel_claimed),
+    ("memory_map_claim_splits", memory_map_claim_splits),
+    (
+        "memory_map_usable_never_covers_reserved",
+        memory_map_usable_never_covers_reserved,
+    ),
+    ("paging_kernel_tables_active", paging_kernel_tables_active),
+    ("paging_text_is_read_only", paging_text_is_read_only),
+    ("paging_rodata_is_read_only", paging_rodata_is_read_only),
+    ("paging_data_is_writable", paging_data_is_writable),
+    ("paging_only_text_executes", paging_only_text_executes),
+    (
+        "paging_stack_guard_pages_unmapped",
+        paging_stack_guard_pages_unmapped,
+    ),
+    ("paging_lower_half_empty", paging_lower_half_empty),
+    (
+        "paging_hhdm_covers_usable_ram",
+        paging_hhdm_covers_usable_ram,
+    ),
+    (
+        "paging_kernel_half_shared_slots",
+        paging_kernel_half_shared_slots,
+    ),
+    ("cpu_protection_bits", cpu_protection_bits),
+    ("trap_breakpoint_resumes", trap_breakpoint_resumes),
+    ("trap_invalid_opcode_reported", trap_invalid_opcode_reported),
+    ("trap_tss_loaded", trap_tss_loaded),
+    (
+        "clock_monotonic_and_calibrated",
+        clock_monotonic_and_calibrated,
+    ),
+];
+
+/// Runs every test; true when all passed.
+pub fn run_all(boot: &BootInfo, tables: &KernelTables) -> bool {
+    let ctx = Context { boot, tables };
+    let inject = boot.has_flag("test.inject_failure");
+    let injected: Test = ("injected_failure", |_| {
+        Err(fail(format_args!("test.inject_failure was given")))
+    });
+    let (mut passed, mut failed) = (0u32, 0u32);
+    for (name, test) in TESTS.iter().chain(inject.then_some(&injected)) {
+        match test(&ctx) {
+            Ok(()) => {
+                passed += 1;
+                console!("ok {name}");
+            }
+            Err(why) => {
+                failed += 1;
+                console!("FAIL {name}: {}", why.as_str());
+            }
+        }
+    }
+    console!("{passed} passed, {failed} failed");
+    failed == 0
+}
+
+fn boot_info_memory_map(ctx: &Context<'_>) -> Outcome {
+    let map = &ctx.boot.memory_map;
+    ensure!(
+        map.check().is_ok(),
+        "memory map invariant broken: {:?}",
+        map.check()
+    );
+    let usable = map.total(MemoryKind::Usable);
+    ensure!(usable >= 16 << 20, "only {usable} bytes usable");
+    ensure!(map.total_ram() >= usable, "RAM total below usable total");
+    Ok(())
+}
+
+fn boot_info_hhdm_and_rsdp(ctx: &Context<'_>) -> Outcome {
+    ensure!(
+        ctx.boot.hhdm_offset == panda_arch::HHDM_BASE,
+        "HHDM at {:#x}",
+        ctx.boot.hhdm_offset
+    );
+    let rsdp = ctx
+        .boot
+        .rsdp
+        .ok_or_else(|| fail(format_args!("no RSDP from the bootloader")))?;
+    let mut sig = [0u8; 8];
+    probe::read_bytes(ctx.boot.hhdm_offset + rsdp, &mut sig).map_err(|f| {
+        fail(format_args!(
+            "RSDP at {rsdp:#x} unreadable through the HHDM: {f:?}"
+        ))
+    })?;
+    ensure!(&sig == b"RSD PTR ", "RSDP signature is {sig:?}");
+    ensure!(
+        ctx.boot.has_flag("test"),
+        "command line {:?} lacks `test`",
+        ctx.boot.cmdline.as_str()
+    );
+    Ok(())
+}
+
+fn boot_info_kernel_claimed(ctx: &Context<'_>) -> Outcome {
+    let image = panda_arch::boot::kernel_image();
+    let (start, end) = (
+        ctx.boot.kernel_virt_to_phys(image.start),
+        ctx.boot.kernel_virt_to_phys(image.end),
+    );
+    for r in ctx.boot.memory_map.regions() {
+        let overlaps = r.start < end && start < r.end;
+        ensure!(
+            !(overlaps && r.kind == MemoryKind::Usable),
+            "kernel image [{start:#x},{end:#x}) overlaps usable {r:?}"
+        );
+    }
+    Ok(())
+}
+
+fn memory_map_claim_splits(_: &Context<'_>) -> Outcome {
+    let mut map = MemoryMap::new();
+    let _ = map.add(0x10_0000, 0x80_0000, MemoryKind::Usable);
+    let _ = map.claim(0x20_0000, 0x30_0000, MemoryKind::KernelAndModules);
+    let _ = map.claim(0x30_0000, 0x30_1000, MemoryKind::BootloaderReclaimable);
+    let r = map.regions();
+    ensure!(r.len() == 4, "expected 4 regions, got {r:?}");
+    ensure!(
+        r[0].start == 0x10_0000 && r[0].end == 0x20_0000 && r[0].kind == MemoryKind::Usable,
+        "{:?}",
+        r[0]
+    );
+    ensure!(
+        r[1].kind == MemoryKind::KernelAndModules && r[1].end == 0x30_0000,
+        "{:?}",
+        r[1]
+    );
+    ensure!(
+        r[2].kind == MemoryKind::BootloaderReclaimable && r[2].end == 0x30_1000,
+        "{:?}",
+        r[2]
+    );
+    ensure!(
+        r[3].start == 0x30_1000 && r[3].end == 0x80_0000 && r[3].kind == MemoryKind::Usable,
+        "{:?}",
+        r[3]
+    );
+    ensure!(map.check().is_ok(), "invariant broken");
+    Ok(())
+}
+
+fn memory_map_usable_never_covers_reserved(_: &Context<'_>) -> Outcome {
+    let mut map = MemoryMap::new();
+    let _ = map.add(0x9_f000, 0xa_0000, MemoryKind::Reserved);
+    let _ = map.add(0x0, 0xa_0000, MemoryKind::Usable);
+    let _ = map.add(0x10_0000, 0x200_0000, MemoryKind::Usable);
+    let _ = map.add(0x100_0000, 0x100_0800, MemoryKind::AcpiNvs);
+    ensure!(map.check().is_ok(), "invariant broken: {map:?}");
+    for r in map.regions() {
+        let covers = |a: u64| r.start <= a && a < r.end;
+        ensure!(
+            !(r.kind == MemoryKind::Usable && (covers(0x9_f000) || covers(0x100_0400))),
+            "usable covers reserved: {map:?}"
+        );
+    }
+    ensure!(
+        map.total(MemoryKind::Usable) == 0x9_f000 + 0x1f0_0000 - 0x1000,
+        "usable total {:#x}",
+        map.total(MemoryKind::Usable)
+    );
+    Ok(())
+}
+
+fn paging_kernel_tables_active(ctx: &Context<'_>) -> Outcome {
+    let active = panda_arch::paging::active_root();
+    ensure!(
+        active == ctx.tables.root,
+        "CR3 {active:#x}, kernel tables at {:#x}",
+        ctx.tables.root
+    );
+    let early = ctx.boot.memory_map.total(MemoryKind::KernelEarly);
+    ensure!(
+        early == ctx.tables.table_bytes,
+        "{early} bytes claimed for tables, {} used",
+        ctx.tables.table_bytes
+    );
+    Ok(())
+}
+
+fn expect_write_fault(what: &str, addr: u64) -> Outcome {
+    match probe::write_u8(addr, 0x90) {
+        Ok(()) => Err(fail(format_args!(
+            "writing {what} at {addr:#x} did not fault"
+        ))),
+        Err(f) => {
+            ensure!(
+                f.vector == 14 && f.protection() && f.write(),
+                "wrong fault {f:?}"
+            );
+            ensure!(
+                f.address == addr,
+                "cr2 {:#x}, expected {addr:#x}",
+                f.address
+            );
+            Ok(())
+        }
+    }
+}
+
+fn paging_text_is_read_only(_: &Context<'_>) -> Outcome {
+    let image = panda_arch::boot::kernel_image();
+    expect_write_fault(".text", probe::ret_address(RetIn::Text))?;
+    expect_write_fault(".text start", image.text.0)
+}
+
+fn paging_rodata_is_read_only(_: &Context<'_>) -> Outcome {
+    expect_write_fault(".rodata", probe::ret_address(RetIn::Rodata))?;
+    let image = panda_arch::boot::kernel_image();
+    expect_write_fault(".rodata end", image.rodata.1 - 1)
+}
+
+static DATA_CELL: AtomicU64 = AtomicU64::new(7);
+
+fn paging_data_is_writable(_: &Context<'_>) -> Outcome {
+    let addr = DATA_CELL.as_ptr() as u64;
+    // The probe writes the low byte: 7 becomes 0x2a.
+    probe::write_u8(addr, 0x2a).map_err(|f| fail(format_args!("write to .data faulted: {f:?}")))?;
+    let now = DATA_CELL.load(Ordering::SeqCst);
+    ensure!(now == 0x2a, "wrote 0x2a, read back {now:#x}");
+    Ok(())
+}
+
+fn paging_only_text_executes(_: &Context<'_>) -> Outcome {
+    probe::exec_ret_in(RetIn::Text)
+        .map_err(|f| fail(format_args!("ret in .text faulted: {f:?}")))?;
+    for kind in [RetIn::Rodata, RetIn::Data] {
+        match probe::exec_ret_in(kind) {
+            Ok(()) => return Err(fail(format_args!("executed a ret in {kind:?}: NX missing"))),
+            Err(f) => ensure!(f.fetch() && f.protection(), "{kind:?}: wrong fault {f:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn paging_stack_guard_pages_unmapped(_: &Context<'_>) -> Outcome {
+    let stacks = panda_arch::stacks::boot_stacks();
+    for guard in stacks.guards() {
+        match probe::read_u64(guard + 8) {
+            Ok(_) => return Err(fail(format_args!("guard page {guard:#x} is mapped"))),
+            Err(f) => ensure!(
+                f.vector == 14 && !f.protection() && f.address == guard + 8,
+                "wrong fault {f:?}"
+            ),
+        }
+        // The stack right above the guard is mapped.
+        probe::read_u64(guard + 4096)
+            .map_err(|f| fail(format_args!("stack above {guard:#x} unmapped: {f:?}")))?;
+    }
+    Ok(())
+}
+
+fn paging_lower_half_empty(_: &Context<'_>) -> Outcome {
+    for addr in [
+        0u64,
+        0x1000,
+        0x20_0000,
+        0x40_0000,
+        0x1_0000_0000,
+        0x7fff_ffff_f000,
+    ] {
+        ensure!(
+            probe::read_u64(addr).is_err(),
+            "lower-half address {addr:#x} is mapped"
+        );
+    }
+    Ok(())
+}
+
+fn paging_hhdm_covers_usable_ram(ctx: &Context<'_>) -> Outcome {
+    let root = panda_arch::paging::active_root();
+    for r in ctx
+        .boot
+        .memory_map
+        .regions()
+        .iter()
+        .filter(|r| r.kind.is_ram())
+    {
+        for phys in [r.start, r.end - 8] {
+            let virt = ctx.boot.hhdm_offset + phys;
+            let (p, bits) = panda_arch::paging::translate_in(root, ctx.boot.hhdm_offset, virt)
+                .ok_or_else(|| fail(format_args!("HHDM misses {phys:#x} ({:?})", r.kind)))?;
+            ensure!(p == phys, "HHDM maps {virt:#x} to {p:#x}");
+            ensure!(
+                bits & panda_arch::paging::flags::NO_EXECUTE != 0,
+                "HHDM page {phys:#x} is executable"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn paging_kernel_half_shared_slots(ctx: &Context<'_>) -> Outcome {
+    let root = ctx.tables.root;
+    for slot in 256..512u64 {
+        let entry = panda_arch::paging::read_phys_u64(ctx.boot.hhdm_offset, root + slot * 8)
+            .ok_or_else(|| fail(format_args!("PML4 unreadable")))?;
+        ensure!(
+            entry & 1 != 0,
+            "PML4 slot {slot} is empty: the kernel half would not be shared"
+        );
+    }
+    for slot in 0..256u64 {
+        let entry =
+            panda_arch::paging::read_phys_u64(ctx.boot.hhdm_offset, root + slot * 8).unwrap_or(1);
+        ensure!(entry == 0, "PML4 slot {slot} (lower half) is {entry:#x}");
+    }
+    Ok(())
+}
+
+fn cpu_protection_bits(_: &Context<'_>) -> Outcome {
+    let f = panda_arch::cpu::features();
+    let (cr0, cr4, efer) = panda_arch::cpu::control_registers();
+    ensure!(cr0 & (1 << 16) != 0, "CR0.WP is off");
+    ensure!(
+        !f.nx || efer & (1 << 11) != 0,
+        "EFER.NXE is off though the CPU has NX"
+    );
+    ensure!(
+        !f.smep || cr4 & (1 << 20) != 0,
+        "CR4.SMEP is off though the CPU has SMEP"
+    );
+    ensure!(
+        !f.smap || cr4 & (1 << 21) != 0,
+        "CR4.SMAP is off though the CPU has SMAP"
+    );
+    Ok(())
+}
+
+static BREAKPOINTS: AtomicU64 = AtomicU64::new(0);
+
+fn count_breakpoint(frame: &mut TrapFrame) {
+    // int3 is a trap: RIP already points past it, so returning resumes execution.
+    BREAKPOINTS.fetch_add(1, Ordering::SeqCst);
+    let _ = frame;
+}
+
+fn trap_breakpoint_resumes(_: &Context<'_>) -> Outcome {
+    panda_arch::trap::set_handler(3, count_breakpoint);
+    let before = BREAKPOINTS.load(Ordering::SeqCst);
+    panda_arch::cpu::breakpoint();
+    panda_arch::cpu::breakpoint();
+    panda_arch::trap::clear_handler(3);
+    let seen = BREAKPOINTS.load(Ordering::SeqCst) - before;
+    ensure!(seen == 2, "handler saw {seen} breakpoints, expected 2");
+    Ok(())
+}
+
+fn trap_invalid_opcode_reported(_: &Context<'_>) -> Outcome {
+    match probe::invalid_opcode() {
+        Ok(()) => Err(fail(format_args!("ud2 did not trap"))),
+        Err(f) => {
+            ensure!(f.vector == 6, "ud2 raised vector {}", f.vector);
+            Ok(())
+        }
+    }
+}
+
+fn trap_tss_loaded(_: &Context<'_>) -> Outcome {
+    let tr = panda_arch::gdt::task_register();
+    ensure!(tr == 0x28, "task register is {tr:#x}");
+    Ok(())
+}
+
+fn clock_monotonic_and_calibrated(_: &Context<'_>) -> Outcome {
+    let hz = panda_arch::time::tsc_hz();
+    ensure!(
+        (100_000_000..20_000_000_000).contains(&hz),
+        "TSC frequency {hz} Hz is implausible"
+    );
+    let a = panda_arch::time::now_ns();
+    let mut spin = 0u64;
+    while panda_arch::time::now_ns() == a && spin < 100_000_000 {
+        spin += 1;
+    }
+    let b = panda_arch::time::now_ns();
+    ensure!(b > a, "clock did not advance ({a} -> {b})");
+    Ok(())
+}

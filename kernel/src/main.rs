@@ -1,0 +1,180 @@
+//! The Panda kernel: boot front-ends, wiring, in-kernel tests.
+//!
+//! Boot order, the same on both paths once `BootInfo` exists:
+//! 1. the entry (`panda_pvh_main` / `panda_limine_main`) sets up COM1, the GDT/TSS, the
+//!    IDT and the clock (`early_cpu`), which need nothing from the bootloader;
+//! 2. the front-end translates its protocol into a `BootInfo`;
+//! 3. `kmain` builds the kernel's own page tables and switches to them, enables the
+//!    CPU's protection features, prints the banner and then runs the tests or the
+//!    requested crash, and powers off.
+//!
+//! Until user space exists (issue 5) the kernel shuts down after boot.
+#![no_std]
+#![no_main]
+#![deny(unsafe_code)]
+
+mod boot;
+mod crash;
+mod kernel_tables;
+mod ktest;
+mod logger;
+
+use log::{error, info};
+use panda_arch::{cpu, power};
+
+use boot::{BootInfo, MemoryKind};
+
+/// PVH entry, called by the 32-bit start code on the boot stack.
+#[allow(unsafe_code)] // `no_mangle`: the assembly entry calls it by name.
+#[unsafe(no_mangle)]
+extern "C" fn panda_pvh_main(start_info: u64) -> ! {
+    early_cpu();
+    match boot::pvh::boot_info(start_info) {
+        Ok(info) => kmain(info),
+        Err(why) => boot_failed(why),
+    }
+}
+
+/// Limine entry, called by `limine_entry` on the boot stack.
+#[allow(unsafe_code)] // `no_mangle`: the assembly entry calls it by name.
+#[unsafe(no_mangle)]
+extern "C" fn panda_limine_main() -> ! {
+    early_cpu();
+    match boot::limine::boot_info() {
+        Ok(info) => kmain(info),
+        Err(why) => boot_failed(why),
+    }
+}
+
+/// What the boot CPU sets up before it looks at any bootloader data.
+fn early_cpu() {
+    panda_arch::time::mark_boot();
+    panda_arch::serial::init();
+    let stacks = panda_arch::stacks::boot_stacks();
+    panda_arch::gdt::init_bsp(&stacks);
+    panda_arch::idt::load();
+    panda_arch::trap::set_fatal_hook(fatal_stop);
+    panda_arch::percpu::init_bsp(cpu::apic_id());
+}
+
+fn boot_failed(why: &str) -> ! {
+    panda_arch::serial::emergency(|w| {
+        let _ = writeln!(w, "panda: boot failed: {why}");
+    });
+    power::exit(false)
+}
+
+fn kmain(mut boot: BootInfo) -> ! {
+    logger::init(boot.option("log"));
+    let (tsc_hz, calibration) = panda_arch::time::calibrate();
+    info!(target: "boot", "booted via {} ({}), command line {:?}", boot.protocol.name(), boot.loader.as_str(), boot.cmdline.as_str());
+
+    let features = cpu::features();
+    let tables = match kernel_tables::build_and_switch(&mut boot) {
+        Ok(t) => t,
+        Err(e) => {
+            error!(target: "boot", "cannot build the kernel page tables: {e:?}");
+            power::exit(false)
+        }
+    };
+    cpu::enable_features(&features);
+
+    if let Err(e) = boot.memory_map.check() {
+        error!(target: "boot", "memory map is inconsistent: {e}");
+        power::exit(false)
+    }
+    for r in boot.memory_map.regions() {
+        log::debug!(target: "boot", "  [{:#014x}, {:#014x}) {}", r.start, r.end, r.kind.name());
+    }
+
+    let mut vendor = [0u8; 12];
+    let mut brand = [0u8; 48];
+    let (family, model, stepping) = cpu::signature();
+    let usable = boot.memory_map.total(MemoryKind::Usable);
+    let ram = boot.memory_map.total_ram();
+    info!(
+        target: "boot",
+        "Panda {} booted via {} on {} {} (family {:#x} model {:#x} stepping {})",
+        env!("CARGO_PKG_VERSION"),
+        boot.protocol.name(),
+        cpu::vendor(&mut vendor),
+        cpu::brand(&mut brand),
+        family,
+        model,
+        stepping
+    );
+    info!(
+        target: "boot",
+        "memory: {} MiB RAM, {} MiB usable in {} map entries; kernel page tables active (CR3={:#x}, HHDM {} MiB, {} KiB of tables)",
+        ram >> 20,
+        usable >> 20,
+        boot.memory_map.regions().len(),
+        tables.root,
+        tables.hhdm_bytes >> 20,
+        tables.table_bytes >> 10
+    );
+    info!(
+        target: "boot",
+        "cpu: nx={} smep={} smap={} umip={} pcid={} x2apic={} invariant-tsc={}; TSC {} MHz ({:?}); boot took {} us",
+        features.nx,
+        features.smep,
+        features.smap,
+        features.umip,
+        features.pcid,
+        features.x2apic,
+        features.invariant_tsc,
+        tsc_hz / 1_000_000,
+        calibration,
+        panda_arch::time::now_ns() / 1000
+    );
+
+    for m in boot.modules() {
+        info!(target: "boot", "module {:?}: {} KiB at {:#x}", m.name, m.len >> 10, m.phys);
+    }
+
+    if let Some(what) = boot.option("crash") {
+        crash::trigger(what);
+    }
+    if boot.has_flag("test") {
+        let ok = ktest::run_all(&boot, &tables);
+        power::exit(ok);
+    }
+    info!(target: "boot", "nothing to run yet (user space arrives with issue 5): powering off");
+    power::exit(true)
+}
+
+/// Stops the machine after an unexpected trap has been reported.
+fn fatal_stop() -> ! {
+    power::exit(false)
+}
+
+static PANICKING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    if PANICKING.swap(true, core::sync::atomic::Ordering::SeqCst) {
+        // A panic while reporting a panic: stop without more output.
+        power::exit(false)
+    }
+    let cpu = panda_arch::percpu::current_index();
+    let rbp = panda_arch::backtrace::current_rbp();
+    panda_arch::serial::emergency(|w| {
+        match info.location() {
+            Some(l) => {
+                let _ = writeln!(
+                    w,
+                    "PANIC on cpu{cpu} at {}:{}:{}: {}",
+                    l.file(),
+                    l.line(),
+                    l.column(),
+                    info.message()
+                );
+            }
+            None => {
+                let _ = writeln!(w, "PANIC on cpu{cpu}: {}", info.message());
+            }
+        }
+        let _ = panda_arch::backtrace::write(w, 0, rbp);
+    });
+    power::exit(false)
+}
