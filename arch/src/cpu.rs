@@ -203,3 +203,25 @@ pub fn read_unchecked(addr: u64) -> u64 {
     };
     value
 }
+
+/// Remaps the legacy 8259 PICs to vectors 0x20..0x2f and masks every line, so that
+/// nothing they raise (the firmware leaves the PIT running on IRQ 0, which the BIOS
+/// routes to vector 8) can look like an exception. Interrupts come through the APICs.
+pub fn disable_legacy_pic() {
+    use x86_64::instructions::port::Port;
+    let outb = |port: u16, value: u8| {
+        // SAFETY: ports 0x20/0x21/0xa0/0xa1 are the 8259 PICs on every PC; the sequence
+        // below is the standard ICW1-4 initialisation followed by masking all lines.
+        unsafe { Port::new(port).write(value) }
+    };
+    outb(0x20, 0x11);
+    outb(0xa0, 0x11);
+    outb(0x21, 0x20);
+    outb(0xa1, 0x28);
+    outb(0x21, 0x04);
+    outb(0xa1, 0x02);
+    outb(0x21, 0x01);
+    outb(0xa1, 0x01);
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+}

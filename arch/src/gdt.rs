@@ -12,7 +12,8 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
-use crate::stacks::BootStacks;
+use crate::percpu::MAX_CPUS;
+use crate::stacks::CpuStacks;
 
 /// Kernel code selector.
 pub const KERNEL_CS: u16 = 0x08;
@@ -30,8 +31,9 @@ pub const IST_NMI: u8 = 2;
 /// IST slot for machine checks.
 pub const IST_MACHINE_CHECK: u8 = 3;
 
-static BSP_TSS: spin::Once<TaskStateSegment> = spin::Once::new();
-static BSP_GDT: spin::Once<GlobalDescriptorTable<8>> = spin::Once::new();
+static TSS: [spin::Once<TaskStateSegment>; MAX_CPUS] = [const { spin::Once::new() }; MAX_CPUS];
+static GDT: [spin::Once<GlobalDescriptorTable<8>>; MAX_CPUS] =
+    [const { spin::Once::new() }; MAX_CPUS];
 
 fn build_gdt(tss: &'static TaskStateSegment) -> GlobalDescriptorTable<8> {
     let mut gdt = GlobalDescriptorTable::<8>::new();
@@ -48,19 +50,20 @@ fn build_gdt(tss: &'static TaskStateSegment) -> GlobalDescriptorTable<8> {
     gdt
 }
 
-/// Loads the boot CPU's GDT and TSS and reloads every segment register.
-pub fn init_bsp(stacks: &BootStacks) {
-    let tss = BSP_TSS.call_once(|| {
+/// Loads CPU `index`'s GDT and TSS (made on first use) and reloads every segment
+/// register. Each CPU has its own TSS, hence its own GDT.
+pub fn init_cpu(index: usize, stacks: &CpuStacks) {
+    let tss = TSS[index].call_once(|| {
         let mut tss = TaskStateSegment::new();
         tss.interrupt_stack_table[(IST_DOUBLE_FAULT - 1) as usize] =
             VirtAddr::new(stacks.double_fault.top);
         tss.interrupt_stack_table[(IST_NMI - 1) as usize] = VirtAddr::new(stacks.nmi.top);
         tss.interrupt_stack_table[(IST_MACHINE_CHECK - 1) as usize] =
             VirtAddr::new(stacks.machine_check.top);
-        tss.privilege_stack_table[0] = VirtAddr::new(stacks.boot.top);
+        tss.privilege_stack_table[0] = VirtAddr::new(stacks.kernel.top);
         tss
     });
-    let gdt = BSP_GDT.call_once(|| build_gdt(tss));
+    let gdt = GDT[index].call_once(|| build_gdt(tss));
     gdt.load();
     // SAFETY: the selectors name the descriptors just loaded: a 64-bit code segment, a
     // data segment, and an available TSS that lives for the kernel's lifetime.

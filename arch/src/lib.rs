@@ -11,17 +11,21 @@
 //! line that names the invariant it relies on.
 #![no_std]
 
+pub mod acpi;
+pub mod apic;
 pub mod backtrace;
 pub mod boot;
 pub mod cpu;
 pub mod gdt;
 pub mod idt;
+pub mod ipi;
 pub mod paging;
 pub mod percpu;
 pub mod power;
 pub mod probe;
 pub mod pvh;
 pub mod serial;
+pub mod smp;
 pub mod stacks;
 pub mod time;
 pub mod trap;

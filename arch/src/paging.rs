@@ -141,6 +141,16 @@ impl TableBuilder {
         Ok(Self { root, hhdm })
     }
 
+    /// Edits the live hierarchy rooted at `root`.
+    ///
+    /// # Safety
+    /// `root` must be the PML4 of a valid hierarchy whose table frames are reachable
+    /// through the HHDM at `hhdm`, and no one else may edit it concurrently. `map` only
+    /// fills empty entries, so translations in use never change under the CPU.
+    pub unsafe fn from_root(root: u64, hhdm: u64) -> Self {
+        Self { root, hhdm }
+    }
+
     /// Physical address of the PML4.
     pub fn root(&self) -> u64 {
         self.root
@@ -180,6 +190,21 @@ impl TableBuilder {
         // Intermediate entries are permissive; leaves decide the access rights.
         self.write(table, index, frame | flags::PRESENT | flags::WRITABLE);
         Ok(frame)
+    }
+
+    /// Copies PML4 entries 256..511 (the kernel half) from the hierarchy at `from`, so
+    /// this one shares every kernel mapping.
+    pub fn share_kernel_half(&mut self, from: u64) {
+        for index in 256..512 {
+            // SAFETY: `from` is a live PML4 reachable through the HHDM; reading it has
+            // no side effects.
+            let entry = unsafe {
+                ((self.hhdm + from) as *const u64)
+                    .add(index)
+                    .read_volatile()
+            };
+            self.write(self.root, index, entry);
+        }
     }
 
     /// Makes sure PML4 slot `index` points at a table (for sharing the kernel half).

@@ -1,55 +1,186 @@
-//! The per-CPU block, reached through GS base.
+//! Per-CPU blocks, reached through GS base.
 //!
-//! Each CPU's GS base points at its `PerCpu`, whose first field points at itself, so
-//! `mov rax, gs:[0]` yields the block's address without a table lookup. Until the boot
-//! CPU has installed its block, `current_index()` answers 0. The cores issue adds a
-//! block per application processor and the executor and statistics fields.
+//! Every CPU's GS base points at its own `PerCpu` in a static array indexed by the dense
+//! CPU index (0 = the boot CPU, 1.. = application processors in start order). The first
+//! word of each block holds the block's own address, so `mov rax, gs:[0]` finds it
+//! without a lookup. Fields are atomics: a block is written by its owner and read by
+//! others (statistics, IPI targets). Before the boot CPU installs its block,
+//! `current_index()` answers 0.
+//!
+//! Code that must stay on one CPU while it uses "this CPU's" data holds a `CpuGuard`,
+//! which keeps interrupts off (and so, with no preemption inside the kernel, also keeps
+//! the code from moving to another CPU).
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use x86_64::instructions::interrupts;
 use x86_64::registers::model_specific::GsBase;
 use x86_64::VirtAddr;
 
+/// Most CPUs supported.
+pub const MAX_CPUS: usize = crate::acpi::MAX_CPUS;
+
 /// One CPU's block. `repr(C)`: `current` reads `self_addr` at offset 0.
-#[repr(C)]
+#[repr(C, align(128))]
 pub struct PerCpu {
     self_addr: AtomicU64,
-    /// Dense CPU index, 0 for the boot CPU.
-    pub index: u32,
-    /// Local APIC id.
-    pub apic_id: u32,
+    index: AtomicU32,
+    apic_id: AtomicU32,
+    online: AtomicBool,
+    /// Timer interrupts taken.
+    pub ticks: AtomicU64,
+    /// IPIs received, by kind.
+    pub wake_ipis: AtomicU64,
+    pub call_ipis: AtomicU64,
+    stack_guards: [AtomicU64; 4],
 }
 
-static READY: AtomicBool = AtomicBool::new(false);
-static BSP: spin::Once<PerCpu> = spin::Once::new();
+impl PerCpu {
+    const fn new() -> Self {
+        Self {
+            self_addr: AtomicU64::new(0),
+            index: AtomicU32::new(0),
+            apic_id: AtomicU32::new(0),
+            online: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
+            wake_ipis: AtomicU64::new(0),
+            call_ipis: AtomicU64::new(0),
+            stack_guards: [const { AtomicU64::new(0) }; 4],
+        }
+    }
 
-/// Installs the boot CPU's block in GS base.
-pub fn init_bsp(apic_id: u32) {
-    let block = BSP.call_once(|| PerCpu {
-        self_addr: AtomicU64::new(0),
-        index: 0,
-        apic_id,
-    });
-    let addr = block as *const PerCpu;
-    block.self_addr.store(addr as u64, Ordering::Relaxed);
-    GsBase::write(VirtAddr::from_ptr(addr));
+    /// Dense CPU index.
+    pub fn index(&self) -> usize {
+        self.index.load(Ordering::Relaxed) as usize
+    }
+
+    /// Local APIC id.
+    pub fn apic_id(&self) -> u32 {
+        self.apic_id.load(Ordering::Relaxed)
+    }
+
+    /// Guard pages of this CPU's stacks (kernel, #DF, NMI, #MC), for fault reports.
+    pub fn stack_guards(&self) -> [u64; 4] {
+        core::array::from_fn(|i| self.stack_guards[i].load(Ordering::Relaxed))
+    }
+
+    /// Whether the CPU has finished its bring-up.
+    pub fn online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+}
+
+static CPUS: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
+static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// Installs block `index` for the calling CPU in GS base. Each index is installed once,
+/// by the CPU it belongs to.
+pub fn install(index: usize, apic_id: u32, stacks: &crate::stacks::CpuStacks) {
+    let block = &CPUS[index];
+    for (slot, guard) in block.stack_guards.iter().zip(stacks.guards()) {
+        slot.store(guard, Ordering::Relaxed);
+    }
+    block.index.store(index as u32, Ordering::Relaxed);
+    block.apic_id.store(apic_id, Ordering::Relaxed);
+    block
+        .self_addr
+        .store(block as *const PerCpu as u64, Ordering::Relaxed);
+    GsBase::write(VirtAddr::from_ptr(block));
     READY.store(true, Ordering::Release);
+}
+
+/// Marks the calling CPU online: it now answers IPIs and runs its executor.
+pub fn set_online() {
+    if let Some(cpu) = current() {
+        if !cpu.online.swap(true, Ordering::AcqRel) {
+            CPU_COUNT.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// This CPU's block, if installed.
 pub fn current() -> Option<&'static PerCpu> {
-    if !READY.load(Ordering::Acquire) {
-        return None;
-    }
-    let ptr: *const PerCpu;
-    // SAFETY: once READY is set, GS base on every running CPU points at its PerCpu,
-    // whose first word is its own address.
-    unsafe {
-        core::arch::asm!("mov {}, gs:[0]", out(reg) ptr, options(nostack, readonly, preserves_flags));
-        Some(&*ptr)
-    }
+    READY
+        .load(Ordering::Acquire)
+        .then(|| &CPUS[current_index()])
+}
+
+/// This CPU's index, found through the GS base MSR and checked: safe on a CPU whose
+/// block is not installed yet (an AP early in its start, a CPU in a fault path). For
+/// logs and fault reports; hot paths use `current_index`.
+pub fn checked_index() -> Option<usize> {
+    let base = GsBase::read().as_u64();
+    let first = CPUS.as_ptr() as u64;
+    let size = core::mem::size_of::<PerCpu>() as u64;
+    let end = first + size * MAX_CPUS as u64;
+    (base >= first && base < end && (base - first) % size == 0)
+        .then(|| ((base - first) / size) as usize)
 }
 
 /// This CPU's dense index (0 before per-CPU set-up).
-pub fn current_index() -> u32 {
-    current().map_or(0, |c| c.index)
+pub fn current_index() -> usize {
+    if !READY.load(Ordering::Acquire) {
+        return 0;
+    }
+    let addr: u64;
+    // SAFETY: as in `current`.
+    unsafe {
+        core::arch::asm!("mov {}, gs:[0]", out(reg) addr, options(nostack, readonly, preserves_flags));
+    }
+    let base = CPUS.as_ptr() as u64;
+    ((addr - base) / core::mem::size_of::<PerCpu>() as u64) as usize
+}
+
+/// Block `index`.
+pub fn cpu(index: usize) -> &'static PerCpu {
+    &CPUS[index]
+}
+
+/// CPUs online.
+pub fn online_count() -> usize {
+    CPU_COUNT.load(Ordering::Acquire)
+}
+
+/// The blocks of CPUs online.
+pub fn online() -> impl Iterator<Item = &'static PerCpu> {
+    CPUS.iter().filter(|c| c.online())
+}
+
+/// Proof that the holder stays on one CPU: interrupts are off while it lives.
+pub struct CpuGuard {
+    was_enabled: bool,
+    index: usize,
+    _not_send: core::marker::PhantomData<*const ()>,
+}
+
+impl CpuGuard {
+    /// Disables interrupts and pins the caller to the current CPU.
+    pub fn new() -> Self {
+        let was_enabled = interrupts::are_enabled();
+        interrupts::disable();
+        Self {
+            was_enabled,
+            index: current_index(),
+            _not_send: core::marker::PhantomData,
+        }
+    }
+
+    /// The CPU the holder is pinned to.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Default for CpuGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for CpuGuard {
+    fn drop(&mut self) {
+        if self.was_enabled {
+            interrupts::enable();
+        }
+    }
 }

@@ -61,20 +61,21 @@ pub struct GuardedStack {
     pub top: u64,
 }
 
-/// The boot CPU's stacks: boot, double fault, NMI, machine check.
+/// One CPU's stacks: kernel (the boot stack on the boot CPU), double fault, NMI,
+/// machine check.
 #[derive(Clone, Copy, Debug)]
-pub struct BootStacks {
-    pub boot: GuardedStack,
+pub struct CpuStacks {
+    pub kernel: GuardedStack,
     pub double_fault: GuardedStack,
     pub nmi: GuardedStack,
     pub machine_check: GuardedStack,
 }
 
-impl BootStacks {
+impl CpuStacks {
     /// The guard pages, which must stay unmapped.
     pub fn guards(&self) -> [u64; 4] {
         [
-            self.boot.guard,
+            self.kernel.guard,
             self.double_fault.guard,
             self.nmi.guard,
             self.machine_check.guard,
@@ -82,7 +83,8 @@ impl BootStacks {
     }
 }
 
-fn guarded(guard: u64, top: u64) -> GuardedStack {
+/// A stack whose guard page is at `guard` and whose usable part ends at `top`.
+pub fn guarded(guard: u64, top: u64) -> GuardedStack {
     GuardedStack {
         guard,
         bottom: guard + crate::PAGE_SIZE,
@@ -91,9 +93,9 @@ fn guarded(guard: u64, top: u64) -> GuardedStack {
 }
 
 /// Addresses of the boot CPU's stacks.
-pub fn boot_stacks() -> BootStacks {
-    BootStacks {
-        boot: guarded(
+pub fn boot_stacks() -> CpuStacks {
+    CpuStacks {
+        kernel: guarded(
             &raw const boot_stack_guard as u64,
             &raw const boot_stack_top as u64,
         ),

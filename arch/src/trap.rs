@@ -205,7 +205,7 @@ pub fn write_report(w: &mut dyn Write, frame: &TrapFrame, cr2: u64) -> fmt::Resu
         w,
         "EXCEPTION {mnemonic} ({name}, vector {}) on cpu{} in {} mode: error=0x{:x} cr2=0x{:x} rip=0x{:x} rsp=0x{:x} rflags=0x{:x}",
         frame.vector,
-        crate::percpu::current_index(),
+        crate::percpu::checked_index().unwrap_or(usize::MAX),
         if frame.from_user() { "user" } else { "kernel" },
         frame.error_code,
         cr2,
@@ -248,12 +248,16 @@ pub fn write_report(w: &mut dyn Write, frame: &TrapFrame, cr2: u64) -> fmt::Resu
             }
         )?;
     }
-    let stacks = crate::stacks::boot_stacks();
-    let names = ["boot", "double-fault", "NMI", "machine-check"];
-    for (guard, name) in stacks.guards().into_iter().zip(names) {
+    let names = ["kernel", "double-fault", "NMI", "machine-check"];
+    let guards =
+        crate::percpu::checked_index().map_or([0; 4], |i| crate::percpu::cpu(i).stack_guards());
+    for (guard, name) in guards.into_iter().zip(names) {
         let hit = |a: u64| (guard..guard + crate::PAGE_SIZE).contains(&a);
-        if hit(cr2) || hit(frame.rsp) {
-            writeln!(w, "  stack overflow: the {name} stack ran into its guard page at 0x{guard:x}")?;
+        if guard != 0 && (hit(cr2) || hit(frame.rsp)) {
+            writeln!(
+                w,
+                "  stack overflow: the {name} stack ran into its guard page at 0x{guard:x}"
+            )?;
         }
     }
     crate::backtrace::write(w, frame.rip, frame.rbp)

@@ -8,6 +8,18 @@ pub fn trigger(what: &str) {
     warn!(target: "crash", "crash={what} requested");
     match what {
         "panic" => panic!("crash=panic requested on the command line"),
+        "ap-panic" => {
+            // Panic on another CPU: its panic handler must stop this one too.
+            let target = (0..panda_arch::percpu::online_count())
+                .find(|&i| i != panda_arch::percpu::current_index());
+            match target {
+                Some(cpu) => {
+                    let _ = panda_arch::ipi::call_on(cpu, panic_here, 0);
+                    error!(target: "crash", "cpu{cpu} returned from a panic");
+                }
+                None => error!(target: "crash", "crash=ap-panic needs at least 2 CPUs"),
+            }
+        }
         "ud2" => panda_arch::cpu::invalid_opcode(),
         "pagefault" => {
             // A read of an unmapped lower-half address, not through a probe.
@@ -19,9 +31,13 @@ pub fn trigger(what: &str) {
             error!(target: "crash", "recursed {depth} frames without faulting: no guard page");
         }
         _ => {
-            error!(target: "crash", "unknown crash={what}; known: panic, ud2, pagefault, stackoverflow")
+            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow")
         }
     }
+}
+
+fn panic_here(_: u64) -> u64 {
+    panic!("crash=ap-panic requested on the command line")
 }
 
 /// Recurses until the boot stack's guard page stops it. `black_box` keeps the frames.

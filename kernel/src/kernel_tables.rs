@@ -20,12 +20,173 @@ use panda_arch::paging::{flags, EarlyFrames, MapError, PageSize, TableBuilder};
 
 use crate::boot::{BootInfo, MemoryKind};
 
+/// Page-table frames kept for mappings made after boot and before the frame allocator
+/// exists (firmware tables in reserved RAM, device registers).
+const RESERVE_BYTES: u64 = 512 * 1024;
+
+/// Virtual window for uncached device mappings (PML4 slot 508).
+pub const MMIO_BASE: u64 = 0xffff_fe00_0000_0000;
+const MMIO_WINDOW: u64 = 1 << 39;
+
+/// Virtual window for per-CPU stacks (PML4 slot 506): CPU i's stacks start at
+/// `STACKS_BASE + i * STACK_STRIDE`, each behind an unmapped guard page.
+pub const STACKS_BASE: u64 = 0xffff_fd00_0000_0000;
+const STACK_STRIDE: u64 = 256 * 1024;
+/// Physical bytes one CPU's stacks need.
+pub const CPU_STACK_BYTES: u64 =
+    panda_arch::stacks::BOOT_STACK_SIZE + 3 * panda_arch::stacks::IST_STACK_SIZE;
+
+/// The live kernel hierarchy and what is needed to extend it.
+struct KernelSpace {
+    root: u64,
+    hhdm: u64,
+    frames: EarlyFrames,
+    mmio_next: u64,
+}
+
+static SPACE: spin::Mutex<Option<KernelSpace>> = spin::Mutex::new(None);
+
+/// Makes `[phys, phys + len)` of RAM (including firmware tables in reserved RAM)
+/// readable through the HHDM, write-back, and returns the HHDM address of `phys`.
+pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
+    let mut guard = SPACE.lock();
+    let space = guard.as_mut()?;
+    // SAFETY: `root` is the live kernel PML4 and the lock serialises every editor.
+    #[allow(unsafe_code)]
+    let mut tables = unsafe { TableBuilder::from_root(space.root, space.hhdm) };
+    let nx = if panda_arch::cpu::nx_enabled() {
+        flags::NO_EXECUTE
+    } else {
+        0
+    };
+    let mut page = phys & !0xfff;
+    while page < phys + len.max(1) {
+        if tables.translate(space.hhdm + page).is_none() {
+            tables
+                .map(
+                    space.hhdm + page,
+                    page,
+                    PageSize::Size4K,
+                    flags::WRITABLE | nx | flags::GLOBAL,
+                    &mut space.frames,
+                )
+                .ok()?;
+        }
+        page += 4096;
+    }
+    Some(space.hhdm + phys)
+}
+
+/// Maps device registers `[phys, phys + len)` uncached in the MMIO window and returns
+/// the virtual address of `phys`.
+pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
+    let mut guard = SPACE.lock();
+    let space = guard.as_mut()?;
+    // SAFETY: as in `map_ram`.
+    #[allow(unsafe_code)]
+    let mut tables = unsafe { TableBuilder::from_root(space.root, space.hhdm) };
+    let nx = if panda_arch::cpu::nx_enabled() {
+        flags::NO_EXECUTE
+    } else {
+        0
+    };
+    let first = phys & !0xfff;
+    let pages = (phys + len.max(1) - first).div_ceil(4096);
+    let virt = space.mmio_next;
+    if virt + pages * 4096 > MMIO_BASE + MMIO_WINDOW {
+        return None;
+    }
+    for i in 0..pages {
+        let bits = flags::WRITABLE | flags::NO_CACHE | flags::WRITE_THROUGH | nx | flags::GLOBAL;
+        tables
+            .map(
+                virt + i * 4096,
+                first + i * 4096,
+                PageSize::Size4K,
+                bits,
+                &mut space.frames,
+            )
+            .ok()?;
+    }
+    space.mmio_next = virt + pages * 4096;
+    Some(virt + (phys - first))
+}
+
+/// Maps CPU `index`'s stacks (kernel, #DF, NMI, #MC) onto the `CPU_STACK_BYTES` of
+/// physical memory at `phys`, each below-guarded, and returns where they are.
+pub fn map_cpu_stacks(index: usize, phys: u64) -> Option<panda_arch::stacks::CpuStacks> {
+    use panda_arch::stacks::{guarded, BOOT_STACK_SIZE, IST_STACK_SIZE};
+    let mut guard = SPACE.lock();
+    let space = guard.as_mut()?;
+    // SAFETY: as in `map_ram`.
+    #[allow(unsafe_code)]
+    let mut tables = unsafe { TableBuilder::from_root(space.root, space.hhdm) };
+    let nx = if panda_arch::cpu::nx_enabled() {
+        flags::NO_EXECUTE
+    } else {
+        0
+    };
+    let mut virt = STACKS_BASE + index as u64 * STACK_STRIDE;
+    let mut phys = phys;
+    let mut stacks = [guarded(0, 0); 4];
+    for (slot, size) in stacks.iter_mut().zip([
+        BOOT_STACK_SIZE,
+        IST_STACK_SIZE,
+        IST_STACK_SIZE,
+        IST_STACK_SIZE,
+    ]) {
+        let guard_page = virt;
+        virt += 4096;
+        for off in (0..size).step_by(4096) {
+            tables
+                .map(
+                    virt + off,
+                    phys + off,
+                    PageSize::Size4K,
+                    flags::WRITABLE | nx | flags::GLOBAL,
+                    &mut space.frames,
+                )
+                .ok()?;
+        }
+        *slot = guarded(guard_page, virt + size);
+        virt += size;
+        phys += size;
+    }
+    Some(panda_arch::stacks::CpuStacks {
+        kernel: stacks[0],
+        double_fault: stacks[1],
+        nmi: stacks[2],
+        machine_check: stacks[3],
+    })
+}
+
+/// A PML4 for the AP trampoline: the low 2 MiB identity-mapped (where the trampoline
+/// runs when paging comes on) and the kernel half shared. It lives below 4 GiB, as the
+/// trampoline loads it from 32-bit code.
+pub fn trampoline_root() -> Option<u64> {
+    let mut guard = SPACE.lock();
+    let space = guard.as_mut()?;
+    let mut tables = TableBuilder::new(&mut space.frames, space.hhdm).ok()?;
+    tables
+        .map(0, 0, PageSize::Size2M, flags::WRITABLE, &mut space.frames)
+        .ok()?;
+    tables.share_kernel_half(space.root);
+    Some(tables.root())
+}
+
+/// The kernel's PML4.
+pub fn kernel_root() -> u64 {
+    SPACE.lock().as_ref().map_or(0, |s| s.root)
+}
+
 /// What `build` made, for the log and the tests.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelTables {
     pub root: u64,
     pub hhdm_bytes: u64,
     pub table_bytes: u64,
+    /// Frames set aside for later mappings (claimed as `KernelEarly` too).
+    pub reserve_bytes: u64,
 }
 
 /// Builds the kernel's page tables and switches to them.
@@ -104,9 +265,36 @@ pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, MapError> {
             let _ = boot.memory_map.claim(start, end, MemoryKind::KernelEarly);
         }
     }
+
+    // Keep a reserve of frames for mappings made before the frame allocator exists.
+    let reserve = boot
+        .memory_map
+        .regions()
+        .iter()
+        .find(|r| {
+            r.kind == MemoryKind::Usable
+                && r.start >= LOW
+                && r.end <= HIGH
+                && r.len() >= RESERVE_BYTES
+        })
+        .map(|r| (r.start, r.start + RESERVE_BYTES));
+    if let Some((start, end)) = reserve {
+        let _ = boot.memory_map.claim(start, end, MemoryKind::KernelEarly);
+        // SAFETY: the range was usable (free) and is now claimed for this pool alone;
+        // it lies below 4 GiB, inside the HHDM just built.
+        #[allow(unsafe_code)]
+        let frames = unsafe { EarlyFrames::new(boot.hhdm_offset, core::iter::once((start, end))) };
+        *SPACE.lock() = Some(KernelSpace {
+            root,
+            hhdm: boot.hhdm_offset,
+            frames,
+            mmio_next: MMIO_BASE,
+        });
+    }
     Ok(KernelTables {
         root,
         hhdm_bytes,
         table_bytes,
+        reserve_bytes: reserve.map_or(0, |(s, e)| e - s),
     })
 }

@@ -14,6 +14,7 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use panda_arch::percpu;
 use panda_arch::probe::{self, RetIn};
 use panda_arch::trap::TrapFrame;
 
@@ -64,50 +65,53 @@ macro_rules! ensure {
 struct Context<'a> {
     boot: &'a BootInfo,
     tables: &'a KernelTables,
+    /// Enabled processors the MADT lists: all must be online.
+    cpus_expected: usize,
 }
 
 type Test = (&'static str, fn(&Context<'_>) -> Outcome);
 
-const TESTS: &[Test] = &[
-    ("boot_info_memory_map", boot_info_memory_map),
-    ("boot_info_hhdm_and_rsdp", boot_info_hhdm_and_rsdp),
-    ("boot_info_kernel_claimed", boot_info_kernel_claimed),
-    ("memory_map_claim_splits", memory_map_claim_splits),
-    (
-        "memory_map_usable_never_covers_reserved",
-        memory_map_usable_never_covers_reserved,
-    ),
-    ("paging_kernel_tables_active", paging_kernel_tables_active),
-    ("paging_text_is_read_only", paging_text_is_read_only),
-    ("paging_rodata_is_read_only", paging_rodata_is_read_only),
-    ("paging_data_is_writable", paging_data_is_writable),
-    ("paging_only_text_executes", paging_only_text_executes),
-    (
-        "paging_stack_guard_pages_unmapped",
-        paging_stack_guard_pages_unmapped,
-    ),
-    ("paging_lower_half_empty", paging_lower_half_empty),
-    (
-        "paging_hhdm_covers_usable_ram",
-        paging_hhdm_covers_usable_ram,
-    ),
-    (
-        "paging_kernel_half_shared_slots",
-        paging_kernel_half_shared_slots,
-    ),
-    ("cpu_protection_bits", cpu_protection_bits),
-    ("trap_breakpoint_resumes", trap_breakpoint_resumes),
-    ("trap_invalid_opcode_reported", trap_invalid_opcode_reported),
-    ("trap_tss_loaded", trap_tss_loaded),
-    (
-        "clock_monotonic_and_calibrated",
-        clock_monotonic_and_calibrated,
-    ),
+/// Each test by its function name, which is also its name in the output.
+macro_rules! tests {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), $test as fn(&Context<'_>) -> Outcome)),*]
+    };
+}
+
+const TESTS: &[Test] = tests![
+    boot_info_memory_map,
+    boot_info_hhdm_and_rsdp,
+    boot_info_kernel_claimed,
+    memory_map_claim_splits,
+    memory_map_usable_never_covers_reserved,
+    paging_kernel_tables_active,
+    paging_text_is_read_only,
+    paging_rodata_is_read_only,
+    paging_data_is_writable,
+    paging_only_text_executes,
+    paging_stack_guard_pages_unmapped,
+    paging_lower_half_empty,
+    paging_hhdm_covers_usable_ram,
+    paging_kernel_half_shared_slots,
+    cpu_protection_bits,
+    trap_breakpoint_resumes,
+    trap_invalid_opcode_reported,
+    trap_tss_loaded,
+    clock_monotonic_and_calibrated,
+    smp_all_cpus_online,
+    smp_ids_unique_and_dense,
+    smp_ipi_ping_every_cpu,
+    smp_cross_cpu_call,
+    smp_timer_ticks_on_every_cpu,
 ];
 
 /// Runs every test; true when all passed.
-pub fn run_all(boot: &BootInfo, tables: &KernelTables) -> bool {
-    let ctx = Context { boot, tables };
+pub fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usize) -> bool {
+    let ctx = Context {
+        boot,
+        tables,
+        cpus_expected,
+    };
     let inject = boot.has_flag("test.inject_failure");
     let injected: Test = ("injected_failure", |_| {
         Err(fail(format_args!("test.inject_failure was given")))
@@ -244,10 +248,20 @@ fn paging_kernel_tables_active(ctx: &Context<'_>) -> Outcome {
         ctx.tables.root
     );
     let early = ctx.boot.memory_map.total(MemoryKind::KernelEarly);
+    let expected = ctx.tables.table_bytes + ctx.tables.reserve_bytes;
+    // AP stacks and the trampoline page are claimed as KernelEarly too.
     ensure!(
-        early == ctx.tables.table_bytes,
-        "{early} bytes claimed for tables, {} used",
-        ctx.tables.table_bytes
+        early >= expected,
+        "{early} bytes claimed early, but tables use or reserve {expected}"
+    );
+    let root_claimed =
+        ctx.boot.memory_map.regions().iter().any(|r| {
+            r.kind == MemoryKind::KernelEarly && (r.start..r.end).contains(&ctx.tables.root)
+        });
+    ensure!(
+        root_claimed,
+        "the PML4 frame {:#x} is not claimed",
+        ctx.tables.root
     );
     Ok(())
 }
@@ -449,5 +463,109 @@ fn clock_monotonic_and_calibrated(_: &Context<'_>) -> Outcome {
     }
     let b = panda_arch::time::now_ns();
     ensure!(b > a, "clock did not advance ({a} -> {b})");
+    Ok(())
+}
+
+/// Waits up to `ms` milliseconds (TSC) for `done`.
+fn wait_for(ms: u64, done: impl Fn() -> bool) -> bool {
+    let deadline = panda_arch::time::now_ns() + ms * 1_000_000;
+    while panda_arch::time::now_ns() < deadline {
+        if done() {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    done()
+}
+
+fn smp_all_cpus_online(ctx: &Context<'_>) -> Outcome {
+    let online = percpu::online_count();
+    ensure!(
+        online == ctx.cpus_expected,
+        "{online} CPUs online, the MADT enables {}",
+        ctx.cpus_expected
+    );
+    Ok(())
+}
+
+fn smp_ids_unique_and_dense(_: &Context<'_>) -> Outcome {
+    let n = percpu::online_count();
+    for i in 0..n {
+        let cpu = percpu::cpu(i);
+        ensure!(
+            cpu.online(),
+            "cpu{i} of {n} is not online: indices are not dense"
+        );
+        ensure!(cpu.index() == i, "block {i} says index {}", cpu.index());
+        for j in 0..i {
+            ensure!(
+                percpu::cpu(j).apic_id() != cpu.apic_id(),
+                "cpu{j} and cpu{i} share apic id {}",
+                cpu.apic_id()
+            );
+        }
+    }
+    ensure!(!percpu::cpu(n).online(), "cpu{n} online beyond the count");
+    Ok(())
+}
+
+fn smp_ipi_ping_every_cpu(_: &Context<'_>) -> Outcome {
+    let me = percpu::current_index();
+    for cpu in percpu::online().filter(|c| c.index() != me) {
+        let before = cpu.wake_ipis.load(Ordering::Relaxed);
+        panda_arch::ipi::wake(cpu.index());
+        let answered = wait_for(1000, || cpu.wake_ipis.load(Ordering::Relaxed) > before);
+        ensure!(
+            answered,
+            "cpu{} (apic {}) did not take a wake IPI within 1 s",
+            cpu.index(),
+            cpu.apic_id()
+        );
+    }
+    Ok(())
+}
+
+fn report_self(_: u64) -> u64 {
+    ((percpu::current_index() as u64) << 32) | panda_arch::apic::id() as u64
+}
+
+fn smp_cross_cpu_call(_: &Context<'_>) -> Outcome {
+    for cpu in percpu::online() {
+        let answer = panda_arch::ipi::call_on(cpu.index(), report_self, 0)
+            .map_err(|e| fail(format_args!("call on cpu{}: {e:?}", cpu.index())))?;
+        let (index, apic) = ((answer >> 32) as usize, answer as u32);
+        ensure!(
+            index == cpu.index(),
+            "call for cpu{} ran on cpu{index}",
+            cpu.index()
+        );
+        ensure!(
+            apic == cpu.apic_id(),
+            "cpu{} answered apic id {apic}, expected {}",
+            cpu.index(),
+            cpu.apic_id()
+        );
+    }
+    Ok(())
+}
+
+fn smp_timer_ticks_on_every_cpu(_: &Context<'_>) -> Outcome {
+    let n = percpu::online_count();
+    let mut before = [0u64; percpu::MAX_CPUS];
+    for (i, b) in before.iter_mut().enumerate().take(n) {
+        *b = percpu::cpu(i).ticks.load(Ordering::Relaxed);
+    }
+    // Ten tick periods; generous because TCG vCPUs share few host cores.
+    let all = wait_for(100 * crate::smp::TICK_US / 1000 * 10, || {
+        (0..n).all(|i| percpu::cpu(i).ticks.load(Ordering::Relaxed) >= before[i] + 2)
+    });
+    if !all {
+        let late = (0..n)
+            .find(|&i| percpu::cpu(i).ticks.load(Ordering::Relaxed) < before[i] + 2)
+            .unwrap_or(0);
+        return Err(fail(format_args!(
+            "cpu{late} took fewer than 2 timer ticks in 1 s"
+        )));
+    }
     Ok(())
 }

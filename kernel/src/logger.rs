@@ -17,7 +17,7 @@ impl Log for SerialLog {
 
     fn log(&self, record: &Record<'_>) {
         let ns = panda_arch::time::now_ns();
-        let cpu = panda_arch::percpu::current_index();
+        let cpu = panda_arch::percpu::checked_index().unwrap_or(usize::MAX);
         panda_arch::serial::with_console(|w| {
             let _ = writeln!(
                 w,

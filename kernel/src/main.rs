@@ -18,6 +18,7 @@ mod crash;
 mod kernel_tables;
 mod ktest;
 mod logger;
+mod smp;
 
 use log::{error, info};
 use panda_arch::{cpu, power};
@@ -51,10 +52,10 @@ fn early_cpu() {
     panda_arch::time::mark_boot();
     panda_arch::serial::init();
     let stacks = panda_arch::stacks::boot_stacks();
-    panda_arch::gdt::init_bsp(&stacks);
+    panda_arch::gdt::init_cpu(0, &stacks);
     panda_arch::idt::load();
     panda_arch::trap::set_fatal_hook(fatal_stop);
-    panda_arch::percpu::init_bsp(cpu::apic_id());
+    panda_arch::percpu::install(0, cpu::apic_id(), &stacks);
 }
 
 fn boot_failed(why: &str) -> ! {
@@ -128,6 +129,55 @@ fn kmain(mut boot: BootInfo) -> ! {
         panda_arch::time::now_ns() / 1000
     );
 
+    let platform = match boot
+        .rsdp
+        .map(|rsdp| panda_arch::acpi::discover(rsdp, kernel_tables::map_ram))
+    {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            error!(target: "acpi", "cannot read the ACPI tables: {e:?}");
+            power::exit(false)
+        }
+        None => {
+            error!(target: "acpi", "the bootloader gave no RSDP: cannot find the processors");
+            power::exit(false)
+        }
+    };
+    let enabled = platform.processors().iter().filter(|p| p.enabled).count();
+    info!(
+        target: "acpi",
+        "{} processors ({} enabled, {} online-capable), {} I/O APIC(s), {} overrides, HPET {}, PM timer {}",
+        platform.processors().len(),
+        enabled,
+        platform.processors().iter().filter(|p| !p.enabled && p.online_capable).count(),
+        platform.ioapics().len(),
+        platform.overrides().len(),
+        if platform.hpet.is_some() { "yes" } else { "no" },
+        if platform.pm_timer.is_some() { "yes" } else { "no" },
+    );
+    let mode = match smp::init_bsp_apic(&platform) {
+        Ok(mode) => mode,
+        Err(why) => {
+            error!(target: "smp", "cannot enable the boot CPU's local APIC: {why}");
+            power::exit(false)
+        }
+    };
+    panda_arch::percpu::set_online();
+    let per_ms = panda_arch::apic::calibrate_timer(10);
+    info!(target: "smp", "local APIC in {} mode; timer {} ticks/ms at divide 16 (measured against the TSC)", mode.name(), per_ms);
+    panda_arch::apic::start_periodic_timer(smp::TICK_US);
+    x86_64::instructions::interrupts::enable();
+    let report = smp::start_aps(&mut boot, &platform, ap_idle);
+    info!(
+        target: "smp",
+        "smp: {} of {} CPUs online ({}) in {} ms{}",
+        report.online,
+        report.enabled,
+        report.mode.name(),
+        report.elapsed_us / 1000,
+        if report.timed_out > 0 { " (some did not answer, see above)" } else { "" }
+    );
+
     for m in boot.modules() {
         info!(target: "boot", "module {:?}: {} KiB at {:#x}", m.name, m.len >> 10, m.phys);
     }
@@ -136,15 +186,23 @@ fn kmain(mut boot: BootInfo) -> ! {
         crash::trigger(what);
     }
     if boot.has_flag("test") {
-        let ok = ktest::run_all(&boot, &tables);
+        let ok = ktest::run_all(&boot, &tables, report.enabled);
         power::exit(ok);
     }
     info!(target: "boot", "nothing to run yet (user space arrives with issue 5): powering off");
     power::exit(true)
 }
 
+/// Where APs go once they are up, until the executor runs on them.
+fn ap_idle(_index: usize) -> ! {
+    loop {
+        x86_64::instructions::interrupts::enable_and_hlt();
+    }
+}
+
 /// Stops the machine after an unexpected trap has been reported.
 fn fatal_stop() -> ! {
+    panda_arch::smp::stop_others();
     power::exit(false)
 }
 
@@ -156,7 +214,8 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         // A panic while reporting a panic: stop without more output.
         power::exit(false)
     }
-    let cpu = panda_arch::percpu::current_index();
+    panda_arch::smp::stop_others();
+    let cpu = panda_arch::percpu::checked_index().unwrap_or(usize::MAX);
     let rbp = panda_arch::backtrace::current_rbp();
     panda_arch::serial::emergency(|w| {
         match info.location() {

@@ -225,6 +225,22 @@ impl MemoryMap {
         Ok(())
     }
 
+    /// Takes `len` bytes (page-rounded) of usable memory at or above `min` and below
+    /// `max`, marks them `kind`, and returns their physical start. For boot-time
+    /// allocations made before the frame allocator exists.
+    pub fn take(&mut self, len: u64, min: u64, max: u64, kind: MemoryKind) -> Option<u64> {
+        let len = align_up(len);
+        let start = self
+            .regions()
+            .iter()
+            .filter(|r| r.kind == MemoryKind::Usable)
+            .map(|r| (r.start.max(min), r.end.min(max)))
+            .find(|(s, e)| s < e && e - s >= len)?
+            .0;
+        self.claim(start, start + len, kind).ok()?;
+        Some(start)
+    }
+
     /// Joins adjacent ranges of the same kind.
     fn merge(&mut self) {
         let mut i = 1;

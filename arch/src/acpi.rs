@@ -1,0 +1,210 @@
+//! ACPI discovery through the `acpi` crate: processors, I/O APICs, interrupt source
+//! overrides, HPET and the PM timer, copied out into plain data.
+//!
+//! The crate maps tables through an `AcpiHandler`. Panda's handler asks the kernel (a
+//! function given to `discover`) for a virtual address of each physical range: RAM,
+//! including firmware tables in "reserved" RAM, is reached through the HHDM, which the
+//! kernel extends on demand. Nothing is unmapped: firmware tables stay readable.
+
+use core::ptr::NonNull;
+
+use acpi::madt::{Madt, MadtEntry};
+use acpi::{AcpiHandler, AcpiTables, HpetInfo, PhysicalMapping};
+
+/// The most CPUs Panda keeps track of.
+pub const MAX_CPUS: usize = 256;
+/// The most I/O APICs and interrupt source overrides kept.
+pub const MAX_IOAPICS: usize = 8;
+pub const MAX_OVERRIDES: usize = 16;
+
+/// Maps `[phys, phys + len)` and returns the virtual address of `phys`, or `None` if
+/// it cannot be mapped.
+pub type MapFn = fn(phys: u64, len: u64) -> Option<u64>;
+
+#[derive(Clone)]
+struct Handler {
+    map: MapFn,
+}
+
+impl AcpiHandler for Handler {
+    unsafe fn map_physical_region<T>(&self, phys: usize, size: usize) -> PhysicalMapping<Self, T> {
+        let Some(virt) = (self.map)(phys as u64, size as u64) else {
+            // The acpi crate's interface has no error path here; the kernel's map
+            // function only fails when it runs out of early page-table frames.
+            panic!("acpi: cannot map firmware table at {phys:#x} (+{size:#x})");
+        };
+        let virt = NonNull::new(virt as *mut T).expect("map function returned null");
+        // SAFETY: `virt` maps `size` bytes from `phys` for as long as the kernel runs
+        // (mappings are never removed), which is what PhysicalMapping requires.
+        unsafe { PhysicalMapping::new(phys, virt, size, size, self.clone()) }
+    }
+
+    fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
+}
+
+/// One processor from the MADT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Processor {
+    pub apic_id: u32,
+    pub uid: u32,
+    /// Usable now (flags bit 0).
+    pub enabled: bool,
+    /// Not enabled, but may be brought online later (flags bit 1).
+    pub online_capable: bool,
+}
+
+/// An I/O APIC.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IoApic {
+    pub id: u8,
+    pub address: u64,
+    pub gsi_base: u32,
+}
+
+/// An ISA IRQ routed to another global system interrupt.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Override {
+    pub irq: u8,
+    pub gsi: u32,
+    pub flags: u16,
+}
+
+/// Where the ACPI PM timer is.
+#[derive(Clone, Copy, Debug)]
+pub struct PmTimer {
+    /// I/O port (system I/O space) or physical address (memory space).
+    pub address: u64,
+    pub io_port: bool,
+    pub bits32: bool,
+}
+
+/// What ACPI says about this machine.
+#[derive(Clone, Debug)]
+pub struct Platform {
+    pub processors: [Processor; MAX_CPUS],
+    pub processor_count: usize,
+    /// Processors listed beyond MAX_CPUS (ignored).
+    pub processors_dropped: usize,
+    pub local_apic_address: u64,
+    pub ioapics: [IoApic; MAX_IOAPICS],
+    pub ioapic_count: usize,
+    pub overrides: [Override; MAX_OVERRIDES],
+    pub override_count: usize,
+    pub has_8259: bool,
+    pub hpet: Option<u64>,
+    pub pm_timer: Option<PmTimer>,
+}
+
+impl Platform {
+    /// The processors found, enabled or not.
+    pub fn processors(&self) -> &[Processor] {
+        &self.processors[..self.processor_count]
+    }
+
+    pub fn ioapics(&self) -> &[IoApic] {
+        &self.ioapics[..self.ioapic_count]
+    }
+
+    pub fn overrides(&self) -> &[Override] {
+        &self.overrides[..self.override_count]
+    }
+
+    fn add_processor(&mut self, p: Processor) {
+        // x2APIC entries may repeat xAPIC ones (firmware lists both for ids < 255).
+        if self.processors().iter().any(|q| q.apic_id == p.apic_id) {
+            return;
+        }
+        if self.processor_count == MAX_CPUS {
+            self.processors_dropped += 1;
+            return;
+        }
+        self.processors[self.processor_count] = p;
+        self.processor_count += 1;
+    }
+}
+
+/// Why discovery failed.
+#[derive(Debug)]
+pub enum Error {
+    Tables(acpi::AcpiError),
+    NoMadt,
+}
+
+/// Parses the ACPI tables reachable from the RSDP at physical `rsdp`.
+pub fn discover(rsdp: u64, map: MapFn) -> Result<Platform, Error> {
+    let handler = Handler { map };
+    // SAFETY: `rsdp` comes from the boot protocol, which got it from firmware; the
+    // handler maps every range the crate asks for before it is read.
+    let tables = unsafe { AcpiTables::from_rsdp(handler, rsdp as usize) }.map_err(Error::Tables)?;
+    let madt = tables.find_table::<Madt>().map_err(|_| Error::NoMadt)?;
+
+    let mut platform = Platform {
+        processors: [Processor::default(); MAX_CPUS],
+        processor_count: 0,
+        processors_dropped: 0,
+        local_apic_address: madt.get().local_apic_address as u64,
+        ioapics: [IoApic::default(); MAX_IOAPICS],
+        ioapic_count: 0,
+        overrides: [Override::default(); MAX_OVERRIDES],
+        override_count: 0,
+        has_8259: madt.get().supports_8259(),
+        hpet: None,
+        pm_timer: None,
+    };
+    for entry in madt.get().entries() {
+        match entry {
+            MadtEntry::LocalApic(e) => {
+                let flags = e.flags;
+                platform.add_processor(Processor {
+                    apic_id: e.apic_id as u32,
+                    uid: e.processor_id as u32,
+                    enabled: flags & 1 != 0,
+                    online_capable: flags & 2 != 0,
+                });
+            }
+            MadtEntry::LocalX2Apic(e) => {
+                let (id, flags, uid) = (e.x2apic_id, e.flags, e.processor_uid);
+                platform.add_processor(Processor {
+                    apic_id: id,
+                    uid,
+                    enabled: flags & 1 != 0,
+                    online_capable: flags & 2 != 0,
+                });
+            }
+            MadtEntry::IoApic(e) if platform.ioapic_count < MAX_IOAPICS => {
+                platform.ioapics[platform.ioapic_count] = IoApic {
+                    id: e.io_apic_id,
+                    address: e.io_apic_address as u64,
+                    gsi_base: e.global_system_interrupt_base,
+                };
+                platform.ioapic_count += 1;
+            }
+            MadtEntry::InterruptSourceOverride(e) if platform.override_count < MAX_OVERRIDES => {
+                platform.overrides[platform.override_count] = Override {
+                    irq: e.irq,
+                    gsi: e.global_system_interrupt,
+                    flags: e.flags,
+                };
+                platform.override_count += 1;
+            }
+            MadtEntry::LocalApicAddressOverride(e) => {
+                platform.local_apic_address = e.local_apic_address;
+            }
+            _ => {}
+        }
+    }
+    platform.hpet = HpetInfo::new(&tables).ok().map(|h| h.base_address as u64);
+    if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
+        if let Ok(Some(block)) = fadt.get().pm_timer_block() {
+            platform.pm_timer = Some(PmTimer {
+                address: block.address,
+                io_port: block.address_space == acpi::address::AddressSpace::SystemIo,
+                bits32: {
+                    let flags = fadt.get().flags;
+                    flags.pm_timer_is_32_bit()
+                },
+            });
+        }
+    }
+    Ok(platform)
+}

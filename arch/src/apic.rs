@@ -1,0 +1,202 @@
+//! The local APIC, through the `x2apic` crate: x2APIC mode when CPUID.01H:ECX[21] says
+//! so, xAPIC (MMIO) otherwise.
+//!
+//! Each CPU owns its `LocalApic` (the crate makes it `!Send`: its registers reach the
+//! APIC of whichever CPU runs the code). It lives in a per-CPU slot that is only touched
+//! by its own CPU with interrupts off, which is what makes the slot's `Sync` sound.
+//!
+//! Quirk: in xAPIC mode the crate writes the IPI destination into ICR bits 32..63,
+//! but xAPIC expects the 8-bit destination in bits 56..63; `destination` shifts it.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use x2apic::lapic::{LocalApic, LocalApicBuilder, TimerDivide, TimerMode};
+use x86_64::instructions::interrupts;
+
+use crate::percpu::{self, MAX_CPUS};
+
+/// Vectors owned by the APIC and the kernel's IPIs. Highest priority class (0xf_).
+pub const TIMER_VECTOR: u8 = 0xf0;
+pub const WAKE_VECTOR: u8 = 0xf1;
+pub const CALL_VECTOR: u8 = 0xf2;
+pub const ERROR_VECTOR: u8 = 0xfe;
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// Which register interface the APICs use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    X2Apic,
+    XApic,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::X2Apic => "x2apic",
+            Mode::XApic => "xapic",
+        }
+    }
+}
+
+struct Slot(UnsafeCell<Option<LocalApic>>);
+
+// SAFETY: slot i is only accessed by CPU i (through `with_local`, which indexes by the
+// current CPU) with interrupts disabled, so no two accesses overlap.
+unsafe impl Sync for Slot {}
+
+static SLOTS: [Slot; MAX_CPUS] = [const { Slot(UnsafeCell::new(None)) }; MAX_CPUS];
+static X2APIC: AtomicBool = AtomicBool::new(false);
+static XAPIC_VIRT: AtomicU64 = AtomicU64::new(0);
+/// LAPIC timer ticks per millisecond at divide-by-16, measured on the boot CPU.
+static TIMER_TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
+
+fn with_local<R>(f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
+    interrupts::without_interrupts(|| {
+        let slot = &SLOTS[percpu::current_index()];
+        // SAFETY: see `Slot`: this CPU's slot, interrupts off, no reentry (NMI handlers
+        // never touch the APIC slots).
+        let apic = unsafe { &mut *slot.0.get() };
+        apic.as_mut().map(f)
+    })
+}
+
+/// The mode the boot CPU chose (all CPUs use the same).
+pub fn mode() -> Mode {
+    if X2APIC.load(Ordering::Relaxed) {
+        Mode::X2Apic
+    } else {
+        Mode::XApic
+    }
+}
+
+/// Physical base of the xAPIC registers, from IA32_APIC_BASE.
+pub fn xapic_phys_base() -> u64 {
+    // SAFETY: reading IA32_APIC_BASE has no side effects.
+    unsafe { x2apic::lapic::xapic_base() }
+}
+
+/// Enables this CPU's local APIC. `xapic_virt` is an uncached mapping of the xAPIC
+/// registers (used only when the CPU lacks x2APIC). The timer starts masked.
+pub fn init_cpu(xapic_virt: u64) -> Result<Mode, &'static str> {
+    let apic = LocalApicBuilder::new()
+        .timer_vector(TIMER_VECTOR as usize)
+        .error_vector(ERROR_VECTOR as usize)
+        .spurious_vector(SPURIOUS_VECTOR as usize)
+        .timer_mode(TimerMode::OneShot)
+        .timer_divide(TimerDivide::Div16)
+        .timer_initial(0)
+        .set_xapic_base(xapic_virt)
+        .build()?;
+    let x2 = crate::cpu::features().x2apic;
+    X2APIC.store(x2, Ordering::Relaxed);
+    XAPIC_VIRT.store(xapic_virt, Ordering::Relaxed);
+    interrupts::without_interrupts(|| {
+        let slot = &SLOTS[percpu::current_index()];
+        // SAFETY: this CPU's slot, interrupts off (see `Slot`).
+        let stored = unsafe { &mut *slot.0.get() };
+        *stored = Some(apic);
+        if let Some(apic) = stored.as_mut() {
+            // SAFETY: enabling the local APIC and masking its timer affect only this
+            // CPU's interrupt delivery; every vector it can raise has an IDT gate.
+            unsafe {
+                apic.enable();
+                apic.disable_timer();
+            }
+        }
+    });
+    Ok(if x2 { Mode::X2Apic } else { Mode::XApic })
+}
+
+/// This CPU's APIC id, read from the APIC.
+pub fn id() -> u32 {
+    // SAFETY (inside): reading the ID register has no side effects.
+    with_local(|a| unsafe { a.id() }).unwrap_or_else(crate::cpu::apic_id)
+}
+
+/// Signals end of interrupt. Called by interrupt handlers (interrupts are off there).
+pub fn eoi() {
+    // SAFETY (inside): EOI only acknowledges the interrupt being serviced.
+    with_local(|a| unsafe { a.end_of_interrupt() });
+}
+
+fn destination(apic_id: u32) -> u32 {
+    if X2APIC.load(Ordering::Relaxed) {
+        apic_id
+    } else {
+        apic_id << 24
+    }
+}
+
+/// Sends a fixed interrupt to the CPU with `apic_id`.
+pub fn send_ipi(apic_id: u32, vector: u8) {
+    // SAFETY (inside): an IPI to a vector with a registered gate.
+    with_local(|a| unsafe { a.send_ipi(vector, destination(apic_id)) });
+}
+
+/// Sends an NMI to the CPU with `apic_id`.
+pub fn send_nmi(apic_id: u32) {
+    // SAFETY (inside): NMIs land on the NMI gate, which runs on its IST stack.
+    with_local(|a| unsafe { a.send_nmi(destination(apic_id)) });
+}
+
+/// Sends INIT to the CPU with `apic_id` (the first step of starting it).
+pub fn send_init(apic_id: u32) {
+    // SAFETY (inside): INIT resets only the target CPU, which is not yet running.
+    with_local(|a| unsafe { a.send_init_ipi(destination(apic_id)) });
+}
+
+/// Sends a start-up IPI: the target starts in real mode at `page * 4096`.
+pub fn send_startup(apic_id: u32, page: u8) {
+    // SAFETY (inside): the target is in wait-for-SIPI and the page holds the trampoline.
+    with_local(|a| unsafe { a.send_sipi(page, destination(apic_id)) });
+}
+
+/// Whether the last IPI is still being delivered (xAPIC; always false in x2APIC mode).
+pub fn ipi_pending() -> bool {
+    // SAFETY (inside): reading the ICR delivery status has no side effects.
+    !X2APIC.load(Ordering::Relaxed)
+        && with_local(|a| unsafe { a.get_ipi_delivery_status() }).unwrap_or(false)
+}
+
+/// Measures the timer's rate against the TSC (already calibrated) over `ms`
+/// milliseconds, on the calling CPU; all CPUs share the result.
+pub fn calibrate_timer(ms: u64) -> u64 {
+    let hz = crate::time::tsc_hz();
+    let ticks = with_local(|a| {
+        // SAFETY (inside): programs this CPU's timer, masked, for counting only.
+        unsafe {
+            a.set_timer_divide(TimerDivide::Div16);
+            a.set_timer_mode(TimerMode::OneShot);
+            a.disable_timer();
+            a.set_timer_initial(u32::MAX);
+        }
+        let start = crate::cpu::rdtsc();
+        while crate::cpu::rdtsc() - start < hz / 1000 * ms {
+            core::hint::spin_loop();
+        }
+        // SAFETY (inside): reads the current count, then stops the timer.
+        let left = unsafe { a.timer_current() };
+        unsafe { a.set_timer_initial(0) };
+        (u32::MAX - left) as u64
+    })
+    .unwrap_or(0);
+    let per_ms = (ticks / ms).max(1);
+    TIMER_TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
+    per_ms
+}
+
+/// Starts this CPU's periodic timer tick every `period_us` microseconds.
+pub fn start_periodic_timer(period_us: u64) {
+    let per_ms = TIMER_TICKS_PER_MS.load(Ordering::Relaxed).max(1);
+    let initial = (per_ms * period_us / 1000).clamp(1, u32::MAX as u64) as u32;
+    with_local(|a| {
+        // SAFETY (inside): the timer vector has a handler that acknowledges it.
+        unsafe {
+            a.set_timer_divide(TimerDivide::Div16);
+            a.set_timer_mode(TimerMode::Periodic);
+            a.set_timer_initial(initial);
+            a.enable_timer();
+        }
+    });
+}

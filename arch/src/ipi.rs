@@ -1,0 +1,161 @@
+//! Interrupt handlers for the local APIC's vectors, IPIs and cross-CPU calls.
+//!
+//! - `TIMER_VECTOR`: counts the tick, runs the tick hook (the executor's timer check),
+//!   acknowledges.
+//! - `WAKE_VECTOR`: only wakes the CPU from `hlt` (the executor then looks at its queue).
+//! - `CALL_VECTOR`: runs the function posted in this CPU's call mailbox.
+//! - spurious: ignored, as the SDM says (no EOI). APIC error: logged, acknowledged.
+//! - NMI: halts the CPU when the machine is being stopped (`smp::stop_others`), and is
+//!   fatal otherwise.
+//!
+//! A cross-CPU call (`call_on`) posts `(function, argument)` in the target's mailbox,
+//! sends `CALL_VECTOR` and spins until the target wrote the result. Callers to one
+//! target are serialised by the mailbox lock. While it spins, the caller serves its own
+//! mailbox, so two CPUs calling each other cannot deadlock.
+
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use crate::apic::{self, CALL_VECTOR, ERROR_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
+use crate::percpu::{self, MAX_CPUS};
+use crate::trap::{self, TrapFrame};
+
+/// A function run on another CPU: takes an argument, returns a value.
+pub type CallFn = fn(u64) -> u64;
+
+const IDLE: u8 = 0;
+const POSTED: u8 = 1;
+const DONE: u8 = 2;
+
+struct Mailbox {
+    lock: spin::Mutex<()>,
+    state: AtomicU8,
+    function: AtomicUsize,
+    argument: AtomicU64,
+    result: AtomicU64,
+}
+
+static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
+    Mailbox {
+        lock: spin::Mutex::new(()),
+        state: AtomicU8::new(IDLE),
+        function: AtomicUsize::new(0),
+        argument: AtomicU64::new(0),
+        result: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
+
+static TICK_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the handlers of every APIC vector and the NMI. Called once on the BSP.
+pub fn init() {
+    trap::set_handler(TIMER_VECTOR, on_timer);
+    trap::set_handler(WAKE_VECTOR, on_wake);
+    trap::set_handler(CALL_VECTOR, on_call);
+    trap::set_handler(SPURIOUS_VECTOR, |_| {});
+    trap::set_handler(ERROR_VECTOR, on_error);
+    trap::set_handler(2, on_nmi);
+}
+
+/// Runs `hook` on every timer tick, on the ticking CPU, with interrupts off.
+pub fn set_tick_hook(hook: fn()) {
+    TICK_HOOK.store(hook as usize, Ordering::Release);
+}
+
+fn on_timer(_: &mut TrapFrame) {
+    if let Some(cpu) = percpu::current() {
+        cpu.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+    let hook = TICK_HOOK.load(Ordering::Acquire);
+    if hook != 0 {
+        // SAFETY: only `set_tick_hook` stores non-zero values, and it stores `fn()`s.
+        let hook: fn() = unsafe { core::mem::transmute::<usize, fn()>(hook) };
+        hook();
+    }
+    apic::eoi();
+}
+
+fn on_wake(_: &mut TrapFrame) {
+    if let Some(cpu) = percpu::current() {
+        cpu.wake_ipis.fetch_add(1, Ordering::Relaxed);
+    }
+    apic::eoi();
+}
+
+fn serve_mailbox() {
+    let mailbox = &MAILBOXES[percpu::current_index()];
+    if mailbox.state.load(Ordering::Acquire) != POSTED {
+        return;
+    }
+    // SAFETY: the poster stored a `CallFn` before setting POSTED (Release/Acquire).
+    let function: CallFn =
+        unsafe { core::mem::transmute::<usize, CallFn>(mailbox.function.load(Ordering::Relaxed)) };
+    let result = function(mailbox.argument.load(Ordering::Relaxed));
+    mailbox.result.store(result, Ordering::Relaxed);
+    mailbox.state.store(DONE, Ordering::Release);
+}
+
+fn on_call(_: &mut TrapFrame) {
+    if let Some(cpu) = percpu::current() {
+        cpu.call_ipis.fetch_add(1, Ordering::Relaxed);
+    }
+    serve_mailbox();
+    apic::eoi();
+}
+
+fn on_error(_: &mut TrapFrame) {
+    crate::serial::emergency(|w| {
+        let _ = writeln!(w, "apic: error interrupt on cpu{}", percpu::current_index());
+    });
+    apic::eoi();
+}
+
+fn on_nmi(frame: &mut TrapFrame) {
+    if crate::smp::stopping() {
+        crate::power::halt_forever();
+    }
+    crate::serial::emergency(|w| {
+        let _ = crate::trap::write_report(w, frame, 0);
+    });
+    crate::power::exit(false)
+}
+
+/// Why a cross-CPU call could not run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The target CPU is not online.
+    Offline,
+}
+
+/// Runs `function(argument)` on CPU `target` and returns its result. On the calling
+/// CPU itself the function runs directly. Must be called with interrupts enabled or
+/// from a context that may spin (the caller serves its own mailbox while waiting).
+pub fn call_on(target: usize, function: CallFn, argument: u64) -> Result<u64, CallError> {
+    if target == percpu::current_index() {
+        return Ok(function(argument));
+    }
+    let cpu = percpu::cpu(target);
+    if !cpu.online() {
+        return Err(CallError::Offline);
+    }
+    let mailbox = &MAILBOXES[target];
+    let _serialised = mailbox.lock.lock();
+    mailbox.function.store(function as usize, Ordering::Relaxed);
+    mailbox.argument.store(argument, Ordering::Relaxed);
+    mailbox.state.store(POSTED, Ordering::Release);
+    apic::send_ipi(cpu.apic_id(), CALL_VECTOR);
+    while mailbox.state.load(Ordering::Acquire) != DONE {
+        serve_mailbox();
+        core::hint::spin_loop();
+    }
+    let result = mailbox.result.load(Ordering::Relaxed);
+    mailbox.state.store(IDLE, Ordering::Release);
+    Ok(result)
+}
+
+/// Sends a wake-up IPI to CPU `target` (no-op if it is not online).
+pub fn wake(target: usize) {
+    let cpu = percpu::cpu(target);
+    if cpu.online() {
+        apic::send_ipi(cpu.apic_id(), WAKE_VECTOR);
+    }
+}
