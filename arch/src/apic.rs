@@ -110,14 +110,19 @@ pub fn init_cpu(xapic_virt: u64) -> Result<Mode, &'static str> {
 
 /// This CPU's APIC id, read from the APIC.
 pub fn id() -> u32 {
-    // SAFETY (inside): reading the ID register has no side effects.
-    with_local(|a| unsafe { a.id() }).unwrap_or_else(crate::cpu::apic_id)
+    with_local(|a| {
+        // SAFETY: reading the ID register has no side effects.
+        unsafe { a.id() }
+    })
+    .unwrap_or_else(crate::cpu::apic_id)
 }
 
 /// Signals end of interrupt. Called by interrupt handlers (interrupts are off there).
 pub fn eoi() {
-    // SAFETY (inside): EOI only acknowledges the interrupt being serviced.
-    with_local(|a| unsafe { a.end_of_interrupt() });
+    with_local(|a| {
+        // SAFETY: EOI only acknowledges the interrupt being serviced.
+        unsafe { a.end_of_interrupt() }
+    });
 }
 
 fn destination(apic_id: u32) -> u32 {
@@ -130,33 +135,34 @@ fn destination(apic_id: u32) -> u32 {
 
 /// Sends a fixed interrupt to the CPU with `apic_id`.
 pub fn send_ipi(apic_id: u32, vector: u8) {
-    // SAFETY (inside): an IPI to a vector with a registered gate.
-    with_local(|a| unsafe { a.send_ipi(vector, destination(apic_id)) });
+    with_local(|a| {
+        // SAFETY: an IPI to a vector with a registered gate.
+        unsafe { a.send_ipi(vector, destination(apic_id)) }
+    });
 }
 
 /// Sends an NMI to the CPU with `apic_id`.
 pub fn send_nmi(apic_id: u32) {
-    // SAFETY (inside): NMIs land on the NMI gate, which runs on its IST stack.
-    with_local(|a| unsafe { a.send_nmi(destination(apic_id)) });
+    with_local(|a| {
+        // SAFETY: NMIs land on the NMI gate, which runs on its IST stack.
+        unsafe { a.send_nmi(destination(apic_id)) }
+    });
 }
 
 /// Sends INIT to the CPU with `apic_id` (the first step of starting it).
 pub fn send_init(apic_id: u32) {
-    // SAFETY (inside): INIT resets only the target CPU, which is not yet running.
-    with_local(|a| unsafe { a.send_init_ipi(destination(apic_id)) });
+    with_local(|a| {
+        // SAFETY: INIT resets only the target CPU, which is not yet running.
+        unsafe { a.send_init_ipi(destination(apic_id)) }
+    });
 }
 
 /// Sends a start-up IPI: the target starts in real mode at `page * 4096`.
 pub fn send_startup(apic_id: u32, page: u8) {
-    // SAFETY (inside): the target is in wait-for-SIPI and the page holds the trampoline.
-    with_local(|a| unsafe { a.send_sipi(page, destination(apic_id)) });
-}
-
-/// Whether the last IPI is still being delivered (xAPIC; always false in x2APIC mode).
-pub fn ipi_pending() -> bool {
-    // SAFETY (inside): reading the ICR delivery status has no side effects.
-    !X2APIC.load(Ordering::Relaxed)
-        && with_local(|a| unsafe { a.get_ipi_delivery_status() }).unwrap_or(false)
+    with_local(|a| {
+        // SAFETY: the target is in wait-for-SIPI and the page holds the trampoline.
+        unsafe { a.send_sipi(page, destination(apic_id)) }
+    });
 }
 
 /// Measures the timer's rate against the TSC (already calibrated) over `ms`
@@ -164,7 +170,7 @@ pub fn ipi_pending() -> bool {
 pub fn calibrate_timer(ms: u64) -> u64 {
     let hz = crate::time::tsc_hz();
     let ticks = with_local(|a| {
-        // SAFETY (inside): programs this CPU's timer, masked, for counting only.
+        // SAFETY: programs this CPU's timer, masked, for counting only.
         unsafe {
             a.set_timer_divide(TimerDivide::Div16);
             a.set_timer_mode(TimerMode::OneShot);
@@ -175,8 +181,9 @@ pub fn calibrate_timer(ms: u64) -> u64 {
         while crate::cpu::rdtsc() - start < hz / 1000 * ms {
             core::hint::spin_loop();
         }
-        // SAFETY (inside): reads the current count, then stops the timer.
+        // SAFETY: reads the current count, then stops the timer (this CPU's APIC).
         let left = unsafe { a.timer_current() };
+        // SAFETY: as above.
         unsafe { a.set_timer_initial(0) };
         (u32::MAX - left) as u64
     })
@@ -191,7 +198,7 @@ pub fn start_periodic_timer(period_us: u64) {
     let per_ms = TIMER_TICKS_PER_MS.load(Ordering::Relaxed).max(1);
     let initial = (per_ms * period_us / 1000).clamp(1, u32::MAX as u64) as u32;
     with_local(|a| {
-        // SAFETY (inside): the timer vector has a handler that acknowledges it.
+        // SAFETY: the timer vector has a handler that acknowledges it.
         unsafe {
             a.set_timer_divide(TimerDivide::Div16);
             a.set_timer_mode(TimerMode::Periodic);

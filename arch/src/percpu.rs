@@ -113,7 +113,7 @@ pub fn checked_index() -> Option<usize> {
     let first = CPUS.as_ptr() as u64;
     let size = core::mem::size_of::<PerCpu>() as u64;
     let end = first + size * MAX_CPUS as u64;
-    (base >= first && base < end && (base - first) % size == 0)
+    (base >= first && base < end && (base - first).is_multiple_of(size))
         .then(|| ((base - first) / size) as usize)
 }
 

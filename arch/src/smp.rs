@@ -140,7 +140,7 @@ impl Trampoline {
     /// `hhdm + phys`.
     pub unsafe fn prepare(phys: u64, hhdm: u64, cr3: u32, efer: u32) -> Trampoline {
         assert!(
-            phys < 0x10_0000 && phys % 4096 == 0,
+            phys < 0x10_0000 && phys.is_multiple_of(4096),
             "trampoline page must be below 1 MiB"
         );
         assert!(Self::size() <= 4096, "trampoline larger than a page");

@@ -19,6 +19,7 @@ pub enum Calibration {
     Cpuid15,
     Cpuid16,
     Pit,
+    AcpiPmTimer,
 }
 
 /// Records the TSC at kernel entry; `now_ns` counts from here.
@@ -80,6 +81,33 @@ pub fn calibrate() -> (u64, Calibration) {
     let (hz, how) = from_cpuid().unwrap_or_else(|| (from_pit(), Calibration::Pit));
     TSC_HZ.store(hz.max(1), Ordering::Relaxed);
     (hz, how)
+}
+
+/// Measures the TSC against the ACPI PM timer (3.579545 MHz) at I/O `port` over
+/// 20 ms, replacing the boot-time estimate. The PM timer is a fixed-rate reference on
+/// every ACPI machine; the PIT is only the fallback before ACPI is parsed.
+pub fn calibrate_with_pm_timer(port: u16, bits32: bool) -> u64 {
+    const PM_HZ: u64 = 3_579_545;
+    let mask: u32 = if bits32 { u32::MAX } else { 0x00ff_ffff };
+    let mut timer: Port<u32> = Port::new(port);
+    // SAFETY: the port is the PM timer's, from the FADT; reading it has no side effects.
+    let mut read = || unsafe { timer.read() } & mask;
+    let want = PM_HZ / 50;
+    let start_pm = read();
+    let start_tsc = rdtsc();
+    let mut elapsed = 0u64;
+    let mut spins = 0u64;
+    while elapsed < want && spins < 100_000_000 {
+        elapsed = (read().wrapping_sub(start_pm) & mask) as u64;
+        spins += 1;
+    }
+    let tsc = rdtsc() - start_tsc;
+    if elapsed == 0 {
+        return tsc_hz();
+    }
+    let hz = tsc * PM_HZ / elapsed;
+    TSC_HZ.store(hz.max(1), Ordering::Relaxed);
+    hz
 }
 
 /// TSC ticks per second (0 before calibration).

@@ -103,6 +103,7 @@ const TESTS: &[Test] = tests![
     smp_ipi_ping_every_cpu,
     smp_cross_cpu_call,
     smp_timer_ticks_on_every_cpu,
+    heap_alloc_free_returns_memory,
 ];
 
 /// Runs every test; true when all passed.
@@ -567,5 +568,35 @@ fn smp_timer_ticks_on_every_cpu(_: &Context<'_>) -> Outcome {
             "cpu{late} took fewer than 2 timer ticks in 1 s"
         )));
     }
+    Ok(())
+}
+
+fn heap_alloc_free_returns_memory(_: &Context<'_>) -> Outcome {
+    use alloc::boxed::Box;
+    use alloc::vec::Vec;
+    let (used_before, _) = crate::heap::usage();
+    {
+        let mut v: Vec<u64> = Vec::new();
+        for i in 0..10_000u64 {
+            v.push(i * 3);
+        }
+        let b = Box::new([7u8; 4096]);
+        ensure!(
+            v.iter().enumerate().all(|(i, &x)| x == i as u64 * 3),
+            "vector lost data"
+        );
+        ensure!(b.iter().all(|&x| x == 7), "box lost data");
+        let (used, _) = crate::heap::usage();
+        ensure!(
+            used >= used_before + 80_000,
+            "heap use grew only {} bytes",
+            used - used_before
+        );
+    }
+    let (used_after, _) = crate::heap::usage();
+    ensure!(
+        used_after == used_before,
+        "heap use {used_before} before, {used_after} after freeing"
+    );
     Ok(())
 }

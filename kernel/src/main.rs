@@ -13,8 +13,11 @@
 #![no_main]
 #![deny(unsafe_code)]
 
+extern crate alloc;
+
 mod boot;
 mod crash;
+mod heap;
 mod kernel_tables;
 mod ktest;
 mod logger;
@@ -129,6 +132,10 @@ fn kmain(mut boot: BootInfo) -> ! {
         panda_arch::time::now_ns() / 1000
     );
 
+    let ram_mib = boot.memory_map.total(MemoryKind::Usable) >> 20;
+    let heap_bytes = heap::init(&mut boot, (ram_mib / 8).clamp(4, 64) << 20);
+    info!(target: "mm", "early heap: {} MiB", heap_bytes >> 20);
+
     let platform = match boot
         .rsdp
         .map(|rsdp| panda_arch::acpi::discover(rsdp, kernel_tables::map_ram))
@@ -155,6 +162,18 @@ fn kmain(mut boot: BootInfo) -> ! {
         if platform.hpet.is_some() { "yes" } else { "no" },
         if platform.pm_timer.is_some() { "yes" } else { "no" },
     );
+    match platform.pm_timer {
+        Some(pm) if pm.io_port => {
+            let hz = panda_arch::time::calibrate_with_pm_timer(pm.address as u16, pm.bits32);
+            info!(target: "time", "TSC {} MHz, calibrated against the ACPI PM timer", hz / 1_000_000);
+        }
+        _ => {
+            info!(target: "time", "TSC {} MHz ({:?}); no ACPI PM timer in I/O space", tsc_hz / 1_000_000, calibration)
+        }
+    }
+    if !features.invariant_tsc {
+        log::warn!(target: "time", "CPUID does not report an invariant TSC (usual under TCG): the clock assumes a constant rate");
+    }
     let mode = match smp::init_bsp_apic(&platform) {
         Ok(mode) => mode,
         Err(why) => {
