@@ -108,13 +108,18 @@ pub fn init_cpu(xapic_virt: u64) -> Result<Mode, &'static str> {
     Ok(if x2 { Mode::X2Apic } else { Mode::XApic })
 }
 
-/// This CPU's APIC id, read from the APIC.
+/// This CPU's APIC id, read from the APIC. In xAPIC mode the ID register holds the
+/// 8-bit id in bits 24..31, which the crate returns unshifted.
 pub fn id() -> u32 {
-    with_local(|a| {
+    let raw = with_local(|a| {
         // SAFETY: reading the ID register has no side effects.
         unsafe { a.id() }
-    })
-    .unwrap_or_else(crate::cpu::apic_id)
+    });
+    match raw {
+        Some(raw) if X2APIC.load(Ordering::Relaxed) => raw,
+        Some(raw) => raw >> 24,
+        None => crate::cpu::apic_id(),
+    }
 }
 
 /// Signals end of interrupt. Called by interrupt handlers (interrupts are off there).
