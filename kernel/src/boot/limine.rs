@@ -8,8 +8,9 @@
 
 use limine::memory_map::EntryType;
 use limine::request::{
-    BootloaderInfoRequest, ExecutableAddressRequest, ExecutableCmdlineRequest, HhdmRequest,
-    MemoryMapRequest, ModuleRequest, RequestsEndMarker, RequestsStartMarker, RsdpRequest,
+    BootloaderInfoRequest, ExecutableAddressRequest, ExecutableCmdlineRequest,
+    ExecutableFileRequest, HhdmRequest, MemoryMapRequest, ModuleRequest, RequestsEndMarker,
+    RequestsStartMarker, RsdpRequest,
 };
 use limine::BaseRevision;
 
@@ -47,6 +48,11 @@ static KERNEL_ADDRESS: ExecutableAddressRequest = ExecutableAddressRequest::new(
 #[unsafe(link_section = ".requests")]
 static CMDLINE: ExecutableCmdlineRequest = ExecutableCmdlineRequest::new();
 
+/// Older Limine (8.x) has no command-line request; the kernel file's string is it.
+#[used]
+#[unsafe(link_section = ".requests")]
+static EXECUTABLE_FILE: ExecutableFileRequest = ExecutableFileRequest::new();
+
 #[used]
 #[unsafe(link_section = ".requests")]
 static LOADER: BootloaderInfoRequest = BootloaderInfoRequest::new();
@@ -70,9 +76,11 @@ fn kind_of(t: EntryType) -> MemoryKind {
 
 /// Builds the `BootInfo` from Limine's responses.
 pub fn boot_info() -> Result<BootInfo, &'static str> {
-    if !BASE_REVISION.is_supported() {
-        return Err("the bootloader does not support Limine base revision 3");
-    }
+    // An older Limine (8.x supports up to revision 2) boots the kernel with a revision
+    // it knows and leaves the tag unconfirmed. Revision 2 differs from 3 here only in
+    // the RSDP address (an HHDM pointer there, physical in 3), which is normalised
+    // below, so both are accepted.
+    let confirmed = BASE_REVISION.is_supported();
     let hhdm = HHDM.get_response().ok_or("Limine gave no HHDM")?.offset();
     if hhdm != panda_arch::HHDM_BASE {
         // Everything after BootInfo assumes one HHDM base on both paths.
@@ -106,27 +114,37 @@ pub fn boot_info() -> Result<BootInfo, &'static str> {
         }
     }
 
-    let cmdline = CMDLINE
-        .get_response()
-        .map_or(Text::empty(), |r| Text::from_bytes(r.cmdline().to_bytes()));
-    let loader = LOADER
-        .get_response()
-        .map_or(Text::from_bytes(b"Limine"), |r| {
-            let mut buf = [0u8; 64];
-            let (name, version) = (r.name().as_bytes(), r.version().as_bytes());
-            let n = name.len().min(40);
-            buf[..n].copy_from_slice(&name[..n]);
-            buf[n] = b' ';
-            let m = version.len().min(63 - n);
-            buf[n + 1..n + 1 + m].copy_from_slice(&version[..m]);
-            Text::from_bytes(&buf[..n + 1 + m])
-        });
+    let cmdline = match (CMDLINE.get_response(), EXECUTABLE_FILE.get_response()) {
+        (Some(r), _) => Text::from_bytes(r.cmdline().to_bytes()),
+        (None, Some(f)) => Text::from_bytes(f.file().string().to_bytes()),
+        (None, None) => Text::empty(),
+    };
+    let revision: &[u8] = if confirmed {
+        b", base revision 3"
+    } else {
+        b", base revision unconfirmed (older Limine)"
+    };
+    let mut buf = [0u8; 64];
+    let mut len = 0;
+    let (name, version): (&[u8], &[u8]) = match LOADER.get_response() {
+        Some(r) => (r.name().as_bytes(), r.version().as_bytes()),
+        None => (b"Limine", b""),
+    };
+    for part in [name, b" ", version, revision] {
+        let n = part.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&part[..n]);
+        len += n;
+    }
+    let loader = Text::from_bytes(&buf[..len]);
 
     Ok(BootInfo {
         protocol: Protocol::Limine,
         hhdm_offset: hhdm,
         memory_map: map,
-        rsdp: RSDP.get_response().map(|r| r.address() as u64),
+        rsdp: RSDP.get_response().map(|r| {
+            let address = r.address() as u64;
+            address.checked_sub(hhdm).unwrap_or(address)
+        }),
         modules,
         cmdline,
         kernel_phys: address.physical_base(),
