@@ -268,7 +268,12 @@ fn paging_kernel_tables_active(ctx: &Context<'_>) -> Outcome {
 }
 
 fn expect_write_fault(what: &str, addr: u64) -> Outcome {
-    match probe::write_u8(addr, 0x90) {
+    // Write the byte's own value: if the write wrongly succeeds, nothing is corrupted
+    // and the remaining tests still run.
+    let mut current = [0u8; 1];
+    probe::read_bytes(addr, &mut current)
+        .map_err(|f| fail(format_args!("{what} at {addr:#x} unreadable: {f:?}")))?;
+    match probe::write_u8(addr, current[0]) {
         Ok(()) => Err(fail(format_args!(
             "writing {what} at {addr:#x} did not fault"
         ))),

@@ -189,7 +189,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     let report = smp::start_aps(&mut boot, &platform, ap_idle);
     info!(
         target: "smp",
-        "smp: {} of {} CPUs online ({}) in {} ms{}",
+        "{} of {} CPUs online ({}) in {} ms{}",
         report.online,
         report.enabled,
         report.mode.name(),

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Shared by run.sh, test.sh and bench.sh: dependency set-up (deps.sh), the kernel build,
+# accelerator choice, and QEMU's exit-status convention. Source it; it defines functions
+# only (and PANDA_ROOT).
+
+# shellcheck source=scripts/deps.sh
+. "$(dirname "${BASH_SOURCE[0]}")/deps.sh"
+
+PANDA_TARGET=x86_64-unknown-none
+PANDA_KERNEL="$PANDA_ROOT/target/$PANDA_TARGET/release/panda-kernel"
+
+# QEMU exit statuses produced by the kernel through isa-debug-exit ((v << 1) | 1).
+PANDA_QEMU_SUCCESS=33
+PANDA_QEMU_FAILURE=35
+
+panda_usage_error() { printf 'panda: %s (see --help)\n' "$*" >&2; exit 64; }
+
+panda_build_kernel() {
+    (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-kernel --target "$PANDA_TARGET") ||
+        panda_die "kernel build failed"
+}
+
+# Whether KVM really works here: a usable /dev/kvm AND a CPU that advertises vmx/svm.
+# /dev/kvm alone is not proof (seen: it opens, the CPU has no vmx/svm, guests hang).
+panda_kvm_reason() {
+    if [ ! -e /dev/kvm ]; then echo "no /dev/kvm"; return 1; fi
+    if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then echo "/dev/kvm not read/writable"; return 1; fi
+    if ! grep -qwE 'vmx|svm' /proc/cpuinfo 2>/dev/null; then
+        echo "/dev/kvm present but the CPU shows no vmx/svm flag"; return 1
+    fi
+    echo "/dev/kvm usable and the CPU has vmx/svm"
+}
+
+# Sets PANDA_ACCEL_ARGS for "auto", "kvm" or "tcg" and prints a one-line notice.
+panda_choose_accel() {
+    local want=$1 reason
+    if reason=$(panda_kvm_reason); then
+        if [ "$want" = tcg ]; then
+            PANDA_ACCEL=tcg; echo "panda: accel tcg (forced; KVM would work: $reason)" >&2
+        else
+            PANDA_ACCEL=kvm; echo "panda: accel kvm ($reason)" >&2
+        fi
+    else
+        [ "$want" = kvm ] && panda_die "--accel kvm: KVM is not usable here ($reason)"
+        PANDA_ACCEL=tcg
+        if [ "$want" = tcg ]; then echo "panda: accel tcg (forced)" >&2
+        else echo "panda: accel tcg ($reason)" >&2; fi
+    fi
+    if [ "$PANDA_ACCEL" = kvm ]; then
+        # Some hosts abort `-cpu host` on MSR 0x10a (arch-capabilities); probe once.
+        local cpu=host
+        if ! timeout 10 "${QEMU:-qemu-system-x86_64}" -accel kvm -cpu host -machine q35 -display none \
+                -S -no-reboot -monitor none -serial none -daemonize -pidfile /dev/null >/dev/null 2>&1; then
+            cpu=host,-arch-capabilities
+        fi
+        PANDA_ACCEL_ARGS=(-accel kvm -cpu "$cpu")
+    else
+        PANDA_ACCEL_ARGS=(-accel tcg -cpu "${PANDA_CPU_MODEL:-max}")
+    fi
+}
+
+# Maps a QEMU exit status to the script's: 0 success, 1 guest failure, 2 no report,
+# 3 time-out. Prints one line for anything but success.
+panda_map_status() {
+    local status=$1 timeout_s=${2:-}
+    case "$status" in
+        "$PANDA_QEMU_SUCCESS") return 0 ;;
+        "$PANDA_QEMU_FAILURE") echo "panda: guest reported failure" >&2; return 1 ;;
+        124) echo "panda: guest timed out after ${timeout_s}s" >&2; return 3 ;;
+        *) echo "panda: guest ended without reporting (QEMU status $status): triple fault or QEMU error" >&2; return 2 ;;
+    esac
+}

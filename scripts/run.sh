@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Builds Panda and boots it in QEMU, streaming the serial console; exits with the
+# guest's status. See --help.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<'TXT'
+usage: scripts/run.sh [options] [-- extra qemu args]
+
+  -smp N              CPUs (1..255, default 4)
+  -m SIZE             guest memory, e.g. 512M or 2G (default 512M)
+  --accel kvm|tcg     force an accelerator (default: KVM only where it really works)
+  --cpu MODEL         QEMU CPU model under TCG (default max; e.g. max,-x2apic)
+  --boot pvh|limine   PVH (QEMU -kernel, default) or a Limine ISO from LIMINE_DIR
+  --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
+  --gdb               start paused with a gdb stub on localhost:1234
+  --init PATH         the first user program (accepted; user space arrives with issue 5)
+  --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
+  --timeout SECONDS   stop the guest after this long (exit 3)
+  -h, --help          this text
+
+Exit status: 0 guest success, 1 guest failure, 2 guest ended without reporting
+(triple fault, QEMU error), 3 time-out, 64 bad usage.
+TXT
+}
+
+smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s=""
+extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -smp|--smp) [ $# -ge 2 ] || panda_usage_error "$1 needs a value"; smp=$2; shift 2 ;;
+        -m|--memory) [ $# -ge 2 ] || panda_usage_error "$1 needs a value"; mem=$2; shift 2 ;;
+        --accel) [ $# -ge 2 ] || panda_usage_error "--accel needs kvm or tcg"; accel=$2; shift 2 ;;
+        --cpu) [ $# -ge 2 ] || panda_usage_error "--cpu needs a model"; PANDA_CPU_MODEL=$2; shift 2 ;;
+        --boot) [ $# -ge 2 ] || panda_usage_error "--boot needs pvh or limine"; boot=$2; shift 2 ;;
+        --firmware) [ $# -ge 2 ] || panda_usage_error "--firmware needs bios or uefi"; firmware=$2; shift 2 ;;
+        --gdb) gdb=1; shift ;;
+        --init) [ $# -ge 2 ] || panda_usage_error "--init needs a path"; init=$2; shift 2 ;;
+        --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
+        --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; extra=("$@"); break ;;
+        *) panda_usage_error "unknown option: $1" ;;
+    esac
+done
+
+[[ "$smp" =~ ^[0-9]+$ ]] && [ "$smp" -ge 1 ] && [ "$smp" -le 255 ] ||
+    panda_usage_error "-smp must be a whole number from 1 to 255, not '$smp'"
+[[ "$mem" =~ ^[0-9]+[MG]?$ ]] || panda_usage_error "-m must look like 512M or 2G, not '$mem'"
+case "$accel" in auto|kvm|tcg) ;; *) panda_usage_error "--accel must be kvm or tcg, not '$accel'" ;; esac
+case "$boot" in pvh|limine) ;; *) panda_usage_error "--boot must be pvh or limine, not '$boot'" ;; esac
+case "$firmware" in bios|uefi) ;; *) panda_usage_error "--firmware must be bios or uefi, not '$firmware'" ;; esac
+if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
+    panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
+fi
+if [ -n "$init" ]; then
+    [ -f "$init" ] || panda_die "--init $init: no such file"
+    echo "panda: --init is not supported yet (user space arrives with issue 5); booting without it" >&2
+fi
+
+# Find Limine before building anything, so a missing install fails fast.
+if [ "$boot" = limine ]; then
+    limine_src=""
+    for dir in "${LIMINE_DIR:-}" /usr/share/limine /usr/local/share/limine; do
+        if [ -n "$dir" ] && [ -f "$dir/limine-bios.sys" ] && [ -f "$dir/limine-bios-cd.bin" ] &&
+           [ -f "$dir/limine-uefi-cd.bin" ] && [ -f "$dir/BOOTX64.EFI" ]; then
+            limine_src=$dir; break
+        fi
+    done
+    [ -n "$limine_src" ] || panda_die "Limine binaries not found: set LIMINE_DIR to a Limine binary release (a vN.x-binary branch of the limine repository: limine-bios.sys, limine-bios-cd.bin, limine-uefi-cd.bin, BOOTX64.EFI and limine or limine.c) or install Limine system-wide"
+fi
+
+panda_ensure_rust
+panda_ensure_qemu
+[ "$boot" = limine ] && panda_ensure_limine_tools
+panda_build_kernel
+panda_choose_accel "$accel"
+
+qemu_args=(-machine q35 -m "$mem" -smp "$smp" -no-reboot -display none -serial stdio
+           -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${PANDA_ACCEL_ARGS[@]}")
+cmdline="${cmdline# }"
+
+if [ "$boot" = pvh ]; then
+    qemu_args+=(-kernel "$PANDA_KERNEL" -append "$cmdline")
+    what="PVH"
+else
+    iso_dir="$PANDA_ROOT/build/limine"
+    root="$iso_dir/iso_root"
+    rm -rf "$root"; mkdir -p "$root/boot/limine" "$root/EFI/BOOT"
+    cp "$PANDA_KERNEL" "$root/boot/kernel.elf"
+    cp "$limine_src/limine-bios.sys" "$limine_src/limine-bios-cd.bin" "$limine_src/limine-uefi-cd.bin" "$root/boot/limine/"
+    cp "$limine_src/BOOTX64.EFI" "$root/EFI/BOOT/"
+    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    cmdline: %s\n' "$cmdline" \
+        > "$root/boot/limine/limine.conf"
+    limine_tool=""
+    if [ -x "$limine_src/limine" ]; then limine_tool="$limine_src/limine"
+    elif command -v limine >/dev/null 2>&1; then limine_tool=$(command -v limine)
+    elif [ -f "$limine_src/limine.c" ]; then
+        cc -O2 -o "$iso_dir/limine" "$limine_src/limine.c" || panda_die "cannot compile $limine_src/limine.c"
+        limine_tool="$iso_dir/limine"
+    else panda_die "the limine host tool is missing from $limine_src (need limine or limine.c)"; fi
+    xorriso -as mkisofs -R -r -J -b boot/limine/limine-bios-cd.bin -no-emul-boot -boot-load-size 4 \
+        -boot-info-table -hfsplus -apm-block-size 2048 --efi-boot boot/limine/limine-uefi-cd.bin \
+        -efi-boot-part --efi-boot-image --protective-msdos-label "$root" -o "$iso_dir/panda.iso" >/dev/null 2>&1 ||
+        panda_die "xorriso could not build the ISO"
+    "$limine_tool" bios-install "$iso_dir/panda.iso" >/dev/null 2>&1 || panda_die "limine bios-install failed"
+    qemu_args+=(-cdrom "$iso_dir/panda.iso")
+    if [ "$firmware" = uefi ]; then
+        code=/usr/share/OVMF/OVMF_CODE_4M.fd vars=/usr/share/OVMF/OVMF_VARS_4M.fd
+        [ -r "$code" ] || panda_die "OVMF not found at $code (apt-get install ovmf)"
+        cp "$vars" "$iso_dir/ovmf_vars.fd"
+        qemu_args+=(-drive "if=pflash,format=raw,readonly=on,file=$code" -drive "if=pflash,format=raw,file=$iso_dir/ovmf_vars.fd")
+    fi
+    what="Limine ($firmware)"
+fi
+
+if [ "$gdb" = 1 ]; then
+    qemu_args+=(-s -S)
+    echo "panda: waiting for gdb on localhost:1234 (gdb $PANDA_KERNEL -ex 'target remote :1234')" >&2
+fi
+
+echo "panda: booting ${PANDA_KERNEL#"$PANDA_ROOT"/} via $what, -smp $smp, -m $mem, $PANDA_ACCEL" >&2
+status=0
+if [ -n "$timeout_s" ]; then
+    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null || status=$?
+else
+    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" || status=$?
+fi
+panda_map_status "$status" "$timeout_s"

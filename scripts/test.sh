@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Panda's test suite: formatting and lints, host unit tests, the in-kernel tests booted
+# at several CPU counts and APIC modes, the fatal paths (each must fail loudly), and
+# run.sh's handling of bad input. Prints one line per check and closes with
+# `total: N passed, M failed`; exits 0 only if nothing failed. See --help.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<'TXT'
+usage: scripts/test.sh [--smp LIST] [--timeout S] [--quick]
+
+  --smp LIST    CPU counts for the in-kernel test boots (default 1,2,4,8,64)
+  --timeout S   limit per guest boot in seconds (default 300)
+  --quick       one boot at -smp 2, no lints, no fatal-path checks
+  -h, --help    this text
+
+With LIMINE_DIR pointing at Limine's binaries, the Limine path is booted too.
+TXT
+}
+
+smp_list=1,2,4,8,64 timeout_s=300 quick=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smp) [ $# -ge 2 ] || panda_usage_error "--smp needs a list"; smp_list=$2; shift 2 ;;
+        --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
+        --quick) quick=1; smp_list=2; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) panda_usage_error "unknown option: $1" ;;
+    esac
+done
+[[ "$smp_list" =~ ^[0-9]+(,[0-9]+)*$ ]] || panda_usage_error "--smp must be a comma-separated list of numbers"
+[[ "$timeout_s" =~ ^[0-9]+$ ]] || panda_usage_error "--timeout must be whole seconds"
+
+# Crates whose logic is tested on the host, and those that must also lint for the kernel target.
+HOST_CRATES=(panda-abi)
+KERNEL_CRATES=(panda-arch panda-kernel)
+for extra in sched:panda-sched mm:panda-mm; do
+    if [ -f "$PANDA_ROOT/${extra%%:*}/Cargo.toml" ]; then
+        HOST_CRATES+=("${extra#*:}"); KERNEL_CRATES+=("${extra#*:}")
+    fi
+done
+
+logs="$PANDA_ROOT/build/test"
+mkdir -p "$logs"
+passed=0 failed=0 failures=()
+pass() { passed=$((passed + 1)); echo "ok $1"; }
+fail() { failed=$((failed + 1)); failures+=("$1"); echo "FAIL $1: $2"; }
+
+panda_ensure_rust
+panda_ensure_qemu
+cd "$PANDA_ROOT"
+
+section() { printf '\n== %s\n' "$*"; }
+
+if [ "$quick" = 0 ]; then
+    section "format and lints"
+    if cargo fmt --all --check >"$logs/fmt.log" 2>&1; then pass fmt; else fail fmt "cargo fmt --check found changes (see $logs/fmt.log)"; fi
+    pkg_args=(); for c in "${HOST_CRATES[@]}"; do pkg_args+=(-p "$c"); done
+    if cargo clippy --quiet "${pkg_args[@]}" --all-targets -- -D warnings >"$logs/clippy-host.log" 2>&1; then
+        pass clippy-host; else fail clippy-host "see $logs/clippy-host.log"; fi
+    pkg_args=(); for c in "${KERNEL_CRATES[@]}"; do pkg_args+=(-p "$c"); done
+    if cargo clippy --quiet --release --target "$PANDA_TARGET" "${pkg_args[@]}" -- -D warnings >"$logs/clippy-kernel.log" 2>&1; then
+        pass clippy-kernel; else fail clippy-kernel "see $logs/clippy-kernel.log"; fi
+fi
+
+section "host unit tests (${HOST_CRATES[*]})"
+for crate in "${HOST_CRATES[@]}"; do
+    if cargo test --quiet -p "$crate" >"$logs/host-$crate.log" 2>&1; then
+        pass "host-$crate ($(grep -Eo '[0-9]+ passed' "$logs/host-$crate.log" | awk '{s+=$1} END {print s+0}') tests)"
+    else
+        fail "host-$crate" "cargo test failed (see $logs/host-$crate.log)"; tail -20 "$logs/host-$crate.log"
+    fi
+done
+
+panda_build_kernel
+
+# Boots the kernel with the in-kernel tests; counts every guest test line.
+guest_tests() {
+    local name=$1; shift
+    local log="$logs/guest-$name.log" status=0
+    scripts/run.sh --timeout "$timeout_s" --cmdline test "$@" >"$log" 2>&1 || status=$?
+    local summary
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n1 | tr -d '\r' || true)
+    grep -E '^FAIL ' "$log" | sed "s/^/  [$name] /" || true
+    if [ "$status" = 0 ] && [[ "$summary" =~ ^([0-9]+)\ passed,\ 0\ failed$ ]]; then
+        passed=$((passed + ${BASH_REMATCH[1]}))
+        echo "ok guest-$name (${BASH_REMATCH[1]} in-kernel tests; $(grep -o 'smp: [0-9]* of [0-9]* CPUs online.*' "$log" | head -n1 | tr -d '\r'))"
+    else
+        local n_ok n_fail
+        n_ok=$(echo "$summary" | sed -n 's/^\([0-9]*\) passed.*/\1/p'); n_fail=$(echo "$summary" | sed -n 's/.*passed, \([0-9]*\) failed/\1/p')
+        passed=$((passed + ${n_ok:-0}))
+        fail "guest-$name" "exit $status, summary '${summary:-none}' (see $log)"
+        [ -n "${n_fail:-}" ] && [ "$n_fail" -gt 1 ] && failed=$((failed + n_fail - 1))
+        tail -n 15 "$log" | sed 's/^/    /'
+    fi
+}
+
+section "in-kernel tests"
+IFS=, read -r -a smps <<<"$smp_list"
+for n in "${smps[@]}"; do
+    guest_tests "smp$n" -smp "$n"
+done
+if [ "$quick" = 0 ]; then
+    # A CPU model without x2APIC must come up in xAPIC mode (if KVM is used, this
+    # still runs under TCG so the model applies).
+    guest_tests "xapic-smp4" -smp 4 --accel tcg --cpu max,-x2apic
+    if [ -n "${LIMINE_DIR:-}" ]; then
+        guest_tests "limine-bios-smp4" -smp 4 --boot limine
+        guest_tests "limine-uefi-smp2" -smp 2 --boot limine --firmware uefi
+    else
+        echo "   (Limine boots skipped: LIMINE_DIR is not set)"
+    fi
+fi
+
+# A fatal path must end the run with failure status and say what happened.
+expect_failure() {
+    local name=$1 cmd=$2; shift 2
+    local log="$logs/fatal-$name.log" status=0 missing=""
+    scripts/run.sh --timeout "$timeout_s" -smp 2 --cmdline "$cmd" >"$log" 2>&1 || status=$?
+    for pattern in "$@"; do
+        grep -qE -- "$pattern" "$log" || missing="$missing '$pattern'"
+    done
+    if [ "$status" = 1 ] && [ -z "$missing" ]; then
+        pass "fatal-$name"
+    else
+        fail "fatal-$name" "exit $status (want 1), missing:${missing:- nothing} (see $log)"
+    fi
+}
+
+if [ "$quick" = 0 ]; then
+    section "fatal paths"
+    expect_failure injected-test-failure "test test.inject_failure" '^FAIL injected_failure' '^[0-9]+ passed, 1 failed'
+    expect_failure panic "crash=panic" '^PANIC on cpu0 at ' 'backtrace:'
+    expect_failure ap-panic "crash=ap-panic" '^PANIC on cpu1 at '
+    expect_failure invalid-opcode "crash=ud2" '^EXCEPTION #UD .*vector 6' 'backtrace:' '#0 +0xffffffff8'
+    expect_failure page-fault "crash=pagefault" '^EXCEPTION #PF .*cr2=0xdead0000' 'not-present page at read'
+    expect_failure stack-overflow "crash=stackoverflow" '^EXCEPTION #DF ' 'the kernel stack ran into its guard page'
+
+    section "run.sh input checks"
+    bad_input() {
+        local name=$1; shift
+        local out err status=0
+        out=$(LIMINE_DIR="${BAD_LIMINE_DIR:-}" scripts/run.sh "$@" 2>"$logs/bad-$name.err") || status=$?
+        err=$(cat "$logs/bad-$name.err")
+        if [ "$status" != 0 ] && [ -z "$out" ] && [ "$(printf '%s\n' "$err" | grep -c .)" = 1 ]; then
+            pass "bad-input-$name"
+        else
+            fail "bad-input-$name" "exit $status, stdout '${out}', stderr '${err}'"
+        fi
+    }
+    bad_input unknown-option --bogus
+    bad_input smp-zero -smp 0
+    bad_input smp-word -smp x
+    bad_input accel --accel nope
+    bad_input boot --boot floppy
+    BAD_LIMINE_DIR=$(mktemp -d) bad_input limine-missing --boot limine
+    if grep -q "Limine binaries not found" "$logs/bad-limine-missing.err"; then pass limine-missing-message
+    else fail limine-missing-message "no 'Limine binaries not found' line"; fi
+    QEMU=/nonexistent/qemu bad_input missing-qemu -smp 1
+    if ! panda_kvm_reason >/dev/null; then bad_input missing-kvm --accel kvm -smp 1; fi
+fi
+
+section "summary"
+for f in "${failures[@]+"${failures[@]}"}"; do echo "failed: $f"; done
+echo "total: $passed passed, $failed failed"
+[ "$failed" = 0 ]
