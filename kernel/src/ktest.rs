@@ -11,7 +11,10 @@
 // matters on this test path.
 #![allow(clippy::result_large_err)]
 
+use alloc::boxed::Box;
 use core::fmt::Write;
+use core::future::Future;
+use core::pin::Pin;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use panda_arch::percpu;
@@ -106,8 +109,26 @@ const TESTS: &[Test] = tests![
     heap_alloc_free_returns_memory,
 ];
 
-/// Runs every test; true when all passed.
-pub fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usize) -> bool {
+type AsyncTest = (
+    &'static str,
+    fn() -> Pin<Box<dyn Future<Output = Outcome> + Send>>,
+);
+
+/// Tests that run as tasks on the executor (they spawn and await other tasks).
+macro_rules! async_tests {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), || Box::pin($test()) as Pin<Box<dyn Future<Output = Outcome> + Send>>)),*]
+    };
+}
+
+const ASYNC_TESTS: &[AsyncTest] = async_tests![
+    sched_every_cpu_runs_pinned_tasks,
+    sched_ten_thousand_tasks_with_stealing,
+    sched_sleep_wakes_no_earlier_than_asked,
+];
+
+/// Runs every test (as a task on the boot CPU); true when all passed.
+pub async fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usize) -> bool {
     let ctx = Context {
         boot,
         tables,
@@ -118,17 +139,24 @@ pub fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usize) -> 
         Err(fail(format_args!("test.inject_failure was given")))
     });
     let (mut passed, mut failed) = (0u32, 0u32);
-    for (name, test) in TESTS.iter().chain(inject.then_some(&injected)) {
-        match test(&ctx) {
-            Ok(()) => {
-                passed += 1;
-                console!("ok {name}");
-            }
-            Err(why) => {
-                failed += 1;
-                console!("FAIL {name}: {}", why.as_str());
-            }
+    let mut record = |name: &str, outcome: Outcome| match outcome {
+        Ok(()) => {
+            passed += 1;
+            console!("ok {name}");
         }
+        Err(why) => {
+            failed += 1;
+            console!("FAIL {name}: {}", why.as_str());
+        }
+    };
+    for (name, test) in TESTS.iter() {
+        record(name, test(&ctx));
+    }
+    for (name, test) in ASYNC_TESTS.iter() {
+        record(name, test().await);
+    }
+    if inject {
+        record(injected.0, (injected.1)(&ctx));
     }
     console!("{passed} passed, {failed} failed");
     failed == 0
@@ -603,5 +631,97 @@ fn heap_alloc_free_returns_memory(_: &Context<'_>) -> Outcome {
         used_after == used_before,
         "heap use {used_before} before, {used_after} after freeing"
     );
+    Ok(())
+}
+
+fn executor() -> Result<&'static panda_sched::Executor<crate::exec::Machine>, Failure> {
+    crate::exec::get().ok_or_else(|| fail(format_args!("no executor")))
+}
+
+fn report_cpu() -> usize {
+    percpu::current_index()
+}
+
+async fn sched_every_cpu_runs_pinned_tasks() -> Outcome {
+    let exec = executor()?;
+    for cpu in 0..exec.cpu_count() {
+        // A pinned task on an idle CPU runs only if the wake-up IPI reaches it.
+        let ran_on = exec.spawn_pinned(cpu, async { report_cpu() }).await;
+        ensure!(ran_on == cpu, "task pinned to cpu{cpu} ran on cpu{ran_on}");
+    }
+    Ok(())
+}
+
+async fn sched_ten_thousand_tasks_with_stealing() -> Outcome {
+    use core::sync::atomic::AtomicUsize;
+    static DONE: AtomicUsize = AtomicUsize::new(0);
+    let exec = executor()?;
+    let stolen_before: u64 = (0..exec.cpu_count()).map(|c| exec.stats(c).stolen).sum();
+    let start_done = DONE.load(Ordering::SeqCst);
+    const TASKS: usize = 10_000;
+    for _ in 0..TASKS {
+        // All on this CPU: the others get work only by stealing it.
+        exec.spawn(async move {
+            exec.yield_now().await;
+            exec.yield_now().await;
+            DONE.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = panda_arch::time::now_ns() + 60_000_000_000;
+    while DONE.load(Ordering::SeqCst) - start_done < TASKS && panda_arch::time::now_ns() < deadline
+    {
+        exec.yield_now().await;
+    }
+    let done = DONE.load(Ordering::SeqCst) - start_done;
+    ensure!(
+        done == TASKS,
+        "{done} of {TASKS} tasks completed within 60 s"
+    );
+    let stolen: u64 = (0..exec.cpu_count())
+        .map(|c| exec.stats(c).stolen)
+        .sum::<u64>()
+        - stolen_before;
+    ensure!(
+        exec.cpu_count() == 1 || stolen > 0,
+        "no task was stolen by another CPU"
+    );
+    crate::console!(
+        "   ({TASKS} tasks, {stolen} stolen across {} CPUs)",
+        exec.cpu_count()
+    );
+    Ok(())
+}
+
+async fn sched_sleep_wakes_no_earlier_than_asked() -> Outcome {
+    let exec = executor()?;
+    for ms in [1u64, 5, 20] {
+        let start = panda_arch::time::now_ns();
+        exec.sleep(ms * 1_000_000).await;
+        let slept = panda_arch::time::now_ns() - start;
+        ensure!(
+            slept >= ms * 1_000_000,
+            "sleep({ms} ms) returned after {slept} ns"
+        );
+        ensure!(
+            slept < ms * 1_000_000 + 1_000_000_000,
+            "sleep({ms} ms) took {slept} ns"
+        );
+    }
+    // Sleepers on other CPUs (idle ones wake on their timer tick to fire them).
+    let mut handles = alloc::vec::Vec::new();
+    for cpu in 0..exec.cpu_count() {
+        handles.push(exec.spawn_pinned(cpu, async move {
+            let start = panda_arch::time::now_ns();
+            exec.sleep(3_000_000).await;
+            panda_arch::time::now_ns() - start
+        }));
+    }
+    for (cpu, h) in handles.into_iter().enumerate() {
+        let slept = h.await;
+        ensure!(
+            slept >= 3_000_000,
+            "cpu{cpu}: sleep(3 ms) returned after {slept} ns"
+        );
+    }
     Ok(())
 }

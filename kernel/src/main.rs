@@ -17,6 +17,7 @@ extern crate alloc;
 
 mod boot;
 mod crash;
+mod exec;
 mod heap;
 mod kernel_tables;
 mod ktest;
@@ -186,7 +187,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     info!(target: "smp", "local APIC in {} mode; timer {} ticks/ms at divide 16 (measured against the TSC)", mode.name(), per_ms);
     panda_arch::apic::start_periodic_timer(smp::TICK_US);
     x86_64::instructions::interrupts::enable();
-    let report = smp::start_aps(&mut boot, &platform, ap_idle);
+    let report = smp::start_aps(&mut boot, &platform, ap_main);
     info!(
         target: "smp",
         "{} of {} CPUs online ({}) in {} ms{}",
@@ -201,22 +202,31 @@ fn kmain(mut boot: BootInfo) -> ! {
         info!(target: "boot", "module {:?}: {} KiB at {:#x}", m.name, m.len >> 10, m.phys);
     }
 
-    if let Some(what) = boot.option("crash") {
-        crash::trigger(what);
-    }
-    if boot.has_flag("test") {
-        let ok = ktest::run_all(&boot, &tables, report.enabled);
-        power::exit(ok);
-    }
-    info!(target: "boot", "nothing to run yet (user space arrives with issue 5): powering off");
-    power::exit(true)
+    let executor = exec::init(report.online);
+    info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());
+    let boot: &'static BootInfo = BOOT.call_once(|| boot);
+    let tables: &'static kernel_tables::KernelTables = TABLES.call_once(|| tables);
+    let expected = report.enabled;
+    executor.spawn_pinned(0, async move {
+        if let Some(what) = boot.option("crash") {
+            crash::trigger(what);
+        }
+        if boot.has_flag("test") {
+            let ok = ktest::run_all(boot, tables, expected).await;
+            power::exit(ok);
+        }
+        info!(target: "boot", "nothing to run yet (user space arrives with issue 5): powering off");
+        power::exit(true)
+    });
+    exec::run_this_cpu()
 }
 
-/// Where APs go once they are up, until the executor runs on them.
-fn ap_idle(_index: usize) -> ! {
-    loop {
-        x86_64::instructions::interrupts::enable_and_hlt();
-    }
+static BOOT: spin::Once<BootInfo> = spin::Once::new();
+static TABLES: spin::Once<kernel_tables::KernelTables> = spin::Once::new();
+
+/// Where APs go once they are up: their executor loop.
+fn ap_main(_index: usize) -> ! {
+    exec::run_this_cpu()
 }
 
 /// Stops the machine after an unexpected trap has been reported.

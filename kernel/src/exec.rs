@@ -1,0 +1,74 @@
+//! The executor every CPU ends boot in, wired to the hardware.
+//!
+//! `panda-sched` holds the executor's logic; this module gives it the machine:
+//! CPU ids from GS, wake-ups as IPIs, the TSC clock, and `sti; hlt` for idling (a wake
+//! IPI or the periodic timer tick ends the halt, and the tick is what fires timers on an
+//! otherwise idle CPU).
+
+use panda_arch::{ipi, percpu, time};
+use panda_sched::{Executor, Platform};
+use x86_64::instructions::interrupts;
+
+/// The kernel's `Platform`.
+pub struct Machine;
+
+impl Platform for Machine {
+    fn cpu_index(&self) -> usize {
+        percpu::current_index()
+    }
+
+    fn wake_cpu(&self, cpu: usize) {
+        ipi::wake(cpu);
+    }
+
+    fn now_ns(&self) -> u64 {
+        time::now_ns()
+    }
+
+    fn interrupts_off(&self) -> bool {
+        let enabled = interrupts::are_enabled();
+        interrupts::disable();
+        enabled
+    }
+
+    fn interrupts_restore(&self, enabled: bool) {
+        if enabled {
+            interrupts::enable();
+        }
+    }
+
+    fn halt(&self) {
+        interrupts::enable_and_hlt();
+    }
+}
+
+static EXECUTOR: spin::Once<Executor<Machine>> = spin::Once::new();
+
+/// Creates the executor for the CPUs online now and wakes the APs waiting for it.
+/// Called once by the boot CPU after bring-up.
+pub fn init(cpus: usize) -> &'static Executor<Machine> {
+    let executor = EXECUTOR.call_once(|| Executor::new(Machine, cpus));
+    for cpu in 1..cpus {
+        ipi::wake(cpu);
+    }
+    executor
+}
+
+/// The executor (after `init`).
+pub fn get() -> Option<&'static Executor<Machine>> {
+    EXECUTOR.get()
+}
+
+/// Where every CPU ends boot: waits for the executor to exist, then runs it forever.
+pub fn run_this_cpu() -> ! {
+    // Halt rather than spin while the boot CPU is still starting others: with more
+    // vCPUs than host cores, spinning APs would slow everyone's start.
+    let executor = loop {
+        if let Some(e) = EXECUTOR.get() {
+            break e;
+        }
+        interrupts::enable_and_hlt();
+    };
+    interrupts::enable();
+    executor.run()
+}

@@ -1,0 +1,545 @@
+//! The executor: per-CPU queues, the CPU loop, stealing, idling, spawning.
+
+use alloc::boxed::Box;
+use alloc::collections::BinaryHeap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::cmp::Reverse;
+use core::future::Future;
+use core::pin::Pin;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::task::{Context, Poll, Waker};
+
+use crossbeam_utils::CachePadded;
+
+use crate::queue::TaskQueue;
+use crate::task::{Scheduler, Task, DONE, IDLE, RUNNING, SCHEDULED, WOKEN};
+use crate::timer::{Sleep, TimerEntry, TimerHeap, Timers};
+
+/// Most CPUs an executor serves.
+pub const MAX_CPUS: usize = 256;
+
+/// What the executor needs from the machine. The kernel implements it with GS-based
+/// CPU ids, wake-up IPIs, the TSC and `sti; hlt`; the host tests with threads.
+pub trait Platform: Send + Sync + 'static {
+    /// The calling CPU's dense index, below the executor's CPU count.
+    fn cpu_index(&self) -> usize;
+    /// Makes CPU `cpu` return from `halt` soon (an IPI).
+    fn wake_cpu(&self, cpu: usize);
+    /// A monotonic clock in nanoseconds, the same on every CPU.
+    fn now_ns(&self) -> u64;
+    /// Disables interrupts on this CPU; returns whether they were enabled.
+    fn interrupts_off(&self) -> bool;
+    /// Restores the interrupt state `interrupts_off` returned.
+    fn interrupts_restore(&self, enabled: bool);
+    /// Called with interrupts off: enables them and waits for one, atomically (so a
+    /// wake-up that arrived since interrupts went off is not lost), and returns with
+    /// interrupts enabled.
+    fn halt(&self);
+}
+
+/// Counters of one CPU's executor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuStats {
+    /// Futures polled.
+    pub polls: u64,
+    /// Tasks this CPU took from other CPUs' queues.
+    pub stolen: u64,
+    /// Wake-ups (IPIs) this CPU sent to idle CPUs.
+    pub wakeups_sent: u64,
+    /// Times this CPU halted for lack of work.
+    pub idles: u64,
+    /// Timers fired.
+    pub timers_fired: u64,
+}
+
+struct CpuState {
+    pinned: spin::Mutex<TaskQueue>,
+    shared: spin::Mutex<TaskQueue>,
+    timers: spin::Mutex<TimerHeap>,
+    idle: AtomicBool,
+    polls: AtomicU64,
+    stolen: AtomicU64,
+    wakeups_sent: AtomicU64,
+    idles: AtomicU64,
+    timers_fired: AtomicU64,
+}
+
+impl CpuState {
+    fn new() -> Self {
+        Self {
+            pinned: spin::Mutex::new(TaskQueue::new()),
+            shared: spin::Mutex::new(TaskQueue::new()),
+            timers: spin::Mutex::new(BinaryHeap::new()),
+            idle: AtomicBool::new(false),
+            polls: AtomicU64::new(0),
+            stolen: AtomicU64::new(0),
+            wakeups_sent: AtomicU64::new(0),
+            idles: AtomicU64::new(0),
+            timers_fired: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How many tasks one steal moves at most (they are moved through a fixed array, so
+/// stealing does not allocate either).
+const STEAL_BATCH: usize = 32;
+
+/// An executor serving `cpus` CPUs.
+pub struct Executor<P: Platform> {
+    platform: P,
+    cpus: Vec<CachePadded<CpuState>>,
+    timer_seq: AtomicU64,
+    idle_work: spin::Once<fn() -> bool>,
+    live_tasks: AtomicUsize,
+}
+
+impl<P: Platform> Executor<P> {
+    /// An executor for CPUs `0..cpus`.
+    pub fn new(platform: P, cpus: usize) -> Self {
+        let cpus = cpus.clamp(1, MAX_CPUS);
+        Self {
+            platform,
+            cpus: (0..cpus)
+                .map(|_| CachePadded::new(CpuState::new()))
+                .collect(),
+            timer_seq: AtomicU64::new(0),
+            idle_work: spin::Once::new(),
+            live_tasks: AtomicUsize::new(0),
+        }
+    }
+
+    /// The platform this executor runs on.
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// Number of CPUs served.
+    pub fn cpu_count(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// Tasks spawned and not yet finished.
+    pub fn live_tasks(&self) -> usize {
+        self.live_tasks.load(Ordering::Acquire)
+    }
+
+    /// Work to do before halting (e.g. zeroing frames): called when a CPU has nothing to
+    /// run; returns whether it did something (then the CPU looks for tasks again
+    /// instead of halting). Set once; later calls are ignored.
+    pub fn set_idle_work(&self, work: fn() -> bool) {
+        self.idle_work.call_once(|| work);
+    }
+
+    fn with_interrupts_off<R>(&self, f: impl FnOnce() -> R) -> R {
+        let enabled = self.platform.interrupts_off();
+        let r = f();
+        self.platform.interrupts_restore(enabled);
+        r
+    }
+
+    fn current(&self) -> usize {
+        self.platform.cpu_index().min(self.cpus.len() - 1)
+    }
+
+    /// Spawns `future` on the calling CPU; idle CPUs may steal it.
+    pub fn spawn<T, F>(&'static self, future: F) -> JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.spawn_inner(self.current(), false, future)
+    }
+
+    /// Spawns `future` on CPU `cpu`; idle CPUs may steal it.
+    pub fn spawn_on<T, F>(&'static self, cpu: usize, future: F) -> JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.spawn_inner(cpu.min(self.cpus.len() - 1), false, future)
+    }
+
+    /// Spawns `future` on CPU `cpu`, which alone will ever poll it.
+    pub fn spawn_pinned<T, F>(&'static self, cpu: usize, future: F) -> JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.spawn_inner(cpu.min(self.cpus.len() - 1), true, future)
+    }
+
+    fn spawn_inner<T, F>(&'static self, cpu: usize, pinned: bool, future: F) -> JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let state = Arc::new(spin::Mutex::new(JoinState {
+            result: None,
+            waker: None,
+        }));
+        let done = state.clone();
+        let wrapped = async move {
+            let result = future.await;
+            let waker = {
+                let mut s = done.lock();
+                s.result = Some(result);
+                s.waker.take()
+            };
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        };
+        self.live_tasks.fetch_add(1, Ordering::AcqRel);
+        let task = Task::new(Box::pin(wrapped), cpu, pinned, self);
+        self.enqueue(task);
+        // New shared work on a busy CPU: let one idle CPU come and steal it.
+        if !pinned && self.cpus[cpu].shared.lock().len() > 1 {
+            if let Some(idle) =
+                (0..self.cpus.len()).find(|&c| c != cpu && self.cpus[c].idle.load(Ordering::SeqCst))
+            {
+                self.send_wakeup(idle);
+            }
+        }
+        JoinHandle { state }
+    }
+
+    fn send_wakeup(&self, cpu: usize) {
+        self.cpus[self.current()]
+            .wakeups_sent
+            .fetch_add(1, Ordering::Relaxed);
+        self.platform.wake_cpu(cpu);
+    }
+
+    /// Runs CPU `cpu`'s loop forever. The kernel calls this at the end of boot on every
+    /// CPU.
+    pub fn run(&'static self) -> ! {
+        loop {
+            self.turn();
+        }
+    }
+
+    /// Runs the calling CPU's loop until `done()` holds (checked between turns).
+    pub fn run_until(&'static self, done: impl Fn() -> bool) {
+        while !done() {
+            self.turn();
+        }
+    }
+
+    /// One turn: fire timers, poll one pass, else steal, else idle work, else halt.
+    fn turn(&'static self) {
+        let cpu = self.current();
+        self.fire_timers(cpu);
+        if self.run_pass(cpu) > 0 || self.steal(cpu) > 0 {
+            return;
+        }
+        if let Some(work) = self.idle_work.get() {
+            if work() {
+                return;
+            }
+        }
+        self.go_idle(cpu);
+    }
+
+    fn queued(&self, cpu: usize) -> usize {
+        let state = &self.cpus[cpu];
+        self.with_interrupts_off(|| state.pinned.lock().len() + state.shared.lock().len())
+    }
+
+    /// Polls at most the tasks queued when the pass began, pinned and shared queues
+    /// each by its own count, so neither can starve the other.
+    fn run_pass(&'static self, cpu: usize) -> usize {
+        let state = &self.cpus[cpu];
+        let mut polled = 0;
+        for queue in [&state.pinned, &state.shared] {
+            let budget = self.with_interrupts_off(|| queue.lock().len());
+            for _ in 0..budget {
+                let Some(task) = self.with_interrupts_off(|| queue.lock().pop_front()) else {
+                    break;
+                };
+                self.poll(cpu, task);
+                polled += 1;
+            }
+        }
+        polled
+    }
+
+    fn poll(&'static self, cpu: usize, task: Arc<Task>) {
+        debug_assert_eq!(task.state.load(Ordering::Acquire), SCHEDULED);
+        task.state.store(RUNNING, Ordering::Release);
+        if !task.pinned {
+            task.cpu.store(cpu, Ordering::Relaxed);
+        }
+        self.cpus[cpu].polls.fetch_add(1, Ordering::Relaxed);
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let finished = {
+            let mut slot = task.future.lock();
+            let ready = match slot.as_mut() {
+                Some(future) => future.as_mut().poll(&mut cx).is_ready(),
+                None => true,
+            };
+            if ready {
+                *slot = None;
+            }
+            ready
+        };
+        if finished {
+            task.state.store(DONE, Ordering::Release);
+            self.live_tasks.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if task
+            .state
+            .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Woken while running: back of the queue, so it cannot starve the others.
+            debug_assert_eq!(task.state.load(Ordering::Acquire), WOKEN);
+            task.state.store(SCHEDULED, Ordering::Release);
+            self.enqueue(task);
+        }
+    }
+
+    /// Takes up to half of another CPU's shared queue (at most `STEAL_BATCH`).
+    fn steal(&self, cpu: usize) -> usize {
+        let n = self.cpus.len();
+        for offset in 1..n {
+            let victim = (cpu + offset) % n;
+            let mut batch: [Option<Arc<Task>>; STEAL_BATCH] = [const { None }; STEAL_BATCH];
+            let taken = self.with_interrupts_off(|| {
+                let mut queue = self.cpus[victim].shared.lock();
+                let want = queue.len().div_ceil(2).min(STEAL_BATCH);
+                let mut taken = 0;
+                while taken < want {
+                    match queue.pop_front() {
+                        Some(task) => {
+                            batch[taken] = Some(task);
+                            taken += 1;
+                        }
+                        None => break,
+                    }
+                }
+                taken
+            });
+            if taken == 0 {
+                continue;
+            }
+            self.with_interrupts_off(|| {
+                let mut mine = self.cpus[cpu].shared.lock();
+                for task in batch.iter_mut().filter_map(Option::take) {
+                    task.cpu.store(cpu, Ordering::Relaxed);
+                    mine.push_back(task);
+                }
+            });
+            self.cpus[cpu]
+                .stolen
+                .fetch_add(taken as u64, Ordering::Relaxed);
+            return taken;
+        }
+        0
+    }
+
+    fn has_work_anywhere(&self, cpu: usize) -> bool {
+        self.queued(cpu) > 0
+            || self.timer_due(cpu)
+            || (0..self.cpus.len()).any(|c| {
+                c != cpu && self.with_interrupts_off(|| self.cpus[c].shared.lock().len()) > 0
+            })
+    }
+
+    fn go_idle(&self, cpu: usize) {
+        let state = &self.cpus[cpu];
+        let enabled = self.platform.interrupts_off();
+        // Announce idleness, then look once more: a waker that queued work before the
+        // flag was visible is seen here; one that queues after sees the flag and sends
+        // a wake-up, which (interrupts being off) stays pending until `halt`.
+        state.idle.store(true, Ordering::SeqCst);
+        if self.has_work_anywhere(cpu) {
+            state.idle.store(false, Ordering::SeqCst);
+            self.platform.interrupts_restore(enabled);
+            return;
+        }
+        state.idles.fetch_add(1, Ordering::Relaxed);
+        self.platform.halt();
+        state.idle.store(false, Ordering::SeqCst);
+        self.platform.interrupts_restore(enabled);
+    }
+
+    fn timer_due(&self, cpu: usize) -> bool {
+        let now = self.platform.now_ns();
+        self.with_interrupts_off(|| {
+            self.cpus[cpu]
+                .timers
+                .lock()
+                .peek()
+                .is_some_and(|Reverse(t)| t.deadline <= now)
+        })
+    }
+
+    fn fire_timers(&self, cpu: usize) {
+        loop {
+            let now = self.platform.now_ns();
+            let mut due: [Option<Waker>; 16] = [const { None }; 16];
+            let count = self.with_interrupts_off(|| {
+                let mut timers = self.cpus[cpu].timers.lock();
+                let mut count = 0;
+                while count < due.len() {
+                    match timers.peek() {
+                        Some(Reverse(t)) if t.deadline <= now => {
+                            if let Some(Reverse(t)) = timers.pop() {
+                                due[count] = Some(t.waker);
+                                count += 1;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                count
+            });
+            for waker in due.iter_mut().filter_map(Option::take) {
+                waker.wake();
+            }
+            self.cpus[cpu]
+                .timers_fired
+                .fetch_add(count as u64, Ordering::Relaxed);
+            if count < due.len() {
+                return;
+            }
+        }
+    }
+
+    /// The earliest timer deadline on CPU `cpu`, for programming a one-shot timer.
+    pub fn next_deadline(&self, cpu: usize) -> Option<u64> {
+        self.with_interrupts_off(|| {
+            self.cpus[cpu]
+                .timers
+                .lock()
+                .peek()
+                .map(|Reverse(t)| t.deadline)
+        })
+    }
+
+    /// A future that completes `ns` nanoseconds from now.
+    pub fn sleep(&'static self, ns: u64) -> Sleep {
+        Sleep::new(self.platform.now_ns().saturating_add(ns), self)
+    }
+
+    /// A future that completes at `deadline_ns` on the executor's clock.
+    pub fn sleep_until(&'static self, deadline_ns: u64) -> Sleep {
+        Sleep::new(deadline_ns, self)
+    }
+
+    /// Yields once: the task goes to the back of its queue.
+    pub fn yield_now(&self) -> YieldNow {
+        YieldNow { yielded: false }
+    }
+
+    /// CPU `cpu`'s counters.
+    pub fn stats(&self, cpu: usize) -> CpuStats {
+        let s = &self.cpus[cpu];
+        CpuStats {
+            polls: s.polls.load(Ordering::Relaxed),
+            stolen: s.stolen.load(Ordering::Relaxed),
+            wakeups_sent: s.wakeups_sent.load(Ordering::Relaxed),
+            idles: s.idles.load(Ordering::Relaxed),
+            timers_fired: s.timers_fired.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether CPU `cpu` is halted (or about to be) for lack of work.
+    pub fn is_idle(&self, cpu: usize) -> bool {
+        self.cpus[cpu].idle.load(Ordering::SeqCst)
+    }
+}
+
+impl<P: Platform> Scheduler for Executor<P> {
+    fn enqueue(&self, task: Arc<Task>) {
+        let cpu = task.cpu.load(Ordering::Relaxed).min(self.cpus.len() - 1);
+        let state = &self.cpus[cpu];
+        self.with_interrupts_off(|| {
+            if task.pinned {
+                state.pinned.lock().push_back(task);
+            } else {
+                state.shared.lock().push_back(task);
+            }
+        });
+        if cpu != self.current() && state.idle.load(Ordering::SeqCst) {
+            self.send_wakeup(cpu);
+        }
+    }
+}
+
+impl<P: Platform> Timers for Executor<P> {
+    fn now_ns(&self) -> u64 {
+        self.platform.now_ns()
+    }
+
+    fn add_timer(&self, deadline_ns: u64, waker: Waker) {
+        let seq = self.timer_seq.fetch_add(1, Ordering::Relaxed);
+        let cpu = self.current();
+        self.with_interrupts_off(|| {
+            self.cpus[cpu].timers.lock().push(Reverse(TimerEntry {
+                deadline: deadline_ns,
+                seq,
+                waker,
+            }))
+        });
+    }
+}
+
+struct JoinState<T> {
+    result: Option<T>,
+    waker: Option<Waker>,
+}
+
+/// The result of a spawned task, as a future.
+pub struct JoinHandle<T> {
+    state: Arc<spin::Mutex<JoinState<T>>>,
+}
+
+impl<T> JoinHandle<T> {
+    /// Whether the task has finished (and its result not yet taken).
+    pub fn is_finished(&self) -> bool {
+        self.state.lock().result.is_some()
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut state = self.state.lock();
+        match state.result.take() {
+            Some(result) => Poll::Ready(result),
+            None => {
+                if !state
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    state.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// See `Executor::yield_now`.
+pub struct YieldNow {
+    yielded: bool,
+}
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.yielded {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

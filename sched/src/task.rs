@@ -1,0 +1,89 @@
+//! Tasks and their wakers.
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::task::Wake;
+use core::future::Future;
+use core::pin::Pin;
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// Not queued, not running: waiting for a wake.
+pub(crate) const IDLE: u8 = 0;
+/// In a run queue.
+pub(crate) const SCHEDULED: u8 = 1;
+/// Being polled by a CPU.
+pub(crate) const RUNNING: u8 = 2;
+/// Woken while being polled: goes back to a queue when the poll ends.
+pub(crate) const WOKEN: u8 = 3;
+/// Finished; its future is dropped.
+pub(crate) const DONE: u8 = 4;
+
+pub(crate) type BoxedFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Where a task is queued when woken.
+pub(crate) trait Scheduler: Send + Sync {
+    fn enqueue(&self, task: Arc<Task>);
+}
+
+pub(crate) struct Task {
+    pub(crate) state: AtomicU8,
+    /// The CPU whose queue the task goes to when woken (its last CPU).
+    pub(crate) cpu: AtomicUsize,
+    pub(crate) pinned: bool,
+    pub(crate) future: spin::Mutex<Option<BoxedFuture>>,
+    pub(crate) next: spin::Mutex<Option<Arc<Task>>>,
+    pub(crate) scheduler: &'static dyn Scheduler,
+}
+
+impl Task {
+    pub(crate) fn new(
+        future: BoxedFuture,
+        cpu: usize,
+        pinned: bool,
+        scheduler: &'static dyn Scheduler,
+    ) -> Arc<Task> {
+        Arc::new(Task {
+            state: AtomicU8::new(SCHEDULED),
+            cpu: AtomicUsize::new(cpu),
+            pinned,
+            future: spin::Mutex::new(Some(future)),
+            next: spin::Mutex::new(None),
+            scheduler,
+        })
+    }
+
+    /// Moves the task towards a queue: exactly one of any number of concurrent wakes
+    /// enqueues it.
+    pub(crate) fn schedule(self: &Arc<Self>) {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            let next = match state {
+                IDLE => SCHEDULED,
+                RUNNING => WOKEN,
+                _ => return, // already queued, already woken, or done
+            };
+            match self
+                .state
+                .compare_exchange_weak(state, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    if next == SCHEDULED {
+                        self.scheduler.enqueue(self.clone());
+                    }
+                    return;
+                }
+                Err(now) => state = now,
+            }
+        }
+    }
+}
+
+impl Wake for Task {
+    fn wake(self: Arc<Self>) {
+        self.schedule();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.schedule();
+    }
+}

@@ -1,0 +1,430 @@
+//! Host tests: OS threads stand in for CPUs.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use crate::{Executor, Platform};
+
+thread_local! {
+    static CPU: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A platform whose CPUs are threads: `wake_cpu` unparks, `halt` parks briefly.
+struct Threads {
+    start: Instant,
+    threads: Mutex<Vec<Option<Thread>>>,
+    wakes: Vec<AtomicU64>,
+}
+
+impl Threads {
+    fn new(cpus: usize) -> Self {
+        Self {
+            start: Instant::now(),
+            threads: Mutex::new(vec![None; cpus]),
+            wakes: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Platform for Threads {
+    fn cpu_index(&self) -> usize {
+        CPU.with(Cell::get)
+    }
+    fn wake_cpu(&self, cpu: usize) {
+        self.wakes[cpu].fetch_add(1, Ordering::SeqCst);
+        if let Some(t) = &self.threads.lock().unwrap()[cpu] {
+            t.unpark();
+        }
+    }
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    fn interrupts_off(&self) -> bool {
+        false
+    }
+    fn interrupts_restore(&self, _: bool) {}
+    fn halt(&self) {
+        thread::park_timeout(Duration::from_millis(2));
+    }
+}
+
+fn executor(cpus: usize) -> &'static Executor<Threads> {
+    Box::leak(Box::new(Executor::new(Threads::new(cpus), cpus)))
+}
+
+/// Runs CPUs 1.. on threads until `stop` is set; the caller acts as CPU 0.
+fn start_cpus(
+    exec: &'static Executor<Threads>,
+    stop: &'static AtomicBool,
+) -> Vec<thread::JoinHandle<()>> {
+    (1..exec.cpu_count())
+        .map(|cpu| {
+            thread::spawn(move || {
+                CPU.with(|c| c.set(cpu));
+                exec.platform().threads.lock().unwrap()[cpu] = Some(thread::current());
+                exec.run_until(|| stop.load(Ordering::SeqCst));
+            })
+        })
+        .collect()
+}
+
+fn stop_cpus(
+    stop: &AtomicBool,
+    exec: &'static Executor<Threads>,
+    handles: Vec<thread::JoinHandle<()>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    for cpu in 1..exec.cpu_count() {
+        exec.platform().wake_cpu(cpu);
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+fn leak_flag() -> &'static AtomicBool {
+    Box::leak(Box::new(AtomicBool::new(false)))
+}
+
+/// Completes after being polled `n` times, waking itself each time.
+struct Spin(u32);
+impl Future for Spin {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 == 0 {
+            return Poll::Ready(());
+        }
+        self.0 -= 1;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[test]
+fn ten_thousand_tasks_complete_and_work_is_stolen() {
+    let exec = executor(4);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    let done = Arc::new(AtomicUsize::new(0));
+    CPU.with(|c| c.set(0));
+    for _ in 0..10_000 {
+        let done = done.clone();
+        // All spawned on CPU 0: the others only get work by stealing it.
+        exec.spawn(async move {
+            Spin(3).await;
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    exec.run_until(|| done.load(Ordering::SeqCst) == 10_000 || Instant::now() > deadline);
+    stop_cpus(stop, exec, handles);
+    assert_eq!(done.load(Ordering::SeqCst), 10_000);
+    assert_eq!(exec.live_tasks(), 0);
+    let stolen: u64 = (1..4).map(|c| exec.stats(c).stolen).sum();
+    assert!(stolen > 0, "no task was stolen by CPUs 1..3");
+}
+
+#[test]
+fn join_handle_returns_the_value() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let handle = exec.spawn(async { 6 * 7 });
+    let got = Arc::new(AtomicU64::new(0));
+    let out = got.clone();
+    exec.spawn(async move {
+        out.store(handle.await, Ordering::SeqCst);
+    });
+    exec.run_until(|| got.load(Ordering::SeqCst) != 0);
+    assert_eq!(got.load(Ordering::SeqCst), 42);
+}
+
+/// Pending until `ready` is set; records the waker and counts polls.
+struct Gate {
+    ready: Arc<AtomicBool>,
+    waker: Arc<Mutex<Option<Waker>>>,
+    polls: Arc<AtomicU64>,
+    slow: Duration,
+}
+impl Future for Gate {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        *self.waker.lock().unwrap() = Some(cx.waker().clone());
+        thread::sleep(self.slow);
+        if self.ready.load(Ordering::SeqCst) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+#[test]
+fn many_wakes_from_another_cpu_requeue_once() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let (ready, waker, polls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(None)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    exec.spawn(Gate {
+        ready: ready.clone(),
+        waker: waker.clone(),
+        polls: polls.clone(),
+        slow: Duration::ZERO,
+    });
+    exec.run_until(|| polls.load(Ordering::SeqCst) == 1);
+    // The task is idle now. Wake it 100 times from another thread before running.
+    let w = waker.lock().unwrap().clone().unwrap();
+    thread::spawn(move || {
+        for _ in 0..100 {
+            w.wake_by_ref();
+        }
+    })
+    .join()
+    .unwrap();
+    let before = exec.stats(0).polls;
+    // One pass: the task must be queued exactly once.
+    exec.run_until(|| exec.stats(0).polls > before);
+    assert_eq!(polls.load(Ordering::SeqCst), 2);
+    // Nothing else queued: another turn polls nothing.
+    let now = exec.stats(0).polls;
+    ready.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_millis(50);
+    exec.run_until(|| Instant::now() > deadline);
+    assert_eq!(exec.stats(0).polls, now, "a task was queued twice");
+}
+
+#[test]
+fn wakes_while_running_do_not_double_poll() {
+    let exec = executor(2);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    let (ready, waker, polls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(None::<Waker>)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    exec.spawn_pinned(
+        1,
+        Gate {
+            ready: ready.clone(),
+            waker: waker.clone(),
+            polls: polls.clone(),
+            slow: Duration::from_millis(20),
+        },
+    );
+    // While CPU 1 is inside a slow poll, hammer the waker from here.
+    let hammer_until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < hammer_until {
+        if let Some(w) = waker.lock().unwrap().clone() {
+            w.wake_by_ref();
+        }
+    }
+    ready.store(true, Ordering::SeqCst);
+    if let Some(w) = waker.lock().unwrap().clone() {
+        w.wake_by_ref();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while exec.live_tasks() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    stop_cpus(stop, exec, handles);
+    assert_eq!(exec.live_tasks(), 0);
+    // Polls are serialised by a 20 ms poll: in ~200 ms at most ~12 can have happened if
+    // no two ran at once. Concurrent polls would also trip the future's lock.
+    assert!(
+        polls.load(Ordering::SeqCst) <= 14,
+        "{} polls",
+        polls.load(Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn pinned_tasks_never_migrate() {
+    let exec = executor(4);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    for i in 0..400 {
+        let (wrong, done) = (wrong.clone(), done.clone());
+        let cpu = 1 + i % 3;
+        exec.spawn_pinned(cpu, async move {
+            for _ in 0..5 {
+                if CPU.with(Cell::get) != cpu {
+                    wrong.fetch_add(1, Ordering::SeqCst);
+                }
+                Spin(1).await;
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    exec.run_until(|| done.load(Ordering::SeqCst) == 400 || Instant::now() > deadline);
+    stop_cpus(stop, exec, handles);
+    assert_eq!(done.load(Ordering::SeqCst), 400);
+    assert_eq!(
+        wrong.load(Ordering::SeqCst),
+        0,
+        "a pinned task ran on another CPU"
+    );
+    assert_eq!(
+        exec.stats(0).polls,
+        0,
+        "CPU 0 polled a task pinned elsewhere"
+    );
+}
+
+#[test]
+fn a_self_waking_task_cannot_starve_another() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let other_ran = Arc::new(AtomicBool::new(false));
+    let spins = Arc::new(AtomicU64::new(0));
+    let s = spins.clone();
+    exec.spawn(async move {
+        loop {
+            s.fetch_add(1, Ordering::SeqCst);
+            Spin(1).await; // wakes itself forever
+        }
+    });
+    let o = other_ran.clone();
+    exec.spawn(async move { o.store(true, Ordering::SeqCst) });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| other_ran.load(Ordering::SeqCst) || Instant::now() > deadline);
+    assert!(other_ran.load(Ordering::SeqCst), "starved");
+    assert!(
+        spins.load(Ordering::SeqCst) <= 3,
+        "the spinner ran {} times first",
+        spins.load(Ordering::SeqCst)
+    );
+}
+
+/// Polls the inner future again and again (wakes itself whenever it is pending).
+struct Busy<F>(F);
+impl<F: Future + Unpin> Future for Busy<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let r = Pin::new(&mut self.0).poll(cx);
+        if r.is_pending() {
+            cx.waker().wake_by_ref();
+        }
+        r
+    }
+}
+
+#[test]
+fn sleep_never_wakes_early() {
+    let exec = executor(2);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    let early = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    for i in 0..50u64 {
+        let (early, done) = (early.clone(), done.clone());
+        let ns = 1_000_000 + i * 200_000;
+        exec.spawn(async move {
+            let start = exec.platform().now_ns();
+            // Poll the sleep far more often than its timer fires: it must still not
+            // complete before its deadline.
+            Busy(exec.sleep(ns)).await;
+            if exec.platform().now_ns() - start < ns {
+                early.fetch_add(1, Ordering::SeqCst);
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    exec.run_until(|| done.load(Ordering::SeqCst) == 50 || Instant::now() > deadline);
+    stop_cpus(stop, exec, handles);
+    assert_eq!(done.load(Ordering::SeqCst), 50);
+    assert_eq!(early.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn waking_an_idle_cpu_sends_a_wakeup_and_a_busy_one_does_not() {
+    let exec = executor(2);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    // Let CPU 1 go idle.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !exec.is_idle(1) && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert!(exec.is_idle(1));
+    let before = exec.platform().wakes[1].load(Ordering::SeqCst);
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = ran.clone();
+    exec.spawn_pinned(1, async move { r.store(true, Ordering::SeqCst) });
+    assert!(
+        exec.platform().wakes[1].load(Ordering::SeqCst) > before,
+        "idle CPU 1 got no wake-up"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ran.load(Ordering::SeqCst) && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert!(ran.load(Ordering::SeqCst));
+
+    // Keep CPU 1 busy with a long poll, then wake a task that lives on it.
+    let busy = Arc::new(AtomicBool::new(true));
+    let b = busy.clone();
+    let inside = Arc::new(AtomicBool::new(false));
+    let i = inside.clone();
+    exec.spawn_pinned(1, async move {
+        i.store(true, Ordering::SeqCst);
+        while b.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+    });
+    while !inside.load(Ordering::SeqCst) {
+        thread::yield_now();
+    }
+    let before = exec.platform().wakes[1].load(Ordering::SeqCst);
+    exec.spawn_pinned(1, async {});
+    let after = exec.platform().wakes[1].load(Ordering::SeqCst);
+    busy.store(false, Ordering::SeqCst);
+    stop_cpus(stop, exec, handles);
+    assert_eq!(after, before, "a busy CPU was sent a wake-up");
+}
+
+#[test]
+fn a_pinned_self_waking_task_cannot_starve_shared_ones() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    exec.spawn_pinned(0, async move {
+        while !st.load(Ordering::SeqCst) {
+            Spin(1).await;
+        }
+    });
+    let done = Arc::new(AtomicUsize::new(0));
+    for _ in 0..100 {
+        let d = done.clone();
+        exec.spawn(async move {
+            Spin(2).await;
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| done.load(Ordering::SeqCst) == 100 || Instant::now() > deadline);
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        100,
+        "shared tasks starved by a pinned one"
+    );
+}
