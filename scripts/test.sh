@@ -138,6 +138,15 @@ if [ "$quick" = 0 ]; then
     expect_failure page-fault "crash=pagefault" '^EXCEPTION #PF .*cr2=0xdead0000' 'not-present page at read'
     expect_failure stack-overflow "crash=stackoverflow" '^EXCEPTION #DF ' 'the kernel stack ran into its guard page'
 
+    # An AP that never answers is reported by APIC id and skipped; boot goes on.
+    log="$logs/silent-ap.log" status=0
+    scripts/run.sh --timeout "$timeout_s" -smp 4 --cmdline "smp.silent=2" >"$log" 2>&1 || status=$?
+    if [ "$status" = 0 ] && grep -q 'apic id 2 did not answer' "$log" && grep -q 'smp: 3 of 4 CPUs online' "$log"; then
+        pass silent-ap-skipped
+    else
+        fail silent-ap-skipped "exit $status; want 'apic id 2 did not answer' and '3 of 4 CPUs online' (see $log)"
+    fi
+
     section "run.sh input checks"
     bad_input() {
         local name=$1; shift

@@ -2,11 +2,11 @@
 //!
 //! `enable_features` turns on, on the calling CPU, what Panda relies on or gains from:
 //! NX (EFER.NXE), write protection in ring 0 (CR0.WP), global pages, SMEP and SMAP and
-//! UMIP when CPUID offers them, and OSFXSR/OSXMMEXCPT so user code may use SSE.
-//! PCID is detected and reported, never required (TCG lacks it).
+//! UMIP when CPUID offers them, OSFXSR/OSXMMEXCPT so user code may use SSE, and PCID
+//! where it exists (never required: TCG lacks it).
 
 use core::arch::x86_64::{__cpuid, __cpuid_count, CpuidResult};
-use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
+use x86_64::registers::control::{Cr0, Cr0Flags, Cr3, Cr4, Cr4Flags};
 use x86_64::registers::model_specific::{Efer, EferFlags};
 
 /// Runs CPUID. Always available in long mode.
@@ -149,6 +149,12 @@ pub fn enable_features(f: &Features) {
             }
             if f.umip {
                 c.insert(Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION);
+            }
+            // PCID is enabled where it exists (never required: TCG lacks it). Every CR3
+            // load so far uses PCID 0, which keeps today's flush-on-switch behaviour; the
+            // memory issue assigns per-space PCIDs.
+            if f.pcid && Cr3::read_raw().1 == 0 {
+                c.insert(Cr4Flags::PCID);
             }
         });
     }

@@ -212,15 +212,20 @@ pub fn start_ap(
     if !started() {
         crate::apic::send_startup(apic_id, trampoline.sipi_page());
     }
+    wait_for(timeout_us, started)
+}
+
+/// Waits up to `timeout_us` for `done()`.
+pub fn wait_for(timeout_us: u64, done: impl Fn() -> bool) -> bool {
     let hz = crate::time::tsc_hz().max(1_000_000);
     let start = crate::cpu::rdtsc();
     while crate::cpu::rdtsc() - start < hz / 1_000_000 * timeout_us {
-        if started() {
+        if done() {
             return true;
         }
         core::hint::spin_loop();
     }
-    started()
+    done()
 }
 
 /// Set while the machine is being stopped: NMIs then halt their CPU.

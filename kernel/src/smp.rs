@@ -66,6 +66,9 @@ pub fn init_bsp_apic(platform: &Platform) -> Result<Mode, &'static str> {
 /// it is set up (the executor loop); it never returns.
 pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) -> !) -> SmpReport {
     let start = panda_arch::time::now_ns();
+    let silent = boot
+        .option("smp.silent")
+        .and_then(|id| id.parse::<u32>().ok());
     AP_MAIN.call_once(|| ap_main);
     let bsp_apic = apic::id();
     let enabled = platform
@@ -98,16 +101,18 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
             warn!(target: "smp", "more than {MAX_CPUS} CPUs: apic id {} and later ignored", ap.apic_id);
             break;
         }
-        let Some(stacks) = boot
-            .memory_map
-            .take(
-                kernel_tables::CPU_STACK_BYTES,
-                0x10_0000,
-                u64::MAX,
-                MemoryKind::KernelEarly,
-            )
-            .and_then(|phys| kernel_tables::map_cpu_stacks(next_index, phys))
-        else {
+        // An index whose AP timed out keeps its stacks for the next AP.
+        let stacks = AP_STACKS[next_index].get().copied().or_else(|| {
+            boot.memory_map
+                .take(
+                    kernel_tables::CPU_STACK_BYTES,
+                    0x10_0000,
+                    u64::MAX,
+                    MemoryKind::KernelEarly,
+                )
+                .and_then(|phys| kernel_tables::map_cpu_stacks(next_index, phys))
+        });
+        let Some(stacks) = stacks else {
             warn!(target: "smp", "out of memory for the stacks of apic id {}: skipped", ap.apic_id);
             continue;
         };
@@ -115,13 +120,22 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
         AP_STACKS[index].call_once(|| stacks);
         trampoline.set_ap(stacks.kernel.top, index as u64, ap_entry);
         let cpu = percpu::cpu(index);
-        if panda_arch::smp::start_ap(ap.apic_id, &trampoline, AP_TIMEOUT_US, || cpu.online()) {
+        // `smp.silent=ID` keeps one AP from being sent its IPIs, to exercise the
+        // time-out path (scripts/test.sh checks it is reported and skipped).
+        let started = if silent == Some(ap.apic_id) {
+            panda_arch::smp::wait_for(AP_TIMEOUT_US, || cpu.online())
+        } else {
+            panda_arch::smp::start_ap(ap.apic_id, &trampoline, AP_TIMEOUT_US, || cpu.online())
+        };
+        if started {
             next_index += 1;
         } else {
-            // The index and its stacks stay reserved: a late AP may still use them.
+            // INIT puts the AP back into wait-for-SIPI, so it cannot wake up late on
+            // the next AP's stack; its index and stacks then go to the next AP, which
+            // keeps indices dense.
+            apic::send_init(ap.apic_id);
             warn!(target: "smp", "apic id {} did not answer within {} ms: skipped", ap.apic_id, AP_TIMEOUT_US / 1000);
             report.timed_out += 1;
-            next_index += 1;
         }
     }
     report.online = percpu::online_count();
