@@ -1,0 +1,54 @@
+//! `panda-mm`: physical memory policy, host-testable.
+//!
+//! - `buddy`: the global allocator of physical frames, single frames and contiguous
+//!   power-of-two runs, with coalescing;
+//! - `cache`: a per-CPU cache of single frames in front of it, refilled and drained in
+//!   batches, so the common allocation and free take no shared lock;
+//! - `zero`: per-CPU pools of frames known to be zero, filled by an idle-time zeroing
+//!   pass, and the `ZeroedFrame` type only that pass can make.
+//!
+//! This crate never touches memory: frames are numbers. Zeroing is a function the
+//! kernel passes in (it writes through the HHDM); page tables and address spaces come
+//! with the rest of the memory issue.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
+
+extern crate alloc;
+
+pub mod buddy;
+pub mod cache;
+pub mod zero;
+
+/// Size of a frame.
+pub const FRAME_SIZE: u64 = 4096;
+
+/// A 4 KiB physical frame, by its physical address (always 4 KiB-aligned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PhysFrame(pub(crate) u64);
+
+impl PhysFrame {
+    /// The frame starting at `addr`, if `addr` is frame-aligned.
+    pub const fn from_addr(addr: u64) -> Option<Self> {
+        if addr.is_multiple_of(FRAME_SIZE) {
+            Some(Self(addr))
+        } else {
+            None
+        }
+    }
+
+    /// The frame's physical address.
+    pub const fn addr(self) -> u64 {
+        self.0
+    }
+}
+
+/// Why memory could not be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmError {
+    /// No free run of the requested size.
+    OutOfMemory,
+    /// A frame handed back that was not allocated (double free or foreign frame).
+    NotAllocated,
+    /// A size or address that breaks an alignment or range rule.
+    Invalid,
+}

@@ -1,0 +1,308 @@
+//! Per-CPU pools of zeroed frames.
+//!
+//! A demand-zero page fault needs a frame full of zeros. Zeroing 4 KiB on the fault path
+//! costs time the faulting thread waits for, so each CPU keeps a pool of frames zeroed
+//! ahead of need by its idle work (`refill`). `try_take` is O(1) from the caller's pool;
+//! `take` is a future that resolves once a frame is available, which is what the fault
+//! path awaits when the pool is empty.
+//!
+//! `ZeroedFrame` can only be made here, by `refill` right after the kernel's zeroing
+//! function ran on the frame: the fault path cannot map a dirty frame by mistake.
+
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::Pin;
+use core::sync::atomic::{AtomicU64, Ordering};
+use core::task::{Context, Poll, Waker};
+
+use crossbeam_utils::CachePadded;
+
+use crate::cache::Frames;
+use crate::{MmError, PhysFrame};
+
+/// A frame known to hold only zeros.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ZeroedFrame(PhysFrame);
+
+impl ZeroedFrame {
+    /// The frame (for mapping it).
+    pub fn frame(&self) -> PhysFrame {
+        self.0
+    }
+
+    /// Gives up the zeroed guarantee, e.g. once it is mapped or to free it.
+    pub fn into_frame(self) -> PhysFrame {
+        self.0
+    }
+}
+
+/// Frames one CPU's pool holds at most.
+pub const POOL_CAPACITY: usize = 256;
+
+struct Pool {
+    frames: Vec<PhysFrame>,
+    waiters: Vec<Waker>,
+}
+
+struct CpuPool {
+    pool: spin::Mutex<Pool>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    zeroed: AtomicU64,
+}
+
+/// Counters of one CPU's pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub available: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub zeroed: u64,
+}
+
+/// The zeroed-frame pools of every CPU.
+pub struct ZeroPools {
+    cpus: Vec<CachePadded<CpuPool>>,
+}
+
+impl ZeroPools {
+    pub fn new(cpus: usize) -> Self {
+        Self {
+            cpus: (0..cpus.max(1))
+                .map(|_| {
+                    CachePadded::new(CpuPool {
+                        pool: spin::Mutex::new(Pool {
+                            frames: Vec::with_capacity(POOL_CAPACITY),
+                            waiters: Vec::new(),
+                        }),
+                        hits: AtomicU64::new(0),
+                        misses: AtomicU64::new(0),
+                        zeroed: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn cpu(&self, cpu: usize) -> &CpuPool {
+        &self.cpus[cpu.min(self.cpus.len() - 1)]
+    }
+
+    /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
+    pub fn try_take(&self, cpu: usize) -> Option<ZeroedFrame> {
+        let c = self.cpu(cpu);
+        let frame = c.pool.lock().frames.pop();
+        match frame {
+            Some(f) => {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+                Some(ZeroedFrame(f))
+            }
+            None => {
+                c.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// A future for a zeroed frame from CPU `cpu`'s pool: ready at once on a hit,
+    /// otherwise woken by the next `refill` of that pool.
+    pub fn take(&self, cpu: usize) -> TakeZeroed<'_> {
+        TakeZeroed {
+            pools: self,
+            cpu,
+            counted: false,
+        }
+    }
+
+    /// Tops CPU `cpu`'s pool up by at most `budget` frames taken from `frames` and
+    /// zeroed by `zero` (which must write zeros over the whole frame). Returns how many
+    /// were added; wakes the tasks waiting for one.
+    pub fn refill(
+        &self,
+        cpu: usize,
+        frames: &Frames,
+        budget: usize,
+        mut zero: impl FnMut(PhysFrame),
+    ) -> usize {
+        let c = self.cpu(cpu);
+        let room = POOL_CAPACITY
+            .saturating_sub(c.pool.lock().frames.len())
+            .min(budget);
+        let mut added = 0;
+        for _ in 0..room {
+            let Ok(frame) = frames.alloc(cpu) else { break };
+            // Zero outside the pool's lock: takers are not held up by it.
+            zero(frame);
+            c.pool.lock().frames.push(frame);
+            added += 1;
+        }
+        c.zeroed.fetch_add(added as u64, Ordering::Relaxed);
+        if added > 0 {
+            let waiters = core::mem::take(&mut c.pool.lock().waiters);
+            for w in waiters {
+                w.wake();
+            }
+        }
+        added
+    }
+
+    /// Returns every pooled frame of every CPU to `frames` (e.g. before counting).
+    pub fn drain(&self, frames: &Frames) -> Result<usize, MmError> {
+        let mut n = 0;
+        for (cpu, c) in self.cpus.iter().enumerate() {
+            let taken = core::mem::take(&mut c.pool.lock().frames);
+            n += taken.len();
+            for f in taken {
+                frames.free(cpu, f)?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether CPU `cpu`'s pool has room (the idle task uses it to decide to zero).
+    pub fn wants_frames(&self, cpu: usize) -> bool {
+        self.cpu(cpu).pool.lock().frames.len() < POOL_CAPACITY
+    }
+
+    pub fn stats(&self, cpu: usize) -> PoolStats {
+        let c = self.cpu(cpu);
+        PoolStats {
+            available: c.pool.lock().frames.len(),
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            zeroed: c.zeroed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// See `ZeroPools::take`.
+pub struct TakeZeroed<'a> {
+    pools: &'a ZeroPools,
+    cpu: usize,
+    counted: bool,
+}
+
+impl Future for TakeZeroed<'_> {
+    type Output = ZeroedFrame;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ZeroedFrame> {
+        let c = self.pools.cpu(self.cpu);
+        let mut pool = c.pool.lock();
+        if let Some(f) = pool.frames.pop() {
+            drop(pool);
+            if !self.counted {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            return Poll::Ready(ZeroedFrame(f));
+        }
+        // Register under the pool lock: a refill after this point sees the waker.
+        if !pool.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            pool.waiters.push(cx.waker().clone());
+        }
+        drop(pool);
+        if !self.counted {
+            self.counted = true;
+            c.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+    use std::task::Wake;
+
+    /// A fake physical memory: frame -> first byte, so "dirty" is observable.
+    struct Memory(Mutex<HashMap<u64, u8>>);
+    impl Memory {
+        fn new() -> Self {
+            Self(Mutex::new(HashMap::new()))
+        }
+        fn dirty(&self, f: PhysFrame) {
+            self.0.lock().unwrap().insert(f.addr(), 0xaa);
+        }
+        fn zero(&self, f: PhysFrame) {
+            self.0.lock().unwrap().insert(f.addr(), 0);
+        }
+        fn is_zero(&self, f: PhysFrame) -> bool {
+            self.0.lock().unwrap().get(&f.addr()).copied().unwrap_or(0) == 0
+        }
+    }
+
+    fn frames(n: u64) -> Frames {
+        let f = Frames::new(2);
+        f.add_range(0x200_0000, 0x200_0000 + n * 4096);
+        f
+    }
+
+    #[test]
+    fn refilled_frames_are_zero_even_after_reuse() {
+        let (frames, mem, pools) = (frames(64), Memory::new(), ZeroPools::new(2));
+        // Dirty every frame once through a normal allocation cycle.
+        let all: Vec<_> = (0..64).map(|_| frames.alloc(0).unwrap()).collect();
+        for &f in &all {
+            mem.dirty(f);
+        }
+        for f in all {
+            frames.free(0, f).unwrap();
+        }
+        assert_eq!(pools.refill(0, &frames, 16, |f| mem.zero(f)), 16);
+        for _ in 0..16 {
+            let z = pools.try_take(0).expect("pool has frames");
+            assert!(mem.is_zero(z.frame()), "pool handed out a dirty frame");
+        }
+        assert!(pools.try_take(0).is_none());
+        let s = pools.stats(0);
+        assert_eq!((s.hits, s.misses, s.zeroed), (16, 1, 16));
+    }
+
+    #[test]
+    fn pools_are_per_cpu_and_bounded() {
+        let (frames, pools) = (frames(1024), ZeroPools::new(2));
+        assert_eq!(pools.refill(1, &frames, 10_000, |_| {}), POOL_CAPACITY);
+        assert!(!pools.wants_frames(1));
+        assert!(pools.try_take(0).is_none(), "CPU 0 took from CPU 1's pool");
+        assert!(pools.try_take(1).is_some());
+        assert_eq!(pools.drain(&frames).unwrap(), POOL_CAPACITY - 1);
+    }
+
+    #[test]
+    fn refill_stops_cleanly_when_memory_runs_out() {
+        let (frames, pools) = (frames(10), ZeroPools::new(1));
+        assert_eq!(pools.refill(0, &frames, 100, |_| {}), 10);
+        assert_eq!(pools.refill(0, &frames, 100, |_| {}), 0);
+        pools.drain(&frames).unwrap();
+        assert_eq!(frames.total_free(), 10);
+    }
+
+    struct CountWake(AtomicUsize);
+    impl Wake for CountWake {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn take_waits_for_a_refill_and_is_woken_by_it() {
+        let (frames, pools) = (frames(8), ZeroPools::new(1));
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pools.take(0);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        pools.refill(0, &frames, 1, |_| {});
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "refill did not wake the waiter (once)"
+        );
+        assert!(matches!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(_)));
+        assert_eq!(pools.stats(0).misses, 1, "a waiting take counts one miss");
+    }
+}
