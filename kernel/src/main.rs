@@ -22,6 +22,7 @@ mod heap;
 mod kernel_tables;
 mod ktest;
 mod logger;
+mod memory;
 mod smp;
 
 use log::{error, info};
@@ -202,7 +203,10 @@ fn kmain(mut boot: BootInfo) -> ! {
         info!(target: "boot", "module {:?}: {} KiB at {:#x}", m.name, m.len >> 10, m.phys);
     }
 
+    let frames = memory::init(&boot, report.online);
+    info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; zeroing with rep stosq", frames >> 8, report.online);
     let executor = exec::init(report.online);
+    executor.set_idle_work(memory::zero_when_idle);
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());
     let boot: &'static BootInfo = BOOT.call_once(|| boot);
     let tables: &'static kernel_tables::KernelTables = TABLES.call_once(|| tables);

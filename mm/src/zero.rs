@@ -36,7 +36,7 @@ impl ZeroedFrame {
     }
 }
 
-/// Frames one CPU's pool holds at most.
+/// Frames one CPU's pool holds at most, by default.
 pub const POOL_CAPACITY: usize = 256;
 
 struct Pool {
@@ -63,16 +63,25 @@ pub struct PoolStats {
 /// The zeroed-frame pools of every CPU.
 pub struct ZeroPools {
     cpus: Vec<CachePadded<CpuPool>>,
+    capacity: usize,
 }
 
 impl ZeroPools {
+    /// Pools of `POOL_CAPACITY` frames for CPUs `0..cpus`.
     pub fn new(cpus: usize) -> Self {
+        Self::with_capacity(cpus, POOL_CAPACITY)
+    }
+
+    /// Pools of at most `capacity` frames each (the kernel scales it to memory, so
+    /// many CPUs on a small machine do not park much of it in pools).
+    pub fn with_capacity(cpus: usize, capacity: usize) -> Self {
         Self {
+            capacity: capacity.max(1),
             cpus: (0..cpus.max(1))
                 .map(|_| {
                     CachePadded::new(CpuPool {
                         pool: spin::Mutex::new(Pool {
-                            frames: Vec::with_capacity(POOL_CAPACITY),
+                            frames: Vec::with_capacity(capacity.max(1)),
                             waiters: Vec::new(),
                         }),
                         hits: AtomicU64::new(0),
@@ -82,6 +91,11 @@ impl ZeroPools {
                 })
                 .collect(),
         }
+    }
+
+    /// Frames each pool holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     fn cpu(&self, cpu: usize) -> &CpuPool {
@@ -161,7 +175,7 @@ impl ZeroPools {
 
     /// Whether CPU `cpu`'s pool has room (the idle task uses it to decide to zero).
     pub fn wants_frames(&self, cpu: usize) -> bool {
-        self.cpu(cpu).pool.lock().frames.len() < POOL_CAPACITY
+        self.cpu(cpu).pool.lock().frames.len() < self.capacity
     }
 
     pub fn stats(&self, cpu: usize) -> PoolStats {

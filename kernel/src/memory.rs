@@ -1,0 +1,123 @@
+//! Physical memory at run time: the frame allocator with per-CPU caches and the zeroed
+//! frame pools (`panda-mm`), wired to the hardware.
+//!
+//! `init` runs once on the boot CPU after bring-up, when every boot-time claim (kernel
+//! image, modules, page tables, AP stacks, early heap) is recorded in the memory map:
+//! every usable range above 1 MiB becomes free frames, and from then on the memory map
+//! is a record only. Frames are reached through the HHDM.
+//!
+//! Each CPU's idle work zeroes frames into its pool (`zero_when_idle`), so demand-zero
+//! faults (user-space issue) can take one in O(1).
+
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use panda_arch::percpu;
+use panda_mm::cache::Frames;
+use panda_mm::zero::ZeroPools;
+use panda_mm::PhysFrame;
+
+use crate::boot::{BootInfo, MemoryKind};
+
+static FRAMES: spin::Once<Frames> = spin::Once::new();
+static ZERO: spin::Once<ZeroPools> = spin::Once::new();
+static HHDM: spin::Once<u64> = spin::Once::new();
+
+static PAUSED: AtomicBool = AtomicBool::new(false);
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Frames zeroed per idle turn: small, so a task that becomes ready waits little.
+const ZERO_BATCH: usize = 8;
+
+/// Hands every usable range above 1 MiB to the frame allocator. Returns its size.
+pub fn init(boot: &BootInfo, cpus: usize) -> u64 {
+    HHDM.call_once(|| boot.hhdm_offset);
+    let frames = FRAMES.call_once(|| Frames::new(cpus));
+    for r in boot
+        .memory_map
+        .regions()
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Usable)
+    {
+        let start = r.start.max(0x10_0000);
+        if start < r.end {
+            frames.add_range(start, r.end);
+        }
+    }
+    // Pools park at most 1/16 of memory in zeroed frames, and 256 frames per CPU.
+    let per_cpu =
+        (frames.total_frames() as usize / 16 / cpus.max(1)).clamp(8, panda_mm::zero::POOL_CAPACITY);
+    ZERO.call_once(|| ZeroPools::with_capacity(cpus, per_cpu));
+    frames.total_frames()
+}
+
+/// The frame allocator.
+pub fn frames() -> Option<&'static Frames> {
+    FRAMES.get()
+}
+
+/// The zeroed-frame pools.
+pub fn zero_pools() -> Option<&'static ZeroPools> {
+    ZERO.get()
+}
+
+/// The HHDM address of a frame.
+pub fn virt(frame: PhysFrame) -> u64 {
+    HHDM.get().copied().unwrap_or(panda_arch::HHDM_BASE) + frame.addr()
+}
+
+/// Writes zeros over a frame the caller just took from the allocator.
+pub fn zero(frame: PhysFrame) {
+    // SAFETY: callers pass frames they own: freshly allocated, not mapped anywhere
+    // else, and reached through the HHDM (which maps all usable RAM writable).
+    #[allow(unsafe_code)]
+    unsafe {
+        panda_arch::paging::zero_page(virt(frame))
+    };
+}
+
+/// The executor's idle work: tops up this CPU's zeroed pool a little. Returns whether
+/// it zeroed anything (then the CPU looks for tasks again before halting).
+pub fn zero_when_idle() -> bool {
+    let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
+        return false;
+    };
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let did = !PAUSED.load(Ordering::SeqCst) && {
+        let cpu = percpu::current_index();
+        pools.wants_frames(cpu) && pools.refill(cpu, frames, ZERO_BATCH, zero) > 0
+    };
+    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    did
+}
+
+/// Stops idle zeroing and waits until no CPU is in the middle of a refill, so frame
+/// counts hold still (for tests that compare them with a baseline). Returns a guard
+/// that resumes zeroing when dropped.
+pub fn pause_zeroing() -> ZeroingPaused {
+    PAUSED.store(true, Ordering::SeqCst);
+    while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+        core::hint::spin_loop();
+    }
+    ZeroingPaused
+}
+
+/// See `pause_zeroing`.
+pub struct ZeroingPaused;
+
+impl Drop for ZeroingPaused {
+    fn drop(&mut self) {
+        PAUSED.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Free frames plus pooled zeroed frames: constant while nothing holds frames and
+/// zeroing is paused.
+pub fn free_and_pooled() -> u64 {
+    let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
+        return 0;
+    };
+    let pooled: u64 = (0..percpu::online_count())
+        .map(|c| pools.stats(c).available as u64)
+        .sum();
+    frames.total_free() + pooled
+}
