@@ -17,6 +17,8 @@ extern crate alloc;
 
 pub mod buddy;
 pub mod cache;
+pub mod region;
+pub mod tlb;
 pub mod zero;
 
 /// Size of a frame.

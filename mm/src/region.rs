@@ -1,0 +1,375 @@
+//! The user address space's regions, as bookkeeping: which addresses are valid, with
+//! what rights, and what a fault at an address means. No page tables here: the kernel
+//! applies the decisions (map a zeroed frame, unmap, end the process).
+//!
+//! Regions come from `panda-abi`: ELF segments in `[ELF_LOAD_BASE, HEAP_BASE)`, the heap
+//! `[HEAP_BASE, break)` with the break movable within `[HEAP_BASE, HEAP_LIMIT]`, buffers
+//! allocated page by page inside the buffer region, and the stack
+//! `[STACK_BASE, STACK_BASE + STACK_MAX_SIZE)` with an unmapped guard page below it.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use panda_abi::{
+    BUFFER_BASE, BUFFER_MAX_SIZE, ELF_LOAD_BASE, HEAP_BASE, HEAP_LIMIT, PAGE_SIZE, STACK_BASE,
+    STACK_GUARD, STACK_MAX_SIZE,
+};
+
+use crate::MmError;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+fn page_down(x: u64) -> u64 {
+    x & !(PAGE - 1)
+}
+
+fn page_up(x: u64) -> u64 {
+    x.div_ceil(PAGE) * PAGE
+}
+
+/// Access rights of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rights {
+    pub write: bool,
+    pub execute: bool,
+}
+
+/// What a fault asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Execute,
+}
+
+/// What the fault path must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultDecision {
+    /// A valid, not yet backed page of a demand-zero region: map a zeroed frame with
+    /// these rights.
+    DemandZero(Rights),
+    /// The address is valid but the access is not allowed (write to read-only,
+    /// execute of non-executable).
+    ProtectionViolation,
+    /// The stack's guard page: the stack grew past 16 MiB.
+    StackOverflow,
+    /// No region contains the address.
+    OutsideRegions,
+}
+
+/// An ELF segment as mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    pub end: u64,
+    pub rights: Rights,
+}
+
+/// A user address space's regions.
+pub struct Regions {
+    segments: Vec<Segment>,
+    brk: u64,
+    /// Live buffers: start -> end.
+    buffers: BTreeMap<u64, u64>,
+}
+
+impl Default for Regions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Regions {
+    /// No segments, an empty heap, no buffers, the stack region.
+    pub fn new() -> Self {
+        Self {
+            segments: Vec::new(),
+            brk: HEAP_BASE as u64,
+            buffers: BTreeMap::new(),
+        }
+    }
+
+    /// Adds an ELF segment `[start, end)` (page-rounded outward). Refused: outside the
+    /// ELF region, overlapping another segment, writable and executable.
+    pub fn add_segment(
+        &mut self,
+        start: u64,
+        end: u64,
+        rights: Rights,
+    ) -> Result<Segment, MmError> {
+        if rights.write && rights.execute {
+            return Err(MmError::Invalid);
+        }
+        let (start, end) = (page_down(start), page_up(end));
+        if start >= end || start < ELF_LOAD_BASE as u64 || end > HEAP_BASE as u64 {
+            return Err(MmError::Invalid);
+        }
+        if self.segments.iter().any(|s| start < s.end && s.start < end) {
+            return Err(MmError::Invalid);
+        }
+        let segment = Segment { start, end, rights };
+        self.segments.push(segment);
+        Ok(segment)
+    }
+
+    /// The current break.
+    pub fn brk(&self) -> u64 {
+        self.brk
+    }
+
+    /// Moves the break to `new` (any byte address in `[HEAP_BASE, HEAP_LIMIT]`). Returns
+    /// the page range `[from, to)` that shrinking released (to unmap and free): only
+    /// pages wholly above the new break, so the page holding it keeps its data. An
+    /// out-of-range request leaves the break unchanged.
+    pub fn set_brk(&mut self, new: u64) -> Result<Option<(u64, u64)>, MmError> {
+        if new < HEAP_BASE as u64 || new > HEAP_LIMIT as u64 {
+            return Err(MmError::Invalid);
+        }
+        let old = self.brk;
+        self.brk = new;
+        let (keep_end, old_end) = (page_up(new), page_up(old));
+        Ok((keep_end < old_end).then_some((keep_end, old_end)))
+    }
+
+    /// Allocates a buffer of `size` bytes (page-rounded) in the buffer region, first
+    /// fit. Returns its start.
+    pub fn alloc_buffer(&mut self, size: u64) -> Result<u64, MmError> {
+        if size == 0 || size > BUFFER_MAX_SIZE as u64 {
+            return Err(MmError::Invalid);
+        }
+        let size = page_up(size);
+        let (base, limit) = (BUFFER_BASE as u64, (BUFFER_BASE + BUFFER_MAX_SIZE) as u64);
+        let mut cursor = base;
+        for (&start, &end) in &self.buffers {
+            if start - cursor >= size {
+                break;
+            }
+            cursor = end;
+        }
+        if limit - cursor < size {
+            return Err(MmError::OutOfMemory);
+        }
+        self.buffers.insert(cursor, cursor + size);
+        Ok(cursor)
+    }
+
+    /// Frees the buffer starting at `start`; returns its range `[start, end)` to unmap.
+    /// Anything but the start of a live buffer is an error (so no double free).
+    pub fn free_buffer(&mut self, start: u64) -> Result<(u64, u64), MmError> {
+        let end = self.buffers.remove(&start).ok_or(MmError::NotAllocated)?;
+        Ok((start, end))
+    }
+
+    /// Live buffers.
+    pub fn buffers(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.buffers.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// What a fault at `addr` with `access` means.
+    pub fn classify(&self, addr: u64, access: Access) -> FaultDecision {
+        let allowed = |r: Rights| match access {
+            Access::Read => true,
+            Access::Write => r.write,
+            Access::Execute => r.execute,
+        };
+        let data = Rights {
+            write: true,
+            execute: false,
+        };
+        let region = if let Some(s) = self
+            .segments
+            .iter()
+            .find(|s| s.start <= addr && addr < s.end)
+        {
+            Some(s.rights)
+        } else if (HEAP_BASE as u64..page_up(self.brk)).contains(&addr)
+            || self
+                .buffers
+                .range(..=addr)
+                .next_back()
+                .is_some_and(|(_, &e)| addr < e)
+            || (STACK_BASE as u64..(STACK_BASE + STACK_MAX_SIZE) as u64).contains(&addr)
+        {
+            Some(data)
+        } else {
+            None
+        };
+        match region {
+            Some(rights) if allowed(rights) => FaultDecision::DemandZero(rights),
+            Some(_) => FaultDecision::ProtectionViolation,
+            None if (STACK_GUARD.start as u64..STACK_GUARD.end as u64).contains(&addr) => {
+                FaultDecision::StackOverflow
+            }
+            None => FaultDecision::OutsideRegions,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RX: Rights = Rights {
+        write: false,
+        execute: true,
+    };
+    const RW: Rights = Rights {
+        write: true,
+        execute: false,
+    };
+
+    #[test]
+    fn segments_are_checked() {
+        let mut r = Regions::new();
+        let base = ELF_LOAD_BASE as u64;
+        assert!(r.add_segment(base, base + 0x1800, RX).is_ok());
+        assert_eq!(
+            r.add_segment(base + 0x1000, base + 0x3000, RW),
+            Err(MmError::Invalid),
+            "overlap"
+        );
+        assert_eq!(
+            r.add_segment(
+                base + 0x4000,
+                base + 0x5000,
+                Rights {
+                    write: true,
+                    execute: true
+                }
+            ),
+            Err(MmError::Invalid),
+            "W+X"
+        );
+        assert_eq!(
+            r.add_segment(0x1000, 0x2000, RW),
+            Err(MmError::Invalid),
+            "below the ELF region"
+        );
+        assert_eq!(
+            r.add_segment(HEAP_BASE as u64 - 0x1000, HEAP_BASE as u64 + 0x1000, RW),
+            Err(MmError::Invalid)
+        );
+        assert!(r.add_segment(base + 0x2000, base + 0x3000, RW).is_ok());
+    }
+
+    #[test]
+    fn brk_limits_leave_the_break_unchanged() {
+        let mut r = Regions::new();
+        assert_eq!(r.set_brk(HEAP_BASE as u64 - 1), Err(MmError::Invalid));
+        assert_eq!(r.set_brk(HEAP_LIMIT as u64 + 1), Err(MmError::Invalid));
+        assert_eq!(
+            r.set_brk(BUFFER_BASE as u64 + 0x1000),
+            Err(MmError::Invalid),
+            "into the buffer region"
+        );
+        assert_eq!(r.brk(), HEAP_BASE as u64);
+        assert_eq!(
+            r.set_brk(HEAP_LIMIT as u64),
+            Ok(None),
+            "the full 1020 GiB is allowed"
+        );
+    }
+
+    #[test]
+    fn shrinking_releases_only_whole_pages_above_the_break() {
+        let mut r = Regions::new();
+        let h = HEAP_BASE as u64;
+        assert_eq!(r.set_brk(h + 0x5000), Ok(None));
+        // Unaligned shrink: the page holding the new break stays.
+        assert_eq!(r.set_brk(h + 0x1800), Ok(Some((h + 0x2000, h + 0x5000))));
+        assert_eq!(
+            r.classify(h + 0x1fff, Access::Write),
+            FaultDecision::DemandZero(RW)
+        );
+        assert_eq!(
+            r.classify(h + 0x2000, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        assert_eq!(
+            r.set_brk(h + 0x1900),
+            Ok(None),
+            "growing within a page releases nothing"
+        );
+        assert_eq!(r.set_brk(h), Ok(Some((h, h + 0x2000))));
+    }
+
+    #[test]
+    fn buffers_never_overlap_and_reuse_freed_space() {
+        let mut r = Regions::new();
+        let a = r.alloc_buffer(1).unwrap();
+        let b = r.alloc_buffer(3 * PAGE).unwrap();
+        let c = r.alloc_buffer(PAGE + 1).unwrap();
+        assert_eq!(a, BUFFER_BASE as u64);
+        assert_eq!(b, a + PAGE);
+        assert_eq!(c, b + 3 * PAGE);
+        assert_eq!(r.free_buffer(b), Ok((b, b + 3 * PAGE)));
+        assert_eq!(r.free_buffer(b), Err(MmError::NotAllocated), "double free");
+        assert_eq!(
+            r.free_buffer(a + 1),
+            Err(MmError::NotAllocated),
+            "not a start"
+        );
+        // First fit: a 2-page buffer reuses b's hole.
+        assert_eq!(r.alloc_buffer(2 * PAGE), Ok(b));
+        let spans: Vec<_> = r.buffers().collect();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "buffers overlap: {spans:?}");
+        }
+    }
+
+    #[test]
+    fn the_buffer_region_fills_up_and_says_so() {
+        let mut r = Regions::new();
+        assert_eq!(r.alloc_buffer(0), Err(MmError::Invalid));
+        assert_eq!(
+            r.alloc_buffer(BUFFER_MAX_SIZE as u64 + 1),
+            Err(MmError::Invalid)
+        );
+        let all = r.alloc_buffer(BUFFER_MAX_SIZE as u64).unwrap();
+        assert_eq!(r.alloc_buffer(PAGE), Err(MmError::OutOfMemory));
+        r.free_buffer(all).unwrap();
+        assert!(r.alloc_buffer(PAGE).is_ok());
+    }
+
+    #[test]
+    fn classify_regions() {
+        let mut r = Regions::new();
+        let base = ELF_LOAD_BASE as u64;
+        r.add_segment(base, base + 0x1000, RX).unwrap();
+        r.add_segment(base + 0x1000, base + 0x2000, RW).unwrap();
+        r.set_brk(HEAP_BASE as u64 + 10).unwrap();
+        let buf = r.alloc_buffer(PAGE).unwrap();
+        let top = (STACK_BASE + STACK_MAX_SIZE) as u64;
+        use FaultDecision::*;
+        assert_eq!(r.classify(base, Access::Execute), DemandZero(RX));
+        assert_eq!(r.classify(base, Access::Write), ProtectionViolation);
+        assert_eq!(
+            r.classify(base + 0x1000, Access::Execute),
+            ProtectionViolation
+        );
+        assert_eq!(r.classify(HEAP_BASE as u64, Access::Write), DemandZero(RW));
+        assert_eq!(
+            r.classify(HEAP_BASE as u64, Access::Execute),
+            ProtectionViolation,
+            "jumping into the heap"
+        );
+        assert_eq!(r.classify(buf, Access::Write), DemandZero(RW));
+        assert_eq!(r.classify(buf + PAGE, Access::Read), OutsideRegions);
+        assert_eq!(r.classify(top - 8, Access::Write), DemandZero(RW));
+        assert_eq!(
+            r.classify(STACK_BASE as u64, Access::Write),
+            DemandZero(RW),
+            "the 16th MiB"
+        );
+        assert_eq!(
+            r.classify(STACK_BASE as u64 - 8, Access::Write),
+            StackOverflow
+        );
+        assert_eq!(r.classify(0, Access::Read), OutsideRegions, "null");
+        assert_eq!(
+            r.classify(0x0000_8000_0000_0000, Access::Read),
+            OutsideRegions,
+            "non-canonical"
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! TLB shootdown bookkeeping: who may hold an address space's translations, and when a
+//! freed frame may be reused.
+//!
+//! Each address space has a `TlbState`: the set of CPUs running it right now, a
+//! generation counter raised by every unmap or protect, and per CPU the generation that
+//! CPU last flushed for it. An unmap collects its pages and the frames they mapped in a
+//! `FlushBatch`; `commit` raises the generation and names the CPUs to interrupt — only
+//! those running the space now (the caller flushes itself). The frames stay inside the
+//! resulting `PendingFlush` and come out only from `complete`, given acknowledgements
+//! from every target: a freed frame cannot be reused while a CPU that ran the space
+//! during the unmap could still translate to it.
+//!
+//! A CPU that is not running the space may still hold entries for it (with PCID, entries
+//! survive a CR3 switch). It cannot use them until it switches back, and `on_switch` then
+//! sees that its flushed generation is stale and demands a flush first. Without PCID
+//! every CR3 switch flushes anyway.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::PhysFrame;
+
+/// CPUs tracked.
+pub const MAX_CPUS: usize = 256;
+/// Above this many pages, flush the whole TLB instead of page by page.
+pub const FULL_FLUSH_THRESHOLD: usize = 32;
+
+/// A set of CPU indices, updated atomically.
+pub struct CpuSet([AtomicU64; MAX_CPUS / 64]);
+
+impl Default for CpuSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuSet {
+    pub const fn new() -> Self {
+        Self([const { AtomicU64::new(0) }; MAX_CPUS / 64])
+    }
+
+    pub fn insert(&self, cpu: usize) {
+        self.0[cpu / 64].fetch_or(1 << (cpu % 64), Ordering::SeqCst);
+    }
+
+    pub fn remove(&self, cpu: usize) {
+        self.0[cpu / 64].fetch_and(!(1 << (cpu % 64)), Ordering::SeqCst);
+    }
+
+    pub fn contains(&self, cpu: usize) -> bool {
+        self.0[cpu / 64].load(Ordering::SeqCst) & (1 << (cpu % 64)) != 0
+    }
+
+    /// The members now, as a plain bitmap.
+    pub fn snapshot(&self) -> CpuMask {
+        CpuMask(core::array::from_fn(|i| self.0[i].load(Ordering::SeqCst)))
+    }
+}
+
+/// A plain (non-atomic) set of CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuMask([u64; MAX_CPUS / 64]);
+
+impl CpuMask {
+    pub fn insert(&mut self, cpu: usize) {
+        self.0[cpu / 64] |= 1 << (cpu % 64);
+    }
+
+    pub fn remove(&mut self, cpu: usize) {
+        self.0[cpu / 64] &= !(1 << (cpu % 64));
+    }
+
+    pub fn contains(&self, cpu: usize) -> bool {
+        self.0[cpu / 64] & (1 << (cpu % 64)) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    /// Whether every member of `other` is in `self`.
+    pub fn covers(&self, other: &CpuMask) -> bool {
+        self.0.iter().zip(other.0.iter()).all(|(a, b)| a & b == *b)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..MAX_CPUS).filter(|&c| self.contains(c))
+    }
+}
+
+/// One address space's TLB state.
+pub struct TlbState {
+    active: CpuSet,
+    generation: AtomicU64,
+    flushed: [AtomicU64; MAX_CPUS],
+}
+
+impl Default for TlbState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a CR3 switch must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchFlush {
+    /// This CPU's entries for the space may be stale: flush them.
+    Flush,
+    /// Entries kept from earlier (with PCID) are current: no flush needed.
+    Keep,
+}
+
+impl TlbState {
+    pub const fn new() -> Self {
+        Self {
+            active: CpuSet::new(),
+            generation: AtomicU64::new(1),
+            flushed: [const { AtomicU64::new(0) }; MAX_CPUS],
+        }
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// CPU `cpu` switches to this space. Returns whether it must flush, and records
+    /// that after this switch it is current.
+    pub fn on_switch_in(&self, cpu: usize) -> SwitchFlush {
+        self.active.insert(cpu);
+        let now = self.generation.load(Ordering::SeqCst);
+        let seen = self.flushed[cpu].swap(now, Ordering::SeqCst);
+        if seen < now {
+            SwitchFlush::Flush
+        } else {
+            SwitchFlush::Keep
+        }
+    }
+
+    /// CPU `cpu` switches away from this space.
+    pub fn on_switch_out(&self, cpu: usize) {
+        self.active.remove(cpu);
+    }
+
+    /// CPUs running the space now.
+    pub fn active(&self) -> CpuMask {
+        self.active.snapshot()
+    }
+
+    /// A target acknowledges a flush of generation `generation`.
+    pub fn acknowledge(&self, cpu: usize, generation: u64) {
+        self.flushed[cpu].fetch_max(generation, Ordering::SeqCst);
+    }
+}
+
+/// Which entries to flush.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlushScope {
+    Pages(Vec<u64>),
+    Everything,
+}
+
+/// Pages being unmapped and the frames they mapped.
+#[derive(Default)]
+pub struct FlushBatch {
+    pages: Vec<u64>,
+    full: bool,
+    frames: Vec<PhysFrame>,
+}
+
+impl FlushBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an unmapped page and the frame it mapped (to free after the flush).
+    pub fn add(&mut self, page: u64, frame: Option<PhysFrame>) {
+        if !self.full {
+            self.pages.push(page);
+            if self.pages.len() > FULL_FLUSH_THRESHOLD {
+                self.full = true;
+                self.pages = Vec::new();
+            }
+        }
+        if let Some(f) = frame {
+            self.frames.push(f);
+        }
+    }
+
+    /// Raises the space's generation and decides who flushes what. `me` is the calling
+    /// CPU (it flushes locally if it runs the space; it is never a target).
+    pub fn commit(self, state: &TlbState, me: usize) -> PendingFlush {
+        let generation = state.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut targets = state.active();
+        let local = targets.contains(me);
+        targets.remove(me);
+        if local {
+            state.acknowledge(me, generation);
+        }
+        PendingFlush {
+            generation,
+            targets,
+            local,
+            scope: if self.full {
+                FlushScope::Everything
+            } else {
+                FlushScope::Pages(self.pages)
+            },
+            frames: self.frames,
+        }
+    }
+}
+
+/// A committed unmap whose frames wait for every target's flush.
+pub struct PendingFlush {
+    generation: u64,
+    targets: CpuMask,
+    local: bool,
+    scope: FlushScope,
+    frames: Vec<PhysFrame>,
+}
+
+impl PendingFlush {
+    /// CPUs to interrupt (IPI / cross-CPU call).
+    pub fn targets(&self) -> CpuMask {
+        self.targets
+    }
+
+    /// Whether the calling CPU must flush itself too.
+    pub fn flush_locally(&self) -> bool {
+        self.local
+    }
+
+    /// What each target flushes.
+    pub fn scope(&self) -> &FlushScope {
+        &self.scope
+    }
+
+    /// The generation targets acknowledge.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The frames, once `acked` covers every target; otherwise the pending flush back.
+    pub fn complete(self, acked: &CpuMask) -> Result<Vec<PhysFrame>, PendingFlush> {
+        if acked.covers(&self.targets) {
+            Ok(self.frames)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u64) -> PhysFrame {
+        PhysFrame(n * 4096)
+    }
+
+    #[test]
+    fn only_cpus_running_the_space_are_interrupted() {
+        let s = TlbState::new();
+        s.on_switch_in(1);
+        s.on_switch_in(2);
+        s.on_switch_in(5);
+        s.on_switch_out(2);
+        let mut b = FlushBatch::new();
+        b.add(0x40_0000, Some(frame(7)));
+        let p = b.commit(&s, 1);
+        assert_eq!(
+            p.targets().iter().collect::<Vec<_>>(),
+            vec![5],
+            "cpu1 flushes itself, cpu2 left"
+        );
+        assert!(p.flush_locally());
+        assert_eq!(p.scope(), &FlushScope::Pages(vec![0x40_0000]));
+    }
+
+    #[test]
+    fn frames_are_held_until_every_target_acknowledges() {
+        let s = TlbState::new();
+        for cpu in [0, 3, 4] {
+            s.on_switch_in(cpu);
+        }
+        let mut b = FlushBatch::new();
+        b.add(0x1000, Some(frame(1)));
+        b.add(0x2000, Some(frame(2)));
+        let p = b.commit(&s, 0);
+        let mut acked = CpuMask::default();
+        acked.insert(3);
+        let p = match p.complete(&acked) {
+            Ok(_) => panic!("frames released before cpu4 flushed"),
+            Err(p) => p,
+        };
+        acked.insert(4);
+        let frames = p.complete(&acked).ok().expect("all targets acknowledged");
+        assert_eq!(frames, vec![frame(1), frame(2)]);
+    }
+
+    #[test]
+    fn big_batches_flush_everything() {
+        let s = TlbState::new();
+        let mut b = FlushBatch::new();
+        for i in 0..=FULL_FLUSH_THRESHOLD as u64 {
+            b.add(i * 4096, Some(frame(i)));
+        }
+        let p = b.commit(&s, 0);
+        assert_eq!(p.scope(), &FlushScope::Everything);
+        assert!(p.targets().is_empty());
+        assert_eq!(
+            p.complete(&CpuMask::default()).ok().map(|f| f.len()),
+            Some(FULL_FLUSH_THRESHOLD + 1)
+        );
+    }
+
+    #[test]
+    fn a_cpu_that_ran_the_space_earlier_flushes_when_it_returns() {
+        let s = TlbState::new();
+        assert_eq!(s.on_switch_in(2), SwitchFlush::Flush, "first entry");
+        s.on_switch_out(2);
+        assert_eq!(
+            s.on_switch_in(2),
+            SwitchFlush::Keep,
+            "nothing changed meanwhile"
+        );
+        s.on_switch_out(2);
+        // An unmap while cpu2 is away: cpu2 is not interrupted ...
+        let p = FlushBatch::new().commit(&s, 0);
+        assert!(!p.targets().contains(2));
+        // ... but must flush when it comes back.
+        assert_eq!(s.on_switch_in(2), SwitchFlush::Flush);
+        assert_eq!(s.on_switch_in(2), SwitchFlush::Keep);
+    }
+
+    #[test]
+    fn acknowledged_targets_do_not_flush_again_on_switch() {
+        let s = TlbState::new();
+        s.on_switch_in(1);
+        let p = FlushBatch::new().commit(&s, 0);
+        s.acknowledge(1, p.generation());
+        s.on_switch_out(1);
+        assert_eq!(s.on_switch_in(1), SwitchFlush::Keep);
+    }
+}
