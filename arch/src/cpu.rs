@@ -160,6 +160,11 @@ pub fn enable_features(f: &Features) {
     }
 }
 
+/// Whether CR4.SMAP is on (then kernel access to user pages needs stac/clac).
+pub fn smap_enabled() -> bool {
+    Cr4::read().contains(Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION)
+}
+
 /// Whether EFER.NXE is on, i.e. page-table NX bits are honoured rather than reserved.
 pub fn nx_enabled() -> bool {
     Efer::read().contains(EferFlags::NO_EXECUTE_ENABLE)

@@ -270,6 +270,79 @@ impl TableBuilder {
     pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
         translate_in(self.root, self.hhdm, virt)
     }
+
+    /// The tables on the path to `virt`'s 4 KiB leaf: (PML4, PDPT, PD, PT) frames, as
+    /// far as they exist.
+    fn path(&self, virt: u64) -> [Option<u64>; 4] {
+        let mut path = [Some(self.root), None, None, None];
+        for level in 0..3 {
+            let Some(table) = path[level] else { break };
+            let index = ((virt >> (39 - 9 * level)) & 0x1ff) as usize;
+            let entry = self.read(table, index);
+            if entry & flags::PRESENT == 0 || entry & flags::HUGE != 0 {
+                break;
+            }
+            path[level + 1] = Some(entry & ADDR_MASK);
+        }
+        path
+    }
+
+    /// Removes the 4 KiB mapping of `virt` and returns the frame it mapped. Page-table
+    /// pages left empty below the PML4 are unlinked and handed to `free_table`. The
+    /// caller flushes TLBs (see panda-mm's shootdown protocol) before reusing the frame.
+    pub fn unmap(&mut self, virt: u64, free_table: &mut dyn FnMut(u64)) -> Option<u64> {
+        let path = self.path(virt);
+        let pt = path[3]?;
+        let index = ((virt >> 12) & 0x1ff) as usize;
+        let entry = self.read(pt, index);
+        if entry & flags::PRESENT == 0 {
+            return None;
+        }
+        self.write(pt, index, 0);
+        // Prune: PT, then PD, then PDPT, while they are empty (never the PML4).
+        for level in (1..4).rev() {
+            let (Some(table), Some(parent)) = (path[level], path[level - 1]) else {
+                break;
+            };
+            if (0..512).any(|i| self.read(table, i) & flags::PRESENT != 0) {
+                break;
+            }
+            let parent_index = ((virt >> (39 - 9 * (level - 1))) & 0x1ff) as usize;
+            self.write(parent, parent_index, 0);
+            free_table(table);
+        }
+        Some(entry & ADDR_MASK)
+    }
+
+    /// Frees every mapping and table of the user half (PML4 slots 0..256): leaf frames
+    /// go to `free_leaf`, table frames (and finally the PML4) to `free_table`. The
+    /// hierarchy must not be loaded on any CPU.
+    pub fn tear_down(self, free_leaf: &mut dyn FnMut(u64), free_table: &mut dyn FnMut(u64)) {
+        fn walk(
+            b: &TableBuilder,
+            table: u64,
+            level: u32,
+            free_leaf: &mut dyn FnMut(u64),
+            free_table: &mut dyn FnMut(u64),
+        ) {
+            let slots = if level == 3 { 0..256 } else { 0..512 };
+            for i in slots {
+                let entry = b.read(table, i);
+                if entry & flags::PRESENT == 0 {
+                    continue;
+                }
+                let next = entry & ADDR_MASK;
+                if level == 0 || entry & flags::HUGE != 0 {
+                    free_leaf(next);
+                } else {
+                    walk(b, next, level - 1, free_leaf, free_table);
+                    free_table(next);
+                }
+            }
+        }
+        walk(&self, self.root, 3, free_leaf, free_table);
+        free_table(self.root);
+    }
 }
 
 /// Walks the hierarchy rooted at `root` for `virt`: (physical address, leaf entry bits).
@@ -308,6 +381,16 @@ pub unsafe fn switch_to(root: u64) {
     let frame = PhysFrame::containing_address(PhysAddr::new(root));
     // SAFETY: the caller vouches for the new hierarchy.
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+}
+
+/// Invalidates the TLB entry of one page on this CPU.
+pub fn flush_page(virt: u64) {
+    x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(virt));
+}
+
+/// Flushes this CPU's non-global TLB entries (reloads CR3).
+pub fn flush_user() {
+    x86_64::instructions::tlb::flush_all();
 }
 
 /// Flushes the whole TLB, global entries included, by toggling CR4.PGE.

@@ -99,6 +99,50 @@ global_asm!(
     pop rbx
     ret
 
+    /* u64 panda_probe_user_read_u64(addr, *Fault, *u64 out): as read, with SMAP
+       lifted (stac/clac) for the one access: the only way the kernel reads user memory. */
+    .global panda_probe_user_read_u64
+    panda_probe_user_read_u64:
+    stac
+    40: mov rax, qword ptr [rdi]
+    clac
+    mov qword ptr [rdx], rax
+    xor eax, eax
+    ret
+    41: clac
+    mov qword ptr [rsi], rax
+    mov qword ptr [rsi + 8], r8
+    mov qword ptr [rsi + 16], r9
+    mov eax, 1
+    ret
+
+    /* u64 panda_probe_user_write_u64(addr, value, *Fault) */
+    .global panda_probe_user_write_u64
+    panda_probe_user_write_u64:
+    stac
+    50: mov qword ptr [rdi], rsi
+    clac
+    xor eax, eax
+    ret
+    51: clac
+    mov qword ptr [rdx], rax
+    mov qword ptr [rdx + 8], r8
+    mov qword ptr [rdx + 16], r9
+    mov eax, 1
+    ret
+
+    /* u64 panda_probe_write_u64(addr, value, *Fault) */
+    .global panda_probe_write_u64
+    panda_probe_write_u64:
+    60: mov qword ptr [rdi], rsi
+    xor eax, eax
+    ret
+    61: mov qword ptr [rdx], rax
+    mov qword ptr [rdx + 8], r8
+    mov qword ptr [rdx + 16], r9
+    mov eax, 1
+    ret
+
     .global panda_probe_ret_in_text
     panda_probe_ret_in_text:
     ret
@@ -108,6 +152,9 @@ global_asm!(
     .quad 10b, 11b
     .quad 20b, 21b
     .quad 30b, 31b
+    .quad 40b, 41b
+    .quad 50b, 51b
+    .quad 60b, 61b
     "#
 );
 
@@ -115,6 +162,9 @@ unsafe extern "C" {
     fn panda_probe_read_u64(addr: u64, fault: *mut Fault, out: *mut u64) -> u64;
     fn panda_probe_write_u8(addr: u64, value: u8, fault: *mut Fault) -> u64;
     fn panda_probe_ud2(fault: *mut Fault) -> u64;
+    fn panda_probe_user_read_u64(addr: u64, fault: *mut Fault, out: *mut u64) -> u64;
+    fn panda_probe_user_write_u64(addr: u64, value: u64, fault: *mut Fault) -> u64;
+    fn panda_probe_write_u64(addr: u64, value: u64, fault: *mut Fault) -> u64;
     fn panda_probe_exec(target: u64, fault: *mut Fault) -> u64;
     static panda_probe_exec_fixup: u8;
     static panda_probe_ret_in_text: u8;
@@ -263,4 +313,64 @@ pub fn read_bytes(addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
         i += n;
     }
     Ok(())
+}
+
+/// Whether `addr` is a user (lower-half) address.
+fn is_user(addr: u64) -> bool {
+    addr < 0x0000_8000_0000_0000
+}
+
+/// Reads a u64 of user memory in the current address space (SMAP lifted for that one
+/// access). A kernel address is refused without touching it; a fault is reported.
+pub fn read_user_u64(addr: u64) -> Result<u64, Fault> {
+    if !is_user(addr) || !is_user(addr + 7) {
+        return Err(Fault {
+            vector: 14,
+            error_code: 0,
+            address: addr,
+        });
+    }
+    let mut fault = Fault::default();
+    let mut value = 0;
+    // SAFETY: the address is in the user half, so no kernel data is read; the access is
+    // covered by the exception table and SMAP is restored on both paths. Without SMAP
+    // (stac/clac would be #UD) the plain probe does the same access.
+    let faulted = unsafe {
+        if crate::cpu::smap_enabled() {
+            panda_probe_user_read_u64(addr, &mut fault, &mut value)
+        } else {
+            panda_probe_read_u64(addr, &mut fault, &mut value)
+        }
+    };
+    if faulted == 0 {
+        Ok(value)
+    } else {
+        Err(fault)
+    }
+}
+
+/// Writes a u64 of user memory in the current address space (SMAP lifted for that one
+/// access). A kernel address is refused without touching it; a fault is reported.
+pub fn write_user_u64(addr: u64, value: u64) -> Result<(), Fault> {
+    if !is_user(addr) || !is_user(addr + 7) {
+        return Err(Fault {
+            vector: 14,
+            error_code: 2,
+            address: addr,
+        });
+    }
+    let mut fault = Fault::default();
+    // SAFETY: as in `read_user_u64`; user memory is not kernel data.
+    let faulted = unsafe {
+        if crate::cpu::smap_enabled() {
+            panda_probe_user_write_u64(addr, value, &mut fault)
+        } else {
+            panda_probe_write_u64(addr, value, &mut fault)
+        }
+    };
+    if faulted == 0 {
+        Ok(())
+    } else {
+        Err(fault)
+    }
 }

@@ -128,6 +128,8 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_zero_pools_fill_when_idle,
     mm_frames_return_to_baseline,
     mm_exhaustion_fails_cleanly,
+    mm_address_space_regions_and_faults,
+    mm_unmap_is_seen_by_another_cpu,
     mm_measure,
 ];
 
@@ -923,4 +925,189 @@ async fn mm_measure() -> Outcome {
         "   (median of 201, guest TSC: alloc+free via per-CPU cache {cached} ns, via global buddy {global} ns, zero one 4 KiB frame {zero} ns)"
     );
     Ok(())
+}
+
+use crate::aspace::AddressSpace;
+use panda_mm::region::{Access, FaultDecision, Rights};
+
+/// Reads user memory in the current space, resolving demand faults like a user access.
+fn user_read(space: &AddressSpace, addr: u64) -> Result<u64, FaultDecision> {
+    match probe::read_user_u64(addr) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            space.handle_fault(addr, Access::Read)?;
+            probe::read_user_u64(addr).map_err(|_| FaultDecision::OutsideRegions)
+        }
+    }
+}
+
+fn user_write(space: &AddressSpace, addr: u64, value: u64) -> Result<(), FaultDecision> {
+    match probe::write_user_u64(addr, value) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            space.handle_fault(addr, Access::Write)?;
+            probe::write_user_u64(addr, value).map_err(|_| FaultDecision::ProtectionViolation)
+        }
+    }
+}
+
+async fn mm_address_space_regions_and_faults() -> Outcome {
+    use panda_abi::{ELF_LOAD_BASE, HEAP_BASE, INITIAL_STACK_POINTER, STACK_BASE};
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::free_and_pooled();
+    let outcome = (|| -> Outcome {
+        let space = AddressSpace::new().map_err(|e| fail(format_args!("new space: {e:?}")))?;
+        space.activate();
+        let result = (|| -> Outcome {
+            let heap = HEAP_BASE as u64;
+            space
+                .set_brk(heap + 0x4000)
+                .map_err(|e| fail(format_args!("brk: {e:?}")))?;
+            // Demand-zero: a fresh page reads zero, then keeps what is written.
+            ensure!(
+                user_read(&space, heap + 0x1008) == Ok(0),
+                "fresh heap page not zero"
+            );
+            user_write(&space, heap, 0x1234_5678)
+                .map_err(|d| fail(format_args!("heap write: {d:?}")))?;
+            ensure!(user_read(&space, heap) == Ok(0x1234_5678), "heap lost data");
+            // Shrink to an unaligned break: the page holding it keeps its data, the
+            // pages above are gone and read zero when the heap grows again.
+            user_write(&space, heap + 0x2000, 0xdead).map_err(|d| fail(format_args!("{d:?}")))?;
+            space
+                .set_brk(heap + 0x10)
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            ensure!(
+                user_read(&space, heap) == Ok(0x1234_5678),
+                "shrink lost the break's page"
+            );
+            ensure!(
+                space.translate(heap + 0x2000).is_none(),
+                "page above the break still mapped"
+            );
+            ensure!(
+                user_read(&space, heap + 0x2000) == Err(FaultDecision::OutsideRegions),
+                "read above the break allowed"
+            );
+            space
+                .set_brk(heap + 0x4000)
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            ensure!(
+                user_read(&space, heap + 0x2000) == Ok(0),
+                "regrown heap shows old contents"
+            );
+            // Buffers.
+            let buf = space
+                .regions()
+                .alloc_buffer(8192)
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            user_write(&space, buf + 4096, 7).map_err(|d| fail(format_args!("buffer: {d:?}")))?;
+            ensure!(user_read(&space, buf + 4096) == Ok(7), "buffer lost data");
+            // Stack: top and the 16th MiB, then the guard page.
+            let top = INITIAL_STACK_POINTER as u64;
+            user_write(&space, top - 8, 1).map_err(|d| fail(format_args!("stack top: {d:?}")))?;
+            user_write(&space, STACK_BASE as u64, 2)
+                .map_err(|d| fail(format_args!("stack bottom: {d:?}")))?;
+            ensure!(
+                user_write(&space, STACK_BASE as u64 - 8, 3) == Err(FaultDecision::StackOverflow),
+                "stack guard page writable"
+            );
+            // An ELF-style read-only segment: readable (zero), not writable.
+            let base = ELF_LOAD_BASE as u64;
+            space
+                .regions()
+                .add_segment(
+                    base,
+                    base + 0x1000,
+                    Rights {
+                        write: false,
+                        execute: true,
+                    },
+                )
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            ensure!(user_read(&space, base) == Ok(0), "segment read");
+            ensure!(
+                user_write(&space, base, 1) == Err(FaultDecision::ProtectionViolation),
+                "read-only segment writable"
+            );
+            // Nothing else is mapped.
+            ensure!(
+                user_read(&space, 0) == Err(FaultDecision::OutsideRegions),
+                "null readable"
+            );
+            ensure!(
+                user_read(&space, 0x1_0000_0000_0000) == Err(FaultDecision::OutsideRegions),
+                "hole"
+            );
+            Ok(())
+        })();
+        space.deactivate();
+        result
+    })();
+    // The space is dropped: every frame and table page must be back.
+    let now = crate::memory::free_and_pooled();
+    outcome?;
+    ensure!(
+        now == baseline,
+        "after tear-down {now} frames, baseline {baseline}: leak"
+    );
+    Ok(())
+}
+
+static SHARED_SPACE: spin::Mutex<Option<alloc::sync::Arc<AddressSpace>>> = spin::Mutex::new(None);
+
+/// Runs on another CPU (cross-CPU call): enters the shared space, reads `addr`.
+/// Returns the value, or u64::MAX if the read faulted.
+fn read_on_this_cpu(addr: u64) -> u64 {
+    // Enter only once: a CR3 reload would flush the TLB and hide a missing shootdown.
+    if let Some(space) = SHARED_SPACE.lock().as_ref() {
+        if !space.is_current() {
+            space.activate();
+        }
+    }
+    probe::read_user_u64(addr).unwrap_or(u64::MAX)
+}
+
+fn leave_shared_space(_: u64) -> u64 {
+    if let Some(space) = SHARED_SPACE.lock().as_ref() {
+        space.deactivate();
+    }
+    0
+}
+
+async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
+    let exec = executor()?;
+    if exec.cpu_count() < 2 {
+        crate::console!("   (needs 2 CPUs: skipped)");
+        return Ok(());
+    }
+    let heap = panda_abi::HEAP_BASE as u64;
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    *SHARED_SPACE.lock() = Some(space.clone());
+    space.activate();
+    let result = (|| -> Outcome {
+        space
+            .set_brk(heap + 0x1000)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        user_write(&space, heap, 0x5eed).map_err(|d| fail(format_args!("{d:?}")))?;
+        // CPU 1 enters the space and reads the page: its TLB now holds the translation.
+        let seen = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        ensure!(seen == 0x5eed, "cpu1 read {seen:#x}");
+        // Unmap here while CPU 1 still runs the space.
+        space
+            .set_brk(heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        let after = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        ensure!(
+            after == u64::MAX,
+            "cpu1 still read {after:#x} through a stale TLB entry after the unmap"
+        );
+        Ok(())
+    })();
+    let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
+    space.deactivate();
+    *SHARED_SPACE.lock() = None;
+    result
 }

@@ -15,6 +15,7 @@
 
 extern crate alloc;
 
+mod aspace;
 mod boot;
 mod crash;
 mod exec;

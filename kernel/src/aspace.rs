@@ -1,0 +1,240 @@
+//! User address spaces: a page-table hierarchy per process over `panda-mm`'s region
+//! and shootdown bookkeeping.
+//!
+//! Each space owns a PML4 whose kernel half (slots 256..511) is copied from the kernel's
+//! and therefore shared. Faults in demand-zero regions map a frame from the zeroed pool
+//! (or a freshly zeroed one), under the page-table lock, so two faults on one page end
+//! with one mapping. Shrinking the heap unmaps pages and runs the shootdown protocol:
+//! CPUs running the space now flush (cross-CPU calls), the others catch up at their
+//! next switch, and the frames are freed only after every target acknowledged.
+//! Dropping the space frees every frame and table page.
+//!
+//! The user-space issue adds processes, threads and the fault path from ring 3; today
+//! the kernel drives spaces itself (in-kernel tests).
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use panda_arch::paging::{flags, FrameSource, PageSize, TableBuilder};
+use panda_arch::{ipi, percpu};
+use panda_mm::region::{Access, FaultDecision, Regions};
+use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
+use panda_mm::{MmError, PhysFrame};
+
+use crate::{kernel_tables, memory};
+
+/// Page-table frames from the frame allocator, zeroed.
+struct TableFrames;
+
+impl FrameSource for TableFrames {
+    fn zeroed_frame(&mut self) -> Option<u64> {
+        let frame = memory::frames()?.alloc(percpu::current_index()).ok()?;
+        memory::zero(frame);
+        Some(frame.addr())
+    }
+}
+
+fn free_frame(phys: u64) {
+    if let (Some(frames), Some(frame)) = (memory::frames(), PhysFrame::from_addr(phys)) {
+        // A frame the allocator did not hand out would be a kernel bug; the error is
+        // ignored rather than panicking in a free path.
+        let _ = frames.free(percpu::current_index(), frame);
+    }
+}
+
+/// One user address space.
+pub struct AddressSpace {
+    root: u64,
+    tables: spin::Mutex<Option<TableBuilder>>,
+    regions: spin::Mutex<Regions>,
+    tlb: TlbState,
+}
+
+impl AddressSpace {
+    /// An empty space sharing the kernel half.
+    pub fn new() -> Result<Arc<Self>, MmError> {
+        let hhdm = panda_arch::HHDM_BASE;
+        let mut tables =
+            TableBuilder::new(&mut TableFrames, hhdm).map_err(|_| MmError::OutOfMemory)?;
+        tables.share_kernel_half(kernel_tables::kernel_root());
+        Ok(Arc::new(Self {
+            root: tables.root(),
+            tables: spin::Mutex::new(Some(tables)),
+            regions: spin::Mutex::new(Regions::new()),
+            tlb: TlbState::new(),
+        }))
+    }
+
+    /// The region bookkeeping (segments, break, buffers).
+    pub fn regions(&self) -> spin::MutexGuard<'_, Regions> {
+        self.regions.lock()
+    }
+
+    /// Whether this space is the calling CPU's current one.
+    pub fn is_current(&self) -> bool {
+        panda_arch::paging::active_root() == self.root
+    }
+
+    /// Makes this space current on the calling CPU.
+    pub fn activate(&self) {
+        let cpu = percpu::current_index();
+        let decision = self.tlb.on_switch_in(cpu);
+        // SAFETY: the hierarchy shares the kernel half, so everything the kernel uses
+        // stays mapped; without PCID the CR3 load flushes this CPU's user entries, which
+        // also covers a `Flush` decision.
+        #[allow(unsafe_code)]
+        unsafe {
+            panda_arch::paging::switch_to(self.root)
+        };
+        if decision == SwitchFlush::Flush {
+            panda_arch::paging::flush_user();
+        }
+    }
+
+    /// Returns the calling CPU to the kernel's own tables.
+    pub fn deactivate(&self) {
+        // SAFETY: the kernel's tables map everything the kernel uses.
+        #[allow(unsafe_code)]
+        unsafe {
+            panda_arch::paging::switch_to(kernel_tables::kernel_root())
+        };
+        self.tlb.on_switch_out(percpu::current_index());
+    }
+
+    /// Resolves a fault at `addr`: maps a zeroed frame if the address is valid for the
+    /// access and not yet backed; otherwise says why not.
+    pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultDecision> {
+        let decision = self.regions.lock().classify(addr, access);
+        let FaultDecision::DemandZero(rights) = decision else {
+            return Err(decision);
+        };
+        let cpu = percpu::current_index();
+        let frame = match memory::zero_pools().and_then(|p| p.try_take(cpu)) {
+            Some(z) => z.into_frame(),
+            None => {
+                let frame = memory::frames()
+                    .and_then(|f| f.alloc(cpu).ok())
+                    .ok_or(FaultDecision::OutsideRegions)?;
+                memory::zero(frame);
+                frame
+            }
+        };
+        let page = addr & !0xfff;
+        let mut bits = flags::USER;
+        if rights.write {
+            bits |= flags::WRITABLE;
+        }
+        if !rights.execute && panda_arch::cpu::nx_enabled() {
+            bits |= flags::NO_EXECUTE;
+        }
+        let mut guard = self.tables.lock();
+        let Some(tables) = guard.as_mut() else {
+            free_frame(frame.addr());
+            return Err(FaultDecision::OutsideRegions);
+        };
+        if tables.translate(page).is_some() {
+            // Another fault mapped it first: one mapping, both resume.
+            drop(guard);
+            free_frame(frame.addr());
+            return Ok(());
+        }
+        if tables
+            .map(page, frame.addr(), PageSize::Size4K, bits, &mut TableFrames)
+            .is_err()
+        {
+            drop(guard);
+            free_frame(frame.addr());
+            return Err(FaultDecision::OutsideRegions);
+        }
+        Ok(())
+    }
+
+    /// Moves the break; shrinking unmaps the released pages and shoots down their TLB
+    /// entries before freeing the frames. Returns the new break.
+    pub fn set_brk(&self, new: u64) -> Result<u64, MmError> {
+        let released = self.regions.lock().set_brk(new)?;
+        if let Some((from, to)) = released {
+            self.unmap_range(from, to);
+        }
+        Ok(new)
+    }
+
+    /// Unmaps every mapped page in `[from, to)`, then runs the shootdown.
+    fn unmap_range(&self, from: u64, to: u64) {
+        let mut batch = FlushBatch::new();
+        let mut tables_freed = Vec::new();
+        {
+            let mut guard = self.tables.lock();
+            let Some(tables) = guard.as_mut() else { return };
+            let mut page = from;
+            while page < to {
+                if let Some(phys) = tables.unmap(page, &mut |t| tables_freed.push(t)) {
+                    batch.add(page, PhysFrame::from_addr(phys));
+                }
+                page += 4096;
+            }
+        }
+        self.shoot_down(batch);
+        // Table pages too could be cached (paging-structure caches): free them only
+        // after the flush as well.
+        for t in tables_freed {
+            free_frame(t);
+        }
+    }
+
+    fn shoot_down(&self, batch: FlushBatch) {
+        let me = percpu::current_index();
+        let pending = batch.commit(&self.tlb, me);
+        let _one_at_a_time = SHOOTDOWN.lock();
+        *SCOPE.lock() = match pending.scope() {
+            FlushScope::Pages(pages) => Some(pages.clone()),
+            FlushScope::Everything => None,
+        };
+        if pending.flush_locally() {
+            flush_scope(0);
+        }
+        let mut acked = CpuMask::default();
+        for cpu in pending.targets().iter() {
+            if ipi::call_on(cpu, flush_scope, 0).is_ok() {
+                self.tlb.acknowledge(cpu, pending.generation());
+            }
+            // An offline CPU cannot hold translations: it counts as flushed.
+            acked.insert(cpu);
+        }
+        match pending.complete(&acked) {
+            Ok(frames) => frames.into_iter().for_each(|f| free_frame(f.addr())),
+            // Every target is in `acked`, so this does not happen; if it did, leaking
+            // the frames is the safe outcome, never reusing them early.
+            Err(_) => log::error!(target: "mm", "shootdown incomplete: frames leaked"),
+        }
+    }
+
+    /// Physical frame and flags `virt` maps to, if any.
+    pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
+        self.tables.lock().as_ref().and_then(|t| t.translate(virt))
+    }
+}
+
+/// Serialises shootdowns; `SCOPE` holds the pages of the one in progress.
+static SHOOTDOWN: spin::Mutex<()> = spin::Mutex::new(());
+static SCOPE: spin::Mutex<Option<Vec<u64>>> = spin::Mutex::new(None);
+
+/// Runs on each target (and the initiator): flushes the pages in `SCOPE`, or the
+/// whole TLB.
+fn flush_scope(_: u64) -> u64 {
+    match SCOPE.lock().as_ref() {
+        Some(pages) => pages
+            .iter()
+            .for_each(|&p| panda_arch::paging::flush_page(p)),
+        None => panda_arch::paging::flush_user(),
+    }
+    0
+}
+
+impl Drop for AddressSpace {
+    fn drop(&mut self) {
+        if let Some(tables) = self.tables.lock().take() {
+            tables.tear_down(&mut free_frame, &mut free_frame);
+        }
+    }
+}
