@@ -924,6 +924,41 @@ async fn mm_measure() -> Outcome {
     crate::console!(
         "   (median of 201, guest TSC: alloc+free via per-CPU cache {cached} ns, via global buddy {global} ns, zero one 4 KiB frame {zero} ns)"
     );
+    // Shootdown round trip: a cross-CPU call that invlpgs one page, to 1 and to 7 CPUs
+    // in turn (as AddressSpace::shoot_down does), and a CR3 reload (a full flush of
+    // non-global entries; without PCID there is no no-flush switch to compare).
+    let n = percpu::online_count();
+    let page = panda_abi::HEAP_BASE as u64;
+    for targets in [1usize, 7] {
+        if n > targets {
+            let ns = median(&mut || {
+                let t = tsc();
+                for cpu in (0..n).filter(|&c| c != cpu).take(targets) {
+                    let _ = panda_arch::ipi::call_on(cpu, invlpg_here, page);
+                }
+                tsc() - t
+            });
+            crate::console!("   (shootdown round trip to {targets} CPU(s): {ns} ns)");
+        }
+    }
+    let root = panda_arch::paging::active_root();
+    let cr3 = median(&mut || {
+        let t = tsc();
+        // SAFETY: reloads the CR3 already in use: the same mappings stay.
+        #[allow(unsafe_code)]
+        unsafe {
+            panda_arch::paging::switch_to(root)
+        };
+        tsc() - t
+    });
+    crate::console!(
+        "   (CR3 switch with flush: {cr3} ns; PCID {})",
+        if panda_arch::cpu::features().pcid {
+            "present"
+        } else {
+            "absent: every switch flushes"
+        }
+    );
     Ok(())
 }
 
@@ -1110,4 +1145,9 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
     space.deactivate();
     *SHARED_SPACE.lock() = None;
     result
+}
+
+fn invlpg_here(page: u64) -> u64 {
+    panda_arch::paging::flush_page(page);
+    0
 }
