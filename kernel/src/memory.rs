@@ -3,8 +3,8 @@
 //!
 //! `init` runs once on the boot CPU after bring-up, when every boot-time claim (kernel
 //! image, modules, page tables, AP stacks, early heap) is recorded in the memory map:
-//! every usable range above 1 MiB becomes free frames, and from then on the memory map
-//! is a record only. Frames are reached through the HHDM.
+//! every usable and bootloader-reclaimable range above 1 MiB becomes free frames, and
+//! from then on the memory map is a record only. Frames are reached through the HHDM.
 //!
 //! Each CPU's idle work zeroes frames into its pool (`zero_when_idle`), so demand-zero
 //! faults (user-space issue) can take one in O(1).
@@ -32,12 +32,12 @@ const ZERO_BATCH: usize = 8;
 pub fn init(boot: &BootInfo, cpus: usize) -> u64 {
     HHDM.call_once(|| boot.hhdm_offset);
     let frames = FRAMES.call_once(|| Frames::new(cpus));
-    for r in boot
-        .memory_map
-        .regions()
-        .iter()
-        .filter(|r| r.kind == MemoryKind::Usable)
-    {
+    // Bootloader data is reclaimed too: by now the kernel runs on its own page
+    // tables, GDT, IDT and stacks, and `BootInfo` holds copies of everything it needed
+    // from the bootloader (memory map, command line, module names; module contents are
+    // `KernelAndModules`, which stays).
+    let free_kinds = [MemoryKind::Usable, MemoryKind::BootloaderReclaimable];
+    for r in boot.memory_map.regions().iter().filter(|r| free_kinds.contains(&r.kind)) {
         let start = r.start.max(0x10_0000);
         if start < r.end {
             frames.add_range(start, r.end);
