@@ -42,6 +42,15 @@ fn free_frame(phys: u64) {
     }
 }
 
+/// Why a fault was not resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultError {
+    /// The access is not allowed there (the region bookkeeping's verdict).
+    Denied(FaultDecision),
+    /// Valid, but no frame could be had: memory is exhausted.
+    OutOfMemory,
+}
+
 /// One user address space.
 pub struct AddressSpace {
     root: u64,
@@ -103,10 +112,10 @@ impl AddressSpace {
 
     /// Resolves a fault at `addr`: maps a zeroed frame if the address is valid for the
     /// access and not yet backed; otherwise says why not.
-    pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultDecision> {
+    pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultError> {
         let decision = self.regions.lock().classify(addr, access);
         let FaultDecision::DemandZero(rights) = decision else {
-            return Err(decision);
+            return Err(FaultError::Denied(decision));
         };
         let cpu = percpu::current_index();
         let frame = match memory::zero_pools().and_then(|p| p.try_take(cpu)) {
@@ -114,7 +123,7 @@ impl AddressSpace {
             None => {
                 let frame = memory::frames()
                     .and_then(|f| f.alloc(cpu).ok())
-                    .ok_or(FaultDecision::OutsideRegions)?;
+                    .ok_or(FaultError::OutOfMemory)?;
                 memory::zero(frame);
                 frame
             }
@@ -128,25 +137,25 @@ impl AddressSpace {
             bits |= flags::NO_EXECUTE;
         }
         let mut guard = self.tables.lock();
-        let Some(tables) = guard.as_mut() else {
-            free_frame(frame.addr());
-            return Err(FaultDecision::OutsideRegions);
-        };
-        if tables.translate(page).is_some() {
+        let result = match guard.as_mut() {
+            // Being torn down.
+            None => Err(FaultError::Denied(FaultDecision::OutsideRegions)),
             // Another fault mapped it first: one mapping, both resume.
-            drop(guard);
+            Some(tables) if tables.translate(page).is_some() => {
+                drop(guard);
+                free_frame(frame.addr());
+                return Ok(());
+            }
+            // The only way `map` fails on an unmapped page is a page-table frame.
+            Some(tables) => tables
+                .map(page, frame.addr(), PageSize::Size4K, bits, &mut TableFrames)
+                .map_err(|_| FaultError::OutOfMemory),
+        };
+        drop(guard);
+        if result.is_err() {
             free_frame(frame.addr());
-            return Ok(());
         }
-        if tables
-            .map(page, frame.addr(), PageSize::Size4K, bits, &mut TableFrames)
-            .is_err()
-        {
-            drop(guard);
-            free_frame(frame.addr());
-            return Err(FaultDecision::OutsideRegions);
-        }
-        Ok(())
+        result
     }
 
     /// Moves the break; shrinking unmaps the released pages and shoots down their TLB

@@ -130,6 +130,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_exhaustion_fails_cleanly,
     mm_address_space_regions_and_faults,
     mm_unmap_is_seen_by_another_cpu,
+    mm_fault_under_exhaustion_fails_cleanly,
     mm_measure,
 ];
 
@@ -962,7 +963,7 @@ async fn mm_measure() -> Outcome {
     Ok(())
 }
 
-use crate::aspace::AddressSpace;
+use crate::aspace::{AddressSpace, FaultError};
 use panda_mm::region::{Access, FaultDecision, Rights};
 
 /// Reads user memory in the current space, resolving demand faults like a user access.
@@ -970,7 +971,7 @@ fn user_read(space: &AddressSpace, addr: u64) -> Result<u64, FaultDecision> {
     match probe::read_user_u64(addr) {
         Ok(v) => Ok(v),
         Err(_) => {
-            space.handle_fault(addr, Access::Read)?;
+            space.handle_fault(addr, Access::Read).map_err(denied)?;
             probe::read_user_u64(addr).map_err(|_| FaultDecision::OutsideRegions)
         }
     }
@@ -980,10 +981,62 @@ fn user_write(space: &AddressSpace, addr: u64, value: u64) -> Result<(), FaultDe
     match probe::write_user_u64(addr, value) {
         Ok(()) => Ok(()),
         Err(_) => {
-            space.handle_fault(addr, Access::Write)?;
+            space.handle_fault(addr, Access::Write).map_err(denied)?;
             probe::write_user_u64(addr, value).map_err(|_| FaultDecision::ProtectionViolation)
         }
     }
+}
+
+/// The tests above expect verdicts; running out of memory there is itself a failure,
+/// reported as a verdict no test expects.
+fn denied(e: FaultError) -> FaultDecision {
+    match e {
+        FaultError::Denied(d) => d,
+        FaultError::OutOfMemory => FaultDecision::DemandZero(Rights {
+            write: false,
+            execute: false,
+        }),
+    }
+}
+
+async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
+    let (frames, pools) = mm()?;
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::free_and_pooled();
+    let cpu = percpu::current_index();
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    space.activate();
+    let heap = panda_abi::HEAP_BASE as u64;
+    let _ = space.set_brk(heap + 0x10_0000);
+    // Take every free and pooled frame this CPU can reach.
+    let mut held = alloc::vec::Vec::new();
+    while let Ok(f) = frames.alloc(cpu) {
+        held.push(f);
+    }
+    while let Some(z) = pools.try_take(cpu) {
+        held.push(z.into_frame());
+    }
+    let starved = space.handle_fault(heap + 0x8_0000, Access::Write);
+    for f in held.drain(..) {
+        let _ = frames.free(cpu, f);
+    }
+    let recovered = space.handle_fault(heap + 0x8_0000, Access::Write);
+    space.deactivate();
+    drop(space);
+    let now = crate::memory::free_and_pooled();
+    ensure!(
+        starved == Err(FaultError::OutOfMemory),
+        "fault under exhaustion gave {starved:?}"
+    );
+    ensure!(
+        recovered == Ok(()),
+        "fault after memory returned gave {recovered:?}"
+    );
+    ensure!(
+        now == baseline,
+        "{now} frames after the test, baseline {baseline}"
+    );
+    Ok(())
 }
 
 async fn mm_address_space_regions_and_faults() -> Outcome {

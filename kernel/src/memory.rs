@@ -37,7 +37,12 @@ pub fn init(boot: &BootInfo, cpus: usize) -> u64 {
     // from the bootloader (memory map, command line, module names; module contents are
     // `KernelAndModules`, which stays).
     let free_kinds = [MemoryKind::Usable, MemoryKind::BootloaderReclaimable];
-    for r in boot.memory_map.regions().iter().filter(|r| free_kinds.contains(&r.kind)) {
+    for r in boot
+        .memory_map
+        .regions()
+        .iter()
+        .filter(|r| free_kinds.contains(&r.kind))
+    {
         let start = r.start.max(0x10_0000);
         if start < r.end {
             frames.add_range(start, r.end);
