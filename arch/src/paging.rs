@@ -314,6 +314,21 @@ impl TableBuilder {
         Some(entry & ADDR_MASK)
     }
 
+    /// Replaces the rights of `virt`'s 4 KiB mapping (the frame stays). Returns false if
+    /// it is not mapped. The caller flushes TLBs: until then CPUs may use the old rights.
+    pub fn protect(&mut self, virt: u64, leaf_flags: u64) -> bool {
+        let Some(pt) = self.path(virt)[3] else {
+            return false;
+        };
+        let index = ((virt >> 12) & 0x1ff) as usize;
+        let entry = self.read(pt, index);
+        if entry & flags::PRESENT == 0 {
+            return false;
+        }
+        self.write(pt, index, (entry & ADDR_MASK) | leaf_flags | flags::PRESENT);
+        true
+    }
+
     /// Frees every mapping and table of the user half (PML4 slots 0..256): leaf frames
     /// go to `free_leaf`, table frames (and finally the PML4) to `free_table`. The
     /// hierarchy must not be loaded on any CPU.

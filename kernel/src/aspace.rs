@@ -168,6 +168,39 @@ impl AddressSpace {
         Ok(new)
     }
 
+    /// Changes the rights of the segment at `start`; mapped pages get the new rights
+    /// and every CPU running the space flushes them before this returns.
+    pub fn protect_segment(
+        &self,
+        start: u64,
+        rights: panda_mm::region::Rights,
+    ) -> Result<(), MmError> {
+        let (from, to) = self.regions.lock().protect_segment(start, rights)?;
+        let mut bits = flags::USER;
+        if rights.write {
+            bits |= flags::WRITABLE;
+        }
+        if !rights.execute && panda_arch::cpu::nx_enabled() {
+            bits |= flags::NO_EXECUTE;
+        }
+        let mut batch = FlushBatch::new();
+        {
+            let mut guard = self.tables.lock();
+            let Some(tables) = guard.as_mut() else {
+                return Ok(());
+            };
+            let mut page = from;
+            while page < to {
+                if tables.protect(page, bits) {
+                    batch.add(page, None);
+                }
+                page += 4096;
+            }
+        }
+        self.shoot_down(batch);
+        Ok(())
+    }
+
     /// Unmaps every mapped page in `[from, to)`, then runs the shootdown.
     fn unmap_range(&self, from: u64, to: u64) {
         let mut batch = FlushBatch::new();

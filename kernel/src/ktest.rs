@@ -1118,6 +1118,37 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
                 user_write(&space, base, 1) == Err(FaultDecision::ProtectionViolation),
                 "read-only segment writable"
             );
+            // Protect: a writable segment page, written, then made read-only.
+            let data = base + 0x1000;
+            space
+                .regions()
+                .add_segment(
+                    data,
+                    data + 0x1000,
+                    Rights {
+                        write: true,
+                        execute: false,
+                    },
+                )
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            user_write(&space, data, 9).map_err(|d| fail(format_args!("data segment: {d:?}")))?;
+            space
+                .protect_segment(
+                    data,
+                    Rights {
+                        write: false,
+                        execute: false,
+                    },
+                )
+                .map_err(|e| fail(format_args!("protect: {e:?}")))?;
+            ensure!(
+                probe::write_user_u64(data, 10).is_err(),
+                "write allowed after protect (stale TLB or PTE)"
+            );
+            ensure!(
+                user_read(&space, data) == Ok(9),
+                "protect lost the page's data"
+            );
             // Nothing else is mapped.
             ensure!(
                 user_read(&space, 0) == Err(FaultDecision::OutsideRegions),

@@ -112,6 +112,21 @@ impl Regions {
         Ok(segment)
     }
 
+    /// Changes the rights of the segment starting at `start` (never to W+X). Returns
+    /// its range, whose mapped pages the caller updates and shoots down.
+    pub fn protect_segment(&mut self, start: u64, rights: Rights) -> Result<(u64, u64), MmError> {
+        if rights.write && rights.execute {
+            return Err(MmError::Invalid);
+        }
+        let segment = self
+            .segments
+            .iter_mut()
+            .find(|s| s.start == start)
+            .ok_or(MmError::NotAllocated)?;
+        segment.rights = rights;
+        Ok((segment.start, segment.end))
+    }
+
     /// The current break.
     pub fn brk(&self) -> u64 {
         self.brk
@@ -250,6 +265,37 @@ mod tests {
             Err(MmError::Invalid)
         );
         assert!(r.add_segment(base + 0x2000, base + 0x3000, RW).is_ok());
+    }
+
+    #[test]
+    fn protecting_a_segment_changes_its_verdicts_and_refuses_w_x() {
+        let mut r = Regions::new();
+        let base = ELF_LOAD_BASE as u64;
+        r.add_segment(base, base + 0x2000, RW).unwrap();
+        assert_eq!(
+            r.protect_segment(
+                base,
+                Rights {
+                    write: true,
+                    execute: true
+                }
+            ),
+            Err(MmError::Invalid)
+        );
+        assert_eq!(
+            r.protect_segment(base + 0x1000, RX),
+            Err(MmError::NotAllocated),
+            "not a segment start"
+        );
+        assert_eq!(r.protect_segment(base, RX), Ok((base, base + 0x2000)));
+        assert_eq!(
+            r.classify(base, Access::Write),
+            FaultDecision::ProtectionViolation
+        );
+        assert_eq!(
+            r.classify(base, Access::Execute),
+            FaultDecision::DemandZero(RX)
+        );
     }
 
     #[test]
