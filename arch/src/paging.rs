@@ -26,6 +26,16 @@ pub mod flags {
 
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
+/// `flags::NO_EXECUTE` if EFER.NXE is on (where it is not, the bit is reserved and
+/// setting it would fault), else 0.
+pub fn nx_bit() -> u64 {
+    if crate::cpu::nx_enabled() {
+        flags::NO_EXECUTE
+    } else {
+        0
+    }
+}
+
 /// Page sizes a leaf entry can map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageSize {

@@ -43,6 +43,16 @@ global_asm!(
     r#"
     .section .text.probe, "ax"
 
+    /* A fixup's epilogue: store the fault (vector, error code, CR2, which the trap
+       dispatcher left in rax, r8, r9) through the pointer in `out`, return 1. */
+    .macro report_fault out
+    mov qword ptr [\out], rax
+    mov qword ptr [\out + 8], r8
+    mov qword ptr [\out + 16], r9
+    mov eax, 1
+    ret
+    .endm
+
     /* u64 panda_probe_read_u64(addr, *Fault, *u64 out): 0 ok, 1 faulted */
     .global panda_probe_read_u64
     panda_probe_read_u64:
@@ -50,11 +60,7 @@ global_asm!(
     mov qword ptr [rdx], rax
     xor eax, eax
     ret
-    11: mov qword ptr [rsi], rax
-    mov qword ptr [rsi + 8], r8
-    mov qword ptr [rsi + 16], r9
-    mov eax, 1
-    ret
+    11: report_fault rsi
 
     /* u64 panda_probe_write_u8(addr, value, *Fault): 0 ok, 1 faulted */
     .global panda_probe_write_u8
@@ -62,11 +68,7 @@ global_asm!(
     20: mov byte ptr [rdi], sil
     xor eax, eax
     ret
-    21: mov qword ptr [rdx], rax
-    mov qword ptr [rdx + 8], r8
-    mov qword ptr [rdx + 16], r9
-    mov eax, 1
-    ret
+    21: report_fault rdx
 
     /* u64 panda_probe_ud2(*Fault): 0 if ud2 did not fault (impossible), 1 faulted */
     .global panda_probe_ud2
@@ -74,11 +76,7 @@ global_asm!(
     30: ud2
     xor eax, eax
     ret
-    31: mov qword ptr [rdi], rax
-    mov qword ptr [rdi + 8], r8
-    mov qword ptr [rdi + 16], r9
-    mov eax, 1
-    ret
+    31: report_fault rdi
 
     /* u64 panda_probe_exec(target, *Fault): calls target (which must just `ret`).
        0 if it ran, 1 if fetching it faulted. */
@@ -92,12 +90,9 @@ global_asm!(
     ret
     .global panda_probe_exec_fixup
     panda_probe_exec_fixup:
-    mov qword ptr [rbx], rax
-    mov qword ptr [rbx + 8], r8
-    mov qword ptr [rbx + 16], r9
-    mov eax, 1
+    mov rsi, rbx
     pop rbx
-    ret
+    report_fault rsi
 
     /* u64 panda_probe_user_read_u64(addr, *Fault, *u64 out): as read, with SMAP
        lifted (stac/clac) for the one access: the only way the kernel reads user memory. */
@@ -110,11 +105,7 @@ global_asm!(
     xor eax, eax
     ret
     41: clac
-    mov qword ptr [rsi], rax
-    mov qword ptr [rsi + 8], r8
-    mov qword ptr [rsi + 16], r9
-    mov eax, 1
-    ret
+    report_fault rsi
 
     /* u64 panda_probe_user_write_u64(addr, value, *Fault) */
     .global panda_probe_user_write_u64
@@ -125,11 +116,7 @@ global_asm!(
     xor eax, eax
     ret
     51: clac
-    mov qword ptr [rdx], rax
-    mov qword ptr [rdx + 8], r8
-    mov qword ptr [rdx + 16], r9
-    mov eax, 1
-    ret
+    report_fault rdx
 
     /* u64 panda_probe_write_u64(addr, value, *Fault) */
     .global panda_probe_write_u64
@@ -137,11 +124,7 @@ global_asm!(
     60: mov qword ptr [rdi], rsi
     xor eax, eax
     ret
-    61: mov qword ptr [rdx], rax
-    mov qword ptr [rdx + 8], r8
-    mov qword ptr [rdx + 16], r9
-    mov eax, 1
-    ret
+    61: report_fault rdx
 
     .global panda_probe_ret_in_text
     panda_probe_ret_in_text:
@@ -215,6 +198,15 @@ pub(crate) fn fixup(frame: &mut TrapFrame) -> bool {
     true
 }
 
+/// A probe's return value (0: done, 1: faulted) as a result.
+fn outcome(faulted: u64, fault: Fault) -> Result<(), Fault> {
+    if faulted == 0 {
+        Ok(())
+    } else {
+        Err(fault)
+    }
+}
+
 /// Reads a u64, reporting a fault instead of taking it.
 pub fn read_u64(addr: u64) -> Result<u64, Fault> {
     let mut fault = Fault::default();
@@ -222,11 +214,7 @@ pub fn read_u64(addr: u64) -> Result<u64, Fault> {
     // SAFETY: the read is covered by the exception table: a fault resumes in the probe's
     // fixup, which only writes `fault`. No Rust reference to the target is formed.
     let faulted = unsafe { panda_probe_read_u64(addr, &mut fault, &mut value) };
-    if faulted == 0 {
-        Ok(value)
-    } else {
-        Err(fault)
-    }
+    outcome(faulted, fault).map(|()| value)
 }
 
 /// Writes a byte, reporting a fault instead of taking it. The caller must own the byte
@@ -235,11 +223,7 @@ pub fn write_u8(addr: u64, value: u8) -> Result<(), Fault> {
     let mut fault = Fault::default();
     // SAFETY: as in `read_u64`; the caller chose the address and accepts the write.
     let faulted = unsafe { panda_probe_write_u8(addr, value, &mut fault) };
-    if faulted == 0 {
-        Ok(())
-    } else {
-        Err(fault)
-    }
+    outcome(faulted, fault)
 }
 
 /// Executes `ud2` under the exception table: returns the #UD it raised.
@@ -247,11 +231,7 @@ pub fn invalid_opcode() -> Result<(), Fault> {
     let mut fault = Fault::default();
     // SAFETY: the ud2 is covered by the exception table.
     let faulted = unsafe { panda_probe_ud2(&mut fault) };
-    if faulted == 0 {
-        Ok(())
-    } else {
-        Err(fault)
-    }
+    outcome(faulted, fault)
 }
 
 /// A `ret` in each kind of kernel memory, for checking that only .text executes.
@@ -294,11 +274,7 @@ fn exec(target: u64) -> Result<(), Fault> {
     // the call left it.
     let faulted = unsafe { panda_probe_exec(target, &mut fault) };
     EXEC_TARGET.store(0, Ordering::Release);
-    if faulted == 0 {
-        Ok(())
-    } else {
-        Err(fault)
-    }
+    outcome(faulted, fault)
 }
 
 /// Copies `buf.len()` bytes from `addr`, reporting a fault instead of taking it.
@@ -342,11 +318,7 @@ pub fn read_user_u64(addr: u64) -> Result<u64, Fault> {
             panda_probe_read_u64(addr, &mut fault, &mut value)
         }
     };
-    if faulted == 0 {
-        Ok(value)
-    } else {
-        Err(fault)
-    }
+    outcome(faulted, fault).map(|()| value)
 }
 
 /// Writes a u64 of user memory in the current address space (SMAP lifted for that one
@@ -368,9 +340,5 @@ pub fn write_user_u64(addr: u64, value: u64) -> Result<(), Fault> {
             panda_probe_write_u64(addr, value, &mut fault)
         }
     };
-    if faulted == 0 {
-        Ok(())
-    } else {
-        Err(fault)
-    }
+    outcome(faulted, fault)
 }

@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 
 use panda_arch::paging::{flags, FrameSource, PageSize, TableBuilder};
 use panda_arch::{ipi, percpu};
-use panda_mm::region::{Access, FaultDecision, Regions};
+use panda_mm::region::{Access, FaultDecision, Regions, Rights};
 use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
 use panda_mm::{MmError, PhysFrame};
 
@@ -32,6 +32,18 @@ impl FrameSource for TableFrames {
         memory::zero(frame);
         Some(frame.addr())
     }
+}
+
+/// Page-table bits of a user page with `rights`.
+fn leaf_bits(rights: Rights) -> u64 {
+    let mut bits = flags::USER;
+    if rights.write {
+        bits |= flags::WRITABLE;
+    }
+    if !rights.execute {
+        bits |= panda_arch::paging::nx_bit();
+    }
+    bits
 }
 
 fn free_frame(phys: u64) {
@@ -129,13 +141,7 @@ impl AddressSpace {
             }
         };
         let page = addr & !0xfff;
-        let mut bits = flags::USER;
-        if rights.write {
-            bits |= flags::WRITABLE;
-        }
-        if !rights.execute && panda_arch::cpu::nx_enabled() {
-            bits |= flags::NO_EXECUTE;
-        }
+        let bits = leaf_bits(rights);
         let mut guard = self.tables.lock();
         let result = match guard.as_mut() {
             // Being torn down.
@@ -176,13 +182,7 @@ impl AddressSpace {
         rights: panda_mm::region::Rights,
     ) -> Result<(), MmError> {
         let (from, to) = self.regions.lock().protect_segment(start, rights)?;
-        let mut bits = flags::USER;
-        if rights.write {
-            bits |= flags::WRITABLE;
-        }
-        if !rights.execute && panda_arch::cpu::nx_enabled() {
-            bits |= flags::NO_EXECUTE;
-        }
+        let bits = leaf_bits(rights);
         let mut batch = FlushBatch::new();
         {
             let mut guard = self.tables.lock();

@@ -46,19 +46,24 @@ struct KernelSpace {
 
 static SPACE: spin::Mutex<Option<KernelSpace>> = spin::Mutex::new(None);
 
+/// The live kernel hierarchy, locked: every edit after boot goes through here, so
+/// edits are serialised and use the reserve frames.
+fn editor() -> Option<(spin::MutexGuard<'static, Option<KernelSpace>>, TableBuilder)> {
+    let guard = SPACE.lock();
+    let (root, hhdm) = guard.as_ref().map(|s| (s.root, s.hhdm))?;
+    // SAFETY: `root` is the live kernel PML4 (its tables reachable through the HHDM)
+    // and the returned lock guard serialises every editor.
+    #[allow(unsafe_code)]
+    let tables = unsafe { TableBuilder::from_root(root, hhdm) };
+    Some((guard, tables))
+}
+
 /// Makes `[phys, phys + len)` of RAM (including firmware tables in reserved RAM)
 /// readable through the HHDM, write-back, and returns the HHDM address of `phys`.
 pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
-    let mut guard = SPACE.lock();
+    let (mut guard, mut tables) = editor()?;
     let space = guard.as_mut()?;
-    // SAFETY: `root` is the live kernel PML4 and the lock serialises every editor.
-    #[allow(unsafe_code)]
-    let mut tables = unsafe { TableBuilder::from_root(space.root, space.hhdm) };
-    let nx = if panda_arch::cpu::nx_enabled() {
-        flags::NO_EXECUTE
-    } else {
-        0
-    };
+    let nx = panda_arch::paging::nx_bit();
     let mut page = phys & !0xfff;
     while page < phys + len.max(1) {
         if tables.translate(space.hhdm + page).is_none() {
@@ -80,16 +85,9 @@ pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
 /// Maps device registers `[phys, phys + len)` uncached in the MMIO window and returns
 /// the virtual address of `phys`.
 pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
-    let mut guard = SPACE.lock();
+    let (mut guard, mut tables) = editor()?;
     let space = guard.as_mut()?;
-    // SAFETY: as in `map_ram`.
-    #[allow(unsafe_code)]
-    let mut tables = unsafe { TableBuilder::from_root(space.root, space.hhdm) };
-    let nx = if panda_arch::cpu::nx_enabled() {
-        flags::NO_EXECUTE
-    } else {
-        0
-    };
+    let nx = panda_arch::paging::nx_bit();
     let first = phys & !0xfff;
     let pages = (phys + len.max(1) - first).div_ceil(4096);
     let virt = space.mmio_next;
@@ -116,16 +114,9 @@ pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
 /// physical memory at `phys`, each below-guarded, and returns where they are.
 pub fn map_cpu_stacks(index: usize, phys: u64) -> Option<panda_arch::stacks::CpuStacks> {
     use panda_arch::stacks::{guarded, BOOT_STACK_SIZE, IST_STACK_SIZE};
-    let mut guard = SPACE.lock();
+    let (mut guard, mut tables) = editor()?;
     let space = guard.as_mut()?;
-    // SAFETY: as in `map_ram`.
-    #[allow(unsafe_code)]
-    let mut tables = unsafe { TableBuilder::from_root(space.root, space.hhdm) };
-    let nx = if panda_arch::cpu::nx_enabled() {
-        flags::NO_EXECUTE
-    } else {
-        0
-    };
+    let nx = panda_arch::paging::nx_bit();
     let mut virt = STACKS_BASE + index as u64 * STACK_STRIDE;
     let mut phys = phys;
     let mut stacks = [guarded(0, 0); 4];
@@ -203,11 +194,7 @@ pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, MapError> {
     #[allow(unsafe_code)]
     let mut frames = unsafe { EarlyFrames::new(boot.hhdm_offset, free) };
     let mut tables = TableBuilder::new(&mut frames, boot.hhdm_offset)?;
-    let nx = if panda_arch::cpu::nx_enabled() {
-        flags::NO_EXECUTE
-    } else {
-        0
-    };
+    let nx = panda_arch::paging::nx_bit();
     let global = flags::GLOBAL;
 
     for slot in 256..512 {
