@@ -1,50 +1,140 @@
-//! The kernel heap, for `alloc` (the executor's tasks and queues).
+//! The kernel heap, for `alloc`.
 //!
-//! A first-fit free-list heap (`linked_list_allocator`) over one physically contiguous
-//! range taken from the memory map at boot and reached through the HHDM, behind a spin
-//! lock taken with interrupts off (so an interrupt on a CPU that holds the lock cannot
-//! deadlock it; interrupt handlers do not allocate anyway). This is the early heap: the
-//! memory issue replaces it with a per-CPU, size-classed allocator that grows from
-//! frames. Allocation failure returns null, which `alloc` turns into its OOM handler.
-#![allow(unsafe_code)] // GlobalAlloc is an unsafe trait; the heap range is raw memory.
+//! Two layers behind one `GlobalAlloc`:
+//! - **per-CPU slabs** (`panda_mm::slab`): objects up to 2 KiB in power-of-two classes,
+//!   from per-CPU free lists that need no lock; slab pages are frames taken from the
+//!   frame allocator through the HHDM, so the heap grows with use. Larger blocks are
+//!   contiguous frame runs from the buddy allocator.
+//! - **the early heap**: a first-fit free list (`linked_list_allocator`) over one range
+//!   taken from the memory map at boot, locked with interrupts off. It serves everything
+//!   before the frame allocator exists, and afterwards whatever the frame allocator
+//!   cannot give without waiting: the slab refill asks for frames with `try_alloc`, which
+//!   fails instead of waiting on a lock — in particular on a lock this very CPU holds
+//!   further up the stack, when the frame allocator's own bookkeeping allocates. A
+//!   pointer inside the early range is always freed back there.
+//!
+//! Per-CPU lists are used with interrupts off on their CPU; interrupt handlers do not
+//! allocate. Allocation failure returns null, which `alloc` turns into its OOM handler.
+#![allow(unsafe_code)] // GlobalAlloc is an unsafe trait; heap memory is raw memory.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use linked_list_allocator::Heap;
+use panda_mm::slab::{class_of, PageSource, SlabHeap};
 use x86_64::instructions::interrupts;
 
 use crate::boot::{BootInfo, MemoryKind};
 
-struct KernelHeap {
-    heap: spin::Mutex<Heap>,
+/// Slab pages: frames from the calling CPU's cache, never waiting for a lock.
+struct FramePages;
+
+impl PageSource for FramePages {
+    fn page(&self) -> Option<*mut u8> {
+        let frames = crate::memory::frames()?;
+        let frame = frames.try_alloc(panda_arch::percpu::current_index()).ok()?;
+        Some(crate::memory::virt(frame) as *mut u8)
+    }
 }
 
-// SAFETY: every access to the inner heap goes through the lock with interrupts off.
+struct KernelHeap {
+    early: spin::Mutex<Heap>,
+    early_range: (AtomicU64, AtomicU64),
+    slabs: SlabHeap<FramePages>,
+    slabs_on: AtomicBool,
+}
+
+impl KernelHeap {
+    fn in_early(&self, ptr: *mut u8) -> bool {
+        let p = ptr as u64;
+        p >= self.early_range.0.load(Ordering::Relaxed)
+            && p < self.early_range.1.load(Ordering::Relaxed)
+    }
+
+    fn early_alloc(&self, layout: Layout) -> *mut u8 {
+        self.early
+            .lock()
+            .allocate_first_fit(layout)
+            .map_or(core::ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    /// Order of the frame run that holds `layout`, for blocks too big for the slabs.
+    fn large_order(layout: Layout) -> usize {
+        let pages = layout.size().max(layout.align()).div_ceil(4096);
+        pages.next_power_of_two().trailing_zeros() as usize
+    }
+}
+
+// SAFETY: the early heap is only touched under its lock with interrupts off; per-CPU
+// slab lists only by their CPU with interrupts off; frame runs are owned by the block
+// they back until freed with the same layout.
 unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         interrupts::without_interrupts(|| {
-            self.heap
-                .lock()
-                .allocate_first_fit(layout)
-                .map_or(core::ptr::null_mut(), NonNull::as_ptr)
+            if self.slabs_on.load(Ordering::Acquire) {
+                let cpu = panda_arch::percpu::current_index();
+                match class_of(layout.size(), layout.align()) {
+                    Some(class) => {
+                        // SAFETY: interrupts are off and we are CPU `cpu`: its lists
+                        // are ours for the call.
+                        if let Some(ptr) = unsafe { self.slabs.alloc(cpu, class) } {
+                            return ptr;
+                        }
+                    }
+                    None => {
+                        let order = Self::large_order(layout);
+                        if let Some(run) =
+                            crate::memory::frames().and_then(|f| f.alloc_contiguous(order).ok())
+                        {
+                            return crate::memory::virt(run) as *mut u8;
+                        }
+                    }
+                }
+            }
+            self.early_alloc(layout)
         })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if let Some(ptr) = NonNull::new(ptr) {
-            // SAFETY: `ptr` came from `alloc` with this layout (GlobalAlloc's contract).
-            interrupts::without_interrupts(|| unsafe { self.heap.lock().deallocate(ptr, layout) });
-        }
+        interrupts::without_interrupts(|| {
+            if self.in_early(ptr) {
+                if let Some(ptr) = NonNull::new(ptr) {
+                    // SAFETY: `ptr` came from the early heap with this layout.
+                    unsafe { self.early.lock().deallocate(ptr, layout) };
+                }
+                return;
+            }
+            match class_of(layout.size(), layout.align()) {
+                Some(class) => {
+                    let cpu = panda_arch::percpu::current_index();
+                    // SAFETY: `ptr` came from the slabs with this class (same layout);
+                    // interrupts are off on CPU `cpu`.
+                    unsafe { self.slabs.free(cpu, class, ptr) };
+                }
+                None => {
+                    let phys = ptr as u64 - panda_arch::HHDM_BASE;
+                    if let (Some(frames), Some(frame)) = (
+                        crate::memory::frames(),
+                        panda_mm::PhysFrame::from_addr(phys),
+                    ) {
+                        let _ = frames.free_contiguous(frame);
+                    }
+                }
+            }
+        })
     }
 }
 
 #[global_allocator]
 static HEAP: KernelHeap = KernelHeap {
-    heap: spin::Mutex::new(Heap::empty()),
+    early: spin::Mutex::new(Heap::empty()),
+    early_range: (AtomicU64::new(0), AtomicU64::new(0)),
+    slabs: SlabHeap::new(FramePages),
+    slabs_on: AtomicBool::new(false),
 };
 
-/// Takes `bytes` of usable memory for the heap. Returns the size, or 0 if none fit.
+/// Takes `bytes` of usable memory for the early heap. Returns the size, or 0 if none fit.
 pub fn init(boot: &mut BootInfo, bytes: u64) -> u64 {
     let Some(phys) = boot
         .memory_map
@@ -52,17 +142,31 @@ pub fn init(boot: &mut BootInfo, bytes: u64) -> u64 {
     else {
         return 0;
     };
-    let start = (boot.hhdm_offset + phys) as *mut u8;
+    let start = boot.hhdm_offset + phys;
+    HEAP.early_range.0.store(start, Ordering::Relaxed);
+    HEAP.early_range.1.store(start + bytes, Ordering::Relaxed);
     // SAFETY: the range was usable RAM, is now claimed for the heap alone, and is mapped
     // writable through the HHDM; `init` runs once, before any allocation.
-    interrupts::without_interrupts(|| unsafe { HEAP.heap.lock().init(start, bytes as usize) });
+    interrupts::without_interrupts(|| unsafe {
+        HEAP.early.lock().init(start as *mut u8, bytes as usize)
+    });
     bytes
 }
 
-/// (bytes in use, bytes free).
+/// Switches allocations to the per-CPU slabs (once the frame allocator runs).
+pub fn enable_slabs() {
+    HEAP.slabs_on.store(true, Ordering::Release);
+}
+
+/// Early heap (bytes in use, bytes free).
 pub fn usage() -> (usize, usize) {
     interrupts::without_interrupts(|| {
-        let heap = HEAP.heap.lock();
+        let heap = HEAP.early.lock();
         (heap.used(), heap.free())
     })
+}
+
+/// Pages the slabs have taken from the frame allocator.
+pub fn slab_pages() -> usize {
+    HEAP.slabs.pages()
 }

@@ -206,6 +206,7 @@ fn kmain(mut boot: BootInfo) -> ! {
 
     let frames = memory::init(&boot, report.online);
     info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; zeroing with rep stosq", frames >> 8, report.online);
+    heap::enable_slabs();
     let executor = exec::init(report.online);
     executor.set_idle_work(memory::zero_when_idle);
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());

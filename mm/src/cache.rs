@@ -111,6 +111,23 @@ impl Frames {
         Ok(PhysFrame(addr))
     }
 
+    /// Like `alloc`, but never waits for a lock: it fails instead when the cache or
+    /// the global allocator is busy — including busy with this very CPU further up
+    /// the stack. For callers that may run inside the allocator (the kernel heap's
+    /// slab refill, reached from allocations the allocator itself makes).
+    pub fn try_alloc(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+        let c = self.cpu(cpu);
+        let mut cache = c.cache.try_lock().ok_or(MmError::OutOfMemory)?;
+        if cache.len == 0 {
+            let mut global = self.global.try_lock().ok_or(MmError::OutOfMemory)?;
+            let frame = global.alloc(0)?;
+            return Ok(frame);
+        }
+        c.hits.fetch_add(1, Ordering::Relaxed);
+        cache.len -= 1;
+        Ok(PhysFrame(cache.frames[cache.len]))
+    }
+
     /// Returns a frame to CPU `cpu`'s cache (draining a batch to the global allocator if
     /// full). A frame already in this cache is rejected (a double free).
     pub fn free(&self, cpu: usize, frame: PhysFrame) -> Result<(), MmError> {
@@ -212,6 +229,21 @@ mod tests {
         }
         assert_eq!(f.stats(0).drains, 1);
         assert_eq!(f.total_free(), 1000);
+    }
+
+    #[test]
+    fn try_alloc_fails_instead_of_waiting_for_a_held_lock() {
+        let f = frames(1, 100);
+        let a = f.alloc(0).unwrap();
+        {
+            let _held = f.cpus[0].cache.lock();
+            assert_eq!(f.try_alloc(0), Err(MmError::OutOfMemory));
+        }
+        let b = f.try_alloc(0).unwrap();
+        assert_ne!(a, b);
+        f.free(0, a).unwrap();
+        f.free(0, b).unwrap();
+        assert_eq!(f.total_free(), 100);
     }
 
     #[test]

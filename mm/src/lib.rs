@@ -11,13 +11,14 @@
 //! kernel passes in (it writes through the HHDM); page tables and address spaces come
 //! with the rest of the memory issue.
 #![cfg_attr(not(test), no_std)]
-#![deny(unsafe_code)]
+#![deny(unsafe_code)] // except `slab`, the lowest layer, which says why
 
 extern crate alloc;
 
 pub mod buddy;
 pub mod cache;
 pub mod region;
+pub mod slab;
 pub mod tlb;
 pub mod zero;
 
