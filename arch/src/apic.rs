@@ -146,6 +146,15 @@ pub fn send_ipi(apic_id: u32, vector: u8) {
     });
 }
 
+/// Sends a fixed interrupt to every CPU but the caller (ICR shorthand).
+pub fn send_ipi_all_but_self(vector: u8) {
+    with_local(|a| {
+        // SAFETY: an IPI to a vector with a registered gate; the shorthand needs no
+        // destination field, so the xAPIC/x2APIC difference does not arise.
+        unsafe { a.send_ipi_all(vector, x2apic::lapic::IpiAllShorthand::AllExcludingSelf) }
+    });
+}
+
 /// Sends an NMI to the CPU with `apic_id`.
 pub fn send_nmi(apic_id: u32) {
     with_local(|a| {

@@ -8,10 +8,11 @@
 //! - NMI: halts the CPU when the machine is being stopped (`smp::stop_others`), and is
 //!   fatal otherwise.
 //!
-//! A cross-CPU call (`call_on`) posts `(function, argument)` in the target's mailbox,
-//! sends `CALL_VECTOR` and spins until the target wrote the result. Callers to one
-//! target are serialised by the mailbox lock. While it spins, the caller serves its own
-//! mailbox, so two CPUs calling each other cannot deadlock.
+//! A cross-CPU call (`call_on`, or `call_on_set` for several CPUs at once) claims the
+//! target's mailbox (callers to one target take turns), posts `(function, argument)`,
+//! sends `CALL_VECTOR` and spins until the target wrote the result. While it spins, the
+//! caller serves its own mailbox, so two CPUs calling each other cannot deadlock; set
+//! calls claim mailboxes in ascending CPU order, so two set calls cannot either.
 
 use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
@@ -23,11 +24,12 @@ use crate::trap::{self, TrapFrame};
 pub type CallFn = fn(u64) -> u64;
 
 const IDLE: u8 = 0;
+/// A caller owns the mailbox and is filling it in.
+const CLAIMED: u8 = 3;
 const POSTED: u8 = 1;
 const DONE: u8 = 2;
 
 struct Mailbox {
-    lock: spin::Mutex<()>,
     state: AtomicU8,
     function: AtomicUsize,
     argument: AtomicU64,
@@ -36,7 +38,6 @@ struct Mailbox {
 
 static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
     Mailbox {
-        lock: spin::Mutex::new(()),
         state: AtomicU8::new(IDLE),
         function: AtomicUsize::new(0),
         argument: AtomicU64::new(0),
@@ -133,23 +134,79 @@ pub fn call_on(target: usize, function: CallFn, argument: u64) -> Result<u64, Ca
     if target == percpu::current_index() {
         return Ok(function(argument));
     }
-    let cpu = percpu::cpu(target);
-    if !cpu.online() {
+    if !percpu::cpu(target).online() {
         return Err(CallError::Offline);
     }
+    post(target, function, argument);
+    Ok(collect(target))
+}
+
+/// Runs `function(argument)` on every online CPU in `targets` at once (the calling CPU
+/// included, directly, if listed) and returns when all have finished; returns how many
+/// ran it. All IPIs go out before any answer is awaited, so the targets work in parallel.
+/// Mailboxes are claimed in ascending CPU order, so concurrent set calls cannot each
+/// hold a mailbox the other waits for.
+pub fn call_on_set(targets: impl Fn(usize) -> bool, function: CallFn, argument: u64) -> usize {
+    let me = percpu::current_index();
+    // Exactly the CPUs posted to are collected from, whatever comes online meanwhile.
+    let mut posted = [0u64; MAX_CPUS / 64];
+    for cpu in (0..MAX_CPUS).filter(|&c| c != me && targets(c) && percpu::cpu(c).online()) {
+        post(cpu, function, argument);
+        posted[cpu / 64] |= 1 << (cpu % 64);
+    }
+    let mut ran = 0;
+    if targets(me) {
+        function(argument);
+        ran += 1;
+    }
+    for cpu in (0..MAX_CPUS).filter(|&c| posted[c / 64] & (1 << (c % 64)) != 0) {
+        collect(cpu);
+        ran += 1;
+    }
+    ran
+}
+
+/// Claims `target`'s mailbox, posts the call and sends the IPI.
+fn post(target: usize, function: CallFn, argument: u64) {
     let mailbox = &MAILBOXES[target];
-    let _serialised = mailbox.lock.lock();
+    while mailbox
+        .state
+        .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        serve_mailbox();
+        core::hint::spin_loop();
+    }
     mailbox.function.store(function as usize, Ordering::Relaxed);
     mailbox.argument.store(argument, Ordering::Relaxed);
     mailbox.state.store(POSTED, Ordering::Release);
-    apic::send_ipi(cpu.apic_id(), CALL_VECTOR);
+    apic::send_ipi(percpu::cpu(target).apic_id(), CALL_VECTOR);
+}
+
+/// Waits for `target` to finish the posted call, frees its mailbox, returns the result.
+fn collect(target: usize) -> u64 {
+    let mailbox = &MAILBOXES[target];
     while mailbox.state.load(Ordering::Acquire) != DONE {
         serve_mailbox();
         core::hint::spin_loop();
     }
     let result = mailbox.result.load(Ordering::Relaxed);
     mailbox.state.store(IDLE, Ordering::Release);
-    Ok(result)
+    result
+}
+
+/// Sends a wake-up IPI to every online CPU for which `targets` holds, except the caller.
+pub fn wake_set(targets: impl Fn(usize) -> bool) {
+    let me = percpu::current_index();
+    for cpu in percpu::online().filter(|c| c.index() != me && targets(c.index())) {
+        apic::send_ipi(cpu.apic_id(), WAKE_VECTOR);
+    }
+}
+
+/// Sends a wake-up IPI to every other CPU with the all-but-self shorthand (one ICR
+/// write, however many CPUs).
+pub fn wake_all_but_self() {
+    apic::send_ipi_all_but_self(WAKE_VECTOR);
 }
 
 /// Sends a wake-up IPI to CPU `target` (no-op if it is not online).

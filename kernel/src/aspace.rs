@@ -235,12 +235,13 @@ impl AddressSpace {
         if pending.flush_locally() {
             flush_scope(0);
         }
+        // All targets flush in parallel; `call_on_set` returns once every online one
+        // has. An offline CPU cannot hold translations: it counts as flushed too.
+        let targets = pending.targets();
+        ipi::call_on_set(|c| targets.contains(c), flush_scope, 0);
         let mut acked = CpuMask::default();
-        for cpu in pending.targets().iter() {
-            if ipi::call_on(cpu, flush_scope, 0).is_ok() {
-                self.tlb.acknowledge(cpu, pending.generation());
-            }
-            // An offline CPU cannot hold translations: it counts as flushed.
+        for cpu in targets.iter() {
+            self.tlb.acknowledge(cpu, pending.generation());
             acked.insert(cpu);
         }
         match pending.complete(&acked) {

@@ -48,8 +48,8 @@ static EXECUTOR: spin::Once<Executor<Machine>> = spin::Once::new();
 /// Called once by the boot CPU after bring-up.
 pub fn init(cpus: usize) -> &'static Executor<Machine> {
     let executor = EXECUTOR.call_once(|| Executor::new(Machine, cpus));
-    for cpu in 1..cpus {
-        ipi::wake(cpu);
+    if cpus > 1 {
+        ipi::wake_all_but_self();
     }
     executor
 }
