@@ -23,7 +23,7 @@ use crate::kernel_tables;
 
 /// How long an AP may take to check in after its start-up IPIs (TCG is slow, and with
 /// more vCPUs than host cores an AP may wait for a host core).
-const AP_TIMEOUT_US: u64 = 500_000;
+const AP_TIMEOUT_US: u64 = 1_000_000;
 /// The timer tick period.
 pub const TICK_US: u64 = 10_000;
 
