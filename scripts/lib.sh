@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Variables set here are read by the scripts that source this file.
+# shellcheck disable=SC2034
 # Shared by run.sh, test.sh and bench.sh: dependency set-up (deps.sh), the kernel build,
 # accelerator choice, and QEMU's exit-status convention. Source it; it defines functions
 # only (and PANDA_ROOT).
@@ -47,10 +49,11 @@ panda_choose_accel() {
         else echo "panda: accel tcg ($reason)" >&2; fi
     fi
     if [ "$PANDA_ACCEL" = kvm ]; then
-        # Some hosts abort `-cpu host` on MSR 0x10a (arch-capabilities); probe once.
+        # Some hosts abort `-cpu host` on MSR 0x10a (arch-capabilities): start a paused
+        # guest once, tell its monitor to quit, and fall back if it failed.
         local cpu=host
-        if ! timeout 10 "${QEMU:-qemu-system-x86_64}" -accel kvm -cpu host -machine q35 -display none \
-                -S -no-reboot -monitor none -serial none -daemonize -pidfile /dev/null >/dev/null 2>&1; then
+        if ! printf 'quit\n' | timeout 10 "${QEMU:-qemu-system-x86_64}" -accel kvm -cpu host -machine q35 \
+                -display none -S -monitor stdio -serial none -nodefaults >/dev/null 2>&1; then
             cpu=host,-arch-capabilities
         fi
         PANDA_ACCEL_ARGS=(-accel kvm -cpu "$cpu")

@@ -46,8 +46,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-[[ "$smp" =~ ^[0-9]+$ ]] && [ "$smp" -ge 1 ] && [ "$smp" -le 255 ] ||
+if ! [[ "$smp" =~ ^[0-9]+$ ]] || [ "$smp" -lt 1 ] || [ "$smp" -gt 255 ]; then
     panda_usage_error "-smp must be a whole number from 1 to 255, not '$smp'"
+fi
 [[ "$mem" =~ ^[0-9]+[MG]?$ ]] || panda_usage_error "-m must look like 512M or 2G, not '$mem'"
 case "$accel" in auto|kvm|tcg) ;; *) panda_usage_error "--accel must be kvm or tcg, not '$accel'" ;; esac
 case "$boot" in pvh|limine) ;; *) panda_usage_error "--boot must be pvh or limine, not '$boot'" ;; esac
@@ -78,6 +79,7 @@ panda_ensure_qemu
 panda_build_kernel
 panda_choose_accel "$accel"
 
+# shellcheck disable=SC2054 # the commas belong to one -device argument
 qemu_args=(-machine q35 -m "$mem" -smp "$smp" -no-reboot -display none -serial stdio
            -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${PANDA_ACCEL_ARGS[@]}")
 cmdline="${cmdline# }"

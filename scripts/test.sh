@@ -85,7 +85,7 @@ guest_tests() {
     summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n1 | tr -d '\r' || true)
     grep -E '^FAIL ' "$log" | sed "s/^/  [$name] /" || true
     if [ "$status" = 0 ] && [[ "$summary" =~ ^([0-9]+)\ passed,\ 0\ failed$ ]]; then
-        passed=$((passed + ${BASH_REMATCH[1]}))
+        passed=$((passed + BASH_REMATCH[1]))
         echo "ok guest-$name (${BASH_REMATCH[1]} in-kernel tests; $(grep -o 'smp: [0-9]* of [0-9]* CPUs online.*' "$log" | head -n1 | tr -d '\r'))"
     else
         local n_ok n_fail
