@@ -57,6 +57,13 @@ section() { printf '\n== %s\n' "$*"; }
 if [ "$quick" = 0 ]; then
     section "format and lints"
     if cargo fmt --all --check >"$logs/fmt.log" 2>&1; then pass fmt; else fail fmt "cargo fmt --check found changes (see $logs/fmt.log)"; fi
+    command -v shellcheck >/dev/null 2>&1 || panda_apt_install shellcheck || true
+    if command -v shellcheck >/dev/null 2>&1; then
+        if shellcheck -x scripts/*.sh .ci/run >"$logs/shellcheck.log" 2>&1; then pass shellcheck
+        else fail shellcheck "see $logs/shellcheck.log"; fi
+    else
+        echo "   (shellcheck unavailable: scripts not linted)"
+    fi
     pkg_args=(); for c in "${HOST_CRATES[@]}"; do pkg_args+=(-p "$c"); done
     if cargo clippy --quiet "${pkg_args[@]}" --all-targets -- -D warnings >"$logs/clippy-host.log" 2>&1; then
         pass clippy-host; else fail clippy-host "see $logs/clippy-host.log"; fi
