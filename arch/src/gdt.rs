@@ -80,6 +80,14 @@ pub fn init_cpu(index: usize, stacks: &CpuStacks) {
     }
 }
 
+/// Address of CPU `index`'s TSS.RSP0 (the stack ring-3 traps switch to), once its TSS
+/// exists; 0 before. The user-mode entry points it at the running kernel stack.
+pub fn tss_rsp0_address(index: usize) -> u64 {
+    TSS[index].get().map_or(0, |tss| {
+        core::ptr::addr_of!(tss.privilege_stack_table) as u64
+    })
+}
+
 /// The task register's selector (0x28 once the TSS is loaded).
 pub fn task_register() -> u16 {
     let tr: u16;

@@ -182,23 +182,33 @@ impl TableBuilder {
         unsafe { self.table(table).add(index).write_volatile(value) }
     }
 
-    /// The next-level table under `table[index]`, created when empty.
+    /// The next-level table under `table[index]`, created when empty. `user` marks the
+    /// entry user-accessible (on paths to user pages).
     fn next(
         &self,
         table: u64,
         index: usize,
+        user: bool,
         frames: &mut dyn FrameSource,
     ) -> Result<u64, MapError> {
         let entry = self.read(table, index);
+        let user_bit = if user { flags::USER } else { 0 };
         if entry & flags::PRESENT != 0 {
             if entry & flags::HUGE != 0 {
                 return Err(MapError::AlreadyMapped { virt: 0 });
+            }
+            if entry & user_bit != user_bit {
+                self.write(table, index, entry | user_bit);
             }
             return Ok(entry & ADDR_MASK);
         }
         let frame = frames.zeroed_frame().ok_or(MapError::OutOfFrames)?;
         // Intermediate entries are permissive; leaves decide the access rights.
-        self.write(table, index, frame | flags::PRESENT | flags::WRITABLE);
+        self.write(
+            table,
+            index,
+            frame | flags::PRESENT | flags::WRITABLE | user_bit,
+        );
         Ok(frame)
     }
 
@@ -223,7 +233,7 @@ impl TableBuilder {
         index: usize,
         frames: &mut dyn FrameSource,
     ) -> Result<(), MapError> {
-        self.next(self.root, index, frames).map(|_| ())
+        self.next(self.root, index, false, frames).map(|_| ())
     }
 
     /// Maps one page.
@@ -239,11 +249,12 @@ impl TableBuilder {
             return Err(MapError::Misaligned { virt, phys });
         }
         let idx = |level: u32| ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
-        let pdpt = self.next(self.root, idx(3), frames)?;
-        let pd = self.next(pdpt, idx(2), frames)?;
+        let user = leaf_flags & flags::USER != 0;
+        let pdpt = self.next(self.root, idx(3), user, frames)?;
+        let pd = self.next(pdpt, idx(2), user, frames)?;
         let (table, index, bits) = match size {
             PageSize::Size2M => (pd, idx(1), leaf_flags | flags::HUGE),
-            PageSize::Size4K => (self.next(pd, idx(1), frames)?, idx(0), leaf_flags),
+            PageSize::Size4K => (self.next(pd, idx(1), user, frames)?, idx(0), leaf_flags),
         };
         if self.read(table, index) & flags::PRESENT != 0 {
             return Err(MapError::AlreadyMapped { virt });

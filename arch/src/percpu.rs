@@ -16,6 +16,16 @@ use x86_64::instructions::interrupts;
 use x86_64::registers::model_specific::GsBase;
 use x86_64::VirtAddr;
 
+/// Offsets of the fields the user entry/exit assembly uses.
+pub const OFFSET_USER_KERNEL_RSP: usize = 8;
+pub const OFFSET_USER_CONTEXT: usize = 16;
+pub const OFFSET_USER_SCRATCH: usize = 24;
+pub const OFFSET_TSS_RSP0: usize = 32;
+const _: () = assert!(core::mem::offset_of!(PerCpu, user_kernel_rsp) == OFFSET_USER_KERNEL_RSP);
+const _: () = assert!(core::mem::offset_of!(PerCpu, user_context) == OFFSET_USER_CONTEXT);
+const _: () = assert!(core::mem::offset_of!(PerCpu, user_scratch) == OFFSET_USER_SCRATCH);
+const _: () = assert!(core::mem::offset_of!(PerCpu, tss_rsp0) == OFFSET_TSS_RSP0);
+
 /// Most CPUs supported.
 pub const MAX_CPUS: usize = crate::acpi::MAX_CPUS;
 
@@ -23,6 +33,14 @@ pub const MAX_CPUS: usize = crate::acpi::MAX_CPUS;
 #[repr(C, align(128))]
 pub struct PerCpu {
     self_addr: AtomicU64,
+    /// Offsets 8..40 are read and written by the user-mode entry/exit assembly
+    /// (`user.rs`): the kernel stack pointer saved while user code runs, the
+    /// `UserContext` being run, scratch for the syscall entry, and the address of this
+    /// CPU's TSS.RSP0.
+    user_kernel_rsp: AtomicU64,
+    user_context: AtomicU64,
+    user_scratch: AtomicU64,
+    tss_rsp0: AtomicU64,
     index: AtomicU32,
     apic_id: AtomicU32,
     online: AtomicBool,
@@ -38,6 +56,10 @@ impl PerCpu {
     const fn new() -> Self {
         Self {
             self_addr: AtomicU64::new(0),
+            user_kernel_rsp: AtomicU64::new(0),
+            user_context: AtomicU64::new(0),
+            user_scratch: AtomicU64::new(0),
+            tss_rsp0: AtomicU64::new(0),
             index: AtomicU32::new(0),
             apic_id: AtomicU32::new(0),
             online: AtomicBool::new(false),
@@ -56,6 +78,11 @@ impl PerCpu {
     /// Local APIC id.
     pub fn apic_id(&self) -> u32 {
         self.apic_id.load(Ordering::Relaxed)
+    }
+
+    /// The `UserContext` pointer set while this CPU runs user code.
+    pub(crate) fn user_context_ptr(&self) -> u64 {
+        self.user_context.load(Ordering::Relaxed)
     }
 
     /// Guard pages of this CPU's stacks (kernel, #DF, NMI, #MC), for fault reports.
@@ -85,6 +112,9 @@ pub fn install(index: usize, apic_id: u32, stacks: &crate::stacks::CpuStacks) {
     block
         .self_addr
         .store(block as *const PerCpu as u64, Ordering::Relaxed);
+    block
+        .tss_rsp0
+        .store(crate::gdt::tss_rsp0_address(index), Ordering::Relaxed);
     GsBase::write(VirtAddr::from_ptr(block));
     READY.store(true, Ordering::Release);
 }

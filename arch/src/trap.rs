@@ -185,6 +185,19 @@ pub fn exception_name(vector: u64) -> (&'static str, &'static str) {
 
 #[unsafe(no_mangle)]
 extern "C" fn panda_trap_dispatch(frame: &mut TrapFrame) {
+    if frame.from_user() {
+        // Interrupts (and NMIs) still get their handler, which acknowledges them;
+        // exceptions belong to the thread. Either way the thread's `run` returns.
+        if frame.vector >= 32 || frame.vector == 2 {
+            let handler = HANDLERS[frame.vector as usize].load(Ordering::Acquire);
+            if handler != 0 {
+                // SAFETY: only `set_handler` stores non-zero values, and it stores `Handler`s.
+                let handler: Handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
+                handler(frame);
+            }
+        }
+        crate::user::exit_from_trap(frame);
+    }
     if frame.vector < 32 && crate::probe::fixup(frame) {
         return;
     }

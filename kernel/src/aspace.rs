@@ -164,6 +164,26 @@ impl AddressSpace {
         result
     }
 
+    /// Maps `frame` at the page `virt` with `rights` (e.g. an ELF segment's page with
+    /// its contents), taking ownership of the frame: tear-down frees it. The page must
+    /// lie in a region that allows `rights` (the fault path would refuse it otherwise).
+    pub fn map_frame(&self, virt: u64, frame: PhysFrame, rights: Rights) -> Result<(), MmError> {
+        let mut guard = self.tables.lock();
+        let tables = guard.as_mut().ok_or(MmError::Invalid)?;
+        tables
+            .map(
+                virt & !0xfff,
+                frame.addr(),
+                PageSize::Size4K,
+                leaf_bits(rights),
+                &mut TableFrames,
+            )
+            .map_err(|e| match e {
+                panda_arch::paging::MapError::OutOfFrames => MmError::OutOfMemory,
+                _ => MmError::Invalid,
+            })
+    }
+
     /// Moves the break; shrinking unmaps the released pages and shoots down their TLB
     /// entries before freeing the frames. Returns the new break.
     pub fn set_brk(&self, new: u64) -> Result<u64, MmError> {

@@ -132,6 +132,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_address_space_regions_and_faults,
     mm_unmap_is_seen_by_another_cpu,
     mm_fault_under_exhaustion_fails_cleanly,
+    user_mode_round_trips,
     mm_measure,
 ];
 
@@ -1279,4 +1280,105 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
 fn invlpg_here(page: u64) -> u64 {
     panda_arch::paging::flush_page(page);
     0
+}
+
+/// Enters ring 3 on a tiny program and checks each way back: `syscall`, a page fault,
+/// an invalid opcode, and a timer interrupt while the program spins.
+async fn user_mode_round_trips() -> Outcome {
+    use panda_arch::user::{self, Exit, UserContext};
+    let (frames, _) = mm()?;
+    let base = panda_abi::ELF_LOAD_BASE as u64;
+    #[rustfmt::skip]
+    let code: [u8; 21] = [
+        0x48, 0xc7, 0xc0, 0x34, 0x12, 0x00, 0x00, // mov rax, 0x1234
+        0x0f, 0x05,                               // syscall
+        0x48, 0x8b, 0x1c, 0x25, 0, 0, 0, 0,       // mov rbx, [0]
+        0x0f, 0x0b,                               // ud2
+        0xeb, 0xfe,                               // jmp $
+    ];
+    let frame = frames
+        .alloc(percpu::current_index())
+        .map_err(|e| fail(format_args!("{e:?}")))?;
+    crate::memory::zero(frame);
+    for (i, &b) in code.iter().enumerate() {
+        probe::write_u8(crate::memory::virt(frame) + i as u64, b)
+            .map_err(|f| fail(format_args!("{f:?}")))?;
+    }
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    let rx = Rights {
+        write: false,
+        execute: true,
+    };
+    space
+        .regions()
+        .add_segment(base, base + 0x1000, rx)
+        .map_err(|e| fail(format_args!("{e:?}")))?;
+    space
+        .map_frame(base, frame, rx)
+        .map_err(|e| fail(format_args!("{e:?}")))?;
+    space.activate();
+    let mut ctx = UserContext {
+        rip: base,
+        rsp: panda_abi::INITIAL_STACK_POINTER as u64,
+        rbx: 0x5555,
+        r12: 0x1212,
+        ..UserContext::default()
+    };
+    let result = (|| -> Outcome {
+        let first = user::run(&mut ctx);
+        ensure!(
+            first == Exit::Syscall,
+            "first exit {first:?}, expected the syscall"
+        );
+        ensure!(
+            ctx.rax == 0x1234 && ctx.rip == base + 9,
+            "after syscall rax={:#x} rip={:#x}",
+            ctx.rax,
+            ctx.rip
+        );
+        ensure!(
+            ctx.rbx == 0x5555 && ctx.r12 == 0x1212,
+            "user registers not preserved: rbx={:#x} r12={:#x}",
+            ctx.rbx,
+            ctx.r12
+        );
+        ensure!(ctx.rflags & 0x200 != 0, "user code ran with interrupts off");
+        let second = user::run(&mut ctx);
+        ensure!(
+            second == (Exit::Trap { vector: 14 }),
+            "second exit {second:?}, expected #PF"
+        );
+        ensure!(
+            ctx.cr2 == 0 && ctx.rip == base + 9 && ctx.error_code & 4 != 0,
+            "page fault: cr2={:#x} rip={:#x} err={:#x}",
+            ctx.cr2,
+            ctx.rip,
+            ctx.error_code
+        );
+        ctx.rip += 8;
+        let third = user::run(&mut ctx);
+        ensure!(
+            third == (Exit::Trap { vector: 6 }) && ctx.rip == base + 17,
+            "third exit {third:?} at {:#x}, expected #UD",
+            ctx.rip
+        );
+        ctx.rip += 2;
+        let fourth = user::run(&mut ctx);
+        ensure!(
+            fourth
+                == (Exit::Trap {
+                    vector: panda_arch::apic::TIMER_VECTOR
+                })
+                && ctx.rip == base + 19,
+            "spinning program left with {fourth:?} at {:#x}, expected the timer interrupt",
+            ctx.rip
+        );
+        ensure!(
+            x86_64::instructions::interrupts::are_enabled(),
+            "interrupts off after returning from user mode"
+        );
+        Ok(())
+    })();
+    space.deactivate();
+    result
 }

@@ -62,6 +62,7 @@ fn early_cpu() {
     panda_arch::idt::load();
     panda_arch::trap::set_fatal_hook(fatal_stop);
     panda_arch::percpu::install(0, cpu::apic_id(), &stacks);
+    panda_arch::user::init_cpu();
 }
 
 fn boot_failed(why: &str) -> ! {

@@ -177,6 +177,7 @@ extern "C" fn ap_entry(index: u64) -> ! {
     panda_arch::gdt::init_cpu(index, &stacks);
     panda_arch::idt::load();
     panda_arch::percpu::install(index, panda_arch::cpu::apic_id(), &stacks);
+    panda_arch::user::init_cpu();
     if let Some(features) = FEATURES.get() {
         panda_arch::cpu::enable_features(features);
     }

@@ -1,0 +1,256 @@
+//! Running user code: `run` enters ring 3 with a thread's registers and returns at its
+//! next trap — a `syscall`, an exception, or an interrupt — with the registers saved.
+//!
+//! This is what lets a thread be a future: the executor's task calls `run`, and when it
+//! returns, the task handles the trap on the CPU's own kernel stack, awaiting whatever
+//! it must, holding no stack of its own in between.
+//!
+//! Mechanism: `panda_run_user` pushes the kernel's callee-saved registers, saves RSP
+//! and the context pointer in the per-CPU block, points TSS.RSP0 just below them, builds
+//! an `iretq` frame from the context, loads its registers, `swapgs`, `iretq`. The
+//! `syscall` entry (`LSTAR`) swaps GS back, switches to the saved kernel RSP, stores the
+//! user registers into the context and returns from `panda_run_user` with 0. A trap
+//! from ring 3 arrives through the normal trap stubs on the TSS.RSP0 stack (so below the
+//! saved frame); the dispatcher runs the vector's handler if it has one (interrupts are
+//! acknowledged), copies the frame into the context and calls `exit_from_trap`, which
+//! returns from `panda_run_user` with 1 + vector. Both exits re-enable interrupts.
+//!
+//! Nothing of the kernel leaks to user mode: every general register is loaded from the
+//! context before `iretq`, and RFLAGS is sanitised (IF on, IOPL 0, no TF/NT/AC).
+//! FPU/SSE state is the user-space issue's (the kernel itself uses no SSE).
+
+use core::arch::global_asm;
+
+use x86_64::registers::model_specific::{Efer, EferFlags, LStar, SFMask, Star};
+use x86_64::registers::rflags::RFlags;
+use x86_64::VirtAddr;
+
+use crate::gdt::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
+use crate::percpu::{
+    OFFSET_TSS_RSP0, OFFSET_USER_CONTEXT, OFFSET_USER_KERNEL_RSP, OFFSET_USER_SCRATCH,
+};
+use crate::trap::TrapFrame;
+
+/// A user thread's registers, and after a trap, what the trap was.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct UserContext {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    /// After a trap exit: the vector, error code and CR2 (page faults).
+    pub vector: u64,
+    pub error_code: u64,
+    pub cr2: u64,
+}
+
+/// Why `run` returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The thread executed `syscall`; `rax` and the argument registers hold the call.
+    Syscall,
+    /// An exception (vector < 32) or an interrupt (vector >= 32) while in user mode.
+    Trap { vector: u8 },
+}
+
+global_asm!(
+    r#"
+    .section .text.user, "ax"
+    .global panda_run_user
+    panda_run_user:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    cli
+    mov gs:[{ksave}], rsp
+    mov gs:[{ctx}], rdi
+    mov rax, gs:[{rsp0}]
+    mov [rax], rsp
+    push {uds}
+    push qword ptr [rdi + 128]
+    mov rax, qword ptr [rdi + 136]
+    and rax, 0xcd5
+    or rax, 0x202
+    push rax
+    push {ucs}
+    push qword ptr [rdi + 120]
+    mov rax, [rdi]
+    mov rbx, [rdi + 8]
+    mov rcx, [rdi + 16]
+    mov rdx, [rdi + 24]
+    mov rsi, [rdi + 32]
+    mov rbp, [rdi + 48]
+    mov r8, [rdi + 56]
+    mov r9, [rdi + 64]
+    mov r10, [rdi + 72]
+    mov r11, [rdi + 80]
+    mov r12, [rdi + 88]
+    mov r13, [rdi + 96]
+    mov r14, [rdi + 104]
+    mov r15, [rdi + 112]
+    mov rdi, [rdi + 40]
+    swapgs
+    iretq
+
+    .global panda_syscall_entry
+    panda_syscall_entry:
+    swapgs
+    mov gs:[{scratch}], rsp
+    mov rsp, gs:[{ksave}]
+    push rax
+    mov rax, gs:[{ctx}]
+    pop qword ptr [rax]
+    mov [rax + 8], rbx
+    mov [rax + 16], rcx
+    mov [rax + 24], rdx
+    mov [rax + 32], rsi
+    mov [rax + 40], rdi
+    mov [rax + 48], rbp
+    mov [rax + 56], r8
+    mov [rax + 64], r9
+    mov [rax + 72], r10
+    mov [rax + 80], r11
+    mov [rax + 88], r12
+    mov [rax + 96], r13
+    mov [rax + 104], r14
+    mov [rax + 112], r15
+    mov [rax + 120], rcx
+    mov [rax + 136], r11
+    mov rcx, gs:[{scratch}]
+    mov [rax + 128], rcx
+    xor eax, eax
+    jmp 2f
+
+    .global panda_user_exit
+    panda_user_exit:
+    mov rax, rdi
+    mov rsp, gs:[{ksave}]
+    2:
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    sti
+    ret
+    "#,
+    ksave = const OFFSET_USER_KERNEL_RSP,
+    ctx = const OFFSET_USER_CONTEXT,
+    scratch = const OFFSET_USER_SCRATCH,
+    rsp0 = const OFFSET_TSS_RSP0,
+    uds = const USER_DS as u64,
+    ucs = const USER_CS as u64,
+);
+
+unsafe extern "C" {
+    fn panda_run_user(ctx: *mut UserContext) -> u64;
+    fn panda_syscall_entry();
+    fn panda_user_exit(code: u64) -> !;
+}
+
+/// Enables `syscall` on the calling CPU: EFER.SCE, STAR, LSTAR and SFMASK (interrupts,
+/// traps, direction and alignment check are cleared on entry).
+pub fn init_cpu() {
+    // SAFETY: the selectors are this GDT's (kernel code/data, user data/code in the
+    // order sysret expects) and the entry is `panda_syscall_entry`, which switches to
+    // the kernel stack before touching memory.
+    unsafe {
+        Efer::update(|e| e.insert(EferFlags::SYSTEM_CALL_EXTENSIONS));
+        let _ = Star::write(
+            x86_64::structures::gdt::SegmentSelector(USER_CS),
+            x86_64::structures::gdt::SegmentSelector(USER_DS),
+            x86_64::structures::gdt::SegmentSelector(KERNEL_CS),
+            x86_64::structures::gdt::SegmentSelector(KERNEL_DS),
+        );
+        LStar::write(VirtAddr::new(panda_syscall_entry as *const () as u64));
+    }
+    SFMask::write(
+        RFlags::INTERRUPT_FLAG
+            | RFlags::TRAP_FLAG
+            | RFlags::DIRECTION_FLAG
+            | RFlags::ALIGNMENT_CHECK
+            | RFlags::NESTED_TASK
+            | RFlags::IOPL_HIGH
+            | RFlags::IOPL_LOW,
+    );
+}
+
+/// Runs user code with `ctx` until its next trap, on the current address space.
+/// Call with interrupts enabled, from kernel code that may be suspended for as long as
+/// the user code runs (a task on this CPU's executor).
+pub fn run(ctx: &mut UserContext) -> Exit {
+    // SAFETY: `ctx` stays borrowed for the whole call, so the exit paths may write it;
+    // the assembly saves and restores every callee-saved register and returns on this
+    // stack; user mode cannot reach kernel memory (no USER bit on kernel mappings).
+    let code = unsafe { panda_run_user(ctx) };
+    if code == 0 {
+        Exit::Syscall
+    } else {
+        Exit::Trap {
+            vector: (code - 1) as u8,
+        }
+    }
+}
+
+/// Called by the trap dispatcher for a trap from ring 3, after the vector's handler
+/// (if any) ran: saves the user registers into the running context and returns from
+/// `run` with the vector. Never returns here.
+pub(crate) fn exit_from_trap(frame: &TrapFrame) -> ! {
+    let cpu = crate::percpu::checked_index().map(crate::percpu::cpu);
+    let ctx = cpu.map_or(0, |c| c.user_context_ptr());
+    if ctx != 0 {
+        let cr2 = if frame.vector == 14 {
+            x86_64::registers::control::Cr2::read_raw()
+        } else {
+            0
+        };
+        let regs = UserContext {
+            rax: frame.rax,
+            rbx: frame.rbx,
+            rcx: frame.rcx,
+            rdx: frame.rdx,
+            rsi: frame.rsi,
+            rdi: frame.rdi,
+            rbp: frame.rbp,
+            r8: frame.r8,
+            r9: frame.r9,
+            r10: frame.r10,
+            r11: frame.r11,
+            r12: frame.r12,
+            r13: frame.r13,
+            r14: frame.r14,
+            r15: frame.r15,
+            rip: frame.rip,
+            rsp: frame.rsp,
+            rflags: frame.rflags,
+            vector: frame.vector,
+            error_code: frame.error_code,
+            cr2,
+        };
+        // SAFETY: the pointer is the `&mut UserContext` that `run` holds for the call
+        // now being ended; nothing else accesses it meanwhile.
+        unsafe { (ctx as *mut UserContext).write(regs) };
+    }
+    // SAFETY: the saved kernel RSP points at `panda_run_user`'s frame on this CPU's
+    // stack, which is intact: the trap frame lies below it and is no longer needed.
+    unsafe { panda_user_exit(1 + frame.vector) }
+}
