@@ -17,7 +17,8 @@
 //!
 //! Nothing of the kernel leaks to user mode: every general register is loaded from the
 //! context before `iretq`, and RFLAGS is sanitised (IF on, IOPL 0, no TF/NT/AC).
-//! FPU/SSE state is the user-space issue's (the kernel itself uses no SSE).
+//! x87/SSE state travels with the context (FXSAVE/FXRSTOR around each run; the kernel
+//! is built without SSE, so it never touches those registers in between).
 
 use core::arch::global_asm;
 
@@ -30,6 +31,21 @@ use crate::percpu::{
     OFFSET_TSS_RSP0, OFFSET_USER_CONTEXT, OFFSET_USER_KERNEL_RSP, OFFSET_USER_SCRATCH,
 };
 use crate::trap::TrapFrame;
+
+/// The x87/SSE state of a thread, in FXSAVE format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct FpuState(pub [u8; 512]);
+
+impl Default for FpuState {
+    /// The state after FNINIT with SSE exceptions masked: FCW 0x037f, MXCSR 0x1f80.
+    fn default() -> Self {
+        let mut area = [0u8; 512];
+        area[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        Self(area)
+    }
+}
 
 /// A user thread's registers, and after a trap, what the trap was.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,6 +73,9 @@ pub struct UserContext {
     pub vector: u64,
     pub error_code: u64,
     pub cr2: u64,
+    /// x87/SSE registers: restored before entering user mode and saved at every exit,
+    /// so threads sharing a CPU keep their own (the kernel itself uses no SSE).
+    pub fpu: FpuState,
 }
 
 /// Why `run` returned.
@@ -198,10 +217,16 @@ pub fn init_cpu() {
 /// Call with interrupts enabled, from kernel code that may be suspended for as long as
 /// the user code runs (a task on this CPU's executor).
 pub fn run(ctx: &mut UserContext) -> Exit {
+    // SAFETY: `ctx.fpu` is a 16-byte-aligned 512-byte FXSAVE area; loading it only
+    // changes x87/SSE registers, which the kernel does not use.
+    unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) &ctx.fpu, options(nostack, readonly)) };
     // SAFETY: `ctx` stays borrowed for the whole call, so the exit paths may write it;
     // the assembly saves and restores every callee-saved register and returns on this
     // stack; user mode cannot reach kernel memory (no USER bit on kernel mappings).
     let code = unsafe { panda_run_user(ctx) };
+    // SAFETY: as for fxrstor; the exit paths never touch x87/SSE state, so what is saved
+    // is the thread's.
+    unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) &mut ctx.fpu, options(nostack)) };
     if code == 0 {
         Exit::Syscall
     } else {
@@ -223,6 +248,8 @@ pub(crate) fn exit_from_trap(frame: &TrapFrame) -> ! {
         } else {
             0
         };
+        // SAFETY: as below: `ctx` is the live context of the run being ended.
+        let fpu = unsafe { (*(ctx as *const UserContext)).fpu };
         let regs = UserContext {
             rax: frame.rax,
             rbx: frame.rbx,
@@ -245,6 +272,7 @@ pub(crate) fn exit_from_trap(frame: &TrapFrame) -> ! {
             vector: frame.vector,
             error_code: frame.error_code,
             cr2,
+            fpu,
         };
         // SAFETY: the pointer is the `&mut UserContext` that `run` holds for the call
         // now being ended; nothing else accesses it meanwhile.
