@@ -2,8 +2,8 @@
 //!
 //! This crate owns the per-process address-space layout of
 //! `shared/seed/VIRTUAL_ADDRESS_SPACE.md`: the seed's constants, exactly as the seed
-//! gives them, and the effective regions the kernel enforces. Later issues add the
-//! syscall numbers and error codes here. It is `no_std`, has no dependencies and no
+//! gives them, and the effective regions the kernel enforces, and (`syscall`) the
+//! operation numbers and error codes. It is `no_std`, has no dependencies and no
 //! unsafe code, so the kernel and every user program can use it.
 //!
 //! Invariants (checked at compile time below and by the unit tests):
@@ -18,6 +18,8 @@
 //! 1020 GiB and never into the buffer region.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+pub mod syscall;
 
 /// Size of a page (the unit of every region).
 pub const PAGE_SIZE: usize = 0x1000;

@@ -294,8 +294,25 @@ fn flush_scope(_: u64) -> u64 {
     0
 }
 
+/// Runs on a CPU that may still have the dying space `root` loaded (a thread ran there
+/// and moved on): switches it to the kernel's tables.
+fn leave_space(root: u64) -> u64 {
+    if panda_arch::paging::active_root() == root {
+        // SAFETY: the kernel's tables map everything the kernel uses.
+        #[allow(unsafe_code)]
+        unsafe {
+            panda_arch::paging::switch_to(kernel_tables::kernel_root())
+        };
+    }
+    0
+}
+
 impl Drop for AddressSpace {
     fn drop(&mut self) {
+        // No CPU may keep a freed PML4 in CR3: every CPU that may still run this space
+        // (it ran a thread and has not switched since) leaves it first.
+        let active = self.tlb.active();
+        ipi::call_on_set(|c| active.contains(c), leave_space, self.root);
         if let Some(tables) = self.tables.lock().take() {
             tables.tear_down(&mut free_frame, &mut free_frame);
         }

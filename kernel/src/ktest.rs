@@ -134,6 +134,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_fault_under_exhaustion_fails_cleanly,
     user_mode_round_trips,
     user_sse_state_is_per_thread,
+    user_process_syscalls_faults_and_exit,
     mm_measure,
 ];
 
@@ -1458,4 +1459,92 @@ async fn user_sse_state_is_per_thread() -> Outcome {
     })();
     space.deactivate();
     result
+}
+
+/// A process built from raw code (ELF loading arrives next) at ELF_LOAD_BASE.
+fn process_from_code(code: &[u8]) -> Result<alloc::sync::Arc<crate::process::Process>, Failure> {
+    let (frames, _) = mm()?;
+    let base = panda_abi::ELF_LOAD_BASE as u64;
+    let frame = frames
+        .alloc(percpu::current_index())
+        .map_err(|e| fail(format_args!("{e:?}")))?;
+    crate::memory::zero(frame);
+    for (i, &b) in code.iter().enumerate() {
+        probe::write_u8(crate::memory::virt(frame) + i as u64, b)
+            .map_err(|f| fail(format_args!("{f:?}")))?;
+    }
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    let rx = Rights {
+        write: false,
+        execute: true,
+    };
+    space
+        .regions()
+        .add_segment(base, base + 0x1000, rx)
+        .map_err(|e| fail(format_args!("{e:?}")))?;
+    space
+        .map_frame(base, frame, rx)
+        .map_err(|e| fail(format_args!("{e:?}")))?;
+    Ok(crate::process::Process::new(space))
+}
+
+/// A user program (assembled from scripts-free source kept in the comment below) logs,
+/// grows its heap with brk, writes and reads a fresh heap page (a demand fault), pushes
+/// on its demand-paged stack, checks that an unknown operation returns
+/// UnknownOperation and a bad pointer BadAddress, and exits with the value it read
+/// (42). A second program writes to its own code and must be killed. Both run as
+/// executor tasks that may migrate between CPUs; afterwards every frame is back.
+///
+/// Source of the first program (GNU as, Intel syntax): lea rdi,[rip+msg]; mov esi,17;
+/// mov eax,0x30001; syscall; mov eax,0x20004; xor edi,edi; syscall; mov rbx,rax;
+/// lea rdi,[rax+0x2000]; mov eax,0x20004; syscall; mov qword ptr [rbx+0x1000],42;
+/// mov rdi,[rbx+0x1000]; mov eax,0x99999; syscall; cmp rax,-5; jne 1f;
+/// mov rsi,0xdead; push rdi; mov rdi,rsi; mov esi,4; mov eax,0x30001; syscall; pop rdi;
+/// cmp rax,-4; jne 1f; mov eax,0x20001; syscall; 1: mov edi,99; mov eax,0x20001;
+/// syscall; msg: .ascii "hello from ring 3". Second: lea rax,[rip+_start];
+/// mov qword ptr [rax],1; mov edi,7; mov eax,0x20001; syscall.
+async fn user_process_syscalls_faults_and_exit() -> Outcome {
+    const PROGRAM: [u8; 142] = [
+        0x48, 0x8d, 0x3d, 0x76, 0x00, 0x00, 0x00, 0xbe, 0x11, 0x00, 0x00, 0x00, 0xb8, 0x01, 0x00,
+        0x03, 0x00, 0x0f, 0x05, 0xb8, 0x04, 0x00, 0x02, 0x00, 0x31, 0xff, 0x0f, 0x05, 0x48, 0x89,
+        0xc3, 0x48, 0x8d, 0xb8, 0x00, 0x20, 0x00, 0x00, 0xb8, 0x04, 0x00, 0x02, 0x00, 0x0f, 0x05,
+        0x48, 0xc7, 0x83, 0x00, 0x10, 0x00, 0x00, 0x2a, 0x00, 0x00, 0x00, 0x48, 0x8b, 0xbb, 0x00,
+        0x10, 0x00, 0x00, 0xb8, 0x99, 0x99, 0x09, 0x00, 0x0f, 0x05, 0x48, 0x83, 0xf8, 0xfb, 0x75,
+        0x25, 0x48, 0xc7, 0xc6, 0xad, 0xde, 0x00, 0x00, 0x57, 0x48, 0x89, 0xf7, 0xbe, 0x04, 0x00,
+        0x00, 0x00, 0xb8, 0x01, 0x00, 0x03, 0x00, 0x0f, 0x05, 0x5f, 0x48, 0x83, 0xf8, 0xfc, 0x75,
+        0x07, 0xb8, 0x01, 0x00, 0x02, 0x00, 0x0f, 0x05, 0xbf, 0x63, 0x00, 0x00, 0x00, 0xb8, 0x01,
+        0x00, 0x02, 0x00, 0x0f, 0x05, 0x68, 0x65, 0x6c, 0x6c, 0x6f, 0x20, 0x66, 0x72, 0x6f, 0x6d,
+        0x20, 0x72, 0x69, 0x6e, 0x67, 0x20, 0x33,
+    ];
+    const WRITES_ITS_CODE: [u8; 26] = [
+        0x48, 0x8d, 0x05, 0xf9, 0xff, 0xff, 0xff, 0x48, 0xc7, 0x00, 0x01, 0x00, 0x00, 0x00, 0xbf,
+        0x07, 0x00, 0x00, 0x00, 0xb8, 0x01, 0x00, 0x02, 0x00, 0x0f, 0x05,
+    ];
+    let exec = executor()?;
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::frames_not_in_use();
+    let start = |process: alloc::sync::Arc<crate::process::Process>| {
+        let ctx = panda_arch::user::UserContext {
+            rip: panda_abi::ELF_LOAD_BASE as u64,
+            rsp: panda_abi::INITIAL_STACK_POINTER as u64,
+            ..Default::default()
+        };
+        exec.spawn(crate::process::run_thread(process, ctx))
+    };
+    let good = start(process_from_code(&PROGRAM)?).await;
+    let bad = start(process_from_code(&WRITES_ITS_CODE)?).await;
+    let now = crate::memory::frames_not_in_use();
+    ensure!(
+        good == 42,
+        "the program exited with {good}, expected 42 (99: a syscall result was wrong)"
+    );
+    ensure!(
+        bad == crate::process::KILLED,
+        "writing its own code ended with {bad}, expected the kill status"
+    );
+    ensure!(
+        now == baseline,
+        "{now} frames after both processes ended, baseline {baseline}"
+    );
+    Ok(())
 }

@@ -24,6 +24,7 @@ mod kernel_tables;
 mod ktest;
 mod logger;
 mod memory;
+mod process;
 mod smp;
 
 use log::{error, info};
