@@ -34,6 +34,37 @@ impl FrameSource for TableFrames {
     }
 }
 
+/// Faults that found the zeroed pool empty, awaited it and were woken by the next
+/// refill (statistics, tests).
+pub static FAULTS_AWAITED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Faults that awaited the pool in vain until the fallback deadline.
+pub static FAULTS_LATE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// A frame zeroed on the spot (the pool had none).
+fn zero_now(cpu: usize) -> Result<PhysFrame, FaultError> {
+    let frame = memory::frames()
+        .and_then(|f| f.alloc(cpu).ok())
+        .ok_or(FaultError::OutOfMemory)?;
+    memory::zero(frame);
+    Ok(frame)
+}
+
+/// Whichever of two futures finishes first (`Some` for `a`, `None` for `b`).
+async fn first<A: core::future::Future, B: core::future::Future>(a: A, b: B) -> Option<A::Output> {
+    let mut a = core::pin::pin!(a);
+    let mut b = core::pin::pin!(b);
+    core::future::poll_fn(move |cx| {
+        if let core::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+            return core::task::Poll::Ready(Some(v));
+        }
+        if b.as_mut().poll(cx).is_ready() {
+            return core::task::Poll::Ready(None);
+        }
+        core::task::Poll::Pending
+    })
+    .await
+}
+
 /// Page-table bits of a user page with `rights`.
 fn leaf_bits(rights: Rights) -> u64 {
     let mut bits = flags::USER;
@@ -125,28 +156,72 @@ impl AddressSpace {
     /// Resolves a fault at `addr`: maps a zeroed frame if the address is valid for the
     /// access and not yet backed; otherwise says why not.
     pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultError> {
-        let decision = self.regions.lock().classify(addr, access);
-        let FaultDecision::DemandZero(rights) = decision else {
-            return Err(FaultError::Denied(decision));
-        };
+        let rights = self.demand_zero_rights(addr, access)?;
         let cpu = percpu::current_index();
         let frame = match memory::zero_pools().and_then(|p| p.try_take(cpu)) {
             Some(z) => z.into_frame(),
+            None => zero_now(cpu)?,
+        };
+        self.install(addr, frame, rights)
+    }
+
+    /// `handle_fault` for the fault path of user threads: when this CPU's zeroed pool
+    /// is empty, the thread's future awaits the idle-time zeroing instead of zeroing on
+    /// the spot, so the CPU runs other work meanwhile. If no frame comes within five
+    /// timer ticks (the CPU never went idle) or memory is exhausted, it zeroes one itself
+    /// or reports `OutOfMemory`.
+    pub async fn handle_fault_async(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+        let rights = self.demand_zero_rights(addr, access)?;
+        let cpu = percpu::current_index();
+        let pools = memory::zero_pools();
+        let frame = match pools.and_then(|p| p.try_take(cpu)) {
+            Some(z) => z.into_frame(),
             None => {
-                let frame = memory::frames()
-                    .and_then(|f| f.alloc(cpu).ok())
-                    .ok_or(FaultError::OutOfMemory)?;
-                memory::zero(frame);
-                frame
+                // Fall back after five timer ticks: the CPU never went idle to zero.
+                let deadline = panda_arch::time::now_ns() + 5 * crate::smp::TICK_US * 1000;
+                let awaited = match (pools, crate::exec::get()) {
+                    (Some(p), Some(exec)) => first(p.take(cpu), exec.sleep_until(deadline)).await,
+                    _ => None,
+                };
+                match awaited {
+                    Some(Some(z)) => {
+                        // Resumed by the refill's wake-up, or only found by the poll
+                        // the deadline caused (then the wake-up did not come).
+                        let counter = if panda_arch::time::now_ns() < deadline {
+                            &FAULTS_AWAITED
+                        } else {
+                            &FAULTS_LATE
+                        };
+                        counter.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                        z.into_frame()
+                    }
+                    _ => {
+                        FAULTS_LATE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                        zero_now(percpu::current_index())?
+                    }
+                }
             }
         };
+        self.install(addr, frame, rights)
+    }
+
+    /// The rights of a demand-zero page at `addr`, or why there is none.
+    fn demand_zero_rights(&self, addr: u64, access: Access) -> Result<Rights, FaultError> {
+        match self.regions.lock().classify(addr, access) {
+            FaultDecision::DemandZero(rights) => Ok(rights),
+            decision => Err(FaultError::Denied(decision)),
+        }
+    }
+
+    /// Maps a zeroed `frame` at `addr`'s page unless another fault mapped it first (then
+    /// the frame goes back and both faults resume on the one mapping).
+    fn install(&self, addr: u64, frame: PhysFrame, rights: Rights) -> Result<(), FaultError> {
         let page = addr & !0xfff;
         let bits = leaf_bits(rights);
         let mut guard = self.tables.lock();
         let result = match guard.as_mut() {
             // Being torn down.
             None => Err(FaultError::Denied(FaultDecision::OutsideRegions)),
-            // Another fault mapped it first: one mapping, both resume.
             Some(tables) if tables.translate(page).is_some() => {
                 drop(guard);
                 free_frame(frame.addr());

@@ -67,7 +67,7 @@ pub async fn run_thread(process: Arc<Process>, mut ctx: UserContext) -> i64 {
                 } else {
                     Access::Read
                 };
-                if let Err(e) = process.space.handle_fault(ctx.cr2, access) {
+                if let Err(e) = process.space.handle_fault_async(ctx.cr2, access).await {
                     warn!(
                         target: "user",
                         "pid {} killed: page fault at {:#x} ({access:?}, rip {:#x}): {}",

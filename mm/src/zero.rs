@@ -46,6 +46,9 @@ struct Pool {
 
 struct CpuPool {
     pool: spin::Mutex<Pool>,
+    /// Set when a refill found no free frame: waiters then give up instead of waiting
+    /// for a refill that cannot come. Cleared by the next refill that adds frames.
+    starved: core::sync::atomic::AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
     zeroed: AtomicU64,
@@ -84,6 +87,7 @@ impl ZeroPools {
                             frames: Vec::with_capacity(capacity.max(1)),
                             waiters: Vec::new(),
                         }),
+                        starved: core::sync::atomic::AtomicBool::new(false),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
                         zeroed: AtomicU64::new(0),
@@ -119,7 +123,8 @@ impl ZeroPools {
     }
 
     /// A future for a zeroed frame from CPU `cpu`'s pool: ready at once on a hit,
-    /// otherwise woken by the next `refill` of that pool.
+    /// otherwise woken by the next `refill` of that pool. Resolves to `None` when a
+    /// refill found memory exhausted.
     pub fn take(&self, cpu: usize) -> TakeZeroed<'_> {
         TakeZeroed {
             pools: self,
@@ -151,7 +156,11 @@ impl ZeroPools {
             added += 1;
         }
         c.zeroed.fetch_add(added as u64, Ordering::Relaxed);
-        if added > 0 {
+        // Wake the waiters if there is a frame for them, or if there will be none (no
+        // free memory): either way they must look again.
+        let starved = added == 0 && room > 0;
+        c.starved.store(starved, Ordering::SeqCst);
+        if added > 0 || starved {
             let waiters = core::mem::take(&mut c.pool.lock().waiters);
             for w in waiters {
                 w.wake();
@@ -197,9 +206,9 @@ pub struct TakeZeroed<'a> {
 }
 
 impl Future for TakeZeroed<'_> {
-    type Output = ZeroedFrame;
+    type Output = Option<ZeroedFrame>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ZeroedFrame> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ZeroedFrame>> {
         let c = self.pools.cpu(self.cpu);
         let mut pool = c.pool.lock();
         if let Some(f) = pool.frames.pop() {
@@ -207,7 +216,11 @@ impl Future for TakeZeroed<'_> {
             if !self.counted {
                 c.hits.fetch_add(1, Ordering::Relaxed);
             }
-            return Poll::Ready(ZeroedFrame(f));
+            return Poll::Ready(Some(ZeroedFrame(f)));
+        }
+        if self.counted && c.starved.load(Ordering::SeqCst) {
+            // Woken by a refill that found no memory.
+            return Poll::Ready(None);
         }
         // Register under the pool lock: a refill after this point sees the waker.
         if !pool.waiters.iter().any(|w| w.will_wake(cx.waker())) {
@@ -316,7 +329,29 @@ mod tests {
             1,
             "refill did not wake the waiter (once)"
         );
-        assert!(matches!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(_)));
+        assert!(matches!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(Some(_))
+        ));
         assert_eq!(pools.stats(0).misses, 1, "a waiting take counts one miss");
+    }
+
+    #[test]
+    fn a_waiting_take_gives_up_when_memory_is_exhausted() {
+        let (frames, pools) = (frames(1), ZeroPools::new(1));
+        let only = frames.alloc(0).unwrap();
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pools.take(0);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!(pools.refill(0, &frames, 4, |_| {}), 0);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiter was not told");
+        assert!(matches!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(None)
+        ));
+        frames.free(0, only).unwrap();
+        assert_eq!(pools.refill(0, &frames, 4, |_| {}), 1, "memory is back");
     }
 }
