@@ -131,10 +131,10 @@ impl AddressSpace {
     pub fn activate(&self) {
         let cpu = percpu::current_index();
         let decision = self.tlb.on_switch_in(cpu);
+        #[allow(unsafe_code)]
         // SAFETY: the hierarchy shares the kernel half, so everything the kernel uses
         // stays mapped; without PCID the CR3 load flushes this CPU's user entries, which
         // also covers a `Flush` decision.
-        #[allow(unsafe_code)]
         unsafe {
             panda_arch::paging::switch_to(self.root)
         };

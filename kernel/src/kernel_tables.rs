@@ -51,9 +51,9 @@ static SPACE: spin::Mutex<Option<KernelSpace>> = spin::Mutex::new(None);
 fn editor() -> Option<(spin::MutexGuard<'static, Option<KernelSpace>>, TableBuilder)> {
     let guard = SPACE.lock();
     let (root, hhdm) = guard.as_ref().map(|s| (s.root, s.hhdm))?;
+    #[allow(unsafe_code)]
     // SAFETY: `root` is the live kernel PML4 (its tables reachable through the HHDM)
     // and the returned lock guard serialises every editor.
-    #[allow(unsafe_code)]
     let tables = unsafe { TableBuilder::from_root(root, hhdm) };
     Some((guard, tables))
 }
@@ -188,10 +188,10 @@ pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, MapError> {
         let (start, end) = (r.start.max(LOW), r.end.min(HIGH));
         (r.kind == MemoryKind::Usable && start < end).then_some((start, end))
     });
+    #[allow(unsafe_code)]
     // SAFETY: usable ranges are free RAM nobody else uses yet (the kernel image,
     // modules and boot data were claimed out of them), and below 4 GiB both boot paths
     // map them through the HHDM.
-    #[allow(unsafe_code)]
     let mut frames = unsafe { EarlyFrames::new(boot.hhdm_offset, free) };
     let mut tables = TableBuilder::new(&mut frames, boot.hhdm_offset)?;
     let nx = panda_arch::paging::nx_bit();
@@ -236,10 +236,10 @@ pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, MapError> {
     }
 
     let root = tables.root();
+    #[allow(unsafe_code)]
     // SAFETY: the new hierarchy maps the kernel image (this code, its data, the boot
     // stack in use) at the same virtual addresses as the boot tables, and the HHDM over
     // all RAM; nothing the kernel touches afterwards relies on the old lower-half maps.
-    #[allow(unsafe_code)]
     unsafe {
         panda_arch::paging::switch_to(root)
     };
@@ -267,9 +267,9 @@ pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, MapError> {
         .map(|r| (r.start, r.start + RESERVE_BYTES));
     if let Some((start, end)) = reserve {
         let _ = boot.memory_map.claim(start, end, MemoryKind::KernelEarly);
+        #[allow(unsafe_code)]
         // SAFETY: the range was usable (free) and is now claimed for this pool alone;
         // it lies below 4 GiB, inside the HHDM just built.
-        #[allow(unsafe_code)]
         let frames = unsafe { EarlyFrames::new(boot.hhdm_offset, core::iter::once((start, end))) };
         *SPACE.lock() = Some(KernelSpace {
             root,

@@ -72,9 +72,9 @@ pub fn virt(frame: PhysFrame) -> u64 {
 
 /// Writes zeros over a frame the caller just took from the allocator.
 pub fn zero(frame: PhysFrame) {
+    #[allow(unsafe_code)]
     // SAFETY: callers pass frames they own: freshly allocated, not mapped anywhere
     // else, and reached through the HHDM (which maps all usable RAM writable).
-    #[allow(unsafe_code)]
     unsafe {
         panda_arch::paging::zero_page(virt(frame))
     };

@@ -154,9 +154,9 @@ fn prepare_trampoline(boot: &mut BootInfo) -> Option<Trampoline> {
     let (_, _, efer) = panda_arch::cpu::control_registers();
     // LME, and NXE (bit 11) and SCE (bit 0) as the boot CPU has them.
     let efer = (efer as u32 & ((1 << 11) | 1)) | (1 << 8);
+    #[allow(unsafe_code)]
     // SAFETY: the page was just taken from usable memory below 1 MiB for the
     // trampoline alone; usable RAM is mapped writable in the HHDM.
-    #[allow(unsafe_code)]
     let trampoline = unsafe { Trampoline::prepare(page, boot.hhdm_offset, root as u32, efer) };
     info!(target: "smp", "trampoline at {page:#x}, {} bytes, page tables at {root:#x}", Trampoline::size());
     Some(trampoline)
@@ -165,9 +165,9 @@ fn prepare_trampoline(boot: &mut BootInfo) -> Option<Trampoline> {
 /// Where the trampoline lands, on the AP's own stack, still on the trampoline's tables.
 extern "C" fn ap_entry(index: u64) -> ! {
     let index = index as usize;
+    #[allow(unsafe_code)]
     // SAFETY: the kernel's tables map everything the kernel uses, and the kernel half is
     // identical in the trampoline's tables, so the stack and this code stay mapped.
-    #[allow(unsafe_code)]
     unsafe {
         panda_arch::paging::switch_to(kernel_tables::kernel_root())
     };

@@ -252,17 +252,21 @@ mod tests {
         let mut seen = HashSet::new();
         let mut objs = Vec::new();
         for _ in 0..1000 {
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             let o = unsafe { h.alloc(0, 2) }.unwrap();
             assert_eq!(o as usize % 64, 0);
             assert!(seen.insert(o as usize), "object handed out twice");
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             unsafe { o.write_bytes(0xab, 64) };
             objs.push(o);
         }
         let pages = h.pages();
         for o in objs.drain(..) {
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             unsafe { h.free(0, 2, o) };
         }
         for _ in 0..1000 {
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             objs.push(unsafe { h.alloc(0, 2) }.unwrap());
         }
         assert_eq!(h.pages(), pages, "freed objects were not reused");
@@ -273,8 +277,10 @@ mod tests {
         let h = heap(1);
         let per_page = PAGE / class_size(7);
         for _ in 0..per_page {
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             assert!(unsafe { h.alloc(0, 7) }.is_some());
         }
+        // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
         assert!(unsafe { h.alloc(0, 7) }.is_none());
     }
 
@@ -283,13 +289,16 @@ mod tests {
         let h = Arc::new(heap(1000));
         // CPU 0 allocates, CPU 1 frees (overflowing to global), CPU 2 reuses them.
         let objs: Vec<usize> = (0..200)
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             .map(|_| unsafe { h.alloc(0, 3) }.unwrap() as usize)
             .collect();
         let pages = h.pages();
         for &o in &objs {
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             unsafe { h.free(1, 3, o as *mut u8) };
         }
         let reused: HashSet<usize> = (0..100)
+            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
             .map(|_| unsafe { h.alloc(2, 3) }.unwrap() as usize)
             .collect();
         assert_eq!(
@@ -308,16 +317,19 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut mine = Vec::new();
                     for round in 0..2000 {
+                        // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
                         let o = unsafe { h.alloc(cpu, round % CLASSES) }.unwrap();
                         unsafe { o.write_bytes(cpu as u8, class_size(round % CLASSES)) };
                         mine.push((o as usize, round % CLASSES));
                         if round % 3 == 0 {
                             let (o, c) = mine.swap_remove(0);
+                            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
                             unsafe { h.free(cpu, c, o as *mut u8) };
                         }
                     }
                     for &(o, c) in &mine {
                         let bytes =
+                            // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
                             unsafe { std::slice::from_raw_parts(o as *const u8, class_size(c)) };
                         assert!(
                             bytes.iter().all(|&b| b == cpu as u8),
