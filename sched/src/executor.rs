@@ -58,6 +58,10 @@ struct CpuState {
     shared: spin::Mutex<TaskQueue>,
     timers: spin::Mutex<TimerHeap>,
     idle: AtomicBool,
+    /// A move the task being polled asked for (`Executor::move_to`): 0 for none, else
+    /// `(cpu + 1) | PIN_BIT` when it is to be pinned there. Read and cleared by this
+    /// CPU right after the poll.
+    move_request: AtomicUsize,
     polls: AtomicU64,
     stolen: AtomicU64,
     wakeups_sent: AtomicU64,
@@ -72,6 +76,7 @@ impl CpuState {
             shared: spin::Mutex::new(TaskQueue::new()),
             timers: spin::Mutex::new(BinaryHeap::new()),
             idle: AtomicBool::new(false),
+            move_request: AtomicUsize::new(0),
             polls: AtomicU64::new(0),
             stolen: AtomicU64::new(0),
             wakeups_sent: AtomicU64::new(0),
@@ -80,6 +85,8 @@ impl CpuState {
         }
     }
 }
+
+const PIN_BIT: usize = 1 << (usize::BITS - 1);
 
 /// How many tasks one steal moves at most (they are moved through a fixed array, so
 /// stealing does not allocate either).
@@ -267,7 +274,7 @@ impl<P: Platform> Executor<P> {
     fn poll(&'static self, cpu: usize, task: Arc<Task>) {
         debug_assert_eq!(task.state.load(Ordering::Acquire), SCHEDULED);
         task.state.store(RUNNING, Ordering::Release);
-        if !task.pinned {
+        if !task.pinned.load(Ordering::Relaxed) {
             task.cpu.store(cpu, Ordering::Relaxed);
         }
         self.cpus[cpu].polls.fetch_add(1, Ordering::Relaxed);
@@ -284,10 +291,17 @@ impl<P: Platform> Executor<P> {
             }
             ready
         };
+        let request = self.cpus[cpu].move_request.swap(0, Ordering::Relaxed);
         if finished {
             task.state.store(DONE, Ordering::Release);
             self.live_tasks.fetch_sub(1, Ordering::AcqRel);
             return;
+        }
+        if request != 0 {
+            // The task asked to move (and woke itself): its next queue is the target's.
+            let target = ((request & !PIN_BIT) - 1).min(self.cpus.len() - 1);
+            task.cpu.store(target, Ordering::Relaxed);
+            task.pinned.store(request & PIN_BIT != 0, Ordering::Relaxed);
         }
         if task
             .state
@@ -435,6 +449,23 @@ impl<P: Platform> Executor<P> {
         YieldNow { yielded: false }
     }
 
+    /// Moves the calling task to CPU `cpu` (clamped to the CPUs served): the future
+    /// completes once the task is polled there. With `pin`, only that CPU will poll it
+    /// from then on; without, it is shared (stealable) again.
+    pub fn move_to(&'static self, cpu: usize, pin: bool) -> MoveTo<P> {
+        MoveTo {
+            executor: self,
+            cpu: cpu.min(self.cpus.len() - 1),
+            pin,
+            asked: false,
+        }
+    }
+
+    /// The calling CPU's index (as the executor sees it).
+    pub fn current_cpu(&self) -> usize {
+        self.current()
+    }
+
     /// CPU `cpu`'s counters.
     pub fn stats(&self, cpu: usize) -> CpuStats {
         let s = &self.cpus[cpu];
@@ -458,7 +489,7 @@ impl<P: Platform> Scheduler for Executor<P> {
         let cpu = task.cpu.load(Ordering::Relaxed).min(self.cpus.len() - 1);
         let state = &self.cpus[cpu];
         self.with_interrupts_off(|| {
-            if task.pinned {
+            if task.pinned.load(Ordering::Relaxed) {
                 state.pinned.lock().push_back(task);
             } else {
                 state.shared.lock().push_back(task);
@@ -523,6 +554,34 @@ impl<T> Future for JoinHandle<T> {
                 Poll::Pending
             }
         }
+    }
+}
+
+/// See `Executor::move_to`.
+pub struct MoveTo<P: Platform> {
+    executor: &'static Executor<P>,
+    cpu: usize,
+    pin: bool,
+    asked: bool,
+}
+
+impl<P: Platform> Future for MoveTo<P> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let here = self.executor.current();
+        if self.asked && here == self.cpu {
+            return Poll::Ready(());
+        }
+        // Ask (again, if a wake raced the first request) and go round the queues: the
+        // executor applies the request right after this poll returns.
+        self.asked = true;
+        let request = (self.cpu + 1) | if self.pin { PIN_BIT } else { 0 };
+        self.executor.cpus[here]
+            .move_request
+            .store(request, Ordering::Relaxed);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

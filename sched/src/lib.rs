@@ -34,7 +34,7 @@ mod queue;
 mod task;
 mod timer;
 
-pub use executor::{CpuStats, Executor, JoinHandle, Platform, MAX_CPUS};
+pub use executor::{CpuStats, Executor, JoinHandle, MoveTo, Platform, MAX_CPUS};
 pub use timer::Sleep;
 
 #[cfg(test)]

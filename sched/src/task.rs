@@ -5,7 +5,7 @@ use alloc::sync::Arc;
 use alloc::task::Wake;
 use core::future::Future;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 /// Not queued, not running: waiting for a wake.
 pub(crate) const IDLE: u8 = 0;
@@ -29,7 +29,8 @@ pub(crate) struct Task {
     pub(crate) state: AtomicU8,
     /// The CPU whose queue the task goes to when woken (its last CPU).
     pub(crate) cpu: AtomicUsize,
-    pub(crate) pinned: bool,
+    /// Whether only `cpu` may poll it (changed only by the CPU polling it).
+    pub(crate) pinned: AtomicBool,
     pub(crate) future: spin::Mutex<Option<BoxedFuture>>,
     pub(crate) next: spin::Mutex<Option<Arc<Task>>>,
     pub(crate) scheduler: &'static dyn Scheduler,
@@ -45,7 +46,7 @@ impl Task {
         Arc::new(Task {
             state: AtomicU8::new(SCHEDULED),
             cpu: AtomicUsize::new(cpu),
-            pinned,
+            pinned: AtomicBool::new(pinned),
             future: spin::Mutex::new(Some(future)),
             next: spin::Mutex::new(None),
             scheduler,

@@ -286,6 +286,40 @@ fn pinned_tasks_never_migrate() {
 }
 
 #[test]
+fn move_to_pins_a_running_task_to_its_new_cpu() {
+    let exec = executor(4);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    for i in 0..200 {
+        let (wrong, done) = (wrong.clone(), done.clone());
+        // Spawned shared (stealable) on CPU 0, then each moves itself to its CPU.
+        exec.spawn(async move {
+            let target = 1 + i % 3;
+            exec.move_to(target, true).await;
+            for _ in 0..5 {
+                if CPU.with(Cell::get) != target {
+                    wrong.fetch_add(1, Ordering::SeqCst);
+                }
+                Spin(1).await;
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    exec.run_until(|| done.load(Ordering::SeqCst) == 200 || Instant::now() > deadline);
+    stop_cpus(stop, exec, handles);
+    assert_eq!(done.load(Ordering::SeqCst), 200);
+    assert_eq!(
+        wrong.load(Ordering::SeqCst),
+        0,
+        "a task ran off the CPU it moved to"
+    );
+}
+
+#[test]
 fn a_self_waking_task_cannot_starve_another() {
     let exec = executor(1);
     CPU.with(|c| c.set(0));
