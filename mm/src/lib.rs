@@ -4,6 +4,7 @@
 //!   power-of-two runs, with coalescing;
 //! - `cache`: a per-CPU cache of single frames in front of it, refilled and drained in
 //!   batches, so the common allocation and free take no shared lock;
+//! - `elf`: the checked load plan of a user executable (goblin parses, this checks);
 //! - `zero`: per-CPU pools of frames known to be zero, filled by an idle-time zeroing
 //!   pass, and the `ZeroedFrame` type only that pass can make.
 //!
@@ -17,6 +18,7 @@ extern crate alloc;
 
 pub mod buddy;
 pub mod cache;
+pub mod elf;
 pub mod region;
 pub mod slab;
 pub mod tlb;
