@@ -22,6 +22,31 @@ panda_build_kernel() {
         panda_die "kernel build failed"
 }
 
+# User programs (user/programs) packed into the initrd, and the data files beside them.
+PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/release"
+PANDA_PROGRAMS=(init utest)
+PANDA_INITRD="$PANDA_ROOT/build/initrd.tar"
+
+panda_build_user() {
+    (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-programs --target "$PANDA_TARGET") ||
+        panda_die "user programs build failed"
+}
+
+# panda_pack_initrd OUT [INIT]: a ustar archive of the user programs (debug info
+# stripped) and user/files/*; INIT, if given, replaces the init program.
+panda_pack_initrd() {
+    local out=$1 init=${2:-} stage="$PANDA_ROOT/build/initrd-root" p
+    command -v objcopy >/dev/null 2>&1 || panda_apt_install binutils || panda_die "objcopy (binutils) is missing"
+    rm -rf "$stage"; mkdir -p "$stage" "$(dirname "$out")"
+    for p in "${PANDA_PROGRAMS[@]}"; do
+        objcopy --strip-debug "$PANDA_USER_BIN/$p" "$stage/$p" || panda_die "cannot strip $p"
+    done
+    if [ -n "$init" ]; then cp "$init" "$stage/init" || panda_die "cannot copy $init"; fi
+    cp "$PANDA_ROOT"/user/files/* "$stage/"
+    (cd "$stage" && tar --format=ustar --owner=0 --group=0 --numeric-owner -cf "$out" -- *) ||
+        panda_die "cannot pack the initrd"
+}
+
 # Whether KVM really works here: a usable /dev/kvm AND a CPU that advertises vmx/svm.
 # /dev/kvm alone is not proof (seen: it opens, the CPU has no vmx/svm, guests hang).
 panda_kvm_reason() {

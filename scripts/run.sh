@@ -16,7 +16,8 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --boot pvh|limine   PVH (QEMU -kernel, default) or a Limine ISO from LIMINE_DIR
   --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
   --gdb               start paused with a gdb stub on localhost:1234
-  --init PATH         the first user program (accepted; user space arrives with issue 5)
+  --init PATH         run this static ELF as the first process (packed into the initrd
+                      as `init`, beside the usual programs)
   --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
   --timeout SECONDS   stop the guest after this long (exit 3)
   -h, --help          this text
@@ -57,8 +58,9 @@ if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
     panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
 fi
 if [ -n "$init" ]; then
-    [ -f "$init" ] || panda_die "--init $init: no such file"
-    echo "panda: --init is not supported yet (user space arrives with issue 5); booting without it" >&2
+    [ -f "$init" ] || panda_usage_error "--init $init: no such file"
+    [ "$(head -c 4 "$init" | od -An -c | tr -d ' ')" = '177ELF' ] ||
+        panda_usage_error "--init $init: not an ELF file"
 fi
 
 # Find Limine before building anything, so a missing install fails fast.
@@ -77,6 +79,10 @@ panda_ensure_rust
 panda_ensure_qemu
 [ "$boot" = limine ] && panda_ensure_limine_tools
 panda_build_kernel
+panda_build_user
+initrd=$PANDA_INITRD
+if [ -n "$init" ]; then initrd="$PANDA_ROOT/build/initrd-custom.tar"; fi
+panda_pack_initrd "$initrd" "$init"
 panda_choose_accel "$accel"
 
 # shellcheck disable=SC2054 # the commas belong to one -device argument
@@ -85,16 +91,17 @@ qemu_args=(-machine q35 -m "$mem" -smp "$smp" -no-reboot -display none -serial s
 cmdline="${cmdline# }"
 
 if [ "$boot" = pvh ]; then
-    qemu_args+=(-kernel "$PANDA_KERNEL" -append "$cmdline")
+    qemu_args+=(-kernel "$PANDA_KERNEL" -initrd "$initrd" -append "$cmdline")
     what="PVH"
 else
     iso_dir="$PANDA_ROOT/build/limine"
     root="$iso_dir/iso_root"
     rm -rf "$root"; mkdir -p "$root/boot/limine" "$root/EFI/BOOT"
     cp "$PANDA_KERNEL" "$root/boot/kernel.elf"
+    cp "$initrd" "$root/boot/initrd.tar"
     cp "$limine_src/limine-bios.sys" "$limine_src/limine-bios-cd.bin" "$limine_src/limine-uefi-cd.bin" "$root/boot/limine/"
     cp "$limine_src/BOOTX64.EFI" "$root/EFI/BOOT/"
-    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    cmdline: %s\n' "$cmdline" \
+    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    module_path: boot():/boot/initrd.tar\n    module_string: initrd\n    cmdline: %s\n' "$cmdline" \
         > "$root/boot/limine/limine.conf"
     limine_tool=""
     if [ -x "$limine_src/limine" ]; then limine_tool="$limine_src/limine"

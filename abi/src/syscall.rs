@@ -25,6 +25,8 @@ pub const OP_ENVIRONMENT_SPAWN: usize = 0x3_0000;
 pub const OP_ENVIRONMENT_LOG: usize = 0x3_0001;
 /// Monotonic time in nanoseconds.
 pub const OP_ENVIRONMENT_TIME: usize = 0x3_0002;
+/// Copies the kernel's [`SystemInfo`] to `ptr, len` (rdi, rsi); returns bytes written.
+pub const OP_ENVIRONMENT_INFO: usize = 0x3_0003;
 
 /// Allocates a buffer of `size` (rdi) bytes in the buffer region; returns its address.
 pub const OP_BUFFER_ALLOC: usize = 0x4_0000;
@@ -43,12 +45,14 @@ pub const OP_THREAD_EXIT: usize = 0x5_0002;
 pub const OP_THREAD_SET_AFFINITY: usize = 0x5_0003;
 /// Number of CPUs online.
 pub const OP_CPU_COUNT: usize = 0x5_0004;
+/// The CPU the calling thread is running on (as of the call).
+pub const OP_THREAD_CURRENT_CPU: usize = 0x5_0005;
 
 /// Reads the initrd file `path_ptr, path_len` (rdi, rsi) into `buffer, len` (rdx, r10).
 pub const OP_FILE_READ_BUFFER: usize = 0x6_0000;
 
 /// Every operation, for tests and dispatch tables.
-pub const OPERATIONS: [usize; 18] = [
+pub const OPERATIONS: [usize; 20] = [
     OP_PROCESS_YIELD,
     OP_PROCESS_EXIT,
     OP_PROCESS_GET_PID,
@@ -58,6 +62,7 @@ pub const OPERATIONS: [usize; 18] = [
     OP_ENVIRONMENT_SPAWN,
     OP_ENVIRONMENT_LOG,
     OP_ENVIRONMENT_TIME,
+    OP_ENVIRONMENT_INFO,
     OP_BUFFER_ALLOC,
     OP_BUFFER_FREE,
     OP_BUFFER_LOG,
@@ -66,8 +71,83 @@ pub const OPERATIONS: [usize; 18] = [
     OP_THREAD_EXIT,
     OP_THREAD_SET_AFFINITY,
     OP_CPU_COUNT,
+    OP_THREAD_CURRENT_CPU,
     OP_FILE_READ_BUFFER,
 ];
+
+/// What `OP_ENVIRONMENT_INFO` reports: the machine and the kernel's memory counters.
+/// Fields are only ever appended; a caller passing a shorter length gets a prefix.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct SystemInfo {
+    /// CPUs online.
+    pub cpus: u64,
+    /// Bytes of RAM the frame allocator manages, and how many are free (including
+    /// frames in per-CPU caches and zeroed pools).
+    pub memory_total: u64,
+    pub memory_free: u64,
+    /// Demand-zero faults resolved (user faults and kernel writes on a user's behalf).
+    pub faults: u64,
+    /// ... of which took a frame from the CPU's zeroed pool at once.
+    pub zero_pool_hits: u64,
+    /// ... of which found the pool empty and awaited its refill.
+    pub zero_pool_waits: u64,
+    /// ... of which zeroed a frame on the spot (no refill in time, or no executor).
+    pub zeroed_inline: u64,
+    /// TLB shootdowns initiated, and the cross-CPU flush requests they sent.
+    pub shootdowns: u64,
+    pub shootdown_ipis: u64,
+    /// Time-stamp counter frequency, for converting TSC deltas to time.
+    pub tsc_hz: u64,
+}
+
+impl SystemInfo {
+    /// Number of u64 fields (the struct is exactly these, in order).
+    pub const WORDS: usize = 10;
+
+    /// The fields in declaration order.
+    pub fn to_words(&self) -> [u64; Self::WORDS] {
+        [
+            self.cpus,
+            self.memory_total,
+            self.memory_free,
+            self.faults,
+            self.zero_pool_hits,
+            self.zero_pool_waits,
+            self.zeroed_inline,
+            self.shootdowns,
+            self.shootdown_ipis,
+            self.tsc_hz,
+        ]
+    }
+
+    /// From words in declaration order; missing trailing fields are 0.
+    pub fn from_words(words: &[u64]) -> Self {
+        let w = |i: usize| words.get(i).copied().unwrap_or(0);
+        Self {
+            cpus: w(0),
+            memory_total: w(1),
+            memory_free: w(2),
+            faults: w(3),
+            zero_pool_hits: w(4),
+            zero_pool_waits: w(5),
+            zeroed_inline: w(6),
+            shootdowns: w(7),
+            shootdown_ipis: w(8),
+            tsc_hz: w(9),
+        }
+    }
+}
+
+/// The status `OP_PROCESS_WAIT` returns for a process the kernel ended (a fault, a
+/// protection violation, memory exhaustion): above every status a process can exit
+/// with, since exit codes are truncated to 32 bits.
+pub const EXIT_KILLED: usize = 1 << 32;
+
+/// The status a process exiting with `code` reports to its waiter.
+pub const fn exit_status(code: u64) -> usize {
+    code as u32 as usize
+}
 
 /// Why an operation failed. The result register holds `-(code)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +223,37 @@ mod tests {
         assert_eq!(OP_PROCESS_BRK >> 16, 0x2);
         assert_eq!(OP_ENVIRONMENT_LOG >> 16, 0x3);
         assert_eq!(OP_BUFFER_ALLOC >> 16, 0x4);
+    }
+
+    #[test]
+    fn system_info_words_round_trip() {
+        let info = SystemInfo {
+            cpus: 1,
+            memory_total: 2,
+            memory_free: 3,
+            faults: 4,
+            zero_pool_hits: 5,
+            zero_pool_waits: 6,
+            zeroed_inline: 7,
+            shootdowns: 8,
+            shootdown_ipis: 9,
+            tsc_hz: 10,
+        };
+        assert_eq!(SystemInfo::from_words(&info.to_words()), info);
+        assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);
+        assert_eq!(SystemInfo::from_words(&[7]).cpus, 7);
+    }
+
+    #[test]
+    fn killed_status_is_distinct_from_every_exit_code() {
+        for code in [0u64, 1, 42, u32::MAX as u64, u64::MAX, (1 << 32) + 5] {
+            assert_ne!(exit_status(code), EXIT_KILLED);
+            assert!(
+                exit_status(code) as isize >= 0,
+                "a status must not read as an error"
+            );
+        }
+        assert!(EXIT_KILLED as isize > 0);
     }
 
     #[test]

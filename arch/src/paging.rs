@@ -475,3 +475,32 @@ pub unsafe fn zero_page(virt: u64) {
         );
     }
 }
+
+/// Copies `bytes` to physical memory at `phys` through the HHDM.
+///
+/// # Safety
+/// `[phys, phys + bytes.len())` must be RAM the caller may write: a frame it owns, or a
+/// user page it keeps mapped (holding the space's table lock) for the duration.
+pub unsafe fn write_phys(phys: u64, bytes: &[u8]) {
+    // SAFETY: the HHDM maps all RAM writable; the caller vouches for ownership, and the
+    // source is a kernel slice that cannot overlap the destination page.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (crate::HHDM_BASE + phys) as *mut u8,
+            bytes.len(),
+        )
+    };
+}
+
+/// Physical memory `[phys, phys + len)` as a byte slice, through the HHDM.
+///
+/// # Safety
+/// The range must be RAM that nobody writes while the slice lives: boot modules (never
+/// reused), or a user page kept mapped (table lock held) while the slice is used — a
+/// user thread may still write it concurrently, which the caller must tolerate (the
+/// bytes are only copied out or printed).
+pub unsafe fn phys_bytes<'a>(phys: u64, len: usize) -> &'a [u8] {
+    // SAFETY: the HHDM maps all RAM; the caller vouches for the range's lifetime.
+    unsafe { core::slice::from_raw_parts((crate::HHDM_BASE + phys) as *const u8, len) }
+}

@@ -14,6 +14,7 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use panda_arch::paging::{flags, FrameSource, PageSize, TableBuilder};
 use panda_arch::{ipi, percpu};
@@ -40,12 +41,26 @@ pub static FAULTS_AWAITED: core::sync::atomic::AtomicU64 = core::sync::atomic::A
 /// Faults that awaited the pool in vain until the fallback deadline.
 pub static FAULTS_LATE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
+/// Demand-zero faults that mapped a frame, of which `POOL_HITS` took one from the
+/// pool at once and `ZEROED_INLINE` zeroed one on the spot.
+pub static FAULTS: AtomicU64 = AtomicU64::new(0);
+pub static POOL_HITS: AtomicU64 = AtomicU64::new(0);
+pub static ZEROED_INLINE: AtomicU64 = AtomicU64::new(0);
+/// Shootdowns run, and the cross-CPU flushes they asked for.
+pub static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
+pub static SHOOTDOWN_IPIS: AtomicU64 = AtomicU64::new(0);
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// A frame zeroed on the spot (the pool had none).
 fn zero_now(cpu: usize) -> Result<PhysFrame, FaultError> {
     let frame = memory::frames()
         .and_then(|f| f.alloc(cpu).ok())
         .ok_or(FaultError::OutOfMemory)?;
     memory::zero(frame);
+    count(&ZEROED_INLINE);
     Ok(frame)
 }
 
@@ -159,7 +174,10 @@ impl AddressSpace {
         let rights = self.demand_zero_rights(addr, access)?;
         let cpu = percpu::current_index();
         let frame = match memory::zero_pools().and_then(|p| p.try_take(cpu)) {
-            Some(z) => z.into_frame(),
+            Some(z) => {
+                count(&POOL_HITS);
+                z.into_frame()
+            }
             None => zero_now(cpu)?,
         };
         self.install(addr, frame, rights)
@@ -175,7 +193,10 @@ impl AddressSpace {
         let cpu = percpu::current_index();
         let pools = memory::zero_pools();
         let frame = match pools.and_then(|p| p.try_take(cpu)) {
-            Some(z) => z.into_frame(),
+            Some(z) => {
+                count(&POOL_HITS);
+                z.into_frame()
+            }
             None => {
                 // Fall back after five timer ticks: the CPU never went idle to zero.
                 let deadline = panda_arch::time::now_ns() + 5 * crate::smp::TICK_US * 1000;
@@ -230,6 +251,7 @@ impl AddressSpace {
             // The only way `map` fails on an unmapped page is a page-table frame.
             Some(tables) => tables
                 .map(page, frame.addr(), PageSize::Size4K, bits, &mut TableFrames)
+                .map(|()| count(&FAULTS))
                 .map_err(|_| FaultError::OutOfMemory),
         };
         drop(guard);
@@ -296,6 +318,84 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Allocates a buffer of `size` bytes (page-rounded) in the buffer region; its pages
+    /// are demand-zero. Returns its start.
+    pub fn alloc_buffer(&self, size: u64) -> Result<u64, MmError> {
+        self.regions.lock().alloc_buffer(size)
+    }
+
+    /// Frees the buffer starting at `start`: unmaps its pages, shoots down their TLB
+    /// entries, then frees the frames.
+    pub fn free_buffer(&self, start: u64) -> Result<(), MmError> {
+        let (from, to) = self.regions.lock().free_buffer(start)?;
+        self.unmap_range(from, to);
+        Ok(())
+    }
+
+    /// Whether `[addr, addr + len)` lies inside one live buffer.
+    pub fn in_buffer(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        self.regions
+            .lock()
+            .buffers()
+            .any(|(s, e)| s <= addr && end <= e)
+    }
+
+    /// Visits the user memory `[addr, addr + len)` page by page as the user would
+    /// access it (`write` or read): a valid page not yet backed is faulted in first —
+    /// awaiting a zeroed frame like a user fault — and `f(phys, offset, chunk)` runs
+    /// with the page's table lock held, so the frame cannot be unmapped and freed
+    /// while `f` reads or writes it through the HHDM. Anything the user could not
+    /// access that way is an error, and nothing past it is visited.
+    pub async fn access_user(
+        &self,
+        addr: u64,
+        len: u64,
+        write: bool,
+        mut f: impl FnMut(u64, usize, usize),
+    ) -> Result<(), FaultError> {
+        let denied = FaultError::Denied(FaultDecision::OutsideRegions);
+        let end = addr.checked_add(len).ok_or(denied)?;
+        if end > panda_abi::USER_SPACE_END as u64 {
+            return Err(denied);
+        }
+        let (access, need) = if write {
+            (Access::Write, flags::USER | flags::WRITABLE)
+        } else {
+            (Access::Read, flags::USER)
+        };
+        let mut at = addr;
+        let mut tries = 0;
+        while at < end {
+            let chunk = (end - at).min(4096 - (at & 0xfff));
+            let visited = {
+                let guard = self.tables.lock();
+                match guard.as_ref().and_then(|t| t.translate(at)) {
+                    Some((phys, bits)) if bits & need == need => {
+                        f(phys, (at - addr) as usize, chunk as usize);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if visited {
+                at += chunk;
+                tries = 0;
+                continue;
+            }
+            // Mapped with fewer rights than the region gives cannot happen; a page
+            // unmapped again by another thread right after the fault can, rarely.
+            tries += 1;
+            if tries > 4 {
+                return Err(denied);
+            }
+            self.handle_fault_async(at, access).await?;
+        }
+        Ok(())
+    }
+
     /// Unmaps every mapped page in `[from, to)`, then runs the shootdown.
     fn unmap_range(&self, from: u64, to: u64) {
         let mut batch = FlushBatch::new();
@@ -333,6 +433,8 @@ impl AddressSpace {
         // All targets flush in parallel; `call_on_set` returns once every online one
         // has. An offline CPU cannot hold translations: it counts as flushed too.
         let targets = pending.targets();
+        count(&SHOOTDOWNS);
+        SHOOTDOWN_IPIS.fetch_add(targets.iter().count() as u64, Ordering::Relaxed);
         ipi::call_on_set(|c| targets.contains(c), flush_scope, 0);
         let mut acked = CpuMask::default();
         for cpu in targets.iter() {

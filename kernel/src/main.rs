@@ -20,6 +20,7 @@ mod boot;
 mod crash;
 mod exec;
 mod heap;
+mod initrd;
 mod kernel_tables;
 mod ktest;
 mod logger;
@@ -223,10 +224,61 @@ fn kmain(mut boot: BootInfo) -> ! {
             let ok = ktest::run_all(boot, tables, expected).await;
             power::exit(ok);
         }
-        info!(target: "boot", "nothing to run yet (user space arrives with issue 5): powering off");
-        power::exit(true)
+        power::exit(run_init(boot).await)
     });
     exec::run_this_cpu()
+}
+
+/// Runs the initrd's `init` (or the program `init=PATH` names) as the first process,
+/// waits for it, checks that every frame came back, and says whether all went well
+/// (status 0, nothing leaked).
+async fn run_init(boot: &BootInfo) -> bool {
+    match initrd::init(boot) {
+        Ok(files) => {
+            info!(target: "boot", "initrd: {files} files");
+            initrd::for_each_file(
+                |name, len| log::debug!(target: "boot", "initrd: {name} ({len} bytes)"),
+            );
+        }
+        Err(why) => {
+            info!(target: "boot", "no initrd ({why}): nothing to run, powering off");
+            return true;
+        }
+    }
+    let path = boot.option("init").unwrap_or("init");
+    let arg = boot
+        .option("init.arg")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    // The baseline: every frame not in use now must be back once init and all it
+    // started are gone (zeroing paused so pooled frames are not in flight).
+    let baseline = {
+        let _paused = memory::pause_zeroing();
+        memory::frames_not_in_use()
+    };
+    let Some(status) = process::run_init(path, arg).await else {
+        return false;
+    };
+    let exec = exec::get().expect("the executor runs this task");
+    // Children init did not wait for may still be running: give them a moment.
+    let _paused = memory::pause_zeroing();
+    let mut now = memory::frames_not_in_use();
+    for _ in 0..200 {
+        if now == baseline {
+            break;
+        }
+        exec.sleep(5_000_000).await;
+        now = memory::frames_not_in_use();
+    }
+    if now == baseline {
+        console!("ok frames_back_to_baseline ({baseline} frames free)");
+    } else {
+        console!(
+            "FAIL frames_back_to_baseline: {now} frames free after init, {baseline} before ({} leaked)",
+            baseline as i64 - now as i64
+        );
+    }
+    status == 0 && now == baseline
 }
 
 static BOOT: spin::Once<BootInfo> = spin::Once::new();

@@ -80,6 +80,25 @@ pub fn zero(frame: PhysFrame) {
     };
 }
 
+/// Copies `bytes` into a frame the caller just took from the allocator, at `offset`.
+pub fn write(frame: PhysFrame, offset: usize, bytes: &[u8]) {
+    assert!(offset + bytes.len() <= 4096, "write past the frame");
+    #[allow(unsafe_code)]
+    // SAFETY: as for `zero`: the caller owns the frame; the range stays inside it.
+    unsafe {
+        panda_arch::paging::write_phys(frame.addr() + offset as u64, bytes)
+    };
+}
+
+/// Returns a frame to the allocator (from the calling CPU's cache).
+pub fn free(frame: PhysFrame) {
+    if let Some(frames) = FRAMES.get() {
+        // A frame the allocator did not hand out would be a kernel bug; the error is
+        // ignored rather than panicking in a free path.
+        let _ = frames.free(percpu::current_index(), frame);
+    }
+}
+
 /// The executor's idle work: tops up this CPU's zeroed pool a little. Returns whether
 /// it zeroed anything (then the CPU looks for tasks again before halting).
 pub fn zero_when_idle() -> bool {

@@ -1,63 +1,326 @@
 //! User processes and threads as executor tasks.
 //!
-//! A thread is a future: `run_thread` loops on `user::run`, which returns at the
-//! thread's next trap on the executor's stack; the future then handles the trap —
-//! a system call (which may await), a page fault (resolved in the process's address
-//! space, or the end of the process), an interrupt (the timer tick makes the thread
-//! yield, so others on the CPU get their turn) — and goes round again. Between traps
-//! the thread's whole state is its `UserContext`.
+//! A thread is a future: `run_thread` loops on `user::run`, which enters ring 3 and
+//! returns at the thread's next trap on the executor's own stack; the future then
+//! handles the trap — a system call (which may await: sleep, wait, join), a page fault
+//! (resolved in the process's address space, awaiting a zeroed frame if the pool is
+//! empty, or the end of the process), an interrupt (the timer tick makes the thread
+//! yield, so others on the CPU get their turn) — and goes round again. Between traps the
+//! thread's whole state is its `UserContext`; a blocked thread owns no kernel stack.
 //!
-//! This is the first slice of the user-space issue: one thread per process, the
-//! process, environment and time system calls, faults in every region. ELF loading,
-//! the initrd, spawn/wait, threads, buffers and files come next.
+//! A process is an address space, its threads and an exit record. It ends when a thread
+//! calls `OP_PROCESS_EXIT`, when the kernel kills it (a fault it cannot resolve), or
+//! when its last thread exits. Its other threads stop at their next trap (every running
+//! thread traps at least at each timer tick) or, if blocked, are woken by the kill
+//! event. The waiter learns the status only once the last thread's future is gone and
+//! the address space with it, so "waited" means "every frame is back".
 
+use alloc::collections::BTreeMap;
+use alloc::string::String;
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicU64, Ordering};
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::pin;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::task::{Poll, Waker};
 
 use log::{info, warn};
-use panda_abi::syscall::{self, Error};
+use panda_abi::syscall::{self, Error, SystemInfo};
 use panda_arch::user::{self, Exit, UserContext};
+use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
+use panda_mm::MmError;
+use panda_sched::JoinHandle;
 
 use crate::aspace::{AddressSpace, FaultError};
 
-/// Exit status of a process ended by the kernel (fault, protection violation).
-pub const KILLED: i64 = -1;
+/// The status of a process the kernel ended.
+pub const KILLED: u64 = syscall::EXIT_KILLED as u64;
 
 static NEXT_PID: AtomicU64 = AtomicU64::new(1);
+static NEXT_TID: AtomicU64 = AtomicU64::new(1);
 
-/// A process: an address space and an id.
+/// A one-shot event many tasks can await.
+#[derive(Default)]
+pub struct Event {
+    fired: AtomicBool,
+    waiters: spin::Mutex<Vec<Waker>>,
+}
+
+impl Event {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        let waiters = core::mem::take(&mut *self.waiters.lock());
+        waiters.into_iter().for_each(Waker::wake);
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the event has fired.
+    pub async fn wait(&self) {
+        core::future::poll_fn(|cx| {
+            if self.is_fired() {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.lock();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            drop(waiters);
+            // Fired between the check and the registration: do not sleep on it.
+            if self.is_fired() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// What a waiter of a process sees: its status, once it is entirely gone.
+struct ExitRecord {
+    status: AtomicU64,
+    gone: Event,
+}
+
+/// Live and not yet waited-for processes, by pid.
+static PROCESSES: spin::Mutex<BTreeMap<u64, Arc<ExitRecord>>> = spin::Mutex::new(BTreeMap::new());
+
+/// Publishes the exit record when dropped: the last field of `Process`, so it drops
+/// after the address space (fields drop in declaration order).
+struct Reaper(Arc<ExitRecord>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.0.gone.fire();
+    }
+}
+
+/// A process: an address space, threads and an exit record.
 pub struct Process {
     pub pid: u64,
+    pub name: String,
     pub space: Arc<AddressSpace>,
+    ending: AtomicBool,
+    kill: Event,
+    live_threads: AtomicUsize,
+    /// Threads not yet joined: tid -> their task's handle.
+    threads: spin::Mutex<BTreeMap<u64, Option<JoinHandle<u64>>>>,
+    reaper: Reaper,
 }
 
 impl Process {
+    /// A process around `space`, registered so it can be waited for.
     pub fn new(space: Arc<AddressSpace>) -> Arc<Self> {
+        Self::named(space, String::from("(kernel-built)"))
+    }
+
+    fn named(space: Arc<AddressSpace>, name: String) -> Arc<Self> {
+        let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
+        let record = Arc::new(ExitRecord {
+            status: AtomicU64::new(0),
+            gone: Event::default(),
+        });
+        PROCESSES.lock().insert(pid, record.clone());
         Arc::new(Self {
-            pid: NEXT_PID.fetch_add(1, Ordering::Relaxed),
+            pid,
+            name,
             space,
+            ending: AtomicBool::new(false),
+            kill: Event::default(),
+            live_threads: AtomicUsize::new(0),
+            threads: spin::Mutex::new(BTreeMap::new()),
+            reaper: Reaper(record),
         })
     }
+
+    /// Ends the process with `status` (the first call decides): every thread stops at
+    /// its next trap or wake-up.
+    pub fn end(&self, status: u64) {
+        if !self.ending.swap(true, Ordering::SeqCst) {
+            self.reaper.0.status.store(status, Ordering::SeqCst);
+            self.kill.fire();
+        }
+    }
+
+    pub fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::SeqCst)
+    }
+
+    fn thread_ended(&self, code: u64) {
+        if self.live_threads.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.end(code);
+        }
+    }
+
+    /// `fut`, unless the process ends first (then `None`).
+    async fn unless_killed<F: Future>(&self, fut: F) -> Option<F::Output> {
+        let mut fut = pin!(fut);
+        let mut kill = pin!(self.kill.wait());
+        core::future::poll_fn(move |cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            if kill.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Waits for process `pid` to be gone (all threads ended, every frame back) and
+/// returns its status; the record is consumed, so a second wait finds nothing.
+pub async fn wait(pid: u64) -> Option<u64> {
+    let record = PROCESSES.lock().get(&pid).cloned()?;
+    record.gone.wait().await;
+    PROCESSES.lock().remove(&pid);
+    Some(record.status.load(Ordering::SeqCst))
+}
+
+/// Why a program could not be started.
+#[derive(Clone, Copy, Debug)]
+pub enum SpawnError {
+    NotFound,
+    BadElf(ElfError),
+    OutOfMemory,
+}
+
+impl SpawnError {
+    fn to_error(self) -> Error {
+        match self {
+            SpawnError::NotFound => Error::NotFound,
+            SpawnError::BadElf(_) => Error::InvalidArgument,
+            SpawnError::OutOfMemory => Error::OutOfMemory,
+        }
+    }
+}
+
+/// Loads `file` into a new address space: each segment's file bytes are copied into
+/// zeroed frames mapped with the segment's rights; the rest (BSS) is demand-zero.
+pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
+    let plan = elf::plan(file).map_err(SpawnError::BadElf)?;
+    let space = AddressSpace::new().map_err(|_| SpawnError::OutOfMemory)?;
+    let frames = crate::memory::frames().ok_or(SpawnError::OutOfMemory)?;
+    for seg in &plan.segments {
+        let (start, end) = seg.pages();
+        space
+            .regions()
+            .add_segment(start, end, seg.rights)
+            .map_err(|_| SpawnError::BadElf(ElfError::BadSegment("segment refused")))?;
+        let (file_start, file_end) = (seg.vaddr, seg.vaddr + seg.file_size);
+        let mut page = start;
+        while page < file_end {
+            let frame = frames
+                .alloc(panda_arch::percpu::current_index())
+                .map_err(|_| SpawnError::OutOfMemory)?;
+            crate::memory::zero(frame);
+            // The part of [file_start, file_end) on this page.
+            let from = file_start.max(page);
+            let to = file_end.min(page + 4096);
+            if from < to {
+                let at = (seg.file_offset + (from - seg.vaddr)) as usize;
+                let bytes = &file[at..at + (to - from) as usize];
+                crate::memory::write(frame, (from - page) as usize, bytes);
+            }
+            if let Err(e) = space.map_frame(page, frame, seg.rights) {
+                crate::memory::free(frame);
+                return Err(match e {
+                    MmError::OutOfMemory => SpawnError::OutOfMemory,
+                    _ => SpawnError::BadElf(ElfError::BadSegment("segment refused")),
+                });
+            }
+            page += 4096;
+        }
+    }
+    Ok((space, plan.entry))
+}
+
+/// Starts the initrd program `path` as a new process whose first thread gets `arg` in
+/// `rdi` and the top of the stack region in `rsp`. Returns the process.
+pub fn spawn(path: &str, arg: u64) -> Result<Arc<Process>, SpawnError> {
+    let file = crate::initrd::find(path).ok_or(SpawnError::NotFound)?;
+    let (space, entry) = load(file).inspect_err(|e| {
+        if let SpawnError::BadElf(why) = e {
+            warn!(target: "user", "cannot start {path:?}: {}", why.describe());
+        }
+    })?;
+    let process = Process::named(space, String::from(path));
+    let ctx = UserContext {
+        rip: entry,
+        rsp: panda_abi::INITIAL_STACK_POINTER as u64,
+        rdi: arg,
+        ..Default::default()
+    };
+    let exec = crate::exec::get().ok_or(SpawnError::OutOfMemory)?;
+    start_thread(exec, &process, ctx, None);
+    Ok(process)
+}
+
+/// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
+/// Returns its thread id.
+fn start_thread(
+    exec: &'static panda_sched::Executor<crate::exec::Machine>,
+    process: &Arc<Process>,
+    ctx: UserContext,
+    cpu: Option<usize>,
+) -> u64 {
+    let tid = NEXT_TID.fetch_add(1, Ordering::Relaxed);
+    let future = run_thread_with_id(process.clone(), ctx, tid);
+    let handle = match cpu {
+        Some(cpu) => exec.spawn_pinned(cpu, future),
+        None => exec.spawn(future),
+    };
+    process.threads.lock().insert(tid, Some(handle));
+    tid
+}
+
+/// A thread of `process` starting from `ctx`, as a future that completes with the
+/// thread's status (its exit code, the process's status if the process ended first).
+pub fn run_thread(process: Arc<Process>, ctx: UserContext) -> impl Future<Output = u64> {
+    let tid = NEXT_TID.fetch_add(1, Ordering::Relaxed);
+    run_thread_with_id(process, ctx, tid)
+}
+
+fn run_thread_with_id(
+    process: Arc<Process>,
+    ctx: UserContext,
+    tid: u64,
+) -> impl Future<Output = u64> {
+    // Counted now, not at the first poll: a sibling that exits meanwhile must not
+    // see the process as threadless.
+    process.live_threads.fetch_add(1, Ordering::SeqCst);
+    thread_loop(process, ctx, tid)
 }
 
 /// What a system call asks of the thread loop.
 enum After {
     Resume,
-    Exit(i64),
+    ExitThread(u64),
+    ExitProcess(u64),
 }
 
-/// Runs the process's thread from `ctx` until the process exits; returns its status.
-pub async fn run_thread(process: Arc<Process>, mut ctx: UserContext) -> i64 {
+async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u64 {
     let status = loop {
+        if process.is_ending() {
+            break process.reaper.0.status.load(Ordering::SeqCst);
+        }
         // The task may have moved CPUs, or another space may have run here meanwhile.
         if !process.space.is_current() {
             process.space.activate();
         }
         match user::run(&mut ctx) {
-            Exit::Syscall => match system_call(&process, &mut ctx).await {
+            Exit::Syscall => match system_call(&process, tid, &mut ctx).await {
                 After::Resume => {}
-                After::Exit(code) => break code,
+                After::ExitThread(code) => break code,
+                After::ExitProcess(code) => {
+                    process.end(code);
+                    break code;
+                }
             },
             Exit::Trap { vector: 14 } => {
                 let access = if ctx.error_code & 0x10 != 0 {
@@ -67,16 +330,24 @@ pub async fn run_thread(process: Arc<Process>, mut ctx: UserContext) -> i64 {
                 } else {
                     Access::Read
                 };
-                if let Err(e) = process.space.handle_fault_async(ctx.cr2, access).await {
-                    warn!(
-                        target: "user",
-                        "pid {} killed: page fault at {:#x} ({access:?}, rip {:#x}): {}",
-                        process.pid,
-                        ctx.cr2,
-                        ctx.rip,
-                        describe(e)
-                    );
-                    break KILLED;
+                let resolved = process
+                    .unless_killed(process.space.handle_fault_async(ctx.cr2, access))
+                    .await;
+                match resolved {
+                    Some(Ok(())) | None => {}
+                    Some(Err(e)) => {
+                        warn!(
+                            target: "user",
+                            "pid {} ({}) thread {tid} killed: page fault at {:#x} ({access:?}, rip {:#x}): {}",
+                            process.pid,
+                            process.name,
+                            ctx.cr2,
+                            ctx.rip,
+                            describe(e)
+                        );
+                        process.end(KILLED);
+                        break KILLED;
+                    }
                 }
             }
             // An interrupt ended the run (the timer tick, an IPI): let others run.
@@ -85,16 +356,19 @@ pub async fn run_thread(process: Arc<Process>, mut ctx: UserContext) -> i64 {
                 let (mnemonic, name) = panda_arch::trap::exception_name(vector as u64);
                 warn!(
                     target: "user",
-                    "pid {} killed: {mnemonic} ({name}) at rip {:#x}, error code {:#x}",
+                    "pid {} ({}) thread {tid} killed: {mnemonic} ({name}) at rip {:#x}, error code {:#x}",
                     process.pid,
+                    process.name,
                     ctx.rip,
                     ctx.error_code
                 );
+                process.end(KILLED);
                 break KILLED;
             }
         }
     };
     process.space.deactivate();
+    process.thread_ended(status);
     status
 }
 
@@ -116,26 +390,86 @@ async fn yield_once() {
     }
 }
 
-async fn system_call(process: &Process, ctx: &mut UserContext) -> After {
-    let (op, a0, a1) = (ctx.rax as usize, ctx.rdi, ctx.rsi);
+fn user_error(e: FaultError) -> Error {
+    match e {
+        FaultError::OutOfMemory => Error::OutOfMemory,
+        FaultError::Denied(_) => Error::BadAddress,
+    }
+}
+
+async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) -> After {
+    let (op, a0, a1, a2, a3) = (ctx.rax as usize, ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10);
+    let exec = crate::exec::get();
     let result: Result<usize, Error> = match op {
-        syscall::OP_PROCESS_EXIT => return After::Exit(a0 as i64),
+        syscall::OP_PROCESS_EXIT => return After::ExitProcess(syscall::exit_status(a0) as u64),
+        syscall::OP_THREAD_EXIT => return After::ExitThread(syscall::exit_status(a0) as u64),
         syscall::OP_PROCESS_YIELD => {
             yield_once().await;
             Ok(0)
         }
         syscall::OP_PROCESS_GET_PID => Ok(process.pid as usize),
         syscall::OP_PROCESS_BRK => brk(process, a0),
-        syscall::OP_PROCESS_SLEEP => match crate::exec::get() {
+        syscall::OP_PROCESS_SLEEP => match exec {
             Some(exec) => {
-                exec.sleep(a0).await;
+                process.unless_killed(exec.sleep(a0)).await;
                 Ok(0)
             }
             None => Err(Error::NotPermitted),
         },
-        syscall::OP_ENVIRONMENT_LOG => log_user(process, a0, a1),
+        syscall::OP_PROCESS_WAIT => {
+            if a0 == process.pid {
+                Err(Error::NotPermitted)
+            } else {
+                match process.unless_killed(wait(a0)).await {
+                    Some(Some(status)) => Ok(status as usize),
+                    Some(None) => Err(Error::NotFound),
+                    None => Ok(0), // the caller is ending; the result is never seen
+                }
+            }
+        }
+        syscall::OP_ENVIRONMENT_SPAWN => spawn_from_user(process, a0, a1, a2).await,
+        syscall::OP_ENVIRONMENT_LOG => log_user(process, a0, a1).await,
         syscall::OP_ENVIRONMENT_TIME => Ok(panda_arch::time::now_ns() as usize),
+        syscall::OP_ENVIRONMENT_INFO => info_to_user(process, a0, a1).await,
         syscall::OP_CPU_COUNT => Ok(panda_arch::percpu::online_count()),
+        syscall::OP_THREAD_CURRENT_CPU => Ok(panda_arch::percpu::current_index()),
+        syscall::OP_THREAD_SPAWN => match exec {
+            Some(exec) => {
+                let child = UserContext {
+                    rip: a0,
+                    rsp: a1,
+                    rdi: a2,
+                    ..Default::default()
+                };
+                Ok(start_thread(exec, process, child, None) as usize)
+            }
+            None => Err(Error::NotPermitted),
+        },
+        syscall::OP_THREAD_JOIN => join(process, tid, a0).await,
+        syscall::OP_THREAD_SET_AFFINITY => match exec {
+            Some(exec) if (a0 as usize) < panda_arch::percpu::online_count() => {
+                exec.move_to(a0 as usize, true).await;
+                Ok(0)
+            }
+            _ => Err(Error::InvalidArgument),
+        },
+        syscall::OP_BUFFER_ALLOC => {
+            process
+                .space
+                .alloc_buffer(a0)
+                .map(|a| a as usize)
+                .map_err(|e| match e {
+                    MmError::OutOfMemory => Error::OutOfMemory,
+                    _ => Error::InvalidArgument,
+                })
+        }
+        syscall::OP_BUFFER_FREE => process
+            .space
+            .free_buffer(a0)
+            .map(|()| 0)
+            .map_err(|_| Error::NotFound),
+        syscall::OP_BUFFER_LOG => buffer_log(process, a0, a1).await,
+        syscall::OP_FILE_READ_BUFFER => read_file(process, a0, a1, a2, a3).await,
         _ => Err(Error::UnknownOperation),
     };
     ctx.rax = syscall::encode(result) as u64;
@@ -153,35 +487,187 @@ fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
         .map_err(|_| Error::InvalidArgument)
 }
 
-/// Reads a u64 of the process's memory, faulting a valid page in as a user access would.
-fn read_user(process: &Process, addr: u64) -> Result<u64, Error> {
-    match panda_arch::probe::read_user_u64(addr) {
-        Ok(v) => Ok(v),
-        Err(_) => {
-            process
-                .space
-                .handle_fault(addr, Access::Read)
-                .map_err(|_| Error::BadAddress)?;
-            panda_arch::probe::read_user_u64(addr).map_err(|_| Error::BadAddress)
+/// Copies `len` bytes of user memory at `ptr` into `out` (faulting pages in).
+async fn read_user(process: &Process, ptr: u64, out: &mut [u8]) -> Result<(), Error> {
+    process
+        .space
+        .access_user(ptr, out.len() as u64, false, |phys, at, n| {
+            #[allow(unsafe_code)]
+            // SAFETY: `access_user` holds the table lock, so the page stays mapped.
+            let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
+            out[at..at + n].copy_from_slice(bytes);
+        })
+        .await
+        .map_err(user_error)
+}
+
+/// Writes `bytes` to user memory at `ptr`, faulting pages in as a user write would.
+async fn write_user(process: &Process, ptr: u64, bytes: &[u8]) -> Result<(), Error> {
+    process
+        .space
+        .access_user(ptr, bytes.len() as u64, true, |phys, at, n| {
+            #[allow(unsafe_code)]
+            // SAFETY: `access_user` holds the table lock and checked the page is a
+            // writable user page, so the frame belongs to this space while we write.
+            unsafe {
+                panda_arch::paging::write_phys(phys, &bytes[at..at + n])
+            };
+        })
+        .await
+        .map_err(user_error)
+}
+
+async fn user_path(process: &Process, ptr: u64, len: u64) -> Result<String, Error> {
+    if len == 0 || len > crate::initrd::MAX_PATH as u64 {
+        return Err(Error::InvalidArgument);
+    }
+    let mut buf = [0u8; crate::initrd::MAX_PATH];
+    read_user(process, ptr, &mut buf[..len as usize]).await?;
+    core::str::from_utf8(&buf[..len as usize])
+        .map(String::from)
+        .map_err(|_| Error::InvalidArgument)
+}
+
+async fn spawn_from_user(process: &Process, ptr: u64, len: u64, arg: u64) -> Result<usize, Error> {
+    let path = user_path(process, ptr, len).await?;
+    spawn(&path, arg)
+        .map(|p| p.pid as usize)
+        .map_err(SpawnError::to_error)
+}
+
+async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
+    if tid == me {
+        return Err(Error::NotPermitted);
+    }
+    let handle = match process.threads.lock().get_mut(&tid) {
+        None => return Err(Error::NotFound),
+        // Someone else is joining it.
+        Some(slot) => slot.take().ok_or(Error::NotFound)?,
+    };
+    match process.unless_killed(handle).await {
+        Some(status) => {
+            process.threads.lock().remove(&tid);
+            Ok(status as usize)
         }
+        None => Ok(0), // the caller is ending; the result is never seen
     }
 }
 
-fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
-    const MAX: u64 = 1024;
-    if len > MAX || ptr.checked_add(len).is_none() {
+async fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
+    const MAX: u64 = 4096;
+    if len > MAX {
         return Err(Error::InvalidArgument);
     }
     let mut bytes = [0u8; MAX as usize];
-    let mut at = 0u64;
-    while at < len {
-        let word = read_user(process, (ptr + at) & !7)?.to_le_bytes();
-        let from = ((ptr + at) & 7) as usize;
-        let n = (8 - from).min((len - at) as usize);
-        bytes[at as usize..at as usize + n].copy_from_slice(&word[from..from + n]);
-        at += n as u64;
-    }
-    let text = core::str::from_utf8(&bytes[..len as usize]).unwrap_or("<not UTF-8>");
-    info!(target: "user", "pid {}: {}", process.pid, text);
+    read_user(process, ptr, &mut bytes[..len as usize]).await?;
+    console_bytes(&bytes[..len as usize]);
+    end_line(&bytes[..len as usize]);
     Ok(len as usize)
+}
+
+/// Writes user text to the console as it is (user output is the console's, not the
+/// kernel log's): invalid UTF-8 shows as U+FFFD.
+fn console_bytes(bytes: &[u8]) {
+    panda_arch::serial::with_console(|w| {
+        for chunk in bytes.utf8_chunks() {
+            let _ = w.write_str(chunk.valid());
+            if !chunk.invalid().is_empty() {
+                let _ = w.write_str("\u{fffd}");
+            }
+        }
+    });
+}
+
+/// The console is line-oriented (kernel lines must start on a line of their own): a
+/// write that does not end a line gets its newline here.
+fn end_line(text: &[u8]) {
+    if text.last() != Some(&b'\n') {
+        console_bytes(b"\n");
+    }
+}
+
+/// Writes a buffer straight from its frames to the console: no kernel copy.
+async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
+    if !process.space.in_buffer(addr, len) {
+        return Err(Error::BadAddress);
+    }
+    let mut last = 0u8;
+    process
+        .space
+        .access_user(addr, len, false, |phys, _, n| {
+            #[allow(unsafe_code)]
+            // SAFETY: `access_user` holds the table lock, so the page stays mapped; the
+            // user may write it meanwhile, which only changes what is printed.
+            let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
+            console_bytes(bytes);
+            last = bytes.last().copied().unwrap_or(last);
+        })
+        .await
+        .map_err(user_error)?;
+    end_line(&[last]);
+    Ok(len as usize)
+}
+
+async fn read_file(
+    process: &Process,
+    path_ptr: u64,
+    path_len: u64,
+    buffer: u64,
+    len: u64,
+) -> Result<usize, Error> {
+    let path = user_path(process, path_ptr, path_len).await?;
+    let file = crate::initrd::find(&path).ok_or(Error::NotFound)?;
+    let n = (len as usize).min(file.len());
+    write_user(process, buffer, &file[..n]).await?;
+    Ok(n)
+}
+
+/// The machine and memory counters.
+pub fn system_info() -> SystemInfo {
+    use crate::aspace as a;
+    let frames = crate::memory::frames();
+    SystemInfo {
+        cpus: panda_arch::percpu::online_count() as u64,
+        memory_total: frames.map_or(0, |f| f.total_frames() * 4096),
+        memory_free: crate::memory::frames_not_in_use() * 4096,
+        faults: a::FAULTS.load(Ordering::Relaxed),
+        zero_pool_hits: a::POOL_HITS.load(Ordering::Relaxed),
+        zero_pool_waits: a::FAULTS_AWAITED.load(Ordering::Relaxed)
+            + a::FAULTS_LATE.load(Ordering::Relaxed),
+        zeroed_inline: a::ZEROED_INLINE.load(Ordering::Relaxed),
+        shootdowns: a::SHOOTDOWNS.load(Ordering::Relaxed),
+        shootdown_ipis: a::SHOOTDOWN_IPIS.load(Ordering::Relaxed),
+        tsc_hz: panda_arch::time::tsc_hz(),
+    }
+}
+
+async fn info_to_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
+    let mut bytes = [0u8; SystemInfo::WORDS * 8];
+    for (i, w) in system_info().to_words().iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let n = (len as usize).min(bytes.len());
+    write_user(process, ptr, &bytes[..n]).await?;
+    Ok(n)
+}
+
+/// Runs `path` as the first process and waits for it; logs and returns its status.
+pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
+    let process = match spawn(path, arg) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!(target: "user", "cannot start init {path:?}: {e:?}");
+            return None;
+        }
+    };
+    let pid = process.pid;
+    drop(process);
+    info!(target: "user", "started {path:?} as pid {pid}");
+    let status = wait(pid).await?;
+    if status == KILLED {
+        warn!(target: "user", "init {path:?} (pid {pid}) was killed");
+    } else {
+        info!(target: "user", "init {path:?} (pid {pid}) exited with status {status}");
+    }
+    Some(status)
 }

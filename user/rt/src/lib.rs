@@ -1,0 +1,193 @@
+//! `panda-rt`: what a Panda user program needs to start, talk to the kernel and exit.
+//!
+//! - `_start` (the ELF entry): aligns the stack and calls the program's `main`, declared
+//!   with [`entry!`]; `main`'s return value is the exit code. The kernel passes the
+//!   spawn argument in `rdi`, and it reaches `main` as its argument.
+//! - [`sys`]: one safe wrapper per system call of `panda-abi` (results as
+//!   `Result<usize, Error>`).
+//! - A global allocator over `brk` (a linked-list heap grown in 256 KiB steps), so
+//!   `alloc` works.
+//! - [`print!`] / [`println!`] over the log call, a panic handler that reports and exits
+//!   with status 101, and [`thread`]: threads with their own stacks in buffers.
+#![no_std]
+
+extern crate alloc;
+
+pub mod sys;
+pub mod thread;
+
+use core::fmt::{self, Write};
+
+pub use panda_abi as abi;
+pub use panda_abi::syscall::Error;
+
+/// The program's entry: `entry!(main)` with `fn main(arg: u64) -> u64`.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        #[no_mangle]
+        extern "C" fn __panda_main(arg: u64) -> u64 {
+            let main: fn(u64) -> u64 = $main;
+            main(arg)
+        }
+    };
+}
+
+extern "C" {
+    fn __panda_main(arg: u64) -> u64;
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .text._start, "ax"
+    .global _start
+    _start:
+    xor ebp, ebp
+    and rsp, -16
+    call {start}
+    ud2
+    "#,
+    start = sym rt_start,
+);
+
+extern "C" fn rt_start(arg: u64) -> ! {
+    // SAFETY: `entry!` defines `__panda_main` with this signature; a program without it
+    // does not link.
+    let code = unsafe { __panda_main(arg) };
+    sys::exit(code)
+}
+
+/// A line-buffered console writer: `print!` output goes out per line (or when full).
+pub struct Console {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Console {
+    pub const fn new() -> Self {
+        Self {
+            buf: [0; 512],
+            len: 0,
+        }
+    }
+
+    pub fn flush(&mut self) {
+        if self.len > 0 {
+            let _ = sys::log(&self.buf[..self.len]);
+            self.len = 0;
+        }
+    }
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            if self.len == self.buf.len() {
+                self.flush();
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+            if b == b'\n' {
+                self.flush();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Formats `args` and writes them with one log call per line.
+pub fn print_fmt(args: fmt::Arguments<'_>) {
+    let mut console = Console::new();
+    let _ = console.write_fmt(args);
+    console.flush();
+}
+
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::print_fmt(format_args!($($arg)*)) };
+}
+
+#[macro_export]
+macro_rules! println {
+    () => { $crate::print_fmt(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::print_fmt(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    println!("panic in pid {}: {}", sys::pid(), info);
+    sys::exit(101)
+}
+
+mod heap {
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::ptr::NonNull;
+
+    use linked_list_allocator::Heap;
+
+    use crate::sys;
+
+    /// How much the break grows at least at a time.
+    const STEP: usize = 256 * 1024;
+
+    /// A linked-list heap over `[HEAP_BASE, break)`, growing the break when full.
+    pub struct BrkHeap(spin::Mutex<Option<Heap>>);
+
+    impl BrkHeap {
+        fn grow(heap: &mut Option<Heap>, need: usize) -> bool {
+            let by = need.next_multiple_of(STEP).max(STEP);
+            let Ok(old) = sys::brk(0) else { return false };
+            let Some(new) = old.checked_add(by) else {
+                return false;
+            };
+            if sys::brk(new).is_err() {
+                return false;
+            }
+            match heap {
+                // SAFETY: `[old, new)` was just added to the heap region by brk and
+                // nothing else uses it; it directly follows the heap's current end.
+                Some(h) => unsafe { h.extend(by) },
+                None => {
+                    // SAFETY: as above: fresh, unused, writable memory.
+                    *heap = Some(unsafe { Heap::new(old as *mut u8, by) });
+                }
+            }
+            true
+        }
+    }
+
+    // SAFETY: allocations come from `linked_list_allocator`'s heap, serialised by the
+    // lock; memory is only ever added (grown), never taken away.
+    unsafe impl GlobalAlloc for BrkHeap {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let mut heap = self.0.lock();
+            loop {
+                if let Some(h) = heap.as_mut() {
+                    if let Ok(p) = h.allocate_first_fit(layout) {
+                        return p.as_ptr();
+                    }
+                }
+                if !Self::grow(&mut heap, layout.size() + layout.align()) {
+                    return core::ptr::null_mut();
+                }
+            }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if let (Some(h), Some(p)) = (self.0.lock().as_mut(), NonNull::new(ptr)) {
+                // SAFETY: the caller passes a pointer this allocator returned, with
+                // its layout (GlobalAlloc's contract).
+                unsafe { h.deallocate(p, layout) };
+            }
+        }
+    }
+
+    #[global_allocator]
+    static HEAP: BrkHeap = BrkHeap(spin::Mutex::new(None));
+}

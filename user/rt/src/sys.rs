@@ -1,0 +1,167 @@
+//! One wrapper per system call. `syscall` takes the operation in `rax` and arguments
+//! in `rdi, rsi, rdx, r10`; the result comes back in `rax`, and only `rcx` and `r11`
+//! are clobbered.
+
+use panda_abi::syscall::{self as abi, decode, Error, SystemInfo};
+
+type R = Result<usize, Error>;
+
+#[inline(always)]
+fn call(op: usize, a0: u64, a1: u64, a2: u64, a3: u64) -> isize {
+    let result: isize;
+    // SAFETY: the kernel's syscall entry preserves every register but rax (result),
+    // rcx and r11 (clobbered by the instruction itself), and touches user memory only
+    // as each operation documents.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") op as isize => result,
+            in("rdi") a0,
+            in("rsi") a1,
+            in("rdx") a2,
+            in("r10") a3,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    result
+}
+
+/// A raw call, for tests of the kernel's argument checks.
+pub fn raw(op: usize, a0: u64, a1: u64, a2: u64, a3: u64) -> isize {
+    call(op, a0, a1, a2, a3)
+}
+
+pub fn exit(code: u64) -> ! {
+    call(abi::OP_PROCESS_EXIT, code, 0, 0, 0);
+    unreachable!("OP_PROCESS_EXIT returned")
+}
+
+pub fn yield_now() {
+    call(abi::OP_PROCESS_YIELD, 0, 0, 0, 0);
+}
+
+pub fn pid() -> u64 {
+    call(abi::OP_PROCESS_GET_PID, 0, 0, 0, 0) as u64
+}
+
+/// Waits for process `pid`; its exit status (`EXIT_KILLED` if the kernel ended it).
+pub fn wait(pid: u64) -> R {
+    decode(call(abi::OP_PROCESS_WAIT, pid, 0, 0, 0))
+}
+
+/// Moves the break (0 queries it); returns the break.
+pub fn brk(new_end: usize) -> R {
+    decode(call(abi::OP_PROCESS_BRK, new_end as u64, 0, 0, 0))
+}
+
+pub fn sleep_ns(ns: u64) {
+    call(abi::OP_PROCESS_SLEEP, ns, 0, 0, 0);
+}
+
+/// Starts the initrd program `path` with `arg`; returns its pid.
+pub fn spawn(path: &str, arg: u64) -> R {
+    decode(call(
+        abi::OP_ENVIRONMENT_SPAWN,
+        path.as_ptr() as u64,
+        path.len() as u64,
+        arg,
+        0,
+    ))
+}
+
+pub fn log(bytes: &[u8]) -> R {
+    decode(call(
+        abi::OP_ENVIRONMENT_LOG,
+        bytes.as_ptr() as u64,
+        bytes.len() as u64,
+        0,
+        0,
+    ))
+}
+
+/// Monotonic nanoseconds since boot.
+pub fn time_ns() -> u64 {
+    call(abi::OP_ENVIRONMENT_TIME, 0, 0, 0, 0) as u64
+}
+
+/// The kernel's machine and memory counters.
+pub fn info() -> Result<SystemInfo, Error> {
+    let mut words = [0u64; SystemInfo::WORDS];
+    let n = decode(call(
+        abi::OP_ENVIRONMENT_INFO,
+        words.as_mut_ptr() as u64,
+        (SystemInfo::WORDS * 8) as u64,
+        0,
+        0,
+    ))?;
+    Ok(SystemInfo::from_words(&words[..n / 8]))
+}
+
+/// A buffer of `size` bytes (page-rounded, demand-zero) in the buffer region.
+pub fn buffer_alloc(size: usize) -> R {
+    decode(call(abi::OP_BUFFER_ALLOC, size as u64, 0, 0, 0))
+}
+
+pub fn buffer_free(addr: usize) -> R {
+    decode(call(abi::OP_BUFFER_FREE, addr as u64, 0, 0, 0))
+}
+
+/// Writes `len` bytes of the buffer at `addr` to the console, without a copy.
+pub fn buffer_log(addr: usize, len: usize) -> R {
+    decode(call(abi::OP_BUFFER_LOG, addr as u64, len as u64, 0, 0))
+}
+
+/// Reads the initrd file `path` into `[addr, addr + len)`; returns the bytes read.
+pub fn read_file(path: &str, addr: usize, len: usize) -> R {
+    decode(call(
+        abi::OP_FILE_READ_BUFFER,
+        path.as_ptr() as u64,
+        path.len() as u64,
+        addr as u64,
+        len as u64,
+    ))
+}
+
+/// Starts a thread at `entry` with stack `stack_top` and `arg` in `rdi`.
+pub fn thread_spawn(entry: usize, stack_top: usize, arg: u64) -> R {
+    decode(call(
+        abi::OP_THREAD_SPAWN,
+        entry as u64,
+        stack_top as u64,
+        arg,
+        0,
+    ))
+}
+
+pub fn thread_join(tid: u64) -> R {
+    decode(call(abi::OP_THREAD_JOIN, tid, 0, 0, 0))
+}
+
+pub fn thread_exit(code: u64) -> ! {
+    call(abi::OP_THREAD_EXIT, code, 0, 0, 0);
+    unreachable!("OP_THREAD_EXIT returned")
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn set_affinity(cpu: usize) -> R {
+    decode(call(abi::OP_THREAD_SET_AFFINITY, cpu as u64, 0, 0, 0))
+}
+
+pub fn cpu_count() -> usize {
+    call(abi::OP_CPU_COUNT, 0, 0, 0, 0) as usize
+}
+
+pub fn current_cpu() -> usize {
+    call(abi::OP_THREAD_CURRENT_CPU, 0, 0, 0, 0) as usize
+}
+
+/// The time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc reads a counter; CR4.TSD is clear, so it is allowed in ring 3.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    ((hi as u64) << 32) | lo as u64
+}
