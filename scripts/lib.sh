@@ -43,6 +43,18 @@ panda_pack_initrd() {
     done
     if [ -n "$init" ]; then cp "$init" "$stage/init" || panda_die "cannot copy $init"; fi
     cp "$PANDA_ROOT"/user/files/* "$stage/"
+    # Hostile executables the kernel must refuse (user tests spawn them): utest with a
+    # writable+executable code segment, cut short, moved into the kernel half, and
+    # with its entry point moved into the data segment.
+    local src="$stage/utest" phoff
+    phoff=$(od -An -t u8 -j 32 -N 8 "$src" | tr -d ' ')
+    cp "$src" "$stage/bad-wx.elf"
+    printf '\x07' | dd of="$stage/bad-wx.elf" bs=1 seek=$((phoff + 4)) conv=notrunc status=none
+    head -c 200 "$src" > "$stage/bad-truncated.elf"
+    cp "$src" "$stage/bad-kernel-half.elf"
+    printf '\x00\x00\x00\x00\x00\x80\xff\xff' | dd of="$stage/bad-kernel-half.elf" bs=1 seek=$((phoff + 16)) conv=notrunc status=none
+    cp "$src" "$stage/bad-entry.elf"
+    printf '\x00\x00\x00\x00\x01\x00\x00\x00' | dd of="$stage/bad-entry.elf" bs=1 seek=24 conv=notrunc status=none
     (cd "$stage" && tar --format=ustar --owner=0 --group=0 --numeric-owner -cf "$out" -- *) ||
         panda_die "cannot pack the initrd"
 }

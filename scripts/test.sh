@@ -9,9 +9,10 @@ set -euo pipefail
 
 usage() {
     cat <<'TXT'
-usage: scripts/test.sh [--smp LIST] [--timeout S] [--quick]
+usage: scripts/test.sh [--smp LIST] [--user-smp LIST] [--timeout S] [--quick]
 
   --smp LIST    CPU counts for the in-kernel test boots (default 1,2,4,8,64)
+  --user-smp LIST  CPU counts for the user-space test boots (default 1,2,8)
   --timeout S   limit per guest boot in seconds (default 300)
   --quick       one boot at -smp 2, no lints, no fatal-path checks
   -h, --help    this text
@@ -20,22 +21,24 @@ With LIMINE_DIR pointing at Limine's binaries, the Limine path is booted too.
 TXT
 }
 
-smp_list=1,2,4,8,64 timeout_s=300 quick=0
+smp_list=1,2,4,8,64 user_smp_list=1,2,8 timeout_s=300 quick=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --smp) [ $# -ge 2 ] || panda_usage_error "--smp needs a list"; smp_list=$2; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
-        --quick) quick=1; smp_list=2; shift ;;
+        --user-smp) [ $# -ge 2 ] || panda_usage_error "--user-smp needs a list"; user_smp_list=$2; shift 2 ;;
+        --quick) quick=1; smp_list=2; user_smp_list=2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) panda_usage_error "unknown option: $1" ;;
     esac
 done
 [[ "$smp_list" =~ ^[0-9]+(,[0-9]+)*$ ]] || panda_usage_error "--smp must be a comma-separated list of numbers"
+[[ "$user_smp_list" =~ ^[0-9]+(,[0-9]+)*$ ]] || panda_usage_error "--user-smp must be a comma-separated list of numbers"
 [[ "$timeout_s" =~ ^[0-9]+$ ]] || panda_usage_error "--timeout must be whole seconds"
 
 # Crates whose logic is tested on the host, and those that must also lint for the kernel target.
 HOST_CRATES=(panda-abi)
-KERNEL_CRATES=(panda-arch panda-kernel)
+KERNEL_CRATES=(panda-arch panda-kernel panda-rt panda-programs)
 for extra in sched:panda-sched mm:panda-mm; do
     if [ -f "$PANDA_ROOT/${extra%%:*}/Cargo.toml" ]; then
         HOST_CRATES+=("${extra#*:}"); KERNEL_CRATES+=("${extra#*:}")
@@ -121,6 +124,49 @@ if [ "$quick" = 0 ]; then
     fi
 fi
 
+# Boots with utest as init; counts its `ok`/`FAIL` lines and the kernel's closing
+# frame check (every frame back after all user processes are gone).
+user_tests() {
+    local name=$1; shift
+    local log="$logs/user-$name.log" status=0 n_ok n_fail summary
+    scripts/run.sh --timeout "$timeout_s" --cmdline "init=utest" "$@" >"$log" 2>&1 || status=$?
+    n_ok=$(grep -cE '^ok ' "$log" || true); n_fail=$(grep -cE '^FAIL ' "$log" || true)
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n1 | tr -d '\r' || true)
+    grep -E '^FAIL ' "$log" | sed "s/^/  [$name] /" || true
+    passed=$((passed + n_ok))
+    if [ "$status" = 0 ] && [ "$n_fail" = 0 ] && [ -n "$summary" ] && grep -q '^ok frames_back_to_baseline' "$log"; then
+        echo "ok user-$name ($n_ok user tests and checks; $summary)"
+    else
+        fail "user-$name" "exit $status, $n_fail failed, summary '${summary:-none}' (see $log)"
+        [ "$n_fail" -gt 1 ] && failed=$((failed + n_fail - 1))
+        tail -n 15 "$log" | sed 's/^/    /'
+    fi
+}
+
+section "user-space tests"
+IFS=, read -r -a user_smps <<<"$user_smp_list"
+for n in "${user_smps[@]}"; do
+    user_tests "smp$n" -smp "$n"
+done
+# The default boot: init prints its summary, runs its demo and the run ends by itself.
+log="$logs/init-smp8.log" status=0
+scripts/run.sh --timeout "$timeout_s" -smp 8 >"$log" 2>&1 || status=$?
+if [ "$status" = 0 ] && grep -q '^panda init (pid 1): 8 CPUs' "$log" && grep -q 'demo: .*all fine' "$log" &&
+   grep -q 'exited with status 0' "$log"; then
+    pass init-smp8
+else
+    fail init-smp8 "exit $status; want init's summary, its demo and status 0 (see $log)"
+fi
+# --init PATH runs that ELF as init: utest as a child that exits 42 must end the run
+# with failure status and the kernel saying so.
+log="$logs/init-option.log" status=0
+scripts/run.sh --timeout "$timeout_s" -smp 2 --init "$PANDA_USER_BIN/utest" --cmdline "init.arg=1" >"$log" 2>&1 || status=$?
+if [ "$status" = 1 ] && grep -q 'init "init" (pid 1) exited with status 42' "$log"; then
+    pass init-option
+else
+    fail init-option "exit $status (want 1); want 'exited with status 42' (see $log)"
+fi
+
 # A fatal path must end the run with failure status and say what happened.
 expect_failure() {
     local name=$1 cmd=$2; shift 2
@@ -171,6 +217,8 @@ if [ "$quick" = 0 ]; then
     bad_input smp-word -smp x
     bad_input accel --accel nope
     bad_input boot --boot floppy
+    bad_input init-missing --init /nonexistent/init
+    bad_input init-not-elf --init README.md
     BAD_LIMINE_DIR=$(mktemp -d) bad_input limine-missing --boot limine
     if grep -q "Limine binaries not found" "$logs/bad-limine-missing.err"; then pass limine-missing-message
     else fail limine-missing-message "no 'Limine binaries not found' line"; fi

@@ -87,6 +87,7 @@ unsafe impl GlobalAlloc for KernelHeap {
                         if let Some(run) =
                             crate::memory::frames().and_then(|f| f.alloc_contiguous(order).ok())
                         {
+                            LARGE_FRAMES.fetch_add(1 << order, Ordering::Relaxed);
                             return crate::memory::virt(run) as *mut u8;
                         }
                     }
@@ -118,7 +119,10 @@ unsafe impl GlobalAlloc for KernelHeap {
                         crate::memory::frames(),
                         panda_mm::PhysFrame::from_addr(phys),
                     ) {
-                        let _ = frames.free_contiguous(frame);
+                        if frames.free_contiguous(frame).is_ok() {
+                            LARGE_FRAMES
+                                .fetch_sub(1 << Self::large_order(layout), Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -164,6 +168,14 @@ pub fn usage() -> (usize, usize) {
         let heap = HEAP.early.lock();
         (heap.used(), heap.free())
     })
+}
+
+/// Frames in frame runs backing large heap blocks now.
+static LARGE_FRAMES: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Frames backing large heap blocks (too big for the slabs) now.
+pub fn large_frames() -> usize {
+    LARGE_FRAMES.load(Ordering::Relaxed)
 }
 
 /// Pages the slabs have taken from the frame allocator.

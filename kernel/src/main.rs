@@ -252,9 +252,9 @@ async fn run_init(boot: &BootInfo) -> bool {
         .unwrap_or(0);
     // The baseline: every frame not in use now must be back once init and all it
     // started are gone (zeroing paused so pooled frames are not in flight).
-    let baseline = {
+    let (baseline, large_before) = {
         let _paused = memory::pause_zeroing();
-        memory::frames_not_in_use()
+        (memory::frames_not_in_use(), heap::large_frames())
     };
     let Some(status) = process::run_init(path, arg).await else {
         return false;
@@ -274,8 +274,11 @@ async fn run_init(boot: &BootInfo) -> bool {
         console!("ok frames_back_to_baseline ({baseline} frames free)");
     } else {
         console!(
-            "FAIL frames_back_to_baseline: {now} frames free after init, {baseline} before ({} leaked)",
-            baseline as i64 - now as i64
+            "FAIL frames_back_to_baseline: {now} frames free after init, {baseline} before ({} leaked; large heap blocks {} -> {} frames, early heap {:?} used/free)",
+            baseline as i64 - now as i64,
+            large_before,
+            heap::large_frames(),
+            heap::usage()
         );
     }
     status == 0 && now == baseline

@@ -409,6 +409,12 @@ impl<P: Platform> Executor<P> {
                         _ => break,
                     }
                 }
+                // A burst of timers (e.g. one per page fault awaiting the zeroed pool)
+                // must not pin its peak capacity forever.
+                if timers.capacity() > 16 && timers.len() < timers.capacity() / 4 {
+                    let keep = timers.len() * 2;
+                    timers.shrink_to(keep);
+                }
                 count
             });
             for waker in due.iter_mut().filter_map(Option::take) {

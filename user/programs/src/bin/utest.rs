@@ -1,8 +1,766 @@
+//! User-space tests, run by `scripts/test.sh` as init (`init=utest`). Each test prints
+//! `ok NAME` or `FAIL NAME: why`, and the run ends with `N passed, M failed`.
+//!
+//! With a non-zero argument, utest is a child that does one thing a parent checks
+//! through `OP_PROCESS_WAIT` (exit with a code, or misbehave and be killed).
 #![no_std]
 #![no_main]
-use panda_rt::{entry, println};
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use panda_rt::abi::syscall::{self as abi, Error, EXIT_KILLED};
+use panda_rt::abi::{
+    BUFFER_BASE, BUFFER_MAX_SIZE, HEAP_BASE, HEAP_LIMIT, STACK_BASE, STACK_MAX_SIZE,
+};
+use panda_rt::{entry, println, sys, thread};
+
 entry!(main);
-fn main(_arg: u64) -> u64 {
-    println!("0 passed, 0 failed");
+
+type Outcome = Result<(), String>;
+type Test = fn() -> Outcome;
+
+macro_rules! ensure {
+    ($cond:expr, $($why:tt)*) => {
+        if !$cond {
+            return Err(format!($($why)*));
+        }
+    };
+}
+
+const PAGE: usize = 4096;
+
+fn read(addr: usize) -> u64 {
+    // SAFETY: tests only read memory they mapped (or expect to fault on in a child).
+    unsafe { (addr as *const u64).read_volatile() }
+}
+
+fn write(addr: usize, value: u64) {
+    // SAFETY: as for `read`.
+    unsafe { (addr as *mut u64).write_volatile(value) }
+}
+
+fn brk_now() -> usize {
+    sys::brk(0).expect("brk query")
+}
+
+// ---- heap ----------------------------------------------------------------------
+
+fn heap_grows_zeroed_then_holds_data() -> Outcome {
+    let base = brk_now();
+    let top = (base + 64 * PAGE).next_multiple_of(PAGE);
+    ensure!(sys::brk(top) == Ok(top), "brk to {top:#x} failed");
+    let start = base.next_multiple_of(PAGE);
+    for page in (start..top).step_by(PAGE) {
+        ensure!(
+            read(page) == 0 && read(page + PAGE - 8) == 0,
+            "fresh heap page {page:#x} not zero"
+        );
+        write(page, page as u64 ^ 0x5a5a);
+    }
+    for page in (start..top).step_by(PAGE) {
+        ensure!(
+            read(page) == page as u64 ^ 0x5a5a,
+            "heap page {page:#x} lost its data"
+        );
+    }
+    ensure!(sys::brk(base) == Ok(base), "shrink back failed");
+    Ok(())
+}
+
+fn brk_shrink_then_regrow_reads_zero() -> Outcome {
+    let base = brk_now().next_multiple_of(PAGE);
+    sys::brk(base + 16 * PAGE).map_err(|e| format!("grow: {e:?}"))?;
+    for i in 0..16 {
+        write(base + i * PAGE, 0xdead_beef);
+    }
+    sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+    sys::brk(base + 16 * PAGE).map_err(|e| format!("regrow: {e:?}"))?;
+    for i in 0..16 {
+        let v = read(base + i * PAGE);
+        ensure!(
+            v == 0,
+            "page {i} after shrink+regrow reads {v:#x}, not zero"
+        );
+    }
+    sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+    Ok(())
+}
+
+fn brk_out_of_range_fails_and_keeps_the_break() -> Outcome {
+    let before = brk_now();
+    for bad in [
+        HEAP_BASE - PAGE,
+        HEAP_BASE - 1,
+        HEAP_LIMIT + 1,
+        BUFFER_BASE + PAGE,
+        usize::MAX,
+    ] {
+        let r = sys::brk(bad);
+        ensure!(r == Err(Error::InvalidArgument), "brk({bad:#x}) gave {r:?}");
+        ensure!(brk_now() == before, "brk({bad:#x}) moved the break");
+    }
+    Ok(())
+}
+
+fn unaligned_shrink_keeps_data_below_the_break() -> Outcome {
+    let base = brk_now().next_multiple_of(PAGE);
+    sys::brk(base + 2 * PAGE).map_err(|e| format!("{e:?}"))?;
+    write(base + PAGE, 0x1111);
+    write(base + PAGE + 64, 0x2222);
+    // The new break is inside the second page: that page stays.
+    sys::brk(base + PAGE + 100).map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        read(base + PAGE) == 0x1111 && read(base + PAGE + 64) == 0x2222,
+        "data below the break lost"
+    );
+    sys::brk(base).map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+fn allocator_works_over_brk() -> Outcome {
+    let mut v: Vec<Vec<u64>> = Vec::new();
+    for i in 0..64u64 {
+        v.push((0..1000).map(|x| x * i).collect());
+    }
+    for (i, inner) in v.iter().enumerate() {
+        ensure!(inner[999] == 999 * i as u64, "allocation {i} corrupted");
+    }
+    Ok(())
+}
+
+// ---- buffers -----------------------------------------------------------------
+
+fn buffers_alloc_free_reuse_never_overlap() -> Outcome {
+    let sizes = [1, PAGE, 3 * PAGE + 1, 64 * 1024, 1 << 20];
+    let mut live: Vec<(usize, usize)> = Vec::new();
+    for &size in &sizes {
+        let a = sys::buffer_alloc(size).map_err(|e| format!("alloc {size}: {e:?}"))?;
+        ensure!(
+            a % PAGE == 0 && a >= BUFFER_BASE && a + size <= BUFFER_BASE + BUFFER_MAX_SIZE,
+            "buffer {a:#x} outside the region"
+        );
+        let len = size.next_multiple_of(PAGE);
+        ensure!(
+            !live.iter().any(|&(s, l)| a < s + l && s < a + len),
+            "buffer {a:#x} overlaps another"
+        );
+        ensure!(
+            read(a) == 0 && read(a + len - 8) == 0,
+            "fresh buffer not zero"
+        );
+        write(a, a as u64);
+        live.push((a, len));
+    }
+    for &(a, _) in &live {
+        ensure!(read(a) == a as u64, "buffer {a:#x} lost its data");
+    }
+    let (first, _) = live[0];
+    sys::buffer_free(first).map_err(|e| format!("free: {e:?}"))?;
+    ensure!(
+        sys::buffer_free(first) == Err(Error::NotFound),
+        "double free accepted"
+    );
+    ensure!(
+        sys::buffer_free(live[1].0 + PAGE / 2) == Err(Error::NotFound),
+        "free of a non-start accepted"
+    );
+    ensure!(
+        sys::buffer_free(0x1234_0000) == Err(Error::NotFound),
+        "free of a wild address accepted"
+    );
+    // Reuse: first fit gives the freed range back, zeroed.
+    let again = sys::buffer_alloc(PAGE).map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        again == first,
+        "freed range not reused ({again:#x} vs {first:#x})"
+    );
+    ensure!(read(again) == 0, "a reused buffer shows old data");
+    sys::buffer_free(again).map_err(|e| format!("{e:?}"))?;
+    for &(a, _) in &live[1..] {
+        sys::buffer_free(a).map_err(|e| format!("free {a:#x}: {e:?}"))?;
+    }
+    ensure!(
+        sys::buffer_alloc(0) == Err(Error::InvalidArgument),
+        "empty buffer accepted"
+    );
+    ensure!(
+        sys::buffer_alloc(BUFFER_MAX_SIZE + 1) == Err(Error::InvalidArgument),
+        "oversized buffer accepted"
+    );
+    let whole = sys::buffer_alloc(BUFFER_MAX_SIZE).map_err(|e| format!("whole region: {e:?}"))?;
+    ensure!(
+        sys::buffer_alloc(PAGE) == Err(Error::OutOfMemory),
+        "a full region gave out more"
+    );
+    sys::buffer_free(whole).map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+fn buffer_log_and_file_read() -> Outcome {
+    let buf = sys::buffer_alloc(2 * PAGE).map_err(|e| format!("{e:?}"))?;
+    let n = sys::read_file("hello.txt", buf, 2 * PAGE).map_err(|e| format!("read_file: {e:?}"))?;
+    ensure!(n > 10, "read {n} bytes");
+    // SAFETY: the buffer is mapped (the kernel wrote it) and n bytes long.
+    let text = unsafe { core::slice::from_raw_parts(buf as *const u8, n) };
+    ensure!(
+        text.starts_with(b"Hello from the initrd"),
+        "file contents wrong"
+    );
+    ensure!(sys::buffer_log(buf, n) == Ok(n), "buffer_log failed");
+    ensure!(
+        sys::buffer_log(buf + PAGE, 2 * PAGE) == Err(Error::BadAddress),
+        "log past the buffer accepted"
+    );
+    ensure!(
+        sys::buffer_log(HEAP_BASE, 8) == Err(Error::BadAddress),
+        "log of a non-buffer accepted"
+    );
+    ensure!(
+        sys::read_file("no-such-file", buf, 10) == Err(Error::NotFound),
+        "missing file found"
+    );
+    sys::buffer_free(buf).map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+fn syscall_writes_into_an_untouched_heap_page() -> Outcome {
+    let base = brk_now().next_multiple_of(PAGE);
+    sys::brk(base + 2 * PAGE).map_err(|e| format!("{e:?}"))?;
+    let before = sys::info().map_err(|e| format!("{e:?}"))?.faults;
+    // The kernel's write faults the page in as the user's would.
+    let n = sys::read_file("hello.txt", base + 100, 64).map_err(|e| format!("{e:?}"))?;
+    ensure!(n == 64, "read {n}");
+    // SAFETY: mapped by the kernel's write.
+    let text = unsafe { core::slice::from_raw_parts((base + 100) as *const u8, 5) };
+    ensure!(text == b"Hello", "data not there");
+    let r = sys::raw(abi::OP_ENVIRONMENT_INFO, (base + PAGE) as u64, 80, 0, 0);
+    ensure!(r == 80, "info into a fresh page returned {r}");
+    ensure!(
+        read(base + PAGE) == sys::cpu_count() as u64,
+        "info's first word is not the CPU count"
+    );
+    let after = sys::info().map_err(|e| format!("{e:?}"))?.faults;
+    ensure!(
+        after >= before + 2,
+        "the kernel's writes did not fault the pages in ({before} -> {after})"
+    );
+    sys::brk(base).map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+// ---- bad input -----------------------------------------------------------------
+
+fn bad_calls_get_errors() -> Outcome {
+    let cases: [(&str, usize, [u64; 4], Error); 14] = [
+        (
+            "unknown operation",
+            0x7_0000,
+            [0; 4],
+            Error::UnknownOperation,
+        ),
+        (
+            "log of a kernel pointer",
+            abi::OP_ENVIRONMENT_LOG,
+            [0xffff_ffff_8000_0000, 8, 0, 0],
+            Error::BadAddress,
+        ),
+        (
+            "log of a null pointer",
+            abi::OP_ENVIRONMENT_LOG,
+            [0, 8, 0, 0],
+            Error::BadAddress,
+        ),
+        (
+            "log of a non-canonical pointer",
+            abi::OP_ENVIRONMENT_LOG,
+            [0x8000_0000_0000, 8, 0, 0],
+            Error::BadAddress,
+        ),
+        (
+            "log that wraps",
+            abi::OP_ENVIRONMENT_LOG,
+            [u64::MAX - 2, 8, 0, 0],
+            Error::BadAddress,
+        ),
+        (
+            "log too long",
+            abi::OP_ENVIRONMENT_LOG,
+            [HEAP_BASE as u64, 1 << 20, 0, 0],
+            Error::InvalidArgument,
+        ),
+        (
+            "spawn of a missing file",
+            abi::OP_ENVIRONMENT_SPAWN,
+            [b"nope".as_ptr() as u64, 4, 0, 0],
+            Error::NotFound,
+        ),
+        (
+            "spawn with a bad path pointer",
+            abi::OP_ENVIRONMENT_SPAWN,
+            [0x10, 4, 0, 0],
+            Error::BadAddress,
+        ),
+        (
+            "spawn of a text file",
+            abi::OP_ENVIRONMENT_SPAWN,
+            [b"hello.txt".as_ptr() as u64, 9, 0, 0],
+            Error::InvalidArgument,
+        ),
+        (
+            "wait for no such process",
+            abi::OP_PROCESS_WAIT,
+            [999_999, 0, 0, 0],
+            Error::NotFound,
+        ),
+        (
+            "join no such thread",
+            abi::OP_THREAD_JOIN,
+            [999_999, 0, 0, 0],
+            Error::NotFound,
+        ),
+        (
+            "affinity past the CPUs",
+            abi::OP_THREAD_SET_AFFINITY,
+            [4096, 0, 0, 0],
+            Error::InvalidArgument,
+        ),
+        (
+            "file read into read-only code",
+            abi::OP_FILE_READ_BUFFER,
+            [b"hello.txt".as_ptr() as u64, 9, 0x40_0000, 8],
+            Error::BadAddress,
+        ),
+        (
+            "info into the kernel",
+            abi::OP_ENVIRONMENT_INFO,
+            [0xffff_8000_0000_1000, 80, 0, 0],
+            Error::BadAddress,
+        ),
+    ];
+    for (what, op, a, want) in cases {
+        let r = abi::decode(sys::raw(op, a[0], a[1], a[2], a[3]));
+        ensure!(r == Err(want), "{what}: got {r:?}, want {want:?}");
+    }
+    let me = sys::pid();
+    ensure!(
+        sys::wait(me) == Err(Error::NotPermitted),
+        "waiting for oneself allowed"
+    );
+    Ok(())
+}
+
+fn hostile_elfs_are_refused() -> Outcome {
+    for name in [
+        "bad-wx.elf",
+        "bad-truncated.elf",
+        "bad-kernel-half.elf",
+        "bad-entry.elf",
+    ] {
+        let r = sys::spawn(name, 0);
+        ensure!(r == Err(Error::InvalidArgument), "{name}: spawn gave {r:?}");
+    }
+    Ok(())
+}
+
+// ---- stack -----------------------------------------------------------------------
+
+fn stack_grows_to_near_16_mib() -> Outcome {
+    let rsp: usize;
+    // SAFETY: reads the stack pointer.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp) };
+    let low = STACK_BASE + 16 * PAGE;
+    ensure!(
+        rsp > low && rsp <= STACK_BASE + STACK_MAX_SIZE,
+        "rsp {rsp:#x} not in the stack region"
+    );
+    // Touch every page from below the current frame down to 64 KiB above the guard.
+    let mut addr = (rsp - 8 * PAGE) & !(PAGE - 1);
+    let mut pages = 0;
+    while addr >= low {
+        write(addr, addr as u64);
+        addr -= PAGE;
+        pages += 1;
+    }
+    let mut addr = (rsp - 8 * PAGE) & !(PAGE - 1);
+    while addr >= low {
+        ensure!(
+            read(addr) == addr as u64,
+            "stack page {addr:#x} lost its data"
+        );
+        addr -= PAGE;
+    }
+    ensure!(pages > 4000, "only {pages} pages touched");
+    Ok(())
+}
+
+// ---- processes -------------------------------------------------------------------
+
+/// Child scenarios (the argument utest is spawned with).
+const CHILD_EXIT_42: u64 = 1;
+const CHILD_STACK_OVERFLOW: u64 = 2;
+const CHILD_NON_CANONICAL: u64 = 3;
+const CHILD_WRITE_RODATA: u64 = 4;
+const CHILD_EXEC_HEAP: u64 = 5;
+const CHILD_EXHAUST_MEMORY: u64 = 6;
+const CHILD_THREADS_ONE_FAULTS: u64 = 7;
+const CHILD_READ_KERNEL: u64 = 8;
+const CHILD_UD2: u64 = 9;
+/// Arguments from here on select one test of the main run.
+const ONLY_TEST: u64 = 1000;
+
+static RODATA: [u64; 4] = [1, 2, 3, 4];
+
+fn child(scenario: u64) -> u64 {
+    match scenario {
+        CHILD_EXIT_42 => 42,
+        CHILD_STACK_OVERFLOW => {
+            write(STACK_BASE - 8, 1);
+            0
+        }
+        CHILD_NON_CANONICAL => read(0x8000_0000_0000),
+        CHILD_WRITE_RODATA => {
+            write(RODATA.as_ptr() as usize, 9);
+            0
+        }
+        CHILD_EXEC_HEAP => {
+            let base = brk_now().next_multiple_of(PAGE);
+            let _ = sys::brk(base + PAGE);
+            write(base, 0xc3); // ret
+                               // SAFETY: not safe at all: the heap is not executable, and the kernel must
+                               // end this process.
+            let f: extern "C" fn() = unsafe { core::mem::transmute(base) };
+            f();
+            0
+        }
+        CHILD_EXHAUST_MEMORY => {
+            let base = brk_now().next_multiple_of(PAGE);
+            let top = base + (64usize << 30);
+            if sys::brk(top).is_err() {
+                return 3;
+            }
+            let mut p = base;
+            while p < top {
+                write(p, 1);
+                p += PAGE;
+            }
+            4 // memory did not run out
+        }
+        CHILD_THREADS_ONE_FAULTS => {
+            let spinning: Vec<_> = (0..3)
+                .filter_map(|_| {
+                    thread::spawn(|| loop {
+                        core::hint::spin_loop();
+                    })
+                    .ok()
+                })
+                .collect();
+            sys::sleep_ns(20_000_000);
+            let bad = thread::spawn(|| read(0x10));
+            sys::sleep_ns(1_000_000_000);
+            drop((spinning, bad));
+            5 // never reached: the fault ends the process
+        }
+        CHILD_READ_KERNEL => read(0xffff_8000_0010_0000),
+        CHILD_UD2 => {
+            // SAFETY: ends the process with #UD, as intended.
+            unsafe { core::arch::asm!("ud2") };
+            0
+        }
+        _ => 77,
+    }
+}
+
+fn run_child(scenario: u64) -> Result<usize, String> {
+    let pid = sys::spawn("utest", scenario).map_err(|e| format!("spawn: {e:?}"))?;
+    sys::wait(pid as u64).map_err(|e| format!("wait: {e:?}"))
+}
+
+fn exit_status_reaches_the_waiter() -> Outcome {
+    let status = run_child(CHILD_EXIT_42)?;
+    ensure!(status == 42, "child exited with {status}");
+    let pid = sys::spawn("utest", CHILD_EXIT_42).map_err(|e| format!("{e:?}"))?;
+    ensure!(sys::wait(pid as u64) == Ok(42), "first wait");
+    ensure!(
+        sys::wait(pid as u64) == Err(Error::NotFound),
+        "second wait found it again"
+    );
+    Ok(())
+}
+
+fn misbehaving_children_are_killed_alone() -> Outcome {
+    for (what, scenario) in [
+        ("stack overflow", CHILD_STACK_OVERFLOW),
+        ("non-canonical access", CHILD_NON_CANONICAL),
+        ("write to read-only data", CHILD_WRITE_RODATA),
+        ("jump into the heap", CHILD_EXEC_HEAP),
+        ("read of kernel memory", CHILD_READ_KERNEL),
+        ("invalid opcode", CHILD_UD2),
+        ("one thread faults", CHILD_THREADS_ONE_FAULTS),
+    ] {
+        let status = run_child(scenario)?;
+        ensure!(
+            status == EXIT_KILLED,
+            "{what}: status {status:#x}, want the kill status"
+        );
+    }
+    Ok(())
+}
+
+fn memory_exhaustion_ends_only_the_process() -> Outcome {
+    let before = sys::info().map_err(|e| format!("{e:?}"))?.memory_free;
+    let status = run_child(CHILD_EXHAUST_MEMORY)?;
+    ensure!(
+        status == EXIT_KILLED,
+        "exhausting child ended with {status}"
+    );
+    let after = sys::info().map_err(|e| format!("{e:?}"))?.memory_free;
+    ensure!(
+        after + (1 << 20) >= before,
+        "memory not returned: {before} free before, {after} after"
+    );
+    // And we still work.
+    let v: Vec<u8> = alloc::vec![1; 1 << 20];
+    ensure!(
+        v.iter().map(|&b| b as usize).sum::<usize>() == 1 << 20,
+        "allocation after exhaustion"
+    );
+    Ok(())
+}
+
+fn many_processes_at_once() -> Outcome {
+    let pids: Vec<usize> = (0..8)
+        .map(|_| sys::spawn("utest", CHILD_EXIT_42))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("spawn: {e:?}"))?;
+    for pid in pids {
+        let s = sys::wait(pid as u64).map_err(|e| format!("{e:?}"))?;
+        ensure!(s == 42, "pid {pid} status {s}");
+    }
+    Ok(())
+}
+
+// ---- threads -----------------------------------------------------------------------
+
+fn pinned_threads_run_on_their_cpu() -> Outcome {
+    let cpus = sys::cpu_count();
+    let threads: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            thread::spawn(move || {
+                if sys::set_affinity(cpu).is_err() {
+                    return 1000;
+                }
+                let mut wrong = 0;
+                for _ in 0..20 {
+                    if sys::current_cpu() != cpu {
+                        wrong += 1;
+                    }
+                    sys::yield_now();
+                }
+                wrong
+            })
+        })
+        .collect();
+    for (cpu, t) in threads.into_iter().enumerate() {
+        let wrong = t
+            .map_err(|e| format!("spawn: {e:?}"))?
+            .join()
+            .map_err(|e| format!("join: {e:?}"))?;
+        ensure!(
+            wrong == 0,
+            "thread pinned to CPU {cpu} was elsewhere {wrong} times"
+        );
+    }
+    Ok(())
+}
+
+static SHARED_BASE: AtomicUsize = AtomicUsize::new(0);
+const SHARED_PAGES: usize = 512;
+
+fn threads_fault_the_same_heap_concurrently() -> Outcome {
+    let cpus = sys::cpu_count().max(2);
+    let base = brk_now().next_multiple_of(PAGE);
+    sys::brk(base + SHARED_PAGES * PAGE).map_err(|e| format!("{e:?}"))?;
+    SHARED_BASE.store(base, Ordering::SeqCst);
+    let threads: Vec<_> = (0..cpus)
+        .map(|k| {
+            thread::spawn(move || {
+                let _ = sys::set_affinity(k % sys::cpu_count());
+                let base = SHARED_BASE.load(Ordering::SeqCst);
+                // Every thread writes its slot in every page, starting at a different
+                // page, so first touches race.
+                for i in 0..SHARED_PAGES {
+                    let page = base + ((i + k * 7) % SHARED_PAGES) * PAGE;
+                    write(page + 8 * k, (k as u64) << 32 | i as u64 | 1 << 63);
+                }
+                0
+            })
+        })
+        .collect();
+    for t in threads {
+        t.map_err(|e| format!("spawn: {e:?}"))?
+            .join()
+            .map_err(|e| format!("join: {e:?}"))?;
+    }
+    for p in 0..SHARED_PAGES {
+        for k in 0..cpus {
+            let v = read(base + p * PAGE + 8 * k);
+            ensure!(
+                v >> 63 == 1 && (v >> 32) & 0x7fff_ffff == k as u64,
+                "page {p} slot {k} holds {v:#x}: a write was lost"
+            );
+        }
+    }
+    sys::brk(base).map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+fn thread_exit_codes_reach_join() -> Outcome {
+    let t = thread::spawn(|| 1234).map_err(|e| format!("{e:?}"))?;
+    let id = t.id();
+    ensure!(t.join() == Ok(1234), "join result");
+    ensure!(sys::thread_join(id) == Err(Error::NotFound), "joined twice");
+    Ok(())
+}
+
+static SWITCHES: AtomicU64 = AtomicU64::new(0);
+static LAST: AtomicU64 = AtomicU64::new(0);
+
+fn sse_worker(me: u64, cpu: usize, tsc_hz: u64) -> u64 {
+    if sys::set_affinity(cpu).is_err() {
+        return 1;
+    }
+    let pattern = 0x1111_1111_1111_1111u64 * me;
+    // SAFETY: loads xmm0/xmm1 with this thread's pattern (the kernel saves and restores
+    // them across preemption).
+    unsafe { core::arch::asm!("movq xmm0, {p}", "movq xmm1, {p}", p = in(reg) pattern) };
+    let end = sys::rdtsc() + tsc_hz / 5; // 200 ms, many ticks
+    while sys::rdtsc() < end {
+        let (a, b): (u64, u64);
+        // SAFETY: reads xmm0/xmm1 back.
+        unsafe {
+            core::arch::asm!("movq {a}, xmm0", "movq {b}, xmm1", a = out(reg) a, b = out(reg) b)
+        };
+        if a != pattern || b != pattern {
+            return 2;
+        }
+        if LAST.swap(me, Ordering::SeqCst) != me {
+            SWITCHES.fetch_add(1, Ordering::SeqCst);
+        }
+    }
     0
+}
+
+fn sse_state_survives_preemption() -> Outcome {
+    let tsc_hz = sys::info().map_err(|e| format!("{e:?}"))?.tsc_hz;
+    let cpu = sys::cpu_count() - 1;
+    SWITCHES.store(0, Ordering::SeqCst);
+    let a = thread::spawn(move || sse_worker(1, cpu, tsc_hz)).map_err(|e| format!("{e:?}"))?;
+    let b = thread::spawn(move || sse_worker(2, cpu, tsc_hz)).map_err(|e| format!("{e:?}"))?;
+    let (ra, rb) = (a.join(), b.join());
+    ensure!(
+        ra == Ok(0) && rb == Ok(0),
+        "a thread saw another's xmm registers ({ra:?}, {rb:?})"
+    );
+    let switches = SWITCHES.load(Ordering::SeqCst);
+    ensure!(
+        switches >= 3,
+        "only {switches} switches between the two threads: no preemption seen"
+    );
+    Ok(())
+}
+
+fn main(arg: u64) -> u64 {
+    if arg != 0 && arg < ONLY_TEST {
+        return child(arg);
+    }
+    let tests: [(&str, Test); 20] = [
+        (
+            "heap_grows_zeroed_then_holds_data",
+            heap_grows_zeroed_then_holds_data,
+        ),
+        (
+            "brk_shrink_then_regrow_reads_zero",
+            brk_shrink_then_regrow_reads_zero,
+        ),
+        (
+            "brk_out_of_range_fails_and_keeps_the_break",
+            brk_out_of_range_fails_and_keeps_the_break,
+        ),
+        (
+            "unaligned_shrink_keeps_data_below_the_break",
+            unaligned_shrink_keeps_data_below_the_break,
+        ),
+        ("allocator_works_over_brk", allocator_works_over_brk),
+        (
+            "buffers_alloc_free_reuse_never_overlap",
+            buffers_alloc_free_reuse_never_overlap,
+        ),
+        ("buffer_log_and_file_read", buffer_log_and_file_read),
+        (
+            "syscall_writes_into_an_untouched_heap_page",
+            syscall_writes_into_an_untouched_heap_page,
+        ),
+        ("bad_calls_get_errors", bad_calls_get_errors),
+        ("hostile_elfs_are_refused", hostile_elfs_are_refused),
+        ("stack_grows_to_near_16_mib", stack_grows_to_near_16_mib),
+        (
+            "exit_status_reaches_the_waiter",
+            exit_status_reaches_the_waiter,
+        ),
+        (
+            "misbehaving_children_are_killed_alone",
+            misbehaving_children_are_killed_alone,
+        ),
+        ("many_processes_at_once", many_processes_at_once),
+        (
+            "pinned_threads_run_on_their_cpu",
+            pinned_threads_run_on_their_cpu,
+        ),
+        (
+            "threads_fault_the_same_heap_concurrently",
+            threads_fault_the_same_heap_concurrently,
+        ),
+        ("thread_exit_codes_reach_join", thread_exit_codes_reach_join),
+        (
+            "sse_state_survives_preemption",
+            sse_state_survives_preemption,
+        ),
+        (
+            "memory_exhaustion_ends_only_the_process",
+            memory_exhaustion_ends_only_the_process,
+        ),
+        (
+            "heap_still_works_after_everything",
+            heap_grows_zeroed_then_holds_data,
+        ),
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    // `init.arg=1000+i` runs test i alone (to narrow down a failure or a leak).
+    let only = arg.checked_sub(ONLY_TEST).map(|i| i as usize);
+    for (i, (name, test)) in tests.into_iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                println!("ok user_{name}");
+            }
+            Err(why) => {
+                failed += 1;
+                println!("FAIL user_{name}: {why}");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        0
+    } else {
+        1
+    }
 }
