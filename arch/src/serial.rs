@@ -15,11 +15,16 @@ const COM1: u16 = 0x3f8;
 /// The UART registers, reached through port I/O.
 pub struct Uart {
     base: u16,
+    /// Whether the last byte written ended a line (user output may stop mid-line).
+    at_line_start: bool,
 }
 
 impl Uart {
     const fn new(base: u16) -> Self {
-        Self { base }
+        Self {
+            base,
+            at_line_start: true,
+        }
     }
 
     fn out(&self, reg: u16, value: u8) {
@@ -43,7 +48,7 @@ impl Uart {
         self.out(4, 0x03); // DTR, RTS
     }
 
-    fn write_byte(&self, byte: u8) {
+    fn write_byte(&mut self, byte: u8) {
         // Bounded wait for the transmit holding register: a missing UART (some
         // hardware has none) must not hang the kernel.
         for _ in 0..100_000 {
@@ -53,6 +58,7 @@ impl Uart {
             core::hint::spin_loop();
         }
         self.out(0, byte);
+        self.at_line_start = byte == b'\n';
     }
 }
 
@@ -78,6 +84,19 @@ pub fn init() {
 /// Runs `f` with the console locked and interrupts off, so lines never interleave.
 pub fn with_console<R>(f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
     interrupts::without_interrupts(|| f(&mut *CONSOLE.lock()))
+}
+
+/// `with_console` for output that must start on a line of its own (kernel log lines,
+/// test results): if the console stopped mid-line (user output without a newline),
+/// a line break comes first.
+pub fn with_console_line<R>(f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
+    interrupts::without_interrupts(|| {
+        let mut uart = CONSOLE.lock();
+        if !uart.at_line_start {
+            let _ = fmt::Write::write_str(&mut *uart, "\n");
+        }
+        f(&mut *uart)
+    })
 }
 
 /// A writer for fatal paths: takes the console lock if it frees up soon, and writes

@@ -114,6 +114,10 @@ pub struct AddressSpace {
     root: u64,
     tables: spin::Mutex<Option<TableBuilder>>,
     regions: spin::Mutex<Regions>,
+    /// Serialises changes of the layout that unmap (brk, buffer free, protect) with
+    /// each other and with buffer allocation, so a range is never handed out again
+    /// before its old pages are unmapped and shot down.
+    layout: spin::Mutex<()>,
     tlb: TlbState,
 }
 
@@ -128,6 +132,7 @@ impl AddressSpace {
             root: tables.root(),
             tables: spin::Mutex::new(Some(tables)),
             regions: spin::Mutex::new(Regions::new()),
+            layout: spin::Mutex::new(()),
             tlb: TlbState::new(),
         }))
     }
@@ -238,9 +243,23 @@ impl AddressSpace {
     /// the frame goes back and both faults resume on the one mapping).
     fn install(&self, addr: u64, frame: PhysFrame, rights: Rights) -> Result<(), FaultError> {
         let page = addr & !0xfff;
-        let bits = leaf_bits(rights);
         let mut guard = self.tables.lock();
+        // The region may have shrunk or been freed since the fault was classified (by
+        // another thread): check again with the tables locked. An unmap that follows a
+        // layout change takes this lock too, so a page either maps before it (and is
+        // unmapped by it) or sees the change here.
+        let access = if rights.write {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let now = self.regions.lock().classify(addr, access);
+        let bits = match now {
+            FaultDecision::DemandZero(current) => leaf_bits(current),
+            _ => 0,
+        };
         let result = match guard.as_mut() {
+            _ if bits == 0 => Err(FaultError::Denied(now)),
             // Being torn down.
             None => Err(FaultError::Denied(FaultDecision::OutsideRegions)),
             Some(tables) if tables.translate(page).is_some() => {
@@ -284,6 +303,7 @@ impl AddressSpace {
     /// Moves the break; shrinking unmaps the released pages and shoots down their TLB
     /// entries before freeing the frames. Returns the new break.
     pub fn set_brk(&self, new: u64) -> Result<u64, MmError> {
+        let _layout = self.layout.lock();
         let released = self.regions.lock().set_brk(new)?;
         if let Some((from, to)) = released {
             self.unmap_range(from, to);
@@ -298,6 +318,7 @@ impl AddressSpace {
         start: u64,
         rights: panda_mm::region::Rights,
     ) -> Result<(), MmError> {
+        let _layout = self.layout.lock();
         let (from, to) = self.regions.lock().protect_segment(start, rights)?;
         let bits = leaf_bits(rights);
         let mut batch = FlushBatch::new();
@@ -321,12 +342,14 @@ impl AddressSpace {
     /// Allocates a buffer of `size` bytes (page-rounded) in the buffer region; its pages
     /// are demand-zero. Returns its start.
     pub fn alloc_buffer(&self, size: u64) -> Result<u64, MmError> {
+        let _layout = self.layout.lock();
         self.regions.lock().alloc_buffer(size)
     }
 
     /// Frees the buffer starting at `start`: unmaps its pages, shoots down their TLB
     /// entries, then frees the frames.
     pub fn free_buffer(&self, start: u64) -> Result<(), MmError> {
+        let _layout = self.layout.lock();
         let (from, to) = self.regions.lock().free_buffer(start)?;
         self.unmap_range(from, to);
         Ok(())

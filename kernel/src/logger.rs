@@ -18,7 +18,7 @@ impl Log for SerialLog {
     fn log(&self, record: &Record<'_>) {
         let ns = panda_arch::time::now_ns();
         let cpu = panda_arch::percpu::checked_index().unwrap_or(usize::MAX);
-        panda_arch::serial::with_console(|w| {
+        panda_arch::serial::with_console_line(|w| {
             let _ = writeln!(
                 w,
                 "[{:>4}.{:06}] {:<5} cpu{} {}: {}",
@@ -51,7 +51,7 @@ pub fn init(level: Option<&str>) {
 
 /// Writes a line without log decoration (test results, which scripts parse).
 pub fn raw_line(args: core::fmt::Arguments<'_>) {
-    panda_arch::serial::with_console(|w| {
+    panda_arch::serial::with_console_line(|w| {
         let _ = w.write_fmt(args);
         let _ = w.write_str("\n");
     });

@@ -561,12 +561,12 @@ async fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error>
     let mut bytes = [0u8; MAX as usize];
     read_user(process, ptr, &mut bytes[..len as usize]).await?;
     console_bytes(&bytes[..len as usize]);
-    end_line(&bytes[..len as usize]);
     Ok(len as usize)
 }
 
 /// Writes user text to the console as it is (user output is the console's, not the
-/// kernel log's): invalid UTF-8 shows as U+FFFD.
+/// kernel log's): invalid UTF-8 shows as U+FFFD. A line the user leaves open stays
+/// open; kernel lines start on a fresh line regardless (`with_console_line`).
 fn console_bytes(bytes: &[u8]) {
     panda_arch::serial::with_console(|w| {
         for chunk in bytes.utf8_chunks() {
@@ -578,20 +578,11 @@ fn console_bytes(bytes: &[u8]) {
     });
 }
 
-/// The console is line-oriented (kernel lines must start on a line of their own): a
-/// write that does not end a line gets its newline here.
-fn end_line(text: &[u8]) {
-    if text.last() != Some(&b'\n') {
-        console_bytes(b"\n");
-    }
-}
-
 /// Writes a buffer straight from its frames to the console: no kernel copy.
 async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
     if !process.space.in_buffer(addr, len) {
         return Err(Error::BadAddress);
     }
-    let mut last = 0u8;
     process
         .space
         .access_user(addr, len, false, |phys, _, n| {
@@ -600,11 +591,9 @@ async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Err
             // user may write it meanwhile, which only changes what is printed.
             let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
             console_bytes(bytes);
-            last = bytes.last().copied().unwrap_or(last);
         })
         .await
         .map_err(user_error)?;
-    end_line(&[last]);
     Ok(len as usize)
 }
 

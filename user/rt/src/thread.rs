@@ -44,12 +44,21 @@ extern "C" fn thread_start(arg: u64) -> ! {
 
 /// Starts `f` on a new thread of this process.
 pub fn spawn(f: impl FnOnce() -> u64 + Send + 'static) -> Result<Thread, Error> {
-    let stack = sys::buffer_alloc(STACK_SIZE)?;
+    spawn_with_stack(STACK_SIZE, f)
+}
+
+/// Starts `f` on a new thread with a `stack_size`-byte stack (a buffer: demand-zero,
+/// so untouched stack costs nothing).
+pub fn spawn_with_stack(
+    stack_size: usize,
+    f: impl FnOnce() -> u64 + Send + 'static,
+) -> Result<Thread, Error> {
+    let stack = sys::buffer_alloc(stack_size)?;
     let main: Box<Main> = Box::new(Box::new(f));
     let arg = Box::into_raw(main);
     match sys::thread_spawn(
         panda_rt_thread_entry as *const () as usize,
-        stack + STACK_SIZE,
+        stack + stack_size,
         arg as u64,
     ) {
         Ok(tid) => Ok(Thread {

@@ -201,6 +201,51 @@ fn buffers_alloc_free_reuse_never_overlap() -> Outcome {
     Ok(())
 }
 
+/// Threads allocate, fill, check and free buffers at once: a range must never be
+/// handed out again while its old pages are still being unmapped (the new owner's
+/// data would vanish), and a fresh buffer always reads zero.
+fn buffers_churn_across_threads() -> Outcome {
+    let threads: Vec<_> = (0..4u64)
+        .map(|k| {
+            thread::spawn(move || {
+                for round in 0..300u64 {
+                    let Ok(b) = sys::buffer_alloc(4 * PAGE) else {
+                        return 1;
+                    };
+                    let tag = k << 32 | round << 8 | 0x5a;
+                    for p in 0..4 {
+                        if read(b + p * PAGE) != 0 {
+                            return 2;
+                        }
+                        write(b + p * PAGE, tag);
+                    }
+                    sys::yield_now();
+                    for p in 0..4 {
+                        if read(b + p * PAGE) != tag {
+                            return 3;
+                        }
+                    }
+                    if sys::buffer_free(b).is_err() {
+                        return 4;
+                    }
+                }
+                0
+            })
+        })
+        .collect();
+    for t in threads {
+        let code = t
+            .map_err(|e| format!("spawn: {e:?}"))?
+            .join()
+            .map_err(|e| format!("join: {e:?}"))?;
+        ensure!(
+            code == 0,
+            "a thread failed with {code} (1 alloc, 2 not zero, 3 data lost, 4 free)"
+        );
+    }
+    Ok(())
+}
+
 fn buffer_log_and_file_read() -> Outcome {
     let buf = sys::buffer_alloc(2 * PAGE).map_err(|e| format!("{e:?}"))?;
     let n = sys::read_file("hello.txt", buf, 2 * PAGE).map_err(|e| format!("read_file: {e:?}"))?;
@@ -678,7 +723,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && arg < ONLY_TEST {
         return child(arg);
     }
-    let tests: [(&str, Test); 20] = [
+    let tests: [(&str, Test); 21] = [
         (
             "heap_grows_zeroed_then_holds_data",
             heap_grows_zeroed_then_holds_data,
@@ -700,6 +745,7 @@ fn main(arg: u64) -> u64 {
             "buffers_alloc_free_reuse_never_overlap",
             buffers_alloc_free_reuse_never_overlap,
         ),
+        ("buffers_churn_across_threads", buffers_churn_across_threads),
         ("buffer_log_and_file_read", buffer_log_and_file_read),
         (
             "syscall_writes_into_an_untouched_heap_page",
