@@ -35,11 +35,9 @@ impl FrameSource for TableFrames {
     }
 }
 
-/// Faults that found the zeroed pool empty, awaited it and were woken by the next
-/// refill (statistics, tests).
-pub static FAULTS_AWAITED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-/// Faults that awaited the pool in vain until the fallback deadline.
-pub static FAULTS_LATE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Faults that found the zeroed pool empty, awaited it and were woken by the refill
+/// of the CPU's zeroing task (statistics, tests).
+pub static FAULTS_AWAITED: AtomicU64 = AtomicU64::new(0);
 
 /// Demand-zero faults that mapped a frame, of which `POOL_HITS` took one from the
 /// pool at once and `ZEROED_INLINE` zeroed one on the spot.
@@ -62,22 +60,6 @@ fn zero_now(cpu: usize) -> Result<PhysFrame, FaultError> {
     memory::zero(frame);
     count(&ZEROED_INLINE);
     Ok(frame)
-}
-
-/// Whichever of two futures finishes first (`Some` for `a`, `None` for `b`).
-async fn first<A: core::future::Future, B: core::future::Future>(a: A, b: B) -> Option<A::Output> {
-    let mut a = core::pin::pin!(a);
-    let mut b = core::pin::pin!(b);
-    core::future::poll_fn(move |cx| {
-        if let core::task::Poll::Ready(v) = a.as_mut().poll(cx) {
-            return core::task::Poll::Ready(Some(v));
-        }
-        if b.as_mut().poll(cx).is_ready() {
-            return core::task::Poll::Ready(None);
-        }
-        core::task::Poll::Pending
-    })
-    .await
 }
 
 /// Page-table bits of a user page with `rights`.
@@ -189,44 +171,36 @@ impl AddressSpace {
     }
 
     /// `handle_fault` for the fault path of user threads: when this CPU's zeroed pool
-    /// is empty, the thread's future awaits the idle-time zeroing instead of zeroing on
-    /// the spot, so the CPU runs other work meanwhile. If no frame comes within five
-    /// timer ticks (the CPU never went idle) or memory is exhausted, it zeroes one itself
-    /// or reports `OutOfMemory`.
+    /// is empty and the CPU has other tasks to run, the thread's future awaits the
+    /// pool — whose waiting call wakes the CPU's zeroing task — so the CPU runs its
+    /// other tasks meanwhile and the thread resumes once a frame is zeroed for it.
+    /// With nothing else to run, waiting would only add two task switches around the
+    /// same zeroing, so the fault zeroes a frame on the spot (docs/MEMORY.md has the
+    /// measurements). If memory is exhausted (the refill found no frame), the fault
+    /// tries once itself and otherwise reports `OutOfMemory`. With zeroing paused
+    /// (tests counting frames) it zeroes on the spot.
     pub async fn handle_fault_async(&self, addr: u64, access: Access) -> Result<(), FaultError> {
         let rights = self.demand_zero_rights(addr, access)?;
         let cpu = percpu::current_index();
         let pools = memory::zero_pools();
+        let exec = crate::exec::get();
         let frame = match pools.and_then(|p| p.try_take(cpu)) {
             Some(z) => {
                 count(&POOL_HITS);
                 z.into_frame()
             }
-            None => {
-                // Fall back after five timer ticks: the CPU never went idle to zero.
-                let deadline = panda_arch::time::now_ns() + 5 * crate::smp::TICK_US * 1000;
-                let awaited = match (pools, crate::exec::get()) {
-                    (Some(p), Some(exec)) => first(p.take(cpu), exec.sleep_until(deadline)).await,
-                    _ => None,
-                };
-                match awaited {
-                    Some(Some(z)) => {
-                        // Resumed by the refill's wake-up, or only found by the poll
-                        // the deadline caused (then the wake-up did not come).
-                        let counter = if panda_arch::time::now_ns() < deadline {
-                            &FAULTS_AWAITED
-                        } else {
-                            &FAULTS_LATE
-                        };
-                        counter.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                        z.into_frame()
-                    }
-                    _ => {
-                        FAULTS_LATE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                        zero_now(percpu::current_index())?
+            None => match (pools, exec) {
+                (Some(p), Some(exec)) if !memory::zeroing_paused() && exec.has_queued_work(cpu) => {
+                    match p.take(cpu).await {
+                        Some(z) => {
+                            count(&FAULTS_AWAITED);
+                            z.into_frame()
+                        }
+                        None => zero_now(percpu::current_index())?,
                     }
                 }
-            }
+                _ => zero_now(cpu)?,
+            },
         };
         self.install(addr, frame, rights)
     }

@@ -1561,15 +1561,28 @@ async fn user_process_syscalls_faults_and_exit() -> Outcome {
     Ok(())
 }
 
-/// With this CPU's zeroed pool empty, a user fault must await the idle-time zeroing
-/// (the CPU runs its idle work meanwhile) and then resume the thread.
+/// With this CPU's zeroed pool empty and other work queued on it, a user fault must
+/// await the CPU's zeroing task — the other work runs meanwhile — and resume once the
+/// task's refill wakes it.
 async fn user_fault_awaits_the_zeroing_task() -> Outcome {
+    use core::sync::atomic::AtomicBool;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static SPINS: AtomicU64 = AtomicU64::new(0);
     let exec = executor()?;
     let (frames, pools) = mm()?;
     let cpu = percpu::current_index();
     let before = crate::aspace::FAULTS_AWAITED.load(Ordering::Relaxed);
     let process = process_from_code(&PROGRAM)?;
-    // Empty this CPU's pool; the thread starts before this CPU next goes idle.
+    // Other work for this CPU: a task that yields until told to stop (so the CPU never
+    // idles, and idle-time zeroing cannot refill the pool behind the test's back).
+    STOP.store(false, Ordering::SeqCst);
+    SPINS.store(0, Ordering::SeqCst);
+    let busy = exec.spawn_pinned(cpu, async move {
+        while !STOP.load(Ordering::SeqCst) {
+            SPINS.fetch_add(1, Ordering::Relaxed);
+            exec.yield_now().await;
+        }
+    });
     while let Some(z) = pools.try_take(cpu) {
         let _ = frames.free(cpu, z.into_frame());
     }
@@ -1578,11 +1591,24 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
         rsp: panda_abi::INITIAL_STACK_POINTER as u64,
         ..Default::default()
     };
-    let status = exec
-        .spawn_pinned(cpu, crate::process::run_thread(process, ctx))
-        .await;
+    let thread = exec.spawn_pinned(cpu, crate::process::run_thread(process, ctx));
+    let deadline = panda_arch::time::now_ns() + 3_000_000_000;
+    while !thread.is_finished() && panda_arch::time::now_ns() < deadline {
+        exec.sleep(1_000_000).await;
+    }
+    STOP.store(true, Ordering::SeqCst);
+    busy.await;
+    ensure!(
+        thread.is_finished(),
+        "the thread never resumed from its fault (3 s)"
+    );
+    let status = thread.await;
     let awaited = crate::aspace::FAULTS_AWAITED.load(Ordering::Relaxed) - before;
     ensure!(status == 42, "the program exited with {status}");
     ensure!(awaited >= 1, "no fault awaited the zeroing task");
+    ensure!(
+        SPINS.load(Ordering::Relaxed) > 0,
+        "the other task did not run"
+    );
     Ok(())
 }

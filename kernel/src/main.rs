@@ -212,6 +212,10 @@ fn kmain(mut boot: BootInfo) -> ! {
     heap::enable_slabs();
     let executor = exec::init(report.online);
     executor.set_idle_work(memory::zero_when_idle);
+    for cpu in 0..executor.cpu_count() {
+        // Detached: the zeroing tasks run as long as the kernel.
+        drop(executor.spawn_pinned(cpu, memory::zeroing_task(cpu)));
+    }
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());
     let boot: &'static BootInfo = BOOT.call_once(|| boot);
     let tables: &'static kernel_tables::KernelTables = TABLES.call_once(|| tables);

@@ -99,6 +99,39 @@ pub fn free(frame: PhysFrame) {
     }
 }
 
+/// Frames zeroed per batch of the on-demand zeroing task (it yields between batches).
+const DEMAND_BATCH: usize = 16;
+
+/// CPU `cpu`'s zeroing task (spawned pinned there at boot): parked until a page fault
+/// waits on the empty pool, then zeroes frames into the pool in batches — each batch's
+/// refill wakes the waiting faults — yielding between batches so the CPU's other tasks
+/// run meanwhile, until no fault waits. The idle work tops pools up in the background.
+pub async fn zeroing_task(cpu: usize) {
+    let (Some(frames), Some(pools), Some(exec)) = (FRAMES.get(), ZERO.get(), crate::exec::get())
+    else {
+        return;
+    };
+    loop {
+        pools.demand(cpu).await;
+        while pools.has_waiters(cpu) {
+            IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+            // A refill that finds no memory wakes the waiters with "none": they zero
+            // on the spot or fail as out of memory, and the loop ends.
+            let added = pools.refill(cpu, frames, DEMAND_BATCH, zero);
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            if added == 0 {
+                break;
+            }
+            exec.yield_now().await;
+        }
+    }
+}
+
+/// Whether zeroing is paused (`pause_zeroing`): faults then zero on the spot.
+pub fn zeroing_paused() -> bool {
+    PAUSED.load(Ordering::SeqCst)
+}
+
 /// The executor's idle work: tops up this CPU's zeroed pool a little. Returns whether
 /// it zeroed anything (then the CPU looks for tasks again before halting).
 pub fn zero_when_idle() -> bool {

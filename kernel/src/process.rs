@@ -621,8 +621,7 @@ pub fn system_info() -> SystemInfo {
         memory_free: crate::memory::frames_not_in_use() * 4096,
         faults: a::FAULTS.load(Ordering::Relaxed),
         zero_pool_hits: a::POOL_HITS.load(Ordering::Relaxed),
-        zero_pool_waits: a::FAULTS_AWAITED.load(Ordering::Relaxed)
-            + a::FAULTS_LATE.load(Ordering::Relaxed),
+        zero_pool_waits: a::FAULTS_AWAITED.load(Ordering::Relaxed),
         zeroed_inline: a::ZEROED_INLINE.load(Ordering::Relaxed),
         shootdowns: a::SHOOTDOWNS.load(Ordering::Relaxed),
         shootdown_ipis: a::SHOOTDOWN_IPIS.load(Ordering::Relaxed),

@@ -42,6 +42,8 @@ pub const POOL_CAPACITY: usize = 256;
 struct Pool {
     frames: Vec<PhysFrame>,
     waiters: Vec<Waker>,
+    /// The CPU's zeroing task, parked until a taker has to wait (`demand`).
+    zeroer: Option<Waker>,
 }
 
 struct CpuPool {
@@ -86,6 +88,7 @@ impl ZeroPools {
                         pool: spin::Mutex::new(Pool {
                             frames: Vec::with_capacity(capacity.max(1)),
                             waiters: Vec::new(),
+                            zeroer: None,
                         }),
                         starved: core::sync::atomic::AtomicBool::new(false),
                         hits: AtomicU64::new(0),
@@ -144,7 +147,8 @@ impl ZeroPools {
         mut zero: impl FnMut(PhysFrame),
     ) -> usize {
         let c = self.cpu(cpu);
-        let room = POOL_CAPACITY
+        let room = self
+            .capacity
             .saturating_sub(c.pool.lock().frames.len())
             .min(budget);
         let mut added = 0;
@@ -167,6 +171,18 @@ impl ZeroPools {
             }
         }
         added
+    }
+
+    /// A future for CPU `cpu`'s zeroing task: resolves when a `take` is waiting on the
+    /// empty pool (at once if one already is). The task then refills the pool, which
+    /// wakes the waiters, and yields between batches so the CPU's other work runs.
+    pub fn demand(&self, cpu: usize) -> Demand<'_> {
+        Demand { pools: self, cpu }
+    }
+
+    /// Whether a `take` waits on CPU `cpu`'s pool.
+    pub fn has_waiters(&self, cpu: usize) -> bool {
+        !self.cpu(cpu).pool.lock().waiters.is_empty()
     }
 
     /// Returns every pooled frame of every CPU to `frames` (e.g. before counting).
@@ -226,11 +242,35 @@ impl Future for TakeZeroed<'_> {
         if !pool.waiters.iter().any(|w| w.will_wake(cx.waker())) {
             pool.waiters.push(cx.waker().clone());
         }
+        // And call the CPU's zeroing task, if it is parked.
+        let zeroer = pool.zeroer.take();
         drop(pool);
+        if let Some(z) = zeroer {
+            z.wake();
+        }
         if !self.counted {
             self.counted = true;
             c.misses.fetch_add(1, Ordering::Relaxed);
         }
+        Poll::Pending
+    }
+}
+
+/// See `ZeroPools::demand`.
+pub struct Demand<'a> {
+    pools: &'a ZeroPools,
+    cpu: usize,
+}
+
+impl Future for Demand<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut pool = self.pools.cpu(self.cpu).pool.lock();
+        if !pool.waiters.is_empty() {
+            return Poll::Ready(());
+        }
+        pool.zeroer = Some(cx.waker().clone());
         Poll::Pending
     }
 }
@@ -353,5 +393,40 @@ mod tests {
         ));
         frames.free(0, only).unwrap();
         assert_eq!(pools.refill(0, &frames, 4, |_| {}), 1, "memory is back");
+    }
+
+    #[test]
+    fn a_waiting_take_calls_the_parked_zeroer() {
+        let (frames, pools) = (frames(8), ZeroPools::new(2));
+        let zeroer = Arc::new(CountWake(AtomicUsize::new(0)));
+        let zeroer_waker = Waker::from(zeroer.clone());
+        let mut zcx = Context::from_waker(&zeroer_waker);
+        let mut demand = pools.demand(0);
+        assert!(
+            Pin::new(&mut demand).poll(&mut zcx).is_pending(),
+            "demand without a taker"
+        );
+        let taker = Arc::new(CountWake(AtomicUsize::new(0)));
+        let taker_waker = Waker::from(taker.clone());
+        let mut tcx = Context::from_waker(&taker_waker);
+        // A take on the other CPU's pool does not concern this zeroer.
+        let mut other = pools.take(1);
+        assert!(Pin::new(&mut other).poll(&mut tcx).is_pending());
+        assert_eq!(zeroer.0.load(Ordering::SeqCst), 0, "woken for another CPU");
+        let mut take = pools.take(0);
+        assert!(Pin::new(&mut take).poll(&mut tcx).is_pending());
+        assert_eq!(
+            zeroer.0.load(Ordering::SeqCst),
+            1,
+            "the waiting take did not call the zeroer"
+        );
+        assert!(pools.has_waiters(0));
+        assert!(Pin::new(&mut demand).poll(&mut zcx).is_ready());
+        pools.refill(0, &frames, 2, |_| {});
+        assert!(!pools.has_waiters(0));
+        assert!(matches!(
+            Pin::new(&mut take).poll(&mut tcx),
+            Poll::Ready(Some(_))
+        ));
     }
 }

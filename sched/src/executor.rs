@@ -467,6 +467,11 @@ impl<P: Platform> Executor<P> {
         }
     }
 
+    /// Whether CPU `cpu` has tasks queued (besides the one it may be polling now).
+    pub fn has_queued_work(&self, cpu: usize) -> bool {
+        self.queued(cpu.min(self.cpus.len() - 1)) > 0
+    }
+
     /// The calling CPU's index (as the executor sees it).
     pub fn current_cpu(&self) -> usize {
         self.current()
