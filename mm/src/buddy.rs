@@ -10,6 +10,12 @@
 //! Metadata lives on the kernel heap (one set entry per free run), not in the frames,
 //! so this layer needs no unsafe code; allocated runs are tracked to reject a free of
 //! something that was not allocated.
+//!
+//! `alloc_split` serves the per-CPU caches: one aligned run whose frames are then
+//! freed one by one (on any CPU, in any order). It is recorded as one entry with a
+//! bitmap of the frames still out, so a cache refill of 32 frames costs one run
+//! allocation instead of 32, and each single free a lookup and a bit; the run merges
+//! back when its last frame returns.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 
@@ -18,11 +24,23 @@ use crate::{MmError, PhysFrame, FRAME_SIZE};
 /// Largest run: 2^10 frames = 4 MiB.
 pub const MAX_ORDER: usize = 10;
 
+/// Largest order `alloc_split` serves (its frames are tracked in a u64 bitmap).
+pub const MAX_SPLIT_ORDER: usize = 6;
+
+/// An allocated run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Allocated {
+    /// Handed out whole; freed whole.
+    Run(u8),
+    /// Handed out as single frames (`alloc_split`): bit i set while frame i is out.
+    Split { order: u8, out: u64 },
+}
+
 /// The global frame allocator.
 pub struct BuddyAllocator {
     free: [BTreeSet<u64>; MAX_ORDER + 1],
-    /// Allocated runs: start -> order.
-    allocated: BTreeMap<u64, u8>,
+    /// Allocated runs by start.
+    allocated: BTreeMap<u64, Allocated>,
     /// The source ranges; buddies never merge across their edges.
     ranges: alloc::vec::Vec<(u64, u64)>,
     free_frames: u64,
@@ -97,24 +115,77 @@ impl BuddyAllocator {
             self.free[o].insert(start + (FRAME_SIZE << o));
         }
         self.free_frames -= 1 << order;
-        self.allocated.insert(start, order as u8);
+        self.allocated.insert(start, Allocated::Run(order as u8));
         Ok(PhysFrame(start))
     }
 
-    /// Frees a run `alloc` returned, merging it with free buddies.
+    /// A run of 2^order frames (order <= `MAX_SPLIT_ORDER`) whose frames the caller
+    /// frees one at a time with `free`. Returns the first frame; the others follow.
+    pub fn alloc_split(&mut self, order: usize) -> Result<PhysFrame, MmError> {
+        if order > MAX_SPLIT_ORDER {
+            return Err(MmError::Invalid);
+        }
+        let start = self.alloc(order)?;
+        let out = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << order)) - 1
+        };
+        self.allocated.insert(
+            start.addr(),
+            Allocated::Split {
+                order: order as u8,
+                out,
+            },
+        );
+        Ok(start)
+    }
+
+    /// Frees a run `alloc` returned, or one frame of a run `alloc_split` returned,
+    /// merging free runs with free buddies.
     pub fn free(&mut self, frame: PhysFrame) -> Result<(), MmError> {
-        let order = self
+        let addr = frame.addr();
+        let (&start, &entry) = self
             .allocated
-            .remove(&frame.addr())
-            .ok_or(MmError::NotAllocated)? as usize;
-        self.free_frames += 1 << order;
+            .range(..=addr)
+            .next_back()
+            .ok_or(MmError::NotAllocated)?;
+        let order = match entry {
+            Allocated::Run(order) if start == addr => {
+                self.allocated.remove(&start);
+                self.free_frames += 1 << order;
+                order as usize
+            }
+            Allocated::Split { order, out } if addr < start + (FRAME_SIZE << order) => {
+                let bit = 1u64 << ((addr - start) / FRAME_SIZE);
+                if out & bit == 0 {
+                    return Err(MmError::NotAllocated);
+                }
+                self.free_frames += 1;
+                let out = out & !bit;
+                if out != 0 {
+                    self.allocated
+                        .insert(start, Allocated::Split { order, out });
+                    return Ok(());
+                }
+                // The last frame of the run is back: the run merges as a whole.
+                self.allocated.remove(&start);
+                order as usize
+            }
+            _ => return Err(MmError::NotAllocated),
+        };
+        self.merge(start, order)
+    }
+
+    /// Puts the free run `[start, start + 2^order frames)` back, merged with free buddies.
+    fn merge(&mut self, start: u64, order: usize) -> Result<(), MmError> {
         let range = self
             .ranges
             .iter()
             .copied()
-            .find(|&(s, e)| s <= frame.addr() && frame.addr() < e)
+            .find(|&(s, e)| s <= start && start < e)
             .ok_or(MmError::NotAllocated)?;
-        let mut start = frame.addr();
+        let mut start = start;
         let mut order = order;
         while order < MAX_ORDER {
             let size = FRAME_SIZE << order;
@@ -203,6 +274,53 @@ mod tests {
             Err(MmError::NotAllocated)
         );
         assert_eq!(b.free_frames(), 256);
+    }
+
+    #[test]
+    fn split_runs_come_back_frame_by_frame() {
+        let mut b = BuddyAllocator::new();
+        b.add_range(0x40_0000, 0x40_0000 + (4 << 20));
+        let before: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        let total = b.free_frames();
+        let runs: Vec<_> = (0..8).map(|_| b.alloc_split(5).unwrap()).collect();
+        assert_eq!(b.free_frames(), total - 8 * 32);
+        let mut frames: Vec<u64> = runs
+            .iter()
+            .flat_map(|r| (0..32).map(move |i| r.addr() + i * FRAME_SIZE))
+            .collect();
+        frames.sort_by_key(|a| (a / FRAME_SIZE) % 5);
+        let (last, rest) = frames.split_last().unwrap();
+        for &a in rest {
+            b.free(PhysFrame(a)).unwrap();
+        }
+        // A frame of the run still partly out (the one `last` belongs to), again.
+        let run_of_last = *last & !(32 * FRAME_SIZE - 1);
+        let sibling = *rest
+            .iter()
+            .find(|&&a| a & !(32 * FRAME_SIZE - 1) == run_of_last)
+            .unwrap();
+        assert_eq!(
+            b.free(PhysFrame(sibling)),
+            Err(MmError::NotAllocated),
+            "a split frame was freed twice"
+        );
+        b.free(PhysFrame(*last)).unwrap();
+        assert_eq!(b.free_frames(), total);
+        let after: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        assert_eq!(before, after, "split runs did not merge back");
+        // A whole run cannot be freed by a frame inside it, nor a split run by a
+        // frame past its end.
+        let run = b.alloc(3).unwrap();
+        assert_eq!(
+            b.free(PhysFrame(run.addr() + FRAME_SIZE)),
+            Err(MmError::NotAllocated)
+        );
+        let split = b.alloc_split(1).unwrap();
+        assert_eq!(
+            b.free(PhysFrame(split.addr() + 2 * FRAME_SIZE)),
+            Err(MmError::NotAllocated)
+        );
+        assert_eq!(b.alloc_split(MAX_SPLIT_ORDER + 1), Err(MmError::Invalid));
     }
 
     #[test]

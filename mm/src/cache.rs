@@ -24,6 +24,9 @@ use crate::{MmError, PhysFrame};
 pub const CACHE_CAPACITY: usize = 64;
 /// Frames moved per refill or drain.
 pub const BATCH: usize = 32;
+const _: () = assert!(
+    BATCH.is_power_of_two() && BATCH.trailing_zeros() as usize <= crate::buddy::MAX_SPLIT_ORDER
+);
 
 struct FrameCache {
     frames: [u64; CACHE_CAPACITY],
@@ -88,6 +91,14 @@ impl Frames {
         let mut cache = c.cache.lock();
         if cache.len == 0 {
             let mut global = self.global.lock();
+            // One aligned run of BATCH frames when there is one (a single allocation);
+            // frame by frame from a fragmented allocator otherwise.
+            if let Ok(run) = global.alloc_split(BATCH.trailing_zeros() as usize) {
+                for i in 0..BATCH as u64 {
+                    cache.frames[i as usize] = run.addr() + i * crate::FRAME_SIZE;
+                }
+                cache.len = BATCH;
+            }
             while cache.len < BATCH {
                 match global.alloc(0) {
                     Ok(f) => {

@@ -80,8 +80,97 @@ impl Os for Panda {
     }
 }
 
+/// `init.arg` with mode bits 3: the fault-latency probe instead of a throughput run.
+const LATENCY_PROBE: u64 = 3;
+
+fn report_latency(phase: &str, hist: &bench_core::Histogram, tsc_hz: u64) {
+    let ns = |c: u64| c as u128 * 1_000_000_000 / tsc_hz.max(1) as u128;
+    println!(
+        "{{\"bench\":\"faultlat\",\"phase\":\"{phase}\",\"samples\":{},\"median_ns\":{},\"p99_ns\":{},\"max_ns\":{}}}",
+        hist.total,
+        ns(hist.quantile(0.5)),
+        ns(hist.quantile(0.99)),
+        ns(hist.max)
+    );
+}
+
+/// Times demand-zero faults on CPU 0 in three situations: with a warm zeroed pool
+/// (after the CPU idled), with the pool empty and nothing else to run (the fault
+/// zeroes inline), and with the pool empty while another thread keeps yielding on the
+/// same CPU (the fault awaits the zeroing task).
+fn latency_probe(tsc_hz: u64) -> u64 {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    const PAGE: usize = 4096;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    if sys::set_affinity(0).is_err() {
+        return 1;
+    }
+    let time_touch = |base: usize, pages: usize, skip: usize, hist: &mut bench_core::Histogram| {
+        for i in 0..pages {
+            let p = base + i * PAGE;
+            let t0 = bench_core::rdtsc();
+            // SAFETY: the page lies below the break just set.
+            unsafe { (p as *mut u8).write_volatile(1) };
+            let t1 = bench_core::rdtsc();
+            if i >= skip {
+                hist.record(t1 - t0);
+            }
+        }
+    };
+    // Everything allocated (the runtime's heap grows the break) before the break is
+    // read: the probe moves the break above it and back.
+    let mut warm = bench_core::Histogram::new();
+    let mut inline = bench_core::Histogram::new();
+    let mut awaited = bench_core::Histogram::new();
+    let base = sys::brk(0).unwrap_or(0).next_multiple_of(PAGE);
+    // 1. Warm pool: idle 200 ms (the idle work fills the pool), then 128 faults.
+    for _ in 0..20 {
+        sys::sleep_ns(200_000_000);
+        let _ = sys::brk(base + 128 * PAGE);
+        time_touch(base, 128, 0, &mut warm);
+        let _ = sys::brk(base);
+    }
+    report_latency("warm_pool", &warm, tsc_hz);
+    // 2. Empty pool, nothing else to run: 16384 faults, the first 1024 not counted
+    // (they drain the pool).
+    let _ = sys::brk(base + 16384 * PAGE);
+    time_touch(base, 16384, 1024, &mut inline);
+    let _ = sys::brk(base);
+    report_latency("empty_pool_inline", &inline, tsc_hz);
+    // 3. Empty pool with a thread that keeps yielding on the same CPU: faults await
+    // the zeroing task while the other thread runs.
+    STOP.store(false, Ordering::SeqCst);
+    let other = thread::spawn(|| {
+        if sys::set_affinity(0).is_err() {
+            return 1;
+        }
+        while !STOP.load(Ordering::SeqCst) {
+            sys::yield_now();
+        }
+        0
+    });
+    let base = sys::brk(0).unwrap_or(0).next_multiple_of(PAGE);
+    let waits_before = sys::info().map(|i| i.zero_pool_waits).unwrap_or(0);
+    let _ = sys::brk(base + 16384 * PAGE);
+    time_touch(base, 16384, 1024, &mut awaited);
+    let _ = sys::brk(base);
+    let waits = sys::info().map(|i| i.zero_pool_waits).unwrap_or(0) - waits_before;
+    STOP.store(true, Ordering::SeqCst);
+    if let Ok(t) = other {
+        let _ = t.join();
+    }
+    report_latency("empty_pool_awaiting_zeroer", &awaited, tsc_hz);
+    println!(
+        "{{\"bench\":\"faultlat\",\"phase\":\"awaiting_zeroer\",\"faults_that_waited\":{waits}}}"
+    );
+    0
+}
+
 fn main(arg: u64) -> u64 {
     let tsc_hz = sys::info().map(|i| i.tsc_hz).unwrap_or(1);
+    if arg & 3 == LATENCY_PROBE {
+        return latency_probe(tsc_hz);
+    }
     let os: &'static Panda = Box::leak(Box::new(Panda { tsc_hz }));
     let (cfg, worker) = Config::decode(if arg == 0 {
         // Default: a short heap run with one thread per CPU.
