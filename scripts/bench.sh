@@ -160,8 +160,9 @@ run_one() {
     name="$os-$mode-$kind-$n"
     log="$out/raw/$name.log"
     arg=$(encode "$mode" "$kind" "$n")
-    # Boot, warm-up, run, and a generous margin for slow (overcommitted TCG) guests.
-    limit=$(( 120 + seconds * 6 + warmup_ms / 100 ))
+    # Boot, warm-up, run, and a generous margin: with more vCPUs than host cores, TCG
+    # guests slow down a lot (Linux at -smp 4 on 2 host cores logs RCU stalls).
+    limit=$(( 180 + seconds * 10 + n * 30 + warmup_ms / 100 ))
     if [ "$os" = panda ]; then
         scripts/run.sh --accel "$PANDA_ACCEL" -smp "$n" -m "$mem" --timeout "$limit" \
             --cmdline "init=faultbench init.arg=$arg log=warn" >"$log" 2>&1 || status=$?

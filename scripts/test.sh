@@ -70,6 +70,9 @@ if [ "$quick" = 0 ]; then
     pkg_args=(); for c in "${HOST_CRATES[@]}"; do pkg_args+=(-p "$c"); done
     if cargo clippy --quiet "${pkg_args[@]}" --all-targets -- -D warnings >"$logs/clippy-host.log" 2>&1; then
         pass clippy-host; else fail clippy-host "see $logs/clippy-host.log"; fi
+    # The Linux side of faultbench is a std program: linted for the host.
+    if cargo clippy --quiet -p faultbench-linux -- -D warnings >"$logs/clippy-linux-bench.log" 2>&1; then
+        pass clippy-faultbench-linux; else fail clippy-faultbench-linux "see $logs/clippy-linux-bench.log"; fi
     pkg_args=(); for c in "${KERNEL_CRATES[@]}"; do pkg_args+=(-p "$c"); done
     if cargo clippy --quiet --release --target "$PANDA_TARGET" "${pkg_args[@]}" -- -D warnings >"$logs/clippy-kernel.log" 2>&1; then
         pass clippy-kernel; else fail clippy-kernel "see $logs/clippy-kernel.log"; fi
@@ -165,6 +168,42 @@ if [ "$status" = 1 ] && grep -q 'init "init" (pid 1) exited with status 42' "$lo
     pass init-option
 else
     fail init-option "exit $status (want 1); want 'exited with status 42' (see $log)"
+fi
+
+section "benchmark smoke runs"
+# bench.sh end to end, short: one boot, faultbench's JSON, the report and its plots.
+bench_out="$logs/bench-smoke" status=0
+rm -rf "$bench_out"
+scripts/bench.sh --cpus 2 --mode heap,buffer --workers threads --seconds 1 --warmup-ms 100 --chunk-mib 8 \
+    --out "$bench_out" >"$logs/bench-smoke.log" 2>&1 || status=$?
+if [ "$status" = 0 ] && [ -s "$bench_out/results.json" ] && [ -s "$bench_out/results.tsv" ] &&
+   [ -s "$bench_out/faults-heap-threads.png" ] && [ -s "$bench_out/faults-buffer-threads.svg" ] &&
+   grep -q '"complete": true' "$bench_out/results.json" && ! grep -q '"complete": false' "$bench_out/results.json"; then
+    pass "bench-smoke ($(awk -F'\t' 'NR>1 {printf "%s %s/s/core; ", $1, $5}' "$bench_out/results.tsv"))"
+else
+    fail bench-smoke "exit $status; want results.json, results.tsv and plots (see $logs/bench-smoke.log)"
+fi
+# The latency probe reports its three phases.
+log="$logs/faultlat.log" status=0
+scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init=faultbench init.arg=3 log=warn" >"$log" 2>&1 || status=$?
+if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9]' "$log")" = 3 ]; then
+    pass faultlat-probe
+else
+    fail faultlat-probe "exit $status; want three latency phases (see $log)"
+fi
+if [ "$quick" = 0 ]; then
+    bench_bad() {
+        local name=$1; shift
+        local status=0 err
+        err=$(scripts/bench.sh "$@" 2>&1 >/dev/null) || status=$?
+        if [ "$status" = 64 ] && [ "$(printf '%s\n' "$err" | grep -c .)" = 1 ]; then pass "bench-bad-$name"
+        else fail "bench-bad-$name" "exit $status (want 64), stderr '$err'"; fi
+    }
+    bench_bad cpus --cpus 0
+    bench_bad mode --mode sideways
+    bench_bad workers --workers fibers
+    bench_bad baseline --baseline windows
+    bench_bad seconds --seconds 0
 fi
 
 # A fatal path must end the run with failure status and say what happened.

@@ -393,6 +393,37 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Visits `[addr, addr + len)` page by page like `access_user` (reads), without
+    /// faulting anything in: with the table lock held for the whole range, runs
+    /// `f(phys, offset, chunk)` per mapped piece and stops at the first page that is
+    /// not mapped user-readable. Returns whether the whole range was visited.
+    pub fn with_mapped_user(
+        &self,
+        addr: u64,
+        len: u64,
+        mut f: impl FnMut(u64, usize, usize),
+    ) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        let guard = self.tables.lock();
+        let Some(tables) = guard.as_ref() else {
+            return false;
+        };
+        let mut at = addr;
+        while at < end {
+            let chunk = (end - at).min(4096 - (at & 0xfff));
+            match tables.translate(at) {
+                Some((phys, bits)) if bits & flags::USER != 0 => {
+                    f(phys, (at - addr) as usize, chunk as usize)
+                }
+                _ => return false,
+            }
+            at += chunk;
+        }
+        true
+    }
+
     /// Unmaps every mapped page in `[from, to)`, then runs the shootdown.
     fn unmap_range(&self, from: u64, to: u64) {
         let mut batch = FlushBatch::new();

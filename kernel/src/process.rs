@@ -553,29 +553,53 @@ async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
     }
 }
 
+/// Longest text one log call writes.
+pub const MAX_LOG: u64 = 1 << 20;
+
 async fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
-    const MAX: u64 = 4096;
-    if len > MAX {
+    if len > MAX_LOG {
         return Err(Error::InvalidArgument);
     }
-    let mut bytes = [0u8; MAX as usize];
-    read_user(process, ptr, &mut bytes[..len as usize]).await?;
-    console_bytes(&bytes[..len as usize]);
-    Ok(len as usize)
+    print_user(process, ptr, len).await
 }
 
 /// Writes user text to the console as it is (user output is the console's, not the
 /// kernel log's): invalid UTF-8 shows as U+FFFD. A line the user leaves open stays
 /// open; kernel lines start on a fresh line regardless (`with_console_line`).
-fn console_bytes(bytes: &[u8]) {
-    panda_arch::serial::with_console(|w| {
-        for chunk in bytes.utf8_chunks() {
-            let _ = w.write_str(chunk.valid());
-            if !chunk.invalid().is_empty() {
-                let _ = w.write_str("\u{fffd}");
-            }
+fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
+    for chunk in bytes.utf8_chunks() {
+        let _ = w.write_str(chunk.valid());
+        if !chunk.invalid().is_empty() {
+            let _ = w.write_str("\u{fffd}");
         }
+    }
+}
+
+/// Writes `[addr, addr + len)` of user memory to the console straight from its frames
+/// (no kernel copy), as one piece: concurrent writers never split it. The range is
+/// first faulted in as a user read would; then, with the console locked, its pages
+/// are printed under the page-table lock. If another thread unmapped a page between
+/// the two steps, the output stops there and the call reports `BadAddress`.
+async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
+    process
+        .space
+        .access_user(addr, len, false, |_, _, _| {})
+        .await
+        .map_err(user_error)?;
+    let whole = panda_arch::serial::with_console(|w| {
+        process.space.with_mapped_user(addr, len, |phys, _, n| {
+            #[allow(unsafe_code)]
+            // SAFETY: `with_mapped_user` holds the table lock, so the page stays
+            // mapped; the user may write it meanwhile, which only changes the output.
+            let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
+            console_bytes(w, bytes);
+        })
     });
+    if whole {
+        Ok(len as usize)
+    } else {
+        Err(Error::BadAddress)
+    }
 }
 
 /// Writes a buffer straight from its frames to the console: no kernel copy.
@@ -583,18 +607,7 @@ async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Err
     if !process.space.in_buffer(addr, len) {
         return Err(Error::BadAddress);
     }
-    process
-        .space
-        .access_user(addr, len, false, |phys, _, n| {
-            #[allow(unsafe_code)]
-            // SAFETY: `access_user` holds the table lock, so the page stays mapped; the
-            // user may write it meanwhile, which only changes what is printed.
-            let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
-            console_bytes(bytes);
-        })
-        .await
-        .map_err(user_error)?;
-    Ok(len as usize)
+    print_user(process, addr, len).await
 }
 
 async fn read_file(

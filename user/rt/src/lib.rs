@@ -57,7 +57,8 @@ extern "C" fn rt_start(arg: u64) -> ! {
     sys::exit(code)
 }
 
-/// A line-buffered console writer: `print!` output goes out per line (or when full).
+/// A line-buffered console writer on the stack (no allocation): output goes out per
+/// line, or every 512 bytes.
 pub struct Console {
     buf: [u8; 512],
     len: usize,
@@ -101,11 +102,11 @@ impl Write for Console {
     }
 }
 
-/// Formats `args` and writes them with one log call per line.
+/// Formats `args` and writes them with one log call, so lines from concurrent
+/// threads or processes never interleave (the kernel writes one call as one piece).
 pub fn print_fmt(args: fmt::Arguments<'_>) {
-    let mut console = Console::new();
-    let _ = console.write_fmt(args);
-    console.flush();
+    let text = alloc::fmt::format(args);
+    let _ = sys::log(text.as_bytes());
 }
 
 #[macro_export]
@@ -121,7 +122,10 @@ macro_rules! println {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    println!("panic in pid {}: {}", sys::pid(), info);
+    // Through the stack buffer: the heap may be what failed.
+    let mut console = Console::new();
+    let _ = writeln!(console, "panic in pid {}: {}", sys::pid(), info);
+    console.flush();
     sys::exit(101)
 }
 

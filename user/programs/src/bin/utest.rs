@@ -335,7 +335,7 @@ fn bad_calls_get_errors() -> Outcome {
         (
             "log too long",
             abi::OP_ENVIRONMENT_LOG,
-            [HEAP_BASE as u64, 1 << 20, 0, 0],
+            [HEAP_BASE as u64, (1 << 20) + 1, 0, 0],
             Error::InvalidArgument,
         ),
         (
