@@ -85,6 +85,12 @@ fi
 panda_build_kernel
 panda_build_user
 panda_pack_initrd "$PANDA_INITRD"
+# Every run boots this build, whatever happens to the tree meanwhile.
+mkdir -p "$out/build"
+cp "$PANDA_KERNEL" "$out/build/panda-kernel"
+cp "$PANDA_INITRD" "$out/build/initrd.tar"
+export PANDA_PREBUILT_KERNEL="$out/build/panda-kernel" PANDA_PREBUILT_INITRD="$out/build/initrd.tar"
+echo "panda: $(git -C "$PANDA_ROOT" describe --always --dirty 2>/dev/null || echo unknown) built; runs boot that copy" >&2
 panda_choose_accel "$accel"
 accel_line="accel: $PANDA_ACCEL (${PANDA_ACCEL_ARGS[*]})"
 
@@ -149,6 +155,7 @@ host_cores=$(nproc)
     echo "host: $host_cpu, $host_cores CPUs online"
     echo "qemu: $(${QEMU:-qemu-system-x86_64} --version | head -n1)"
     echo "$accel_line"
+    echo "build: $(git -C "$PANDA_ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
     echo "command: scripts/bench.sh --cpus $cpus --mode $modes --workers $workers --seconds $seconds --warmup-ms $warmup_ms --chunk-mib $chunk_mib --memory $mem${baseline:+ --baseline $baseline}"
     [ "$baseline" = linux ] && echo "linux: Debian $(cat "$PANDA_ROOT/build/linux-baseline/kernel-package"), busybox-static, mitigations=off, transparent_hugepage=never (4 KiB faults, as on Panda)"
 } > "$out/meta.txt"

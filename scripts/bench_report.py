@@ -77,7 +77,7 @@ def summarise(osname, mode, workers, n, lines, failed):
         },
         "kernel": {k: run.get(k) for k in (
             "kernel_faults", "zero_pool_hits", "zero_pool_waits", "zeroed_inline",
-            "shootdowns", "shootdown_ipis") if run.get(k) is not None},
+            "shootdowns", "shootdown_ipis", "fault_profile") if run.get(k) is not None},
         "per_worker_faults_per_sec": [round(r) for r in rates],
     }
 

@@ -78,11 +78,19 @@ fi
 panda_ensure_rust
 panda_ensure_qemu
 [ "$boot" = limine ] && panda_ensure_limine_tools
-panda_build_kernel
-panda_build_user
-initrd=$PANDA_INITRD
-if [ -n "$init" ]; then initrd="$PANDA_ROOT/build/initrd-custom.tar"; fi
-panda_pack_initrd "$initrd" "$init"
+if [ -n "${PANDA_PREBUILT_KERNEL:-}" ]; then
+    # A caller (bench.sh) that built once and boots that exact build every time.
+    [ -f "$PANDA_PREBUILT_KERNEL" ] && [ -f "${PANDA_PREBUILT_INITRD:-}" ] ||
+        panda_die "PANDA_PREBUILT_KERNEL/PANDA_PREBUILT_INITRD do not name files"
+    PANDA_KERNEL=$PANDA_PREBUILT_KERNEL initrd=$PANDA_PREBUILT_INITRD
+    [ -z "$init" ] || panda_usage_error "--init cannot be combined with a prebuilt initrd"
+else
+    panda_build_kernel
+    panda_build_user
+    initrd=$PANDA_INITRD
+    if [ -n "$init" ]; then initrd="$PANDA_ROOT/build/initrd-custom.tar"; fi
+    panda_pack_initrd "$initrd" "$init"
+fi
 panda_choose_accel "$accel"
 
 # shellcheck disable=SC2054 # the commas belong to one -device argument

@@ -454,25 +454,161 @@ pub fn fast_string_ops() -> bool {
     crate::cpu::features().erms
 }
 
-/// Fills the 4 KiB page at virtual `virt` with zeros using `rep stosq`, 8 bytes per
-/// iteration (with ERMS, `rep stosb` would be as fast on hardware; under TCG each
-/// iteration is emulated, so fewer, wider stores win).
+/// Ways to fill a 4 KiB page with zeros. The kernel times each at boot and keeps the
+/// fastest (`set_zero_method`): on hardware with ERMS `rep stosb` or the non-temporal
+/// stores usually win; under QEMU's TCG every iteration of a string instruction is
+/// emulated one element at a time, so the widest stores win there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ZeroMethod {
+    /// `rep stosq`: 512 stores of 8 bytes.
+    RepStosq = 0,
+    /// `rep stosb`: 4096 byte stores, fast-string microcode with ERMS.
+    RepStosb = 1,
+    /// `movnti`: 512 non-temporal 8-byte stores (bypass the cache), then `sfence`.
+    Movnti = 2,
+    /// `movntdq`: 256 non-temporal 16-byte SSE stores, then `sfence`.
+    SseNonTemporal = 3,
+    /// `movdqa`: 256 16-byte SSE stores.
+    SseStore = 4,
+}
+
+impl ZeroMethod {
+    pub const ALL: [ZeroMethod; 5] = [
+        ZeroMethod::RepStosq,
+        ZeroMethod::RepStosb,
+        ZeroMethod::Movnti,
+        ZeroMethod::SseNonTemporal,
+        ZeroMethod::SseStore,
+    ];
+
+    /// Short name, for the `mm.zero=` command-line option.
+    pub fn id(self) -> &'static str {
+        match self {
+            ZeroMethod::RepStosq => "stosq",
+            ZeroMethod::RepStosb => "stosb",
+            ZeroMethod::Movnti => "movnti",
+            ZeroMethod::SseNonTemporal => "movntdq",
+            ZeroMethod::SseStore => "movdqa",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroMethod::RepStosq => "rep stosq",
+            ZeroMethod::RepStosb => "rep stosb",
+            ZeroMethod::Movnti => "movnti",
+            ZeroMethod::SseNonTemporal => "movntdq",
+            ZeroMethod::SseStore => "movdqa",
+        }
+    }
+}
+
+static ZERO_METHOD: core::sync::atomic::AtomicU8 =
+    core::sync::atomic::AtomicU8::new(ZeroMethod::RepStosq as u8);
+
+/// Makes `zero_page` use `method` from now on (every CPU).
+pub fn set_zero_method(method: ZeroMethod) {
+    ZERO_METHOD.store(method as u8, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// The method `zero_page` uses.
+pub fn zero_method() -> ZeroMethod {
+    let m = ZERO_METHOD.load(core::sync::atomic::Ordering::Relaxed);
+    ZeroMethod::ALL
+        .into_iter()
+        .find(|x| *x as u8 == m)
+        .unwrap_or(ZeroMethod::RepStosq)
+}
+
+/// Fills the 4 KiB page at virtual `virt` with zeros, with the method chosen at boot.
 ///
 /// # Safety
 /// The caller must own the page (e.g. a frame it just allocated, reached through the
 /// HHDM): nothing else may read or write it during the call.
 pub unsafe fn zero_page(virt: u64) {
+    // SAFETY: the caller's guarantee is the one `zero_page_with` needs.
+    unsafe { zero_page_with(zero_method(), virt) }
+}
+
+/// `zero_page` with a given method (for timing them).
+///
+/// # Safety
+/// As for `zero_page`.
+pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
     debug_assert!(virt.is_multiple_of(4096));
-    // SAFETY: the caller owns the page; `rep stosq` writes exactly 512 * 8 bytes from
-    // `virt` with DF clear (the ABI guarantees it on entry).
+    // SAFETY (all arms): the caller owns the page; each loop writes exactly the 4096
+    // bytes from `virt` (DF is clear, as the ABI guarantees). The SSE arms use xmm0,
+    // which no kernel code holds a value in (the kernel is built without SSE) and which
+    // holds no user value either: every exit from user mode saves the thread's x87/SSE
+    // state (FXSAVE) and every entry restores it. CR4.OSFXSR is set at CPU bring-up.
+    // The non-temporal arms end with `sfence`, so the zeros are globally visible before
+    // the frame is mapped or handed to another CPU.
     unsafe {
-        core::arch::asm!(
-            "rep stosq",
-            inout("rdi") virt => _,
-            inout("rcx") 512u64 => _,
-            in("rax") 0u64,
-            options(nostack, preserves_flags)
-        );
+        match method {
+            ZeroMethod::RepStosq => core::arch::asm!(
+                "rep stosq",
+                inout("rdi") virt => _,
+                inout("rcx") 512u64 => _,
+                in("rax") 0u64,
+                options(nostack, preserves_flags)
+            ),
+            ZeroMethod::RepStosb => core::arch::asm!(
+                "rep stosb",
+                inout("rdi") virt => _,
+                inout("rcx") 4096u64 => _,
+                in("al") 0u8,
+                options(nostack, preserves_flags)
+            ),
+            ZeroMethod::Movnti => core::arch::asm!(
+                "2:",
+                "movnti [{p}], {z}",
+                "movnti [{p} + 8], {z}",
+                "movnti [{p} + 16], {z}",
+                "movnti [{p} + 24], {z}",
+                "movnti [{p} + 32], {z}",
+                "movnti [{p} + 40], {z}",
+                "movnti [{p} + 48], {z}",
+                "movnti [{p} + 56], {z}",
+                "add {p}, 64",
+                "dec {n}",
+                "jnz 2b",
+                "sfence",
+                p = inout(reg) virt => _,
+                n = inout(reg) 64u64 => _,
+                z = in(reg) 0u64,
+                options(nostack)
+            ),
+            ZeroMethod::SseNonTemporal => core::arch::asm!(
+                "pxor xmm0, xmm0",
+                "2:",
+                "movntdq [{p}], xmm0",
+                "movntdq [{p} + 16], xmm0",
+                "movntdq [{p} + 32], xmm0",
+                "movntdq [{p} + 48], xmm0",
+                "add {p}, 64",
+                "dec {n}",
+                "jnz 2b",
+                "sfence",
+                p = inout(reg) virt => _,
+                n = inout(reg) 64u64 => _,
+                options(nostack)
+            ),
+            ZeroMethod::SseStore => core::arch::asm!(
+                "pxor xmm0, xmm0",
+                "2:",
+                "movdqa [{p}], xmm0",
+                "movdqa [{p} + 16], xmm0",
+                "movdqa [{p} + 32], xmm0",
+                "movdqa [{p} + 48], xmm0",
+                "add {p}, 64",
+                "dec {n}",
+                "jnz 2b",
+                p = inout(reg) virt => _,
+                n = inout(reg) 64u64 => _,
+                options(nostack)
+            ),
+        }
     }
 }
 

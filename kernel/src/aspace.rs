@@ -52,13 +52,27 @@ fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Cycle sums of the user fault path (see `SystemInfo`): handler, classify, inline
+/// zeroing, mapping, and the faults they cover.
+pub static PROF_HANDLER: AtomicU64 = AtomicU64::new(0);
+pub static PROF_CLASSIFY: AtomicU64 = AtomicU64::new(0);
+pub static PROF_ZERO: AtomicU64 = AtomicU64::new(0);
+pub static PROF_MAP: AtomicU64 = AtomicU64::new(0);
+pub static PROF_FAULTS: AtomicU64 = AtomicU64::new(0);
+
+fn tsc() -> u64 {
+    panda_arch::cpu::rdtsc()
+}
+
 /// A frame zeroed on the spot (the pool had none).
 fn zero_now(cpu: usize) -> Result<PhysFrame, FaultError> {
+    let t0 = tsc();
     let frame = memory::frames()
         .and_then(|f| f.alloc(cpu).ok())
         .ok_or(FaultError::OutOfMemory)?;
     memory::zero(frame);
     count(&ZEROED_INLINE);
+    PROF_ZERO.fetch_add(tsc() - t0, Ordering::Relaxed);
     Ok(frame)
 }
 
@@ -180,7 +194,19 @@ impl AddressSpace {
     /// tries once itself and otherwise reports `OutOfMemory`. With zeroing paused
     /// (tests counting frames) it zeroes on the spot.
     pub async fn handle_fault_async(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+        let t0 = tsc();
+        let result = self.handle_fault_inner(addr, access).await;
+        if result.is_ok() {
+            PROF_HANDLER.fetch_add(tsc() - t0, Ordering::Relaxed);
+            count(&PROF_FAULTS);
+        }
+        result
+    }
+
+    async fn handle_fault_inner(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+        let t0 = tsc();
         let rights = self.demand_zero_rights(addr, access)?;
+        PROF_CLASSIFY.fetch_add(tsc() - t0, Ordering::Relaxed);
         let cpu = percpu::current_index();
         let pools = memory::zero_pools();
         let exec = crate::exec::get();
@@ -202,7 +228,10 @@ impl AddressSpace {
                 _ => zero_now(cpu)?,
             },
         };
-        self.install(addr, frame, rights)
+        let t0 = tsc();
+        let result = self.install(addr, frame, rights);
+        PROF_MAP.fetch_add(tsc() - t0, Ordering::Relaxed);
+        result
     }
 
     /// The rights of a demand-zero page at `addr`, or why there is none.

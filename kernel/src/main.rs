@@ -208,7 +208,27 @@ fn kmain(mut boot: BootInfo) -> ! {
     }
 
     let frames = memory::init(&boot, report.online);
-    info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; zeroing with rep stosq", frames >> 8, report.online);
+    info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs", frames >> 8, report.online);
+    if let Some((method, times)) = memory::choose_zero_method() {
+        let mut all = alloc::string::String::new();
+        for (m, ns) in times {
+            let _ = core::fmt::Write::write_fmt(&mut all, format_args!("{} {} ns, ", m.name(), ns));
+        }
+        let forced = boot.option("mm.zero").and_then(|id| {
+            panda_arch::paging::ZeroMethod::ALL
+                .into_iter()
+                .find(|m| m.id() == id)
+        });
+        match forced {
+            Some(m) => {
+                panda_arch::paging::set_zero_method(m);
+                info!(target: "mm", "zeroing frames with {} (mm.zero; per 4 KiB: {})", m.name(), all.as_str().trim_end_matches(", "));
+            }
+            None => {
+                info!(target: "mm", "zeroing frames with {} (fastest here; per 4 KiB: {})", method.name(), all.as_str().trim_end_matches(", "))
+            }
+        }
+    }
     heap::enable_slabs();
     let executor = exec::init(report.online);
     executor.set_idle_work(memory::zero_when_idle);

@@ -639,6 +639,11 @@ pub fn system_info() -> SystemInfo {
         shootdowns: a::SHOOTDOWNS.load(Ordering::Relaxed),
         shootdown_ipis: a::SHOOTDOWN_IPIS.load(Ordering::Relaxed),
         tsc_hz: panda_arch::time::tsc_hz(),
+        fault_handler_cycles: a::PROF_HANDLER.load(Ordering::Relaxed),
+        fault_classify_cycles: a::PROF_CLASSIFY.load(Ordering::Relaxed),
+        fault_zero_cycles: a::PROF_ZERO.load(Ordering::Relaxed),
+        fault_map_cycles: a::PROF_MAP.load(Ordering::Relaxed),
+        profiled_faults: a::PROF_FAULTS.load(Ordering::Relaxed),
     }
 }
 

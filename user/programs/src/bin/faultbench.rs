@@ -76,6 +76,11 @@ impl Os for Panda {
             zeroed_inline: i.zeroed_inline,
             shootdowns: i.shootdowns,
             shootdown_ipis: i.shootdown_ipis,
+            handler_cycles: i.fault_handler_cycles,
+            classify_cycles: i.fault_classify_cycles,
+            zero_cycles: i.fault_zero_cycles,
+            map_cycles: i.fault_map_cycles,
+            profiled_faults: i.profiled_faults,
         })
     }
 }
