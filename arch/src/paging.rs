@@ -537,7 +537,7 @@ pub unsafe fn zero_page(virt: u64) {
 /// As for `zero_page`.
 pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
     debug_assert!(virt.is_multiple_of(4096));
-    // SAFETY (all arms): the caller owns the page; each loop writes exactly the 4096
+    // SAFETY: (all arms) the caller owns the page; each loop writes exactly the 4096
     // bytes from `virt` (DF is clear, as the ABI guarantees). The SSE arms use xmm0,
     // which no kernel code holds a value in (the kernel is built without SSE) and which
     // holds no user value either: every exit from user mode saves the thread's x87/SSE
