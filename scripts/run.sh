@@ -22,6 +22,9 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --timeout SECONDS   stop the guest after this long (exit 3)
   -h, --help          this text
 
+Environment: QEMU (the qemu-system-x86_64 to use), LIMINE_DIR (Limine's binaries),
+PANDA_PREBUILT_KERNEL and PANDA_PREBUILT_INITRD (boot these files, build nothing).
+
 Exit status: 0 guest success, 1 guest failure, 2 guest ended without reporting
 (triple fault, QEMU error), 3 time-out, 64 bad usage.
 TXT
@@ -80,8 +83,9 @@ panda_ensure_qemu
 [ "$boot" = limine ] && panda_ensure_limine_tools
 if [ -n "${PANDA_PREBUILT_KERNEL:-}" ]; then
     # A caller (bench.sh) that built once and boots that exact build every time.
-    [ -f "$PANDA_PREBUILT_KERNEL" ] && [ -f "${PANDA_PREBUILT_INITRD:-}" ] ||
+    if [ ! -f "$PANDA_PREBUILT_KERNEL" ] || [ ! -f "${PANDA_PREBUILT_INITRD:-}" ]; then
         panda_die "PANDA_PREBUILT_KERNEL/PANDA_PREBUILT_INITRD do not name files"
+    fi
     PANDA_KERNEL=$PANDA_PREBUILT_KERNEL initrd=$PANDA_PREBUILT_INITRD
     [ -z "$init" ] || panda_usage_error "--init cannot be combined with a prebuilt initrd"
 else
