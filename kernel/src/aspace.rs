@@ -460,13 +460,12 @@ impl AddressSpace {
         {
             let mut guard = self.tables.lock();
             let Some(tables) = guard.as_mut() else { return };
-            let mut page = from;
-            while page < to {
-                if let Some(phys) = tables.unmap(page, &mut |t| tables_freed.push(t)) {
-                    batch.add(page, PhysFrame::from_addr(phys));
-                }
-                page += 4096;
-            }
+            tables.unmap_range(
+                from,
+                to,
+                &mut |page, phys| batch.add(page, PhysFrame::from_addr(phys)),
+                &mut |t| tables_freed.push(t),
+            );
         }
         self.shoot_down(batch);
         // Table pages too could be cached (paging-structure caches): free them only
