@@ -109,7 +109,11 @@ pub enum FaultError {
 pub struct AddressSpace {
     root: u64,
     tables: spin::Mutex<Option<TableBuilder>>,
-    regions: spin::Mutex<Regions>,
+    /// Read by every fault (concurrently), written by layout changes.
+    regions: spin::RwLock<Regions>,
+    /// Bumped by every layout change (before its unmap): a fault that classified its
+    /// address under an unchanged generation need not classify again to map.
+    layout_gen: AtomicU64,
     /// Serialises changes of the layout that unmap (brk, buffer free, protect) with
     /// each other and with buffer allocation, so a range is never handed out again
     /// before its old pages are unmapped and shot down.
@@ -127,15 +131,29 @@ impl AddressSpace {
         Ok(Arc::new(Self {
             root: tables.root(),
             tables: spin::Mutex::new(Some(tables)),
-            regions: spin::Mutex::new(Regions::new()),
+            regions: spin::RwLock::new(Regions::new()),
+            layout_gen: AtomicU64::new(0),
             layout: spin::Mutex::new(()),
             tlb: TlbState::new(),
         }))
     }
 
     /// The region bookkeeping (segments, break, buffers).
-    pub fn regions(&self) -> spin::MutexGuard<'_, Regions> {
-        self.regions.lock()
+    pub fn regions(&self) -> spin::RwLockWriteGuard<'_, Regions> {
+        self.regions.write()
+    }
+
+    /// The current break.
+    pub fn brk(&self) -> u64 {
+        self.regions.read().brk()
+    }
+
+    /// Changes the region layout (under the write lock) and bumps the generation.
+    fn change_layout<R>(&self, f: impl FnOnce(&mut Regions) -> R) -> R {
+        let mut regions = self.regions.write();
+        let r = f(&mut regions);
+        self.layout_gen.fetch_add(1, Ordering::Release);
+        r
     }
 
     /// Whether this space is the calling CPU's current one.
@@ -172,6 +190,7 @@ impl AddressSpace {
     /// Resolves a fault at `addr`: maps a zeroed frame if the address is valid for the
     /// access and not yet backed; otherwise says why not.
     pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+        let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
         let cpu = percpu::current_index();
         let frame = match memory::zero_pools().and_then(|p| p.try_take(cpu)) {
@@ -181,7 +200,7 @@ impl AddressSpace {
             }
             None => zero_now(cpu)?,
         };
-        self.install(addr, frame, rights)
+        self.install(addr, frame, rights, generation)
     }
 
     /// `handle_fault` for the fault path of user threads: when this CPU's zeroed pool
@@ -205,6 +224,7 @@ impl AddressSpace {
 
     async fn handle_fault_inner(&self, addr: u64, access: Access) -> Result<(), FaultError> {
         let t0 = tsc();
+        let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
         PROF_CLASSIFY.fetch_add(tsc() - t0, Ordering::Relaxed);
         let cpu = percpu::current_index();
@@ -229,14 +249,14 @@ impl AddressSpace {
             },
         };
         let t0 = tsc();
-        let result = self.install(addr, frame, rights);
+        let result = self.install(addr, frame, rights, generation);
         PROF_MAP.fetch_add(tsc() - t0, Ordering::Relaxed);
         result
     }
 
     /// The rights of a demand-zero page at `addr`, or why there is none.
     fn demand_zero_rights(&self, addr: u64, access: Access) -> Result<Rights, FaultError> {
-        match self.regions.lock().classify(addr, access) {
+        match self.regions.read().classify(addr, access) {
             FaultDecision::DemandZero(rights) => Ok(rights),
             decision => Err(FaultError::Denied(decision)),
         }
@@ -244,22 +264,33 @@ impl AddressSpace {
 
     /// Maps a zeroed `frame` at `addr`'s page unless another fault mapped it first (then
     /// the frame goes back and both faults resume on the one mapping).
-    fn install(&self, addr: u64, frame: PhysFrame, rights: Rights) -> Result<(), FaultError> {
+    fn install(
+        &self,
+        addr: u64,
+        frame: PhysFrame,
+        rights: Rights,
+        generation: u64,
+    ) -> Result<(), FaultError> {
         let page = addr & !0xfff;
         let mut guard = self.tables.lock();
         // The region may have shrunk or been freed since the fault was classified (by
-        // another thread): check again with the tables locked. An unmap that follows a
-        // layout change takes this lock too, so a page either maps before it (and is
-        // unmapped by it) or sees the change here.
-        let access = if rights.write {
-            Access::Write
+        // another thread): if the layout changed since, classify again with the tables
+        // locked. An unmap that follows a layout change takes this lock too, so a page
+        // either maps before it (and is unmapped by it) or sees the change here.
+        let (bits, now) = if self.layout_gen.load(Ordering::Acquire) == generation {
+            (leaf_bits(rights), FaultDecision::DemandZero(rights))
         } else {
-            Access::Read
-        };
-        let now = self.regions.lock().classify(addr, access);
-        let bits = match now {
-            FaultDecision::DemandZero(current) => leaf_bits(current),
-            _ => 0,
+            let access = if rights.write {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            match self.regions.read().classify(addr, access) {
+                FaultDecision::DemandZero(current) => {
+                    (leaf_bits(current), FaultDecision::DemandZero(current))
+                }
+                other => (0, other),
+            }
         };
         let result = match guard.as_mut() {
             _ if bits == 0 => Err(FaultError::Denied(now)),
@@ -307,7 +338,7 @@ impl AddressSpace {
     /// entries before freeing the frames. Returns the new break.
     pub fn set_brk(&self, new: u64) -> Result<u64, MmError> {
         let _layout = self.layout.lock();
-        let released = self.regions.lock().set_brk(new)?;
+        let released = self.change_layout(|r| r.set_brk(new))?;
         if let Some((from, to)) = released {
             self.unmap_range(from, to);
         }
@@ -322,7 +353,7 @@ impl AddressSpace {
         rights: panda_mm::region::Rights,
     ) -> Result<(), MmError> {
         let _layout = self.layout.lock();
-        let (from, to) = self.regions.lock().protect_segment(start, rights)?;
+        let (from, to) = self.change_layout(|r| r.protect_segment(start, rights))?;
         let bits = leaf_bits(rights);
         let mut batch = FlushBatch::new();
         {
@@ -346,14 +377,14 @@ impl AddressSpace {
     /// are demand-zero. Returns its start.
     pub fn alloc_buffer(&self, size: u64) -> Result<u64, MmError> {
         let _layout = self.layout.lock();
-        self.regions.lock().alloc_buffer(size)
+        self.change_layout(|r| r.alloc_buffer(size))
     }
 
     /// Frees the buffer starting at `start`: unmaps its pages, shoots down their TLB
     /// entries, then frees the frames.
     pub fn free_buffer(&self, start: u64) -> Result<(), MmError> {
         let _layout = self.layout.lock();
-        let (from, to) = self.regions.lock().free_buffer(start)?;
+        let (from, to) = self.change_layout(|r| r.free_buffer(start))?;
         self.unmap_range(from, to);
         Ok(())
     }
@@ -364,7 +395,7 @@ impl AddressSpace {
             return false;
         };
         self.regions
-            .lock()
+            .read()
             .buffers()
             .any(|(s, e)| s <= addr && end <= e)
     }

@@ -478,7 +478,7 @@ async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) ->
 
 fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
     if new_end == 0 {
-        return Ok(process.space.regions().brk() as usize);
+        return Ok(process.space.brk() as usize);
     }
     process
         .space

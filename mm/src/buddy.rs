@@ -145,12 +145,12 @@ impl BuddyAllocator {
     /// merging free runs with free buddies.
     pub fn free(&mut self, frame: PhysFrame) -> Result<(), MmError> {
         let addr = frame.addr();
-        let (&start, &entry) = self
+        let (&start, entry) = self
             .allocated
-            .range(..=addr)
+            .range_mut(..=addr)
             .next_back()
             .ok_or(MmError::NotAllocated)?;
-        let order = match entry {
+        let order = match *entry {
             Allocated::Run(order) if start == addr => {
                 self.allocated.remove(&start);
                 self.free_frames += 1 << order;
@@ -164,8 +164,8 @@ impl BuddyAllocator {
                 self.free_frames += 1;
                 let out = out & !bit;
                 if out != 0 {
-                    self.allocated
-                        .insert(start, Allocated::Split { order, out });
+                    // Updated in place: one tree search per single free.
+                    *entry = Allocated::Split { order, out };
                     return Ok(());
                 }
                 // The last frame of the run is back: the run merges as a whole.
