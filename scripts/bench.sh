@@ -11,14 +11,15 @@ set -euo pipefail
 usage() {
     cat <<'TXT'
 usage: scripts/bench.sh [--cpus LIST] [--mode LIST] [--workers LIST] [--seconds N]
-                        [--warmup-ms N] [--chunk-mib N] [--memory SIZE] [--accel kvm|tcg]
-                        [--baseline linux] [--out DIR]
+                        [--repeat N] [--warmup-ms N] [--chunk-mib N] [--memory SIZE]
+                        [--accel kvm|tcg] [--baseline linux] [--out DIR]
 
   --cpus LIST       CPU counts; each run boots with -smp equal to the worker count
                     (default 1,2,4,8)
   --mode LIST       heap, buffer, stack (default heap)
   --workers LIST    threads, processes (default processes)
   --seconds N       measured time per run, after the warm-up (default 5)
+  --repeat N        boots per configuration; the report takes the median run (default 1)
   --warmup-ms N     warm-up per worker before measuring (default 500)
   --chunk-mib N     heap/buffer chunk per round (default 64)
   --memory SIZE     guest memory, the same for every run (default 2G)
@@ -32,7 +33,7 @@ finished are kept), 64 for bad usage.
 TXT
 }
 
-cpus=1,2,4,8 modes=heap workers=processes seconds=5 warmup_ms=500 chunk_mib=64 mem=2G
+cpus=1,2,4,8 modes=heap workers=processes seconds=5 repeat=1 warmup_ms=500 chunk_mib=64 mem=2G
 accel=auto baseline="" out=""
 need() { [ "$2" -ge 2 ] || panda_usage_error "$1 needs a value"; }
 while [ $# -gt 0 ]; do
@@ -41,6 +42,7 @@ while [ $# -gt 0 ]; do
         --mode|--modes) need "$1" $#; modes=$2; shift 2 ;;
         --workers) need "$1" $#; workers=$2; shift 2 ;;
         --seconds) need "$1" $#; seconds=$2; shift 2 ;;
+        --repeat) need "$1" $#; repeat=$2; shift 2 ;;
         --warmup-ms) need "$1" $#; warmup_ms=$2; shift 2 ;;
         --chunk-mib) need "$1" $#; chunk_mib=$2; shift 2 ;;
         --memory) need "$1" $#; mem=$2; shift 2 ;;
@@ -64,6 +66,7 @@ for w in "${worker_list[@]}"; do
     case "$w" in threads|processes) ;; *) panda_usage_error "--workers must list threads or processes, not '$w'" ;; esac
 done
 { [[ "$seconds" =~ ^[1-9][0-9]*$ ]] && [ "$seconds" -le 600 ]; } || panda_usage_error "--seconds must be a whole number from 1 to 600"
+{ [[ "$repeat" =~ ^[1-9][0-9]*$ ]] && [ "$repeat" -le 50 ]; } || panda_usage_error "--repeat must be a whole number from 1 to 50"
 { [[ "$warmup_ms" =~ ^[0-9]+$ ]] && [ "$warmup_ms" -le 2550 ]; } || panda_usage_error "--warmup-ms must be 0..2550"
 { [[ "$chunk_mib" =~ ^[1-9][0-9]*$ ]] && [ "$chunk_mib" -le 4095 ]; } || panda_usage_error "--chunk-mib must be 1..4095"
 [[ "$mem" =~ ^[1-9][0-9]*[MG]$ ]] || panda_usage_error "--memory must look like 2G or 1536M"
@@ -142,8 +145,10 @@ runs=()
 for mode in "${mode_list[@]}"; do
     for kind in "${worker_list[@]}"; do
         for n in "${cpu_list[@]}"; do
-            runs+=("panda $mode $kind $n")
-            [ "$baseline" = linux ] && runs+=("linux $mode $kind $n")
+            for ((r = 1; r <= repeat; r++)); do
+                runs+=("panda $mode $kind $n $r")
+                [ "$baseline" = linux ] && runs+=("linux $mode $kind $n $r")
+            done
         done
     done
 done
@@ -156,15 +161,15 @@ host_cores=$(nproc)
     echo "qemu: $(${QEMU:-qemu-system-x86_64} --version | head -n1)"
     echo "$accel_line"
     echo "build: $(git -C "$PANDA_ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
-    echo "command: scripts/bench.sh --cpus $cpus --mode $modes --workers $workers --seconds $seconds --warmup-ms $warmup_ms --chunk-mib $chunk_mib --memory $mem${baseline:+ --baseline $baseline}"
+    echo "command: scripts/bench.sh --cpus $cpus --mode $modes --workers $workers --seconds $seconds --repeat $repeat --warmup-ms $warmup_ms --chunk-mib $chunk_mib --memory $mem${baseline:+ --baseline $baseline}"
     [ "$baseline" = linux ] && echo "linux: Debian $(cat "$PANDA_ROOT/build/linux-baseline/kernel-package"), busybox-static, mitigations=off, transparent_hugepage=never (4 KiB faults, as on Panda)"
 } > "$out/meta.txt"
 
 # One guest run: prints nothing, leaves raw/NAME.jsonl and raw/NAME.log; returns
 # non-zero if the guest failed or reported no result.
 run_one() {
-    local os=$1 mode=$2 kind=$3 n=$4 name arg log status=0 limit
-    name="$os-$mode-$kind-$n"
+    local os=$1 mode=$2 kind=$3 n=$4 rep=$5 name arg log status=0 limit
+    name="$os-$mode-$kind-$n-r$rep"
     log="$out/raw/$name.log"
     arg=$(encode "$mode" "$kind" "$n")
     # Boot, warm-up, run, and a generous margin: with more vCPUs than host cores, TCG
@@ -188,7 +193,8 @@ run_one() {
         if ! grep -q 'faultbench exit status 0' "$log" && [ "$status" = 0 ]; then status=1; fi
     fi
     tr -d '\r' <"$log" | grep -E '^\{"bench":"faultbench"' >"$out/raw/$name.jsonl" || true
-    if [ "$status" != 0 ] || ! grep -q '"worker":"run","ok":true' "$out/raw/$name.jsonl"; then
+    if [ "$status" != 0 ] || ! grep -q '"worker":"run","ok":true' "$out/raw/$name.jsonl" ||
+       [ "$(grep -c '"worker":[0-9]' "$out/raw/$name.jsonl")" != "$n" ]; then
         echo "exit $status" > "$out/raw/$name.failed"
         return 1
     fi
@@ -198,17 +204,17 @@ run_one() {
 total=${#runs[@]} done_runs=0 failed_runs=() spent=0
 echo "panda: $total runs, $seconds s measured each; results in ${out#"$PANDA_ROOT"/}" >&2
 for r in "${runs[@]}"; do
-    read -r os mode kind n <<<"$r"
+    read -r os mode kind n rep <<<"$r"
     if [ "$done_runs" -gt 0 ]; then
         left="about $(( (spent / done_runs) * (total - done_runs) / 60 + 1 )) min left"
     else
         left="first run"
     fi
-    printf '[%d/%d] %-5s %-6s %-9s -smp %-3s (%s)\n' $((done_runs + 1)) "$total" "$os" "$mode" "$kind" "$n" "$left" >&2
+    printf '[%d/%d] %-5s %-6s %-9s -smp %-3s run %d/%d (%s)\n' $((done_runs + 1)) "$total" "$os" "$mode" "$kind" "$n" "$rep" "$repeat" "$left" >&2
     t0=$(date +%s)
-    if ! run_one "$os" "$mode" "$kind" "$n"; then
-        failed_runs+=("$os-$mode-$kind-$n")
-        echo "      FAILED: see ${out#"$PANDA_ROOT"/}/raw/$os-$mode-$kind-$n.log" >&2
+    if ! run_one "$os" "$mode" "$kind" "$n" "$rep"; then
+        failed_runs+=("$os-$mode-$kind-$n-r$rep")
+        echo "      FAILED: see ${out#"$PANDA_ROOT"/}/raw/$os-$mode-$kind-$n-r$rep.log" >&2
     fi
     spent=$(( spent + $(date +%s) - t0 )); done_runs=$((done_runs + 1))
 done
