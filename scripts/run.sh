@@ -113,7 +113,7 @@ else
     cp "$initrd" "$root/boot/initrd.tar"
     cp "$limine_src/limine-bios.sys" "$limine_src/limine-bios-cd.bin" "$limine_src/limine-uefi-cd.bin" "$root/boot/limine/"
     cp "$limine_src/BOOTX64.EFI" "$root/EFI/BOOT/"
-    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    module_path: boot():/boot/initrd.tar\n    module_string: initrd\n    cmdline: %s\n' "$cmdline" \
+    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    module_path: boot():/boot/initrd.tar\n    module_cmdline: initrd\n    cmdline: %s\n' "$cmdline" \
         > "$root/boot/limine/limine.conf"
     limine_tool=""
     if [ -x "$limine_src/limine" ]; then limine_tool="$limine_src/limine"

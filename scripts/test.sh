@@ -151,6 +151,11 @@ IFS=, read -r -a user_smps <<<"$user_smp_list"
 for n in "${user_smps[@]}"; do
     user_tests "smp$n" -smp "$n"
 done
+if [ "$quick" = 0 ] && [ -n "${LIMINE_DIR:-}" ]; then
+    # The initrd as a Limine module, under BIOS and UEFI.
+    user_tests "limine-bios-smp2" -smp 2 --boot limine
+    user_tests "limine-uefi-smp2" -smp 2 --boot limine --firmware uefi
+fi
 # The default boot: init prints its summary, runs its demo and the run ends by itself.
 log="$logs/init-smp8.log" status=0
 scripts/run.sh --timeout "$timeout_s" -smp 8 >"$log" 2>&1 || status=$?
