@@ -529,6 +529,17 @@ impl AddressSpace {
             acked.insert(cpu);
         }
         match pending.complete(&acked) {
+            // Many frames (a heap shrink): to the global allocator in one go; a few:
+            // through this CPU's cache like any free.
+            Ok(frames) if frames.len() > 64 => {
+                if let Some(all) = memory::frames() {
+                    let mut addrs: Vec<u64> = frames.iter().map(|f| f.addr()).collect();
+                    let rejected = all.free_many(&mut addrs);
+                    if rejected > 0 {
+                        log::error!(target: "mm", "{rejected} frames freed twice or never allocated");
+                    }
+                }
+            }
             Ok(frames) => frames.into_iter().for_each(|f| free_frame(f.addr())),
             // Every target is in `acked`, so this does not happen; if it did, leaking
             // the frames is the safe outcome, never reusing them early.

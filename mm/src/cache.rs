@@ -164,6 +164,13 @@ impl Frames {
     }
 
     /// 2^order contiguous frames, straight from the global allocator.
+    /// Frees many frames straight to the global allocator under one lock hold (a
+    /// heap shrink's or a buffer's), bypassing the caches. Returns how many were
+    /// rejected (not allocated), which is a caller's bug.
+    pub fn free_many(&self, frames: &mut [u64]) -> usize {
+        self.global.lock().free_many(frames)
+    }
+
     pub fn alloc_contiguous(&self, order: usize) -> Result<PhysFrame, MmError> {
         self.global.lock().alloc(order)
     }
