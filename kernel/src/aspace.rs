@@ -161,8 +161,11 @@ impl AddressSpace {
         panda_arch::paging::active_root() == self.root
     }
 
-    /// Makes this space current on the calling CPU.
-    pub fn activate(&self) {
+    /// Makes this space current on the calling CPU. The space it replaces there (if
+    /// any) learns that this CPU left it, so its shootdowns stop targeting this CPU:
+    /// without this, a CPU stayed in the active set of every space it ever ran until
+    /// a thread of that space ended on it, and received its shootdowns for nothing.
+    pub fn activate(self: &Arc<Self>) {
         let cpu = percpu::current_index();
         let decision = self.tlb.on_switch_in(cpu);
         #[allow(unsafe_code)]
@@ -175,6 +178,20 @@ impl AddressSpace {
         if decision == SwitchFlush::Flush {
             panda_arch::paging::flush_user();
         }
+        // After the CR3 load: this CPU can no longer use the previous space's entries.
+        let previous = CURRENT[cpu.min(CURRENT.len() - 1)]
+            .lock()
+            .replace(Arc::downgrade(self));
+        if let Some(prev) = previous.and_then(|w| w.upgrade()) {
+            if !Arc::ptr_eq(&prev, self) {
+                prev.tlb.on_switch_out(cpu);
+            }
+        }
+    }
+
+    /// The CPUs that may hold this space's translations now (its shootdown targets).
+    pub fn active_cpus(&self) -> CpuMask {
+        self.tlb.active()
     }
 
     /// Returns the calling CPU to the kernel's own tables.
@@ -184,7 +201,15 @@ impl AddressSpace {
         unsafe {
             panda_arch::paging::switch_to(kernel_tables::kernel_root())
         };
-        self.tlb.on_switch_out(percpu::current_index());
+        let cpu = percpu::current_index();
+        self.tlb.on_switch_out(cpu);
+        let mut current = CURRENT[cpu.min(CURRENT.len() - 1)].lock();
+        if current
+            .as_ref()
+            .is_some_and(|w| core::ptr::eq(w.as_ptr(), self))
+        {
+            *current = None;
+        }
     }
 
     /// Resolves a fault at `addr`: maps a zeroed frame if the address is valid for the
@@ -553,6 +578,10 @@ impl AddressSpace {
     }
 }
 
+/// The user space each CPU last activated (to tell it when the CPU leaves).
+static CURRENT: [spin::Mutex<Option<alloc::sync::Weak<AddressSpace>>>; panda_sched::MAX_CPUS] =
+    [const { spin::Mutex::new(None) }; panda_sched::MAX_CPUS];
+
 /// Serialises shootdowns; `SCOPE` holds the pages of the one in progress.
 static SHOOTDOWN: spin::Mutex<()> = spin::Mutex::new(());
 static SCOPE: spin::Mutex<Option<Vec<u64>>> = spin::Mutex::new(None);
@@ -584,6 +613,17 @@ fn leave_space(root: u64) -> u64 {
 
 impl Drop for AddressSpace {
     fn drop(&mut self) {
+        // CPUs whose last activated space this was hold a weak reference to it, which
+        // would keep its memory allocated: let go of them.
+        for slot in CURRENT.iter().take(percpu::online_count()) {
+            let mut current = slot.lock();
+            if current
+                .as_ref()
+                .is_some_and(|w| core::ptr::eq(w.as_ptr(), self))
+            {
+                *current = None;
+            }
+        }
         // No CPU may keep a freed PML4 in CR3: every CPU that may still run this space
         // (it ran a thread and has not switched since) leaves it first.
         let active = self.tlb.active();

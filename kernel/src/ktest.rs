@@ -132,6 +132,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_exhaustion_fails_cleanly,
     mm_address_space_regions_and_faults,
     mm_unmap_is_seen_by_another_cpu,
+    mm_switching_spaces_leaves_the_old_active_set,
     mm_fault_under_exhaustion_fails_cleanly,
     user_mode_round_trips,
     user_sse_state_is_per_thread,
@@ -831,6 +832,32 @@ async fn mm_every_zero_method_clears_every_byte() -> Outcome {
     frames
         .free_contiguous(pair)
         .map_err(|e| fail(format_args!("{e:?}")))?;
+    Ok(())
+}
+
+/// A CPU that switches from one user space to another leaves the first one's active
+/// set (so the first one's shootdowns no longer interrupt it), and leaves the second
+/// one's when it returns to the kernel's tables.
+async fn mm_switching_spaces_leaves_the_old_active_set() -> Outcome {
+    let cpu = percpu::current_index();
+    let a = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    let b = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    a.activate();
+    let in_a = a.active_cpus().contains(cpu);
+    b.activate();
+    let (a_after, b_after) = (a.active_cpus().contains(cpu), b.active_cpus().contains(cpu));
+    b.deactivate();
+    let b_end = b.active_cpus().contains(cpu);
+    ensure!(in_a, "activating a did not put cpu{cpu} in its set");
+    ensure!(
+        !a_after,
+        "cpu{cpu} stayed in a's active set after switching to b"
+    );
+    ensure!(b_after, "activating b did not put cpu{cpu} in its set");
+    ensure!(
+        !b_end,
+        "cpu{cpu} stayed in b's active set after deactivating"
+    );
     Ok(())
 }
 
