@@ -553,13 +553,10 @@ async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
     }
 }
 
-/// Longest text one log call writes.
+/// Longest text one log call (or buffer log call) writes.
 pub const MAX_LOG: u64 = 1 << 20;
 
 async fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
-    if len > MAX_LOG {
-        return Err(Error::InvalidArgument);
-    }
     print_user(process, ptr, len).await
 }
 
@@ -575,31 +572,45 @@ fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
     }
 }
 
+/// Serialises user output: one write call is one piece on the console.
+static USER_OUTPUT: spin::Mutex<()> = spin::Mutex::new(());
+
 /// Writes `[addr, addr + len)` of user memory to the console straight from its frames
-/// (no kernel copy), as one piece: concurrent writers never split it. The range is
-/// first faulted in as a user read would; then, with the console locked, its pages
-/// are printed under the page-table lock. If another thread unmapped a page between
-/// the two steps, the output stops there and the call reports `BadAddress`.
+/// (no kernel copy), as one piece: concurrent user writers never split it. The range is
+/// first faulted in as a user read would; then, holding the user-output lock, it is
+/// printed a page at a time, each page under the console lock (interrupts off for one
+/// page only — on a real 115200-baud UART a page takes about 0.36 s) and the page-table
+/// lock. If another thread unmapped a page meanwhile, the output stops there and the
+/// call reports `BadAddress`.
 async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
+    if len > MAX_LOG {
+        return Err(Error::InvalidArgument);
+    }
     process
         .space
         .access_user(addr, len, false, |_, _, _| {})
         .await
         .map_err(user_error)?;
-    let whole = panda_arch::serial::with_console(|w| {
-        process.space.with_mapped_user(addr, len, |phys, _, n| {
-            #[allow(unsafe_code)]
-            // SAFETY: `with_mapped_user` holds the table lock, so the page stays
-            // mapped; the user may write it meanwhile, which only changes the output.
-            let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
-            console_bytes(w, bytes);
-        })
-    });
-    if whole {
-        Ok(len as usize)
-    } else {
-        Err(Error::BadAddress)
+    let _one_writer = USER_OUTPUT.lock();
+    let end = addr + len;
+    let mut at = addr;
+    while at < end {
+        let chunk = (end - at).min(4096 - (at & 0xfff));
+        let mapped = panda_arch::serial::with_console(|w| {
+            process.space.with_mapped_user(at, chunk, |phys, _, n| {
+                #[allow(unsafe_code)]
+                // SAFETY: `with_mapped_user` holds the table lock, so the page stays
+                // mapped; the user may write it meanwhile, which only changes the output.
+                let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
+                console_bytes(w, bytes);
+            })
+        });
+        if !mapped {
+            return Err(Error::BadAddress);
+        }
+        at += chunk;
     }
+    Ok(len as usize)
 }
 
 /// Writes a buffer straight from its frames to the console: no kernel copy.

@@ -265,6 +265,13 @@ fn buffer_log_and_file_read() -> Outcome {
         sys::buffer_log(HEAP_BASE, 8) == Err(Error::BadAddress),
         "log of a non-buffer accepted"
     );
+    let big = sys::buffer_alloc(2 << 20).map_err(|e| format!("{e:?}"))?;
+    let r = sys::buffer_log(big, (1 << 20) + 1);
+    let _ = sys::buffer_free(big);
+    ensure!(
+        r == Err(Error::InvalidArgument),
+        "a buffer log over 1 MiB gave {r:?}"
+    );
     ensure!(
         sys::read_file("no-such-file", buf, 10) == Err(Error::NotFound),
         "missing file found"
