@@ -118,6 +118,8 @@ if [ "$baseline" = linux ]; then
         rm -rf "$cache/debs" "$cache/x"
     fi
     command -v cpio >/dev/null 2>&1 || panda_apt_install cpio >/dev/null || panda_die "cannot install cpio"
+    # The musl target links through the system C compiler driver.
+    command -v cc >/dev/null 2>&1 || panda_apt_install gcc libc6-dev >/dev/null || panda_die "cannot install gcc (needed to link faultbench-linux)"
     if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
         echo "panda: adding the x86_64-unknown-linux-musl target (static Linux faultbench)..." >&2
         rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || panda_die "rustup target add x86_64-unknown-linux-musl failed"
