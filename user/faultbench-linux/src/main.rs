@@ -20,6 +20,7 @@ mod bench_core;
 
 use bench_core::{Config, Counters, Os};
 
+const SYS_WRITE: usize = 1;
 const SYS_MMAP: usize = 9;
 const SYS_MUNMAP: usize = 11;
 const SYS_BRK: usize = 12;
@@ -122,9 +123,20 @@ impl Os for Linux {
         c.is_some_and(|mut c| c.wait().is_ok_and(|s| s.success()))
     }
     fn print(&self, line: &str) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        // One write(2) per line: the tty keeps one write call together, so lines of
+        // workers printing at once do not mix (std's line buffering may split a long
+        // line into several writes).
+        let _ = std::io::stdout().lock().flush();
+        let text = format!("{line}\n");
+        let mut at = 0;
+        while at < text.len() {
+            let rest = &text.as_bytes()[at..];
+            let n = syscall6(SYS_WRITE, [1, rest.as_ptr() as usize, rest.len(), 0, 0, 0]);
+            if n <= 0 {
+                break;
+            }
+            at += n as usize;
+        }
     }
     fn counters(&self) -> Option<Counters> {
         None
