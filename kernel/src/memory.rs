@@ -84,7 +84,9 @@ pub fn zero(frame: PhysFrame) {
 /// `zero` with a given method (tests check every method).
 pub fn zero_with(method: ZeroMethod, frame: PhysFrame) {
     #[allow(unsafe_code)]
-    // SAFETY: as for `zero`: the caller owns the frame.
+    // SAFETY: callers pass a frame they just took from the allocator and have not
+    // mapped or shared (the in-kernel test's own frame): writing its 4096 bytes through
+    // the HHDM, which maps all usable RAM writable, touches nothing anyone else uses.
     unsafe {
         panda_arch::paging::zero_page_with(method, virt(frame))
     };
@@ -94,7 +96,9 @@ pub fn zero_with(method: ZeroMethod, frame: PhysFrame) {
 pub fn write(frame: PhysFrame, offset: usize, bytes: &[u8]) {
     assert!(offset + bytes.len() <= 4096, "write past the frame");
     #[allow(unsafe_code)]
-    // SAFETY: as for `zero`: the caller owns the frame; the range stays inside it.
+    // SAFETY: callers pass a frame they just took from the allocator and have not
+    // mapped yet (the ELF loader); the assertion above keeps `[offset, offset + len)`
+    // inside its 4096 bytes, reached through the HHDM's writable mapping of all RAM.
     unsafe {
         panda_arch::paging::write_phys(frame.addr() + offset as u64, bytes)
     };

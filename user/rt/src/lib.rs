@@ -158,7 +158,8 @@ mod heap {
                 // nothing else uses it; it directly follows the heap's current end.
                 Some(h) => unsafe { h.extend(by) },
                 None => {
-                    // SAFETY: as above: fresh, unused, writable memory.
+                    // SAFETY: `[old, old + by)` was just added to the heap region by brk:
+                    // mapped on demand, writable, and used by nothing else.
                     *heap = Some(unsafe { Heap::new(old as *mut u8, by) });
                 }
             }

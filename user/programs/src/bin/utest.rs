@@ -40,7 +40,8 @@ fn read(addr: usize) -> u64 {
 }
 
 fn write(addr: usize, value: u64) {
-    // SAFETY: as for `read`.
+    // SAFETY: tests write only memory they mapped and own (a grown heap, a buffer, the
+    // stack below live frames), or, in a child, an address the kernel must refuse.
     unsafe { (addr as *mut u64).write_volatile(value) }
 }
 
@@ -519,7 +520,8 @@ fn child(scenario: u64) -> u64 {
         }
         CHILD_READ_KERNEL => read(0xffff_8000_0010_0000),
         CHILD_UD2 => {
-            // SAFETY: ends the process with #UD, as intended.
+            // SAFETY: `ud2` reads and writes nothing; it raises #UD, which the kernel
+            // answers by ending this child process, the behaviour under test.
             unsafe { core::arch::asm!("ud2") };
             0
         }
