@@ -308,33 +308,6 @@ impl TableBuilder {
         path
     }
 
-    /// Removes the 4 KiB mapping of `virt` and returns the frame it mapped. Page-table
-    /// pages left empty below the PML4 are unlinked and handed to `free_table`. The
-    /// caller flushes TLBs (see panda-mm's shootdown protocol) before reusing the frame.
-    pub fn unmap(&mut self, virt: u64, free_table: &mut dyn FnMut(u64)) -> Option<u64> {
-        let path = self.path(virt);
-        let pt = path[3]?;
-        let index = ((virt >> 12) & 0x1ff) as usize;
-        let entry = self.read(pt, index);
-        if entry & flags::PRESENT == 0 {
-            return None;
-        }
-        self.write(pt, index, 0);
-        // Prune: PT, then PD, then PDPT, while they are empty (never the PML4).
-        for level in (1..4).rev() {
-            let (Some(table), Some(parent)) = (path[level], path[level - 1]) else {
-                break;
-            };
-            if (0..512).any(|i| self.read(table, i) & flags::PRESENT != 0) {
-                break;
-            }
-            let parent_index = ((virt >> (39 - 9 * (level - 1))) & 0x1ff) as usize;
-            self.write(parent, parent_index, 0);
-            free_table(table);
-        }
-        Some(entry & ADDR_MASK)
-    }
-
     /// Removes every 4 KiB mapping in `[from, to)` (user half) in one walk of the
     /// tree: each removed leaf goes to `on_leaf(virt, frame)`, and every table the
     /// walk leaves empty is unlinked and handed to `free_table` (never the PML4). Each
@@ -515,11 +488,6 @@ pub fn read_phys_u64(hhdm: u64, phys: u64) -> Option<u64> {
     crate::probe::read_u64(hhdm + phys).ok()
 }
 
-/// Whether `rep stosb` is fast on this CPU (ERMS: enhanced REP MOVSB/STOSB).
-pub fn fast_string_ops() -> bool {
-    crate::cpu::features().erms
-}
-
 /// Ways to fill a 4 KiB page with zeros. The kernel times each at boot and keeps the
 /// fastest (`set_zero_method`): on hardware with ERMS `rep stosb` or the non-temporal
 /// stores usually win; under QEMU's TCG every iteration of a string instruction is
@@ -597,6 +565,29 @@ pub unsafe fn zero_page(virt: u64) {
     unsafe { zero_page_with(zero_method(), virt) }
 }
 
+/// 4096 bytes of zeros from `$virt` in 64 iterations of four 16-byte SSE stores
+/// (`$store`: `movntdq` or `movdqa`), then `$fence` (empty, or `sfence` after
+/// non-temporal stores). Expands to an `asm!` the caller wraps in `unsafe`.
+macro_rules! sse_zero_loop {
+    ($virt:expr, $store:literal, $fence:literal) => {
+        core::arch::asm!(
+            "pxor xmm0, xmm0",
+            "2:",
+            concat!($store, " [{p}], xmm0"),
+            concat!($store, " [{p} + 16], xmm0"),
+            concat!($store, " [{p} + 32], xmm0"),
+            concat!($store, " [{p} + 48], xmm0"),
+            "add {p}, 64",
+            "dec {n}",
+            "jnz 2b",
+            $fence,
+            p = inout(reg) $virt => _,
+            n = inout(reg) 64u64 => _,
+            options(nostack)
+        )
+    };
+}
+
 /// `zero_page` with a given method (for timing them).
 ///
 /// # Safety
@@ -645,35 +636,8 @@ pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
                 z = in(reg) 0u64,
                 options(nostack)
             ),
-            ZeroMethod::SseNonTemporal => core::arch::asm!(
-                "pxor xmm0, xmm0",
-                "2:",
-                "movntdq [{p}], xmm0",
-                "movntdq [{p} + 16], xmm0",
-                "movntdq [{p} + 32], xmm0",
-                "movntdq [{p} + 48], xmm0",
-                "add {p}, 64",
-                "dec {n}",
-                "jnz 2b",
-                "sfence",
-                p = inout(reg) virt => _,
-                n = inout(reg) 64u64 => _,
-                options(nostack)
-            ),
-            ZeroMethod::SseStore => core::arch::asm!(
-                "pxor xmm0, xmm0",
-                "2:",
-                "movdqa [{p}], xmm0",
-                "movdqa [{p} + 16], xmm0",
-                "movdqa [{p} + 32], xmm0",
-                "movdqa [{p} + 48], xmm0",
-                "add {p}, 64",
-                "dec {n}",
-                "jnz 2b",
-                p = inout(reg) virt => _,
-                n = inout(reg) 64u64 => _,
-                options(nostack)
-            ),
+            ZeroMethod::SseNonTemporal => sse_zero_loop!(virt, "movntdq", "sfence"),
+            ZeroMethod::SseStore => sse_zero_loop!(virt, "movdqa", ""),
         }
     }
 }

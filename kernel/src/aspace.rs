@@ -16,6 +16,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 use panda_arch::paging::{flags, FrameSource, PageSize, TableBuilder};
 use panda_arch::{ipi, percpu};
 use panda_mm::region::{Access, FaultDecision, Regions, Rights};
@@ -35,30 +37,51 @@ impl FrameSource for TableFrames {
     }
 }
 
-/// Faults that found the zeroed pool empty, awaited it and were woken by the refill
-/// of the CPU's zeroing task (statistics, tests).
-pub static FAULTS_AWAITED: AtomicU64 = AtomicU64::new(0);
-
-/// Demand-zero faults that mapped a frame, of which `POOL_HITS` took one from the
-/// pool at once and `ZEROED_INLINE` zeroed one on the spot.
-pub static FAULTS: AtomicU64 = AtomicU64::new(0);
-pub static POOL_HITS: AtomicU64 = AtomicU64::new(0);
-pub static ZEROED_INLINE: AtomicU64 = AtomicU64::new(0);
-/// Shootdowns run, and the cross-CPU flushes they asked for.
-pub static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
-pub static SHOOTDOWN_IPIS: AtomicU64 = AtomicU64::new(0);
-
-fn count(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// Counters of the fault and shootdown paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Demand-zero faults that mapped a frame, of which `PoolHits` took one from the
+    /// pool at once, `PoolWaits` awaited the zeroing task, and `ZeroedInline` zeroed
+    /// one on the spot.
+    Faults,
+    PoolHits,
+    PoolWaits,
+    ZeroedInline,
+    /// Shootdowns run, and the cross-CPU flushes they asked for.
+    Shootdowns,
+    ShootdownIpis,
+    /// Cycle sums of the user fault path (see `SystemInfo`): handler, classify,
+    /// inline zeroing, mapping, and the faults they cover.
+    ProfHandler,
+    ProfClassify,
+    ProfZero,
+    ProfMap,
+    ProfFaults,
 }
 
-/// Cycle sums of the user fault path (see `SystemInfo`): handler, classify, inline
-/// zeroing, mapping, and the faults they cover.
-pub static PROF_HANDLER: AtomicU64 = AtomicU64::new(0);
-pub static PROF_CLASSIFY: AtomicU64 = AtomicU64::new(0);
-pub static PROF_ZERO: AtomicU64 = AtomicU64::new(0);
-pub static PROF_MAP: AtomicU64 = AtomicU64::new(0);
-pub static PROF_FAULTS: AtomicU64 = AtomicU64::new(0);
+const STATS: usize = Stat::ProfFaults as usize + 1;
+
+/// The counters, one set per CPU on its own cache lines: the fault path updates only
+/// its CPU's, so counting never makes CPUs fight over a shared line; `stat` sums them.
+static STAT: [CachePadded<[AtomicU64; STATS]>; panda_sched::MAX_CPUS] =
+    [const { CachePadded::new([const { AtomicU64::new(0) }; STATS]) }; panda_sched::MAX_CPUS];
+
+fn add(stat: Stat, n: u64) {
+    let cpu = percpu::current_index().min(STAT.len() - 1);
+    STAT[cpu][stat as usize].fetch_add(n, Ordering::Relaxed);
+}
+
+fn count(stat: Stat) {
+    add(stat, 1);
+}
+
+/// A counter's total over every CPU.
+pub fn stat(stat: Stat) -> u64 {
+    STAT.iter()
+        .take(percpu::online_count().max(1))
+        .map(|c| c[stat as usize].load(Ordering::Relaxed))
+        .sum()
+}
 
 fn tsc() -> u64 {
     panda_arch::cpu::rdtsc()
@@ -71,9 +94,16 @@ fn zero_now(cpu: usize) -> Result<PhysFrame, FaultError> {
         .and_then(|f| f.alloc(cpu).ok())
         .ok_or(FaultError::OutOfMemory)?;
     memory::zero(frame);
-    count(&ZEROED_INLINE);
-    PROF_ZERO.fetch_add(tsc() - t0, Ordering::Relaxed);
+    count(Stat::ZeroedInline);
+    add(Stat::ProfZero, tsc() - t0);
     Ok(frame)
+}
+
+/// A frame from CPU `cpu`'s zeroed pool, if it has one (counted as a pool hit).
+fn pooled_frame(cpu: usize) -> Option<PhysFrame> {
+    let frame = memory::zero_pools()?.try_take(cpu)?.into_frame();
+    count(Stat::PoolHits);
+    Some(frame)
 }
 
 /// Page-table bits of a user page with `rights`.
@@ -88,11 +118,10 @@ fn leaf_bits(rights: Rights) -> u64 {
     bits
 }
 
+/// `memory::free` by physical address (the page-table walkers report frames as such).
 fn free_frame(phys: u64) {
-    if let (Some(frames), Some(frame)) = (memory::frames(), PhysFrame::from_addr(phys)) {
-        // A frame the allocator did not hand out would be a kernel bug; the error is
-        // ignored rather than panicking in a free path.
-        let _ = frames.free(percpu::current_index(), frame);
+    if let Some(frame) = PhysFrame::from_addr(phys) {
+        memory::free(frame);
     }
 }
 
@@ -218,11 +247,8 @@ impl AddressSpace {
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
         let cpu = percpu::current_index();
-        let frame = match memory::zero_pools().and_then(|p| p.try_take(cpu)) {
-            Some(z) => {
-                count(&POOL_HITS);
-                z.into_frame()
-            }
+        let frame = match pooled_frame(cpu) {
+            Some(frame) => frame,
             None => zero_now(cpu)?,
         };
         self.install(addr, frame, rights, generation)
@@ -241,8 +267,8 @@ impl AddressSpace {
         let t0 = tsc();
         let result = self.handle_fault_inner(addr, access).await;
         if result.is_ok() {
-            PROF_HANDLER.fetch_add(tsc() - t0, Ordering::Relaxed);
-            count(&PROF_FAULTS);
+            add(Stat::ProfHandler, tsc() - t0);
+            count(Stat::ProfFaults);
         }
         result
     }
@@ -251,20 +277,15 @@ impl AddressSpace {
         let t0 = tsc();
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
-        PROF_CLASSIFY.fetch_add(tsc() - t0, Ordering::Relaxed);
+        add(Stat::ProfClassify, tsc() - t0);
         let cpu = percpu::current_index();
-        let pools = memory::zero_pools();
-        let exec = crate::exec::get();
-        let frame = match pools.and_then(|p| p.try_take(cpu)) {
-            Some(z) => {
-                count(&POOL_HITS);
-                z.into_frame()
-            }
-            None => match (pools, exec) {
+        let frame = match pooled_frame(cpu) {
+            Some(frame) => frame,
+            None => match (memory::zero_pools(), crate::exec::get()) {
                 (Some(p), Some(exec)) if !memory::zeroing_paused() && exec.has_queued_work(cpu) => {
                     match p.take(cpu).await {
                         Some(z) => {
-                            count(&FAULTS_AWAITED);
+                            count(Stat::PoolWaits);
                             z.into_frame()
                         }
                         None => zero_now(percpu::current_index())?,
@@ -275,7 +296,7 @@ impl AddressSpace {
         };
         let t0 = tsc();
         let result = self.install(addr, frame, rights, generation);
-        PROF_MAP.fetch_add(tsc() - t0, Ordering::Relaxed);
+        add(Stat::ProfMap, tsc() - t0);
         result
     }
 
@@ -329,7 +350,7 @@ impl AddressSpace {
             // The only way `map` fails on an unmapped page is a page-table frame.
             Some(tables) => tables
                 .map(page, frame.addr(), PageSize::Size4K, bits, &mut TableFrames)
-                .map(|()| count(&FAULTS))
+                .map(|()| count(Stat::Faults))
                 .map_err(|_| FaultError::OutOfMemory),
         };
         drop(guard);
@@ -545,8 +566,8 @@ impl AddressSpace {
         // All targets flush in parallel; `call_on_set` returns once every online one
         // has. An offline CPU cannot hold translations: it counts as flushed too.
         let targets = pending.targets();
-        count(&SHOOTDOWNS);
-        SHOOTDOWN_IPIS.fetch_add(targets.iter().count() as u64, Ordering::Relaxed);
+        count(Stat::Shootdowns);
+        add(Stat::ShootdownIpis, targets.iter().count() as u64);
         ipi::call_on_set(|c| targets.contains(c), flush_scope, 0);
         let mut acked = CpuMask::default();
         for cpu in targets.iter() {

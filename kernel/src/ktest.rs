@@ -1632,7 +1632,7 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     let exec = executor()?;
     let (frames, pools) = mm()?;
     let cpu = percpu::current_index();
-    let before = crate::aspace::FAULTS_AWAITED.load(Ordering::Relaxed);
+    let before = crate::aspace::stat(crate::aspace::Stat::PoolWaits);
     let process = process_from_code(&PROGRAM)?;
     // Other work for this CPU: a task that yields until told to stop (so the CPU never
     // idles, and idle-time zeroing cannot refill the pool behind the test's back).
@@ -1664,7 +1664,7 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
         "the thread never resumed from its fault (3 s)"
     );
     let status = thread.await;
-    let awaited = crate::aspace::FAULTS_AWAITED.load(Ordering::Relaxed) - before;
+    let awaited = crate::aspace::stat(crate::aspace::Stat::PoolWaits) - before;
     ensure!(status == 42, "the program exited with {status}");
     ensure!(awaited >= 1, "no fault awaited the zeroing task");
     ensure!(

@@ -637,24 +637,24 @@ async fn read_file(
 
 /// The machine and memory counters.
 pub fn system_info() -> SystemInfo {
-    use crate::aspace as a;
+    use crate::aspace::{self as a, Stat};
     let frames = crate::memory::frames();
     SystemInfo {
         cpus: panda_arch::percpu::online_count() as u64,
         memory_total: frames.map_or(0, |f| f.total_frames() * 4096),
         memory_free: crate::memory::frames_not_in_use() * 4096,
-        faults: a::FAULTS.load(Ordering::Relaxed),
-        zero_pool_hits: a::POOL_HITS.load(Ordering::Relaxed),
-        zero_pool_waits: a::FAULTS_AWAITED.load(Ordering::Relaxed),
-        zeroed_inline: a::ZEROED_INLINE.load(Ordering::Relaxed),
-        shootdowns: a::SHOOTDOWNS.load(Ordering::Relaxed),
-        shootdown_ipis: a::SHOOTDOWN_IPIS.load(Ordering::Relaxed),
+        faults: a::stat(Stat::Faults),
+        zero_pool_hits: a::stat(Stat::PoolHits),
+        zero_pool_waits: a::stat(Stat::PoolWaits),
+        zeroed_inline: a::stat(Stat::ZeroedInline),
+        shootdowns: a::stat(Stat::Shootdowns),
+        shootdown_ipis: a::stat(Stat::ShootdownIpis),
         tsc_hz: panda_arch::time::tsc_hz(),
-        fault_handler_cycles: a::PROF_HANDLER.load(Ordering::Relaxed),
-        fault_classify_cycles: a::PROF_CLASSIFY.load(Ordering::Relaxed),
-        fault_zero_cycles: a::PROF_ZERO.load(Ordering::Relaxed),
-        fault_map_cycles: a::PROF_MAP.load(Ordering::Relaxed),
-        profiled_faults: a::PROF_FAULTS.load(Ordering::Relaxed),
+        fault_handler_cycles: a::stat(Stat::ProfHandler),
+        fault_classify_cycles: a::stat(Stat::ProfClassify),
+        fault_zero_cycles: a::stat(Stat::ProfZero),
+        fault_map_cycles: a::stat(Stat::ProfMap),
+        profiled_faults: a::stat(Stat::ProfFaults),
     }
 }
 

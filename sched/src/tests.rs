@@ -248,6 +248,31 @@ fn wakes_while_running_do_not_double_poll() {
     );
 }
 
+/// Polls itself five times (a `Spin(1)` each), counting in `wrong` the polls that ran
+/// on a CPU other than `cpu`, then counts itself in `done`.
+async fn stay_on(cpu: usize, wrong: Arc<AtomicU64>, done: Arc<AtomicUsize>) {
+    for _ in 0..5 {
+        if CPU.with(Cell::get) != cpu {
+            wrong.fetch_add(1, Ordering::SeqCst);
+        }
+        Spin(1).await;
+    }
+    done.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Runs CPU 0's loop until `n` tasks are done (30 s at most), then stops the CPUs.
+fn run_until_done(
+    exec: &'static Executor<Threads>,
+    stop: &'static AtomicBool,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    done: &AtomicUsize,
+    n: usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    exec.run_until(|| done.load(Ordering::SeqCst) == n || Instant::now() > deadline);
+    stop_cpus(stop, exec, handles);
+}
+
 #[test]
 fn pinned_tasks_never_migrate() {
     let exec = executor(4);
@@ -257,21 +282,10 @@ fn pinned_tasks_never_migrate() {
     let wrong = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     for i in 0..400 {
-        let (wrong, done) = (wrong.clone(), done.clone());
         let cpu = 1 + i % 3;
-        exec.spawn_pinned(cpu, async move {
-            for _ in 0..5 {
-                if CPU.with(Cell::get) != cpu {
-                    wrong.fetch_add(1, Ordering::SeqCst);
-                }
-                Spin(1).await;
-            }
-            done.fetch_add(1, Ordering::SeqCst);
-        });
+        exec.spawn_pinned(cpu, stay_on(cpu, wrong.clone(), done.clone()));
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    exec.run_until(|| done.load(Ordering::SeqCst) == 400 || Instant::now() > deadline);
-    stop_cpus(stop, exec, handles);
+    run_until_done(exec, stop, handles, &done, 400);
     assert_eq!(done.load(Ordering::SeqCst), 400);
     assert_eq!(
         wrong.load(Ordering::SeqCst),
@@ -299,18 +313,10 @@ fn move_to_pins_a_running_task_to_its_new_cpu() {
         exec.spawn(async move {
             let target = 1 + i % 3;
             exec.move_to(target, true).await;
-            for _ in 0..5 {
-                if CPU.with(Cell::get) != target {
-                    wrong.fetch_add(1, Ordering::SeqCst);
-                }
-                Spin(1).await;
-            }
-            done.fetch_add(1, Ordering::SeqCst);
+            stay_on(target, wrong, done).await;
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    exec.run_until(|| done.load(Ordering::SeqCst) == 200 || Instant::now() > deadline);
-    stop_cpus(stop, exec, handles);
+    run_until_done(exec, stop, handles, &done, 200);
     assert_eq!(done.load(Ordering::SeqCst), 200);
     assert_eq!(
         wrong.load(Ordering::SeqCst),

@@ -14,11 +14,11 @@ use std::io::Write;
 use std::process::{Child, Command};
 use std::sync::Mutex;
 
-#[allow(dead_code)] // parts only the Panda side uses
 #[path = "../../programs/src/bench_core.rs"]
 mod bench_core;
 
-use bench_core::{Config, Counters, Os};
+use bench_core::{Config, Os};
+use panda_abi::syscall::SystemInfo;
 
 const SYS_WRITE: usize = 1;
 const SYS_MMAP: usize = 9;
@@ -138,7 +138,7 @@ impl Os for Linux {
             at += n as usize;
         }
     }
-    fn counters(&self) -> Option<Counters> {
+    fn counters(&self) -> Option<SystemInfo> {
         None
     }
 }

@@ -28,6 +28,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use panda_abi::syscall::SystemInfo;
+
 pub const PAGE: usize = 4096;
 /// Stack mode: each thread's stack, and how much of it is touched.
 pub const STACK_SIZE: usize = 16 << 20;
@@ -47,12 +49,6 @@ impl Mode {
             Mode::Buffer => "buffer",
             Mode::Stack => "stack",
         }
-    }
-
-    pub fn parse(s: &str) -> Option<Mode> {
-        [Mode::Heap, Mode::Buffer, Mode::Stack]
-            .into_iter()
-            .find(|m| m.name() == s)
     }
 }
 
@@ -106,23 +102,6 @@ impl Config {
     }
 }
 
-/// The kernel counters the benchmark reports (Panda only).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Counters {
-    pub faults: u64,
-    pub zero_pool_hits: u64,
-    pub zero_pool_waits: u64,
-    pub zeroed_inline: u64,
-    pub shootdowns: u64,
-    pub shootdown_ipis: u64,
-    /// Cycle sums of the kernel's fault handler and its parts, and the faults covered.
-    pub handler_cycles: u64,
-    pub classify_cycles: u64,
-    pub zero_cycles: u64,
-    pub map_cycles: u64,
-    pub profiled_faults: u64,
-}
-
 /// What the benchmark needs from the OS.
 pub trait Os: Sync {
     fn name(&self) -> &'static str;
@@ -142,7 +121,8 @@ pub trait Os: Sync {
     fn spawn_worker(&self, cfg: &Config, index: usize) -> Option<u64>;
     fn wait_worker(&self, handle: u64) -> bool;
     fn print(&self, line: &str);
-    fn counters(&self) -> Option<Counters>;
+    /// The kernel's counters (`OP_ENVIRONMENT_INFO` on Panda; none on Linux).
+    fn counters(&self) -> Option<SystemInfo>;
 }
 
 #[inline(always)]
@@ -211,6 +191,15 @@ impl Histogram {
         self.counts[Self::index(v)] += 1;
         self.total += 1;
         self.max = self.max.max(v);
+    }
+
+    /// Adds `other`'s samples.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.total += other.total;
+        self.max = self.max.max(other.max);
     }
 
     pub fn reset(&mut self) {
@@ -407,16 +396,6 @@ pub fn solo_worker(os: &dyn Os, cfg: &Config, index: usize) -> Result_ {
     }
 }
 
-impl Histogram {
-    pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-        self.total += other.total;
-        self.max = self.max.max(other.max);
-    }
-}
-
 /// A one-slot mailbox between a stack thread and its worker.
 mod spin_cell {
     use core::sync::atomic::{AtomicBool, Ordering};
@@ -429,7 +408,8 @@ mod spin_cell {
     // SAFETY: the value is written once before `full` is set (Release) and read only
     // after `full` is seen (Acquire), by one reader.
     unsafe impl<T: Send> Sync for Cell<T> {}
-    // SAFETY: as above.
+    // SAFETY: the cell owns its `T` (an `Option<T>` and a flag); moving it to another
+    // thread moves the `T`, which `T: Send` allows.
     unsafe impl<T: Send> Send for Cell<T> {}
 
     impl<T> Cell<T> {
@@ -593,12 +573,12 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
     }
     let wall = rdtsc() - t0;
     let after = os.counters();
-    let delta = |f: fn(&Counters) -> u64| match (before, after) {
+    let delta = |f: fn(&SystemInfo) -> u64| match (before, after) {
         (Some(b), Some(a)) => format!("{}", f(&a) - f(&b)),
         _ => String::from("null"),
     };
     // Mean nanoseconds per profiled fault in each part of the kernel's handler.
-    let per_fault_ns = |f: fn(&Counters) -> u64| match (before, after) {
+    let per_fault_ns = |f: fn(&SystemInfo) -> u64| match (before, after) {
         (Some(b), Some(a)) if a.profiled_faults > b.profiled_faults => format!(
             "{}",
             (f(&a) - f(&b)) as u128 * 1_000_000_000
@@ -609,10 +589,10 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
     };
     let profile = format!(
         "{{\"handler_ns\":{},\"classify_ns\":{},\"zero_ns\":{},\"map_ns\":{}}}",
-        per_fault_ns(|c| c.handler_cycles),
-        per_fault_ns(|c| c.classify_cycles),
-        per_fault_ns(|c| c.zero_cycles),
-        per_fault_ns(|c| c.map_cycles),
+        per_fault_ns(|c| c.fault_handler_cycles),
+        per_fault_ns(|c| c.fault_classify_cycles),
+        per_fault_ns(|c| c.fault_zero_cycles),
+        per_fault_ns(|c| c.fault_map_cycles),
     );
     os.print(&format!(
         "{{\"bench\":\"faultbench\",\"os\":\"{}\",\"mode\":\"{}\",\"workers\":\"{}\",\"n\":{},\"worker\":\"run\",\"ok\":{},\"wall_seconds\":{:.3},\"kernel_faults\":{},\"zero_pool_hits\":{},\"zero_pool_waits\":{},\"zeroed_inline\":{},\"shootdowns\":{},\"shootdown_ipis\":{},\"fault_profile\":{}}}",

@@ -9,11 +9,11 @@ extern crate alloc;
 use alloc::boxed::Box;
 use panda_rt::{entry, println, sys, thread};
 
-#[allow(dead_code)] // parts only the Linux side uses
 #[path = "../bench_core.rs"]
 mod bench_core;
 
-use bench_core::{Config, Counters, Os};
+use bench_core::{Config, Os};
+use panda_rt::abi::syscall::SystemInfo;
 
 entry!(main);
 
@@ -67,21 +67,8 @@ impl Os for Panda {
     fn print(&self, line: &str) {
         println!("{line}");
     }
-    fn counters(&self) -> Option<Counters> {
-        let i = sys::info().ok()?;
-        Some(Counters {
-            faults: i.faults,
-            zero_pool_hits: i.zero_pool_hits,
-            zero_pool_waits: i.zero_pool_waits,
-            zeroed_inline: i.zeroed_inline,
-            shootdowns: i.shootdowns,
-            shootdown_ipis: i.shootdown_ipis,
-            handler_cycles: i.fault_handler_cycles,
-            classify_cycles: i.fault_classify_cycles,
-            zero_cycles: i.fault_zero_cycles,
-            map_cycles: i.fault_map_cycles,
-            profiled_faults: i.profiled_faults,
-        })
+    fn counters(&self) -> Option<SystemInfo> {
+        sys::info().ok()
     }
 }
 
