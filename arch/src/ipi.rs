@@ -28,6 +28,9 @@ const IDLE: u8 = 0;
 const CLAIMED: u8 = 3;
 const POSTED: u8 = 1;
 const DONE: u8 = 2;
+/// The target is running the call (taken by exactly one of its handler or its waiting
+/// loop).
+const RUNNING: u8 = 4;
 
 struct Mailbox {
     state: AtomicU8,
@@ -82,12 +85,27 @@ fn on_wake(_: &mut TrapFrame) {
     apic::eoi();
 }
 
-fn serve_mailbox() {
-    let mailbox = &MAILBOXES[percpu::current_index()];
-    if mailbox.state.load(Ordering::Acquire) != POSTED {
+/// Runs the call posted in this CPU's mailbox, if any. Called from the CALL_VECTOR
+/// handler and from every loop that waits on another CPU (`post`, `collect`, kernel
+/// locks), so a waiting CPU still answers calls. The two can nest — the IPI for a call
+/// can arrive while the waiting loop is already running that call — so the call is
+/// taken with a compare-exchange (POSTED -> RUNNING): exactly one of them runs it and
+/// marks it done. (Without that, the nested run marked it DONE, the poster collected
+/// and freed the mailbox, and the outer run then marked the free mailbox DONE again: no
+/// caller could ever claim it, and every later call to that CPU spun for ever.)
+pub fn serve_mailbox() {
+    let Some(mailbox) = MAILBOXES.get(percpu::current_index()) else {
+        return;
+    };
+    if mailbox
+        .state
+        .compare_exchange(POSTED, RUNNING, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         return;
     }
-    // SAFETY: the poster stored a `CallFn` before setting POSTED (Release/Acquire).
+    // SAFETY: the poster stored a `CallFn` before setting POSTED (Release/Acquire,
+    // through the compare-exchange above).
     let function: CallFn =
         unsafe { core::mem::transmute::<usize, CallFn>(mailbox.function.load(Ordering::Relaxed)) };
     let result = function(mailbox.argument.load(Ordering::Relaxed));
@@ -118,6 +136,13 @@ fn on_nmi(frame: &mut TrapFrame) {
         let _ = crate::trap::write_report(w, frame, 0);
     });
     crate::power::exit(false)
+}
+
+/// Whether CPU `cpu`'s call mailbox is free (no call claimed, posted or uncollected).
+pub fn mailbox_idle(cpu: usize) -> bool {
+    MAILBOXES
+        .get(cpu)
+        .is_some_and(|m| m.state.load(Ordering::Acquire) == IDLE)
 }
 
 /// Why a cross-CPU call could not run.

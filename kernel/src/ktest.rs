@@ -12,6 +12,7 @@
 #![allow(clippy::result_large_err)]
 
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::fmt::Write;
 use core::future::Future;
 use core::pin::Pin;
@@ -124,6 +125,7 @@ macro_rules! async_tests {
 
 const ASYNC_TESTS: &[AsyncTest] = async_tests![
     sched_every_cpu_runs_pinned_tasks,
+    smp_cross_cpu_calls_both_ways_under_load,
     sched_ten_thousand_tasks_with_stealing,
     sched_sleep_wakes_no_earlier_than_asked,
     mm_zero_pools_fill_when_idle,
@@ -703,6 +705,68 @@ fn executor() -> Result<&'static panda_sched::Executor<crate::exec::Machine>, Fa
 
 fn report_cpu() -> usize {
     percpu::current_index()
+}
+
+/// A call that takes a while, so the IPI announcing it usually arrives while the
+/// target is already running it from its own waiting loop.
+fn slow_call(x: u64) -> u64 {
+    let until = panda_arch::time::now_ns() + 20_000;
+    while panda_arch::time::now_ns() < until {
+        core::hint::spin_loop();
+    }
+    x + 1
+}
+
+/// Every CPU calls every other at once, many times: each caller serves its own mailbox
+/// while it waits, and the IPI for that very call arrives meanwhile. A call must run
+/// exactly once and leave the mailbox free (a mailbox left busy makes the next caller
+/// spin for ever: a hang at -smp 8 under concurrent shootdowns came from that).
+async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
+    use core::sync::atomic::AtomicUsize;
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    const ROUNDS: u64 = 400;
+    let exec = executor()?;
+    let n = exec.cpu_count();
+    if n < 2 {
+        return Ok(());
+    }
+    let before = RAN.load(Ordering::SeqCst);
+    let mut handles = Vec::new();
+    for cpu in 0..n {
+        handles.push(exec.spawn_pinned(cpu, async move {
+            let mut wrong = 0u64;
+            for i in 0..ROUNDS {
+                let target = (cpu + 1 + (i as usize % (n - 1))) % n;
+                match panda_arch::ipi::call_on(target, slow_call, i) {
+                    Ok(r) if r == i + 1 => {}
+                    _ => wrong += 1,
+                }
+                RAN.fetch_add(1, Ordering::SeqCst);
+                if i % 32 == 0 {
+                    exec.yield_now().await;
+                }
+            }
+            wrong
+        }));
+    }
+    let mut wrong = 0;
+    for h in handles {
+        wrong += h.await;
+    }
+    ensure!(wrong == 0, "{wrong} calls returned a wrong result");
+    let ran = RAN.load(Ordering::SeqCst) - before;
+    ensure!(
+        ran == n * ROUNDS as usize,
+        "{ran} calls finished, expected {}",
+        n * ROUNDS as usize
+    );
+    let busy = (0..n).find(|&c| !panda_arch::ipi::mailbox_idle(c));
+    ensure!(
+        busy.is_none(),
+        "cpu{} mailbox left busy after every call returned",
+        busy.unwrap_or(0)
+    );
+    Ok(())
 }
 
 async fn sched_every_cpu_runs_pinned_tasks() -> Outcome {
