@@ -12,12 +12,18 @@ pub const OP_PROCESS_YIELD: usize = 0x2_0000;
 pub const OP_PROCESS_EXIT: usize = 0x2_0001;
 /// The caller's process id.
 pub const OP_PROCESS_GET_PID: usize = 0x2_0002;
-/// Waits for process `pid` (rdi) to end; returns its exit code.
+/// Waits for child process `pid` (rdi) to end; returns its exit status. Only the
+/// parent may wait, and only one of its threads at a time.
 pub const OP_PROCESS_WAIT: usize = 0x2_0003;
 /// Moves the break to `new_end` (rdi; 0 queries); returns the current break.
 pub const OP_PROCESS_BRK: usize = 0x2_0004;
 /// Sleeps `ns` (rdi) nanoseconds.
 pub const OP_PROCESS_SLEEP: usize = 0x2_0005;
+/// Ends child process `pid` (rdi) as killed (status `EXIT_KILLED`).
+pub const OP_PROCESS_KILL: usize = 0x2_0006;
+/// Like `OP_PROCESS_WAIT` for `pid` (rdi), giving up after `timeout_ns` (rsi; 0 only
+/// looks) with `TimedOut`.
+pub const OP_PROCESS_WAIT_TIMEOUT: usize = 0x2_0007;
 
 /// Starts the initrd program at `path_ptr, path_len` (rdi, rsi) with `arg` (rdx).
 pub const OP_ENVIRONMENT_SPAWN: usize = 0x3_0000;
@@ -47,18 +53,24 @@ pub const OP_THREAD_SET_AFFINITY: usize = 0x5_0003;
 pub const OP_CPU_COUNT: usize = 0x5_0004;
 /// The CPU the calling thread is running on (as of the call).
 pub const OP_THREAD_CURRENT_CPU: usize = 0x5_0005;
+/// The calling thread's id.
+pub const OP_THREAD_GET_ID: usize = 0x5_0006;
+/// Sets the calling thread's FS base (rdi) for thread-local storage.
+pub const OP_THREAD_SET_FS_BASE: usize = 0x5_0007;
 
 /// Reads the initrd file `path_ptr, path_len` (rdi, rsi) into `buffer, len` (rdx, r10).
 pub const OP_FILE_READ_BUFFER: usize = 0x6_0000;
 
 /// Every operation, for tests and dispatch tables.
-pub const OPERATIONS: [usize; 20] = [
+pub const OPERATIONS: [usize; 24] = [
     OP_PROCESS_YIELD,
     OP_PROCESS_EXIT,
     OP_PROCESS_GET_PID,
     OP_PROCESS_WAIT,
     OP_PROCESS_BRK,
     OP_PROCESS_SLEEP,
+    OP_PROCESS_KILL,
+    OP_PROCESS_WAIT_TIMEOUT,
     OP_ENVIRONMENT_SPAWN,
     OP_ENVIRONMENT_LOG,
     OP_ENVIRONMENT_TIME,
@@ -72,6 +84,8 @@ pub const OPERATIONS: [usize; 20] = [
     OP_THREAD_SET_AFFINITY,
     OP_CPU_COUNT,
     OP_THREAD_CURRENT_CPU,
+    OP_THREAD_GET_ID,
+    OP_THREAD_SET_FS_BASE,
     OP_FILE_READ_BUFFER,
 ];
 
@@ -109,11 +123,14 @@ pub struct SystemInfo {
     pub fault_map_cycles: u64,
     /// Faults those sums cover.
     pub profiled_faults: u64,
+    /// Bytes of kernel heap in use (allocated and not yet freed): leak checks compare
+    /// it before and after a workload.
+    pub kernel_heap_bytes: u64,
 }
 
 impl SystemInfo {
     /// Number of u64 fields (the struct is exactly these, in order).
-    pub const WORDS: usize = 15;
+    pub const WORDS: usize = 16;
 
     /// The fields in declaration order.
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -133,6 +150,7 @@ impl SystemInfo {
             self.fault_zero_cycles,
             self.fault_map_cycles,
             self.profiled_faults,
+            self.kernel_heap_bytes,
         ]
     }
 
@@ -155,6 +173,7 @@ impl SystemInfo {
             fault_zero_cycles: w(12),
             fault_map_cycles: w(13),
             profiled_faults: w(14),
+            kernel_heap_bytes: w(15),
         }
     }
 }
@@ -175,7 +194,8 @@ pub const fn exit_status(code: u64) -> usize {
 pub enum Error {
     /// An argument is out of range or malformed.
     InvalidArgument = 1,
-    /// No memory (frames, or room in a region) for the request.
+    /// No memory (frames, kernel memory above its reserve, or room in a region), or a
+    /// per-process limit (threads, unreaped children, buffers) is reached.
     OutOfMemory = 2,
     /// No such process, thread, file or buffer.
     NotFound = 3,
@@ -185,17 +205,20 @@ pub enum Error {
     UnknownOperation = 5,
     /// Not allowed in this state (e.g. waiting for oneself).
     NotPermitted = 6,
+    /// A wait's time-out passed first.
+    TimedOut = 7,
 }
 
 impl Error {
     /// Every error, in code order.
-    pub const ALL: [Error; 6] = [
+    pub const ALL: [Error; 7] = [
         Error::InvalidArgument,
         Error::OutOfMemory,
         Error::NotFound,
         Error::BadAddress,
         Error::UnknownOperation,
         Error::NotPermitted,
+        Error::TimedOut,
     ];
 
     /// The value returned in `rax`.
@@ -263,6 +286,7 @@ mod tests {
             fault_zero_cycles: 13,
             fault_map_cycles: 14,
             profiled_faults: 15,
+            kernel_heap_bytes: 16,
         };
         assert_eq!(SystemInfo::from_words(&info.to_words()), info);
         assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);

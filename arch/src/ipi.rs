@@ -108,7 +108,10 @@ pub fn serve_mailbox() {
     // through the compare-exchange above).
     let function: CallFn =
         unsafe { core::mem::transmute::<usize, CallFn>(mailbox.function.load(Ordering::Relaxed)) };
-    let result = function(mailbox.argument.load(Ordering::Relaxed));
+    // A served call runs between two steps of whatever this CPU was doing (possibly
+    // waiting for a lock): it starts a fresh lock order.
+    let argument = mailbox.argument.load(Ordering::Relaxed);
+    let result = crate::sync::nested(|| function(argument));
     mailbox.result.store(result, Ordering::Relaxed);
     mailbox.state.store(DONE, Ordering::Release);
 }

@@ -27,6 +27,7 @@ pub mod pvh;
 pub mod serial;
 pub mod smp;
 pub mod stacks;
+pub mod sync;
 pub mod time;
 pub mod trap;
 pub mod user;

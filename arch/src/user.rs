@@ -73,6 +73,10 @@ pub struct UserContext {
     pub vector: u64,
     pub error_code: u64,
     pub cr2: u64,
+    /// The thread's FS base (thread-local storage), loaded into `IA32_FS_BASE` before
+    /// each run when it differs from what the CPU has. Must be a canonical lower-half
+    /// address (the system call that sets it checks).
+    pub fs_base: u64,
     /// x87/SSE registers: restored before entering user mode and saved at every exit,
     /// so threads sharing a CPU keep their own (the kernel itself uses no SSE).
     pub fpu: FpuState,
@@ -217,6 +221,7 @@ pub fn init_cpu() {
 /// Call with interrupts enabled, from kernel code that may be suspended for as long as
 /// the user code runs (a task on this CPU's executor).
 pub fn run(ctx: &mut UserContext) -> Exit {
+    load_fs_base(ctx.fs_base);
     // SAFETY: `ctx.fpu` is a 16-byte-aligned 512-byte FXSAVE area; loading it only
     // changes x87/SSE registers, which the kernel does not use.
     unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) &ctx.fpu, options(nostack, readonly)) };
@@ -236,6 +241,30 @@ pub fn run(ctx: &mut UserContext) -> Exit {
     }
 }
 
+/// The FS base each CPU last loaded for a user thread (`u64::MAX`: unknown). The kernel
+/// never uses FS, so the register keeps what was loaded until the next thread with a
+/// different value runs here.
+static LOADED_FS_BASE: [core::sync::atomic::AtomicU64; crate::percpu::MAX_CPUS] =
+    [const { core::sync::atomic::AtomicU64::new(u64::MAX) }; crate::percpu::MAX_CPUS];
+
+/// Whether `base` may be a thread's FS base: canonical and in the lower half.
+pub fn valid_fs_base(base: u64) -> bool {
+    base < 0x0000_8000_0000_0000
+}
+
+fn load_fs_base(base: u64) {
+    let base = if valid_fs_base(base) { base } else { 0 };
+    let Some(slot) = LOADED_FS_BASE.get(crate::percpu::current_index()) else {
+        return;
+    };
+    if slot.load(core::sync::atomic::Ordering::Relaxed) != base {
+        // SAFETY: IA32_FS_BASE only sets the FS segment base, which the kernel does not
+        // use; `base` is canonical (checked above), so the write cannot fault.
+        unsafe { x86_64::registers::model_specific::Msr::new(0xc000_0100).write(base) };
+        slot.store(base, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Called by the trap dispatcher for a trap from ring 3, after the vector's handler
 /// (if any) ran: saves the user registers into the running context and returns from
 /// `run` with the vector. Never returns here.
@@ -248,8 +277,12 @@ pub(crate) fn exit_from_trap(frame: &TrapFrame) -> ! {
         } else {
             0
         };
-        // SAFETY: as below: `ctx` is the live context of the run being ended.
-        let fpu = unsafe { (*(ctx as *const UserContext)).fpu };
+        // SAFETY: `ctx` is the live context of the run being ended (`run` holds it as
+        // `&mut` for the whole call), so reading two of its fields is sound.
+        let (fpu, fs_base) = unsafe {
+            let live = &*(ctx as *const UserContext);
+            (live.fpu, live.fs_base)
+        };
         let regs = UserContext {
             rax: frame.rax,
             rbx: frame.rbx,
@@ -272,6 +305,7 @@ pub(crate) fn exit_from_trap(frame: &TrapFrame) -> ! {
             vector: frame.vector,
             error_code: frame.error_code,
             cr2,
+            fs_base,
             fpu,
         };
         // SAFETY: the pointer is the `&mut UserContext` that `run` holds for the call

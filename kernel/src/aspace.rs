@@ -24,14 +24,17 @@ use panda_mm::region::{Access, FaultDecision, Regions, Rights};
 use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
 use panda_mm::{MmError, PhysFrame};
 
-use crate::{kernel_tables, memory};
+use panda_arch::sync::{Mutex, RwLock, WriteGuard};
+
+use crate::{kernel_tables, locks, memory};
 
 /// Page-table frames from the frame allocator, zeroed.
 struct TableFrames;
 
 impl FrameSource for TableFrames {
     fn zeroed_frame(&mut self) -> Option<u64> {
-        let frame = memory::frames()?.alloc(percpu::current_index()).ok()?;
+        // User page tables are user memory: refused below the kernel's reserve.
+        let frame = memory::alloc_user_frame()?;
         memory::zero(frame);
         Some(frame.addr())
     }
@@ -87,12 +90,10 @@ fn tsc() -> u64 {
     panda_arch::cpu::rdtsc()
 }
 
-/// A frame zeroed on the spot (the pool had none).
-fn zero_now(cpu: usize) -> Result<PhysFrame, FaultError> {
+/// A frame zeroed on the spot (the pool had none); refused below the kernel's reserve.
+fn zero_now() -> Result<PhysFrame, FaultError> {
     let t0 = tsc();
-    let frame = memory::frames()
-        .and_then(|f| f.alloc(cpu).ok())
-        .ok_or(FaultError::OutOfMemory)?;
+    let frame = memory::alloc_user_frame().ok_or(FaultError::OutOfMemory)?;
     memory::zero(frame);
     count(Stat::ZeroedInline);
     add(Stat::ProfZero, tsc() - t0);
@@ -137,16 +138,16 @@ pub enum FaultError {
 /// One user address space.
 pub struct AddressSpace {
     root: u64,
-    tables: spin::Mutex<Option<TableBuilder>>,
+    tables: Mutex<Option<TableBuilder>>,
     /// Read by every fault (concurrently), written by layout changes.
-    regions: spin::RwLock<Regions>,
+    regions: RwLock<Regions>,
     /// Bumped by every layout change (before its unmap): a fault that classified its
     /// address under an unchanged generation need not classify again to map.
     layout_gen: AtomicU64,
     /// Serialises changes of the layout that unmap (brk, buffer free, protect) with
     /// each other and with buffer allocation, so a range is never handed out again
     /// before its old pages are unmapped and shot down.
-    layout: spin::Mutex<()>,
+    layout: Mutex<()>,
     tlb: TlbState,
 }
 
@@ -159,16 +160,16 @@ impl AddressSpace {
         tables.share_kernel_half(kernel_tables::kernel_root());
         Ok(Arc::new(Self {
             root: tables.root(),
-            tables: spin::Mutex::new(Some(tables)),
-            regions: spin::RwLock::new(Regions::new()),
+            tables: Mutex::new(&locks::TABLES, Some(tables)),
+            regions: RwLock::new(&locks::REGIONS, Regions::new()),
             layout_gen: AtomicU64::new(0),
-            layout: spin::Mutex::new(()),
+            layout: Mutex::new(&locks::LAYOUT, ()),
             tlb: TlbState::new(),
         }))
     }
 
     /// The region bookkeeping (segments, break, buffers).
-    pub fn regions(&self) -> spin::RwLockWriteGuard<'_, Regions> {
+    pub fn regions(&self) -> WriteGuard<'_, Regions> {
         self.regions.write()
     }
 
@@ -249,7 +250,7 @@ impl AddressSpace {
         let cpu = percpu::current_index();
         let frame = match pooled_frame(cpu) {
             Some(frame) => frame,
-            None => zero_now(cpu)?,
+            None => zero_now()?,
         };
         self.install(addr, frame, rights, generation)
     }
@@ -288,10 +289,10 @@ impl AddressSpace {
                             count(Stat::PoolWaits);
                             z.into_frame()
                         }
-                        None => zero_now(percpu::current_index())?,
+                        None => zero_now()?,
                     }
                 }
-                _ => zero_now(cpu)?,
+                _ => zero_now()?,
             },
         };
         let t0 = tsc();
@@ -600,12 +601,12 @@ impl AddressSpace {
 }
 
 /// The user space each CPU last activated (to tell it when the CPU leaves).
-static CURRENT: [spin::Mutex<Option<alloc::sync::Weak<AddressSpace>>>; panda_sched::MAX_CPUS] =
-    [const { spin::Mutex::new(None) }; panda_sched::MAX_CPUS];
+static CURRENT: [Mutex<Option<alloc::sync::Weak<AddressSpace>>>; panda_sched::MAX_CPUS] =
+    [const { Mutex::new(&locks::CURRENT, None) }; panda_sched::MAX_CPUS];
 
 /// Serialises shootdowns; `SCOPE` holds the pages of the one in progress.
-static SHOOTDOWN: spin::Mutex<()> = spin::Mutex::new(());
-static SCOPE: spin::Mutex<Option<Vec<u64>>> = spin::Mutex::new(None);
+static SHOOTDOWN: Mutex<()> = Mutex::new(&locks::SHOOTDOWN, ());
+static SCOPE: Mutex<Option<Vec<u64>>> = Mutex::new(&locks::SCOPE, None);
 
 /// Runs on each target (and the initiator): flushes the pages in `SCOPE`, or the
 /// whole TLB.

@@ -38,6 +38,29 @@ impl PageSource for FramePages {
     }
 }
 
+/// Bytes handed out and not yet freed, per CPU (a block freed on another CPU than the
+/// one that allocated it makes one counter go down and another up; the sum is exact).
+static LIVE_BYTES: [crossbeam_utils::CachePadded<core::sync::atomic::AtomicI64>;
+    panda_arch::percpu::MAX_CPUS] = [const {
+    crossbeam_utils::CachePadded::new(core::sync::atomic::AtomicI64::new(0))
+}; panda_arch::percpu::MAX_CPUS];
+
+fn count_bytes(delta: i64) {
+    if let Some(c) = LIVE_BYTES.get(panda_arch::percpu::current_index()) {
+        c.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of kernel heap in use (allocated, not yet freed), over every CPU: what leak
+/// checks compare with a baseline (slab pages kept for reuse are not counted).
+pub fn live_bytes() -> u64 {
+    LIVE_BYTES
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum::<i64>()
+        .max(0) as u64
+}
+
 struct KernelHeap {
     early: spin::Mutex<Heap>,
     early_range: (AtomicU64, AtomicU64),
@@ -71,6 +94,27 @@ impl KernelHeap {
 // they back until freed with the same layout.
 unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+        let ptr = unsafe { self.alloc_inner(layout) };
+        if !ptr.is_null() {
+            count_bytes(layout.size() as i64);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count_bytes(-(layout.size() as i64));
+        // SAFETY: the caller's contract for `dealloc` is passed on unchanged.
+        unsafe { self.dealloc_inner(ptr, layout) }
+    }
+}
+
+impl KernelHeap {
+    /// `GlobalAlloc::alloc` without the byte count.
+    ///
+    /// # Safety
+    /// As `GlobalAlloc::alloc`.
+    unsafe fn alloc_inner(&self, layout: Layout) -> *mut u8 {
         interrupts::without_interrupts(|| {
             if self.slabs_on.load(Ordering::Acquire) {
                 let cpu = panda_arch::percpu::current_index();
@@ -97,7 +141,11 @@ unsafe impl GlobalAlloc for KernelHeap {
         })
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+    /// `GlobalAlloc::dealloc` without the byte count.
+    ///
+    /// # Safety
+    /// As `GlobalAlloc::dealloc`.
+    unsafe fn dealloc_inner(&self, ptr: *mut u8, layout: Layout) {
         interrupts::without_interrupts(|| {
             if self.in_early(ptr) {
                 if let Some(ptr) = NonNull::new(ptr) {

@@ -20,6 +20,7 @@ mod boot;
 mod crash;
 mod exec;
 mod heap;
+mod locks;
 mod initrd;
 mod kernel_tables;
 mod ktest;
@@ -208,7 +209,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     }
 
     let frames = memory::init(&boot, report.online);
-    info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs", frames >> 8, report.online);
+    info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; kernel reserve {} KiB (user memory and system calls stop there)", frames >> 8, report.online, memory::reserve_frames() * 4);
     if let Some((method, times)) = memory::choose_zero_method() {
         let mut all = alloc::string::String::new();
         for (m, ns) in times {
@@ -276,9 +277,9 @@ async fn run_init(boot: &BootInfo) -> bool {
         .unwrap_or(0);
     // The baseline: every frame not in use now must be back once init and all it
     // started are gone (zeroing paused so pooled frames are not in flight).
-    let (baseline, large_before) = {
+    let (baseline, large_before, heap_before) = {
         let _paused = memory::pause_zeroing();
-        (memory::frames_not_in_use(), heap::large_frames())
+        (memory::frames_not_in_use(), heap::large_frames(), heap::live_bytes())
     };
     let Some(status) = process::run_init(path, arg).await else {
         return false;
@@ -294,6 +295,20 @@ async fn run_init(boot: &BootInfo) -> bool {
         exec.sleep(5_000_000).await;
         now = memory::frames_not_in_use();
     }
+    // Kernel heap: what init's processes, threads, timers and tables allocated must be
+    // freed too. A little may stay legitimately (queues and tables keep the capacity
+    // they grew to), so the check allows a small, fixed slack; a leak per process,
+    // thread or timer grows with the workload and exceeds it.
+    let heap_after = heap::live_bytes();
+    let heap_grew = heap_after.saturating_sub(heap_before);
+    let heap_ok = heap_grew <= HEAP_SLACK;
+    if heap_ok {
+        console!("ok heap_back_to_baseline ({heap_before} -> {heap_after} bytes in use)");
+    } else {
+        console!(
+            "FAIL heap_back_to_baseline: {heap_after} bytes of kernel heap in use after init, {heap_before} before ({heap_grew} more than the {HEAP_SLACK}-byte slack allows)"
+        );
+    }
     if now == baseline {
         console!("ok frames_back_to_baseline ({baseline} frames free)");
     } else {
@@ -305,8 +320,12 @@ async fn run_init(boot: &BootInfo) -> bool {
             heap::usage()
         );
     }
-    status == 0 && now == baseline
+    status == 0 && now == baseline && heap_ok
 }
+
+/// Kernel heap bytes a finished workload may leave in use: capacities kept by queues
+/// and tables that grew (per-CPU run queues, the shootdown page list).
+const HEAP_SLACK: u64 = 256 * 1024;
 
 static BOOT: spin::Once<BootInfo> = spin::Once::new();
 static TABLES: spin::Once<kernel_tables::KernelTables> = spin::Once::new();

@@ -9,7 +9,7 @@
 //! Each CPU's idle work zeroes frames into its pool (`zero_when_idle`), so demand-zero
 //! faults (user-space issue) can take one in O(1).
 
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use panda_arch::paging::ZeroMethod;
 use panda_arch::percpu;
@@ -22,6 +22,9 @@ use crate::boot::{BootInfo, MemoryKind};
 static FRAMES: spin::Once<Frames> = spin::Once::new();
 static ZERO: spin::Once<ZeroPools> = spin::Once::new();
 static HHDM: spin::Once<u64> = spin::Once::new();
+
+/// Frames kept for the kernel itself (see `above_reserve`).
+static RESERVE: AtomicU64 = AtomicU64::new(0);
 
 static PAUSED: AtomicBool = AtomicBool::new(false);
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -53,7 +56,39 @@ pub fn init(boot: &BootInfo, cpus: usize) -> u64 {
     let per_cpu =
         (frames.total_frames() as usize / 16 / cpus.max(1)).clamp(8, panda_mm::zero::POOL_CAPACITY);
     ZERO.call_once(|| ZeroPools::with_capacity(cpus, per_cpu));
+    RESERVE.store(reserve_for(frames.total_frames()), Ordering::Relaxed);
     frames.total_frames()
+}
+
+/// The kernel's reserve for `total` frames: 1/32 of memory, at least 1 MiB and at
+/// most 64 MiB.
+fn reserve_for(total: u64) -> u64 {
+    (total / 32).clamp(256, 16384)
+}
+
+/// Frames the kernel keeps for itself.
+pub fn reserve_frames() -> u64 {
+    RESERVE.load(Ordering::Relaxed)
+}
+
+/// Whether memory a user program asks for may still be taken: user frames (faults,
+/// page tables, loaded segments), zeroed-pool refills and the kernel objects a system
+/// call creates (threads, processes, buffers) are all refused below the reserve, so
+/// the kernel always has memory to end processes and free what they hold, and a
+/// kernel allocation on a system-call path cannot fail. Reads a lock-free estimate
+/// (frames in per-CPU caches are not counted), so it is cheap enough for every fault.
+pub fn above_reserve() -> bool {
+    FRAMES
+        .get()
+        .is_some_and(|f| f.global_free_estimate() > RESERVE.load(Ordering::Relaxed))
+}
+
+/// A frame for user memory (or a user page table): `None` below the reserve.
+pub fn alloc_user_frame() -> Option<PhysFrame> {
+    if !above_reserve() {
+        return None;
+    }
+    FRAMES.get()?.alloc(percpu::current_index()).ok()
 }
 
 /// The frame allocator.
@@ -169,7 +204,12 @@ pub async fn zeroing_task(cpu: usize) {
             IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
             // A refill that finds no memory wakes the waiters with "none": they zero
             // on the spot or fail as out of memory, and the loop ends.
-            let added = pools.refill(cpu, frames, DEMAND_BATCH, zero);
+            let added = if above_reserve() {
+                pools.refill(cpu, frames, DEMAND_BATCH, zero)
+            } else {
+                pools.wake_starved(cpu);
+                0
+            };
             IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
             if added == 0 {
                 break;
@@ -193,7 +233,9 @@ pub fn zero_when_idle() -> bool {
     IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
     let did = !PAUSED.load(Ordering::SeqCst) && {
         let cpu = percpu::current_index();
-        pools.wants_frames(cpu) && pools.refill(cpu, frames, ZERO_BATCH, zero) > 0
+        pools.wants_frames(cpu)
+            && above_reserve()
+            && pools.refill(cpu, frames, ZERO_BATCH, zero) > 0
     };
     IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
     did

@@ -17,7 +17,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
-use alloc::sync::Arc;
+use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 use core::future::Future;
 use core::pin::pin;
@@ -30,9 +30,11 @@ use panda_arch::user::{self, Exit, UserContext};
 use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
 use panda_mm::MmError;
+use panda_arch::sync::Mutex;
 use panda_sched::JoinHandle;
 
 use crate::aspace::{AddressSpace, FaultError};
+use crate::locks;
 
 /// The status of a process the kernel ended.
 pub const KILLED: u64 = syscall::EXIT_KILLED as u64;
@@ -40,11 +42,24 @@ pub const KILLED: u64 = syscall::EXIT_KILLED as u64;
 static NEXT_PID: AtomicU64 = AtomicU64::new(1);
 static NEXT_TID: AtomicU64 = AtomicU64::new(1);
 
+/// Most threads one process may have that are running or ended but not yet joined.
+pub const MAX_THREADS: usize = 1024;
+/// Most children one process may have that are running or ended but not yet waited for.
+pub const MAX_CHILDREN: usize = 1024;
+
 /// A one-shot event many tasks can await.
-#[derive(Default)]
 pub struct Event {
     fired: AtomicBool,
-    waiters: spin::Mutex<Vec<Waker>>,
+    waiters: Mutex<Vec<Waker>>,
+}
+
+impl Default for Event {
+    fn default() -> Self {
+        Self {
+            fired: AtomicBool::new(false),
+            waiters: Mutex::new(&locks::EVENT, Vec::new()),
+        }
+    }
 }
 
 impl Event {
@@ -86,16 +101,44 @@ struct ExitRecord {
     gone: Event,
 }
 
-/// Live and not yet waited-for processes, by pid.
-static PROCESSES: spin::Mutex<BTreeMap<u64, Arc<ExitRecord>>> = spin::Mutex::new(BTreeMap::new());
+/// A process as its parent sees it, from its start until it is reaped.
+struct Entry {
+    record: Arc<ExitRecord>,
+    /// To kill it (empty once it is gone).
+    process: Weak<Process>,
+    /// Its parent's pid (0: the kernel, for init).
+    parent: u64,
+    /// Its parent has ended, so nobody will wait: the entry goes as soon as the process
+    /// is gone.
+    orphan: bool,
+    /// A thread of the parent is waiting for it (only one may).
+    waited: bool,
+}
+
+/// Live and not yet reaped processes, by pid. A process is reaped when its parent's
+/// wait returns its status, or, if its parent ended first, when it is gone.
+static PROCESSES: Mutex<BTreeMap<u64, Entry>> = Mutex::new(&locks::PROCESSES, BTreeMap::new());
 
 /// Publishes the exit record when dropped: the last field of `Process`, so it drops
-/// after the address space (fields drop in declaration order).
-struct Reaper(Arc<ExitRecord>);
+/// after the address space (fields drop in declaration order). An orphan's entry goes
+/// with it.
+struct Reaper {
+    pid: u64,
+    record: Arc<ExitRecord>,
+}
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        self.0.gone.fire();
+        let removed = {
+            let mut table = PROCESSES.lock();
+            self.record.gone.fire();
+            if table.get(&self.pid).is_some_and(|e| e.orphan) {
+                table.remove(&self.pid)
+            } else {
+                None
+            }
+        };
+        drop(removed);
     }
 }
 
@@ -107,43 +150,87 @@ pub struct Process {
     ending: AtomicBool,
     kill: Event,
     live_threads: AtomicUsize,
-    /// Threads not yet joined: tid -> their task's handle.
-    threads: spin::Mutex<BTreeMap<u64, Option<JoinHandle<u64>>>>,
+    /// Threads not yet joined: tid -> their task's handle (`None` while one is joining).
+    threads: Mutex<BTreeMap<u64, Option<JoinHandle<u64>>>>,
+    /// Children not yet reaped, killed when this process ends.
+    children: Mutex<Vec<u64>>,
     reaper: Reaper,
 }
 
 impl Process {
     /// A process around `space`, registered so it can be waited for.
     pub fn new(space: Arc<AddressSpace>) -> Arc<Self> {
-        Self::named(space, String::from("(kernel-built)"))
+        Self::named(space, String::from("(kernel-built)"), 0)
     }
 
-    fn named(space: Arc<AddressSpace>, name: String) -> Arc<Self> {
+    fn named(space: Arc<AddressSpace>, name: String, parent: u64) -> Arc<Self> {
         let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
         let record = Arc::new(ExitRecord {
             status: AtomicU64::new(0),
             gone: Event::default(),
         });
-        PROCESSES.lock().insert(pid, record.clone());
-        Arc::new(Self {
-            pid,
-            name,
-            space,
-            ending: AtomicBool::new(false),
-            kill: Event::default(),
-            live_threads: AtomicUsize::new(0),
-            threads: spin::Mutex::new(BTreeMap::new()),
-            reaper: Reaper(record),
+        Arc::new_cyclic(|me| {
+            let entry = Entry {
+                record: record.clone(),
+                process: me.clone(),
+                parent,
+                orphan: false,
+                waited: false,
+            };
+            PROCESSES.lock().insert(pid, entry);
+            Self {
+                pid,
+                name,
+                space,
+                ending: AtomicBool::new(false),
+                kill: Event::default(),
+                live_threads: AtomicUsize::new(0),
+                threads: Mutex::new(&locks::THREADS, BTreeMap::new()),
+                children: Mutex::new(&locks::CHILDREN, Vec::new()),
+                reaper: Reaper { pid, record },
+            }
         })
     }
 
     /// Ends the process with `status` (the first call decides): every thread stops at
-    /// its next trap or wake-up.
+    /// its next trap or wake-up, and its children (and theirs) are killed: no process
+    /// outlives its parent, so everything a program started ends when it does.
     pub fn end(&self, status: u64) {
-        if !self.ending.swap(true, Ordering::SeqCst) {
-            self.reaper.0.status.store(status, Ordering::SeqCst);
-            self.kill.fire();
+        let mut doomed = self.mark_ending(status);
+        // Iteratively, not recursively: a chain of thousands of processes must not
+        // need thousands of kernel stack frames.
+        while let Some(child) = doomed.pop() {
+            doomed.extend(child.mark_ending(KILLED));
         }
+    }
+
+    /// The first call records `status`, fires the kill event and returns the children
+    /// still alive (now orphans) for the caller to end; later calls return nothing.
+    fn mark_ending(&self, status: u64) -> Vec<Arc<Process>> {
+        if self.ending.swap(true, Ordering::SeqCst) {
+            return Vec::new();
+        }
+        self.reaper.record.status.store(status, Ordering::SeqCst);
+        self.kill.fire();
+        let children = core::mem::take(&mut *self.children.lock());
+        let mut alive = Vec::new();
+        let mut gone = Vec::new();
+        {
+            let mut table = PROCESSES.lock();
+            for pid in children {
+                let Some(entry) = table.get_mut(&pid) else {
+                    continue;
+                };
+                if entry.record.gone.is_fired() {
+                    gone.extend(table.remove(&pid));
+                } else {
+                    entry.orphan = true;
+                    alive.extend(entry.process.upgrade());
+                }
+            }
+        }
+        drop(gone);
+        alive
     }
 
     pub fn is_ending(&self) -> bool {
@@ -158,28 +245,78 @@ impl Process {
 
     /// `fut`, unless the process ends first (then `None`).
     async fn unless_killed<F: Future>(&self, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
-        let mut kill = pin!(self.kill.wait());
-        core::future::poll_fn(move |cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            if kill.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await
+        first(fut, self.kill.wait()).await
     }
 }
 
-/// Waits for process `pid` to be gone (all threads ended, every frame back) and
-/// returns its status; the record is consumed, so a second wait finds nothing.
-pub async fn wait(pid: u64) -> Option<u64> {
-    let record = PROCESSES.lock().get(&pid).cloned()?;
-    record.gone.wait().await;
-    PROCESSES.lock().remove(&pid);
-    Some(record.status.load(Ordering::SeqCst))
+/// A parent's claim on waiting for a child: released if the wait is abandoned (timed
+/// out, or the waiter's process ends), so another thread may wait later.
+struct WaitClaim {
+    pid: u64,
+    done: bool,
+}
+
+impl Drop for WaitClaim {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(entry) = PROCESSES.lock().get_mut(&self.pid) {
+                entry.waited = false;
+            }
+        }
+    }
+}
+
+/// Waits for child `pid` of `parent` (0: the kernel) to be gone (all threads ended,
+/// every frame back) and returns its status; the child is then reaped, so a second wait
+/// finds nothing. With `timeout_ns`, gives up after that long (0: only looks).
+///
+/// Errors: `NotFound` if `pid` is not an unreaped child of `parent` (another process's
+/// children are not visible); `NotPermitted` if another thread is already waiting for
+/// it; `TimedOut`.
+pub async fn wait_child(parent: u64, pid: u64, timeout_ns: Option<u64>) -> Result<u64, Error> {
+    let record = {
+        let mut table = PROCESSES.lock();
+        let entry = table
+            .get_mut(&pid)
+            .filter(|e| e.parent == parent && !e.orphan)
+            .ok_or(Error::NotFound)?;
+        if entry.waited {
+            return Err(Error::NotPermitted);
+        }
+        entry.waited = true;
+        entry.record.clone()
+    };
+    let mut claim = WaitClaim { pid, done: false };
+    match timeout_ns {
+        None => record.gone.wait().await,
+        Some(ns) => {
+            let exec = crate::exec::get().ok_or(Error::NotPermitted)?;
+            if first(record.gone.wait(), exec.sleep(ns)).await.is_none() && !record.gone.is_fired()
+            {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+    claim.done = true;
+    let reaped = PROCESSES.lock().remove(&pid);
+    drop(reaped);
+    Ok(record.status.load(Ordering::SeqCst))
+}
+
+/// `a`'s output if it completes first (or both at once), `None` if `b` does.
+async fn first<A: Future, B: Future>(a: A, b: B) -> Option<A::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    core::future::poll_fn(move |cx| {
+        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if b.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Why a program could not be started.
@@ -205,7 +342,6 @@ impl SpawnError {
 pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
     let plan = elf::plan(file).map_err(SpawnError::BadElf)?;
     let space = AddressSpace::new().map_err(|_| SpawnError::OutOfMemory)?;
-    let frames = crate::memory::frames().ok_or(SpawnError::OutOfMemory)?;
     for seg in &plan.segments {
         let (start, end) = seg.pages();
         space
@@ -215,9 +351,7 @@ pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
         let (file_start, file_end) = (seg.vaddr, seg.vaddr + seg.file_size);
         let mut page = start;
         while page < file_end {
-            let frame = frames
-                .alloc(panda_arch::percpu::current_index())
-                .map_err(|_| SpawnError::OutOfMemory)?;
+            let frame = crate::memory::alloc_user_frame().ok_or(SpawnError::OutOfMemory)?;
             crate::memory::zero(frame);
             // The part of [file_start, file_end) on this page.
             let from = file_start.max(page);
@@ -240,16 +374,23 @@ pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
     Ok((space, plan.entry))
 }
 
-/// Starts the initrd program `path` as a new process whose first thread gets `arg` in
-/// `rdi` and the top of the stack region in `rsp`. Returns the process.
-pub fn spawn(path: &str, arg: u64) -> Result<Arc<Process>, SpawnError> {
+/// Starts the initrd program `path` as a new process, a child of `parent` (`None`:
+/// the kernel's), whose first thread gets `arg` in `rdi` and the top of the stack
+/// region in `rsp`. Returns the process.
+pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Process>, SpawnError> {
     let file = crate::initrd::find(path).ok_or(SpawnError::NotFound)?;
+    if !crate::memory::above_reserve() {
+        return Err(SpawnError::OutOfMemory);
+    }
+    if parent.is_some_and(|p| p.children.lock().len() >= MAX_CHILDREN) {
+        return Err(SpawnError::OutOfMemory);
+    }
     let (space, entry) = load(file).inspect_err(|e| {
         if let SpawnError::BadElf(why) = e {
             warn!(target: "user", "cannot start {path:?}: {}", why.describe());
         }
     })?;
-    let process = Process::named(space, String::from(path));
+    let process = Process::named(space, String::from(path), parent.map_or(0, |p| p.pid));
     let ctx = UserContext {
         rip: entry,
         rsp: panda_abi::INITIAL_STACK_POINTER as u64,
@@ -257,26 +398,63 @@ pub fn spawn(path: &str, arg: u64) -> Result<Arc<Process>, SpawnError> {
         ..Default::default()
     };
     let exec = crate::exec::get().ok_or(SpawnError::OutOfMemory)?;
-    start_thread(exec, &process, ctx, None);
+    if let Err(e) = start_thread(exec, &process, ctx, None) {
+        // Nobody will wait for a process that never ran: reap it with its last handle.
+        if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
+            entry.orphan = true;
+        }
+        return Err(if e == Error::OutOfMemory {
+            SpawnError::OutOfMemory
+        } else {
+            SpawnError::NotFound
+        });
+    }
+    if let Some(parent) = parent {
+        parent.children.lock().push(process.pid);
+        // The parent began ending meanwhile and may have missed this child: end it
+        // as the parent's end would have (doing it twice is harmless).
+        if parent.is_ending() {
+            if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
+                entry.orphan = true;
+            }
+            process.end(KILLED);
+        }
+    }
     Ok(process)
 }
 
 /// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
-/// Returns its thread id.
+/// Returns its thread id, or `OutOfMemory` when the process has `MAX_THREADS` threads
+/// not yet joined or memory is down to the kernel's reserve.
 fn start_thread(
     exec: &'static panda_sched::Executor<crate::exec::Machine>,
     process: &Arc<Process>,
     ctx: UserContext,
     cpu: Option<usize>,
-) -> u64 {
-    let tid = NEXT_TID.fetch_add(1, Ordering::Relaxed);
+) -> Result<u64, Error> {
+    if !crate::memory::above_reserve() {
+        return Err(Error::OutOfMemory);
+    }
+    // The slot is taken before the task exists, so concurrent spawns cannot overshoot
+    // the limit; the handle fills it once the task is spawned.
+    let tid = {
+        let mut threads = process.threads.lock();
+        if threads.len() >= MAX_THREADS {
+            return Err(Error::OutOfMemory);
+        }
+        let tid = NEXT_TID.fetch_add(1, Ordering::Relaxed);
+        threads.insert(tid, None);
+        tid
+    };
     let future = run_thread_with_id(process.clone(), ctx, tid);
     let handle = match cpu {
         Some(cpu) => exec.spawn_pinned(cpu, future),
         None => exec.spawn(future),
     };
-    process.threads.lock().insert(tid, Some(handle));
-    tid
+    if let Some(slot) = process.threads.lock().get_mut(&tid) {
+        *slot = Some(handle);
+    }
+    Ok(tid)
 }
 
 /// A thread of `process` starting from `ctx`, as a future that completes with the
@@ -307,7 +485,7 @@ enum After {
 async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u64 {
     let status = loop {
         if process.is_ending() {
-            break process.reaper.0.status.load(Ordering::SeqCst);
+            break process.reaper.record.status.load(Ordering::SeqCst);
         }
         // The task may have moved CPUs, or another space may have run here meanwhile.
         if !process.space.is_current() {
@@ -416,17 +594,9 @@ async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) ->
             }
             None => Err(Error::NotPermitted),
         },
-        syscall::OP_PROCESS_WAIT => {
-            if a0 == process.pid {
-                Err(Error::NotPermitted)
-            } else {
-                match process.unless_killed(wait(a0)).await {
-                    Some(Some(status)) => Ok(status as usize),
-                    Some(None) => Err(Error::NotFound),
-                    None => Ok(0), // the caller is ending; the result is never seen
-                }
-            }
-        }
+        syscall::OP_PROCESS_WAIT => wait_for_child(process, a0, None).await,
+        syscall::OP_PROCESS_WAIT_TIMEOUT => wait_for_child(process, a0, Some(a1)).await,
+        syscall::OP_PROCESS_KILL => kill_child(process, a0),
         syscall::OP_ENVIRONMENT_SPAWN => spawn_from_user(process, a0, a1, a2).await,
         syscall::OP_ENVIRONMENT_LOG => log_user(process, a0, a1).await,
         syscall::OP_ENVIRONMENT_TIME => Ok(panda_arch::time::now_ns() as usize),
@@ -435,16 +605,32 @@ async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) ->
         syscall::OP_THREAD_CURRENT_CPU => Ok(panda_arch::percpu::current_index()),
         syscall::OP_THREAD_SPAWN => match exec {
             Some(exec) => {
-                let child = UserContext {
-                    rip: a0,
-                    rsp: a1,
-                    rdi: a2,
-                    ..Default::default()
-                };
-                Ok(start_thread(exec, process, child, None) as usize)
+                let user_end = panda_abi::USER_SPACE_END as u64;
+                if !(panda_abi::ELF_LOAD_BASE as u64..user_end).contains(&a0)
+                    || !(1..=user_end).contains(&a1)
+                {
+                    Err(Error::InvalidArgument)
+                } else {
+                    let child = UserContext {
+                        rip: a0,
+                        rsp: a1,
+                        rdi: a2,
+                        ..Default::default()
+                    };
+                    start_thread(exec, process, child, None).map(|tid| tid as usize)
+                }
             }
             None => Err(Error::NotPermitted),
         },
+        syscall::OP_THREAD_GET_ID => Ok(tid as usize),
+        syscall::OP_THREAD_SET_FS_BASE => {
+            if user::valid_fs_base(a0) {
+                ctx.fs_base = a0;
+                Ok(0)
+            } else {
+                Err(Error::InvalidArgument)
+            }
+        }
         syscall::OP_THREAD_JOIN => join(process, tid, a0).await,
         syscall::OP_THREAD_SET_AFFINITY => match exec {
             Some(exec) if (a0 as usize) < panda_arch::percpu::online_count() => {
@@ -502,7 +688,16 @@ async fn read_user(process: &Process, ptr: u64, out: &mut [u8]) -> Result<(), Er
 }
 
 /// Writes `bytes` to user memory at `ptr`, faulting pages in as a user write would.
+/// The whole destination is checked (and faulted in) before any byte is written, so a
+/// destination that runs into memory the caller may not write gets `BadAddress` and is
+/// left untouched. (If another thread of the process frees part of it between the two
+/// passes, the write stops there with `BadAddress`.)
 async fn write_user(process: &Process, ptr: u64, bytes: &[u8]) -> Result<(), Error> {
+    process
+        .space
+        .access_user(ptr, bytes.len() as u64, true, |_, _, _| {})
+        .await
+        .map_err(user_error)?;
     process
         .space
         .access_user(ptr, bytes.len() as u64, true, |phys, at, n| {
@@ -530,9 +725,40 @@ async fn user_path(process: &Process, ptr: u64, len: u64) -> Result<String, Erro
 
 async fn spawn_from_user(process: &Process, ptr: u64, len: u64, arg: u64) -> Result<usize, Error> {
     let path = user_path(process, ptr, len).await?;
-    spawn(&path, arg)
+    spawn(&path, arg, Some(process))
         .map(|p| p.pid as usize)
         .map_err(SpawnError::to_error)
+}
+
+async fn wait_for_child(process: &Process, pid: u64, timeout_ns: Option<u64>) -> Result<usize, Error> {
+    if pid == process.pid {
+        return Err(Error::NotPermitted);
+    }
+    match process
+        .unless_killed(wait_child(process.pid, pid, timeout_ns))
+        .await
+    {
+        Some(result) => result.map(|status| status as usize),
+        None => Ok(0), // the caller is ending; the result is never seen
+    }
+}
+
+/// Ends child `pid` of `process` as killed. `NotFound` if it is not an unreaped
+/// child; killing a child that already ended (not yet waited for) does nothing.
+fn kill_child(process: &Process, pid: u64) -> Result<usize, Error> {
+    let child = {
+        let table = PROCESSES.lock();
+        let entry = table
+            .get(&pid)
+            .filter(|e| e.parent == process.pid && !e.orphan)
+            .ok_or(Error::NotFound)?;
+        entry.process.upgrade()
+    };
+    if let Some(child) = child {
+        info!(target: "user", "pid {} ({}) killed by its parent, pid {}", child.pid, child.name, process.pid);
+        child.end(KILLED);
+    }
+    Ok(0)
 }
 
 async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
@@ -573,7 +799,7 @@ fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
 }
 
 /// Serialises user output: one write call is one piece on the console.
-static USER_OUTPUT: spin::Mutex<()> = spin::Mutex::new(());
+static USER_OUTPUT: Mutex<()> = Mutex::new(&locks::USER_OUTPUT, ());
 
 /// Writes `[addr, addr + len)` of user memory to the console straight from its frames
 /// (no kernel copy), as one piece: concurrent user writers never split it. The range is
@@ -615,6 +841,10 @@ async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Err
 
 /// Writes a buffer straight from its frames to the console: no kernel copy.
 async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
+    // The same precedence as OP_ENVIRONMENT_LOG: the length first, then the address.
+    if len > MAX_LOG {
+        return Err(Error::InvalidArgument);
+    }
     if !process.space.in_buffer(addr, len) {
         return Err(Error::BadAddress);
     }
@@ -655,6 +885,7 @@ pub fn system_info() -> SystemInfo {
         fault_zero_cycles: a::stat(Stat::ProfZero),
         fault_map_cycles: a::stat(Stat::ProfMap),
         profiled_faults: a::stat(Stat::ProfFaults),
+        kernel_heap_bytes: crate::heap::live_bytes(),
     }
 }
 
@@ -670,7 +901,7 @@ async fn info_to_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Er
 
 /// Runs `path` as the first process and waits for it; logs and returns its status.
 pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
-    let process = match spawn(path, arg) {
+    let process = match spawn(path, arg, None) {
         Ok(p) => p,
         Err(e) => {
             log::error!(target: "user", "cannot start init {path:?}: {e:?}");
@@ -680,7 +911,7 @@ pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
     let pid = process.pid;
     drop(process);
     info!(target: "user", "started {path:?} as pid {pid}");
-    let status = wait(pid).await?;
+    let status = wait_child(0, pid, None).await.ok()?;
     if status == KILLED {
         warn!(target: "user", "init {path:?} (pid {pid}) was killed");
     } else {

@@ -52,7 +52,36 @@ struct CpuCache {
 /// The frame allocator the kernel uses: global buddy plus per-CPU caches.
 pub struct Frames {
     global: spin::Mutex<BuddyAllocator>,
+    /// The global allocator's free count as of its last unlock: read without the lock
+    /// by hot paths that only need an estimate (the kernel's memory reserve check).
+    global_free_hint: CachePadded<AtomicU64>,
     cpus: Vec<CachePadded<CpuCache>>,
+}
+
+/// The global allocator, locked; publishes its free count when unlocked.
+struct Global<'a> {
+    buddy: spin::MutexGuard<'a, BuddyAllocator>,
+    hint: &'a AtomicU64,
+}
+
+impl core::ops::Deref for Global<'_> {
+    type Target = BuddyAllocator;
+    fn deref(&self) -> &BuddyAllocator {
+        &self.buddy
+    }
+}
+
+impl core::ops::DerefMut for Global<'_> {
+    fn deref_mut(&mut self) -> &mut BuddyAllocator {
+        &mut self.buddy
+    }
+}
+
+impl Drop for Global<'_> {
+    fn drop(&mut self) {
+        self.hint
+            .store(self.buddy.free_frames(), Ordering::Relaxed);
+    }
 }
 
 impl Frames {
@@ -60,6 +89,7 @@ impl Frames {
     pub fn new(cpus: usize) -> Self {
         Self {
             global: spin::Mutex::new(BuddyAllocator::new()),
+            global_free_hint: CachePadded::new(AtomicU64::new(0)),
             cpus: (0..cpus.max(1))
                 .map(|_| {
                     CachePadded::new(CpuCache {
@@ -76,9 +106,29 @@ impl Frames {
         }
     }
 
+    fn global(&self) -> Global<'_> {
+        Global {
+            buddy: self.global.lock(),
+            hint: &self.global_free_hint,
+        }
+    }
+
+    fn try_global(&self) -> Option<Global<'_>> {
+        Some(Global {
+            buddy: self.global.try_lock()?,
+            hint: &self.global_free_hint,
+        })
+    }
+
+    /// Frames free in the global allocator as of its last change, without taking its
+    /// lock (frames in per-CPU caches are not counted: a low estimate).
+    pub fn global_free_estimate(&self) -> u64 {
+        self.global_free_hint.load(Ordering::Relaxed)
+    }
+
     /// Adds a free physical range.
     pub fn add_range(&self, start: u64, end: u64) {
-        self.global.lock().add_range(start, end);
+        self.global().add_range(start, end);
     }
 
     fn cpu(&self, cpu: usize) -> &CpuCache {
@@ -90,7 +140,7 @@ impl Frames {
         let c = self.cpu(cpu);
         let mut cache = c.cache.lock();
         if cache.len == 0 {
-            let mut global = self.global.lock();
+            let mut global = self.global();
             // One aligned run of BATCH frames when there is one (a single allocation);
             // frame by frame from a fragmented allocator otherwise.
             if let Ok(run) = global.alloc_split(BATCH.trailing_zeros() as usize) {
@@ -130,7 +180,7 @@ impl Frames {
         let c = self.cpu(cpu);
         let mut cache = c.cache.try_lock().ok_or(MmError::OutOfMemory)?;
         if cache.len == 0 {
-            let mut global = self.global.try_lock().ok_or(MmError::OutOfMemory)?;
+            let mut global = self.try_global().ok_or(MmError::OutOfMemory)?;
             let frame = global.alloc(0)?;
             return Ok(frame);
         }
@@ -149,7 +199,7 @@ impl Frames {
             return Err(MmError::NotAllocated);
         }
         if cache.len == CACHE_CAPACITY {
-            let mut global = self.global.lock();
+            let mut global = self.global();
             for _ in 0..BATCH {
                 cache.len -= 1;
                 let addr = cache.frames[cache.len];
@@ -168,21 +218,21 @@ impl Frames {
     /// heap shrink's or a buffer's), bypassing the caches. Returns how many were
     /// rejected (not allocated), which is a caller's bug.
     pub fn free_many(&self, frames: &mut [u64]) -> usize {
-        self.global.lock().free_many(frames)
+        self.global().free_many(frames)
     }
 
     pub fn alloc_contiguous(&self, order: usize) -> Result<PhysFrame, MmError> {
-        self.global.lock().alloc(order)
+        self.global().alloc(order)
     }
 
     /// Frees a run from `alloc_contiguous`.
     pub fn free_contiguous(&self, frame: PhysFrame) -> Result<(), MmError> {
-        self.global.lock().free(frame)
+        self.global().free(frame)
     }
 
     /// Frames free in the global allocator.
     pub fn global_free(&self) -> u64 {
-        self.global.lock().free_frames()
+        self.global().free_frames()
     }
 
     /// Frames free anywhere: global plus every CPU's cache.
@@ -197,7 +247,7 @@ impl Frames {
 
     /// Frames ever added.
     pub fn total_frames(&self) -> u64 {
-        self.global.lock().total_frames()
+        self.global().total_frames()
     }
 
     /// CPU `cpu`'s cache statistics.
@@ -222,6 +272,20 @@ mod tests {
         let f = Frames::new(cpus);
         f.add_range(0x100_0000, 0x100_0000 + n * 4096);
         f
+    }
+
+    #[test]
+    fn the_lock_free_estimate_follows_the_global_allocator() {
+        let f = frames(2, 256);
+        assert_eq!(f.global_free_estimate(), 256);
+        let a = f.alloc(0).unwrap(); // refills CPU 0's cache with a batch
+        assert_eq!(f.global_free_estimate(), f.global_free());
+        assert!(f.global_free_estimate() < 256);
+        let big = f.alloc_contiguous(4).unwrap();
+        assert_eq!(f.global_free_estimate(), f.global_free());
+        f.free_contiguous(big).unwrap();
+        f.free(0, a).unwrap();
+        assert_eq!(f.global_free_estimate(), f.global_free());
     }
 
     #[test]

@@ -173,6 +173,18 @@ impl ZeroPools {
         added
     }
 
+    /// Tells CPU `cpu`'s waiters that no frame is coming (the caller decided not to
+    /// refill, e.g. memory is down to the kernel's reserve): they wake and look again,
+    /// finding the pool starved.
+    pub fn wake_starved(&self, cpu: usize) {
+        let c = self.cpu(cpu);
+        c.starved.store(true, Ordering::SeqCst);
+        let waiters = core::mem::take(&mut c.pool.lock().waiters);
+        for w in waiters {
+            w.wake();
+        }
+    }
+
     /// A future for CPU `cpu`'s zeroing task: resolves when a `take` is waiting on the
     /// empty pool (at once if one already is). The task then refills the pool, which
     /// wakes the waiters, and yields between batches so the CPU's other work runs.

@@ -46,9 +46,20 @@ pub fn pid() -> u64 {
     call(abi::OP_PROCESS_GET_PID, 0, 0, 0, 0) as u64
 }
 
-/// Waits for process `pid`; its exit status (`EXIT_KILLED` if the kernel ended it).
+/// Waits for child process `pid`; its exit status (`EXIT_KILLED` if the kernel ended
+/// it). `NotFound` if `pid` is not a child of this process (or was already waited for).
 pub fn wait(pid: u64) -> R {
     decode(call(abi::OP_PROCESS_WAIT, pid, 0, 0, 0))
+}
+
+/// Like `wait`, giving up with `TimedOut` after `timeout_ns` (0: only looks).
+pub fn wait_timeout(pid: u64, timeout_ns: u64) -> R {
+    decode(call(abi::OP_PROCESS_WAIT_TIMEOUT, pid, timeout_ns, 0, 0))
+}
+
+/// Ends child process `pid` (its waiter sees `EXIT_KILLED`).
+pub fn kill(pid: u64) -> R {
+    decode(call(abi::OP_PROCESS_KILL, pid, 0, 0, 0))
 }
 
 /// Moves the break (0 queries it); returns the break.
@@ -151,6 +162,17 @@ pub fn set_affinity(cpu: usize) -> R {
 
 pub fn cpu_count() -> usize {
     call(abi::OP_CPU_COUNT, 0, 0, 0, 0) as usize
+}
+
+/// The calling thread's id (the one `thread_spawn` returned for it).
+pub fn thread_id() -> u64 {
+    call(abi::OP_THREAD_GET_ID, 0, 0, 0, 0) as u64
+}
+
+/// Sets the calling thread's FS base (what `fs:`-relative accesses use), for
+/// thread-local storage.
+pub fn set_fs_base(base: usize) -> R {
+    decode(call(abi::OP_THREAD_SET_FS_BASE, base as u64, 0, 0, 0))
 }
 
 pub fn current_cpu() -> usize {

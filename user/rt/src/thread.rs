@@ -80,6 +80,11 @@ impl Thread {
     }
 
     /// Waits for the thread; its exit code.
+    /// The thread's id (what `sys::thread_id` returns on it).
+    pub fn tid(&self) -> u64 {
+        self.tid
+    }
+
     pub fn join(self) -> Result<u64, Error> {
         let code = sys::thread_join(self.tid)?;
         let _ = sys::buffer_free(self.stack);

@@ -463,13 +463,84 @@ const CHILD_EXHAUST_MEMORY: u64 = 6;
 const CHILD_THREADS_ONE_FAULTS: u64 = 7;
 const CHILD_READ_KERNEL: u64 = 8;
 const CHILD_UD2: u64 = 9;
+/// Spawns threads until refused; exits with `count << 8 | error code`.
+const CHILD_THREADS_UNTIL_REFUSED: u64 = 10;
+/// Spawns threads until refused, then sleeps for ever (its parent kills it).
+const CHILD_THREADS_THEN_HOLD: u64 = 11;
+/// Two threads sleep for ever; the main thread exits the process after 1 ms.
+const CHILD_EXIT_WHILE_THREADS_SLEEP: u64 = 12;
+/// Sleeps for ever in two threads and the main one (its parent kills it).
+const CHILD_SLEEP_FOREVER: u64 = 13;
+/// Sleeps 300 ms, then exits with 7.
+const CHILD_SLEEP_THEN_EXIT_7: u64 = 14;
+/// `CHILD_WAIT_FOR_SIBLING + (pid << 16)`: waits for `pid` (a sibling, not its child);
+/// exits with the error code it got, or 99 if the wait succeeded.
+const CHILD_WAIT_FOR_SIBLING: u64 = 15;
 /// Arguments from here on select one test of the main run.
 const ONLY_TEST: u64 = 1000;
 
 static RODATA: [u64; 4] = [1, 2, 3, 4];
 
+/// Entry of threads that only sleep, all on one shared stack: each enters the kernel at
+/// once and never returns, so sharing the stack is harmless.
+extern "C" fn sleep_forever_entry(_: u64) -> ! {
+    loop {
+        sys::sleep_ns(u64::MAX);
+    }
+}
+
+/// A 64 KiB buffer for the sleepers' shared stack; returns its top.
+fn shared_stack() -> usize {
+    sys::buffer_alloc(64 * 1024).map_or(0, |b| b + 64 * 1024)
+}
+
+/// Spawns sleeping threads until the kernel refuses one; returns how many ran and the
+/// refusal.
+fn spawn_sleepers_until_refused(limit: usize) -> (usize, Option<Error>) {
+    let stack = shared_stack();
+    for n in 0..limit {
+        if let Err(e) = sys::thread_spawn(sleep_forever_entry as *const () as usize, stack, 0) {
+            return (n, Some(e));
+        }
+    }
+    (limit, None)
+}
+
 fn child(scenario: u64) -> u64 {
+    if scenario & 0xffff == CHILD_WAIT_FOR_SIBLING {
+        return match sys::wait(scenario >> 16) {
+            Ok(_) => 99,
+            Err(e) => -e.to_result() as u64,
+        };
+    }
     match scenario {
+        CHILD_THREADS_UNTIL_REFUSED => {
+            let (n, e) = spawn_sleepers_until_refused(100_000);
+            ((n as u64) << 8) | e.map_or(0, |e| -e.to_result() as u64)
+        }
+        CHILD_THREADS_THEN_HOLD => {
+            spawn_sleepers_until_refused(100_000);
+            sleep_forever_entry(0)
+        }
+        CHILD_EXIT_WHILE_THREADS_SLEEP => {
+            let stack = shared_stack();
+            for _ in 0..2 {
+                let _ = sys::thread_spawn(sleep_forever_entry as *const () as usize, stack, 0);
+            }
+            sys::sleep_ns(1_000_000);
+            0
+        }
+        CHILD_SLEEP_FOREVER => {
+            let stack = shared_stack();
+            for _ in 0..2 {
+                let _ = sys::thread_spawn(sleep_forever_entry as *const () as usize, stack, 0);
+            }
+            sleep_forever_entry(0)
+        }
+        CHILD_SLEEP_THEN_EXIT_7 => {
+            sys::sleep_ns(300_000_000);
+            7
+        }
         CHILD_EXIT_42 => 42,
         CHILD_STACK_OVERFLOW => {
             write(STACK_BASE - 8, 1);
@@ -543,6 +614,218 @@ fn exit_status_reaches_the_waiter() -> Outcome {
         sys::wait(pid as u64) == Err(Error::NotFound),
         "second wait found it again"
     );
+    Ok(())
+}
+
+fn thread_spawn_is_refused_not_fatal() -> Outcome {
+    let status = run_child(CHILD_THREADS_UNTIL_REFUSED)?;
+    let (count, code) = (status >> 8, status & 0xff);
+    ensure!(
+        code == -Error::OutOfMemory.to_result() as usize,
+        "spawning threads until refused ended with error code {code} after {count} threads"
+    );
+    ensure!(
+        (1000..1024).contains(&count),
+        "refused after {count} threads (the limit is 1024 per process)"
+    );
+    for (what, entry, stack) in [
+        ("entry in the kernel half", 0xffff_ffff_8000_0000u64, 0x7fff_0000u64),
+        ("non-canonical entry", 0x8000_0000_0000, 0x7fff_0000),
+        ("entry below the program", 0x1000, 0x7fff_0000),
+        ("stack in the kernel half", 0x40_1000, 0xffff_8000_0000_0000),
+        ("zero stack", 0x40_1000, 0),
+    ] {
+        let r = abi::decode(sys::raw(abi::OP_THREAD_SPAWN, entry, stack, 0, 0));
+        ensure!(r == Err(Error::InvalidArgument), "{what}: got {r:?}");
+    }
+    Ok(())
+}
+
+/// Threads hold kernel memory: children that each spawn threads until refused, until
+/// the kernel refuses a child, must get errors, never bring the kernel down, and give
+/// every byte back when killed.
+fn kernel_memory_exhaustion_by_threads_is_refused() -> Outcome {
+    let mut pids = Vec::new();
+    let mut refused = None;
+    for _ in 0..400 {
+        match sys::spawn("utest", CHILD_THREADS_THEN_HOLD) {
+            Ok(pid) => pids.push(pid as u64),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        // Let the child spawn its threads before the next one starts.
+        sys::sleep_ns(20_000_000);
+    }
+    let free = sys::info().map(|i| i.memory_free).unwrap_or(0);
+    for &pid in &pids {
+        ensure!(sys::kill(pid) == Ok(0), "kill {pid}");
+    }
+    for &pid in &pids {
+        let status = sys::wait(pid);
+        ensure!(status == Ok(EXIT_KILLED), "child {pid} ended with {status:?}");
+    }
+    ensure!(
+        refused == Some(Error::OutOfMemory),
+        "{} children with 1023 threads each ran without a refusal ({refused:?}, {} MiB free)",
+        pids.len(),
+        free >> 20
+    );
+    Ok(())
+}
+
+fn heap_bytes() -> u64 {
+    sys::info().map(|i| i.kernel_heap_bytes).unwrap_or(0)
+}
+
+/// Processes that end (by exit or kill) while threads sleep for ever must leave no
+/// kernel memory behind (their timers and tasks go with them).
+fn sleeping_threads_of_ended_processes_leave_nothing() -> Outcome {
+    let round = |n: usize| -> Outcome {
+        for _ in 0..n {
+            run_child(CHILD_EXIT_WHILE_THREADS_SLEEP)?;
+            let pid = sys::spawn("utest", CHILD_SLEEP_FOREVER).map_err(|e| format!("{e:?}"))?;
+            sys::sleep_ns(1_000_000);
+            ensure!(sys::kill(pid as u64) == Ok(0), "kill");
+            let status = sys::wait(pid as u64);
+            ensure!(status == Ok(EXIT_KILLED), "killed child ended with {status:?}");
+        }
+        Ok(())
+    };
+    round(20)?; // warm-up: queues and tables reach their working size
+    let before = heap_bytes();
+    round(200)?;
+    let after = heap_bytes();
+    ensure!(
+        after <= before + 16 * 1024,
+        "kernel heap grew {} bytes over 200 rounds ({before} -> {after})",
+        after as i64 - before as i64
+    );
+    Ok(())
+}
+
+/// Only a process's parent may wait for it, one thread at a time; a wait can time out.
+fn waits_are_the_parents_alone() -> Outcome {
+    let a = sys::spawn("utest", CHILD_SLEEP_THEN_EXIT_7).map_err(|e| format!("{e:?}"))? as u64;
+    // A sibling cannot wait for it.
+    let sibling = run_child(CHILD_WAIT_FOR_SIBLING + (a << 16))?;
+    ensure!(
+        sibling == -Error::NotFound.to_result() as usize,
+        "a sibling's wait got {sibling} instead of NotFound"
+    );
+    // A wait that only looks, and one that times out.
+    ensure!(
+        sys::wait_timeout(a, 0) == Err(Error::TimedOut),
+        "a look at a running child did not time out"
+    );
+    ensure!(
+        sys::wait_timeout(a, 1_000_000) == Err(Error::TimedOut),
+        "a 1 ms wait did not time out"
+    );
+    // Two threads of the parent: one waits, the other is refused meanwhile.
+    let waiter = thread::spawn(move || sys::wait(a).map_or(1000, |s| s as u64))
+        .map_err(|e| format!("{e:?}"))?;
+    sys::sleep_ns(50_000_000);
+    let second = sys::wait(a);
+    ensure!(
+        second == Err(Error::NotPermitted),
+        "a second concurrent waiter got {second:?}"
+    );
+    let first = waiter.join().map_err(|e| format!("join: {e:?}"))?;
+    ensure!(first == 7, "the waiting thread got {first}");
+    ensure!(sys::wait(a) == Err(Error::NotFound), "waited twice");
+    ensure!(sys::kill(a) == Err(Error::NotFound), "killed a reaped child");
+    ensure!(
+        sys::kill(sys::pid()) == Err(Error::NotFound),
+        "killed itself through OP_PROCESS_KILL"
+    );
+    Ok(())
+}
+
+/// Calls that write user memory check the whole destination first: one that runs from
+/// a valid page into unmapped memory writes nothing.
+fn partly_bad_destinations_are_left_untouched() -> Outcome {
+    let base = brk_now().next_multiple_of(PAGE);
+    let top = base + PAGE;
+    sys::brk(top).map_err(|e| format!("brk: {e:?}"))?;
+    for i in 0..PAGE / 8 {
+        write(base + i * 8, 0xaaaa_aaaa_aaaa_aaaa);
+    }
+    let dest = top - 16; // 16 valid bytes, then past the break
+    let r = abi::decode(sys::raw(abi::OP_ENVIRONMENT_INFO, dest as u64, 128, 0, 0));
+    ensure!(r == Err(Error::BadAddress), "info across the break gave {r:?}");
+    let r = abi::decode(sys::raw(
+        abi::OP_FILE_READ_BUFFER,
+        b"hello.txt".as_ptr() as u64,
+        9,
+        dest as u64,
+        4096,
+    ));
+    ensure!(
+        r == Err(Error::BadAddress) || r.is_ok_and(|n| n <= 16),
+        "file read across the break gave {r:?}"
+    );
+    if r.is_err() {
+        ensure!(
+            read(dest) == 0xaaaa_aaaa_aaaa_aaaa && read(dest + 8) == 0xaaaa_aaaa_aaaa_aaaa,
+            "a refused call wrote the valid part of its destination"
+        );
+    }
+    sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+    Ok(())
+}
+
+/// Each thread has its own id and its own FS base (thread-local storage).
+fn threads_have_ids_and_their_own_fs_base() -> Outcome {
+    static SLOTS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+    fn fs_word() -> u64 {
+        let v: u64;
+        // SAFETY: reads the word at FS base, which the caller pointed at a static.
+        unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) v, options(nostack, readonly)) };
+        v
+    }
+    let main_tid = sys::thread_id();
+    ensure!(main_tid != 0, "thread id 0");
+    SLOTS[0].store(0x1111, Ordering::SeqCst);
+    sys::set_fs_base(SLOTS[0].as_ptr() as usize).map_err(|e| format!("set: {e:?}"))?;
+    let mut threads = Vec::new();
+    for i in 1..3 {
+        threads.push(
+            thread::spawn(move || {
+                SLOTS[i].store(0x1111 * (i as u64 + 1), Ordering::SeqCst);
+                if sys::set_fs_base(SLOTS[i].as_ptr() as usize).is_err() {
+                    return 1;
+                }
+                for _ in 0..50 {
+                    sys::yield_now();
+                    if fs_word() != 0x1111 * (i as u64 + 1) {
+                        return 2;
+                    }
+                }
+                sys::thread_id()
+            })
+            .map_err(|e| format!("{e:?}"))?,
+        );
+    }
+    for _ in 0..50 {
+        sys::yield_now();
+        ensure!(fs_word() == 0x1111, "the main thread's FS base changed");
+    }
+    let mut tids = Vec::new();
+    for t in threads {
+        let tid = t.tid();
+        let r = t.join().map_err(|e| format!("join: {e:?}"))?;
+        ensure!(r > 2, "a thread saw another's FS base ({r})");
+        ensure!(r == tid, "a thread's own id {r} is not the id spawn gave ({tid})");
+        tids.push(r);
+    }
+    ensure!(tids[0] != tids[1] && !tids.contains(&main_tid), "thread ids repeat");
+    ensure!(
+        sys::set_fs_base(0xffff_8000_0000_0000) == Err(Error::InvalidArgument),
+        "a kernel-half FS base was accepted"
+    );
+    sys::set_fs_base(0).map_err(|e| format!("reset: {e:?}"))?;
     Ok(())
 }
 
@@ -729,10 +1012,11 @@ fn sse_state_survives_preemption() -> Outcome {
 }
 
 fn main(arg: u64) -> u64 {
-    if arg != 0 && arg < ONLY_TEST {
+    // Child scenarios are small numbers, or carry a pid above bit 16.
+    if arg != 0 && (arg < ONLY_TEST || arg >= 1 << 16) {
         return child(arg);
     }
-    let tests: [(&str, Test); 21] = [
+    let tests: [(&str, Test); 27] = [
         (
             "heap_grows_zeroed_then_holds_data",
             heap_grows_zeroed_then_holds_data,
@@ -788,6 +1072,27 @@ fn main(arg: u64) -> u64 {
         (
             "memory_exhaustion_ends_only_the_process",
             memory_exhaustion_ends_only_the_process,
+        ),
+        (
+            "thread_spawn_is_refused_not_fatal",
+            thread_spawn_is_refused_not_fatal,
+        ),
+        (
+            "kernel_memory_exhaustion_by_threads_is_refused",
+            kernel_memory_exhaustion_by_threads_is_refused,
+        ),
+        (
+            "sleeping_threads_of_ended_processes_leave_nothing",
+            sleeping_threads_of_ended_processes_leave_nothing,
+        ),
+        ("waits_are_the_parents_alone", waits_are_the_parents_alone),
+        (
+            "partly_bad_destinations_are_left_untouched",
+            partly_bad_destinations_are_left_untouched,
+        ),
+        (
+            "threads_have_ids_and_their_own_fs_base",
+            threads_have_ids_and_their_own_fs_base,
         ),
         (
             "heap_still_works_after_everything",

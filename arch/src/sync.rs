@@ -1,0 +1,307 @@
+//! Kernel locks: spin locks that keep answering cross-CPU calls while they wait, know
+//! their place in the lock order, and report a lock that cannot be had.
+//!
+//! Three rules make a spinning CPU safe on a machine where CPUs call each other
+//! (docs/LOCKING.md has the whole list of locks):
+//! - **A waiting CPU answers calls.** While it spins for a lock, a CPU runs whatever
+//!   another CPU posted in its call mailbox (`ipi::serve_mailbox`), interrupts on or
+//!   off. So a lock holder that waits for this CPU's answer (a TLB shootdown under an
+//!   address-space lock) gets it, and the two cannot deadlock.
+//! - **Locks are taken in rank order.** Every lock has a rank; a CPU may take a lock
+//!   only if every lock it already holds has a lower rank. Each CPU keeps the stack of
+//!   ranks it holds; taking a lock out of order panics with both locks named, so a test
+//!   that exercises the path finds the inversion the first time it runs, not the one
+//!   time in a thousand it deadlocks. A call served from a waiting loop or an interrupt
+//!   starts a fresh order (it runs on behalf of another CPU, between this CPU's steps).
+//! - **A lock that cannot be had is a report.** A CPU that spins for `STUCK_NS` calls
+//!   the watchdog hook (`set_stuck_hook`; a panic until one is set), which stops every
+//!   CPU and prints where each one is: a deadlock becomes a report, not a silent hang.
+//!
+//! Guards must not be held across `.await` (a task may resume on another CPU, whose
+//! rank stack would not know the lock): kernel code takes these locks only in
+//! synchronous stretches.
+
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+use crate::percpu::{self, MAX_CPUS};
+
+/// How long a CPU spins for one lock before it is reported as stuck.
+pub const STUCK_NS: u64 = 10_000_000_000;
+
+/// Most locks one CPU holds at once that the order check tracks.
+const DEPTH: usize = 16;
+
+/// Per CPU: the ranks of the locks it holds, in the order taken.
+struct Held {
+    ranks: [AtomicU16; DEPTH],
+    names: [AtomicUsize; DEPTH],
+    depth: AtomicUsize,
+    /// Entries below this index belong to the context a served call interrupted.
+    base: AtomicUsize,
+}
+
+static HELD: [Held; MAX_CPUS] = [const {
+    Held {
+        ranks: [const { AtomicU16::new(0) }; DEPTH],
+        names: [const { AtomicUsize::new(0) }; DEPTH],
+        depth: AtomicUsize::new(0),
+        base: AtomicUsize::new(0),
+    }
+}; MAX_CPUS];
+
+/// The calling CPU's stack of held ranks (`names` keeps a pointer to each `Rank`).
+fn held() -> Option<&'static Held> {
+    HELD.get(percpu::current_index())
+}
+
+/// A lock's place in the order: locks with lower `level` are taken first.
+#[derive(Debug)]
+pub struct Rank {
+    pub level: u16,
+    pub name: &'static str,
+}
+
+impl Rank {
+    pub const fn new(level: u16, name: &'static str) -> Self {
+        Self { level, name }
+    }
+}
+
+static STUCK_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs what a CPU does when a lock could not be had for `STUCK_NS` (the watchdog's
+/// all-CPU report). The hook gets the lock's name and does not return.
+pub fn set_stuck_hook(hook: fn(&'static str) -> !) {
+    STUCK_HOOK.store(hook as usize, Ordering::Release);
+}
+
+fn stuck(name: &'static str) -> ! {
+    let hook = STUCK_HOOK.load(Ordering::Acquire);
+    if hook != 0 {
+        // SAFETY: only `set_stuck_hook` stores non-zero values, and it stores
+        // `fn(&'static str) -> !`s.
+        let hook: fn(&'static str) -> ! =
+            unsafe { core::mem::transmute::<usize, fn(&'static str) -> !>(hook) };
+        hook(name);
+    }
+    panic!("lock {name:?} not acquired after {} s: deadlock", STUCK_NS / 1_000_000_000)
+}
+
+/// Checks that `rank` may be taken now and records it as held.
+fn acquire(rank: &'static Rank) {
+    let Some(h) = held() else { return };
+    let base = h.base.load(Ordering::Relaxed);
+    let depth = h.depth.load(Ordering::Relaxed).min(DEPTH);
+    for i in base..depth {
+        let level = h.ranks[i].load(Ordering::Relaxed);
+        if level >= rank.level {
+            let other = h.names[i].load(Ordering::Relaxed) as *const Rank;
+            // SAFETY: `names` holds only pointers to `'static` `Rank`s stored below.
+            let other = unsafe { &*other };
+            panic!(
+                "lock order: taking {:?} (rank {}) while holding {:?} (rank {})",
+                rank.name, rank.level, other.name, other.level
+            );
+        }
+    }
+    let at = h.depth.fetch_add(1, Ordering::Relaxed);
+    if at < DEPTH {
+        h.ranks[at].store(rank.level, Ordering::Relaxed);
+        h.names[at].store(rank as *const Rank as usize, Ordering::Relaxed);
+    }
+}
+
+/// Forgets the most recent hold of `rank` (guards may be dropped out of order).
+fn release(rank: &'static Rank) {
+    let Some(h) = held() else { return };
+    let depth = h.depth.load(Ordering::Relaxed);
+    let base = h.base.load(Ordering::Relaxed);
+    let top = depth.min(DEPTH);
+    if let Some(i) = (base..top)
+        .rev()
+        .find(|&i| h.names[i].load(Ordering::Relaxed) == rank as *const Rank as usize)
+    {
+        for j in i..top - 1 {
+            h.ranks[j].store(h.ranks[j + 1].load(Ordering::Relaxed), Ordering::Relaxed);
+            h.names[j].store(h.names[j + 1].load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+    h.depth.store(depth.saturating_sub(1), Ordering::Relaxed);
+}
+
+/// Runs `f` (a served cross-CPU call or an interrupt handler) with a fresh lock order:
+/// the locks the interrupted context holds do not count, since `f` runs between its
+/// steps and finishes before it continues.
+pub fn nested<R>(f: impl FnOnce() -> R) -> R {
+    let Some(h) = held() else { return f() };
+    let saved = h.base.load(Ordering::Relaxed);
+    h.base
+        .store(h.depth.load(Ordering::Relaxed), Ordering::Relaxed);
+    let r = f();
+    h.base.store(saved, Ordering::Relaxed);
+    r
+}
+
+/// Spins until `attempt` succeeds, answering cross-CPU calls meanwhile; reports the
+/// lock as stuck after `STUCK_NS`.
+fn spin_until<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> G {
+    if let Some(g) = attempt() {
+        return g;
+    }
+    let start = crate::time::now_ns();
+    let mut spins = 0u32;
+    loop {
+        crate::ipi::serve_mailbox();
+        core::hint::spin_loop();
+        if let Some(g) = attempt() {
+            return g;
+        }
+        spins = spins.wrapping_add(1);
+        if spins % 4096 == 0 && crate::time::now_ns().saturating_sub(start) > STUCK_NS {
+            stuck(name);
+        }
+    }
+}
+
+/// A ranked spin lock (see the module doc).
+pub struct Mutex<T> {
+    rank: &'static Rank,
+    inner: spin::Mutex<T>,
+}
+
+impl<T> Mutex<T> {
+    pub const fn new(rank: &'static Rank, value: T) -> Self {
+        Self {
+            rank,
+            inner: spin::Mutex::new(value),
+        }
+    }
+
+    /// Takes the lock, answering cross-CPU calls while it waits. Panics on a lock-order
+    /// inversion.
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        acquire(self.rank);
+        let guard = spin_until(self.rank.name, || self.inner.try_lock());
+        MutexGuard {
+            rank: self.rank,
+            guard,
+        }
+    }
+
+    /// Takes the lock if it is free.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        acquire(self.rank);
+        match self.inner.try_lock() {
+            Some(guard) => Some(MutexGuard {
+                rank: self.rank,
+                guard,
+            }),
+            None => {
+                release(self.rank);
+                None
+            }
+        }
+    }
+}
+
+/// Holds a `Mutex`; releases it (and its place in the order) when dropped.
+pub struct MutexGuard<'a, T> {
+    rank: &'static Rank,
+    guard: spin::MutexGuard<'a, T>,
+}
+
+impl<T> Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T> Drop for MutexGuard<'_, T> {
+    fn drop(&mut self) {
+        release(self.rank);
+    }
+}
+
+/// A ranked reader-writer spin lock: readers share, a writer is alone (see the module
+/// doc for waiting and ranks).
+pub struct RwLock<T> {
+    rank: &'static Rank,
+    inner: spin::RwLock<T>,
+}
+
+impl<T> RwLock<T> {
+    pub const fn new(rank: &'static Rank, value: T) -> Self {
+        Self {
+            rank,
+            inner: spin::RwLock::new(value),
+        }
+    }
+
+    pub fn read(&self) -> ReadGuard<'_, T> {
+        acquire(self.rank);
+        let guard = spin_until(self.rank.name, || self.inner.try_read());
+        ReadGuard {
+            rank: self.rank,
+            guard,
+        }
+    }
+
+    pub fn write(&self) -> WriteGuard<'_, T> {
+        acquire(self.rank);
+        let guard = spin_until(self.rank.name, || self.inner.try_write());
+        WriteGuard {
+            rank: self.rank,
+            guard,
+        }
+    }
+}
+
+pub struct ReadGuard<'a, T> {
+    rank: &'static Rank,
+    guard: spin::RwLockReadGuard<'a, T>,
+}
+
+impl<T> Deref for ReadGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> Drop for ReadGuard<'_, T> {
+    fn drop(&mut self) {
+        release(self.rank);
+    }
+}
+
+pub struct WriteGuard<'a, T> {
+    rank: &'static Rank,
+    guard: spin::RwLockWriteGuard<'a, T>,
+}
+
+impl<T> Deref for WriteGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> DerefMut for WriteGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T> Drop for WriteGuard<'_, T> {
+    fn drop(&mut self) {
+        release(self.rank);
+    }
+}
