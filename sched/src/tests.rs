@@ -390,6 +390,8 @@ fn sleep_never_wakes_early() {
     stop_cpus(stop, exec, handles);
     assert_eq!(done.load(Ordering::SeqCst), 50);
     assert_eq!(early.load(Ordering::SeqCst), 0);
+    // Fired and completed sleeps leave nothing behind.
+    assert_eq!(armed_total(exec), 0);
 }
 
 #[test]
@@ -466,5 +468,154 @@ fn a_pinned_self_waking_task_cannot_starve_shared_ones() {
         done.load(Ordering::SeqCst),
         100,
         "shared tasks starved by a pinned one"
+    );
+}
+
+/// A waker that counts its wakes; `Arc::strong_count` shows who still holds it.
+struct CountWake(AtomicU64);
+impl std::task::Wake for CountWake {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn count_waker() -> (Arc<CountWake>, Waker) {
+    let counter = Arc::new(CountWake(AtomicU64::new(0)));
+    (counter.clone(), Waker::from(counter))
+}
+
+fn armed_total<P: Platform>(exec: &Executor<P>) -> usize {
+    (0..exec.cpu_count()).map(|c| exec.armed_timers(c)).sum()
+}
+
+#[test]
+fn a_dropped_sleep_leaves_no_timer_and_no_waker() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let (counter, waker) = count_waker();
+    let mut sleep = Box::pin(exec.sleep(u64::MAX));
+    let mut cx = Context::from_waker(&waker);
+    assert!(sleep.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(exec.armed_timers(0), 1);
+    drop(sleep);
+    assert_eq!(
+        exec.armed_timers(0),
+        0,
+        "a dropped sleep left its timer armed"
+    );
+    drop(waker);
+    assert_eq!(
+        Arc::strong_count(&counter),
+        1,
+        "the timer list still holds the dropped sleep's waker"
+    );
+    assert_eq!(exec.next_deadline(0), None);
+}
+
+/// The kernel's case: tasks sleeping "forever" while racing a kill event (as
+/// `Process::unless_killed` does) are cancelled; their sleeps must not outlive them.
+#[test]
+fn tasks_killed_while_sleeping_forever_leave_no_timer() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let kill_wakers = Arc::new(Mutex::new(Vec::<Waker>::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    for _ in 0..100 {
+        let (killed, kill_wakers, done) = (killed.clone(), kill_wakers.clone(), done.clone());
+        exec.spawn(async move {
+            let mut sleep = std::pin::pin!(exec.sleep(u64::MAX));
+            std::future::poll_fn(|cx| {
+                if sleep.as_mut().poll(cx).is_ready() || killed.load(Ordering::SeqCst) {
+                    return Poll::Ready(());
+                }
+                kill_wakers.lock().unwrap().push(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| exec.armed_timers(0) == 100 || Instant::now() > deadline);
+    assert_eq!(exec.armed_timers(0), 100);
+    killed.store(true, Ordering::SeqCst);
+    for w in kill_wakers.lock().unwrap().drain(..) {
+        w.wake();
+    }
+    exec.run_until(|| done.load(Ordering::SeqCst) == 100 || Instant::now() > deadline);
+    assert_eq!(done.load(Ordering::SeqCst), 100);
+    assert_eq!(exec.live_tasks(), 0);
+    assert_eq!(exec.armed_timers(0), 0, "killed sleepers left timers armed");
+}
+
+#[test]
+fn repolling_a_sleep_with_new_wakers_keeps_one_entry() {
+    let exec = executor(2);
+    let mut sleep = Box::pin(exec.sleep(u64::MAX));
+    let mut old: Vec<Arc<CountWake>> = Vec::new();
+    for i in 0..20 {
+        // Alternate the polling CPU too: the entry stays where it was armed.
+        CPU.with(|c| c.set(i % 2));
+        let (counter, waker) = count_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(sleep.as_mut().poll(&mut cx).is_pending());
+        // The same waker again changes nothing.
+        assert!(sleep.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(armed_total(exec), 1, "poll {i} armed a second entry");
+        old.push(counter);
+    }
+    CPU.with(|c| c.set(0));
+    // Only the latest waker is still held (by the entry and the sleep).
+    let held: Vec<usize> = old.iter().map(Arc::strong_count).collect();
+    assert!(
+        held[..19].iter().all(|&n| n == 1),
+        "replaced wakers kept: {held:?}"
+    );
+    assert_eq!(held[19], 3);
+    drop(sleep);
+    assert_eq!(armed_total(exec), 0);
+    assert_eq!(Arc::strong_count(&old[19]), 1);
+}
+
+#[test]
+fn sleeps_dropped_on_another_cpu_leave_no_timer() {
+    let exec = executor(4);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let same_cpu = Arc::new(AtomicUsize::new(0));
+    const TASKS: usize = 1000;
+    for i in 0..TASKS {
+        let (done, same_cpu) = (done.clone(), same_cpu.clone());
+        exec.spawn_pinned(i % 4, async move {
+            let armed_on = CPU.with(Cell::get);
+            let mut sleep = Box::pin(exec.sleep(u64::MAX));
+            // Arm it here (one pending poll), then carry it to another CPU and drop it.
+            std::future::poll_fn(|cx| {
+                assert!(sleep.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            exec.move_to((armed_on + 1 + i % 3) % 4, i % 2 == 0).await;
+            if CPU.with(Cell::get) == armed_on {
+                same_cpu.fetch_add(1, Ordering::SeqCst);
+            }
+            drop(sleep);
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    run_until_done(exec, stop, handles, &done, TASKS);
+    assert_eq!(done.load(Ordering::SeqCst), TASKS);
+    assert_eq!(
+        same_cpu.load(Ordering::SeqCst),
+        0,
+        "a sleep was dropped where it was armed"
+    );
+    let left: Vec<usize> = (0..4).map(|c| exec.armed_timers(c)).collect();
+    assert_eq!(
+        left, [0; 4],
+        "sleeps dropped on other CPUs left timers armed"
     );
 }
