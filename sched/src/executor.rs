@@ -1,10 +1,8 @@
 //! The executor: per-CPU queues, the CPU loop, stealing, idling, spawning.
 
 use alloc::boxed::Box;
-use alloc::collections::BinaryHeap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::cmp::Reverse;
 use core::future::Future;
 use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +12,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::queue::TaskQueue;
 use crate::task::{Scheduler, Task, DONE, IDLE, RUNNING, SCHEDULED, WOKEN};
-use crate::timer::{Sleep, TimerEntry, TimerHeap, Timers};
+use crate::timer::{Sleep, TimerKey, TimerList, Timers};
 
 /// Most CPUs an executor serves.
 pub const MAX_CPUS: usize = 256;
@@ -56,7 +54,7 @@ pub struct CpuStats {
 struct CpuState {
     pinned: spin::Mutex<TaskQueue>,
     shared: spin::Mutex<TaskQueue>,
-    timers: spin::Mutex<TimerHeap>,
+    timers: spin::Mutex<TimerList>,
     idle: AtomicBool,
     /// A move the task being polled asked for (`Executor::move_to`): 0 for none, else
     /// `(cpu + 1) | PIN_BIT` when it is to be pinned there. Read and cleared by this
@@ -74,7 +72,7 @@ impl CpuState {
         Self {
             pinned: spin::Mutex::new(TaskQueue::new()),
             shared: spin::Mutex::new(TaskQueue::new()),
-            timers: spin::Mutex::new(BinaryHeap::new()),
+            timers: spin::Mutex::new(TimerList::new()),
             idle: AtomicBool::new(false),
             move_request: AtomicUsize::new(0),
             polls: AtomicU64::new(0),
@@ -386,8 +384,8 @@ impl<P: Platform> Executor<P> {
             self.cpus[cpu]
                 .timers
                 .lock()
-                .peek()
-                .is_some_and(|Reverse(t)| t.deadline <= now)
+                .first_key_value()
+                .is_some_and(|(&(deadline, _), _)| deadline <= now)
         })
     }
 
@@ -399,21 +397,13 @@ impl<P: Platform> Executor<P> {
                 let mut timers = self.cpus[cpu].timers.lock();
                 let mut count = 0;
                 while count < due.len() {
-                    match timers.peek() {
-                        Some(Reverse(t)) if t.deadline <= now => {
-                            if let Some(Reverse(t)) = timers.pop() {
-                                due[count] = Some(t.waker);
-                                count += 1;
-                            }
+                    match timers.first_entry() {
+                        Some(entry) if entry.key().0 <= now => {
+                            due[count] = Some(entry.remove());
+                            count += 1;
                         }
                         _ => break,
                     }
-                }
-                // A burst of timers (e.g. one per page fault awaiting the zeroed pool)
-                // must not pin its peak capacity forever.
-                if timers.capacity() > 16 && timers.len() < timers.capacity() / 4 {
-                    let keep = timers.len() * 2;
-                    timers.shrink_to(keep);
                 }
                 count
             });
@@ -435,9 +425,15 @@ impl<P: Platform> Executor<P> {
             self.cpus[cpu]
                 .timers
                 .lock()
-                .peek()
-                .map(|Reverse(t)| t.deadline)
+                .first_key_value()
+                .map(|(&(deadline, _), _)| deadline)
         })
+    }
+
+    /// Timer entries armed on CPU `cpu` and not yet fired or cancelled (one per pending
+    /// `Sleep` that was polled there first).
+    pub fn armed_timers(&self, cpu: usize) -> usize {
+        self.with_interrupts_off(|| self.cpus[cpu].timers.lock().len())
     }
 
     /// A future that completes `ns` nanoseconds from now.
@@ -517,16 +513,45 @@ impl<P: Platform> Timers for Executor<P> {
         self.platform.now_ns()
     }
 
-    fn add_timer(&self, deadline_ns: u64, waker: Waker) {
+    fn add_timer(&self, deadline_ns: u64, waker: Waker) -> TimerKey {
         let seq = self.timer_seq.fetch_add(1, Ordering::Relaxed);
         let cpu = self.current();
-        self.with_interrupts_off(|| {
-            self.cpus[cpu].timers.lock().push(Reverse(TimerEntry {
-                deadline: deadline_ns,
-                seq,
-                waker,
-            }))
+        // Keys are unique (the sequence number is), so nothing is replaced here.
+        let replaced = self.with_interrupts_off(|| {
+            self.cpus[cpu]
+                .timers
+                .lock()
+                .insert((deadline_ns, seq), waker)
         });
+        debug_assert!(replaced.is_none());
+        TimerKey {
+            cpu,
+            deadline: deadline_ns,
+            seq,
+        }
+    }
+
+    fn replace_timer_waker(&self, key: TimerKey, waker: Waker) -> Result<Waker, Waker> {
+        self.with_interrupts_off(|| {
+            match self.cpus[key.cpu]
+                .timers
+                .lock()
+                .get_mut(&(key.deadline, key.seq))
+            {
+                Some(slot) => Ok(core::mem::replace(slot, waker)),
+                None => Err(waker),
+            }
+        })
+    }
+
+    fn cancel_timer(&self, key: TimerKey) -> Option<Waker> {
+        // The arming CPU's list, which need not be the calling CPU's: tasks migrate.
+        self.with_interrupts_off(|| {
+            self.cpus[key.cpu]
+                .timers
+                .lock()
+                .remove(&(key.deadline, key.seq))
+        })
     }
 }
 

@@ -390,6 +390,8 @@ fn sleep_never_wakes_early() {
     stop_cpus(stop, exec, handles);
     assert_eq!(done.load(Ordering::SeqCst), 50);
     assert_eq!(early.load(Ordering::SeqCst), 0);
+    // Fired and completed sleeps leave nothing behind.
+    assert_eq!(armed_total(exec), 0);
 }
 
 #[test]
@@ -467,4 +469,323 @@ fn a_pinned_self_waking_task_cannot_starve_shared_ones() {
         100,
         "shared tasks starved by a pinned one"
     );
+}
+
+/// A waker that counts its wakes; `Arc::strong_count` shows who still holds it.
+struct CountWake(AtomicU64);
+impl std::task::Wake for CountWake {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn count_waker() -> (Arc<CountWake>, Waker) {
+    let counter = Arc::new(CountWake(AtomicU64::new(0)));
+    (counter.clone(), Waker::from(counter))
+}
+
+fn armed_total<P: Platform>(exec: &Executor<P>) -> usize {
+    (0..exec.cpu_count()).map(|c| exec.armed_timers(c)).sum()
+}
+
+#[test]
+fn a_dropped_sleep_leaves_no_timer_and_no_waker() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let (counter, waker) = count_waker();
+    let mut sleep = Box::pin(exec.sleep(u64::MAX));
+    let mut cx = Context::from_waker(&waker);
+    assert!(sleep.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(exec.armed_timers(0), 1);
+    drop(sleep);
+    assert_eq!(
+        exec.armed_timers(0),
+        0,
+        "a dropped sleep left its timer armed"
+    );
+    drop(waker);
+    assert_eq!(
+        Arc::strong_count(&counter),
+        1,
+        "the timer list still holds the dropped sleep's waker"
+    );
+    assert_eq!(exec.next_deadline(0), None);
+}
+
+/// The kernel's case: tasks sleeping "forever" while racing a kill event (as
+/// `Process::unless_killed` does) are cancelled; their sleeps must not outlive them.
+#[test]
+fn tasks_killed_while_sleeping_forever_leave_no_timer() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let kill_wakers = Arc::new(Mutex::new(Vec::<Waker>::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    for _ in 0..100 {
+        let (killed, kill_wakers, done) = (killed.clone(), kill_wakers.clone(), done.clone());
+        exec.spawn(async move {
+            let mut sleep = std::pin::pin!(exec.sleep(u64::MAX));
+            std::future::poll_fn(|cx| {
+                if sleep.as_mut().poll(cx).is_ready() || killed.load(Ordering::SeqCst) {
+                    return Poll::Ready(());
+                }
+                kill_wakers.lock().unwrap().push(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| exec.armed_timers(0) == 100 || Instant::now() > deadline);
+    assert_eq!(exec.armed_timers(0), 100);
+    killed.store(true, Ordering::SeqCst);
+    for w in kill_wakers.lock().unwrap().drain(..) {
+        w.wake();
+    }
+    exec.run_until(|| done.load(Ordering::SeqCst) == 100 || Instant::now() > deadline);
+    assert_eq!(done.load(Ordering::SeqCst), 100);
+    assert_eq!(exec.live_tasks(), 0);
+    assert_eq!(exec.armed_timers(0), 0, "killed sleepers left timers armed");
+}
+
+#[test]
+fn repolling_a_sleep_with_new_wakers_keeps_one_entry() {
+    let exec = executor(2);
+    let mut sleep = Box::pin(exec.sleep(u64::MAX));
+    let mut old: Vec<Arc<CountWake>> = Vec::new();
+    for i in 0..20 {
+        // Alternate the polling CPU too: the entry stays where it was armed.
+        CPU.with(|c| c.set(i % 2));
+        let (counter, waker) = count_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(sleep.as_mut().poll(&mut cx).is_pending());
+        // The same waker again changes nothing.
+        assert!(sleep.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(armed_total(exec), 1, "poll {i} armed a second entry");
+        old.push(counter);
+    }
+    CPU.with(|c| c.set(0));
+    // Only the latest waker is still held (by the entry and the sleep).
+    let held: Vec<usize> = old.iter().map(Arc::strong_count).collect();
+    assert!(
+        held[..19].iter().all(|&n| n == 1),
+        "replaced wakers kept: {held:?}"
+    );
+    assert_eq!(held[19], 3);
+    drop(sleep);
+    assert_eq!(armed_total(exec), 0);
+    assert_eq!(Arc::strong_count(&old[19]), 1);
+}
+
+#[test]
+fn sleeps_dropped_on_another_cpu_leave_no_timer() {
+    let exec = executor(4);
+    let stop = leak_flag();
+    let handles = start_cpus(exec, stop);
+    CPU.with(|c| c.set(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let same_cpu = Arc::new(AtomicUsize::new(0));
+    const TASKS: usize = 1000;
+    for i in 0..TASKS {
+        let (done, same_cpu) = (done.clone(), same_cpu.clone());
+        exec.spawn_pinned(i % 4, async move {
+            let armed_on = CPU.with(Cell::get);
+            let mut sleep = Box::pin(exec.sleep(u64::MAX));
+            // Arm it here (one pending poll), then carry it to another CPU and drop it.
+            std::future::poll_fn(|cx| {
+                assert!(sleep.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            exec.move_to((armed_on + 1 + i % 3) % 4, i % 2 == 0).await;
+            if CPU.with(Cell::get) == armed_on {
+                same_cpu.fetch_add(1, Ordering::SeqCst);
+            }
+            drop(sleep);
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    run_until_done(exec, stop, handles, &done, TASKS);
+    assert_eq!(done.load(Ordering::SeqCst), TASKS);
+    assert_eq!(
+        same_cpu.load(Ordering::SeqCst),
+        0,
+        "a sleep was dropped where it was armed"
+    );
+    let left: Vec<usize> = (0..4).map(|c| exec.armed_timers(c)).collect();
+    assert_eq!(
+        left, [0; 4],
+        "sleeps dropped on other CPUs left timers armed"
+    );
+}
+
+/// A platform whose `halt` waits for a wake-up and nothing else: no time-out, no
+/// spurious return. It models `cli ... sti; hlt` exactly: a wake sent while the CPU
+/// has interrupts enabled is taken at once (dropped here, at the CPU's next
+/// `interrupts_off`); one sent while they are off stays pending and ends the next
+/// `halt` at once. So a lost wake-up leaves a CPU halted for good, where `Threads`
+/// would hide it behind its 2 ms park.
+struct StrictHalt {
+    pending: Vec<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+thread_local! {
+    static INTERRUPTS_ON: Cell<bool> = const { Cell::new(true) };
+}
+
+impl StrictHalt {
+    fn new(cpus: usize) -> Self {
+        Self {
+            pending: (0..cpus)
+                .map(|_| (Mutex::new(false), std::sync::Condvar::new()))
+                .collect(),
+        }
+    }
+}
+
+impl Platform for StrictHalt {
+    fn cpu_index(&self) -> usize {
+        CPU.with(Cell::get)
+    }
+    fn wake_cpu(&self, cpu: usize) {
+        let (flag, cond) = &self.pending[cpu];
+        *flag.lock().unwrap() = true;
+        cond.notify_one();
+    }
+    fn now_ns(&self) -> u64 {
+        0 // no timers in these tests: a halted CPU has no tick to wake it either
+    }
+    fn interrupts_off(&self) -> bool {
+        let was_on = INTERRUPTS_ON.with(|i| i.replace(false));
+        if was_on {
+            // Any wake-up that arrived while interrupts were on has been handled.
+            *self.pending[self.cpu_index()].0.lock().unwrap() = false;
+        }
+        was_on
+    }
+    fn interrupts_restore(&self, enabled: bool) {
+        INTERRUPTS_ON.with(|i| i.set(enabled));
+    }
+    fn halt(&self) {
+        let (flag, cond) = &self.pending[self.cpu_index()];
+        let mut pending = flag.lock().unwrap();
+        while !*pending {
+            pending = cond.wait(pending).unwrap();
+        }
+        *pending = false;
+        INTERRUPTS_ON.with(|i| i.set(true));
+    }
+}
+
+/// One-shot-at-a-time signal between two tasks: `set` wakes the waiter.
+#[derive(Default)]
+struct Signal {
+    set: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+impl Signal {
+    fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        if let Some(w) = self.waker.lock().unwrap().take() {
+            w.wake();
+        }
+    }
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.set.swap(false, Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            // Set between the check and the registration: do not wait for it.
+            if self.set.swap(false, Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Cross-CPU wakes and spawns by the thousand on CPUs that halt until woken: a lost
+/// wake-up leaves a CPU halted for ever, the work unfinished, and this test fails at
+/// its time-out instead of hanging.
+#[test]
+fn no_wake_up_is_lost_when_halt_waits_for_one() {
+    const CPUS: usize = 4;
+    const ROUNDS: usize = 3000;
+    const SPAWNS: usize = 3000;
+    let exec: &'static Executor<StrictHalt> =
+        Box::leak(Box::new(Executor::new(StrictHalt::new(CPUS), CPUS)));
+    let stop = leak_flag();
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    CPU.with(|c| c.set(0));
+    // Ping-pong between tasks pinned on CPUs a and b: every round is a wake of a task on
+    // another CPU that has just gone (or is going) idle.
+    for (a, b) in [(0, 1), (2, 3), (1, 2)] {
+        let (ping, pong) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
+        let (ping2, pong2, tx2) = (ping.clone(), pong.clone(), tx.clone());
+        exec.spawn_pinned(a, async move {
+            for _ in 0..ROUNDS {
+                pong.set();
+                ping.wait().await;
+            }
+            tx2.send("ping-pong").unwrap();
+        });
+        exec.spawn_pinned(b, async move {
+            for _ in 0..ROUNDS {
+                pong2.wait().await;
+                ping2.set();
+            }
+        });
+    }
+    // Spawns onto other CPUs, each awaited through its JoinHandle (a wake back).
+    let tx2 = tx.clone();
+    exec.spawn_pinned(3, async move {
+        for i in 0..SPAWNS {
+            let cpu = i % CPUS;
+            let got = if i % 2 == 0 {
+                exec.spawn_pinned(cpu, async move { i }).await
+            } else {
+                exec.spawn_on(cpu, async move { i }).await
+            };
+            assert_eq!(got, i);
+        }
+        tx2.send("spawns").unwrap();
+    });
+    drop(tx);
+    // The CPUs start only now: the test thread is not a CPU and spawns nothing after.
+    let handles: Vec<_> = (0..CPUS)
+        .map(|cpu| {
+            thread::spawn(move || {
+                CPU.with(|c| c.set(cpu));
+                exec.run_until(|| stop.load(Ordering::SeqCst));
+            })
+        })
+        .collect();
+    let timeout = Instant::now() + Duration::from_secs(10);
+    for _ in 0..4 {
+        let left = timeout.saturating_duration_since(Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            let idle: Vec<bool> = (0..CPUS).map(|c| exec.is_idle(c)).collect();
+            // The CPU threads stay parked; the test binary exits without them.
+            panic!(
+                "work unfinished after 10 s: a wake-up was lost (idle CPUs: {idle:?}, {} tasks live)",
+                exec.live_tasks()
+            );
+        }
+    }
+    // `stop` is not work a CPU looks for before halting, so a wake-up sent just before
+    // a CPU turns interrupts off is taken and the CPU halts: wake until all have left.
+    stop.store(true, Ordering::SeqCst);
+    while !handles.iter().all(thread::JoinHandle::is_finished) {
+        for cpu in 0..CPUS {
+            exec.platform().wake_cpu(cpu);
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(exec.live_tasks(), 0);
 }
