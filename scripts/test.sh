@@ -226,6 +226,27 @@ expect_failure() {
     fi
 }
 
+# crash=deadlock at -smp N: one CPU spins with interrupts off. The watchdog must say
+# so, every online CPU must report (header, registers including r15, backtrace) and
+# the run must fail (1), not time out (3). With one CPU the spin's own lock-style
+# time-out reports it instead of the tick check.
+expect_watchdog() {
+    local n=$1 log="$logs/fatal-deadlock-smp$1.log" status=0 why="" online headers want_line
+    scripts/run.sh --timeout "$timeout_s" -smp "$n" --cmdline "crash=deadlock" >"$log" 2>&1 || status=$?
+    online=$(grep -o 'smp: [0-9]* of [0-9]* CPUs online' "$log" | head -n1 | awk '{print $2}' || true)
+    headers=$(grep -oE '^watchdog: cpu [0-9]+ report \(' "$log" | sort -u | wc -l || true)
+    if [ "$n" = 1 ]; then want_line='^watchdog: cpu 0 is stuck: crash=deadlock'
+    else want_line='^watchdog: cpu [0-9]+ made no progress for [0-9]+\.[0-9] s'; fi
+    [ "$status" = 1 ] || why="$why exit $status (want 1);"
+    grep -qE -- "$want_line" "$log" || why="$why no '$want_line' line;"
+    [ -n "$online" ] && [ "$headers" = "$online" ] || why="$why $headers distinct CPU reports for ${online:-?} CPUs online;"
+    [ "$(grep -cE '^  r13=[0-9a-f]{16} r14=[0-9a-f]{16} r15=' "$log")" = "$headers" ] || why="$why not every report has r13-r15;"
+    [ "$(grep -c '^backtrace:' "$log")" -ge "$headers" ] || why="$why not every report has a backtrace;"
+    grep -qE "^watchdog: ${online:-?} of ${online:-?} CPUs reported" "$log" || why="$why no '${online:-?} of ${online:-?} CPUs reported';"
+    if [ -z "$why" ]; then pass "fatal-deadlock-smp$n (reports from $headers CPUs)"
+    else why=${why%;}; fail "fatal-deadlock-smp$n" "${why# } (see $log)"; fi
+}
+
 if [ "$quick" = 0 ]; then
     section "fatal paths"
     expect_failure injected-test-failure "test test.inject_failure" '^FAIL injected_failure' '^[0-9]+ passed, 1 failed'
@@ -234,6 +255,7 @@ if [ "$quick" = 0 ]; then
     expect_failure invalid-opcode "crash=ud2" '^EXCEPTION #UD .*vector 6' 'backtrace:' '#0 +0xffffffff8'
     expect_failure page-fault "crash=pagefault" '^EXCEPTION #PF .*cr2=0xdead0000' 'not-present page at read'
     expect_failure stack-overflow "crash=stackoverflow" '^EXCEPTION #DF ' 'the kernel stack ran into its guard page'
+    for n in 1 2 4; do expect_watchdog "$n"; done
 
     # An AP that never answers is reported by APIC id and skipped; boot goes on.
     log="$logs/silent-ap.log" status=0

@@ -1,11 +1,12 @@
 //! Interrupt handlers for the local APIC's vectors, IPIs and cross-CPU calls.
 //!
-//! - `TIMER_VECTOR`: counts the tick, runs the tick hook (the executor's timer check),
+//! - `TIMER_VECTOR`: counts the tick, runs the watchdog's check, runs the tick hook (the executor's timer check),
 //!   acknowledges.
 //! - `WAKE_VECTOR`: only wakes the CPU from `hlt` (the executor then looks at its queue).
 //! - `CALL_VECTOR`: runs the function posted in this CPU's call mailbox.
 //! - spurious: ignored, as the SDM says (no EOI). APIC error: logged, acknowledged.
-//! - NMI: halts the CPU when the machine is being stopped (`smp::stop_others`), and is
+//! - NMI: halts the CPU when the machine is being stopped (`smp::stop_others`), after
+//!   writing its report if the watchdog stops it (`smp::stop_others_reporting`), and is
 //!   fatal otherwise.
 //!
 //! A cross-CPU call (`call_on`, or `call_on_set` for several CPUs at once) claims the
@@ -65,10 +66,11 @@ pub fn set_tick_hook(hook: fn()) {
     TICK_HOOK.store(hook as usize, Ordering::Release);
 }
 
-fn on_timer(_: &mut TrapFrame) {
+fn on_timer(frame: &mut TrapFrame) {
     if let Some(cpu) = percpu::current() {
         cpu.ticks.fetch_add(1, Ordering::Relaxed);
     }
+    crate::watchdog::tick(frame);
     let hook = TICK_HOOK.load(Ordering::Acquire);
     if hook != 0 {
         // SAFETY: only `set_tick_hook` stores non-zero values, and it stores `fn()`s.
@@ -133,6 +135,9 @@ fn on_error(_: &mut TrapFrame) {
 
 fn on_nmi(frame: &mut TrapFrame) {
     if crate::smp::stopping() {
+        if crate::smp::stopping_with_reports() {
+            crate::watchdog::report_from_nmi(frame);
+        }
         crate::power::halt_forever();
     }
     crate::serial::emergency(|w| {

@@ -31,6 +31,7 @@ pub mod sync;
 pub mod time;
 pub mod trap;
 pub mod user;
+pub mod watchdog;
 
 /// Base of the kernel image's virtual addresses: the top 2 GiB, as the kernel code
 /// model requires. The image's physical address is its virtual address minus this on

@@ -6,6 +6,7 @@
 //! so that a CPU that died holding it cannot silence the report.
 
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Mutex;
 use x86_64::instructions::interrupts;
 use x86_64::instructions::port::Port;
@@ -99,16 +100,24 @@ pub fn with_console_line<R>(f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
     })
 }
 
+/// Set once a fatal path gave up waiting for the console lock: its holder is not
+/// coming back (stopped by NMI, or stuck), so later fatal paths do not wait again.
+static LOCK_ABANDONED: AtomicBool = AtomicBool::new(false);
+
 /// A writer for fatal paths: takes the console lock if it frees up soon, and writes
-/// without it otherwise (a CPU may have died holding it).
+/// without it otherwise (a CPU may have died holding it). After one such time-out the
+/// lock is no longer waited for.
 pub fn emergency(f: impl FnOnce(&mut dyn fmt::Write)) {
     interrupts::disable();
-    for _ in 0..10_000_000 {
-        if let Some(mut guard) = CONSOLE.try_lock() {
-            f(&mut *guard);
-            return;
+    if !LOCK_ABANDONED.load(Ordering::Acquire) {
+        for _ in 0..10_000_000 {
+            if let Some(mut guard) = CONSOLE.try_lock() {
+                f(&mut *guard);
+                return;
+            }
+            core::hint::spin_loop();
         }
-        core::hint::spin_loop();
+        LOCK_ABANDONED.store(true, Ordering::Release);
     }
     f(&mut Uart::new(COM1));
 }

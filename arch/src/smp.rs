@@ -228,20 +228,48 @@ pub fn wait_for(timeout_us: u64, done: impl Fn() -> bool) -> bool {
     done()
 }
 
-/// Set while the machine is being stopped: NMIs then halt their CPU.
+/// Set while the machine is being stopped: NMIs then halt their CPU (`STOP_HALT`), or
+/// first write their CPU's report (`STOP_REPORT`, the watchdog).
 static STOPPING: AtomicU64 = AtomicU64::new(0);
+const STOP_HALT: u64 = 1;
+const STOP_REPORT: u64 = 2;
 
-/// Whether `stop_others` has been called.
+/// Whether `stop_others` or `stop_others_reporting` has been called.
 pub fn stopping() -> bool {
     STOPPING.load(Ordering::Acquire) != 0
+}
+
+/// Whether the machine is being stopped with a report from every CPU.
+pub fn stopping_with_reports() -> bool {
+    STOPPING.load(Ordering::Acquire) == STOP_REPORT
 }
 
 /// Halts every other online CPU through an NMI (which even a CPU spinning with
 /// interrupts off takes). Used by panic and fatal-trap paths.
 pub fn stop_others() {
-    if STOPPING.swap(1, Ordering::AcqRel) != 0 {
+    if STOPPING
+        .compare_exchange(0, STOP_HALT, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return;
     }
+    nmi_others();
+}
+
+/// Like `stop_others`, but each CPU writes its report (registers, backtrace) before it
+/// halts. Returns false, and sends nothing, if the machine is already being stopped.
+pub fn stop_others_reporting() -> bool {
+    if STOPPING
+        .compare_exchange(0, STOP_REPORT, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return false;
+    }
+    nmi_others();
+    true
+}
+
+fn nmi_others() {
     let me = crate::percpu::checked_index().unwrap_or(usize::MAX);
     for cpu in crate::percpu::online() {
         if cpu.index() != me {

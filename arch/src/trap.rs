@@ -226,16 +226,7 @@ pub fn write_report(w: &mut dyn Write, frame: &TrapFrame, cr2: u64) -> fmt::Resu
         frame.rsp,
         frame.rflags
     )?;
-    writeln!(
-        w,
-        "  rax={:016x} rbx={:016x} rcx={:016x} rdx={:016x}",
-        frame.rax, frame.rbx, frame.rcx, frame.rdx
-    )?;
-    writeln!(
-        w,
-        "  rsi={:016x} rdi={:016x} rbp={:016x} r8 ={:016x}",
-        frame.rsi, frame.rdi, frame.rbp, frame.r8
-    )?;
+    write_registers(w, frame)?;
     if frame.vector == 14 {
         let e = frame.error_code;
         writeln!(
@@ -274,6 +265,31 @@ pub fn write_report(w: &mut dyn Write, frame: &TrapFrame, cr2: u64) -> fmt::Resu
         }
     }
     crate::backtrace::write(w, frame.rip, frame.rbp)
+}
+
+/// Writes every general register of `frame`, four to a line (RIP, RSP and RFLAGS are
+/// the caller's header's).
+pub fn write_registers(w: &mut dyn Write, frame: &TrapFrame) -> fmt::Result {
+    writeln!(
+        w,
+        "  rax={:016x} rbx={:016x} rcx={:016x} rdx={:016x}",
+        frame.rax, frame.rbx, frame.rcx, frame.rdx
+    )?;
+    writeln!(
+        w,
+        "  rsi={:016x} rdi={:016x} rbp={:016x} r8 ={:016x}",
+        frame.rsi, frame.rdi, frame.rbp, frame.r8
+    )?;
+    writeln!(
+        w,
+        "  r9 ={:016x} r10={:016x} r11={:016x} r12={:016x}",
+        frame.r9, frame.r10, frame.r11, frame.r12
+    )?;
+    writeln!(
+        w,
+        "  r13={:016x} r14={:016x} r15={:016x}",
+        frame.r13, frame.r14, frame.r15
+    )
 }
 
 fn fatal(frame: &TrapFrame) -> ! {

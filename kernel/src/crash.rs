@@ -1,10 +1,12 @@
 //! `crash=WHAT` on the command line: deliberately take a fatal path, so that
 //! `scripts/test.sh` can check each one reports and stops the machine with failure.
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use log::{error, warn};
 
 /// Triggers the named failure; returns only for an unknown name (after logging it).
-pub fn trigger(what: &str) {
+pub async fn trigger(what: &str) {
     warn!(target: "crash", "crash={what} requested");
     match what {
         "panic" => panic!("crash=panic requested on the command line"),
@@ -30,10 +32,47 @@ pub fn trigger(what: &str) {
             let depth = recurse(0);
             error!(target: "crash", "recursed {depth} frames without faulting: no guard page");
         }
+        "deadlock" => deadlock().await,
         _ => {
-            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow")
+            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock")
         }
     }
+}
+
+/// Set by nobody: what the deadlocked CPU waits for.
+static NEVER_SET: AtomicBool = AtomicBool::new(false);
+
+/// One CPU (the last AP, or the only CPU) disables interrupts and waits for a flag
+/// nobody sets; the others go on. With another CPU running, the watchdog's tick check
+/// catches it; alone, the wait is a lock-style spin that calls the watchdog's `stuck`
+/// after twice the limit. Either way every CPU reports and the run fails.
+async fn deadlock() -> ! {
+    let me = panda_arch::percpu::current_index();
+    let target = (0..panda_arch::percpu::online_count())
+        .rev()
+        .find(|&i| i != me);
+    let exec = crate::exec::get().expect("crash= runs as an executor task");
+    match target {
+        Some(cpu) => {
+            // Detached: it never finishes.
+            drop(exec.spawn_pinned(cpu, async { spin_with_interrupts_off() }));
+            // This CPU carries on with ordinary work.
+            loop {
+                exec.sleep(100_000_000).await;
+            }
+        }
+        None => spin_with_interrupts_off(),
+    }
+}
+
+fn spin_with_interrupts_off() -> ! {
+    let guard = panda_arch::percpu::CpuGuard::new();
+    warn!(target: "crash", "cpu{} spins with interrupts off, waiting for a flag nobody sets", guard.index());
+    panda_arch::watchdog::spin_until("crash=deadlock waits for a flag nobody sets", || {
+        NEVER_SET.load(Ordering::Acquire)
+    });
+    error!(target: "crash", "the flag nobody sets was set");
+    panda_arch::power::exit(false)
 }
 
 fn panic_here(_: u64) -> u64 {

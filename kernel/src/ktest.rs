@@ -171,11 +171,34 @@ pub async fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usiz
     for (name, test) in ASYNC_TESTS.iter() {
         record(name, test().await);
     }
+    // Last, so that it covers every test before it.
+    record(
+        "watchdog_watched_the_whole_run",
+        watchdog_watched_the_whole_run(&ctx),
+    );
     if inject {
         record(injected.0, (injected.1)(&ctx));
     }
     console!("{passed} passed, {failed} failed");
     failed == 0
+}
+
+/// The watchdog ran through the tests (unless `watchdog=off`) without firing, and how
+/// close a CPU came to its limit is in the log, to judge the limit's margin.
+fn watchdog_watched_the_whole_run(ctx: &Context<'_>) -> Outcome {
+    let limit = panda_arch::watchdog::limit_ns();
+    let quiet = panda_arch::watchdog::longest_quiet_ns();
+    log::info!(target: "watchdog", "longest a CPU went without a timer tick while watched: {} ms (limit {} ms)", quiet / 1_000_000, limit / 1_000_000);
+    if ctx.boot.option("watchdog") == Some("off") {
+        ensure!(limit == 0, "watchdog=off, yet the watchdog runs");
+        return Ok(());
+    }
+    ensure!(limit != 0, "the watchdog is not running");
+    ensure!(
+        quiet > 0 && quiet < limit,
+        "longest quiet time {quiet} ns, limit {limit} ns"
+    );
+    Ok(())
 }
 
 fn boot_info_memory_map(ctx: &Context<'_>) -> Outcome {

@@ -238,12 +238,13 @@ fn kmain(mut boot: BootInfo) -> ! {
         drop(executor.spawn_pinned(cpu, memory::zeroing_task(cpu)));
     }
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());
+    start_watchdog(boot.option("watchdog"));
     let boot: &'static BootInfo = BOOT.call_once(|| boot);
     let tables: &'static kernel_tables::KernelTables = TABLES.call_once(|| tables);
     let expected = report.enabled;
     executor.spawn_pinned(0, async move {
         if let Some(what) = boot.option("crash") {
-            crash::trigger(what);
+            crash::trigger(what).await;
         }
         if boot.has_flag("test") {
             let ok = ktest::run_all(boot, tables, expected).await;
@@ -252,6 +253,48 @@ fn kmain(mut boot: BootInfo) -> ! {
         power::exit(run_init(boot).await)
     });
     exec::run_this_cpu()
+}
+
+/// How long a CPU may go without a timer tick before the watchdog stops the machine,
+/// unless `watchdog=SECONDS` says otherwise. Generous: under TCG with many more vCPUs
+/// than host cores, a vCPU may wait a while for a host core.
+const WATCHDOG_DEFAULT_MS: u64 = 5_000;
+
+/// Starts the watchdog with `watchdog=SECONDS` (decimals allowed, at least 0.5) or
+/// the default; `watchdog=off` leaves it off.
+fn start_watchdog(option: Option<&str>) {
+    let limit_ms = match option {
+        None => Some(WATCHDOG_DEFAULT_MS),
+        Some("off") => None,
+        Some(text) => match parse_seconds_as_ms(text) {
+            Some(ms) if ms >= 500 => Some(ms),
+            _ => {
+                log::warn!(target: "watchdog", "watchdog={text} is not SECONDS (at least 0.5) or off: using {} s", WATCHDOG_DEFAULT_MS / 1000);
+                Some(WATCHDOG_DEFAULT_MS)
+            }
+        },
+    };
+    match limit_ms {
+        Some(ms) => {
+            panda_arch::watchdog::start(ms * 1_000_000);
+            info!(target: "watchdog", "a CPU without a timer tick for {}.{} s stops the machine with a report from every CPU (watchdog=SECONDS|off)", ms / 1000, ms / 100 % 10);
+        }
+        None => info!(target: "watchdog", "off (watchdog=off)"),
+    }
+}
+
+/// `"3"` or `"2.5"` seconds in milliseconds.
+fn parse_seconds_as_ms(text: &str) -> Option<u64> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let mut ms = 0;
+    for (i, digit) in fraction.bytes().enumerate() {
+        ms += u64::from(digit - b'0') * [100, 10, 1][i];
+    }
+    whole.checked_mul(1000)?.checked_add(ms)
 }
 
 /// Runs the initrd's `init` (or the program `init=PATH` names) as the first process,
