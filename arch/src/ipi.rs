@@ -202,14 +202,17 @@ pub fn call_on_set(targets: impl Fn(usize) -> bool, function: CallFn, argument: 
 /// Claims `target`'s mailbox, posts the call and sends the IPI.
 fn post(target: usize, function: CallFn, argument: u64) {
     let mailbox = &MAILBOXES[target];
-    while mailbox
-        .state
-        .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    crate::watchdog::spin_until("claiming another CPU's call mailbox", || {
+        if mailbox
+            .state
+            .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return true;
+        }
         serve_mailbox();
-        core::hint::spin_loop();
-    }
+        false
+    });
     mailbox.function.store(function as usize, Ordering::Relaxed);
     mailbox.argument.store(argument, Ordering::Relaxed);
     mailbox.state.store(POSTED, Ordering::Release);
@@ -219,10 +222,13 @@ fn post(target: usize, function: CallFn, argument: u64) {
 /// Waits for `target` to finish the posted call, frees its mailbox, returns the result.
 fn collect(target: usize) -> u64 {
     let mailbox = &MAILBOXES[target];
-    while mailbox.state.load(Ordering::Acquire) != DONE {
+    crate::watchdog::spin_until("waiting for another CPU to answer a call", || {
+        if mailbox.state.load(Ordering::Acquire) == DONE {
+            return true;
+        }
         serve_mailbox();
-        core::hint::spin_loop();
-    }
+        false
+    });
     let result = mailbox.result.load(Ordering::Relaxed);
     mailbox.state.store(IDLE, Ordering::Release);
     result

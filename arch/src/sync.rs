@@ -13,9 +13,11 @@
 //!   that exercises the path finds the inversion the first time it runs, not the one
 //!   time in a thousand it deadlocks. A call served from a waiting loop or an interrupt
 //!   starts a fresh order (it runs on behalf of another CPU, between this CPU's steps).
-//! - **A lock that cannot be had is a report.** A CPU that spins for `STUCK_NS` calls
-//!   the watchdog hook (`set_stuck_hook`; a panic until one is set), which stops every
-//!   CPU and prints where each one is: a deadlock becomes a report, not a silent hang.
+//! - **A lock that cannot be had is a report.** A CPU that spins for twice the
+//!   watchdog's limit (`watchdog=SECONDS`, 5 s by default) calls `watchdog::stuck`,
+//!   which stops every CPU and prints where each one is: a deadlock becomes a report,
+//!   not a silent hang, even when every CPU is spinning with interrupts on (so every
+//!   timer tick still arrives and the tick check sees nothing wrong).
 //!
 //! Guards must not be held across `.await` (a task may resume on another CPU, whose
 //! rank stack would not know the lock): kernel code takes these locks only in
@@ -25,9 +27,6 @@ use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
 use crate::percpu::{self, MAX_CPUS};
-
-/// How long a CPU spins for one lock before it is reported as stuck.
-pub const STUCK_NS: u64 = 10_000_000_000;
 
 /// Most locks one CPU holds at once that the order check tracks.
 const DEPTH: usize = 16;
@@ -68,42 +67,29 @@ impl Rank {
     }
 }
 
-static STUCK_HOOK: AtomicUsize = AtomicUsize::new(0);
-
-/// Installs what a CPU does when a lock could not be had for `STUCK_NS` (the watchdog's
-/// all-CPU report). The hook gets the lock's name and does not return.
-pub fn set_stuck_hook(hook: fn(&'static str) -> !) {
-    STUCK_HOOK.store(hook as usize, Ordering::Release);
-}
-
-fn stuck(name: &'static str) -> ! {
-    let hook = STUCK_HOOK.load(Ordering::Acquire);
-    if hook != 0 {
-        // SAFETY: only `set_stuck_hook` stores non-zero values, and it stores
-        // `fn(&'static str) -> !`s.
-        let hook: fn(&'static str) -> ! =
-            unsafe { core::mem::transmute::<usize, fn(&'static str) -> !>(hook) };
-        hook(name);
-    }
-    panic!("lock {name:?} not acquired after {} s: deadlock", STUCK_NS / 1_000_000_000)
+/// The held lock that taking `rank` now would violate the order against, if any.
+pub fn order_violation(rank: &Rank) -> Option<&'static Rank> {
+    let h = held()?;
+    let base = h.base.load(Ordering::Relaxed);
+    let depth = h.depth.load(Ordering::Relaxed).min(DEPTH);
+    (base..depth)
+        .find(|&i| h.ranks[i].load(Ordering::Relaxed) >= rank.level)
+        .map(|i| {
+            let other = h.names[i].load(Ordering::Relaxed) as *const Rank;
+            // SAFETY: `names` holds only pointers to `'static` `Rank`s (stored by
+            // `acquire` from a `&'static Rank`).
+            unsafe { &*other }
+        })
 }
 
 /// Checks that `rank` may be taken now and records it as held.
 fn acquire(rank: &'static Rank) {
     let Some(h) = held() else { return };
-    let base = h.base.load(Ordering::Relaxed);
-    let depth = h.depth.load(Ordering::Relaxed).min(DEPTH);
-    for i in base..depth {
-        let level = h.ranks[i].load(Ordering::Relaxed);
-        if level >= rank.level {
-            let other = h.names[i].load(Ordering::Relaxed) as *const Rank;
-            // SAFETY: `names` holds only pointers to `'static` `Rank`s stored below.
-            let other = unsafe { &*other };
-            panic!(
-                "lock order: taking {:?} (rank {}) while holding {:?} (rank {})",
-                rank.name, rank.level, other.name, other.level
-            );
-        }
+    if let Some(other) = order_violation(rank) {
+        panic!(
+            "lock order: taking {:?} (rank {}) while holding {:?} (rank {})",
+            rank.name, rank.level, other.name, other.level
+        );
     }
     let at = h.depth.fetch_add(1, Ordering::Relaxed);
     if at < DEPTH {
@@ -144,7 +130,7 @@ pub fn nested<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Spins until `attempt` succeeds, answering cross-CPU calls meanwhile; reports the
-/// lock as stuck after `STUCK_NS`.
+/// lock as stuck after twice the watchdog's limit (never, with the watchdog off).
 fn spin_until<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> G {
     if let Some(g) = attempt() {
         return g;
@@ -158,8 +144,11 @@ fn spin_until<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> 
             return g;
         }
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && crate::time::now_ns().saturating_sub(start) > STUCK_NS {
-            stuck(name);
+        if spins % 4096 == 0 {
+            let limit = crate::watchdog::limit_ns().saturating_mul(2);
+            if limit != 0 && crate::time::now_ns().saturating_sub(start) > limit {
+                crate::watchdog::stuck(name);
+            }
         }
     }
 }

@@ -41,9 +41,9 @@ impl PageSource for FramePages {
 /// Bytes handed out and not yet freed, per CPU (a block freed on another CPU than the
 /// one that allocated it makes one counter go down and another up; the sum is exact).
 static LIVE_BYTES: [crossbeam_utils::CachePadded<core::sync::atomic::AtomicI64>;
-    panda_arch::percpu::MAX_CPUS] = [const {
-    crossbeam_utils::CachePadded::new(core::sync::atomic::AtomicI64::new(0))
-}; panda_arch::percpu::MAX_CPUS];
+    panda_arch::percpu::MAX_CPUS] =
+    [const { crossbeam_utils::CachePadded::new(core::sync::atomic::AtomicI64::new(0)) };
+        panda_arch::percpu::MAX_CPUS];
 
 fn count_bytes(delta: i64) {
     if let Some(c) = LIVE_BYTES.get(panda_arch::percpu::current_index()) {

@@ -109,6 +109,7 @@ const TESTS: &[Test] = tests![
     smp_cross_cpu_call_on_a_set,
     smp_timer_ticks_on_every_cpu,
     heap_alloc_free_returns_memory,
+    locks_out_of_order_are_named,
 ];
 
 type AsyncTest = (
@@ -666,6 +667,37 @@ fn smp_timer_ticks_on_every_cpu(_: &Context<'_>) -> Outcome {
             "cpu{late} took fewer than 2 timer ticks in {window_ms} ms"
         )));
     }
+    Ok(())
+}
+
+/// The lock-order checker: with a rank-60 lock held, taking a rank-30 one is an
+/// inversion (named), a rank-65 one is not; a call served meanwhile starts afresh.
+fn locks_out_of_order_are_named(_: &Context<'_>) -> Outcome {
+    use panda_arch::sync::{nested, order_violation, Mutex, Rank};
+    static OUTER: Rank = Rank::new(60, "test outer");
+    static INNER: Rank = Rank::new(30, "test inner");
+    static LATER: Rank = Rank::new(65, "test later");
+    static LOCK: Mutex<()> = Mutex::new(&OUTER, ());
+    ensure!(
+        order_violation(&INNER).is_none(),
+        "a violation with no lock held"
+    );
+    let guard = LOCK.lock();
+    let seen = order_violation(&INNER).map(|r| r.name);
+    let later = order_violation(&LATER).map(|r| r.name);
+    let served = nested(|| order_violation(&INNER).map(|r| r.name));
+    drop(guard);
+    let after = order_violation(&INNER).map(|r| r.name);
+    ensure!(seen == Some("test outer"), "inversion not named: {seen:?}");
+    ensure!(later.is_none(), "a higher rank was refused: {later:?}");
+    ensure!(
+        served.is_none(),
+        "a served call inherited the order: {served:?}"
+    );
+    ensure!(
+        after.is_none(),
+        "the lock was still counted after release: {after:?}"
+    );
     Ok(())
 }
 

@@ -26,11 +26,11 @@ use core::task::{Poll, Waker};
 
 use log::{info, warn};
 use panda_abi::syscall::{self, Error, SystemInfo};
+use panda_arch::sync::Mutex;
 use panda_arch::user::{self, Exit, UserContext};
 use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
 use panda_mm::MmError;
-use panda_arch::sync::Mutex;
 use panda_sched::JoinHandle;
 
 use crate::aspace::{AddressSpace, FaultError};
@@ -730,7 +730,11 @@ async fn spawn_from_user(process: &Process, ptr: u64, len: u64, arg: u64) -> Res
         .map_err(SpawnError::to_error)
 }
 
-async fn wait_for_child(process: &Process, pid: u64, timeout_ns: Option<u64>) -> Result<usize, Error> {
+async fn wait_for_child(
+    process: &Process,
+    pid: u64,
+    timeout_ns: Option<u64>,
+) -> Result<usize, Error> {
     if pid == process.pid {
         return Err(Error::NotPermitted);
     }
@@ -738,7 +742,12 @@ async fn wait_for_child(process: &Process, pid: u64, timeout_ns: Option<u64>) ->
         .unless_killed(wait_child(process.pid, pid, timeout_ns))
         .await
     {
-        Some(result) => result.map(|status| status as usize),
+        Some(Ok(status)) => {
+            // Reaped: no longer a child to kill or count against the limit.
+            process.children.lock().retain(|&c| c != pid);
+            Ok(status as usize)
+        }
+        Some(Err(e)) => Err(e),
         None => Ok(0), // the caller is ending; the result is never seen
     }
 }

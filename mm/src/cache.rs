@@ -79,8 +79,7 @@ impl core::ops::DerefMut for Global<'_> {
 
 impl Drop for Global<'_> {
     fn drop(&mut self) {
-        self.hint
-            .store(self.buddy.free_frames(), Ordering::Relaxed);
+        self.hint.store(self.buddy.free_frames(), Ordering::Relaxed);
     }
 }
 

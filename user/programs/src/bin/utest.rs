@@ -629,7 +629,11 @@ fn thread_spawn_is_refused_not_fatal() -> Outcome {
         "refused after {count} threads (the limit is 1024 per process)"
     );
     for (what, entry, stack) in [
-        ("entry in the kernel half", 0xffff_ffff_8000_0000u64, 0x7fff_0000u64),
+        (
+            "entry in the kernel half",
+            0xffff_ffff_8000_0000u64,
+            0x7fff_0000u64,
+        ),
         ("non-canonical entry", 0x8000_0000_0000, 0x7fff_0000),
         ("entry below the program", 0x1000, 0x7fff_0000),
         ("stack in the kernel half", 0x40_1000, 0xffff_8000_0000_0000),
@@ -664,7 +668,10 @@ fn kernel_memory_exhaustion_by_threads_is_refused() -> Outcome {
     }
     for &pid in &pids {
         let status = sys::wait(pid);
-        ensure!(status == Ok(EXIT_KILLED), "child {pid} ended with {status:?}");
+        ensure!(
+            status == Ok(EXIT_KILLED),
+            "child {pid} ended with {status:?}"
+        );
     }
     ensure!(
         refused == Some(Error::OutOfMemory),
@@ -689,7 +696,10 @@ fn sleeping_threads_of_ended_processes_leave_nothing() -> Outcome {
             sys::sleep_ns(1_000_000);
             ensure!(sys::kill(pid as u64) == Ok(0), "kill");
             let status = sys::wait(pid as u64);
-            ensure!(status == Ok(EXIT_KILLED), "killed child ended with {status:?}");
+            ensure!(
+                status == Ok(EXIT_KILLED),
+                "killed child ended with {status:?}"
+            );
         }
         Ok(())
     };
@@ -735,7 +745,10 @@ fn waits_are_the_parents_alone() -> Outcome {
     let first = waiter.join().map_err(|e| format!("join: {e:?}"))?;
     ensure!(first == 7, "the waiting thread got {first}");
     ensure!(sys::wait(a) == Err(Error::NotFound), "waited twice");
-    ensure!(sys::kill(a) == Err(Error::NotFound), "killed a reaped child");
+    ensure!(
+        sys::kill(a) == Err(Error::NotFound),
+        "killed a reaped child"
+    );
     ensure!(
         sys::kill(sys::pid()) == Err(Error::NotFound),
         "killed itself through OP_PROCESS_KILL"
@@ -754,7 +767,10 @@ fn partly_bad_destinations_are_left_untouched() -> Outcome {
     }
     let dest = top - 16; // 16 valid bytes, then past the break
     let r = abi::decode(sys::raw(abi::OP_ENVIRONMENT_INFO, dest as u64, 128, 0, 0));
-    ensure!(r == Err(Error::BadAddress), "info across the break gave {r:?}");
+    ensure!(
+        r == Err(Error::BadAddress),
+        "info across the break gave {r:?}"
+    );
     let r = abi::decode(sys::raw(
         abi::OP_FILE_READ_BUFFER,
         b"hello.txt".as_ptr() as u64,
@@ -817,10 +833,16 @@ fn threads_have_ids_and_their_own_fs_base() -> Outcome {
         let tid = t.tid();
         let r = t.join().map_err(|e| format!("join: {e:?}"))?;
         ensure!(r > 2, "a thread saw another's FS base ({r})");
-        ensure!(r == tid, "a thread's own id {r} is not the id spawn gave ({tid})");
+        ensure!(
+            r == tid,
+            "a thread's own id {r} is not the id spawn gave ({tid})"
+        );
         tids.push(r);
     }
-    ensure!(tids[0] != tids[1] && !tids.contains(&main_tid), "thread ids repeat");
+    ensure!(
+        tids[0] != tids[1] && !tids.contains(&main_tid),
+        "thread ids repeat"
+    );
     ensure!(
         sys::set_fs_base(0xffff_8000_0000_0000) == Err(Error::InvalidArgument),
         "a kernel-half FS base was accepted"
