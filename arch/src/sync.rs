@@ -144,7 +144,7 @@ fn spin_until<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> 
             return g;
         }
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 {
+        if spins.is_multiple_of(4096) {
             let limit = crate::watchdog::limit_ns().saturating_mul(2);
             if limit != 0 && crate::time::now_ns().saturating_sub(start) > limit {
                 crate::watchdog::stuck(name);

@@ -806,11 +806,11 @@ fn threads_have_ids_and_their_own_fs_base() -> Outcome {
     SLOTS[0].store(0x1111, Ordering::SeqCst);
     sys::set_fs_base(SLOTS[0].as_ptr() as usize).map_err(|e| format!("set: {e:?}"))?;
     let mut threads = Vec::new();
-    for i in 1..3 {
+    for (i, slot) in SLOTS.iter().enumerate().skip(1) {
         threads.push(
             thread::spawn(move || {
-                SLOTS[i].store(0x1111 * (i as u64 + 1), Ordering::SeqCst);
-                if sys::set_fs_base(SLOTS[i].as_ptr() as usize).is_err() {
+                slot.store(0x1111 * (i as u64 + 1), Ordering::SeqCst);
+                if sys::set_fs_base(slot.as_ptr() as usize).is_err() {
                     return 1;
                 }
                 for _ in 0..50 {
@@ -1035,7 +1035,7 @@ fn sse_state_survives_preemption() -> Outcome {
 
 fn main(arg: u64) -> u64 {
     // Child scenarios are small numbers, or carry a pid above bit 16.
-    if arg != 0 && (arg < ONLY_TEST || arg >= 1 << 16) {
+    if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
     let tests: [(&str, Test); 27] = [
