@@ -279,6 +279,7 @@ enum Job {
     Toucher,
     Mutator,
     FaultInThread,
+    Flooder,
 }
 
 impl Job {
@@ -294,6 +295,7 @@ impl Job {
             Toucher,
             Mutator,
             FaultInThread,
+            Flooder,
         ]
         .into_iter()
         .find(|j| *j as u64 == v)
@@ -316,6 +318,7 @@ extern "C" fn rust_thread_start(slot: u64) -> ! {
         Some(Job::Toucher) => toucher(s, arg),
         Some(Job::Mutator) => mutator(arg),
         Some(Job::FaultInThread) => fault(arg),
+        Some(Job::Flooder) => flood(arg, true),
         None => 99,
     };
     sys::thread_exit(code)
@@ -511,6 +514,7 @@ fn pick_mode(rng: &mut Rng) -> u64 {
         MODE_RANDOM,
         MODE_RANDOM,
         MODE_RANDOM,
+        MODE_RACE,
         MODE_RACE,
         MODE_RACE,
     ])
@@ -1361,6 +1365,31 @@ impl Worker {
         unsafe { core::ptr::write_volatile(a as *mut u8, 1) };
     }
 
+    /// A buffer (or heap pages) the kernel fills, then freed (or the break lowered):
+    /// unmapping pages that are really mapped, so the call runs a TLB shootdown to
+    /// every CPU of the process.
+    fn populate_and_release(&mut self) {
+        let len = PAGE * (1 + self.rng.below(16));
+        let path = if self.rng.chance(2) {
+            "fuzz"
+        } else {
+            "hello.txt"
+        };
+        let (p, plen) = (path.as_ptr() as u64, path.len() as u64);
+        if self.rng.chance(2) {
+            let r = self.call(abi::OP_BUFFER_ALLOC as u64, [len, 0, 0, 0]);
+            if r > 0 {
+                self.call(abi::OP_FILE_READ_BUFFER as u64, [p, plen, r as u64, len]);
+                self.call(abi::OP_BUFFER_FREE as u64, [r as u64, 0, 0, 0]);
+            }
+        } else {
+            let base = HEAP_BASE as u64 + self.rng.below(1 << 24) / PAGE * PAGE;
+            self.call(abi::OP_PROCESS_BRK as u64, [base + len, 0, 0, 0]);
+            self.call(abi::OP_FILE_READ_BUFFER as u64, [p, plen, base, len]);
+            self.call(abi::OP_PROCESS_BRK as u64, [base, 0, 0, 0]);
+        }
+    }
+
     fn finish(&mut self) {
         while self.n_tids > 0 {
             self.join_oldest();
@@ -1384,6 +1413,9 @@ fn worker(slot: usize, arg: u64, dangerous: bool) -> u64 {
     let deadline = DEADLINE.load(SeqCst);
     loop {
         for _ in 0..64 {
+            if wk.rng.chance(16) {
+                wk.populate_and_release();
+            }
             wk.one();
             if dangerous && wk.rng.chance(8) {
                 wk.touch();
@@ -1417,11 +1449,11 @@ fn watchdog() -> u64 {
             if c != prev[w] || WORKER_DONE[w].load(Relaxed) {
                 prev[w] = c;
                 since[w] = t;
-            } else if t - since[w] > STUCK_NS && !reported[w] {
+            } else if t.saturating_sub(since[w]) > STUCK_NS && !reported[w] {
                 reported[w] = true;
                 violation(format_args!(
                     "STUCK: worker {w} (cpu {w}) made no call for {} s; in op {:#x} ({:#x}, {:#x})",
-                    (t - since[w]) / 1_000_000_000,
+                    (t.saturating_sub(since[w])) / 1_000_000_000,
                     LAST_OP[w].load(Relaxed),
                     LAST_A0[w].load(Relaxed),
                     LAST_A1[w].load(Relaxed)
@@ -1429,11 +1461,14 @@ fn watchdog() -> u64 {
             }
         }
         let pid = WAITING_PID.load(SeqCst);
-        if pid != 0 && pid != wait_reported && t - WAITING_SINCE.load(SeqCst) > STUCK_NS {
+        if pid != 0
+            && pid != wait_reported
+            && t.saturating_sub(WAITING_SINCE.load(SeqCst)) > STUCK_NS
+        {
             wait_reported = pid;
             violation(format_args!(
                 "STUCK: waiting for child pid {pid} for {} s",
-                (t - WAITING_SINCE.load(SeqCst)) / 1_000_000_000
+                (t.saturating_sub(WAITING_SINCE.load(SeqCst))) / 1_000_000_000
             ));
         }
         if t >= next_progress {
@@ -1642,19 +1677,7 @@ fn child(arg: u64) -> u64 {
             sys::exit(param)
         }
         MODE_THREAD_FLOOD => {
-            let mut n = 0;
-            let forever = rng.chance(2);
-            while n < param.min(2000) {
-                let entry = if forever {
-                    stub(fuzz_stub_sleep_forever)
-                } else {
-                    stub(fuzz_stub_exit)
-                };
-                if sys::thread_spawn(entry as usize, 0, n).is_err() {
-                    break;
-                }
-                n += 1;
-            }
+            flood(param.min(2000), rng.chance(2));
             0
         }
         MODE_MEMORY => memory_hog(&mut rng, param),
@@ -1775,8 +1798,27 @@ fn fault(kind: u64) -> u64 {
     77
 }
 
+/// Spawns up to `cap` threads (sleeping forever, or ending at once) until a spawn fails.
+fn flood(cap: u64, forever: bool) -> u64 {
+    let entry = if forever {
+        stub(fuzz_stub_sleep_forever)
+    } else {
+        stub(fuzz_stub_exit)
+    };
+    let mut n = 0;
+    while n < cap && sys::thread_spawn(entry as usize, 0, n).is_ok() {
+        n += 1;
+    }
+    0
+}
+
 fn memory_hog(rng: &mut Rng, ms: u64) -> u64 {
     let deadline = now() + ms.min(4000) * 1_000_000;
+    if rng.chance(2) {
+        // Threads keep coming while frames run out: the kernel's own allocations for
+        // them must fail cleanly too.
+        let _ = start(0, Job::Flooder, 4000);
+    }
     let mut touched = 0u64;
     let use_heap = rng.chance(3);
     loop {
