@@ -24,7 +24,7 @@ panda_build_kernel() {
 
 # User programs (user/programs) packed into the initrd, and the data files beside them.
 PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/release"
-PANDA_PROGRAMS=(init utest faultbench)
+PANDA_PROGRAMS=(init utest faultbench fuzz)
 PANDA_INITRD="$PANDA_ROOT/build/initrd.tar"
 
 panda_build_user() {

@@ -175,6 +175,27 @@ else
     fail init-option "exit $status (want 1); want 'exited with status 42' (see $log)"
 fi
 
+section "system-call fuzzer"
+# fuzz as init, briefly: random calls on every CPU and misbehaving children; it must
+# end with no violation, and the kernel's closing check must find every frame back.
+# The seed is random (PANDA_FUZZ_SEED fixes it); a failure prints the command to rerun.
+fuzz_boot() {
+    local n=$1 secs=$2 log="$logs/fuzz-smp$1.log" status=0 seed=${PANDA_FUZZ_SEED:-0} arg done_line
+    while [ "$((seed))" = 0 ]; do seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); done
+    arg=$(( (secs << 32) | (seed & 0xffffffff) ))
+    scripts/run.sh --timeout "$timeout_s" -smp "$n" --cmdline "init=fuzz init.arg=$arg" >"$log" 2>&1 || status=$?
+    done_line=$(grep -a 'fuzz: done' "$log" | tail -n1 | tr -d '\r' || true)
+    if [ "$status" = 0 ] && [ -n "$done_line" ] && grep -aq '^ok frames_back_to_baseline' "$log" &&
+       ! grep -aqE 'fuzz: (VIOLATION|FAIL)' "$log"; then
+        pass "fuzz-smp$n (${done_line#*fuzz: done })"
+    else
+        fail "fuzz-smp$n" "exit $status; rerun: scripts/run.sh -smp $n --cmdline \"init=fuzz init.arg=$arg\" (see $log)"
+        grep -aE '^(PANIC|EXCEPTION) |FAIL|VIOLATION|STUCK|fuzz: done' "$log" | head -n 6 | tr -d '\r' | cut -c1-240 | sed 's/^/    /' || true
+    fi
+}
+fuzz_boot 2 15
+[ "$quick" = 1 ] || fuzz_boot 8 15
+
 section "benchmark smoke runs"
 # bench.sh end to end, short: one boot, faultbench's JSON, the report and its plots.
 bench_out="$logs/bench-smoke" status=0
@@ -209,6 +230,16 @@ if [ "$quick" = 0 ]; then
     bench_bad workers --workers fibers
     bench_bad baseline --baseline windows
     bench_bad seconds --seconds 0
+    soak_bad() {
+        local name=$1; shift
+        local status=0 err
+        err=$(scripts/soak.sh "$@" 2>&1 >/dev/null) || status=$?
+        if [ "$status" = 64 ] && [ "$(printf '%s\n' "$err" | grep -c .)" = 1 ]; then pass "soak-bad-$name"
+        else fail "soak-bad-$name" "exit $status (want 64), stderr '$err'"; fi
+    }
+    soak_bad smp --smp 0
+    soak_bad seed --seed 0
+    soak_bad minutes --minutes x
 fi
 
 # A fatal path must end the run with failure status and say what happened.
