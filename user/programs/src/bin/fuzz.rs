@@ -1333,12 +1333,16 @@ impl Worker {
         let arg = self.any();
         let a = [entry, stack, arg, 0];
         let r = self.call(op, a);
+        // The kernel refuses a stack top outside (0, USER_SPACE_END] up front.
+        let bad_stack = stack == 0 || stack > USER_SPACE_END as u64;
         if r >= 0 {
+            self.expect(!bad_stack, op, a, r, "a bad stack top was accepted");
             self.tids[self.n_tids] = (r as u64, arg);
             self.n_tids += 1;
         } else {
             self.expect(
-                r == Error::OutOfMemory.to_result(),
+                r == Error::OutOfMemory.to_result()
+                    || (bad_stack && r == Error::InvalidArgument.to_result()),
                 op,
                 a,
                 r,
