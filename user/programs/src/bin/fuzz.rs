@@ -1031,7 +1031,10 @@ impl Worker {
                 };
                 self.expect(ok, op as u64, a, r, "wrong result");
             }
-            abi::OP_PROCESS_WAIT => {
+            // Waits and kills only ever name pids that are not live children of this
+            // process (any thread of the parent may reap or kill its children, and the
+            // main thread waits for them itself).
+            abi::OP_PROCESS_WAIT | abi::OP_PROCESS_WAIT_TIMEOUT | abi::OP_PROCESS_KILL => {
                 let reaped = REAPED[self.rng.below(REAPED.len() as u64) as usize].load(Relaxed);
                 let pid = match self.rng.below(5) {
                     0 => self.pid,
@@ -1042,7 +1045,7 @@ impl Worker {
                 };
                 let a = [pid, self.any(), 0, 0];
                 let r = self.call(op as u64, a);
-                let want = if pid == self.pid {
+                let want = if pid == self.pid && op != abi::OP_PROCESS_KILL {
                     Error::NotPermitted
                 } else {
                     Error::NotFound
