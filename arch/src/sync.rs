@@ -23,8 +23,9 @@
 //! rank stack would not know the lock): kernel code takes these locks only in
 //! synchronous stretches.
 
+use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
 use crate::percpu::{self, MAX_CPUS};
 
@@ -153,40 +154,54 @@ fn spin_until<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> 
     }
 }
 
-/// A ranked spin lock (see the module doc).
+/// A ranked spin lock (see the module doc). It is a ticket lock: waiters get the lock
+/// in the order they asked for it. (An unfair lock starved a CPU for over 10 s under
+/// the system-call fuzzer: a thread doing `brk` back to back on one CPU took an
+/// address space's layout lock again every time before the other CPU's attempt.)
 pub struct Mutex<T> {
     rank: &'static Rank,
-    inner: spin::Mutex<T>,
+    next: AtomicU32,
+    serving: AtomicU32,
+    value: UnsafeCell<T>,
 }
+
+// SAFETY: the value is reached only through a guard, and a guard exists only while its
+// holder's ticket is being served, so at most one CPU has it at a time.
+unsafe impl<T: Send> Sync for Mutex<T> {}
 
 impl<T> Mutex<T> {
     pub const fn new(rank: &'static Rank, value: T) -> Self {
         Self {
             rank,
-            inner: spin::Mutex::new(value),
+            next: AtomicU32::new(0),
+            serving: AtomicU32::new(0),
+            value: UnsafeCell::new(value),
         }
     }
 
-    /// Takes the lock, answering cross-CPU calls while it waits. Panics on a lock-order
-    /// inversion.
+    /// Takes the lock (in turn), answering cross-CPU calls while it waits. Panics on a
+    /// lock-order inversion.
     pub fn lock(&self) -> MutexGuard<'_, T> {
         acquire(self.rank);
-        let guard = spin_until(self.rank.name, || self.inner.try_lock());
-        MutexGuard {
-            rank: self.rank,
-            guard,
-        }
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        spin_until(self.rank.name, || {
+            (self.serving.load(Ordering::Acquire) == ticket).then_some(())
+        });
+        MutexGuard { lock: self }
     }
 
-    /// Takes the lock if it is free.
+    /// Takes the lock if it is free and nobody waits for it.
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
         acquire(self.rank);
-        match self.inner.try_lock() {
-            Some(guard) => Some(MutexGuard {
-                rank: self.rank,
-                guard,
-            }),
-            None => {
+        let serving = self.serving.load(Ordering::Acquire);
+        match self.next.compare_exchange(
+            serving,
+            serving.wrapping_add(1),
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => Some(MutexGuard { lock: self }),
+            Err(_) => {
                 release(self.rank);
                 None
             }
@@ -196,26 +211,28 @@ impl<T> Mutex<T> {
 
 /// Holds a `Mutex`; releases it (and its place in the order) when dropped.
 pub struct MutexGuard<'a, T> {
-    rank: &'static Rank,
-    guard: spin::MutexGuard<'a, T>,
+    lock: &'a Mutex<T>,
 }
 
 impl<T> Deref for MutexGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.guard
+        // SAFETY: this guard's ticket is being served: no other guard exists.
+        unsafe { &*self.lock.value.get() }
     }
 }
 
 impl<T> DerefMut for MutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.guard
+        // SAFETY: as for `deref`, and `&mut self` makes this the only borrow of it.
+        unsafe { &mut *self.lock.value.get() }
     }
 }
 
 impl<T> Drop for MutexGuard<'_, T> {
     fn drop(&mut self) {
-        release(self.rank);
+        self.lock.serving.fetch_add(1, Ordering::Release);
+        release(self.lock.rank);
     }
 }
 
