@@ -1880,7 +1880,7 @@ fn mutator(arg: u64) -> u64 {
         let a = b.load(SeqCst);
         if a != 0 {
             let _ = sys::buffer_free(a as usize);
-            if !rng.chance(50) {
+            if !rng.chance(500) {
                 // First fit: usually the same address comes back.
                 let n = sys::buffer_alloc(RACE_BUF).map(|x| x as u64).unwrap_or(0);
                 b.store(n, SeqCst);
@@ -1888,8 +1888,10 @@ fn mutator(arg: u64) -> u64 {
                 b.store(0, SeqCst);
             }
         }
-        if rng.chance(4) {
-            let _ = sys::brk(HEAP_BASE + rng.below(RACE_HEAP) as usize);
+        // Rarely, and only the top half: touchers hitting the gap end the child, and
+        // the race should usually last its whole time.
+        if rng.chance(64) {
+            let _ = sys::brk(HEAP_BASE + (RACE_HEAP / 2 + rng.below(RACE_HEAP / 2)) as usize);
             let _ = sys::brk(HEAP_BASE + RACE_HEAP as usize);
         }
     }
