@@ -9,7 +9,9 @@
 //! - bits 32..47: how long to fuzz, in seconds (0: 20 s);
 //! - bits 48..55: which kinds of children to start (0: all). Bit `mode - 1` enables
 //!   mode 1 fault, 2 exit-mid-call, 3 sleepers, 4 thread-flood, 5 memory, 6 random,
-//!   7 race; `0x80` alone starts none (to narrow a failure down).
+//!   7 race; `0x80` alone starts none (to narrow a failure down);
+//! - bit 56: big thread floods (up to 100000 threads per thread-flood child instead of
+//!   2000: enough to exhaust the kernel's heap).
 //!
 //! E.g. seed 0x1234 for 60 s: `init.arg=$(( (60 << 32) | 0x1234 ))` = 257698042420; the
 //! same with sleeper children only: `$(( (0x04 << 48) | (60 << 32) | 0x1234 ))`.
@@ -349,6 +351,9 @@ static START_NS: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// Child modes enabled (bit `mode - 1`).
 static MODES: AtomicU64 = AtomicU64::new(0x7f);
+/// Most threads one thread-flood child starts.
+static FLOOD_CAP: AtomicU64 = AtomicU64::new(2000);
+const BIG_FLOOD: u64 = 100_000;
 
 static CALLS: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
 /// Per error code (index = code, 0 unused).
@@ -557,7 +562,10 @@ fn spawn_child(rng: &mut Rng, limit: usize) -> bool {
         MODE_FAULT => (rng.below(64), Expect::Killed),
         MODE_EXIT_MID_CALL => (code, Expect::Code(code)),
         MODE_SLEEPERS => (code, Expect::Code(code)),
-        MODE_THREAD_FLOOD => (1 + rng.below(2000), Expect::CodeOrKilled(0)),
+        MODE_THREAD_FLOOD => (
+            1 + rng.below(FLOOD_CAP.load(Relaxed)),
+            Expect::CodeOrKilled(0),
+        ),
         MODE_MEMORY => (1000 + rng.below(2000), Expect::CodeOrKilled(0)),
         MODE_RANDOM => (100 + rng.below(1500), Expect::CodeOrKilled(0)),
         _ => (200 + rng.below(1500), Expect::CodeOrKilled(0)),
@@ -1523,6 +1531,9 @@ fn main(arg: u64) -> u64 {
     }
     let modes = (arg >> 48) & 0xff;
     MODES.store(if modes == 0 { 0x7f } else { modes & 0x7f }, SeqCst);
+    if arg >> 56 & 1 == 1 {
+        FLOOD_CAP.store(BIG_FLOOD, SeqCst);
+    }
     let mut seconds = (arg >> 32) & 0xffff;
     if seconds == 0 {
         seconds = 20;
@@ -1538,7 +1549,7 @@ fn main(arg: u64) -> u64 {
     say!(
         "fuzz: seed {seed:#x} seconds {seconds} cpus {cpus} workers {workers} children {:#x} (rerun: init=fuzz init.arg={})",
         MODES.load(SeqCst),
-        modes << 48 | seconds << 32 | seed
+        arg & 1 << 56 | modes << 48 | seconds << 32 | seed
     );
 
     // Everything the parent will touch, touched now (see `pretouch`).
@@ -1677,7 +1688,7 @@ fn child(arg: u64) -> u64 {
             sys::exit(param)
         }
         MODE_THREAD_FLOOD => {
-            flood(param.min(2000), rng.chance(2));
+            flood(param.min(BIG_FLOOD), rng.chance(2));
             0
         }
         MODE_MEMORY => memory_hog(&mut rng, param),
