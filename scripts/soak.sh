@@ -94,7 +94,7 @@ last_lines() {
             grep -aE 'fuzz: (t=|VIOLATION|FAIL)|FAIL frames' "$1" | tail -n 5
             tail -n 3 "$1"
         fi
-    } | tr -d '\r' | awk '!seen[$0]++' | cut -c1-300 | sed 's/^/      /'
+    } | tr -d '\000\r' | awk '!seen[$0]++' | cut -c1-300 | sed 's/^/      /'
 }
 
 echo "soak: $minutes min per CPU count at -smp $smps, boots of up to ${boot_seconds}s; logs in $out"
