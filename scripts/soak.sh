@@ -10,7 +10,7 @@ set -euo pipefail
 usage() {
     cat <<'TXT'
 usage: scripts/soak.sh [--minutes N] [--smp LIST] [--seed S] [--boot-seconds N]
-                       [--accel kvm|tcg] [--out DIR]
+                       [--big-floods] [--accel kvm|tcg] [--out DIR]
 
   --minutes N         fuzzing time per CPU count, in minutes (default 10)
   --smp LIST          CPU counts, comma-separated (default 2,8)
@@ -18,6 +18,8 @@ usage: scripts/soak.sh [--minutes N] [--smp LIST] [--seed S] [--boot-seconds N]
                       next boots use S+1, S+2, ... (default: a random seed per boot)
   --boot-seconds N    fuzzing time per boot (default 300; the last boot of a CPU count
                       may be shorter)
+  --big-floods        thread-flood children start up to 100000 threads, not 2000
+                      (exhausts the kernel heap)
   --accel kvm|tcg     accelerator (default: KVM only where it really works)
   --out DIR           logs and results.tsv (default build/soak/DATE)
   -h, --help          this text
@@ -29,7 +31,7 @@ Exit status: 0 if every boot passed, 1 if any failed, 64 for bad usage.
 TXT
 }
 
-minutes=10 smps=2,8 seed="" boot_seconds=300 accel=auto out=""
+minutes=10 smps=2,8 seed="" boot_seconds=300 accel=auto out="" big=0
 need() { [ "$2" -ge 2 ] || panda_usage_error "$1 needs a value"; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
         --smp|-smp) need "$1" $#; smps=$2; shift 2 ;;
         --seed) need "$1" $#; seed=$2; shift 2 ;;
         --boot-seconds) need "$1" $#; boot_seconds=$2; shift 2 ;;
+        --big-floods) big=1; shift ;;
         --accel) need "$1" $#; accel=$2; shift 2 ;;
         --out) need "$1" $#; out=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -91,7 +94,7 @@ last_lines() {
             grep -aE 'fuzz: (t=|VIOLATION|FAIL)|FAIL frames' "$1" | tail -n 5
             tail -n 3 "$1"
         fi
-    } | tr -d '\r' | cut -c1-300 | sed 's/^/      /'
+    } | tr -d '\000\r' | awk '!seen[$0]++' | cut -c1-300 | sed 's/^/      /'
 }
 
 echo "soak: $minutes min per CPU count at -smp $smps, boots of up to ${boot_seconds}s; logs in $out"
@@ -109,7 +112,7 @@ for n in "${smp_list[@]}"; do
             while [ "$s" = 0 ]; do s=$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); done
         fi
         seeds+=("$(printf '0x%x' "$s")")
-        arg=$(( (secs << 32) | s ))
+        arg=$(( (big << 56) | (secs << 32) | s ))
         # Boot, set-up and the closing waits take far less than this; beyond it, a hang.
         limit=$((secs + secs / 2 + 120 + 4 * n))
         log="$out/smp$n-boot$boot.log"

@@ -184,7 +184,7 @@ fuzz_boot() {
     while [ "$((seed))" = 0 ]; do seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); done
     arg=$(( (secs << 32) | (seed & 0xffffffff) ))
     scripts/run.sh --timeout "$timeout_s" -smp "$n" --cmdline "init=fuzz init.arg=$arg" >"$log" 2>&1 || status=$?
-    done_line=$(grep -a 'fuzz: done' "$log" | tail -n1 | tr -d '\r' || true)
+    done_line=$(grep -a 'fuzz: done' "$log" | tail -n1 | tr -d '\000\r' || true)
     if [ "$status" = 0 ] && [ -n "$done_line" ] && grep -aq '^ok frames_back_to_baseline' "$log" &&
        ! grep -aqE 'fuzz: (VIOLATION|FAIL)' "$log"; then
         pass "fuzz-smp$n (${done_line#*fuzz: done })"

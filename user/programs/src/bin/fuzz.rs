@@ -9,7 +9,9 @@
 //! - bits 32..47: how long to fuzz, in seconds (0: 20 s);
 //! - bits 48..55: which kinds of children to start (0: all). Bit `mode - 1` enables
 //!   mode 1 fault, 2 exit-mid-call, 3 sleepers, 4 thread-flood, 5 memory, 6 random,
-//!   7 race; `0x80` alone starts none (to narrow a failure down).
+//!   7 race; `0x80` alone starts none (to narrow a failure down);
+//! - bit 56: big thread floods (up to 100000 threads per thread-flood child instead of
+//!   2000: enough to exhaust the kernel's heap).
 //!
 //! E.g. seed 0x1234 for 60 s: `init.arg=$(( (60 << 32) | 0x1234 ))` = 257698042420; the
 //! same with sleeper children only: `$(( (0x04 << 48) | (60 << 32) | 0x1234 ))`.
@@ -349,6 +351,9 @@ static START_NS: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// Child modes enabled (bit `mode - 1`).
 static MODES: AtomicU64 = AtomicU64::new(0x7f);
+/// Most threads one thread-flood child starts.
+static FLOOD_CAP: AtomicU64 = AtomicU64::new(2000);
+const BIG_FLOOD: u64 = 100_000;
 
 static CALLS: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
 /// Per error code (index = code, 0 unused).
@@ -557,7 +562,10 @@ fn spawn_child(rng: &mut Rng, limit: usize) -> bool {
         MODE_FAULT => (rng.below(64), Expect::Killed),
         MODE_EXIT_MID_CALL => (code, Expect::Code(code)),
         MODE_SLEEPERS => (code, Expect::Code(code)),
-        MODE_THREAD_FLOOD => (1 + rng.below(2000), Expect::CodeOrKilled(0)),
+        MODE_THREAD_FLOOD => (
+            1 + rng.below(FLOOD_CAP.load(Relaxed)),
+            Expect::CodeOrKilled(0),
+        ),
         MODE_MEMORY => (1000 + rng.below(2000), Expect::CodeOrKilled(0)),
         MODE_RANDOM => (100 + rng.below(1500), Expect::CodeOrKilled(0)),
         _ => (200 + rng.below(1500), Expect::CodeOrKilled(0)),
@@ -1446,10 +1454,18 @@ fn watchdog() -> u64 {
     let mut reported = [false; MAX_WORKERS];
     let mut wait_reported = 0;
     let mut next_progress = START_NS.load(SeqCst) + 5_000_000_000;
-    const STUCK_NS: u64 = 60_000_000_000;
+    const STUCK_NS: u64 = 30_000_000_000;
     loop {
+        let before = now();
         sys::sleep_ns(500_000_000);
         let t = now();
+        if t - before > 5_000_000_000 {
+            // Not a violation by itself (sleeps have no upper bound), but worth seeing.
+            say!(
+                "fuzz: SLOW: the watchdog slept 500 ms and woke after {} ms",
+                (t - before) / 1_000_000
+            );
+        }
         let all_done = (0..workers).all(|w| WORKER_DONE[w].load(SeqCst));
         for w in 0..workers {
             let c = CALLS[w].load(Relaxed);
@@ -1530,6 +1546,9 @@ fn main(arg: u64) -> u64 {
     }
     let modes = (arg >> 48) & 0xff;
     MODES.store(if modes == 0 { 0x7f } else { modes & 0x7f }, SeqCst);
+    if arg >> 56 & 1 == 1 {
+        FLOOD_CAP.store(BIG_FLOOD, SeqCst);
+    }
     let mut seconds = (arg >> 32) & 0xffff;
     if seconds == 0 {
         seconds = 20;
@@ -1545,7 +1564,7 @@ fn main(arg: u64) -> u64 {
     say!(
         "fuzz: seed {seed:#x} seconds {seconds} cpus {cpus} workers {workers} children {:#x} (rerun: init=fuzz init.arg={})",
         MODES.load(SeqCst),
-        modes << 48 | seconds << 32 | seed
+        arg & 1 << 56 | modes << 48 | seconds << 32 | seed
     );
 
     // Everything the parent will touch, touched now (see `pretouch`).
@@ -1684,7 +1703,7 @@ fn child(arg: u64) -> u64 {
             sys::exit(param)
         }
         MODE_THREAD_FLOOD => {
-            flood(param.min(2000), rng.chance(2));
+            flood(param.min(BIG_FLOOD), rng.chance(2));
             0
         }
         MODE_MEMORY => memory_hog(&mut rng, param),
@@ -1887,7 +1906,7 @@ fn mutator(arg: u64) -> u64 {
         let a = b.load(SeqCst);
         if a != 0 {
             let _ = sys::buffer_free(a as usize);
-            if !rng.chance(50) {
+            if !rng.chance(500) {
                 // First fit: usually the same address comes back.
                 let n = sys::buffer_alloc(RACE_BUF).map(|x| x as u64).unwrap_or(0);
                 b.store(n, SeqCst);
@@ -1895,8 +1914,10 @@ fn mutator(arg: u64) -> u64 {
                 b.store(0, SeqCst);
             }
         }
-        if rng.chance(4) {
-            let _ = sys::brk(HEAP_BASE + rng.below(RACE_HEAP) as usize);
+        // Rarely, and only the top half: touchers hitting the gap end the child, and
+        // the race should usually last its whole time.
+        if rng.chance(64) {
+            let _ = sys::brk(HEAP_BASE + (RACE_HEAP / 2 + rng.below(RACE_HEAP / 2)) as usize);
             let _ = sys::brk(HEAP_BASE + RACE_HEAP as usize);
         }
     }
