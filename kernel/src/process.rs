@@ -24,6 +24,8 @@ use core::pin::pin;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use core::task::{Poll, Waker};
 
+use futures_util::future::Either;
+
 use log::{info, warn};
 use panda_abi::syscall::{self, Error, SystemInfo};
 use panda_arch::sync::Mutex;
@@ -303,20 +305,13 @@ pub async fn wait_child(parent: u64, pid: u64, timeout_ns: Option<u64>) -> Resul
     Ok(record.status.load(Ordering::SeqCst))
 }
 
-/// `a`'s output if it completes first (or both at once), `None` if `b` does.
+/// `a`'s output if it completes first (or both at once: `a` is polled first), `None`
+/// if `b` does.
 async fn first<A: Future, B: Future>(a: A, b: B) -> Option<A::Output> {
-    let mut a = pin!(a);
-    let mut b = pin!(b);
-    core::future::poll_fn(move |cx| {
-        if let Poll::Ready(v) = a.as_mut().poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        if b.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await
+    match futures_util::future::select(pin!(a), pin!(b)).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    }
 }
 
 /// Why a program could not be started.
@@ -398,16 +393,14 @@ pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Proce
         ..Default::default()
     };
     let exec = crate::exec::get().ok_or(SpawnError::OutOfMemory)?;
-    if let Err(e) = start_thread(exec, &process, ctx, None) {
+    // `start_thread` refuses only for lack of memory (or a full thread table, which a
+    // new process cannot have).
+    if start_thread(exec, &process, ctx, None).is_err() {
         // Nobody will wait for a process that never ran: reap it with its last handle.
         if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
             entry.orphan = true;
         }
-        return Err(if e == Error::OutOfMemory {
-            SpawnError::OutOfMemory
-        } else {
-            SpawnError::NotFound
-        });
+        return Err(SpawnError::OutOfMemory);
     }
     if let Some(parent) = parent {
         parent.children.lock().push(process.pid);
