@@ -237,10 +237,12 @@ impl<T> Drop for MutexGuard<'_, T> {
 }
 
 /// A ranked reader-writer spin lock: readers share, a writer is alone (see the module
-/// doc for waiting and ranks).
+/// doc for waiting and ranks). Writers go first: while one waits, new readers wait
+/// too, so a stream of short readers (page faults) cannot starve a layout change.
 pub struct RwLock<T> {
     rank: &'static Rank,
     inner: spin::RwLock<T>,
+    writers_waiting: AtomicU32,
 }
 
 impl<T> RwLock<T> {
@@ -248,12 +250,18 @@ impl<T> RwLock<T> {
         Self {
             rank,
             inner: spin::RwLock::new(value),
+            writers_waiting: AtomicU32::new(0),
         }
     }
 
     pub fn read(&self) -> ReadGuard<'_, T> {
         acquire(self.rank);
-        let guard = spin_until(self.rank.name, || self.inner.try_read());
+        let guard = spin_until(self.rank.name, || {
+            if self.writers_waiting.load(Ordering::Acquire) != 0 {
+                return None;
+            }
+            self.inner.try_read()
+        });
         ReadGuard {
             rank: self.rank,
             guard,
@@ -262,7 +270,9 @@ impl<T> RwLock<T> {
 
     pub fn write(&self) -> WriteGuard<'_, T> {
         acquire(self.rank);
+        self.writers_waiting.fetch_add(1, Ordering::AcqRel);
         let guard = spin_until(self.rank.name, || self.inner.try_write());
+        self.writers_waiting.fetch_sub(1, Ordering::AcqRel);
         WriteGuard {
             rank: self.rank,
             guard,
