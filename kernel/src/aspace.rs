@@ -608,9 +608,26 @@ static CURRENT: [Mutex<Option<alloc::sync::Weak<AddressSpace>>>; panda_sched::MA
 static SHOOTDOWN: Mutex<()> = Mutex::new(&locks::SHOOTDOWN, ());
 static SCOPE: Mutex<Option<Vec<u64>>> = Mutex::new(&locks::SCOPE, None);
 
+/// A check run inside every flush, before it flushes (in-kernel tests: it proves the
+/// unmapped frames are still in use while any target has not yet flushed).
+static FLUSH_PROBE: spin::Once<fn()> = spin::Once::new();
+static FLUSH_PROBE_ON: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Runs `probe` inside every shootdown flush (on each target CPU and the initiator)
+/// while `on`. The probe is set once; later calls only switch it.
+pub fn set_flush_probe(probe: fn(), on: bool) {
+    FLUSH_PROBE.call_once(|| probe);
+    FLUSH_PROBE_ON.store(on, Ordering::SeqCst);
+}
+
 /// Runs on each target (and the initiator): flushes the pages in `SCOPE`, or the
 /// whole TLB.
 fn flush_scope(_: u64) -> u64 {
+    if FLUSH_PROBE_ON.load(Ordering::Relaxed) {
+        if let Some(probe) = FLUSH_PROBE.get() {
+            probe();
+        }
+    }
     match SCOPE.lock().as_ref() {
         Some(pages) => pages
             .iter()

@@ -135,6 +135,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_exhaustion_fails_cleanly,
     mm_address_space_regions_and_faults,
     mm_unmap_is_seen_by_another_cpu,
+    mm_unmapped_frames_stay_in_use_until_every_cpu_flushed,
     mm_switching_spaces_leaves_the_old_active_set,
     mm_fault_under_exhaustion_fails_cleanly,
     user_mode_round_trips,
@@ -1462,6 +1463,96 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
     let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
     space.deactivate();
     *SHARED_SPACE.lock() = None;
+    result
+}
+
+/// The frames a shrink is about to unmap, for the flush probe.
+static PROBED: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+/// Bit per CPU whose flush ran the probe, and how many probed frames were already free.
+static PROBE_CPUS: AtomicU64 = AtomicU64::new(0);
+static PROBE_FREED_EARLY: AtomicU64 = AtomicU64::new(0);
+
+/// Runs inside each CPU's shootdown flush, before it flushes: until this returns, the
+/// CPU may still use the old translations, so none of the frames may be free yet.
+fn probe_frames_still_in_use() {
+    let Some(frames) = crate::memory::frames() else {
+        return;
+    };
+    for f in PROBED.iter().map(|f| f.load(Ordering::SeqCst)) {
+        if let Some(frame) = panda_mm::PhysFrame::from_addr(f) {
+            if f != 0 && !frames.is_in_use(frame) {
+                PROBE_FREED_EARLY.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    PROBE_CPUS.fetch_or(1 << (percpu::current_index() % 64), Ordering::SeqCst);
+}
+
+/// A frame is reused only after every CPU that may cache its translation flushed: a
+/// probe run inside each CPU's flush (so that CPU's acknowledgement waits for it) finds
+/// every unmapped frame still in use, and they are free once the shrink returns.
+async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
+    let exec = executor()?;
+    if exec.cpu_count() < 2 {
+        crate::console!("   (needs 2 CPUs: skipped)");
+        return Ok(());
+    }
+    let (frames, _) = mm()?;
+    // No idle zeroing: a CPU's flush then never interrupts its own refill holding
+    // its frame cache's lock, which the probe takes.
+    let _paused = crate::memory::pause_zeroing();
+    let heap = panda_abi::HEAP_BASE as u64;
+    let pages = PROBED.len() as u64;
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    *SHARED_SPACE.lock() = Some(space.clone());
+    space.activate();
+    let result = (|| -> Outcome {
+        space
+            .set_brk(heap + pages * 0x1000)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        for (i, slot) in PROBED.iter().enumerate() {
+            let page = heap + i as u64 * 0x1000;
+            user_write(&space, page, 0x5eed).map_err(|d| fail(format_args!("{d:?}")))?;
+            let (phys, _) = space
+                .translate(page)
+                .ok_or_else(|| fail(format_args!("page {page:#x} not mapped")))?;
+            slot.store(phys & !0xfff, Ordering::SeqCst);
+        }
+        // CPU 1 runs the space and caches a translation: it is a shootdown target.
+        let seen = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        ensure!(seen == 0x5eed, "cpu1 read {seen:#x}");
+        PROBE_CPUS.store(0, Ordering::SeqCst);
+        PROBE_FREED_EARLY.store(0, Ordering::SeqCst);
+        crate::aspace::set_flush_probe(probe_frames_still_in_use, true);
+        let shrunk = space.set_brk(heap);
+        crate::aspace::set_flush_probe(probe_frames_still_in_use, false);
+        shrunk.map_err(|e| fail(format_args!("{e:?}")))?;
+        let early = PROBE_FREED_EARLY.load(Ordering::SeqCst);
+        let cpus = PROBE_CPUS.load(Ordering::SeqCst);
+        ensure!(
+            cpus & 0b10 != 0,
+            "cpu1's flush did not run the probe (cpus {cpus:#b})"
+        );
+        ensure!(
+            early == 0,
+            "{early} frame checks found an unmapped frame free before every CPU had flushed"
+        );
+        let still = PROBED
+            .iter()
+            .filter_map(|f| panda_mm::PhysFrame::from_addr(f.load(Ordering::SeqCst)))
+            .filter(|&f| frames.is_in_use(f))
+            .count();
+        ensure!(
+            still == 0,
+            "{still} unmapped frames still in use after the shrink"
+        );
+        Ok(())
+    })();
+    let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
+    space.deactivate();
+    *SHARED_SPACE.lock() = None;
+    PROBED.iter().for_each(|f| f.store(0, Ordering::SeqCst));
     result
 }
 

@@ -357,11 +357,15 @@ async fn run_init(boot: &BootInfo) -> bool {
     let heap_grew = heap_after.saturating_sub(heap_before);
     let heap_ok = heap_grew <= HEAP_SLACK;
     if heap_ok {
-        console!("ok heap_back_to_baseline ({heap_before} -> {heap_after} bytes in use)");
+        console!(
+            "ok heap_back_to_baseline ({heap_before} -> {heap_after} bytes in use; {} task structures)",
+            exec.task_structs()
+        );
     } else {
         console!(
-            "FAIL heap_back_to_baseline: {heap_after} bytes of kernel heap in use after init, {heap_before} before ({heap_grew} more than the {HEAP_SLACK}-byte slack allows; {} tasks alive, {} timers armed)",
+            "FAIL heap_back_to_baseline: {heap_after} bytes of kernel heap in use after init, {heap_before} before ({heap_grew} more than the {HEAP_SLACK}-byte slack allows; {} tasks alive, {} task structures, {} timers armed)",
             exec.live_tasks(),
+            exec.task_structs(),
             (0..exec.cpu_count()).map(|c| exec.armed_timers(c)).sum::<usize>()
         );
     }

@@ -251,6 +251,19 @@ impl BuddyAllocator {
         Ok(())
     }
 
+    /// Whether the frame at `addr` is handed out (inside an allocated run, or an
+    /// out frame of a split run).
+    pub fn is_allocated(&self, addr: u64) -> bool {
+        match self.allocated.range(..=addr).next_back() {
+            Some((&start, &Allocated::Run(order))) => addr < start + (FRAME_SIZE << order),
+            Some((&start, &Allocated::Split { order, out })) => {
+                addr < start + (FRAME_SIZE << order)
+                    && out & (1u64 << ((addr - start) / FRAME_SIZE)) != 0
+            }
+            None => false,
+        }
+    }
+
     /// Free runs per order (for tests and statistics).
     pub fn free_runs(&self, order: usize) -> usize {
         self.free.get(order).map_or(0, BTreeSet::len)

@@ -244,6 +244,17 @@ impl Frames {
                 .sum::<u64>()
     }
 
+    /// Whether `frame` is in use by someone: handed out by the global allocator and
+    /// not sitting in a CPU's cache. (For tests that prove a frame is not reused early;
+    /// takes every lock, so not for hot paths.)
+    pub fn is_in_use(&self, frame: PhysFrame) -> bool {
+        let cached = self.cpus.iter().any(|c| {
+            let cache = c.cache.lock();
+            cache.frames[..cache.len].contains(&frame.0)
+        });
+        !cached && self.global().is_allocated(frame.0)
+    }
+
     /// Frames ever added.
     pub fn total_frames(&self) -> u64 {
         self.global().total_frames()
@@ -285,6 +296,27 @@ mod tests {
         f.free_contiguous(big).unwrap();
         f.free(0, a).unwrap();
         assert_eq!(f.global_free_estimate(), f.global_free());
+    }
+
+    #[test]
+    fn in_use_means_handed_out_and_not_cached() {
+        let f = frames(2, 256);
+        let a = f.alloc(0).unwrap();
+        let b = f.alloc_contiguous(2).unwrap();
+        assert!(f.is_in_use(a));
+        assert!(f.is_in_use(b) && f.is_in_use(PhysFrame(b.0 + 3 * 4096)));
+        f.free(1, a).unwrap(); // into CPU 1's cache: free, though the buddy lends it out
+        assert!(!f.is_in_use(a));
+        f.free_contiguous(b).unwrap();
+        assert!(!f.is_in_use(b));
+        // Of every frame, exactly the one handed out is in use: those still in CPU 0's
+        // cache after its refill are not.
+        let c = f.alloc(0).unwrap();
+        let in_use: Vec<u64> = (0..256)
+            .map(|i| 0x100_0000 + i * 4096)
+            .filter(|&a| f.is_in_use(PhysFrame(a)))
+            .collect();
+        assert_eq!(in_use, vec![c.0]);
     }
 
     #[test]

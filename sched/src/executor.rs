@@ -129,6 +129,12 @@ impl<P: Platform> Executor<P> {
         self.live_tasks.load(Ordering::Acquire)
     }
 
+    /// Task structures still in memory, finished or not: a finished task's structure
+    /// stays while some waker still names it (leak checks compare this).
+    pub fn task_structs(&self) -> usize {
+        crate::task::TASK_STRUCTS.load(Ordering::Relaxed)
+    }
+
     /// Work to do before halting (e.g. zeroing frames): called when a CPU has nothing to
     /// run; returns whether it did something (then the CPU looks for tasks again
     /// instead of halting). Set once; later calls are ignored.

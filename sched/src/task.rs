@@ -25,6 +25,10 @@ pub(crate) trait Scheduler: Send + Sync {
     fn enqueue(&self, task: Arc<Task>);
 }
 
+/// Task structures in memory (spawned and not yet freed: a finished task stays until
+/// the last waker naming it is dropped).
+pub(crate) static TASK_STRUCTS: AtomicUsize = AtomicUsize::new(0);
+
 pub(crate) struct Task {
     pub(crate) state: AtomicU8,
     /// The CPU whose queue the task goes to when woken (its last CPU).
@@ -43,6 +47,7 @@ impl Task {
         pinned: bool,
         scheduler: &'static dyn Scheduler,
     ) -> Arc<Task> {
+        TASK_STRUCTS.fetch_add(1, Ordering::Relaxed);
         Arc::new(Task {
             state: AtomicU8::new(SCHEDULED),
             cpu: AtomicUsize::new(cpu),
@@ -76,6 +81,12 @@ impl Task {
                 Err(now) => state = now,
             }
         }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        TASK_STRUCTS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -73,6 +73,73 @@ fn heap_grows_zeroed_then_holds_data() -> Outcome {
     Ok(())
 }
 
+/// Every byte of a reused frame is zero: dirty whole pages (every word, the last one
+/// included), give them back (heap shrink, buffer free), let them be zeroed again
+/// (on the spot, by the zeroing task, or while idle), take frames again through heap and
+/// buffer faults on every CPU, and check all 4096 bytes of each page.
+fn reused_frames_are_zero_in_every_byte() -> Outcome {
+    const PAGES: usize = 256;
+    fn dirty(start: usize, pages: usize) {
+        for w in (start..start + pages * PAGE).step_by(8) {
+            write(w, !0);
+        }
+    }
+    fn first_dirty_word(start: usize, pages: usize) -> Option<usize> {
+        (start..start + pages * PAGE)
+            .step_by(8)
+            .find(|&w| read(w) != 0)
+    }
+    let cpus = sys::cpu_count().max(1);
+    for round in 0..4 {
+        // The heap part makes no allocation between reading the break and restoring
+        // it: the runtime's allocator grows the break itself.
+        let base = brk_now().next_multiple_of(PAGE);
+        sys::brk(base + PAGES * PAGE).map_err(|e| format!("grow: {e:?}"))?;
+        dirty(base, PAGES);
+        sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+        let buf = sys::buffer_alloc(PAGES * PAGE).map_err(|e| format!("buffer: {e:?}"))?;
+        dirty(buf, PAGES);
+        sys::buffer_free(buf).map_err(|e| format!("free: {e:?}"))?;
+        // Odd rounds leave time for idle zeroing; even rounds take frames at once.
+        if round % 2 == 1 {
+            sys::sleep_ns(50_000_000);
+        }
+        sys::brk(base + PAGES * PAGE).map_err(|e| format!("regrow: {e:?}"))?;
+        let at = first_dirty_word(base, PAGES);
+        dirty(base, PAGES);
+        sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+        ensure!(
+            at.is_none(),
+            "round {round}: a reused heap page is not zero at {at:#x?}"
+        );
+        // Take frames back on every CPU: a thread pinned on each faults in its share.
+        let share = PAGES / cpus;
+        let buf = sys::buffer_alloc(PAGES * PAGE).map_err(|e| format!("buffer: {e:?}"))?;
+        let mut threads = Vec::new();
+        for cpu in 0..cpus {
+            let start = buf + cpu * share * PAGE;
+            threads.push(
+                thread::spawn(move || {
+                    if sys::set_affinity(cpu).is_err() {
+                        return u64::MAX;
+                    }
+                    first_dirty_word(start, share).map_or(0, |w| w as u64)
+                })
+                .map_err(|e| format!("{e:?}"))?,
+            );
+        }
+        for t in threads {
+            let at = t.join().map_err(|e| format!("join: {e:?}"))?;
+            ensure!(
+                at == 0,
+                "round {round}: a reused buffer page is not zero at {at:#x}"
+            );
+        }
+        sys::buffer_free(buf).map_err(|e| format!("free: {e:?}"))?;
+    }
+    Ok(())
+}
+
 fn brk_shrink_then_regrow_reads_zero() -> Outcome {
     let base = brk_now().next_multiple_of(PAGE);
     sys::brk(base + 16 * PAGE).map_err(|e| format!("grow: {e:?}"))?;
@@ -1038,7 +1105,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 27] = [
+    let tests: [(&str, Test); 28] = [
         (
             "heap_grows_zeroed_then_holds_data",
             heap_grows_zeroed_then_holds_data,
@@ -1115,6 +1182,10 @@ fn main(arg: u64) -> u64 {
         (
             "threads_have_ids_and_their_own_fs_base",
             threads_have_ids_and_their_own_fs_base,
+        ),
+        (
+            "reused_frames_are_zero_in_every_byte",
+            reused_frames_are_zero_in_every_byte,
         ),
         (
             "heap_still_works_after_everything",
