@@ -264,6 +264,13 @@ impl BuddyAllocator {
         }
     }
 
+    /// Entries of the bookkeeping on the kernel heap: free runs plus allocated runs.
+    /// It grows with fragmentation (frames parked in caches, pools and slabs keep
+    /// their runs split), which leak checks must tell from a leak.
+    pub fn bookkeeping_entries(&self) -> usize {
+        self.free.iter().map(BTreeSet::len).sum::<usize>() + self.allocated.len()
+    }
+
     /// Free runs per order (for tests and statistics).
     pub fn free_runs(&self, order: usize) -> usize {
         self.free.get(order).map_or(0, BTreeSet::len)

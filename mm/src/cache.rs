@@ -255,6 +255,11 @@ impl Frames {
         !cached && self.global().is_allocated(frame.0)
     }
 
+    /// The global allocator's bookkeeping entries (see `BuddyAllocator`).
+    pub fn bookkeeping_entries(&self) -> usize {
+        self.global().bookkeeping_entries()
+    }
+
     /// Frames ever added.
     pub fn total_frames(&self) -> u64 {
         self.global().total_frames()
