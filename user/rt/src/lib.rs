@@ -8,13 +8,15 @@
 //! - A global allocator over `brk` (a linked-list heap grown in 256 KiB steps), so
 //!   `alloc` works.
 //! - [`print!`] / [`println!`] over the log call, a panic handler that reports and exits
-//!   with status 101, and [`thread`]: threads with their own stacks in buffers.
+//!   with status 101, [`thread`]: threads with their own stacks in buffers, and
+//!   [`tls::ThreadLocal`]: thread-local values over each thread's FS base.
 #![no_std]
 
 extern crate alloc;
 
 pub mod sys;
 pub mod thread;
+pub mod tls;
 
 use core::fmt::{self, Write};
 
@@ -51,6 +53,7 @@ core::arch::global_asm!(
 );
 
 extern "C" fn rt_start(arg: u64) -> ! {
+    tls::start_main();
     // SAFETY: `entry!` defines `__panda_main` with this signature; a program without it
     // does not link.
     let code = unsafe { __panda_main(arg) };

@@ -38,7 +38,9 @@ extern "C" fn thread_start(arg: u64) -> ! {
     // SAFETY: `spawn` passes a pointer from `Box::into_raw` of a `Main`, and only
     // this thread takes it back.
     let main = unsafe { Box::from_raw(arg as *mut Main) };
+    let locals = crate::tls::Block::start_thread();
     let code = main();
+    drop(locals);
     sys::thread_exit(code)
 }
 
@@ -80,11 +82,6 @@ impl Thread {
     }
 
     /// Waits for the thread; its exit code.
-    /// The thread's id (what `sys::thread_id` returns on it).
-    pub fn tid(&self) -> u64 {
-        self.tid
-    }
-
     pub fn join(self) -> Result<u64, Error> {
         let code = sys::thread_join(self.tid)?;
         let _ = sys::buffer_free(self.stack);

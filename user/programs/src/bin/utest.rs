@@ -897,7 +897,7 @@ fn threads_have_ids_and_their_own_fs_base() -> Outcome {
     }
     let mut tids = Vec::new();
     for t in threads {
-        let tid = t.tid();
+        let tid = t.id();
         let r = t.join().map_err(|e| format!("join: {e:?}"))?;
         ensure!(r > 2, "a thread saw another's FS base ({r})");
         ensure!(
@@ -914,7 +914,58 @@ fn threads_have_ids_and_their_own_fs_base() -> Outcome {
         sys::set_fs_base(0xffff_8000_0000_0000) == Err(Error::InvalidArgument),
         "a kernel-half FS base was accepted"
     );
-    sys::set_fs_base(0).map_err(|e| format!("reset: {e:?}"))?;
+    panda_rt::tls::start_main();
+    Ok(())
+}
+
+/// `panda_rt::tls::ThreadLocal`: each thread sees its own value, created on first use
+/// and dropped when the thread ends.
+fn thread_locals_are_per_thread() -> Outcome {
+    use core::cell::Cell;
+    use panda_rt::tls::ThreadLocal;
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    struct Counted(Cell<u64>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            DROPPED.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    static COUNT: ThreadLocal<Counted> = ThreadLocal::new(|| Counted(Cell::new(0)));
+    static NAME: ThreadLocal<Cell<u64>> = ThreadLocal::new(|| Cell::new(7));
+    COUNT.with(|c| c.0.set(1000));
+    let dropped_before = DROPPED.load(Ordering::SeqCst);
+    let mut threads = Vec::new();
+    for i in 1..=4u64 {
+        threads.push(
+            thread::spawn(move || {
+                for _ in 0..i * 10 {
+                    COUNT.with(|c| c.0.set(c.0.get() + 1));
+                    sys::yield_now();
+                }
+                NAME.with(|n| n.set(n.get() * i));
+                COUNT.with(|c| c.0.get()) * 100 + NAME.with(|n| n.get())
+            })
+            .map_err(|e| format!("{e:?}"))?,
+        );
+    }
+    for (i, t) in threads.into_iter().enumerate() {
+        let i = i as u64 + 1;
+        let got = t.join().map_err(|e| format!("join: {e:?}"))?;
+        ensure!(got == i * 10 * 100 + 7 * i, "thread {i} saw {got}");
+    }
+    ensure!(
+        COUNT.with(|c| c.0.get()) == 1000,
+        "the main thread's value changed"
+    );
+    ensure!(
+        NAME.with(|n| n.get()) == 7,
+        "the main thread's second value is not fresh"
+    );
+    let dropped = DROPPED.load(Ordering::SeqCst) - dropped_before;
+    ensure!(
+        dropped == 4,
+        "{dropped} of 4 threads' values dropped at thread exit"
+    );
     Ok(())
 }
 
@@ -1105,7 +1156,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 28] = [
+    let tests: [(&str, Test); 29] = [
         (
             "heap_grows_zeroed_then_holds_data",
             heap_grows_zeroed_then_holds_data,
@@ -1187,6 +1238,7 @@ fn main(arg: u64) -> u64 {
             "reused_frames_are_zero_in_every_byte",
             reused_frames_are_zero_in_every_byte,
         ),
+        ("thread_locals_are_per_thread", thread_locals_are_per_thread),
         (
             "heap_still_works_after_everything",
             heap_grows_zeroed_then_holds_data,
