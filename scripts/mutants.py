@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Curated kernel mutations: each is one deliberate bug that the suite must catch.
+
+Run through scripts/mutants.sh (see --help there). For each mutation: copy the tracked
+tree to a scratch directory, apply the one edit, run scripts/test.sh there (--quick by
+default), and print `caught NAME` if the suite failed or `SURVIVED NAME` if it passed.
+A mutation whose text is no longer in the source is `STALE` (the list must follow the
+code), and one that no longer compiles is `UNBUILT`; both count as failures. Closes with `N passed, M failed` (passed = caught).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+# (name, file, text to find, replacement, the test expected to catch it)
+MUTATIONS = [
+    ("free-before-flush", "kernel/src/aspace.rs",
+     "&mut |page, phys| batch.add(page, PhysFrame::from_addr(phys)),",
+     "&mut |page, phys| { batch.add(page, None); free_frame(phys) },",
+     "mm_unmapped_frames_stay_in_use_until_every_cpu_flushed"),
+    ("refill-zeroes-half", "kernel/src/memory.rs",
+     "pools.refill(cpu, frames, ZERO_BATCH, zero)",
+     "pools.refill(cpu, frames, ZERO_BATCH, |f| { zero(f); write(f, 2048, &[0xff; 2048]) })",
+     "user_reused_frames_are_zero_in_every_byte"),
+    ("demand-refill-zeroes-half", "kernel/src/memory.rs",
+     "pools.refill(cpu, frames, DEMAND_BATCH, zero)",
+     "pools.refill(cpu, frames, DEMAND_BATCH, |f| { zero(f); write(f, 2048, &[0xff; 2048]) })",
+     "user_reused_frames_are_zero_in_every_byte"),
+    ("idle-without-recheck", "sched/src/executor.rs",
+     "if self.has_work_anywhere(cpu) {",
+     "if false && self.has_work_anywhere(cpu) {",
+     "no_wake_up_is_lost_when_halt_waits_for_one (host)"),
+    ("local-only-flush", "kernel/src/aspace.rs",
+     "ipi::call_on_set(|c| targets.contains(c), flush_scope, 0);",
+     "ipi::call_on_set(|_| false, flush_scope, 0);",
+     "mm_unmap_is_seen_by_another_cpu"),
+    ("brk-past-heap-limit", "mm/src/region.rs",
+     "if new < HEAP_BASE as u64 || new > HEAP_LIMIT as u64 {",
+     "if new < HEAP_BASE as u64 {",
+     "user_brk_out_of_range_fails_and_keeps_the_break"),
+    ("no-stack-guard", "mm/src/region.rs",
+     "|| (STACK_BASE as u64..(STACK_BASE + STACK_MAX_SIZE) as u64).contains(&addr)",
+     "|| (STACK_BASE as u64 - 4096..(STACK_BASE + STACK_MAX_SIZE) as u64).contains(&addr)",
+     "user_misbehaving_children_are_killed_alone"),
+    ("no-fxsave", "arch/src/user.rs",
+     'unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) &mut ctx.fpu, options(nostack)) };',
+     "",
+     "user_sse_state_survives_preemption"),
+    ("lost-wake-while-running", "sched/src/task.rs",
+     "RUNNING => WOKEN,",
+     "RUNNING => return,",
+     "sched host tests / in-kernel sched tests"),
+    ("no-buddy-coalescing", "mm/src/buddy.rs",
+     "while order < MAX_ORDER {",
+     "while order < MAX_ORDER && false {",
+     "buddy host tests"),
+    ("wx-segments-accepted", "mm/src/elf.rs",
+     "if rights.write && rights.execute {",
+     "if rights.write && rights.execute && false {",
+     "user_hostile_elfs_are_refused, elf host tests"),
+    ("buffer-free-without-unmap", "kernel/src/aspace.rs",
+     "let (from, to) = self.change_layout(|r| r.free_buffer(start))?;\n        self.unmap_range(from, to);",
+     "let (_from, _to) = self.change_layout(|r| r.free_buffer(start))?;",
+     "user_buffers_alloc_free_reuse_never_overlap / frames_back_to_baseline"),
+    ("no-stealing", "sched/src/executor.rs",
+     "let victim = (cpu + offset) % n;",
+     "let victim = cpu; let _ = offset;",
+     "sched_ten_thousand_tasks_with_stealing"),
+    ("call-runs-twice", "arch/src/ipi.rs",
+     ".compare_exchange(POSTED, RUNNING, Ordering::Acquire, Ordering::Relaxed)\n        .is_err()",
+     ".load(Ordering::Acquire)\n        != POSTED",
+     "smp_cross_cpu_calls_both_ways_under_load"),
+    ("sleep-keeps-its-timer", "sched/src/timer.rs",
+     "        self.disarm();\n    }\n}",
+     "        let _ = &self.timers;\n    }\n}",
+     "sleep host tests, user_sleeping_threads_of_ended_processes_leave_nothing"),
+    ("no-thread-limit", "kernel/src/process.rs",
+     "if threads.len() >= MAX_THREADS {",
+     "if threads.len() >= usize::MAX {",
+     "user_thread_spawn_is_refused_not_fatal"),
+    ("lock-order-inverted", "kernel/src/aspace.rs",
+     "let page = addr & !0xfff;\n        let mut guard = self.tables.lock();",
+     "let page = addr & !0xfff;\n        let _inverted = self.regions.read();\n        let mut guard = self.tables.lock();",
+     "any fault (the lock-order checker panics)"),
+    ("parent-check-dropped", "kernel/src/process.rs",
+     ".filter(|e| e.parent == parent && !e.orphan)",
+     ".filter(|e| !e.orphan)",
+     "user_waits_are_the_parents_alone"),
+    ("whole-destination-unchecked", "kernel/src/process.rs",
+     ".access_user(ptr, bytes.len() as u64, true, |_, _, _| {})",
+     ".access_user(ptr, 0, true, |_, _, _| {})",
+     "user_partly_bad_destinations_are_left_untouched"),
+]
+
+
+def tracked_files(root):
+    out = subprocess.run(["git", "ls-files"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def copy_tree(root, dest):
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    for rel in tracked_files(root):
+        src = os.path.join(root, rel)
+        dst = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def main():
+    ap = argparse.ArgumentParser(prog="scripts/mutants.sh", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true",
+                    help="run the whole scripts/test.sh per mutation (default: --quick)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated mutation names (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--out", default="", help="work directory (default build/mutants)")
+    args = ap.parse_args()
+
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    if args.list:
+        for name, path, _, _, catcher in MUTATIONS:
+            print(f"{name:28} {path:24} expected: {catcher}")
+        return 0
+    chosen = [m for m in MUTATIONS
+              if not args.only or m[0] in args.only.split(",")]
+    if not chosen:
+        print(f"mutants: no mutation named {args.only!r} (see --list)", file=sys.stderr)
+        return 64
+    work = args.out or os.path.join(root, "build", "mutants")
+    os.makedirs(work, exist_ok=True)
+    scratch = os.path.join(work, "tree")
+    env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(work, "target"))
+    caught = failed = 0
+    start = time.time()
+    for i, (name, path, find, replace, catcher) in enumerate(chosen, 1):
+        copy_tree(root, scratch)
+        target = os.path.join(scratch, path)
+        with open(target) as f:
+            text = f.read()
+        if find not in text:
+            print(f"STALE {name}: its text is no longer in {path} (update scripts/mutants.py)")
+            failed += 1
+            continue
+        with open(target, "w") as f:
+            f.write(text.replace(find, replace, 1))
+        log = os.path.join(work, f"{name}.log")
+        t0 = time.time()
+        # A mutation that does not build proves nothing: it must compile first.
+        builds = [
+            ["cargo", "build", "--quiet", "--release", "--target", "x86_64-unknown-none",
+             "-p", "panda-kernel", "-p", "panda-programs"],
+            ["cargo", "test", "--quiet", "--no-run", "-p", "panda-abi", "-p", "panda-mm",
+             "-p", "panda-sched"],
+        ]
+        with open(log, "w") as out:
+            built = all(subprocess.run(b, cwd=scratch, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT).returncode == 0
+                        for b in builds)
+        if not built:
+            print(f"UNBUILT {name}: the mutated tree does not compile (log {log})", flush=True)
+            failed += 1
+            continue
+        cmd = ["scripts/test.sh"] + ([] if args.full else ["--quick"])
+        with open(log, "a") as out:
+            status = subprocess.run(cmd, cwd=scratch, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        took = time.time() - t0
+        if status != 0:
+            caught += 1
+            with open(log, errors="replace") as f:
+                fails = [line.strip() for line in f if line.startswith("FAIL")]
+            first = fails[0][:110] if fails else f"exit {status}"
+            print(f"caught {name} ({took:.0f} s; {first})", flush=True)
+        else:
+            failed += 1
+            print(f"SURVIVED {name} ({took:.0f} s; expected to be caught by {catcher}; log {log})",
+                  flush=True)
+        print(f"mutants: {i}/{len(chosen)} done, {time.time() - start:.0f} s", file=sys.stderr)
+    print(f"mutants: {len(chosen)} mutations in {time.time() - start:.0f} s")
+    print(f"{caught} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
