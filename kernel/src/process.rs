@@ -632,6 +632,8 @@ async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) ->
             }
             _ => Err(Error::InvalidArgument),
         },
+        // A buffer's bookkeeping is kernel memory: refused below the reserve.
+        syscall::OP_BUFFER_ALLOC if !crate::memory::above_reserve() => Err(Error::OutOfMemory),
         syscall::OP_BUFFER_ALLOC => {
             process
                 .space

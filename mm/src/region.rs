@@ -71,7 +71,13 @@ pub struct Regions {
     brk: u64,
     /// Live buffers: start -> end.
     buffers: BTreeMap<u64, u64>,
+    /// No page below this address in the buffer region is free: the first-fit search
+    /// starts here, so allocating buffer after buffer is not quadratic.
+    packed_below: u64,
 }
+
+/// Most live buffers one address space may have.
+pub const MAX_BUFFERS: usize = 65536;
 
 impl Default for Regions {
     fn default() -> Self {
@@ -86,6 +92,7 @@ impl Regions {
             segments: Vec::new(),
             brk: HEAP_BASE as u64,
             buffers: BTreeMap::new(),
+            packed_below: BUFFER_BASE as u64,
         }
     }
 
@@ -147,24 +154,35 @@ impl Regions {
     }
 
     /// Allocates a buffer of `size` bytes (page-rounded) in the buffer region, first
-    /// fit. Returns its start.
+    /// fit. Returns its start. At most `MAX_BUFFERS` live buffers (their bookkeeping is
+    /// kernel memory): past that, `OutOfMemory`.
     pub fn alloc_buffer(&mut self, size: u64) -> Result<u64, MmError> {
         if size == 0 || size > BUFFER_MAX_SIZE as u64 {
             return Err(MmError::Invalid);
         }
+        if self.buffers.len() >= MAX_BUFFERS {
+            return Err(MmError::OutOfMemory);
+        }
         let size = page_up(size);
-        let (base, limit) = (BUFFER_BASE as u64, (BUFFER_BASE + BUFFER_MAX_SIZE) as u64);
-        let mut cursor = base;
-        for (&start, &end) in &self.buffers {
+        let limit = (BUFFER_BASE + BUFFER_MAX_SIZE) as u64;
+        // Every buffer below `packed_below` ends at or below it (they are packed).
+        let mut cursor = self.packed_below;
+        let mut packed = true;
+        for (&start, &end) in self.buffers.range(self.packed_below..) {
             if start - cursor >= size {
                 break;
             }
+            // A gap too small for this buffer stays free below the new one.
+            packed &= start == cursor;
             cursor = end;
         }
         if limit - cursor < size {
             return Err(MmError::OutOfMemory);
         }
         self.buffers.insert(cursor, cursor + size);
+        if packed {
+            self.packed_below = cursor + size;
+        }
         Ok(cursor)
     }
 
@@ -172,6 +190,7 @@ impl Regions {
     /// Anything but the start of a live buffer is an error (so no double free).
     pub fn free_buffer(&mut self, start: u64) -> Result<(u64, u64), MmError> {
         let end = self.buffers.remove(&start).ok_or(MmError::NotAllocated)?;
+        self.packed_below = self.packed_below.min(start);
         Ok((start, end))
     }
 
@@ -232,6 +251,53 @@ mod tests {
         write: true,
         execute: false,
     };
+
+    #[test]
+    fn buffer_first_fit_matches_a_plain_scan_under_random_churn() {
+        // The reference: first fit by scanning every buffer from the region's start.
+        fn reference(live: &BTreeMap<u64, u64>, size: u64) -> Option<u64> {
+            let mut cursor = BUFFER_BASE as u64;
+            for (&s, &e) in live {
+                if s - cursor >= size {
+                    break;
+                }
+                cursor = e;
+            }
+            ((BUFFER_BASE + BUFFER_MAX_SIZE) as u64 - cursor >= size).then_some(cursor)
+        }
+        let mut r = Regions::new();
+        let mut model = BTreeMap::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 == 0 && !model.is_empty() {
+                let k = *model.keys().nth((x >> 8) as usize % model.len()).unwrap();
+                model.remove(&k);
+                r.free_buffer(k).unwrap();
+            } else {
+                let size = ((x >> 20) % 8 + 1) * 4096;
+                let want = reference(&model, size);
+                assert_eq!(r.alloc_buffer(size).ok(), want);
+                if let Some(at) = want {
+                    model.insert(at, at + size);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn buffers_are_limited_in_number_not_only_in_space() {
+        let mut r = Regions::new();
+        for _ in 0..MAX_BUFFERS {
+            r.alloc_buffer(4096).unwrap();
+        }
+        assert_eq!(r.alloc_buffer(4096), Err(MmError::OutOfMemory));
+        let first = r.buffers().next().unwrap().0;
+        r.free_buffer(first).unwrap();
+        assert_eq!(r.alloc_buffer(4096), Ok(first));
+    }
 
     #[test]
     fn segments_are_checked() {
