@@ -556,20 +556,27 @@ impl AddressSpace {
     fn shoot_down(&self, batch: FlushBatch) {
         let me = percpu::current_index();
         let pending = batch.commit(&self.tlb, me);
-        let _one_at_a_time = SHOOTDOWN.lock();
-        *SCOPE.lock() = match pending.scope() {
+        // This CPU's request slot: shootdowns started on different CPUs (of different
+        // spaces; one space's are serialised by its layout lock) run in parallel.
+        let Some(slot) = SCOPES.get(me) else {
+            return;
+        };
+        let in_flight = SHOOTDOWNS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+        MOST_SHOOTDOWNS_IN_FLIGHT.fetch_max(in_flight, Ordering::SeqCst);
+        *slot.lock() = match pending.scope() {
             FlushScope::Pages(pages) => Some(pages.clone()),
             FlushScope::Everything => None,
         };
         if pending.flush_locally() {
-            flush_scope(0);
+            flush_scope(me as u64);
         }
         // All targets flush in parallel; `call_on_set` returns once every online one
         // has. An offline CPU cannot hold translations: it counts as flushed too.
         let targets = pending.targets();
         count(Stat::Shootdowns);
         add(Stat::ShootdownIpis, targets.iter().count() as u64);
-        ipi::call_on_set(|c| targets.contains(c), flush_scope, 0);
+        ipi::call_on_set(|c| targets.contains(c), flush_scope, me as u64);
+        SHOOTDOWNS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
         let mut acked = CpuMask::default();
         for cpu in targets.iter() {
             self.tlb.acknowledge(cpu, pending.generation());
@@ -604,9 +611,28 @@ impl AddressSpace {
 static CURRENT: [Mutex<Option<alloc::sync::Weak<AddressSpace>>>; panda_sched::MAX_CPUS] =
     [const { Mutex::new(&locks::CURRENT, None) }; panda_sched::MAX_CPUS];
 
-/// Serialises shootdowns; `SCOPE` holds the pages of the one in progress.
-static SHOOTDOWN: Mutex<()> = Mutex::new(&locks::SHOOTDOWN, ());
-static SCOPE: Mutex<Option<Vec<u64>>> = Mutex::new(&locks::SCOPE, None);
+/// Per initiating CPU, the pages its shootdown in progress flushes (`None`: everything).
+/// A CPU runs one shootdown at a time, to the end, so one slot each suffices, and the
+/// cross-CPU call names the slot by the initiator's index.
+static SCOPES: [Mutex<Option<Vec<u64>>>; panda_sched::MAX_CPUS] =
+    [const { Mutex::new(&locks::SCOPE, None) }; panda_sched::MAX_CPUS];
+
+/// Shootdowns running now, and the most that ever ran at once (tests show that
+/// shootdowns of different spaces do not wait for each other).
+static SHOOTDOWNS_IN_FLIGHT: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+static MOST_SHOOTDOWNS_IN_FLIGHT: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+
+/// The most shootdowns that ran at the same time since the last reset.
+pub fn most_shootdowns_in_flight() -> usize {
+    MOST_SHOOTDOWNS_IN_FLIGHT.load(Ordering::SeqCst)
+}
+
+/// `most_shootdowns_in_flight`, and resets it.
+pub fn take_most_shootdowns_in_flight() -> usize {
+    MOST_SHOOTDOWNS_IN_FLIGHT.swap(0, Ordering::SeqCst)
+}
 
 /// A check run inside every flush, before it flushes (in-kernel tests: it proves the
 /// unmapped frames are still in use while any target has not yet flushed).
@@ -620,15 +646,19 @@ pub fn set_flush_probe(probe: fn(), on: bool) {
     FLUSH_PROBE_ON.store(on, Ordering::SeqCst);
 }
 
-/// Runs on each target (and the initiator): flushes the pages in `SCOPE`, or the
-/// whole TLB.
-fn flush_scope(_: u64) -> u64 {
+/// Runs on each target (and the initiator): flushes the pages in CPU `initiator`'s
+/// request slot, or the whole TLB.
+fn flush_scope(initiator: u64) -> u64 {
     if FLUSH_PROBE_ON.load(Ordering::Relaxed) {
         if let Some(probe) = FLUSH_PROBE.get() {
             probe();
         }
     }
-    match SCOPE.lock().as_ref() {
+    let Some(slot) = SCOPES.get(initiator as usize) else {
+        panda_arch::paging::flush_user();
+        return 0;
+    };
+    match slot.lock().as_ref() {
         Some(pages) => pages
             .iter()
             .for_each(|&p| panda_arch::paging::flush_page(p)),

@@ -136,6 +136,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_address_space_regions_and_faults,
     mm_unmap_is_seen_by_another_cpu,
     mm_unmapped_frames_stay_in_use_until_every_cpu_flushed,
+    mm_shootdowns_of_two_spaces_run_in_parallel,
     mm_switching_spaces_leaves_the_old_active_set,
     mm_fault_under_exhaustion_fails_cleanly,
     user_mode_round_trips,
@@ -1464,6 +1465,63 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
     space.deactivate();
     *SHARED_SPACE.lock() = None;
     result
+}
+
+/// Two spaces on two CPUs shrink their heaps (each shrink a shootdown) over and over:
+/// at some point both shootdowns are in flight at once. A global shootdown lock makes
+/// that impossible (the count would stay at 1), so this is a count, not a timing.
+async fn mm_shootdowns_of_two_spaces_run_in_parallel() -> Outcome {
+    use core::sync::atomic::AtomicBool;
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let exec = executor()?;
+    if exec.cpu_count() < 2 {
+        crate::console!("   (needs 2 CPUs: skipped)");
+        return Ok(());
+    }
+    crate::aspace::take_most_shootdowns_in_flight();
+    DONE.store(false, Ordering::SeqCst);
+    let mut handles = Vec::new();
+    for cpu in 0..2 {
+        handles.push(exec.spawn_pinned(cpu, async move {
+            let heap = panda_abi::HEAP_BASE as u64;
+            let Ok(space) = AddressSpace::new() else {
+                return Err("no space");
+            };
+            space.activate();
+            let deadline = panda_arch::time::now_ns() + 20_000_000_000;
+            let mut result = Ok(());
+            while !DONE.load(Ordering::SeqCst) && panda_arch::time::now_ns() < deadline {
+                if space.set_brk(heap + 8 * 0x1000).is_err() {
+                    result = Err("brk");
+                    break;
+                }
+                for page in 0..8 {
+                    if user_write(&space, heap + page * 0x1000, page).is_err() {
+                        result = Err("fault");
+                    }
+                }
+                if space.set_brk(heap).is_err() {
+                    result = Err("shrink");
+                    break;
+                }
+                if crate::aspace::most_shootdowns_in_flight() >= 2 {
+                    DONE.store(true, Ordering::SeqCst);
+                }
+            }
+            space.deactivate();
+            result
+        }));
+    }
+    for h in handles {
+        h.await
+            .map_err(|why| fail(format_args!("a shrinking task failed: {why}")))?;
+    }
+    let most = crate::aspace::take_most_shootdowns_in_flight();
+    ensure!(
+        most >= 2,
+        "two spaces' shootdowns never ran at once in 20 s (most in flight: {most})"
+    );
+    Ok(())
 }
 
 /// The frames a shrink is about to unmap, for the flush probe.

@@ -23,9 +23,8 @@ pub static TABLES: Rank = Rank::new(50, "AddressSpace::tables");
 /// One address space's region bookkeeping (read by faults, written by layout changes;
 /// a fault that finds the layout changed re-reads it with the tables locked).
 pub static REGIONS: Rank = Rank::new(55, "AddressSpace::regions");
-/// The one shootdown in progress and its pages.
-pub static SHOOTDOWN: Rank = Rank::new(60, "aspace::SHOOTDOWN");
-pub static SCOPE: Rank = Rank::new(65, "aspace::SCOPE");
+/// One initiating CPU's shootdown request: the pages its targets flush.
+pub static SCOPE: Rank = Rank::new(65, "aspace::SCOPES[cpu]");
 /// The space each CPU last activated.
 pub static CURRENT: Rank = Rank::new(70, "aspace::CURRENT");
 /// An event's waiters.
