@@ -5,8 +5,10 @@
 //!   spawn argument in `rdi`, and it reaches `main` as its argument.
 //! - [`sys`]: one safe wrapper per system call of `panda-abi` (results as
 //!   `Result<usize, Error>`).
-//! - A global allocator over `brk` (a linked-list heap grown in 256 KiB steps), so
-//!   `alloc` works.
+//! - A global allocator (a linked-list heap) over the first `RUNTIME_HEAP_SIZE` bytes of
+//!   the heap region, so `alloc` works; the program's own break (`sys::brk`) starts
+//!   above it, at `PROGRAM_BREAK_BASE`, so the two never overlap. Both are demand-zero:
+//!   untouched memory costs nothing.
 //! - [`print!`] / [`println!`] over the log call, a panic handler that reports and exits
 //!   with status 101, [`thread`]: threads with their own stacks in buffers, and
 //!   [`tls::ThreadLocal`]: thread-local values over each thread's FS base.
@@ -132,58 +134,58 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     sys::exit(101)
 }
 
+/// Bytes of the heap region the runtime's allocator owns (demand-zero: only what it
+/// touches costs frames).
+pub const RUNTIME_HEAP_SIZE: usize = 64 << 30;
+
+/// Where the program's break starts (`sys::brk`): right above the allocator's range.
+pub const PROGRAM_BREAK_BASE: usize = abi::HEAP_BASE + RUNTIME_HEAP_SIZE;
+
+/// Moves the kernel's break to at least `PROGRAM_BREAK_BASE` once, so the allocator's
+/// range is valid heap. Returns whether it is.
+pub(crate) fn reserve_runtime_heap() -> bool {
+    static RESERVED: spin::Once<bool> = spin::Once::new();
+    *RESERVED.call_once(|| {
+        let now = sys::raw(abi::syscall::OP_PROCESS_BRK, 0, 0, 0, 0);
+        now >= PROGRAM_BREAK_BASE as isize
+            || sys::raw(
+                abi::syscall::OP_PROCESS_BRK,
+                PROGRAM_BREAK_BASE as u64,
+                0,
+                0,
+                0,
+            ) >= 0
+    })
+}
+
 mod heap {
     use core::alloc::{GlobalAlloc, Layout};
     use core::ptr::NonNull;
 
     use linked_list_allocator::Heap;
 
-    use crate::sys;
-
-    /// How much the break grows at least at a time.
-    const STEP: usize = 256 * 1024;
-
-    /// A linked-list heap over `[HEAP_BASE, break)`, growing the break when full.
-    pub struct BrkHeap(spin::Mutex<Option<Heap>>);
-
-    impl BrkHeap {
-        fn grow(heap: &mut Option<Heap>, need: usize) -> bool {
-            let by = need.next_multiple_of(STEP).max(STEP);
-            let Ok(old) = sys::brk(0) else { return false };
-            let Some(new) = old.checked_add(by) else {
-                return false;
-            };
-            if sys::brk(new).is_err() {
-                return false;
-            }
-            match heap {
-                // SAFETY: `[old, new)` was just added to the heap region by brk and
-                // nothing else uses it; it directly follows the heap's current end.
-                Some(h) => unsafe { h.extend(by) },
-                None => {
-                    // SAFETY: `[old, old + by)` was just added to the heap region by brk:
-                    // mapped on demand, writable, and used by nothing else.
-                    *heap = Some(unsafe { Heap::new(old as *mut u8, by) });
-                }
-            }
-            true
-        }
-    }
+    /// A linked-list heap over `[HEAP_BASE, PROGRAM_BREAK_BASE)`, set up on first use.
+    pub struct RuntimeHeap(spin::Mutex<Option<Heap>>);
 
     // SAFETY: allocations come from `linked_list_allocator`'s heap, serialised by the
-    // lock; memory is only ever added (grown), never taken away.
-    unsafe impl GlobalAlloc for BrkHeap {
+    // lock, over a range nothing else in the program is given (`sys::brk` refuses it).
+    unsafe impl GlobalAlloc for RuntimeHeap {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             let mut heap = self.0.lock();
-            loop {
-                if let Some(h) = heap.as_mut() {
-                    if let Ok(p) = h.allocate_first_fit(layout) {
-                        return p.as_ptr();
-                    }
-                }
-                if !Self::grow(&mut heap, layout.size() + layout.align()) {
+            if heap.is_none() {
+                if !crate::reserve_runtime_heap() {
                     return core::ptr::null_mut();
                 }
+                // SAFETY: `[HEAP_BASE, PROGRAM_BREAK_BASE)` is below the kernel's break
+                // (just reserved): valid, writable, demand-zero memory that only this
+                // allocator uses.
+                *heap = Some(unsafe {
+                    Heap::new(crate::abi::HEAP_BASE as *mut u8, crate::RUNTIME_HEAP_SIZE)
+                });
+            }
+            match heap.as_mut().map(|h| h.allocate_first_fit(layout)) {
+                Some(Ok(p)) => p.as_ptr(),
+                _ => core::ptr::null_mut(),
             }
         }
 
@@ -197,5 +199,5 @@ mod heap {
     }
 
     #[global_allocator]
-    static HEAP: BrkHeap = BrkHeap(spin::Mutex::new(None));
+    static HEAP: RuntimeHeap = RuntimeHeap(spin::Mutex::new(None));
 }

@@ -62,8 +62,19 @@ pub fn kill(pid: u64) -> R {
     decode(call(abi::OP_PROCESS_KILL, pid, 0, 0, 0))
 }
 
-/// Moves the break (0 queries it); returns the break.
+/// Moves the program's break (0 queries it); returns the break.
+///
+/// The heap region is shared with the runtime: its allocator owns the first
+/// `RUNTIME_HEAP_SIZE` bytes (`[HEAP_BASE, PROGRAM_BREAK_BASE)`), and the program's
+/// break moves within `[PROGRAM_BREAK_BASE, HEAP_LIMIT]`, so `brk` and `Vec` never hand
+/// out the same memory. A break below `PROGRAM_BREAK_BASE` is `InvalidArgument` here
+/// (the raw call, `raw(OP_PROCESS_BRK, ..)`, bypasses this and can pull memory from
+/// under the allocator).
 pub fn brk(new_end: usize) -> R {
+    crate::reserve_runtime_heap();
+    if new_end != 0 && new_end < crate::PROGRAM_BREAK_BASE {
+        return Err(Error::InvalidArgument);
+    }
     decode(call(abi::OP_PROCESS_BRK, new_end as u64, 0, 0, 0))
 }
 

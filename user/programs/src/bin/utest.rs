@@ -159,6 +159,47 @@ fn brk_shrink_then_regrow_reads_zero() -> Outcome {
     Ok(())
 }
 
+/// The program's own brk range and the runtime allocator's memory never overlap: grow
+/// the break by 1 MiB, fill every word, then let the allocator grow (a 1.6 MB `Vec`);
+/// neither may overwrite the other. (The runtime once extended its heap from where it
+/// last ended, over the program's range.)
+fn program_brk_and_the_allocator_never_overlap() -> Outcome {
+    // The allocator has memory already (as in any program that allocated before).
+    let warm = core::hint::black_box(alloc::boxed::Box::new(7u64));
+    let base = brk_now().next_multiple_of(PAGE);
+    let top = base + (1 << 20);
+    sys::brk(top).map_err(|e| format!("grow: {e:?}"))?;
+    for w in (base..top).step_by(8) {
+        write(w, w as u64 ^ 0xa5a5);
+    }
+    let v: Vec<u64> = (0..200_000u64).collect();
+    let (vs, ve) = (v.as_ptr() as usize, v.as_ptr() as usize + v.len() * 8);
+    ensure!(
+        ve <= base || vs >= top,
+        "the allocator's Vec [{vs:#x}, {ve:#x}) lies in the program's brk range"
+    );
+    let bad = (base..top)
+        .step_by(8)
+        .filter(|&w| read(w) != w as u64 ^ 0xa5a5)
+        .count();
+    ensure!(
+        bad == 0,
+        "{bad} of {} words of the program's brk range overwritten",
+        (1 << 20) / 8
+    );
+    ensure!(
+        v.iter().enumerate().all(|(i, &x)| x == i as u64),
+        "the Vec was overwritten"
+    );
+    ensure!(*warm == 7, "an earlier allocation was overwritten");
+    sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+    ensure!(
+        sys::brk(panda_rt::PROGRAM_BREAK_BASE - PAGE) == Err(Error::InvalidArgument),
+        "the allocator's range was given to brk"
+    );
+    Ok(())
+}
+
 fn brk_out_of_range_fails_and_keeps_the_break() -> Outcome {
     let before = brk_now();
     for bad in [
@@ -1156,7 +1197,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 29] = [
+    let tests: [(&str, Test); 30] = [
         (
             "heap_grows_zeroed_then_holds_data",
             heap_grows_zeroed_then_holds_data,
@@ -1239,6 +1280,10 @@ fn main(arg: u64) -> u64 {
             reused_frames_are_zero_in_every_byte,
         ),
         ("thread_locals_are_per_thread", thread_locals_are_per_thread),
+        (
+            "program_brk_and_the_allocator_never_overlap",
+            program_brk_and_the_allocator_never_overlap,
+        ),
         (
             "heap_still_works_after_everything",
             heap_grows_zeroed_then_holds_data,
