@@ -82,13 +82,50 @@ pub struct UserContext {
     pub fpu: FpuState,
 }
 
-/// Why `run` returned.
+/// Why `run` returned, decoded: the kernel above never looks at vector numbers or
+/// error-code bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// The thread executed `syscall`; `rax` and the argument registers hold the call.
     Syscall,
-    /// An exception (vector < 32) or an interrupt (vector >= 32) while in user mode.
-    Trap { vector: u8 },
+    /// A page fault at `addr` (CR2) by an access of kind `access`.
+    PageFault { addr: u64, access: FaultAccess },
+    /// Any other exception (vector < 32): the thread did something it may not.
+    Exception { vector: u8, error_code: u64 },
+    /// An interrupt (vector >= 32: the timer tick, an IPI) ended the run early.
+    Interrupt { vector: u8 },
+}
+
+/// What a faulting access was, from the page-fault error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAccess {
+    Read,
+    Write,
+    /// An instruction fetch (error-code bit 4).
+    Execute,
+}
+
+impl Exit {
+    /// Decodes a trap exit from its vector and the saved error code and CR2.
+    fn from_trap(vector: u8, error_code: u64, cr2: u64) -> Self {
+        match vector {
+            14 => Exit::PageFault {
+                addr: cr2,
+                access: if error_code & 0x10 != 0 {
+                    FaultAccess::Execute
+                } else if error_code & 0x2 != 0 {
+                    FaultAccess::Write
+                } else {
+                    FaultAccess::Read
+                },
+            },
+            v if v >= 32 => Exit::Interrupt { vector: v },
+            v => Exit::Exception {
+                vector: v,
+                error_code,
+            },
+        }
+    }
 }
 
 global_asm!(
@@ -235,9 +272,7 @@ pub fn run(ctx: &mut UserContext) -> Exit {
     if code == 0 {
         Exit::Syscall
     } else {
-        Exit::Trap {
-            vector: (code - 1) as u8,
-        }
+        Exit::from_trap((code - 1) as u8, ctx.error_code, ctx.cr2)
     }
 }
 

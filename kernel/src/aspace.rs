@@ -24,7 +24,7 @@ use panda_mm::region::{Access, FaultDecision, Regions, Rights};
 use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
 use panda_mm::{MmError, PhysFrame};
 
-use panda_arch::sync::{Mutex, RwLock, WriteGuard};
+use panda_arch::sync::{Mutex, RwLock};
 
 use crate::{kernel_tables, locks, memory};
 
@@ -168,9 +168,11 @@ impl AddressSpace {
         }))
     }
 
-    /// The region bookkeeping (segments, break, buffers).
-    pub fn regions(&self) -> WriteGuard<'_, Regions> {
-        self.regions.write()
+    /// Adds an ELF segment `[start, end)` with `rights` (the loader, before the first
+    /// thread runs). Like every layout change, it bumps the layout generation.
+    pub fn add_segment(&self, start: u64, end: u64, rights: Rights) -> Result<(), MmError> {
+        let _layout = self.layout.lock();
+        self.change_layout(|r| r.add_segment(start, end, rights).map(|_| ()))
     }
 
     /// The current break.

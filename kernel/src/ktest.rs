@@ -1322,7 +1322,6 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
             );
             // Buffers.
             let buf = space
-                .regions()
                 .alloc_buffer(8192)
                 .map_err(|e| fail(format_args!("{e:?}")))?;
             user_write(&space, buf + 4096, 7).map_err(|d| fail(format_args!("buffer: {d:?}")))?;
@@ -1339,7 +1338,6 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
             // An ELF-style read-only segment: readable (zero), not writable.
             let base = ELF_LOAD_BASE as u64;
             space
-                .regions()
                 .add_segment(
                     base,
                     base + 0x1000,
@@ -1357,7 +1355,6 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
             // Protect: a writable segment page, written, then made read-only.
             let data = base + 0x1000;
             space
-                .regions()
                 .add_segment(
                     data,
                     data + 0x1000,
@@ -1625,7 +1622,7 @@ fn run_past_interrupts(ctx: &mut panda_arch::user::UserContext) -> panda_arch::u
     use panda_arch::user::{run, Exit};
     loop {
         match run(ctx) {
-            Exit::Trap { vector } if vector >= 32 => continue,
+            Exit::Interrupt { .. } => continue,
             exit => return exit,
         }
     }
@@ -1659,7 +1656,6 @@ async fn user_mode_round_trips() -> Outcome {
         execute: true,
     };
     space
-        .regions()
         .add_segment(base, base + 0x1000, rx)
         .map_err(|e| fail(format_args!("{e:?}")))?;
     space
@@ -1694,7 +1690,7 @@ async fn user_mode_round_trips() -> Outcome {
         ensure!(ctx.rflags & 0x200 != 0, "user code ran with interrupts off");
         let second = run_past_interrupts(&mut ctx);
         ensure!(
-            second == (Exit::Trap { vector: 14 }),
+            matches!(second, Exit::PageFault { addr: 0, .. }),
             "second exit {second:?}, expected #PF"
         );
         ensure!(
@@ -1707,7 +1703,7 @@ async fn user_mode_round_trips() -> Outcome {
         ctx.rip += 8;
         let third = run_past_interrupts(&mut ctx);
         ensure!(
-            third == (Exit::Trap { vector: 6 }) && ctx.rip == base + 17,
+            matches!(third, Exit::Exception { vector: 6, .. }) && ctx.rip == base + 17,
             "third exit {third:?} at {:#x}, expected #UD",
             ctx.rip
         );
@@ -1715,7 +1711,7 @@ async fn user_mode_round_trips() -> Outcome {
         let fourth = user::run(&mut ctx);
         ensure!(
             fourth
-                == (Exit::Trap {
+                == (Exit::Interrupt {
                     vector: panda_arch::apic::TIMER_VECTOR
                 })
                 && ctx.rip == base + 19,
@@ -1759,7 +1755,6 @@ async fn user_sse_state_is_per_thread() -> Outcome {
         execute: true,
     };
     space
-        .regions()
         .add_segment(base, base + 0x1000, rx)
         .map_err(|e| fail(format_args!("{e:?}")))?;
     space
@@ -1822,7 +1817,6 @@ fn process_from_code(code: &[u8]) -> Result<alloc::sync::Arc<crate::process::Pro
         execute: true,
     };
     space
-        .regions()
         .add_segment(base, base + 0x1000, rx)
         .map_err(|e| fail(format_args!("{e:?}")))?;
     space

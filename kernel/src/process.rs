@@ -29,7 +29,7 @@ use futures_util::future::Either;
 use log::{info, warn};
 use panda_abi::syscall::{self, Error, SystemInfo};
 use panda_arch::sync::Mutex;
-use panda_arch::user::{self, Exit, UserContext};
+use panda_arch::user::{self, Exit, FaultAccess, UserContext};
 use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
 use panda_mm::MmError;
@@ -340,7 +340,6 @@ pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
     for seg in &plan.segments {
         let (start, end) = seg.pages();
         space
-            .regions()
             .add_segment(start, end, seg.rights)
             .map_err(|_| SpawnError::BadElf(ElfError::BadSegment("segment refused")))?;
         let (file_start, file_end) = (seg.vaddr, seg.vaddr + seg.file_size);
@@ -493,16 +492,14 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                     break code;
                 }
             },
-            Exit::Trap { vector: 14 } => {
-                let access = if ctx.error_code & 0x10 != 0 {
-                    Access::Execute
-                } else if ctx.error_code & 2 != 0 {
-                    Access::Write
-                } else {
-                    Access::Read
+            Exit::PageFault { addr, access } => {
+                let access = match access {
+                    FaultAccess::Read => Access::Read,
+                    FaultAccess::Write => Access::Write,
+                    FaultAccess::Execute => Access::Execute,
                 };
                 let resolved = process
-                    .unless_killed(process.space.handle_fault_async(ctx.cr2, access))
+                    .unless_killed(process.space.handle_fault_async(addr, access))
                     .await;
                 match resolved {
                     Some(Ok(())) | None => {}
@@ -512,7 +509,7 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                             "pid {} ({}) thread {tid} killed: page fault at {:#x} ({access:?}, rip {:#x}): {}",
                             process.pid,
                             process.name,
-                            ctx.cr2,
+                            addr,
                             ctx.rip,
                             describe(e)
                         );
@@ -522,8 +519,8 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                 }
             }
             // An interrupt ended the run (the timer tick, an IPI): let others run.
-            Exit::Trap { vector } if vector >= 32 => yield_once().await,
-            Exit::Trap { vector } => {
+            Exit::Interrupt { .. } => yield_once().await,
+            Exit::Exception { vector, error_code } => {
                 let (mnemonic, name) = panda_arch::trap::exception_name(vector as u64);
                 warn!(
                     target: "user",
@@ -531,7 +528,7 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                     process.pid,
                     process.name,
                     ctx.rip,
-                    ctx.error_code
+                    error_code
                 );
                 process.end(KILLED);
                 break KILLED;
