@@ -1,7 +1,7 @@
 //! `panda-abi`: the contract between Panda's kernel and its user programs.
 //!
 //! This crate owns the per-process address-space layout of
-//! `shared/seed/VIRTUAL_ADDRESS_SPACE.md`: the seed's constants, exactly as the seed
+//! docs/VIRTUAL_ADDRESS_SPACE.md: the original design's constants, exactly as it
 //! gives them, and the effective regions the kernel enforces, and (`syscall`) the
 //! operation numbers and error codes. It is `no_std`, has no dependencies and no
 //! unsafe code, so the kernel and every user program can use it.

@@ -151,8 +151,8 @@ pub fn enable_features(f: &Features) {
                 c.insert(Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION);
             }
             // PCID is enabled where it exists (never required: TCG lacks it). Every CR3
-            // load so far uses PCID 0, which keeps today's flush-on-switch behaviour; the
-            // memory issue assigns per-space PCIDs.
+            // load so far uses PCID 0, which keeps today's flush-on-switch behaviour; per-space
+            // PCIDs wait for a host that has PCID to test them on (docs/MEMORY.md).
             if f.pcid && Cr3::read_raw().1 == 0 {
                 c.insert(Cr4Flags::PCID);
             }

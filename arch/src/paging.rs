@@ -3,8 +3,9 @@
 //! 4-level paging. Tables are reached through the HHDM, so building tables needs the
 //! physical frames they live in to be mapped there already (true for the boot tables of
 //! both entry paths below 4 GiB, and for the kernel's own tables afterwards). The frame
-//! source is a trait so the boot allocator now and `mm` later can supply frames.
-//! This is the lowest layer of memory management; address spaces come with `mm`.
+//! source is a trait so the boot allocator and the kernel's frame allocator can both
+//! supply frames. This is the lowest layer of memory management: user address spaces
+//! (kernel/src/aspace.rs) are built on it.
 
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;

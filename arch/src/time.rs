@@ -3,7 +3,8 @@
 //! The TSC frequency comes from CPUID leaf 0x15 (crystal ratio) or 0x16 when they give
 //! it, and otherwise from counting TSC ticks across 10 ms of the legacy PIT (channel 2,
 //! gated through port 0x61), which every PC and QEMU has. Until calibration, `now_ns`
-//! reads 0. The cores issue replaces the PIT with the HPET or ACPI PM timer.
+//! reads 0. Where the ACPI PM timer exists, `calibrate_with_pm_timer` measures against
+//! it instead of the PIT.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::instructions::port::Port;

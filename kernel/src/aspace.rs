@@ -7,10 +7,8 @@
 //! with one mapping. Shrinking the heap unmaps pages and runs the shootdown protocol:
 //! CPUs running the space now flush (cross-CPU calls), the others catch up at their
 //! next switch, and the frames are freed only after every target acknowledged.
-//! Dropping the space frees every frame and table page.
-//!
-//! The user-space issue adds processes, threads and the fault path from ring 3; today
-//! the kernel drives spaces itself (in-kernel tests).
+//! Dropping the space frees every frame and table page. User threads reach it through
+//! `process` (faults from ring 3, brk, buffers); the in-kernel tests drive it directly.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;

@@ -4,11 +4,12 @@
 //! with `N passed, M failed`, the format `scripts/test.sh` and CI read. Tests check the
 //! machine the kernel actually built: boot information, the permissions of its own page
 //! tables (by probing, through the exception table, what faults and what does not),
-//! exception delivery and the clock. `test.inject_failure` adds a test that fails, to
+//! exception delivery, the clock, CPUs and IPIs, locks, the executor, frames, zeroing,
+//! address spaces and shootdowns, and ring 3. `test=PATTERN` is not supported yet. `test.inject_failure` adds a test that fails, to
 //! prove the harness and the scripts notice.
 
-// Failures carry their message inline because there is no heap yet; the size only
-// matters on this test path.
+// Failures carry their message inline (formatting needs no allocation on a failing
+// path); the size only matters on this test path.
 #![allow(clippy::result_large_err)]
 
 use alloc::boxed::Box;
@@ -1124,7 +1125,7 @@ async fn mm_exhaustion_fails_cleanly() -> Outcome {
     Ok(())
 }
 
-/// Not a pass/fail test: prints medians the memory issue asks to report.
+/// Not a pass/fail test: prints medians of the frame paths (docs/MEMORY.md quotes them).
 async fn mm_measure() -> Outcome {
     let (frames, _) = mm()?;
     let cpu = percpu::current_index();

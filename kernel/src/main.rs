@@ -8,7 +8,9 @@
 //!    CPU's protection features, prints the banner and then runs the tests or the
 //!    requested crash, and powers off.
 //!
-//! Until user space exists (issue 5) the kernel shuts down after boot.
+//! Without `test` or `crash=`, boot ends by running init (`init=NAME`, default `init`)
+//! from the initrd; when init exits and the kernel has checked that every frame and
+//! heap byte came back, it powers off with init's outcome.
 #![no_std]
 #![no_main]
 #![deny(unsafe_code)]

@@ -7,7 +7,8 @@
 //! from then on the memory map is a record only. Frames are reached through the HHDM.
 //!
 //! Each CPU's idle work zeroes frames into its pool (`zero_when_idle`), so demand-zero
-//! faults (user-space issue) can take one in O(1).
+//! faults of user threads can take one in O(1). The kernel's reserve (`above_reserve`)
+//! keeps user-caused allocations from taking the memory the kernel needs.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 

@@ -8,9 +8,16 @@
 //! - `zero`: per-CPU pools of frames known to be zero, filled by an idle-time zeroing
 //!   pass, and the `ZeroedFrame` type only that pass can make.
 //!
-//! This crate never touches memory: frames are numbers. Zeroing is a function the
-//! kernel passes in (it writes through the HHDM); page tables and address spaces come
-//! with the rest of the memory issue.
+//! - `region`: a user address space's regions (segments, break, buffers, stack) and
+//!   what a fault in them means;
+//! - `slab`: the per-CPU slab layer of the kernel heap (the one module with unsafe
+//!   code: it hands out raw memory);
+//! - `tlb`: TLB shootdown bookkeeping (active CPUs, generations, frames held until
+//!   every target flushed).
+//!
+//! Apart from `slab`, this crate never touches memory: frames are numbers. Zeroing is a
+//! function the kernel passes in (it writes through the HHDM); page tables live in
+//! `panda-arch` and address spaces in the kernel.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)] // except `slab`, the lowest layer, which says why
 

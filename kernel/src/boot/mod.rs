@@ -27,7 +27,7 @@ impl Protocol {
     }
 }
 
-/// A boot module (the initrd, later): physical range and its command-line string.
+/// A boot module (the initrd): physical range and its command-line string.
 #[derive(Clone, Copy, Debug)]
 pub struct Module {
     pub phys: u64,
