@@ -282,7 +282,7 @@ impl AddressSpace {
         let cpu = percpu::current_index();
         let frame = match pooled_frame(cpu) {
             Some(frame) => frame,
-            None => match (memory::zero_pools(), crate::exec::get()) {
+            None => match (memory::zero_pools(), crate::executor::get()) {
                 (Some(p), Some(exec)) if !memory::zeroing_paused() && exec.has_queued_work(cpu) => {
                     match p.take(cpu).await {
                         Some(z) => {

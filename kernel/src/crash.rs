@@ -51,7 +51,7 @@ async fn deadlock() -> ! {
     let target = (0..panda_arch::percpu::online_count())
         .rev()
         .find(|&i| i != me);
-    let exec = crate::exec::get().expect("crash= runs as an executor task");
+    let exec = crate::executor::get().expect("crash= runs as an executor task");
     match target {
         Some(cpu) => {
             // Detached: it never finishes.

@@ -757,8 +757,8 @@ fn heap_alloc_free_returns_memory(_: &Context<'_>) -> Outcome {
     Ok(())
 }
 
-fn executor() -> Result<&'static panda_sched::Executor<crate::exec::Machine>, Failure> {
-    crate::exec::get().ok_or_else(|| fail(format_args!("no executor")))
+fn executor() -> Result<&'static panda_sched::Executor<crate::executor::Machine>, Failure> {
+    crate::executor::get().ok_or_else(|| fail(format_args!("no executor")))
 }
 
 fn report_cpu() -> usize {

@@ -20,7 +20,7 @@ extern crate alloc;
 mod aspace;
 mod boot;
 mod crash;
-mod exec;
+mod executor;
 mod heap;
 mod initrd;
 mod kernel_tables;
@@ -233,7 +233,7 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     }
     heap::enable_slabs();
-    let executor = exec::init(report.online);
+    let executor = executor::init(report.online);
     executor.set_idle_work(memory::zero_when_idle);
     for cpu in 0..executor.cpu_count() {
         // Detached: the zeroing tasks run as long as the kernel.
@@ -254,7 +254,7 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
         power::exit(run_init(boot).await)
     });
-    exec::run_this_cpu()
+    executor::run_this_cpu()
 }
 
 /// How long a CPU may go without a timer tick before the watchdog stops the machine,
@@ -334,7 +334,7 @@ async fn run_init(boot: &BootInfo) -> bool {
     let Some(status) = process::run_init(path, arg).await else {
         return false;
     };
-    let exec = exec::get().expect("the executor runs this task");
+    let exec = executor::get().expect("the executor runs this task");
     // Children init did not wait for may still be running: give them a moment.
     let _paused = memory::pause_zeroing();
     let mut now = memory::frames_not_in_use();
@@ -408,7 +408,7 @@ static TABLES: spin::Once<kernel_tables::KernelTables> = spin::Once::new();
 
 /// Where APs go once they are up: their executor loop.
 fn ap_main(_index: usize) -> ! {
-    exec::run_this_cpu()
+    executor::run_this_cpu()
 }
 
 /// Stops the machine after an unexpected trap has been reported.

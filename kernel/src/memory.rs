@@ -195,7 +195,8 @@ const DEMAND_BATCH: usize = 16;
 /// refill wakes the waiting faults — yielding between batches so the CPU's other tasks
 /// run meanwhile, until no fault waits. The idle work tops pools up in the background.
 pub async fn zeroing_task(cpu: usize) {
-    let (Some(frames), Some(pools), Some(exec)) = (FRAMES.get(), ZERO.get(), crate::exec::get())
+    let (Some(frames), Some(pools), Some(exec)) =
+        (FRAMES.get(), ZERO.get(), crate::executor::get())
     else {
         return;
     };

@@ -292,7 +292,7 @@ pub async fn wait_child(parent: u64, pid: u64, timeout_ns: Option<u64>) -> Resul
     match timeout_ns {
         None => record.gone.wait().await,
         Some(ns) => {
-            let exec = crate::exec::get().ok_or(Error::NotPermitted)?;
+            let exec = crate::executor::get().ok_or(Error::NotPermitted)?;
             if first(record.gone.wait(), exec.sleep(ns)).await.is_none() && !record.gone.is_fired()
             {
                 return Err(Error::TimedOut);
@@ -391,7 +391,7 @@ pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Proce
         rdi: arg,
         ..Default::default()
     };
-    let exec = crate::exec::get().ok_or(SpawnError::OutOfMemory)?;
+    let exec = crate::executor::get().ok_or(SpawnError::OutOfMemory)?;
     // `start_thread` refuses only for lack of memory (or a full thread table, which a
     // new process cannot have).
     if start_thread(exec, &process, ctx, None).is_err() {
@@ -419,7 +419,7 @@ pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Proce
 /// Returns its thread id, or `OutOfMemory` when the process has `MAX_THREADS` threads
 /// not yet joined or memory is down to the kernel's reserve.
 fn start_thread(
-    exec: &'static panda_sched::Executor<crate::exec::Machine>,
+    exec: &'static panda_sched::Executor<crate::executor::Machine>,
     process: &Arc<Process>,
     ctx: UserContext,
     cpu: Option<usize>,
@@ -553,7 +553,7 @@ fn describe(e: FaultError) -> &'static str {
 
 /// Yields once to the executor.
 async fn yield_once() {
-    if let Some(exec) = crate::exec::get() {
+    if let Some(exec) = crate::executor::get() {
         exec.yield_now().await;
     }
 }
@@ -567,7 +567,7 @@ fn user_error(e: FaultError) -> Error {
 
 async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) -> After {
     let (op, a0, a1, a2, a3) = (ctx.rax as usize, ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10);
-    let exec = crate::exec::get();
+    let exec = crate::executor::get();
     let result: Result<usize, Error> = match op {
         syscall::OP_PROCESS_EXIT => return After::ExitProcess(syscall::exit_status(a0) as u64),
         syscall::OP_THREAD_EXIT => return After::ExitThread(syscall::exit_status(a0) as u64),
