@@ -54,9 +54,13 @@ if ! [[ "$smp" =~ ^[0-9]+$ ]] || [ "$smp" -lt 1 ] || [ "$smp" -gt 255 ]; then
     panda_usage_error "-smp must be a whole number from 1 to 255, not '$smp'"
 fi
 [[ "$mem" =~ ^[0-9]+[MG]?$ ]] || panda_usage_error "-m must look like 512M or 2G, not '$mem'"
+mem_mib=${mem%[MG]}; [[ "$mem" == *G ]] && mem_mib=$((mem_mib * 1024))
+[ "$mem_mib" -ge 64 ] || panda_usage_error "-m must be at least 64M (the kernel's heap, tables and one program), not '$mem'"
 case "$accel" in auto|kvm|tcg) ;; *) panda_usage_error "--accel must be kvm or tcg, not '$accel'" ;; esac
 case "$boot" in pvh|limine) ;; *) panda_usage_error "--boot must be pvh or limine, not '$boot'" ;; esac
 case "$firmware" in bios|uefi) ;; *) panda_usage_error "--firmware must be bios or uefi, not '$firmware'" ;; esac
+[ "$firmware" = bios ] || [ "$boot" = limine ] ||
+    panda_usage_error "--firmware $firmware needs --boot limine (PVH boots without firmware)"
 if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
     panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
 fi

@@ -287,6 +287,16 @@ if [ "$quick" = 0 ]; then
     expect_failure page-fault "crash=pagefault" '^EXCEPTION #PF .*cr2=0xdead0000' 'not-present page at read'
     expect_failure stack-overflow "crash=stackoverflow" '^EXCEPTION #DF ' 'the kernel stack ran into its guard page'
     for n in 1 2 4; do expect_watchdog "$n"; done
+    # A crash that was asked for and does not exist must not pass as a clean run, and a
+    # misspelt word must be named (here the run itself succeeds: init runs).
+    expect_failure unknown-crash "crash=bogus" 'unknown crash=bogus'
+    log="$logs/unknown-word.log" status=0
+    scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init.agr=3" >"$log" 2>&1 || status=$?
+    if [ "$status" = 0 ] && grep -q 'unknown command-line word "init.agr=3" ignored' "$log"; then
+        pass unknown-word-named
+    else
+        fail unknown-word-named "exit $status; want the 'unknown command-line word' warning (see $log)"
+    fi
 
     # An AP that never answers is reported by APIC id and skipped; boot goes on.
     log="$logs/silent-ap.log" status=0
@@ -314,6 +324,9 @@ if [ "$quick" = 0 ]; then
     bad_input smp-word -smp x
     bad_input accel --accel nope
     bad_input boot --boot floppy
+    bad_input memory-zero -m 0
+    bad_input memory-too-small -m 16M
+    bad_input firmware-without-limine --firmware uefi
     bad_input init-missing --init /nonexistent/init
     bad_input init-not-elf --init README.md
     BAD_LIMINE_DIR=$(mktemp -d) bad_input limine-missing --boot limine

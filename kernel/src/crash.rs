@@ -34,7 +34,9 @@ pub async fn trigger(what: &str) {
         }
         "deadlock" => deadlock().await,
         _ => {
-            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock")
+            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock");
+            // A run that asked for a crash and got none must not look like a success.
+            panda_arch::power::exit(false)
         }
     }
 }

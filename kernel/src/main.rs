@@ -31,7 +31,7 @@ mod memory;
 mod process;
 mod smp;
 
-use log::{error, info};
+use log::{error, info, warn};
 use panda_arch::{cpu, power};
 
 use boot::{BootInfo, MemoryKind};
@@ -181,7 +181,7 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     }
     if !features.invariant_tsc {
-        log::warn!(target: "time", "CPUID does not report an invariant TSC (usual under TCG): the clock assumes a constant rate");
+        warn!(target: "time", "CPUID does not report an invariant TSC (usual under TCG): the clock assumes a constant rate");
     }
     let mode = match smp::init_bsp_apic(&platform) {
         Ok(mode) => mode,
@@ -241,6 +241,14 @@ fn kmain(mut boot: BootInfo) -> ! {
     }
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());
     start_watchdog(boot.option("watchdog"));
+    for word in boot.unknown_words() {
+        warn!(
+            target: "boot",
+            "unknown command-line word {word:?} ignored (keys: {}; flags: {})",
+            boot::KNOWN_OPTIONS.join("=, ") + "=",
+            boot::KNOWN_FLAGS.join(", ")
+        );
+    }
     let boot: &'static BootInfo = BOOT.call_once(|| boot);
     let tables: &'static kernel_tables::KernelTables = TABLES.call_once(|| tables);
     let expected = report.enabled;

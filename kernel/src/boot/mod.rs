@@ -93,6 +93,19 @@ pub struct BootInfo {
     pub loader: Text<64>,
 }
 
+/// Command-line `key=value` keys the kernel reads (README lists what they do).
+pub const KNOWN_OPTIONS: &[&str] = &[
+    "crash",
+    "init",
+    "init.arg",
+    "log",
+    "mm.zero",
+    "smp.silent",
+    "watchdog",
+];
+/// Command-line flags the kernel reads.
+pub const KNOWN_FLAGS: &[&str] = &["test", "test.inject_failure"];
+
 impl BootInfo {
     /// Physical address of the kernel-image byte at virtual `virt`.
     pub fn kernel_virt_to_phys(&self, virt: u64) -> u64 {
@@ -113,6 +126,16 @@ impl BootInfo {
             .as_str()
             .split_ascii_whitespace()
             .find_map(|t| t.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+    }
+
+    /// Command-line words the kernel does not know (neither a flag nor `key=value` of a
+    /// known key): boot logs each, so a typo is not silently ignored.
+    pub fn unknown_words(&self) -> impl Iterator<Item = &str> {
+        self.cmdline.as_str().split_ascii_whitespace().filter(|w| {
+            let key = w.split_once('=').map_or(*w, |(k, _)| k);
+            let is_flag = !w.contains('=');
+            !((!is_flag && KNOWN_OPTIONS.contains(&key)) || (is_flag && KNOWN_FLAGS.contains(w)))
+        })
     }
 
     /// The modules present.
