@@ -34,6 +34,9 @@ while [ $# -gt 0 ]; do
 done
 [[ "$smp_list" =~ ^[0-9]+(,[0-9]+)*$ ]] || panda_usage_error "--smp must be a comma-separated list of numbers"
 [[ "$user_smp_list" =~ ^[0-9]+(,[0-9]+)*$ ]] || panda_usage_error "--user-smp must be a comma-separated list of numbers"
+for n in ${smp_list//,/ } ${user_smp_list//,/ }; do
+    if [ "$n" -lt 1 ] || [ "$n" -gt 255 ]; then panda_usage_error "CPU counts must be from 1 to 255, not $n"; fi
+done
 [[ "$timeout_s" =~ ^[0-9]+$ ]] || panda_usage_error "--timeout must be whole seconds"
 
 # Crates whose logic is tested on the host, and those that must also lint for the kernel target.
