@@ -6,7 +6,8 @@
 # Sourced by run.sh, test.sh and bench.sh; also runnable on its own.
 # Prints one line per thing it installs; silent when everything is present.
 
-panda_die() { printf 'panda: %s\n' "$*" >&2; exit 1; }
+# Set-up errors (a missing tool, a failed build) exit 69, distinct from every guest outcome.
+panda_die() { printf 'panda: %s\n' "$*" >&2; exit 69; }
 
 panda_sudo() {
     if [ "$(id -u)" = 0 ]; then "$@"

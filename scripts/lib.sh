@@ -14,6 +14,8 @@ PANDA_KERNEL="$PANDA_ROOT/target/$PANDA_TARGET/release/panda-kernel"
 # QEMU exit statuses produced by the kernel through isa-debug-exit ((v << 1) | 1).
 PANDA_QEMU_SUCCESS=33
 PANDA_QEMU_FAILURE=35
+PANDA_QEMU_PROGRAM_FAILED=37
+PANDA_QEMU_PROGRAM_KILLED=39
 
 panda_usage_error() { printf 'panda: %s (see --help)\n' "$*" >&2; exit 64; }
 
@@ -106,6 +108,8 @@ panda_map_status() {
     case "$status" in
         "$PANDA_QEMU_SUCCESS") return 0 ;;
         "$PANDA_QEMU_FAILURE") echo "panda: guest reported failure" >&2; return 1 ;;
+        "$PANDA_QEMU_PROGRAM_FAILED") echo "panda: the first program exited with a non-zero status (the kernel's line above gives it)" >&2; return 4 ;;
+        "$PANDA_QEMU_PROGRAM_KILLED") echo "panda: the kernel ended the first program (the kernel's line above says why)" >&2; return 5 ;;
         124) echo "panda: guest timed out after ${timeout_s}s" >&2; return 3 ;;
         *) echo "panda: guest ended without reporting (QEMU status $status): triple fault or QEMU error" >&2; return 2 ;;
     esac

@@ -169,13 +169,21 @@ else
     fail init-smp8 "exit $status; want init's summary, its demo and status 0 (see $log)"
 fi
 # --init PATH runs that ELF as init: utest as a child that exits 42 must end the run
-# with failure status and the kernel saying so.
+# with status 4 (the program failed, the kernel did not) and the kernel saying so.
 log="$logs/init-option.log" status=0
 scripts/run.sh --timeout "$timeout_s" -smp 2 --init "$PANDA_USER_BIN/utest" --cmdline "init.arg=1" >"$log" 2>&1 || status=$?
-if [ "$status" = 1 ] && grep -q 'init "init" (pid 1) exited with status 42' "$log"; then
+if [ "$status" = 4 ] && grep -q 'init "init" (pid 1) exited with status 42' "$log"; then
     pass init-option
 else
-    fail init-option "exit $status (want 1); want 'exited with status 42' (see $log)"
+    fail init-option "exit $status (want 4); want 'exited with status 42' (see $log)"
+fi
+# A first program the kernel ends (a write to read-only data) is status 5.
+log="$logs/init-killed.log" status=0
+scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init=utest init.arg=4" >"$log" 2>&1 || status=$?
+if [ "$status" = 5 ] && grep -q 'was killed' "$log"; then
+    pass init-killed-status
+else
+    fail init-killed-status "exit $status (want 5); want 'was killed' (see $log)"
 fi
 
 section "system-call fuzzer"

@@ -260,7 +260,7 @@ fn kmain(mut boot: BootInfo) -> ! {
             let ok = ktest::run_all(boot, tables, expected).await;
             power::exit(ok);
         }
-        power::exit(run_init(boot).await)
+        power::exit_with(run_init(boot).await)
     });
     executor::run_this_cpu()
 }
@@ -310,7 +310,7 @@ fn parse_seconds_as_ms(text: &str) -> Option<u64> {
 /// Runs the initrd's `init` (or the program `init=PATH` names) as the first process,
 /// waits for it, checks that every frame came back, and says whether all went well
 /// (status 0, nothing leaked).
-async fn run_init(boot: &BootInfo) -> bool {
+async fn run_init(boot: &BootInfo) -> power::Outcome {
     match initrd::init(boot) {
         Ok(files) => {
             info!(target: "boot", "initrd: {files} files");
@@ -320,7 +320,7 @@ async fn run_init(boot: &BootInfo) -> bool {
         }
         Err(why) => {
             info!(target: "boot", "no initrd ({why}): nothing to run, powering off");
-            return true;
+            return power::Outcome::Success;
         }
     }
     let path = boot.option("init").unwrap_or("init");
@@ -340,7 +340,7 @@ async fn run_init(boot: &BootInfo) -> bool {
     };
     let buddy_before = memory::frames().map_or(0, |f| f.bookkeeping_entries());
     let Some(status) = process::run_init(path, arg).await else {
-        return false;
+        return power::Outcome::KernelFailure;
     };
     let exec = executor::get().expect("the executor runs this task");
     // Children init did not wait for may still be running: give them a moment.
@@ -399,7 +399,12 @@ async fn run_init(boot: &BootInfo) -> bool {
             heap::usage()
         );
     }
-    status == 0 && now == baseline && heap_ok
+    match status {
+        _ if now != baseline || !heap_ok => power::Outcome::KernelFailure,
+        0 => power::Outcome::Success,
+        process::KILLED => power::Outcome::ProgramKilled,
+        _ => power::Outcome::ProgramFailed,
+    }
 }
 
 /// Kernel heap bytes a finished workload may leave in use besides the frame
