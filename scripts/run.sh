@@ -15,7 +15,8 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --cpu MODEL         QEMU CPU model under TCG (default max; e.g. max,-x2apic)
   --boot pvh|limine   PVH (QEMU -kernel, default) or a Limine ISO from LIMINE_DIR
   --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
-  --gdb               start paused with a gdb stub on localhost:1234
+  --gdb[=PORT]        start paused with a gdb stub on localhost:PORT (default 1234)
+                      and print the gdb command to paste
   --init PATH         run this static ELF as the first process (packed into the initrd
                       as `init`, beside the usual programs)
   --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
@@ -40,7 +41,8 @@ while [ $# -gt 0 ]; do
         --cpu) [ $# -ge 2 ] || panda_usage_error "--cpu needs a model"; PANDA_CPU_MODEL=$2; shift 2 ;;
         --boot) [ $# -ge 2 ] || panda_usage_error "--boot needs pvh or limine"; boot=$2; shift 2 ;;
         --firmware) [ $# -ge 2 ] || panda_usage_error "--firmware needs bios or uefi"; firmware=$2; shift 2 ;;
-        --gdb) gdb=1; shift ;;
+        --gdb) gdb=1234; shift ;;
+        --gdb=*) gdb=${1#--gdb=}; shift ;;
         --init) [ $# -ge 2 ] || panda_usage_error "--init needs a path"; init=$2; shift 2 ;;
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
@@ -61,6 +63,14 @@ case "$boot" in pvh|limine) ;; *) panda_usage_error "--boot must be pvh or limin
 case "$firmware" in bios|uefi) ;; *) panda_usage_error "--firmware must be bios or uefi, not '$firmware'" ;; esac
 [ "$firmware" = bios ] || [ "$boot" = limine ] ||
     panda_usage_error "--firmware $firmware needs --boot limine (PVH boots without firmware)"
+if [ "$gdb" != 0 ]; then
+    if ! [[ "$gdb" =~ ^[0-9]+$ ]] || [ "$gdb" -lt 1 ] || [ "$gdb" -gt 65535 ]; then
+        panda_usage_error "--gdb=PORT needs a port number from 1 to 65535, not '$gdb'"
+    fi
+    if command -v ss >/dev/null 2>&1 && ss -ltn "sport = :$gdb" 2>/dev/null | grep -q LISTEN; then
+        panda_usage_error "port $gdb is busy (another --gdb run?): choose one with --gdb=PORT"
+    fi
+fi
 if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
     panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
 fi
@@ -141,16 +151,28 @@ else
     what="Limine ($firmware)"
 fi
 
-if [ "$gdb" = 1 ]; then
-    qemu_args+=(-s -S)
-    echo "panda: waiting for gdb on localhost:1234 (gdb $PANDA_KERNEL -ex 'target remote :1234')" >&2
+if [ "$gdb" != 0 ]; then
+    qemu_args+=(-gdb "tcp:localhost:$gdb" -S)
+    echo "panda: paused for gdb on localhost:$gdb; in another terminal:" >&2
+    echo "  gdb $PANDA_KERNEL -ex 'target remote localhost:$gdb' -ex 'hbreak panda_kernel::kmain' -ex continue" >&2
+    echo "  (or: scripts/gdb.sh $gdb; hbreak, not break: the kernel's addresses are mapped only once it runs)" >&2
 fi
 
 echo "panda: booting ${PANDA_KERNEL#"$PANDA_ROOT"/} via $what, -smp $smp, -m $mem, $PANDA_ACCEL" >&2
-status=0
-if [ -n "$timeout_s" ]; then
-    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null || status=$?
-else
-    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" || status=$?
+# The console goes through the symbolizer (crash reports gain function and file:line);
+# PANDA_SYMBOLIZE=0, or no python3, passes it through untouched.
+symbolize=(cat)
+if [ "${PANDA_SYMBOLIZE:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then
+    symbolize=(python3 "$PANDA_ROOT/scripts/symbolize.py" "$PANDA_KERNEL")
 fi
+set +e
+if [ -n "$timeout_s" ]; then
+    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null |
+        "${symbolize[@]}"
+    status=${PIPESTATUS[0]}
+else
+    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" | "${symbolize[@]}"
+    status=${PIPESTATUS[0]}
+fi
+set -e
 panda_map_status "$status" "$timeout_s"

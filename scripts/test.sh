@@ -292,7 +292,8 @@ expect_watchdog() {
 if [ "$quick" = 0 ]; then
     section "fatal paths"
     expect_failure injected-test-failure "test test.inject_failure" '^FAIL injected_failure' '^[0-9]+ passed, 1 failed'
-    expect_failure panic "crash=panic" '^PANIC on cpu0 at ' 'backtrace:'
+    expect_failure panic "crash=panic" '^PANIC on cpu0 at ' 'backtrace:' \
+        '#1 +0xffffffff8[0-9a-f]+ +panda_kernel::crash::trigger.* at kernel/src/crash.rs:[0-9]+'
     expect_failure ap-panic "crash=ap-panic" '^PANIC on cpu1 at '
     expect_failure invalid-opcode "crash=ud2" '^EXCEPTION #UD .*vector 6' 'backtrace:' '#0 +0xffffffff8'
     expect_failure page-fault "crash=pagefault" '^EXCEPTION #PF .*cr2=0xdead0000' 'not-present page at read'
@@ -318,6 +319,22 @@ if [ "$quick" = 0 ]; then
         fail silent-ap-skipped "exit $status; want 'apic id 2 did not answer' and '3 of 4 CPUs online' (see $log)"
     fi
 
+    section "debugging"
+    # A gdb batch session by the README's own commands: break at kmain by that name,
+    # continue, and the backtrace names it with its file and line.
+    log="$logs/gdb.log" status=0 port=$((20000 + RANDOM % 20000))
+    scripts/run.sh --timeout 120 -smp 1 --gdb="$port" >"$logs/gdb-guest.log" 2>&1 &
+    guest=$!
+    sleep 3
+    timeout 90 scripts/gdb.sh "$port" --program init -batch -ex 'hbreak panda_kernel::kmain' \
+        -ex continue -ex 'bt 1' -ex detach >"$log" 2>&1 || status=$?
+    wait "$guest" || true
+    if [ "$status" = 0 ] && grep -q '^#0  panda_kernel::kmain () at kernel/src/main.rs:[0-9]' "$log"; then
+        pass gdb-break-at-kmain
+    else
+        fail gdb-break-at-kmain "gdb exit $status; want '#0  panda_kernel::kmain () at kernel/src/main.rs:N' (see $log)"
+    fi
+
     section "run.sh input checks"
     bad_input() {
         local name=$1; shift
@@ -335,6 +352,7 @@ if [ "$quick" = 0 ]; then
     bad_input smp-word -smp x
     bad_input accel --accel nope
     bad_input boot --boot floppy
+    bad_input gdb-port --gdb=99999
     bad_input memory-zero -m 0
     bad_input memory-too-small -m 16M
     bad_input firmware-without-limine --firmware uefi

@@ -9,8 +9,11 @@ use core::fmt::{self, Write};
 
 const MAX_FRAMES: usize = 32;
 
-/// Writes `backtrace:` and one line per frame, starting at `rip` with chain `rbp`.
+/// Writes `backtrace:` and one line per frame, starting at `rip` with chain `rbp`
+/// (`rip` 0: start at the caller of the function that owns `rbp`, numbered #0).
 pub fn write(w: &mut dyn Write, rip: u64, rbp: u64) -> fmt::Result {
+    // Frames are numbered from #0 whether or not the faulting `rip` is known.
+    let skip = usize::from(rip == 0);
     writeln!(w, "backtrace:")?;
     if rip != 0 {
         writeln!(w, "  #0  0x{rip:016x}")?;
@@ -38,7 +41,7 @@ pub fn write(w: &mut dyn Write, rip: u64, rbp: u64) -> fmt::Result {
                 writeln!(w, "  ... the same frame {repeats} more times")?;
                 repeats = 0;
             }
-            writeln!(w, "  #{depth:<2} 0x{ret:016x}")?;
+            writeln!(w, "  #{:<2} 0x{ret:016x}", depth - skip)?;
             last = ret;
         }
         if next <= rbp {
