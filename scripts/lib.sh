@@ -26,7 +26,9 @@ panda_build_kernel() {
 
 # User programs (user/programs) packed into the initrd, and the data files beside them.
 PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/release"
-PANDA_PROGRAMS=(init utest faultbench fuzz)
+# Every [[bin]] of user/programs is packed: adding a program needs only its [[bin]].
+mapfile -t PANDA_PROGRAMS < <(awk '/^\[\[bin\]\]/ { bin = 1; next } bin && /^name *=/ { gsub(/"/, "", $3); print $3; bin = 0 }' \
+    "$PANDA_ROOT/user/programs/Cargo.toml")
 PANDA_INITRD="$PANDA_ROOT/build/initrd.tar"
 
 panda_build_user() {
@@ -34,16 +36,19 @@ panda_build_user() {
         panda_die "user programs build failed"
 }
 
-# panda_pack_initrd OUT [INIT]: a ustar archive of the user programs (debug info
-# stripped) and user/files/*; INIT, if given, replaces the init program.
+# panda_pack_initrd OUT [INIT [EXTRA...]]: a ustar archive of the user programs (debug
+# info stripped) and user/files/*; INIT, if not empty, replaces the init program, and
+# each EXTRA file is added under its own name (programs init may spawn, data files).
 panda_pack_initrd() {
     local out=$1 init=${2:-} stage="$PANDA_ROOT/build/initrd-root" p
+    shift 2 2>/dev/null || shift $#
     command -v objcopy >/dev/null 2>&1 || panda_apt_install binutils || panda_die "objcopy (binutils) is missing"
     rm -rf "$stage"; mkdir -p "$stage" "$(dirname "$out")"
     for p in "${PANDA_PROGRAMS[@]}"; do
         objcopy --strip-debug "$PANDA_USER_BIN/$p" "$stage/$p" || panda_die "cannot strip $p"
     done
     if [ -n "$init" ]; then cp "$init" "$stage/init" || panda_die "cannot copy $init"; fi
+    for p in "$@"; do cp "$p" "$stage/$(basename "$p")" || panda_die "cannot copy $p"; done
     cp "$PANDA_ROOT"/user/files/* "$stage/"
     # Hostile executables the kernel must refuse (user tests spawn them): utest with a
     # writable+executable code segment, cut short, moved into the kernel half, and

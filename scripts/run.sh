@@ -17,6 +17,8 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
   --gdb[=PORT]        start paused with a gdb stub on localhost:PORT (default 1234)
                       and print the gdb command to paste
+  --add PATH          put this file in the initrd too, under its own name (repeatable:
+                      programs init spawns, data files)
   --init PATH         run this static ELF as the first process (packed into the initrd
                       as `init`, beside the usual programs)
   --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
@@ -31,7 +33,7 @@ Exit status: 0 guest success, 1 guest failure, 2 guest ended without reporting
 TXT
 }
 
-smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s=""
+smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s="" adds=()
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
         --gdb) gdb=1234; shift ;;
         --gdb=*) gdb=${1#--gdb=}; shift ;;
         --init) [ $# -ge 2 ] || panda_usage_error "--init needs a path"; init=$2; shift 2 ;;
+        --add) [ $# -ge 2 ] || panda_usage_error "--add needs a path"; adds+=("$2"); shift 2 ;;
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -74,6 +77,9 @@ fi
 if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
     panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
 fi
+for a in "${adds[@]}"; do
+    [ -f "$a" ] || panda_usage_error "--add $a: no such file"
+done
 if [ -n "$init" ]; then
     [ -f "$init" ] || panda_usage_error "--init $init: no such file"
     [ "$(head -c 4 "$init" | od -An -c | tr -d ' ')" = '177ELF' ] ||
@@ -101,13 +107,15 @@ if [ -n "${PANDA_PREBUILT_KERNEL:-}" ]; then
         panda_die "PANDA_PREBUILT_KERNEL/PANDA_PREBUILT_INITRD do not name files"
     fi
     PANDA_KERNEL=$PANDA_PREBUILT_KERNEL initrd=$PANDA_PREBUILT_INITRD
-    [ -z "$init" ] || panda_usage_error "--init cannot be combined with a prebuilt initrd"
+    if [ -n "$init" ] || [ ${#adds[@]} != 0 ]; then
+        panda_usage_error "--init and --add cannot be combined with a prebuilt initrd"
+    fi
 else
     panda_build_kernel
     panda_build_user
     initrd=$PANDA_INITRD
-    if [ -n "$init" ]; then initrd="$PANDA_ROOT/build/initrd-custom.tar"; fi
-    panda_pack_initrd "$initrd" "$init"
+    if [ -n "$init" ] || [ ${#adds[@]} != 0 ]; then initrd="$PANDA_ROOT/build/initrd-custom.tar"; fi
+    panda_pack_initrd "$initrd" "$init" "${adds[@]}"
 fi
 panda_choose_accel "$accel"
 

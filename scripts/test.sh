@@ -186,6 +186,27 @@ else
     fail init-killed-status "exit $status (want 5); want 'was killed' (see $log)"
 fi
 
+section "your own programs (docs/PROGRAMS.md)"
+# Runs the commands of docs/PROGRAMS.md's marked blocks exactly as written: a Rust
+# program made by new-program.sh and the C example, each spawning a helper, using
+# threads, a buffer and brk; both must say "all fine" and exit 0.
+doc_block() {
+    awk -v tag="<!-- test.sh: $1 -->" '$0 == tag { on = 1; next } on && /^```sh/ { inblock = 1; next }
+        inblock && /^```/ { exit } inblock { print }' docs/PROGRAMS.md
+}
+command -v gcc >/dev/null 2>&1 || panda_apt_install gcc || true
+for lang in rust c; do
+    log="$logs/program-$lang.log" status=0
+    script=$(doc_block "$lang")
+    if [ -z "$script" ]; then fail "program-$lang" "no '<!-- test.sh: $lang -->' block in docs/PROGRAMS.md"; continue; fi
+    timeout 900 bash -euo pipefail -c "$script" >"$log" 2>&1 </dev/null || status=$?
+    if [ "$status" = 0 ] && grep -aq ': all fine' "$log"; then
+        pass "program-$lang (docs/PROGRAMS.md's commands)"
+    else
+        fail "program-$lang" "exit $status; want 'all fine' (see $log)"
+    fi
+done
+
 section "system-call fuzzer"
 # fuzz as init, briefly: random calls on every CPU and misbehaving children; it must
 # end with no violation, and the kernel's closing check must find every frame back.

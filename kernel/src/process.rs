@@ -904,6 +904,17 @@ async fn info_to_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Er
 pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
     let process = match spawn(path, arg, None) {
         Ok(p) => p,
+        Err(SpawnError::NotFound) => {
+            let mut names = String::new();
+            crate::initrd::for_each_file(|name, _| {
+                if !names.is_empty() {
+                    names.push_str(", ");
+                }
+                names.push_str(name);
+            });
+            log::error!(target: "user", "cannot start init {path:?}: no such file in the initrd (it holds: {names})");
+            return None;
+        }
         Err(e) => {
             log::error!(target: "user", "cannot start init {path:?}: {e:?}");
             return None;

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 
 use goblin::container::{Container, Ctx, Endian};
 use goblin::elf::header::{EM_X86_64, ET_DYN, ET_EXEC};
-use goblin::elf::program_header::{ProgramHeader, PT_DYNAMIC, PT_INTERP, PT_LOAD};
+use goblin::elf::program_header::{ProgramHeader, PT_DYNAMIC, PT_INTERP, PT_LOAD, PT_TLS};
 use goblin::elf::Elf;
 
 use crate::region::Rights;
@@ -90,7 +90,7 @@ pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
         ET_EXEC => {}
         ET_DYN => {
             return Err(ElfError::Unsupported(
-                "position-independent (ET_DYN): link it static at 0x400000",
+                "position-independent (ET_DYN): link it static at 0x400000 (Rust: -C relocation-model=static and --no-pie; C: -static -no-pie; docs/PROGRAMS.md)",
             ))
         }
         _ => return Err(ElfError::Unsupported("not an executable (ET_EXEC)")),
@@ -121,7 +121,14 @@ pub fn plan(file: &[u8]) -> Result<LoadPlan, ElfError> {
     for ph in &headers {
         match ph.p_type {
             PT_INTERP | PT_DYNAMIC => {
-                return Err(ElfError::Unsupported("dynamically linked: link it static"))
+                return Err(ElfError::Unsupported(
+                    "dynamically linked (an interpreter or dynamic section): link it static (docs/PROGRAMS.md)",
+                ))
+            }
+            PT_TLS => {
+                return Err(ElfError::Unsupported(
+                    "has a thread-local storage segment (PT_TLS), as Linux C libraries' binaries do: Panda runs programs built on panda-rt or user/c (docs/PROGRAMS.md), not Linux binaries",
+                ))
             }
             PT_LOAD => {}
             _ => continue,
@@ -317,6 +324,20 @@ mod tests {
             refused(&elf(BASE, ET_EXEC, &phs, 0x2000)),
             ElfError::Unsupported(_)
         ));
+        // A Linux C library's static binary: refused as such, by its TLS segment.
+        let mut phs = vec![load(PF_R | PF_X, 0x1000, BASE, 0x200, 0x200)];
+        phs.push(Ph {
+            kind: PT_TLS,
+            flags: PF_R,
+            offset: 0x1000,
+            vaddr: BASE + 0x100,
+            filesz: 8,
+            memsz: 16,
+        });
+        match refused(&elf(BASE, ET_EXEC, &phs, 0x2000)) {
+            ElfError::Unsupported(why) => assert!(why.contains("Linux"), "{why}"),
+            other => panic!("a TLS segment gave {other:?}"),
+        }
     }
 
     #[test]

@@ -98,6 +98,6 @@ pub fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
         cmdline: Text::from_bytes(&cmdline[..n]),
         kernel_phys,
         kernel_virt,
-        loader: Text::from_bytes(b"PVH (QEMU -kernel)"),
+        loader: Text::from_bytes(b"QEMU -kernel"),
     })
 }
