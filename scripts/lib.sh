@@ -20,6 +20,8 @@ PANDA_QEMU_PROGRAM_KILLED=39
 panda_usage_error() { printf 'panda: %s (see --help)\n' "$*" >&2; exit 64; }
 
 panda_build_kernel() {
+    [ -f "$PANDA_KERNEL" ] ||
+        echo "panda: building the kernel and user programs (cargo build --release; the first build takes a minute or two)" >&2
     (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-kernel --target "$PANDA_TARGET") ||
         panda_die "kernel build failed"
 }

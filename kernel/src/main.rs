@@ -15,6 +15,13 @@
 #![no_main]
 #![deny(unsafe_code)]
 
+// Built for the host (a plain `cargo build -p panda-kernel`), the kernel would only
+// fail to link with a hundred lines of errors: say what to do instead, once.
+#[cfg(not(target_os = "none"))]
+compile_error!(
+    "panda-kernel runs on bare metal: build it with `--target x86_64-unknown-none` (`cargo run --release -p panda-kernel --target x86_64-unknown-none` boots it), or use scripts/run.sh"
+);
+
 extern crate alloc;
 
 mod aspace;
