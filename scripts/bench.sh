@@ -93,7 +93,7 @@ mkdir -p "$out/build"
 cp "$PANDA_KERNEL" "$out/build/panda-kernel"
 cp "$PANDA_INITRD" "$out/build/initrd.tar"
 export PANDA_PREBUILT_KERNEL="$out/build/panda-kernel" PANDA_PREBUILT_INITRD="$out/build/initrd.tar"
-echo "panda: $(git -C "$PANDA_ROOT" describe --always --dirty 2>/dev/null || echo unknown) built; runs boot that copy" >&2
+echo "panda: built $(git -C "$PANDA_ROOT" describe --always --dirty 2>/dev/null || echo unknown); every run boots that build" >&2
 panda_choose_accel "$accel"
 accel_line="accel: $PANDA_ACCEL (${PANDA_ACCEL_ARGS[*]})"
 

@@ -14,7 +14,7 @@ usage: scripts/test.sh [--smp LIST] [--user-smp LIST] [--timeout S] [--quick]
   --smp LIST    CPU counts for the in-kernel test boots (default 1,2,4,8,64)
   --user-smp LIST  CPU counts for the user-space test boots (default 1,2,8)
   --timeout S   limit per guest boot in seconds (default 300)
-  --quick       one boot at -smp 2, no lints, no fatal-path checks
+  --quick       in-kernel and user tests and the fuzzer at -smp 2 only; no lints, no fatal-path, debugging or input checks
   -h, --help    this text
 
 With LIMINE_DIR pointing at Limine's binaries, the Limine path is booted too.

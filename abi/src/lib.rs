@@ -11,7 +11,7 @@
 //!   the lower canonical half;
 //! - the effective regions do not overlap each other or the stack's guard page.
 //!
-//! The seed's nominal heap range `[HEAP_BASE, HEAP_BASE + HEAP_MAX_SIZE)` ends at
+//! The original design's nominal heap range `[HEAP_BASE, HEAP_BASE + HEAP_MAX_SIZE)` ends at
 //! `0x101_0000_0000`, which is also `BUFFER_BASE + BUFFER_MAX_SIZE`: the 4 GiB buffer
 //! region is the last 4 GiB of the heap's nominal 1 TiB. The constants stay exact; the
 //! heap's effective limit is `HEAP_LIMIT = BUFFER_BASE`, so the break can grow to
@@ -51,7 +51,8 @@ pub const STACK_BASE: usize = 0x0000_7fff_fef0_0000;
 pub const STACK_MAX_SIZE: usize = 0x100_0000;
 
 /// The heap's effective end (exclusive): the break may grow up to here and no
-/// further, because the seed's nominal heap range ends inside the buffer region.
+/// further, because the original design's nominal heap range ends inside the buffer
+/// region.
 pub const HEAP_LIMIT: usize = BUFFER_BASE;
 
 /// The initial user stack pointer: the top of the stack region.
@@ -195,13 +196,13 @@ mod tests {
     }
 
     #[test]
-    fn seed_heap_overlaps_buffer_and_the_limit_resolves_it() {
+    fn original_heap_overlaps_buffer_and_the_limit_resolves_it() {
         let nominal = Region::new(HEAP_BASE, HEAP_BASE + HEAP_MAX_SIZE);
         assert_eq!(HEAP_BASE + HEAP_MAX_SIZE, 0x101_0000_0000);
         assert_eq!(HEAP_BASE + HEAP_MAX_SIZE, BUFFER_BASE + BUFFER_MAX_SIZE);
         assert!(
             nominal.overlaps(&BUFFER_REGION),
-            "the seed's overlap is documented; if it is gone, update the docs"
+            "the original design's overlap is documented; if it is gone, update the docs"
         );
         assert_eq!(HEAP_LIMIT, BUFFER_BASE);
         assert!(!HEAP_REGION.overlaps(&BUFFER_REGION));

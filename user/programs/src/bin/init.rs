@@ -88,7 +88,8 @@ fn demo() -> Result<(), &'static str> {
             return Err("a pinned thread ran on the wrong CPU");
         }
     }
-    println!("  demo: ELF data, heap, buffer, file, stack and {cpus} pinned threads: all fine");
+    let threads = if cpus == 1 { "thread" } else { "threads" };
+    println!("  demo: ELF data, heap, buffer, file, stack and {cpus} pinned {threads}: all fine");
     Ok(())
 }
 
