@@ -5,7 +5,8 @@
 //! machine the kernel actually built: boot information, the permissions of its own page
 //! tables (by probing, through the exception table, what faults and what does not),
 //! exception delivery, the clock, CPUs and IPIs, locks, the executor, frames, zeroing,
-//! address spaces and shootdowns, and ring 3. `test=PATTERN` is not supported yet. `test.inject_failure` adds a test that fails, to
+//! address spaces and shootdowns, and ring 3. `test.filter=TEXT` runs only the tests
+//! whose name contains TEXT (e.g. `test test.filter=mm_`). `test.inject_failure` adds a test that fails, to
 //! prove the harness and the scripts notice.
 
 // Failures carry their message inline (formatting needs no allocation on a failing
@@ -169,17 +170,23 @@ pub async fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usiz
             console!("FAIL {name}: {}", why.as_str());
         }
     };
-    for (name, test) in TESTS.iter() {
+    // `test.filter=TEXT` runs only the tests whose name contains TEXT.
+    let filter = boot.option("test.filter").unwrap_or("");
+    let chosen = |name: &str| name.contains(filter);
+    for (name, test) in TESTS.iter().filter(|(n, _)| chosen(n)) {
         record(name, test(&ctx));
     }
-    for (name, test) in ASYNC_TESTS.iter() {
+    for (name, test) in ASYNC_TESTS.iter().filter(|(n, _)| chosen(n)) {
         record(name, test().await);
     }
-    // Last, so that it covers every test before it.
-    record(
-        "watchdog_watched_the_whole_run",
-        watchdog_watched_the_whole_run(&ctx),
-    );
+    // Last, so that it covers every test before it (a filtered run may be too short
+    // for the watchdog to have looked, so it runs only when chosen too).
+    if chosen("watchdog_watched_the_whole_run") {
+        record(
+            "watchdog_watched_the_whole_run",
+            watchdog_watched_the_whole_run(&ctx),
+        );
+    }
     if inject {
         record(injected.0, (injected.1)(&ctx));
     }

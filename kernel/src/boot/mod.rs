@@ -101,6 +101,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "log",
     "mm.zero",
     "smp.silent",
+    "test.filter",
     "watchdog",
 ];
 /// Command-line flags the kernel reads.
