@@ -596,9 +596,9 @@ async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) ->
         syscall::OP_THREAD_SPAWN => match exec {
             Some(exec) => {
                 let user_end = panda_abi::USER_SPACE_END as u64;
-                if !(panda_abi::ELF_LOAD_BASE as u64..user_end).contains(&a0)
-                    || !(1..=user_end).contains(&a1)
-                {
+                // The stack top may be 0: a thread that never touches its stack
+                // needs none. Kernel-half and non-canonical values are refused.
+                if !(panda_abi::ELF_LOAD_BASE as u64..user_end).contains(&a0) || a1 > user_end {
                     Err(Error::InvalidArgument)
                 } else {
                     let child = UserContext {

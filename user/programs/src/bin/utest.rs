@@ -745,7 +745,7 @@ fn thread_spawn_is_refused_not_fatal() -> Outcome {
         ("non-canonical entry", 0x8000_0000_0000, 0x7fff_0000),
         ("entry below the program", 0x1000, 0x7fff_0000),
         ("stack in the kernel half", 0x40_1000, 0xffff_8000_0000_0000),
-        ("zero stack", 0x40_1000, 0),
+        ("non-canonical stack", 0x40_1000, 0x8000_0000_1000),
     ] {
         let r = abi::decode(sys::raw(abi::OP_THREAD_SPAWN, entry, stack, 0, 0));
         ensure!(r == Err(Error::InvalidArgument), "{what}: got {r:?}");
