@@ -1344,8 +1344,8 @@ impl Worker {
         let arg = self.any();
         let a = [entry, stack, arg, 0];
         let r = self.call(op, a);
-        // The kernel refuses a stack top outside (0, USER_SPACE_END] up front.
-        let bad_stack = stack == 0 || stack > USER_SPACE_END as u64;
+        // The kernel refuses a stack top above USER_SPACE_END up front.
+        let bad_stack = stack > USER_SPACE_END as u64;
         if r >= 0 {
             self.expect(!bad_stack, op, a, r, "a bad stack top was accepted");
             self.tids[self.n_tids] = (r as u64, arg);
