@@ -323,6 +323,9 @@ if [ "$quick" = 0 ]; then
     # A crash that was asked for and does not exist must not pass as a clean run, and a
     # misspelt word must be named (here the run itself succeeds: init runs).
     expect_failure unknown-crash "crash=bogus" 'unknown crash=bogus'
+    # A task that never yields: ticks go on, the executor never comes round.
+    expect_failure busy-task "crash=busytask" \
+        'watchdog: cpu [0-9]+ made no progress for [0-9.]+ s its executor ran one task' 'CPUs reported'
     log="$logs/unknown-word.log" status=0
     scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init.agr=3" >"$log" 2>&1 || status=$?
     if [ "$status" = 0 ] && grep -q 'unknown command-line word "init.agr=3" ignored' "$log"; then

@@ -72,6 +72,20 @@ pub fn longest_quiet_ns() -> u64 {
     LONGEST_QUIET_NS.load(Ordering::Relaxed)
 }
 
+/// Turns of each CPU's executor loop (0: not running an executor yet).
+static TURNS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static SEEN_TURNS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static TURN_CHANGED_NS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Counts a turn of the calling CPU's executor loop. A CPU whose timer still ticks but
+/// whose executor makes no turn for twice the limit is running one poll that never
+/// returns (a task that never yields): the watchdog reports it like a hang.
+pub fn executor_turn() {
+    if let Some(t) = TURNS.get(percpu::current_index()) {
+        t.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Called from the timer interrupt on every tick, with the interrupted frame.
 pub(crate) fn tick(frame: &TrapFrame) {
     let limit = LIMIT_NS.load(Ordering::Acquire);
@@ -101,18 +115,33 @@ pub(crate) fn tick(frame: &TrapFrame) {
             SEEN_TICKS[i].store(ticks, Ordering::Relaxed);
             CHANGED_NS[i].store(now, Ordering::Relaxed);
         } else if quiet >= limit {
-            hung = Some((i, quiet));
+            hung = Some((i, quiet, false));
+            break;
+        }
+        // The executor: ticks arrive, but does the loop come round?
+        let turns = TURNS[i].load(Ordering::Relaxed);
+        let stuck_for = now.saturating_sub(TURN_CHANGED_NS[i].load(Ordering::Relaxed));
+        if fresh || turns == 0 || SEEN_TURNS[i].load(Ordering::Relaxed) != turns {
+            SEEN_TURNS[i].store(turns, Ordering::Relaxed);
+            TURN_CHANGED_NS[i].store(now, Ordering::Relaxed);
+        } else if stuck_for >= limit.saturating_mul(2) {
+            hung = Some((i, stuck_for, true));
             break;
         }
     }
     LAST_CHECK_NS.store(now, Ordering::Relaxed);
     CHECKING.store(false, Ordering::Release);
-    if let Some((cpu, quiet)) = hung {
+    if let Some((cpu, quiet, in_a_poll)) = hung {
         if claim() {
             crate::serial::emergency(|w| {
+                let why = if in_a_poll {
+                    "its executor ran one task without coming round (a task that never yields?)"
+                } else {
+                    "(interrupts off?)"
+                };
                 let _ = writeln!(
                     w,
-                    "watchdog: cpu {cpu} made no progress for {}.{} s (interrupts off?)",
+                    "watchdog: cpu {cpu} made no progress for {}.{} s {why}",
                     quiet / 1_000_000_000,
                     quiet / 100_000_000 % 10
                 );

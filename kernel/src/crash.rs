@@ -33,11 +33,33 @@ pub async fn trigger(what: &str) {
             error!(target: "crash", "recursed {depth} frames without faulting: no guard page");
         }
         "deadlock" => deadlock().await,
+        "busytask" => busy_task().await,
         _ => {
-            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock");
+            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock, busytask");
             // A run that asked for a crash and got none must not look like a success.
             panda_arch::power::exit(false)
         }
+    }
+}
+
+/// A task that never yields, interrupts on, on the last CPU (the only one at -smp 1):
+/// its CPU still ticks, but its executor never comes round; the watchdog's executor
+/// check must report it.
+async fn busy_task() -> ! {
+    let me = panda_arch::percpu::current_index();
+    let target = (0..panda_arch::percpu::online_count())
+        .rev()
+        .find(|&i| i != me)
+        .unwrap_or(me);
+    let exec = crate::executor::get().expect("crash= runs as an executor task");
+    warn!(target: "crash", "cpu{target} runs a task that never yields");
+    drop(exec.spawn_pinned(target, async {
+        loop {
+            core::hint::spin_loop();
+        }
+    }));
+    loop {
+        exec.sleep(100_000_000).await;
     }
 }
 

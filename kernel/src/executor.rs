@@ -40,6 +40,10 @@ impl Platform for Machine {
     fn halt(&self) {
         interrupts::enable_and_hlt();
     }
+
+    fn on_turn(&self) {
+        panda_arch::watchdog::executor_turn();
+    }
 }
 
 static EXECUTOR: spin::Once<Executor<Machine>> = spin::Once::new();

@@ -214,6 +214,11 @@ pub async fn zeroing_task(cpu: usize) {
             };
             IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
             if added == 0 {
+                // Nothing added (the pool is full, or memory is short): every waiter
+                // must still wake and look again, or `demand` would resolve at once
+                // for ever and this task would never yield (a CPU lost to one loop,
+                // seen in a soak: its pinned threads never ran again).
+                pools.wake_starved(cpu);
                 break;
             }
             exec.yield_now().await;

@@ -34,6 +34,9 @@ pub trait Platform: Send + Sync + 'static {
     /// wake-up that arrived since interrupts went off is not lost), and returns with
     /// interrupts enabled.
     fn halt(&self);
+    /// Called at the start of every turn of a CPU's loop (the watchdog counts turns, so
+    /// a task whose poll never returns is caught). Nothing by default.
+    fn on_turn(&self) {}
 }
 
 /// Counters of one CPU's executor.
@@ -239,6 +242,7 @@ impl<P: Platform> Executor<P> {
 
     /// One turn: fire timers, poll one pass, else steal, else idle work, else halt.
     fn turn(&'static self) {
+        self.platform.on_turn();
         let cpu = self.current();
         self.fire_timers(cpu);
         if self.run_pass(cpu) > 0 || self.steal(cpu) > 0 {
