@@ -51,6 +51,8 @@ struct CpuPool {
     /// Set when a refill found no free frame: waiters then give up instead of waiting
     /// for a refill that cannot come. Cleared by the next refill that adds frames.
     starved: core::sync::atomic::AtomicBool,
+    /// Times this pool's waiters were woken (by a refill, or as starved).
+    wakes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     zeroed: AtomicU64,
@@ -91,6 +93,7 @@ impl ZeroPools {
                             zeroer: None,
                         }),
                         starved: core::sync::atomic::AtomicBool::new(false),
+                        wakes: AtomicU64::new(0),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
                         zeroed: AtomicU64::new(0),
@@ -133,6 +136,7 @@ impl ZeroPools {
             pools: self,
             cpu,
             counted: false,
+            seen_wakes: 0,
         }
     }
 
@@ -165,6 +169,7 @@ impl ZeroPools {
         let starved = added == 0 && room > 0;
         c.starved.store(starved, Ordering::SeqCst);
         if added > 0 || starved {
+            c.wakes.fetch_add(1, Ordering::SeqCst);
             let waiters = core::mem::take(&mut c.pool.lock().waiters);
             for w in waiters {
                 w.wake();
@@ -179,6 +184,7 @@ impl ZeroPools {
     pub fn wake_starved(&self, cpu: usize) {
         let c = self.cpu(cpu);
         c.starved.store(true, Ordering::SeqCst);
+        c.wakes.fetch_add(1, Ordering::SeqCst);
         let waiters = core::mem::take(&mut c.pool.lock().waiters);
         for w in waiters {
             w.wake();
@@ -231,6 +237,8 @@ pub struct TakeZeroed<'a> {
     pools: &'a ZeroPools,
     cpu: usize,
     counted: bool,
+    /// The pool's wake count when this take last registered as a waiter.
+    seen_wakes: u64,
 }
 
 impl Future for TakeZeroed<'_> {
@@ -246,10 +254,14 @@ impl Future for TakeZeroed<'_> {
             }
             return Poll::Ready(Some(ZeroedFrame(f)));
         }
-        if self.counted && c.starved.load(Ordering::SeqCst) {
-            // Woken by a refill that found no memory.
+        if self.counted && c.wakes.load(Ordering::SeqCst) != self.seen_wakes {
+            // Woken since it waited, and the pool is empty again: a refill found no
+            // memory, or other takers on this CPU got the new frames first. Waiting
+            // again could go on for ever under steady demand (a soak saw a thread wait
+            // over 30 s): the caller zeroes a frame itself instead.
             return Poll::Ready(None);
         }
+        self.seen_wakes = c.wakes.load(Ordering::SeqCst);
         // Register under the pool lock: a refill after this point sees the waker.
         if !pool.waiters.iter().any(|w| w.will_wake(cx.waker())) {
             pool.waiters.push(cx.waker().clone());
@@ -386,6 +398,29 @@ mod tests {
             Poll::Ready(Some(_))
         ));
         assert_eq!(pools.stats(0).misses, 1, "a waiting take counts one miss");
+    }
+
+    #[test]
+    fn a_woken_take_that_finds_the_frames_gone_gives_up_instead_of_waiting_again() {
+        let (frames, pools) = (frames(8), ZeroPools::new(1));
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pools.take(0);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        pools.refill(0, &frames, 1, |_| {});
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "the refill woke the waiter"
+        );
+        // Another fault on this CPU takes the new frame before the waiter runs.
+        let stolen = pools.try_take(0).expect("the refilled frame");
+        assert!(
+            matches!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(None)),
+            "a woken waiter must not wait again (it zeroes its own frame)"
+        );
+        let _ = stolen;
     }
 
     #[test]
