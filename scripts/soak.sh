@@ -82,7 +82,14 @@ printf 'smp\tboot\tseed\tseconds\tstatus\tcalls\tchildren\tverdict\tlog\n' >"$re
 total_calls=0 total_children=0 total_seconds=0 boots=0 failed=0 seeds=() failures=()
 
 # The value of KEY=NUMBER on the fuzzer's done line of LOG (0 if absent).
-field() { grep -a 'fuzz: done' "$2" | tail -n1 | grep -ao "$1=[0-9]*" | head -n1 | cut -d= -f2 || true; }
+# A field of the fuzzer's closing line, or of its last progress line if the boot
+# failed before the end (so a failed boot still counts the calls it made).
+field() {
+    local line
+    line=$(grep -a 'fuzz: done' "$2" | tail -n1 || true)
+    [ -n "$line" ] || line=$(grep -a 'fuzz: t=' "$2" | tail -n1 | sed 's/t=\([0-9]*\)s/seconds=\1/' || true)
+    echo "$line" | grep -ao "$1=[0-9]*" | head -n1 | cut -d= -f2 || true
+}
 
 # What to show of a failed boot: a panic and its backtrace, or the fuzzer's last
 # progress and complaints, then the log's last lines.
@@ -104,7 +111,7 @@ for n in "${smp_list[@]}"; do
     while [ "$left" -gt 0 ]; do
         boot=$((boot + 1)) boots=$((boots + 1))
         secs=$((left < boot_seconds ? left : boot_seconds))
-        left=$((left - secs))
+        started=$SECONDS
         if [ -n "$boot_seed" ]; then
             s=$boot_seed; boot_seed=$(( (boot_seed % 4294967295) + 1 ))
         else
@@ -121,6 +128,9 @@ for n in "${smp_list[@]}"; do
         status=0
         scripts/run.sh "${accel_args[@]}" -smp "$n" --timeout "$limit" --cmdline "init=fuzz init.arg=$arg" \
             >"$log" 2>&1 </dev/null || status=$?
+        # The budget is wall time: a boot that fails early leaves the rest for the next.
+        spent=$((SECONDS - started)); [ "$spent" -ge 1 ] || spent=1
+        left=$((left - (spent < secs ? spent : secs)))
         calls=$(field calls "$log"); children=$(field children "$log"); ran=$(field seconds "$log")
         calls=${calls:-0} children=${children:-0} ran=${ran:-0}
         verdict=ok

@@ -323,6 +323,10 @@ if [ "$quick" = 0 ]; then
     # A crash that was asked for and does not exist must not pass as a clean run, and a
     # misspelt word must be named (here the run itself succeeds: init runs).
     expect_failure unknown-crash "crash=bogus" 'unknown crash=bogus'
+    # A CPU spinning for a lock whose holder never lets go: the report names the lock,
+    # the holder's CPU and the line that took it.
+    expect_failure lock-held "crash=lockheld" \
+        'spinning for lock "crash::HELD", held by cpu [0-9]+, last taken at kernel/src/crash.rs:[0-9]+' 'CPUs reported'
     # A task that never yields: ticks go on, the executor never comes round.
     expect_failure busy-task "crash=busytask" \
         'watchdog: cpu [0-9]+ made no progress for [0-9.]+ s its executor ran one task' 'CPUs reported'

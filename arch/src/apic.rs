@@ -138,8 +138,18 @@ fn destination(apic_id: u32) -> u32 {
     }
 }
 
+/// Makes every earlier store visible before the next IPI leaves. In x2APIC mode the
+/// ICR is an MSR, and a WRMSR to it is not serialising (Intel SDM vol. 3, 11.12.3): the
+/// IPI could reach the target before the data it announces (a posted call) is visible
+/// there. `mfence; lfence` is what Linux's `weak_wrmsr_fence` does for the same reason.
+fn fence_before_ipi() {
+    // SAFETY: two fences: they only order memory accesses.
+    unsafe { core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags)) };
+}
+
 /// Sends a fixed interrupt to the CPU with `apic_id`.
 pub fn send_ipi(apic_id: u32, vector: u8) {
+    fence_before_ipi();
     with_local(|a| {
         // SAFETY: an IPI to a vector with a registered gate.
         unsafe { a.send_ipi(vector, destination(apic_id)) }
@@ -148,6 +158,7 @@ pub fn send_ipi(apic_id: u32, vector: u8) {
 
 /// Sends a fixed interrupt to every CPU but the caller (ICR shorthand).
 pub fn send_ipi_all_but_self(vector: u8) {
+    fence_before_ipi();
     with_local(|a| {
         // SAFETY: an IPI to a vector with a registered gate; the shorthand needs no
         // destination field, so the xAPIC/x2APIC difference does not arise.

@@ -219,14 +219,39 @@ fn post(target: usize, function: CallFn, argument: u64) {
     apic::send_ipi(percpu::cpu(target).apic_id(), CALL_VECTOR);
 }
 
+/// How long a caller waits for a posted call to be taken before it sends the IPI again.
+const RESEND_AFTER_NS: u64 = 50_000_000;
+
+/// Calls whose IPI was sent again (not taken within `RESEND_AFTER_NS`: under an
+/// overcommitted emulator that is usually a target not scheduled on the host, not a
+/// lost IPI; the kernel's closing summary prints the count).
+static RESENDS: AtomicU64 = AtomicU64::new(0);
+
+/// How many calls needed their IPI sent again since boot.
+pub fn resends() -> u64 {
+    RESENDS.load(Ordering::Relaxed)
+}
+
 /// Waits for `target` to finish the posted call, frees its mailbox, returns the result.
+/// A call still not taken (still `POSTED`) after `RESEND_AFTER_NS` gets its IPI again:
+/// a lost IPI must not hang the caller — and with it every CPU waiting for a lock the
+/// caller holds (a shootdown under an address space's layout lock). Sending it again is
+/// harmless: the call is taken with a compare-exchange, so it runs once, and an IPI that
+/// finds no posted call does nothing.
 fn collect(target: usize) -> u64 {
     let mailbox = &MAILBOXES[target];
+    let mut resend_at = crate::time::now_ns() + RESEND_AFTER_NS;
     crate::watchdog::spin_until("waiting for another CPU to answer a call", || {
         if mailbox.state.load(Ordering::Acquire) == DONE {
             return true;
         }
         serve_mailbox();
+        let now = crate::time::now_ns();
+        if now >= resend_at && mailbox.state.load(Ordering::Acquire) == POSTED {
+            RESENDS.fetch_add(1, Ordering::Relaxed);
+            apic::send_ipi(percpu::cpu(target).apic_id(), CALL_VECTOR);
+            resend_at = now + RESEND_AFTER_NS;
+        }
         false
     });
     let result = mailbox.result.load(Ordering::Relaxed);

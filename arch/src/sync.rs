@@ -25,7 +25,8 @@
 
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use core::panic::Location;
+use core::sync::atomic::{AtomicPtr, AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
 use crate::percpu::{self, MAX_CPUS};
 
@@ -130,12 +131,118 @@ pub fn nested<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Who holds a `Mutex`: the CPU and the line that took it (for the watchdog's report of
+/// a CPU stuck waiting for the lock).
+struct Owner {
+    /// CPU index + 1; 0 while free.
+    cpu: AtomicU32,
+    site: AtomicPtr<Location<'static>>,
+}
+
+impl Owner {
+    const fn new() -> Self {
+        Self {
+            cpu: AtomicU32::new(0),
+            site: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    fn set(&self, site: &'static Location<'static>) {
+        self.cpu
+            .store(percpu::current_index() as u32 + 1, Ordering::Relaxed);
+        self.site.store(
+            site as *const Location<'static> as *mut Location<'static>,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Per CPU: the lock it is spinning for now (its name, and its owner record if it is a
+/// `Mutex`), for the watchdog's report. Null while not spinning.
+struct Waiting {
+    name: AtomicPtr<&'static str>,
+    owner: AtomicPtr<Owner>,
+}
+
+static WAITING: [Waiting; MAX_CPUS] = [const {
+    Waiting {
+        name: AtomicPtr::new(core::ptr::null_mut()),
+        owner: AtomicPtr::new(core::ptr::null_mut()),
+    }
+}; MAX_CPUS];
+
+/// Writes which lock CPU `cpu` is spinning for, if any, and who holds it (a line of the
+/// watchdog's report). Runs while that CPU is stopped inside its spin, so the lock is
+/// still alive.
+pub fn write_waiting(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Result {
+    let Some(slot) = WAITING.get(cpu) else {
+        return Ok(());
+    };
+    let name = slot.name.load(Ordering::Acquire);
+    if name.is_null() {
+        return Ok(());
+    }
+    // SAFETY: `name` points at a `&'static str` in a `Rank` (stored by `spin_until`
+    // from a `&'static Rank`).
+    let name = unsafe { *name };
+    write!(w, "  spinning for lock {name:?}")?;
+    let owner = slot.owner.load(Ordering::Acquire);
+    if !owner.is_null() {
+        // SAFETY: the owner record lives in the lock this CPU is stopped spinning for,
+        // which stays alive while a CPU waits for it.
+        let owner = unsafe { &*owner };
+        let holder = owner.cpu.load(Ordering::Relaxed);
+        let site = owner.site.load(Ordering::Relaxed);
+        match holder {
+            0 => write!(w, ", free now")?,
+            n => write!(w, ", held by cpu {}", n - 1)?,
+        }
+        if !site.is_null() {
+            // SAFETY: `site` comes from `Location::caller()`, which is `'static`.
+            let site = unsafe { &*site };
+            write!(w, ", last taken at {}:{}", site.file(), site.line())?;
+        }
+    }
+    writeln!(w)
+}
+
 /// Spins until `attempt` succeeds, answering cross-CPU calls meanwhile; reports the
 /// lock as stuck after twice the watchdog's limit (never, with the watchdog off).
-fn spin_until<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> G {
+fn spin_until<G>(
+    rank: &'static Rank,
+    owner: Option<&Owner>,
+    mut attempt: impl FnMut() -> Option<G>,
+) -> G {
     if let Some(g) = attempt() {
         return g;
     }
+    let name = rank.name;
+    let slot = WAITING.get(percpu::current_index());
+    // A served call may spin for another lock meanwhile: restore what it replaces.
+    let saved = slot.map(|s| {
+        let before = (
+            s.name.load(Ordering::Relaxed),
+            s.owner.load(Ordering::Relaxed),
+        );
+        s.name.store(
+            &rank.name as *const &'static str as *mut &'static str,
+            Ordering::Release,
+        );
+        s.owner.store(
+            owner.map_or(core::ptr::null_mut(), |o| o as *const Owner as *mut Owner),
+            Ordering::Release,
+        );
+        before
+    });
+    let g = spin_until_inner(name, attempt);
+    if let (Some(s), Some((n, o))) = (slot, saved) {
+        s.name.store(n, Ordering::Release);
+        s.owner.store(o, Ordering::Release);
+    }
+    g
+}
+
+fn spin_until_inner<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> G {
     let start = crate::time::now_ns();
     let mut spins = 0u32;
     loop {
@@ -162,6 +269,7 @@ pub struct Mutex<T> {
     rank: &'static Rank,
     next: AtomicU32,
     serving: AtomicU32,
+    owner: Owner,
     value: UnsafeCell<T>,
 }
 
@@ -175,23 +283,34 @@ impl<T> Mutex<T> {
             rank,
             next: AtomicU32::new(0),
             serving: AtomicU32::new(0),
+            owner: Owner::new(),
             value: UnsafeCell::new(value),
         }
     }
 
     /// Takes the lock (in turn), answering cross-CPU calls while it waits. Panics on a
     /// lock-order inversion.
+    #[track_caller]
     pub fn lock(&self) -> MutexGuard<'_, T> {
+        let site = Location::caller();
         acquire(self.rank);
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-        spin_until(self.rank.name, || {
+        spin_until(self.rank, Some(&self.owner), || {
             (self.serving.load(Ordering::Acquire) == ticket).then_some(())
         });
+        self.owner.set(site);
         MutexGuard { lock: self }
     }
 
+    /// Whether some CPU holds the lock now (a snapshot).
+    pub fn is_locked(&self) -> bool {
+        self.next.load(Ordering::Relaxed) != self.serving.load(Ordering::Relaxed)
+    }
+
     /// Takes the lock if it is free and nobody waits for it.
+    #[track_caller]
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        let site = Location::caller();
         acquire(self.rank);
         let serving = self.serving.load(Ordering::Acquire);
         match self.next.compare_exchange(
@@ -200,7 +319,10 @@ impl<T> Mutex<T> {
             Ordering::Acquire,
             Ordering::Relaxed,
         ) {
-            Ok(_) => Some(MutexGuard { lock: self }),
+            Ok(_) => {
+                self.owner.set(site);
+                Some(MutexGuard { lock: self })
+            }
             Err(_) => {
                 release(self.rank);
                 None
@@ -231,6 +353,7 @@ impl<T> DerefMut for MutexGuard<'_, T> {
 
 impl<T> Drop for MutexGuard<'_, T> {
     fn drop(&mut self) {
+        self.lock.owner.cpu.store(0, Ordering::Relaxed);
         self.lock.serving.fetch_add(1, Ordering::Release);
         release(self.lock.rank);
     }
@@ -256,7 +379,7 @@ impl<T> RwLock<T> {
 
     pub fn read(&self) -> ReadGuard<'_, T> {
         acquire(self.rank);
-        let guard = spin_until(self.rank.name, || {
+        let guard = spin_until(self.rank, None, || {
             if self.writers_waiting.load(Ordering::Acquire) != 0 {
                 return None;
             }
@@ -271,7 +394,7 @@ impl<T> RwLock<T> {
     pub fn write(&self) -> WriteGuard<'_, T> {
         acquire(self.rank);
         self.writers_waiting.fetch_add(1, Ordering::AcqRel);
-        let guard = spin_until(self.rank.name, || self.inner.try_write());
+        let guard = spin_until(self.rank, None, || self.inner.try_write());
         self.writers_waiting.fetch_sub(1, Ordering::AcqRel);
         WriteGuard {
             rank: self.rank,

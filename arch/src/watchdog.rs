@@ -313,6 +313,9 @@ fn write_report(frame: &TrapFrame, role: &str) {
             frame.rip, frame.rsp, frame.rflags, frame.cs, frame.ss
         );
         let _ = crate::trap::write_registers(w, frame);
+        if let Some(i) = me {
+            let _ = crate::sync::write_waiting(w, i);
+        }
         let _ = crate::backtrace::write(w, frame.rip, frame.rbp);
     });
     if let Some(i) = me {

@@ -34,12 +34,44 @@ pub async fn trigger(what: &str) {
         }
         "deadlock" => deadlock().await,
         "busytask" => busy_task().await,
+        "lockheld" => lock_held().await,
         _ => {
-            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock, busytask");
+            error!(target: "crash", "unknown crash={what}; known: panic, ap-panic, ud2, pagefault, stackoverflow, deadlock, busytask, lockheld");
             // A run that asked for a crash and got none must not look like a success.
             panda_arch::power::exit(false)
         }
     }
+}
+
+/// A lock whose holder never lets go (`crash=lockheld`).
+static HELD: panda_arch::sync::Mutex<()> =
+    panda_arch::sync::Mutex::new(&crate::locks::CRASH_HELD, ());
+
+/// Another CPU takes `HELD` and keeps it for ever; this one then waits for it. The
+/// watchdog's report must name the lock, the holder's CPU and the line that took it.
+async fn lock_held() -> ! {
+    let me = panda_arch::percpu::current_index();
+    let Some(holder) = (0..panda_arch::percpu::online_count())
+        .rev()
+        .find(|&i| i != me)
+    else {
+        error!(target: "crash", "crash=lockheld needs at least 2 CPUs");
+        panda_arch::power::exit(false)
+    };
+    let exec = crate::executor::get().expect("crash= runs as an executor task");
+    drop(exec.spawn_pinned(holder, async move {
+        let _held = HELD.lock();
+        warn!(target: "crash", "cpu{holder} holds crash::HELD for ever");
+        loop {
+            core::hint::spin_loop();
+        }
+    }));
+    while !HELD.is_locked() {
+        exec.sleep(10_000_000).await;
+    }
+    let _never = HELD.lock();
+    error!(target: "crash", "took a lock whose holder never lets go");
+    panda_arch::power::exit(false)
 }
 
 /// A task that never yields, interrupts on, on the last CPU (the only one at -smp 1):

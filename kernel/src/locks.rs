@@ -29,3 +29,5 @@ pub static SCOPE: Rank = Rank::new(65, "aspace::SCOPES[cpu]");
 pub static CURRENT: Rank = Rank::new(70, "aspace::CURRENT");
 /// An event's waiters.
 pub static EVENT: Rank = Rank::new(80, "process::Event::waiters");
+/// The lock `crash=lockheld` never lets go of.
+pub static CRASH_HELD: Rank = Rank::new(90, "crash::HELD");

@@ -346,7 +346,12 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
         )
     };
     let buddy_before = memory::frames().map_or(0, |f| f.bookkeeping_entries());
-    let Some(status) = process::run_init(path, arg).await else {
+    let status = process::run_init(path, arg).await;
+    let resends = panda_arch::ipi::resends();
+    if resends > 0 {
+        info!(target: "smp", "{resends} cross-CPU calls were not taken within 50 ms and got their IPI again");
+    }
+    let Some(status) = status else {
         return power::Outcome::KernelFailure;
     };
     let exec = executor::get().expect("the executor runs this task");

@@ -474,10 +474,30 @@ enum After {
     ExitProcess(u64),
 }
 
+/// Which timer tick of which CPU a thread's time slice started at.
+fn tick_now() -> (usize, u64) {
+    let cpu = panda_arch::percpu::current_index();
+    let ticks = panda_arch::percpu::current().map_or(0, |c| c.ticks.load(Ordering::Relaxed));
+    (cpu, ticks)
+}
+
 async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u64 {
+    // A user thread's time slice ends at the next timer tick: then, before it returns
+    // to user mode, it lets the other tasks of its CPU run. A thread whose system calls
+    // and faults all complete at once never returns to the executor by itself, and a
+    // tick rarely lands in its few user-mode instructions (a loop of cheap system calls
+    // spends almost all its time in the kernel), so without this it kept its CPU's other
+    // tasks (threads, the zeroing task) waiting for as long as it liked — seen in a soak
+    // as a CPU whose executor did not come round for 10 s.
+    let mut slice = tick_now();
     let status = loop {
         if process.is_ending() {
             break process.reaper.record.status.load(Ordering::SeqCst);
+        }
+        if tick_now() != slice {
+            yield_once().await;
+            slice = tick_now();
+            continue;
         }
         // The task may have moved CPUs, or another space may have run here meanwhile.
         if !process.space.is_current() {
@@ -519,7 +539,10 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                 }
             }
             // An interrupt ended the run (the timer tick, an IPI): let others run.
-            Exit::Interrupt { .. } => yield_once().await,
+            Exit::Interrupt { .. } => {
+                yield_once().await;
+                slice = tick_now();
+            }
             Exit::Exception { vector, error_code } => {
                 let (mnemonic, name) = panda_arch::trap::exception_name(vector as u64);
                 warn!(
