@@ -12,12 +12,16 @@
 //! line that names the invariant it relies on.
 #![no_std]
 
+extern crate alloc;
+
 pub mod acpi;
 pub mod apic;
 pub mod backtrace;
 pub mod boot;
 pub mod cpu;
+pub mod frame;
 pub mod gdt;
+pub mod heap;
 pub mod idt;
 pub mod ipi;
 pub mod paging;
@@ -32,6 +36,7 @@ pub mod sync;
 pub mod time;
 pub mod trap;
 pub mod user;
+pub mod vm;
 pub mod watchdog;
 
 /// Base of the kernel image's virtual addresses: the top 2 GiB, as the kernel code

@@ -459,6 +459,42 @@ pub unsafe fn switch_to(root: u64) {
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
 }
 
+/// The kernel's own PML4 (0 until `set_kernel_root`).
+static KERNEL_ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Records the kernel's own hierarchy, which every user space shares the kernel half
+/// of and which a CPU returns to when it leaves a user space.
+///
+/// # Safety
+/// `root` must be a hierarchy that maps everything the kernel uses, for as long as the
+/// kernel runs.
+pub unsafe fn set_kernel_root(root: u64) {
+    KERNEL_ROOT.store(root, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// The kernel's own PML4 (see `set_kernel_root`).
+pub fn kernel_root() -> u64 {
+    KERNEL_ROOT.load(core::sync::atomic::Ordering::SeqCst)
+}
+
+/// Switches the calling CPU to the kernel's own hierarchy (if it is known yet).
+pub fn switch_to_kernel() {
+    let root = kernel_root();
+    if root != 0 {
+        // SAFETY: `set_kernel_root`'s contract: the hierarchy maps everything the
+        // kernel uses, for good.
+        unsafe { switch_to(root) };
+    }
+}
+
+/// Reloads CR3 with the hierarchy already in use (flushes non-global entries; for
+/// measuring the cost of a switch).
+pub fn reload_cr3() {
+    let root = active_root();
+    // SAFETY: the same hierarchy stays loaded: every mapping stays as it is.
+    unsafe { switch_to(root) };
+}
+
 /// Invalidates the TLB entry of one page on this CPU.
 pub fn flush_page(virt: u64) {
     x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(virt));
@@ -542,28 +578,18 @@ impl ZeroMethod {
 static ZERO_METHOD: core::sync::atomic::AtomicU8 =
     core::sync::atomic::AtomicU8::new(ZeroMethod::RepStosq as u8);
 
-/// Makes `zero_page` use `method` from now on (every CPU).
+/// Makes `Frame::zero` use `method` from now on (every CPU).
 pub fn set_zero_method(method: ZeroMethod) {
     ZERO_METHOD.store(method as u8, core::sync::atomic::Ordering::Relaxed);
 }
 
-/// The method `zero_page` uses.
+/// The method `Frame::zero` uses.
 pub fn zero_method() -> ZeroMethod {
     let m = ZERO_METHOD.load(core::sync::atomic::Ordering::Relaxed);
     ZeroMethod::ALL
         .into_iter()
         .find(|x| *x as u8 == m)
         .unwrap_or(ZeroMethod::RepStosq)
-}
-
-/// Fills the 4 KiB page at virtual `virt` with zeros, with the method chosen at boot.
-///
-/// # Safety
-/// The caller must own the page (e.g. a frame it just allocated, reached through the
-/// HHDM): nothing else may read or write it during the call.
-pub unsafe fn zero_page(virt: u64) {
-    // SAFETY: the caller's guarantee is the one `zero_page_with` needs.
-    unsafe { zero_page_with(zero_method(), virt) }
 }
 
 /// 4096 bytes of zeros from `$virt` in 64 iterations of four 16-byte SSE stores
@@ -589,11 +615,13 @@ macro_rules! sse_zero_loop {
     };
 }
 
-/// `zero_page` with a given method (for timing them).
+/// Fills the 4 KiB page at virtual `virt` with zeros, with `method` (`Frame::zero`
+/// passes the method chosen at boot).
 ///
 /// # Safety
-/// As for `zero_page`.
-pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
+/// The caller must own the page (a frame it owns, reached through the HHDM): nothing
+/// else may read or write it during the call.
+pub(crate) unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
     debug_assert!(virt.is_multiple_of(4096));
     // SAFETY: (all arms) the caller owns the page; each loop writes exactly the 4096
     // bytes from `virt` (DF is clear, as the ABI guarantees). The SSE arms use xmm0,
@@ -641,23 +669,6 @@ pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
             ZeroMethod::SseStore => sse_zero_loop!(virt, "movdqa", ""),
         }
     }
-}
-
-/// Copies `bytes` to physical memory at `phys` through the HHDM.
-///
-/// # Safety
-/// `[phys, phys + bytes.len())` must be RAM the caller may write: a frame it owns, or a
-/// user page it keeps mapped (holding the space's table lock) for the duration.
-pub unsafe fn write_phys(phys: u64, bytes: &[u8]) {
-    // SAFETY: the HHDM maps all RAM writable; the caller vouches for ownership, and the
-    // source is a kernel slice that cannot overlap the destination page.
-    unsafe {
-        core::ptr::copy_nonoverlapping(
-            bytes.as_ptr(),
-            (crate::HHDM_BASE + phys) as *mut u8,
-            bytes.len(),
-        )
-    };
 }
 
 /// Physical memory `[phys, phys + len)` as a byte slice, through the HHDM.

@@ -240,8 +240,11 @@ pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, MapError> {
     // SAFETY: the new hierarchy maps the kernel image (this code, its data, the boot
     // stack in use) at the same virtual addresses as the boot tables, and the HHDM over
     // all RAM; nothing the kernel touches afterwards relies on the old lower-half maps.
+    // It is also the hierarchy user spaces share the kernel half of, and the one CPUs
+    // return to.
     unsafe {
-        panda_arch::paging::switch_to(root)
+        panda_arch::paging::switch_to(root);
+        panda_arch::paging::set_kernel_root(root);
     };
     panda_arch::paging::flush_all();
 

@@ -20,6 +20,7 @@ use core::future::Future;
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use panda_arch::frame;
 use panda_arch::percpu;
 use panda_arch::probe::{self, RetIn};
 use panda_arch::trap::TrapFrame;
@@ -925,49 +926,28 @@ async fn sched_sleep_wakes_no_earlier_than_asked() -> Outcome {
     Ok(())
 }
 
-fn mm() -> Result<
-    (
-        &'static panda_mm::cache::Frames,
-        &'static panda_mm::zero::ZeroPools,
-    ),
-    Failure,
-> {
-    match (crate::memory::frames(), crate::memory::zero_pools()) {
-        (Some(f), Some(z)) => Ok((f, z)),
-        _ => Err(fail(format_args!("frame allocator not initialised"))),
-    }
-}
-
 /// Each way of zeroing a frame (the boot picks the fastest) clears all 4096 bytes of a
 /// frame full of ones, and nothing past it.
 async fn mm_every_zero_method_clears_every_byte() -> Outcome {
-    let (frames, _) = mm()?;
-    let pair = frames
-        .alloc_contiguous(1)
-        .map_err(|e| fail(format_args!("{e:?}")))?;
-    let next = panda_mm::PhysFrame::from_addr(pair.addr() + 4096)
-        .ok_or_else(|| fail(format_args!("odd frame")))?;
-    let ones = [0xffu8; 4096];
+    let mut pair =
+        frame::alloc_run(1).ok_or_else(|| fail(format_args!("no two contiguous frames")))?;
+    let ones = [0xffu8; 8192];
     for method in panda_arch::paging::ZeroMethod::ALL {
-        crate::memory::write(pair, 0, &ones);
-        crate::memory::write(next, 0, &ones);
-        crate::memory::zero_with(method, pair);
-        for i in 0..512u64 {
-            let v = probe::read_u64(crate::memory::virt(pair) + i * 8)
-                .map_err(|f| fail(format_args!("{f:?}")))?;
+        pair.write(0, &ones);
+        pair.zero_frame_with(0, method);
+        let mut word = [0u8; 8];
+        for i in 0..512 {
+            pair.read(i * 8, &mut word);
+            let v = u64::from_le_bytes(word);
             ensure!(
                 v == 0,
                 "{}: word {i} is {v:#x} after zeroing",
                 method.name()
             );
         }
-        let after =
-            probe::read_u64(crate::memory::virt(next)).map_err(|f| fail(format_args!("{f:?}")))?;
-        ensure!(after == u64::MAX, "{}: wrote past the frame", method.name());
+        pair.read(4096, &mut word);
+        ensure!(word == [0xff; 8], "{}: wrote past the frame", method.name());
     }
-    frames
-        .free_contiguous(pair)
-        .map_err(|e| fail(format_args!("{e:?}")))?;
     Ok(())
 }
 
@@ -998,65 +978,61 @@ async fn mm_switching_spaces_leaves_the_old_active_set() -> Outcome {
 }
 
 async fn mm_zero_pools_fill_when_idle() -> Outcome {
-    let (frames, pools) = mm()?;
     let exec = executor()?;
     let deadline = panda_arch::time::now_ns() + 10_000_000_000;
-    let want = pools.capacity().min(64);
-    let full = |c: usize| pools.stats(c).available >= want;
+    let want = frame::pool_capacity().min(64);
+    let available = |c: usize| frame::pool_stats(c).map_or(0, |s| s.available);
+    let full = |c: usize| available(c) >= want;
     while !(0..exec.cpu_count()).all(full) && panda_arch::time::now_ns() < deadline {
         exec.sleep(5_000_000).await;
     }
     for cpu in 0..exec.cpu_count() {
-        let s = pools.stats(cpu);
         ensure!(
             full(cpu),
             "cpu{cpu}'s pool has {} zeroed frames after 10 s of idle",
-            s.available
+            available(cpu)
         );
     }
     // The frames really are zero: dirty a frame, free it, and check every frame the
     // pools hand out reads zero in full.
     let cpu = percpu::current_index();
     for _ in 0..8 {
-        let z = pools
-            .try_take(cpu)
-            .ok_or_else(|| fail(format_args!("pool emptied under the test")))?;
-        let virt = crate::memory::virt(z.frame());
+        let mut f = frame::try_take_zeroed(cpu)
+            .ok_or_else(|| fail(format_args!("pool emptied under the test")))?
+            .into_frame();
+        let mut word = [0u8; 8];
         for off in (0..4096).step_by(8) {
-            let word = probe::read_u64(virt + off)
-                .map_err(|f| fail(format_args!("frame unreadable: {f:?}")))?;
+            f.read(off, &mut word);
             ensure!(
-                word == 0,
-                "zeroed frame {:#x} has {word:#x} at +{off}",
-                z.frame().addr()
+                word == [0; 8],
+                "zeroed frame {:#x} has {:#x} at +{off}",
+                f.phys(),
+                u64::from_le_bytes(word)
             );
         }
-        // Dirty it before it goes back, so a pool that skips zeroing would be caught.
-        probe::write_u8(virt + 100, 0x5a).map_err(|f| fail(format_args!("{f:?}")))?;
-        frames
-            .free(cpu, z.into_frame())
-            .map_err(|e| fail(format_args!("free: {e:?}")))?;
+        // Dirty it before it goes back (dropped), so a pool that skips zeroing would
+        // be caught.
+        f.write(100, &[0x5a]);
     }
     Ok(())
 }
 
 async fn mm_frames_return_to_baseline() -> Outcome {
-    let (frames, _) = mm()?;
     let exec = executor()?;
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
     // Allocate on every CPU, free on the next one (cross-CPU frees). Half of what is
     // free, spread over the CPUs, at most 2000 each.
     let n = exec.cpu_count();
-    let per_cpu = (frames.total_free() as usize / 2 / n).min(2000);
+    let per_cpu = (frame::total_free() as usize / 2 / n).min(2000);
     let mut handles = alloc::vec::Vec::new();
     for cpu in 0..n {
         handles.push(exec.spawn_pinned(cpu, async move {
             let mut taken = alloc::vec::Vec::new();
             for _ in 0..per_cpu {
-                match crate::memory::frames().map(|f| f.alloc(cpu)) {
-                    Some(Ok(f)) => taken.push(f),
-                    _ => break,
+                match frame::alloc() {
+                    Some(f) => taken.push(f),
+                    None => break,
                 }
             }
             taken
@@ -1070,23 +1046,15 @@ async fn mm_frames_return_to_baseline() -> Outcome {
     let mut all = alloc::collections::BTreeSet::new();
     let mut shared = None;
     for f in lists.iter().flatten() {
-        if !all.insert(f.addr()) {
-            shared = Some(f.addr());
+        if !all.insert(f.phys()) {
+            shared = Some(f.phys());
         }
     }
     let total = all.len();
-    let mut free_failed = false;
     for (cpu, list) in lists.into_iter().enumerate() {
-        let target = (cpu + 1) % n;
-        let freed = exec
-            .spawn_pinned(target, async move {
-                let frames = crate::memory::frames()?;
-                list.into_iter()
-                    .try_for_each(|f| frames.free(target, f))
-                    .ok()
-            })
+        // Dropped (freed) on the next CPU.
+        exec.spawn_pinned((cpu + 1) % n, async move { drop(list) })
             .await;
-        free_failed |= freed.is_none();
     }
     ensure!(
         shared.is_none(),
@@ -1098,7 +1066,6 @@ async fn mm_frames_return_to_baseline() -> Outcome {
         "only {total} of {} frames allocated",
         per_cpu * n
     );
-    ensure!(!free_failed, "a cross-CPU free failed");
     let now = crate::memory::frames_not_in_use();
     ensure!(
         now == baseline,
@@ -1108,28 +1075,16 @@ async fn mm_frames_return_to_baseline() -> Outcome {
 }
 
 async fn mm_exhaustion_fails_cleanly() -> Outcome {
-    let (frames, _) = mm()?;
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
     let cpu = percpu::current_index();
     let mut taken = alloc::vec::Vec::new();
-    let error = loop {
-        match frames.alloc(cpu) {
-            Ok(f) => taken.push(f),
-            Err(e) => break e,
-        }
-    };
-    ensure!(
-        error == panda_mm::MmError::OutOfMemory,
-        "exhaustion reported {error:?}"
-    );
+    while let Some(f) = frame::alloc() {
+        taken.push(f);
+    }
     let held = taken.len();
     ensure!(held > 1000, "only {held} frames before exhaustion");
-    for f in taken {
-        frames
-            .free(cpu, f)
-            .map_err(|e| fail(format_args!("free: {e:?}")))?;
-    }
+    drop(taken);
     let now = crate::memory::frames_not_in_use();
     ensure!(
         now == baseline,
@@ -1141,7 +1096,6 @@ async fn mm_exhaustion_fails_cleanly() -> Outcome {
 
 /// Not a pass/fail test: prints medians of the frame paths (docs/MEMORY.md quotes them).
 async fn mm_measure() -> Outcome {
-    let (frames, _) = mm()?;
     let cpu = percpu::current_index();
     let tsc = panda_arch::cpu::rdtsc;
     let median = |f: &mut dyn FnMut() -> u64| {
@@ -1154,25 +1108,21 @@ async fn mm_measure() -> Outcome {
     };
     let cached = median(&mut || {
         let t = tsc();
-        if let Ok(f) = frames.alloc(cpu) {
-            let _ = frames.free(cpu, f);
-        }
+        drop(frame::alloc());
         tsc() - t
     });
     let global = median(&mut || {
         let t = tsc();
-        if let Ok(f) = frames.alloc_contiguous(0) {
-            let _ = frames.free_contiguous(f);
-        }
+        drop(frame::alloc_run(0));
         tsc() - t
     });
-    let frame = frames.alloc(cpu).map_err(|e| fail(format_args!("{e:?}")))?;
+    let mut f = frame::alloc().ok_or_else(|| fail(format_args!("no frame")))?;
     let zero = median(&mut || {
         let t = tsc();
-        crate::memory::zero(frame);
+        f.zero();
         tsc() - t
     });
-    let _ = frames.free(cpu, frame);
+    drop(f);
     crate::console!(
         "   (median of 201, guest TSC: alloc+free via per-CPU cache {cached} ns, via global buddy {global} ns, zero one 4 KiB frame {zero} ns)"
     );
@@ -1192,14 +1142,9 @@ async fn mm_measure() -> Outcome {
             crate::console!("   (shootdown round trip to {targets} CPU(s), in parallel: {ns} ns)");
         }
     }
-    let root = panda_arch::paging::active_root();
     let cr3 = median(&mut || {
         let t = tsc();
-        // SAFETY: reloads the CR3 already in use: the same mappings stay.
-        #[allow(unsafe_code)]
-        unsafe {
-            panda_arch::paging::switch_to(root)
-        };
+        panda_arch::paging::reload_cr3();
         tsc() - t
     });
     crate::console!(
@@ -1250,7 +1195,6 @@ fn denied(e: FaultError) -> FaultDecision {
 }
 
 async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
-    let (frames, pools) = mm()?;
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
     let cpu = percpu::current_index();
@@ -1260,16 +1204,13 @@ async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
     let _ = space.set_brk(heap + 0x10_0000);
     // Take every free and pooled frame this CPU can reach.
     let mut held = alloc::vec::Vec::new();
-    while let Ok(f) = frames.alloc(cpu) {
+    while let Some(f) = frame::alloc() {
         held.push(f);
     }
-    while let Some(z) = pools.try_take(cpu) {
+    while let Some(z) = frame::try_take_zeroed(cpu) {
         held.push(z.into_frame());
     }
     let starved = space.handle_fault(heap + 0x8_0000, Access::Write);
-    for f in held.drain(..) {
-        let _ = frames.free(cpu, f);
-    }
     drop(held);
     let recovered = space.handle_fault(heap + 0x8_0000, Access::Write);
     space.deactivate();
@@ -1545,14 +1486,9 @@ static PROBE_FREED_EARLY: AtomicU64 = AtomicU64::new(0);
 /// Runs inside each CPU's shootdown flush, before it flushes: until this returns, the
 /// CPU may still use the old translations, so none of the frames may be free yet.
 fn probe_frames_still_in_use() {
-    let Some(frames) = crate::memory::frames() else {
-        return;
-    };
     for f in PROBED.iter().map(|f| f.load(Ordering::SeqCst)) {
-        if let Some(frame) = panda_mm::PhysFrame::from_addr(f) {
-            if f != 0 && !frames.is_in_use(frame) {
-                PROBE_FREED_EARLY.fetch_add(1, Ordering::SeqCst);
-            }
+        if f != 0 && !frame::is_in_use(f) {
+            PROBE_FREED_EARLY.fetch_add(1, Ordering::SeqCst);
         }
     }
     PROBE_CPUS.fetch_or(1 << (percpu::current_index() % 64), Ordering::SeqCst);
@@ -1567,7 +1503,6 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
         crate::console!("   (needs 2 CPUs: skipped)");
         return Ok(());
     }
-    let (frames, _) = mm()?;
     // No idle zeroing: a CPU's flush then never interrupts its own refill holding
     // its frame cache's lock, which the probe takes.
     let _paused = crate::memory::pause_zeroing();
@@ -1610,8 +1545,8 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
         );
         let still = PROBED
             .iter()
-            .filter_map(|f| panda_mm::PhysFrame::from_addr(f.load(Ordering::SeqCst)))
-            .filter(|&f| frames.is_in_use(f))
+            .map(|f| f.load(Ordering::SeqCst))
+            .filter(|&f| f != 0 && frame::is_in_use(f))
             .count();
         ensure!(
             still == 0,
@@ -1647,7 +1582,6 @@ fn run_past_interrupts(ctx: &mut panda_arch::user::UserContext) -> panda_arch::u
 /// an invalid opcode, and a timer interrupt while the program spins.
 async fn user_mode_round_trips() -> Outcome {
     use panda_arch::user::{self, Exit, UserContext};
-    let (frames, _) = mm()?;
     let base = panda_abi::ELF_LOAD_BASE as u64;
     #[rustfmt::skip]
     let code: [u8; 21] = [
@@ -1657,14 +1591,11 @@ async fn user_mode_round_trips() -> Outcome {
         0x0f, 0x0b,                               // ud2
         0xeb, 0xfe,                               // jmp $
     ];
-    let frame = frames
-        .alloc(percpu::current_index())
-        .map_err(|e| fail(format_args!("{e:?}")))?;
-    crate::memory::zero(frame);
-    for (i, &b) in code.iter().enumerate() {
-        probe::write_u8(crate::memory::virt(frame) + i as u64, b)
-            .map_err(|f| fail(format_args!("{f:?}")))?;
-    }
+    let mut frame = frame::alloc()
+        .ok_or_else(|| fail(format_args!("no frame")))?
+        .into_zeroed()
+        .into_frame();
+    frame.write(0, &code);
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     let rx = Rights {
         write: false,
@@ -1747,7 +1678,6 @@ async fn user_mode_round_trips() -> Outcome {
 /// runs again.
 async fn user_sse_state_is_per_thread() -> Outcome {
     use panda_arch::user::{Exit, UserContext};
-    let (frames, _) = mm()?;
     let base = panda_abi::ELF_LOAD_BASE as u64;
     #[rustfmt::skip]
     let code: [u8; 14] = [
@@ -1756,14 +1686,11 @@ async fn user_sse_state_is_per_thread() -> Outcome {
         0x66, 0x48, 0x0f, 0x7e, 0xc0, // movq rax, xmm0
         0x0f, 0x05,                   // syscall
     ];
-    let frame = frames
-        .alloc(percpu::current_index())
-        .map_err(|e| fail(format_args!("{e:?}")))?;
-    crate::memory::zero(frame);
-    for (i, &b) in code.iter().enumerate() {
-        probe::write_u8(crate::memory::virt(frame) + i as u64, b)
-            .map_err(|f| fail(format_args!("{f:?}")))?;
-    }
+    let mut frame = frame::alloc()
+        .ok_or_else(|| fail(format_args!("no frame")))?
+        .into_zeroed()
+        .into_frame();
+    frame.write(0, &code);
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     let rx = Rights {
         write: false,
@@ -1816,16 +1743,12 @@ const PROGRAM: [u8; 142] = [
 
 /// A process built from raw code (ELF loading arrives next) at ELF_LOAD_BASE.
 fn process_from_code(code: &[u8]) -> Result<alloc::sync::Arc<crate::process::Process>, Failure> {
-    let (frames, _) = mm()?;
     let base = panda_abi::ELF_LOAD_BASE as u64;
-    let frame = frames
-        .alloc(percpu::current_index())
-        .map_err(|e| fail(format_args!("{e:?}")))?;
-    crate::memory::zero(frame);
-    for (i, &b) in code.iter().enumerate() {
-        probe::write_u8(crate::memory::virt(frame) + i as u64, b)
-            .map_err(|f| fail(format_args!("{f:?}")))?;
-    }
+    let mut frame = frame::alloc()
+        .ok_or_else(|| fail(format_args!("no frame")))?
+        .into_zeroed()
+        .into_frame();
+    frame.write(0, code);
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     let rx = Rights {
         write: false,
@@ -1907,7 +1830,6 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     static STOP: AtomicBool = AtomicBool::new(false);
     static SPINS: AtomicU64 = AtomicU64::new(0);
     let exec = executor()?;
-    let (frames, pools) = mm()?;
     let cpu = percpu::current_index();
     let before = crate::aspace::stat(crate::aspace::Stat::PoolWaits);
     let process = process_from_code(&PROGRAM)?;
@@ -1921,8 +1843,8 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
             exec.yield_now().await;
         }
     });
-    while let Some(z) = pools.try_take(cpu) {
-        let _ = frames.free(cpu, z.into_frame());
+    while let Some(z) = frame::try_take_zeroed(cpu) {
+        drop(z);
     }
     let ctx = panda_arch::user::UserContext {
         rip: panda_abi::ELF_LOAD_BASE as u64,

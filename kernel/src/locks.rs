@@ -1,4 +1,5 @@
-//! The kernel's lock order: every ranked lock's rank, in one place.
+//! The kernel's lock order: every ranked lock's rank, in one place (the three that
+//! `panda_arch::vm` takes are defined there and named here in their place).
 //!
 //! A CPU may take a lock only while every lock it holds has a lower rank
 //! (`panda_arch::sync` checks it and panics with both names otherwise). Gaps leave room
@@ -18,15 +19,12 @@ pub static CHILDREN: Rank = Rank::new(26, "Process::children");
 /// One address space's layout changes (brk, buffer free, protect), held across their
 /// unmap and shootdown.
 pub static LAYOUT: Rank = Rank::new(30, "AddressSpace::layout");
-/// One address space's page tables.
-pub static TABLES: Rank = Rank::new(50, "AddressSpace::tables");
+// 50: one address space's page tables, `panda_arch::vm::TABLES`.
 /// One address space's region bookkeeping (read by faults, written by layout changes;
 /// a fault that finds the layout changed re-reads it with the tables locked).
 pub static REGIONS: Rank = Rank::new(55, "AddressSpace::regions");
-/// One initiating CPU's shootdown request: the pages its targets flush.
-pub static SCOPE: Rank = Rank::new(65, "aspace::SCOPES[cpu]");
-/// The space each CPU last activated.
-pub static CURRENT: Rank = Rank::new(70, "aspace::CURRENT");
+// 65: one initiating CPU's shootdown request, `panda_arch::vm::SCOPE`.
+// 70: the space each CPU last activated, `panda_arch::vm::CURRENT`.
 /// An event's waiters.
 pub static EVENT: Rank = Rank::new(80, "process::Event::waiters");
 /// The lock `crash=lockheld` never lets go of.

@@ -219,7 +219,7 @@ fn kmain(mut boot: BootInfo) -> ! {
 
     let frames = memory::init(&boot, report.online);
     info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; kernel reserve {} KiB (user memory and system calls stop there)", frames >> 8, report.online, memory::reserve_frames() * 4);
-    if let Some((method, times)) = memory::choose_zero_method() {
+    if let Some((method, times)) = panda_arch::frame::choose_zero_method() {
         let mut all = alloc::string::String::new();
         for (m, ns) in times {
             let _ = core::fmt::Write::write_fmt(&mut all, format_args!("{} {} ns, ", m.name(), ns));
@@ -345,7 +345,7 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
             heap::live_bytes(),
         )
     };
-    let buddy_before = memory::frames().map_or(0, |f| f.bookkeeping_entries());
+    let buddy_before = panda_arch::frame::bookkeeping_entries();
     let status = process::run_init(path, arg).await;
     let resends = panda_arch::ipi::resends();
     if resends > 0 {
@@ -375,7 +375,7 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
     let allowed = |buddy_now: usize| {
         HEAP_SLACK + BOOKKEEPING_ENTRY_BYTES * buddy_now.saturating_sub(buddy_before) as u64
     };
-    let buddy_now = || memory::frames().map_or(0, |f| f.bookkeeping_entries());
+    let buddy_now = || panda_arch::frame::bookkeeping_entries();
     let mut heap_after = heap::live_bytes();
     for _ in 0..200 {
         if heap_after.saturating_sub(heap_before) <= allowed(buddy_now()) {

@@ -345,18 +345,19 @@ pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
         let (file_start, file_end) = (seg.vaddr, seg.vaddr + seg.file_size);
         let mut page = start;
         while page < file_end {
-            let frame = crate::memory::alloc_user_frame().ok_or(SpawnError::OutOfMemory)?;
-            crate::memory::zero(frame);
+            let mut frame = crate::memory::alloc_user_frame()
+                .ok_or(SpawnError::OutOfMemory)?
+                .into_zeroed()
+                .into_frame();
             // The part of [file_start, file_end) on this page.
             let from = file_start.max(page);
             let to = file_end.min(page + 4096);
             if from < to {
                 let at = (seg.file_offset + (from - seg.vaddr)) as usize;
                 let bytes = &file[at..at + (to - from) as usize];
-                crate::memory::write(frame, (from - page) as usize, bytes);
+                frame.write((from - page) as usize, bytes);
             }
             if let Err(e) = space.map_frame(page, frame, seg.rights) {
-                crate::memory::free(frame);
                 return Err(match e {
                     MmError::OutOfMemory => SpawnError::OutOfMemory,
                     _ => SpawnError::BadElf(ElfError::BadSegment("segment refused")),
@@ -690,16 +691,7 @@ fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
 
 /// Copies `len` bytes of user memory at `ptr` into `out` (faulting pages in).
 async fn read_user(process: &Process, ptr: u64, out: &mut [u8]) -> Result<(), Error> {
-    process
-        .space
-        .access_user(ptr, out.len() as u64, false, |phys, at, n| {
-            #[allow(unsafe_code)]
-            // SAFETY: `access_user` holds the table lock, so the page stays mapped.
-            let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
-            out[at..at + n].copy_from_slice(bytes);
-        })
-        .await
-        .map_err(user_error)
+    process.space.read_user(ptr, out).await.map_err(user_error)
 }
 
 /// Writes `bytes` to user memory at `ptr`, faulting pages in as a user write would.
@@ -710,19 +702,7 @@ async fn read_user(process: &Process, ptr: u64, out: &mut [u8]) -> Result<(), Er
 async fn write_user(process: &Process, ptr: u64, bytes: &[u8]) -> Result<(), Error> {
     process
         .space
-        .access_user(ptr, bytes.len() as u64, true, |_, _, _| {})
-        .await
-        .map_err(user_error)?;
-    process
-        .space
-        .access_user(ptr, bytes.len() as u64, true, |phys, at, n| {
-            #[allow(unsafe_code)]
-            // SAFETY: `access_user` holds the table lock and checked the page is a
-            // writable user page, so the frame belongs to this space while we write.
-            unsafe {
-                panda_arch::paging::write_phys(phys, &bytes[at..at + n])
-            };
-        })
+        .write_user(ptr, bytes)
         .await
         .map_err(user_error)
 }
@@ -825,45 +805,74 @@ fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
 /// Serialises user output: one write call is one piece on the console.
 static USER_OUTPUT: Mutex<()> = Mutex::new(&locks::USER_OUTPUT, ());
 
-/// Writes `[addr, addr + len)` of user memory to the console straight from its frames
-/// (no kernel copy), as one piece: concurrent user writers never split it. The range is
-/// first faulted in as a user read would; then, holding the user-output lock, it is
-/// printed a page at a time, each page under the console lock (interrupts off for one
-/// page only — on a real 115200-baud UART a page takes about 0.36 s) and the page-table
-/// lock. If another thread unmapped a page meanwhile, the output stops there and the
-/// call reports `BadAddress`.
+/// Writes `[addr, addr + len)` of user memory to the console as one piece: concurrent
+/// user writers never split it. The range is first faulted in as a user read would;
+/// then, holding the user-output lock, it is copied out and printed a piece at a time,
+/// each piece under the console lock (interrupts off for one piece only) and the
+/// page-table lock. User memory is copied, never borrowed: another thread may write it
+/// meanwhile, which only changes the output. If another thread unmapped a page
+/// meanwhile, the output stops there and the call reports `BadAddress`.
 async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
     if len > MAX_LOG {
         return Err(Error::InvalidArgument);
     }
     process
         .space
-        .access_user(addr, len, false, |_, _, _| {})
+        .fault_in(addr, len, false)
         .await
         .map_err(user_error)?;
     let _one_writer = USER_OUTPUT.lock();
+    let mut piece = [0u8; PRINT_PIECE + 3];
+    // Bytes of a character cut at the end of the last piece, moved to the front.
+    let mut carried = 0;
     let end = addr + len;
     let mut at = addr;
     while at < end {
-        let chunk = (end - at).min(4096 - (at & 0xfff));
-        let mapped = panda_arch::serial::with_console(|w| {
-            process.space.with_mapped_user(at, chunk, |phys, _, n| {
-                #[allow(unsafe_code)]
-                // SAFETY: `with_mapped_user` holds the table lock, so the page stays
-                // mapped; the user may write it meanwhile, which only changes the output.
-                let bytes = unsafe { panda_arch::paging::phys_bytes(phys, n) };
-                console_bytes(w, bytes);
-            })
-        });
-        if !mapped {
+        let n = ((end - at) as usize).min(PRINT_PIECE);
+        if !process
+            .space
+            .read_mapped(at, &mut piece[carried..carried + n])
+        {
             return Err(Error::BadAddress);
         }
-        at += chunk;
+        at += n as u64;
+        let filled = carried + n;
+        let keep = if at < end {
+            cut_character(&piece[..filled])
+        } else {
+            0
+        };
+        panda_arch::serial::with_console(|w| console_bytes(w, &piece[..filled - keep]));
+        piece.copy_within(filled - keep..filled, 0);
+        carried = keep;
     }
     Ok(len as usize)
 }
 
-/// Writes a buffer straight from its frames to the console: no kernel copy.
+/// Bytes of user output copied and printed at a time.
+const PRINT_PIECE: usize = 512;
+
+/// How many bytes at the end of `bytes` are the start of a UTF-8 character that
+/// continues after them (0 to 3), so a piece boundary never splits one.
+fn cut_character(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xc0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead byte
+        }
+        let needed = match b {
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf7 => 4,
+            _ => 1,
+        };
+        return if needed > back { back } else { 0 };
+    }
+    0
+}
+
+/// Writes part of a buffer to the console (like `OP_ENVIRONMENT_LOG`, but the range must
+/// lie inside one live buffer).
 async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
     // The same precedence as OP_ENVIRONMENT_LOG: the length first, then the address.
     if len > MAX_LOG {
@@ -892,10 +901,9 @@ async fn read_file(
 /// The machine and memory counters.
 pub fn system_info() -> SystemInfo {
     use crate::aspace::{self as a, Stat};
-    let frames = crate::memory::frames();
     SystemInfo {
         cpus: panda_arch::percpu::online_count() as u64,
-        memory_total: frames.map_or(0, |f| f.total_frames() * 4096),
+        memory_total: panda_arch::frame::total_frames() * 4096,
         memory_free: crate::memory::frames_not_in_use() * 4096,
         faults: a::stat(Stat::Faults),
         zero_pool_hits: a::stat(Stat::PoolHits),

@@ -160,21 +160,35 @@ pub enum FlushScope {
     Everything,
 }
 
-/// Pages being unmapped and the frames they mapped.
-#[derive(Default)]
-pub struct FlushBatch {
+/// Pages being unmapped and the frames they mapped. `F` is the frame type: a number
+/// here (host tests), an owning frame in the kernel, so a frame leaves the batch only
+/// through `PendingFlush::complete`.
+pub struct FlushBatch<F = PhysFrame> {
     pages: Vec<u64>,
     full: bool,
-    frames: Vec<PhysFrame>,
+    frames: Vec<F>,
+}
+
+impl<F> Default for FlushBatch<F> {
+    fn default() -> Self {
+        Self {
+            pages: Vec::new(),
+            full: false,
+            frames: Vec::new(),
+        }
+    }
 }
 
 impl FlushBatch {
+    /// An empty batch of frame numbers (`default()` makes one of any frame type).
     pub fn new() -> Self {
         Self::default()
     }
+}
 
+impl<F> FlushBatch<F> {
     /// Records an unmapped page and the frame it mapped (to free after the flush).
-    pub fn add(&mut self, page: u64, frame: Option<PhysFrame>) {
+    pub fn add(&mut self, page: u64, frame: Option<F>) {
         if !self.full {
             self.pages.push(page);
             if self.pages.len() > FULL_FLUSH_THRESHOLD {
@@ -189,7 +203,7 @@ impl FlushBatch {
 
     /// Raises the space's generation and decides who flushes what. `me` is the calling
     /// CPU (it flushes locally if it runs the space; it is never a target).
-    pub fn commit(self, state: &TlbState, me: usize) -> PendingFlush {
+    pub fn commit(self, state: &TlbState, me: usize) -> PendingFlush<F> {
         let generation = state.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let mut targets = state.active();
         let local = targets.contains(me);
@@ -212,15 +226,15 @@ impl FlushBatch {
 }
 
 /// A committed unmap whose frames wait for every target's flush.
-pub struct PendingFlush {
+pub struct PendingFlush<F = PhysFrame> {
     generation: u64,
     targets: CpuMask,
     local: bool,
     scope: FlushScope,
-    frames: Vec<PhysFrame>,
+    frames: Vec<F>,
 }
 
-impl PendingFlush {
+impl<F> PendingFlush<F> {
     /// CPUs to interrupt (IPI / cross-CPU call).
     pub fn targets(&self) -> CpuMask {
         self.targets
@@ -242,7 +256,7 @@ impl PendingFlush {
     }
 
     /// The frames, once `acked` covers every target; otherwise the pending flush back.
-    pub fn complete(self, acked: &CpuMask) -> Result<Vec<PhysFrame>, PendingFlush> {
+    pub fn complete(self, acked: &CpuMask) -> Result<Vec<F>, Self> {
         if acked.covers(&self.targets) {
             Ok(self.frames)
         } else {

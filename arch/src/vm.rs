@@ -1,0 +1,468 @@
+//! User address spaces as the hardware sees them: a page-table hierarchy that owns the
+//! frames it maps, the CPUs that may cache its translations, and the shootdown that
+//! keeps a frame in use until every one of them has flushed.
+//!
+//! `VmSpace` is the only way code above this crate changes a user page table, and every
+//! way it offers is safe whatever the caller does:
+//! - `UserTables::map` takes an owned `Frame` (the table owns it from then on) and
+//!   user rights only: no physical address can be mapped that the caller does not own,
+//!   and nothing is mapped into the kernel half;
+//! - unmapping and protecting exist only on `VmSpace` (`unmap_range`, `protect_range`),
+//!   which flush every CPU that may hold the old translation before they return; the
+//!   unmapped frames and emptied tables are dropped (freed) only after that;
+//! - user memory is copied (`UserTables::read`/`write`), never borrowed: another user
+//!   thread may write the same bytes at any moment, and a Rust reference over them
+//!   would be undefined behaviour. The copy runs with the table lock held, so the
+//!   frame cannot be unmapped and reused under it;
+//! - a CPU loads the space with `activate`; dropping the space first moves every CPU
+//!   that may still have it loaded back to the kernel's tables.
+//!
+//! The policy (which addresses are valid, demand-zero faults, brk, buffers) is the
+//! kernel's (`kernel/src/aspace.rs`) over `panda-mm`'s region bookkeeping.
+
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use panda_mm::region::Rights;
+use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
+
+use crate::frame::{self, Frame};
+use crate::paging::{flags, FrameSource, MapError, PageSize, TableBuilder};
+use crate::sync::{Mutex, MutexGuard, Rank};
+use crate::{ipi, percpu, HHDM_BASE, PAGE_SIZE};
+
+/// Lock ranks of this module (the kernel's others are in `kernel/src/locks.rs`;
+/// docs/LOCKING.md has the whole order).
+pub static TABLES: Rank = Rank::new(50, "VmSpace::tables");
+/// One initiating CPU's shootdown request: the pages its targets flush.
+pub static SCOPE: Rank = Rank::new(65, "vm::SCOPES[cpu]");
+/// The space each CPU last activated.
+pub static CURRENT: Rank = Rank::new(70, "vm::CURRENT");
+
+/// End of the user half (the lower canonical half): nothing at or above it is ever
+/// mapped into a user space by this module.
+pub const USER_END: u64 = 1 << 47;
+
+/// Page-table frames: user frames (refused below the kernel's reserve), zeroed, owned
+/// by the hierarchy from then on.
+struct TableFrames;
+
+impl FrameSource for TableFrames {
+    fn zeroed_frame(&mut self) -> Option<u64> {
+        Some(frame::alloc_user()?.into_zeroed().into_frame().into_raw())
+    }
+}
+
+/// Page-table bits of a user page with `rights`.
+fn leaf_bits(rights: Rights) -> u64 {
+    let mut bits = flags::USER;
+    if rights.write {
+        bits |= flags::WRITABLE;
+    }
+    if !rights.execute {
+        bits |= crate::paging::nx_bit();
+    }
+    bits
+}
+
+/// Copies `n` bytes between kernel memory and a user frame reached through the HHDM.
+/// Written in assembly so that a user thread writing the same bytes at the same time
+/// is not a data race in Rust's sense (it only changes which bytes are copied).
+///
+/// # Safety
+/// `src` must be readable and `dst` writable for `n` bytes, and they must not overlap.
+unsafe fn copy_bytes(dst: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: the caller's guarantee; DF is clear (the ABI guarantees it in kernel code).
+    unsafe {
+        core::arch::asm!(
+            "rep movsq",
+            "mov rcx, {tail}",
+            "rep movsb",
+            tail = in(reg) n % 8,
+            inout("rcx") n / 8 => _,
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// The page tables of one user space, reached only with its lock held (`VmSpace::lock`).
+pub struct UserTables {
+    tables: TableBuilder,
+}
+
+impl UserTables {
+    /// The physical address and leaf bits `virt` maps to, if any.
+    pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
+        self.tables.translate(virt)
+    }
+
+    /// Whether `virt`'s page is mapped for user access (and writable, if `write`).
+    pub fn user_can(&self, virt: u64, write: bool) -> bool {
+        let need = if write {
+            flags::USER | flags::WRITABLE
+        } else {
+            flags::USER
+        };
+        virt < USER_END
+            && self
+                .tables
+                .translate(virt)
+                .is_some_and(|(_, bits)| bits & need == need)
+    }
+
+    /// Maps `frame` at the page `virt` with user `rights`; the tables own it from now
+    /// on (unmapping or tearing the space down frees it). On failure the frame is
+    /// freed: `AlreadyMapped` if the page is mapped, `OutOfFrames` if a page-table
+    /// frame could not be had, `Misaligned` for an address outside the user half.
+    pub fn map(&mut self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MapError> {
+        let page = virt & !(PAGE_SIZE - 1);
+        if page >= USER_END {
+            return Err(MapError::Misaligned {
+                virt,
+                phys: frame.phys(),
+            });
+        }
+        if self.tables.translate(page).is_some() {
+            return Err(MapError::AlreadyMapped { virt: page });
+        }
+        let phys = frame.into_raw();
+        let result = self.tables.map(
+            page,
+            phys,
+            PageSize::Size4K,
+            leaf_bits(rights),
+            &mut TableFrames,
+        );
+        if result.is_err() {
+            // SAFETY: the map failed, so `phys` is in no table: still ours alone.
+            drop(unsafe { Frame::from_raw(phys) });
+        }
+        result
+    }
+
+    /// Copies user memory at `virt` into `out`, as a user read would see it. Stops at
+    /// the first page not mapped user-readable: `Err(bytes copied)`.
+    pub fn read(&self, virt: u64, out: &mut [u8]) -> Result<(), usize> {
+        self.visit(virt, out.len(), false, |phys, at, n| {
+            // SAFETY: `phys..phys + n` lies in a frame this table owns and keeps
+            // mapped while `&self` (the table lock) is held; the HHDM maps it; `out`
+            // is kernel memory, which no user frame overlaps.
+            unsafe { copy_bytes(out[at..].as_mut_ptr(), (HHDM_BASE + phys) as *const u8, n) }
+        })
+    }
+
+    /// Copies `bytes` to user memory at `virt`, where the user may write. Stops at the
+    /// first page not mapped user-writable: `Err(bytes copied)`.
+    pub fn write(&self, virt: u64, bytes: &[u8]) -> Result<(), usize> {
+        self.visit(virt, bytes.len(), true, |phys, at, n| {
+            // SAFETY: as in `read`; the frame is a user-writable page of this space,
+            // so writing it touches nothing the kernel owns.
+            unsafe { copy_bytes((HHDM_BASE + phys) as *mut u8, bytes[at..].as_ptr(), n) }
+        })
+    }
+
+    /// Runs `f(phys, offset, n)` for each piece of `[virt, virt + len)` up to the first
+    /// page the user could not access that way.
+    fn visit(
+        &self,
+        virt: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(u64, usize, usize),
+    ) -> Result<(), usize> {
+        let mut done = 0;
+        while done < len {
+            let at = virt.checked_add(done as u64).ok_or(done)?;
+            let n = (len - done).min((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize);
+            if !self.user_can(at, write) {
+                return Err(done);
+            }
+            let (phys, _) = self.tables.translate(at).ok_or(done)?;
+            f(phys, done, n);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// One user address space's hardware side.
+pub struct VmSpace {
+    root: u64,
+    tables: Mutex<Option<UserTables>>,
+    tlb: TlbState,
+}
+
+/// `VmSpace::lock`'s guard: the tables (`None` once the space is being torn down).
+pub type TablesGuard<'a> = MutexGuard<'a, Option<UserTables>>;
+
+impl VmSpace {
+    /// An empty space sharing the kernel half (`None` if no frame could be had).
+    pub fn new() -> Option<Arc<Self>> {
+        let mut tables = TableBuilder::new(&mut TableFrames, HHDM_BASE).ok()?;
+        tables.share_kernel_half(crate::paging::kernel_root());
+        Some(Arc::new(Self {
+            root: tables.root(),
+            tables: Mutex::new(&TABLES, Some(UserTables { tables })),
+            tlb: TlbState::new(),
+        }))
+    }
+
+    /// The tables, locked.
+    pub fn lock(&self) -> TablesGuard<'_> {
+        self.tables.lock()
+    }
+
+    /// Whether this space is the calling CPU's current one.
+    pub fn is_current(&self) -> bool {
+        crate::paging::active_root() == self.root
+    }
+
+    /// The CPUs that may hold this space's translations now (its shootdown targets).
+    pub fn active_cpus(&self) -> CpuMask {
+        self.tlb.active()
+    }
+
+    /// Makes this space current on the calling CPU. The space it replaces there (if
+    /// any) learns that this CPU left it, so its shootdowns stop targeting this CPU.
+    pub fn activate(self: &Arc<Self>) {
+        let cpu = percpu::current_index();
+        let decision = self.tlb.on_switch_in(cpu);
+        // SAFETY: the hierarchy shares the kernel half, so everything the kernel uses
+        // stays mapped; it stays alive while loaded (dropping it first moves every CPU
+        // that may have it loaded away). Without PCID the CR3 load flushes this CPU's
+        // user entries, which also covers a `Flush` decision.
+        unsafe { crate::paging::switch_to(self.root) };
+        if decision == SwitchFlush::Flush {
+            crate::paging::flush_user();
+        }
+        // After the CR3 load: this CPU can no longer use the previous space's entries.
+        let previous = CURRENT_SPACE
+            .get(cpu)
+            .and_then(|slot| slot.lock().replace(Arc::downgrade(self)));
+        if let Some(prev) = previous.and_then(|w| w.upgrade()) {
+            if !Arc::ptr_eq(&prev, self) {
+                prev.tlb.on_switch_out(cpu);
+            }
+        }
+    }
+
+    /// Returns the calling CPU to the kernel's own tables.
+    pub fn deactivate(&self) {
+        crate::paging::switch_to_kernel();
+        let cpu = percpu::current_index();
+        self.tlb.on_switch_out(cpu);
+        if let Some(slot) = CURRENT_SPACE.get(cpu) {
+            let mut current = slot.lock();
+            if current
+                .as_ref()
+                .is_some_and(|w| core::ptr::eq(w.as_ptr(), self))
+            {
+                *current = None;
+            }
+        }
+    }
+
+    /// Unmaps every mapped page in `[from, to)` and shoots their translations down;
+    /// the frames and emptied tables are freed once every CPU that may cache them has
+    /// flushed.
+    pub fn unmap_range(&self, from: u64, to: u64) {
+        let mut batch: FlushBatch<Frame> = FlushBatch::default();
+        let mut tables_freed = Vec::new();
+        {
+            let mut guard = self.tables.lock();
+            let Some(t) = guard.as_mut() else { return };
+            t.tables.unmap_range(
+                from,
+                to.min(USER_END),
+                &mut |page, phys| {
+                    // SAFETY: the walk has just unlinked the frame from this hierarchy,
+                    // which owned it: it is ours alone again.
+                    batch.add(page, Some(unsafe { Frame::from_raw(phys) }))
+                },
+                &mut |table| {
+                    // SAFETY: the walk has just unlinked this emptied table from the
+                    // hierarchy, which owned it.
+                    tables_freed.push(unsafe { Frame::from_raw(table) })
+                },
+            );
+        }
+        self.shoot_down(batch);
+        // Table pages too could be cached (paging-structure caches): freed only after
+        // the flush as well.
+        drop(tables_freed);
+    }
+
+    /// Gives the mapped pages of `[from, to)` the user `rights`; every CPU running the
+    /// space flushes them before this returns.
+    pub fn protect_range(&self, from: u64, to: u64, rights: Rights) {
+        let bits = leaf_bits(rights);
+        let mut batch: FlushBatch<Frame> = FlushBatch::default();
+        {
+            let mut guard = self.tables.lock();
+            let Some(t) = guard.as_mut() else { return };
+            let mut page = from & !(PAGE_SIZE - 1);
+            while page < to.min(USER_END) {
+                if t.tables.protect(page, bits) {
+                    batch.add(page, None);
+                }
+                page += PAGE_SIZE;
+            }
+        }
+        self.shoot_down(batch);
+    }
+
+    fn shoot_down(&self, batch: FlushBatch<Frame>) {
+        let me = percpu::current_index();
+        let pending = batch.commit(&self.tlb, me);
+        // This CPU's request slot: shootdowns started on different CPUs (of different
+        // spaces; one space's are serialised by the kernel's layout lock) run in
+        // parallel.
+        let Some(slot) = SCOPES.get(me) else {
+            return;
+        };
+        let in_flight = IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+        MOST_IN_FLIGHT.fetch_max(in_flight, Ordering::SeqCst);
+        *slot.lock() = match pending.scope() {
+            FlushScope::Pages(pages) => Some(pages.clone()),
+            FlushScope::Everything => None,
+        };
+        if pending.flush_locally() {
+            flush_scope(me as u64);
+        }
+        // All targets flush in parallel; `call_on_set` returns once every online one
+        // has. An offline CPU cannot hold translations: it counts as flushed too.
+        let targets = pending.targets();
+        SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
+        SHOOTDOWN_IPIS.fetch_add(targets.iter().count() as u64, Ordering::Relaxed);
+        ipi::call_on_set(|c| targets.contains(c), flush_scope, me as u64);
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        let mut acked = CpuMask::default();
+        for cpu in targets.iter() {
+            self.tlb.acknowledge(cpu, pending.generation());
+            acked.insert(cpu);
+        }
+        match pending.complete(&acked) {
+            // Many frames (a heap shrink): to the global allocator in one go; a few:
+            // through this CPU's cache like any free.
+            Ok(frames) if frames.len() > 64 => frame::free_many(frames),
+            Ok(frames) => drop(frames),
+            // Every target is in `acked`, so this does not happen; if it did, leaking
+            // the frames is the safe outcome, never reusing them early.
+            Err(pending) => {
+                log::error!(target: "mm", "shootdown incomplete: frames leaked");
+                core::mem::forget(pending);
+            }
+        }
+    }
+}
+
+impl Drop for VmSpace {
+    fn drop(&mut self) {
+        // CPUs whose last activated space this was hold a weak reference to it, which
+        // would keep its memory allocated: let go of them.
+        for slot in CURRENT_SPACE.iter().take(percpu::online_count()) {
+            let mut current = slot.lock();
+            if current
+                .as_ref()
+                .is_some_and(|w| core::ptr::eq(w.as_ptr(), self))
+            {
+                *current = None;
+            }
+        }
+        // No CPU may keep a freed PML4 in CR3: every CPU that may still run this space
+        // (it ran a thread and has not switched since) leaves it first.
+        let active = self.tlb.active();
+        ipi::call_on_set(|c| active.contains(c), leave_space, self.root);
+        leave_space(self.root);
+        if let Some(t) = self.tables.lock().take() {
+            t.tables.tear_down(
+                &mut |leaf| {
+                    // SAFETY: tear-down hands over each frame the hierarchy owned, once,
+                    // and no CPU has the hierarchy loaded any more.
+                    drop(unsafe { Frame::from_raw(leaf) })
+                },
+                &mut |table| {
+                    // SAFETY: as for the leaves: each table frame, once, unloaded.
+                    drop(unsafe { Frame::from_raw(table) })
+                },
+            );
+        }
+    }
+}
+
+/// The user space each CPU last activated (to tell it when the CPU leaves).
+static CURRENT_SPACE: [Mutex<Option<Weak<VmSpace>>>; percpu::MAX_CPUS] =
+    [const { Mutex::new(&CURRENT, None) }; percpu::MAX_CPUS];
+
+/// Per initiating CPU, the pages its shootdown in progress flushes (`None`: everything).
+/// A CPU runs one shootdown at a time, to the end, so one slot each suffices, and the
+/// cross-CPU call names the slot by the initiator's index.
+static SCOPES: [Mutex<Option<Vec<u64>>>; percpu::MAX_CPUS] =
+    [const { Mutex::new(&SCOPE, None) }; percpu::MAX_CPUS];
+
+static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
+static SHOOTDOWN_IPIS: AtomicU64 = AtomicU64::new(0);
+/// Shootdowns running now, and the most that ever ran at once.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static MOST_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Shootdowns run, and the cross-CPU flushes they asked for.
+pub fn shootdown_counts() -> (u64, u64) {
+    (
+        SHOOTDOWNS.load(Ordering::Relaxed),
+        SHOOTDOWN_IPIS.load(Ordering::Relaxed),
+    )
+}
+
+/// The most shootdowns that ran at the same time since the last `take_…`.
+pub fn most_shootdowns_in_flight() -> usize {
+    MOST_IN_FLIGHT.load(Ordering::SeqCst)
+}
+
+/// `most_shootdowns_in_flight`, and resets it.
+pub fn take_most_shootdowns_in_flight() -> usize {
+    MOST_IN_FLIGHT.swap(0, Ordering::SeqCst)
+}
+
+/// A check run inside every flush, before it flushes (in-kernel tests: it proves the
+/// unmapped frames are still in use while any target has not yet flushed).
+static FLUSH_PROBE: spin::Once<fn()> = spin::Once::new();
+static FLUSH_PROBE_ON: AtomicBool = AtomicBool::new(false);
+
+/// Runs `probe` inside every shootdown flush (on each target CPU and the initiator)
+/// while `on`. The probe is set once; later calls only switch it.
+pub fn set_flush_probe(probe: fn(), on: bool) {
+    FLUSH_PROBE.call_once(|| probe);
+    FLUSH_PROBE_ON.store(on, Ordering::SeqCst);
+}
+
+/// Runs on each target (and the initiator): flushes the pages in CPU `initiator`'s
+/// request slot, or the whole TLB.
+fn flush_scope(initiator: u64) -> u64 {
+    if FLUSH_PROBE_ON.load(Ordering::Relaxed) {
+        if let Some(probe) = FLUSH_PROBE.get() {
+            probe();
+        }
+    }
+    let Some(slot) = SCOPES.get(initiator as usize) else {
+        crate::paging::flush_user();
+        return 0;
+    };
+    match slot.lock().as_ref() {
+        Some(pages) => pages.iter().for_each(|&p| crate::paging::flush_page(p)),
+        None => crate::paging::flush_user(),
+    }
+    0
+}
+
+/// Runs on a CPU that may still have the dying space `root` loaded (a thread ran there
+/// and moved on): switches it to the kernel's tables.
+fn leave_space(root: u64) -> u64 {
+    if crate::paging::active_root() == root {
+        crate::paging::switch_to_kernel();
+    }
+    0
+}
