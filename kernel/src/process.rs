@@ -15,7 +15,8 @@
 //! event. The waiter learns the status only once the last thread's future is gone and
 //! the address space with it, so "waited" means "every frame is back".
 
-use alloc::collections::BTreeMap;
+use core::hash::{BuildHasherDefault, Hasher};
+
 use alloc::string::String;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
@@ -23,6 +24,7 @@ use core::future::Future;
 use core::pin::pin;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use core::task::{Poll, Waker};
+use hashbrown::HashMap;
 
 use futures_util::future::Either;
 
@@ -117,9 +119,49 @@ struct Entry {
     waited: bool,
 }
 
+/// Hashes pids and tids, which are small sequential numbers: one multiplication by a
+/// 64-bit odd constant (Fibonacci hashing) spreads them over the table's buckets, and
+/// unlike the default hasher it can be built in a `static`.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A table keyed by pid or tid.
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+const fn id_map<V>() -> IdMap<V> {
+    HashMap::with_hasher(BuildHasherDefault::new())
+}
+
+/// Removes `id`, and gives memory back once the table is mostly empty: a hash table
+/// keeps its capacity when entries go, and the kernel's closing check wants the heap
+/// back near its baseline after thousands of processes came and went.
+fn remove_id<V>(map: &mut IdMap<V>, id: u64) -> Option<V> {
+    let removed = map.remove(&id);
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+    removed
+}
+
 /// Live and not yet reaped processes, by pid. A process is reaped when its parent's
 /// wait returns its status, or, if its parent ended first, when it is gone.
-static PROCESSES: Mutex<BTreeMap<u64, Entry>> = Mutex::new(&locks::PROCESSES, BTreeMap::new());
+static PROCESSES: Mutex<IdMap<Entry>> = Mutex::new(&locks::PROCESSES, id_map());
 
 /// Publishes the exit record when dropped: the last field of `Process`, so it drops
 /// after the address space (fields drop in declaration order). An orphan's entry goes
@@ -135,7 +177,7 @@ impl Drop for Reaper {
             let mut table = PROCESSES.lock();
             self.record.gone.fire();
             if table.get(&self.pid).is_some_and(|e| e.orphan) {
-                table.remove(&self.pid)
+                remove_id(&mut table, self.pid)
             } else {
                 None
             }
@@ -153,7 +195,7 @@ pub struct Process {
     kill: Event,
     live_threads: AtomicUsize,
     /// Threads not yet joined: tid -> their task's handle (`None` while one is joining).
-    threads: Mutex<BTreeMap<u64, Option<JoinHandle<u64>>>>,
+    threads: Mutex<IdMap<Option<JoinHandle<u64>>>>,
     /// Children not yet reaped, killed when this process ends.
     children: Mutex<Vec<u64>>,
     reaper: Reaper,
@@ -187,7 +229,7 @@ impl Process {
                 ending: AtomicBool::new(false),
                 kill: Event::default(),
                 live_threads: AtomicUsize::new(0),
-                threads: Mutex::new(&locks::THREADS, BTreeMap::new()),
+                threads: Mutex::new(&locks::THREADS, id_map()),
                 children: Mutex::new(&locks::CHILDREN, Vec::new()),
                 reaper: Reaper { pid, record },
             }
@@ -224,7 +266,7 @@ impl Process {
                     continue;
                 };
                 if entry.record.gone.is_fired() {
-                    gone.extend(table.remove(&pid));
+                    gone.extend(remove_id(&mut table, pid));
                 } else {
                     entry.orphan = true;
                     alive.extend(entry.process.upgrade());
@@ -300,7 +342,7 @@ pub async fn wait_child(parent: u64, pid: u64, timeout_ns: Option<u64>) -> Resul
         }
     }
     claim.done = true;
-    let reaped = PROCESSES.lock().remove(&pid);
+    let reaped = remove_id(&mut PROCESSES.lock(), pid);
     drop(reaped);
     Ok(record.status.load(Ordering::SeqCst))
 }
@@ -776,7 +818,7 @@ async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
     };
     match process.unless_killed(handle).await {
         Some(status) => {
-            process.threads.lock().remove(&tid);
+            remove_id(&mut process.threads.lock(), tid);
             Ok(status as usize)
         }
         None => Ok(0), // the caller is ending; the result is never seen
