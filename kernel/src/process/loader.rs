@@ -1,0 +1,41 @@
+//! The ELF loader: a checked load plan (`panda_mm::elf`) turned into a new address
+//! space whose segment pages hold the file's bytes.
+
+use super::*;
+
+/// Loads `file` into a new address space: each segment's file bytes are copied into
+/// zeroed frames mapped with the segment's rights; the rest (BSS) is demand-zero.
+pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
+    let plan = elf::plan(file).map_err(SpawnError::BadElf)?;
+    let space = AddressSpace::new().map_err(|_| SpawnError::OutOfMemory)?;
+    for seg in &plan.segments {
+        let (start, end) = seg.pages();
+        space
+            .add_segment(start, end, seg.rights)
+            .map_err(|_| SpawnError::BadElf(ElfError::BadSegment("segment refused")))?;
+        let (file_start, file_end) = (seg.vaddr, seg.vaddr + seg.file_size);
+        let mut page = start;
+        while page < file_end {
+            let mut frame = crate::memory::alloc_user_frame()
+                .ok_or(SpawnError::OutOfMemory)?
+                .into_zeroed()
+                .into_frame();
+            // The part of [file_start, file_end) on this page.
+            let from = file_start.max(page);
+            let to = file_end.min(page + 4096);
+            if from < to {
+                let at = (seg.file_offset + (from - seg.vaddr)) as usize;
+                let bytes = &file[at..at + (to - from) as usize];
+                frame.write((from - page) as usize, bytes);
+            }
+            if let Err(e) = space.map_frame(page, frame, seg.rights) {
+                return Err(match e {
+                    MmError::OutOfMemory => SpawnError::OutOfMemory,
+                    _ => SpawnError::BadElf(ElfError::BadSegment("segment refused")),
+                });
+            }
+            page += 4096;
+        }
+    }
+    Ok((space, plan.entry))
+}

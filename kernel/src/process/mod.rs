@@ -1,0 +1,462 @@
+//! User processes and threads as executor tasks.
+//!
+//! A thread is a future: `run_thread` loops on `user::run`, which enters ring 3 and
+//! returns at the thread's next trap on the executor's own stack; the future then
+//! handles the trap — a system call (which may await: sleep, wait, join), a page fault
+//! (resolved in the process's address space, awaiting a zeroed frame if the pool is
+//! empty, or the end of the process), an interrupt (the timer tick makes the thread
+//! yield, so others on the CPU get their turn) — and goes round again. Between traps the
+//! thread's whole state is its `UserContext`; a blocked thread owns no kernel stack.
+//!
+//! A process is an address space, its threads and an exit record. It ends when a thread
+//! calls `OP_PROCESS_EXIT`, when the kernel kills it (a fault it cannot resolve), or
+//! when its last thread exits. Its other threads stop at their next trap (every running
+//! thread traps at least at each timer tick) or, if blocked, are woken by the kill
+//! event. The waiter learns the status only once the last thread's future is gone and
+//! the address space with it, so "waited" means "every frame is back".
+
+use core::hash::{BuildHasherDefault, Hasher};
+
+use alloc::string::String;
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::pin;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::task::{Poll, Waker};
+use hashbrown::HashMap;
+
+use futures_util::future::Either;
+
+use log::{info, warn};
+use panda_abi::syscall::{self, Error, SystemInfo};
+use panda_arch::sync::Mutex;
+use panda_arch::user::{self, Exit, FaultAccess, UserContext};
+use panda_mm::elf::{self, ElfError};
+use panda_mm::region::Access;
+use panda_mm::MmError;
+use panda_sched::JoinHandle;
+
+use crate::aspace::{AddressSpace, FaultError};
+use crate::locks;
+
+mod loader;
+mod syscalls;
+mod thread;
+
+pub use loader::load;
+pub use thread::run_thread;
+use thread::start_thread;
+
+/// The status of a process the kernel ended.
+pub const KILLED: u64 = syscall::EXIT_KILLED as u64;
+
+static NEXT_PID: AtomicU64 = AtomicU64::new(1);
+static NEXT_TID: AtomicU64 = AtomicU64::new(1);
+
+/// Most threads one process may have that are running or ended but not yet joined.
+pub const MAX_THREADS: usize = 1024;
+/// Most children one process may have that are running or ended but not yet waited for.
+pub const MAX_CHILDREN: usize = 1024;
+
+/// A one-shot event many tasks can await.
+pub struct Event {
+    fired: AtomicBool,
+    waiters: Mutex<Vec<Waker>>,
+}
+
+impl Default for Event {
+    fn default() -> Self {
+        Self {
+            fired: AtomicBool::new(false),
+            waiters: Mutex::new(&locks::EVENT, Vec::new()),
+        }
+    }
+}
+
+impl Event {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        let waiters = core::mem::take(&mut *self.waiters.lock());
+        waiters.into_iter().for_each(Waker::wake);
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the event has fired.
+    pub async fn wait(&self) {
+        core::future::poll_fn(|cx| {
+            if self.is_fired() {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.lock();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            drop(waiters);
+            // Fired between the check and the registration: do not sleep on it.
+            if self.is_fired() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// What a waiter of a process sees: its status, once it is entirely gone.
+struct ExitRecord {
+    status: AtomicU64,
+    gone: Event,
+}
+
+/// A process as its parent sees it, from its start until it is reaped.
+struct Entry {
+    record: Arc<ExitRecord>,
+    /// To kill it (empty once it is gone).
+    process: Weak<Process>,
+    /// Its parent's pid (0: the kernel, for init).
+    parent: u64,
+    /// Its parent has ended, so nobody will wait: the entry goes as soon as the process
+    /// is gone.
+    orphan: bool,
+    /// A thread of the parent is waiting for it (only one may).
+    waited: bool,
+}
+
+/// Hashes pids and tids, which are small sequential numbers: one multiplication by a
+/// 64-bit odd constant (Fibonacci hashing) spreads them over the table's buckets, and
+/// unlike the default hasher it can be built in a `static`.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A table keyed by pid or tid.
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+const fn id_map<V>() -> IdMap<V> {
+    HashMap::with_hasher(BuildHasherDefault::new())
+}
+
+/// Removes `id`, and gives memory back once the table is mostly empty: a hash table
+/// keeps its capacity when entries go, and the kernel's closing check wants the heap
+/// back near its baseline after thousands of processes came and went.
+fn remove_id<V>(map: &mut IdMap<V>, id: u64) -> Option<V> {
+    let removed = map.remove(&id);
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+    removed
+}
+
+/// Live and not yet reaped processes, by pid. A process is reaped when its parent's
+/// wait returns its status, or, if its parent ended first, when it is gone.
+static PROCESSES: Mutex<IdMap<Entry>> = Mutex::new(&locks::PROCESSES, id_map());
+
+/// Publishes the exit record when dropped: the last field of `Process`, so it drops
+/// after the address space (fields drop in declaration order). An orphan's entry goes
+/// with it.
+struct Reaper {
+    pid: u64,
+    record: Arc<ExitRecord>,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let removed = {
+            let mut table = PROCESSES.lock();
+            self.record.gone.fire();
+            if table.get(&self.pid).is_some_and(|e| e.orphan) {
+                remove_id(&mut table, self.pid)
+            } else {
+                None
+            }
+        };
+        drop(removed);
+    }
+}
+
+/// A process: an address space, threads and an exit record.
+pub struct Process {
+    pub pid: u64,
+    pub name: String,
+    pub space: Arc<AddressSpace>,
+    ending: AtomicBool,
+    kill: Event,
+    live_threads: AtomicUsize,
+    /// Threads not yet joined: tid -> their task's handle (`None` while one is joining).
+    threads: Mutex<IdMap<Option<JoinHandle<u64>>>>,
+    /// Children not yet reaped, killed when this process ends.
+    children: Mutex<Vec<u64>>,
+    reaper: Reaper,
+}
+
+impl Process {
+    /// A process around `space`, registered so it can be waited for.
+    pub fn new(space: Arc<AddressSpace>) -> Arc<Self> {
+        Self::named(space, String::from("(kernel-built)"), 0)
+    }
+
+    fn named(space: Arc<AddressSpace>, name: String, parent: u64) -> Arc<Self> {
+        let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
+        let record = Arc::new(ExitRecord {
+            status: AtomicU64::new(0),
+            gone: Event::default(),
+        });
+        Arc::new_cyclic(|me| {
+            let entry = Entry {
+                record: record.clone(),
+                process: me.clone(),
+                parent,
+                orphan: false,
+                waited: false,
+            };
+            PROCESSES.lock().insert(pid, entry);
+            Self {
+                pid,
+                name,
+                space,
+                ending: AtomicBool::new(false),
+                kill: Event::default(),
+                live_threads: AtomicUsize::new(0),
+                threads: Mutex::new(&locks::THREADS, id_map()),
+                children: Mutex::new(&locks::CHILDREN, Vec::new()),
+                reaper: Reaper { pid, record },
+            }
+        })
+    }
+
+    /// Ends the process with `status` (the first call decides): every thread stops at
+    /// its next trap or wake-up, and its children (and theirs) are killed: no process
+    /// outlives its parent, so everything a program started ends when it does.
+    pub fn end(&self, status: u64) {
+        let mut doomed = self.mark_ending(status);
+        // Iteratively, not recursively: a chain of thousands of processes must not
+        // need thousands of kernel stack frames.
+        while let Some(child) = doomed.pop() {
+            doomed.extend(child.mark_ending(KILLED));
+        }
+    }
+
+    /// The first call records `status`, fires the kill event and returns the children
+    /// still alive (now orphans) for the caller to end; later calls return nothing.
+    fn mark_ending(&self, status: u64) -> Vec<Arc<Process>> {
+        if self.ending.swap(true, Ordering::SeqCst) {
+            return Vec::new();
+        }
+        self.reaper.record.status.store(status, Ordering::SeqCst);
+        self.kill.fire();
+        let children = core::mem::take(&mut *self.children.lock());
+        let mut alive = Vec::new();
+        let mut gone = Vec::new();
+        {
+            let mut table = PROCESSES.lock();
+            for pid in children {
+                let Some(entry) = table.get_mut(&pid) else {
+                    continue;
+                };
+                if entry.record.gone.is_fired() {
+                    gone.extend(remove_id(&mut table, pid));
+                } else {
+                    entry.orphan = true;
+                    alive.extend(entry.process.upgrade());
+                }
+            }
+        }
+        drop(gone);
+        alive
+    }
+
+    pub fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::SeqCst)
+    }
+
+    fn thread_ended(&self, code: u64) {
+        if self.live_threads.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.end(code);
+        }
+    }
+
+    /// `fut`, unless the process ends first (then `None`).
+    async fn unless_killed<F: Future>(&self, fut: F) -> Option<F::Output> {
+        first(fut, self.kill.wait()).await
+    }
+}
+
+/// A parent's claim on waiting for a child: released if the wait is abandoned (timed
+/// out, or the waiter's process ends), so another thread may wait later.
+struct WaitClaim {
+    pid: u64,
+    done: bool,
+}
+
+impl Drop for WaitClaim {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(entry) = PROCESSES.lock().get_mut(&self.pid) {
+                entry.waited = false;
+            }
+        }
+    }
+}
+
+/// Waits for child `pid` of `parent` (0: the kernel) to be gone (all threads ended,
+/// every frame back) and returns its status; the child is then reaped, so a second wait
+/// finds nothing. With `timeout_ns`, gives up after that long (0: only looks).
+///
+/// Errors: `NotFound` if `pid` is not an unreaped child of `parent` (another process's
+/// children are not visible); `NotPermitted` if another thread is already waiting for
+/// it; `TimedOut`.
+pub async fn wait_child(parent: u64, pid: u64, timeout_ns: Option<u64>) -> Result<u64, Error> {
+    let record = {
+        let mut table = PROCESSES.lock();
+        let entry = table
+            .get_mut(&pid)
+            .filter(|e| e.parent == parent && !e.orphan)
+            .ok_or(Error::NotFound)?;
+        if entry.waited {
+            return Err(Error::NotPermitted);
+        }
+        entry.waited = true;
+        entry.record.clone()
+    };
+    let mut claim = WaitClaim { pid, done: false };
+    match timeout_ns {
+        None => record.gone.wait().await,
+        Some(ns) => {
+            let exec = crate::executor::get().ok_or(Error::NotPermitted)?;
+            if first(record.gone.wait(), exec.sleep(ns)).await.is_none() && !record.gone.is_fired()
+            {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+    claim.done = true;
+    let reaped = remove_id(&mut PROCESSES.lock(), pid);
+    drop(reaped);
+    Ok(record.status.load(Ordering::SeqCst))
+}
+
+/// `a`'s output if it completes first (or both at once: `a` is polled first), `None`
+/// if `b` does.
+async fn first<A: Future, B: Future>(a: A, b: B) -> Option<A::Output> {
+    match futures_util::future::select(pin!(a), pin!(b)).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    }
+}
+
+/// Why a program could not be started.
+#[derive(Clone, Copy, Debug)]
+pub enum SpawnError {
+    NotFound,
+    BadElf(ElfError),
+    OutOfMemory,
+}
+
+impl SpawnError {
+    fn to_error(self) -> Error {
+        match self {
+            SpawnError::NotFound => Error::NotFound,
+            SpawnError::BadElf(_) => Error::InvalidArgument,
+            SpawnError::OutOfMemory => Error::OutOfMemory,
+        }
+    }
+}
+
+/// Starts the initrd program `path` as a new process, a child of `parent` (`None`:
+/// the kernel's), whose first thread gets `arg` in `rdi` and the top of the stack
+/// region in `rsp`. Returns the process.
+pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Process>, SpawnError> {
+    let file = crate::initrd::find(path).ok_or(SpawnError::NotFound)?;
+    if !crate::memory::above_reserve() {
+        return Err(SpawnError::OutOfMemory);
+    }
+    if parent.is_some_and(|p| p.children.lock().len() >= MAX_CHILDREN) {
+        return Err(SpawnError::OutOfMemory);
+    }
+    let (space, entry) = load(file).inspect_err(|e| {
+        if let SpawnError::BadElf(why) = e {
+            warn!(target: "user", "cannot start {path:?}: {}", why.describe());
+        }
+    })?;
+    let process = Process::named(space, String::from(path), parent.map_or(0, |p| p.pid));
+    let ctx = UserContext {
+        rip: entry,
+        rsp: panda_abi::INITIAL_STACK_POINTER as u64,
+        rdi: arg,
+        ..Default::default()
+    };
+    let exec = crate::executor::get().ok_or(SpawnError::OutOfMemory)?;
+    // `start_thread` refuses only for lack of memory (or a full thread table, which a
+    // new process cannot have).
+    if start_thread(exec, &process, ctx, None).is_err() {
+        // Nobody will wait for a process that never ran: reap it with its last handle.
+        if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
+            entry.orphan = true;
+        }
+        return Err(SpawnError::OutOfMemory);
+    }
+    if let Some(parent) = parent {
+        parent.children.lock().push(process.pid);
+        // The parent began ending meanwhile and may have missed this child: end it
+        // as the parent's end would have (doing it twice is harmless).
+        if parent.is_ending() {
+            if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
+                entry.orphan = true;
+            }
+            process.end(KILLED);
+        }
+    }
+    Ok(process)
+}
+
+/// Runs `path` as the first process and waits for it; logs and returns its status.
+pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
+    let process = match spawn(path, arg, None) {
+        Ok(p) => p,
+        Err(SpawnError::NotFound) => {
+            let mut names = String::new();
+            crate::initrd::for_each_file(|name, _| {
+                if !names.is_empty() {
+                    names.push_str(", ");
+                }
+                names.push_str(name);
+            });
+            log::error!(target: "user", "cannot start init {path:?}: no such file in the initrd (it holds: {names})");
+            return None;
+        }
+        Err(e) => {
+            log::error!(target: "user", "cannot start init {path:?}: {e:?}");
+            return None;
+        }
+    };
+    let pid = process.pid;
+    drop(process);
+    info!(target: "user", "started {path:?} as pid {pid}");
+    let status = wait_child(0, pid, None).await.ok()?;
+    if status == KILLED {
+        warn!(target: "user", "init {path:?} (pid {pid}) was killed");
+    } else {
+        info!(target: "user", "init {path:?} (pid {pid}) exited with status {status}");
+    }
+    Some(status)
+}

@@ -1,0 +1,355 @@
+//! System calls: decoding `rax` and the arguments, and each operation's handler.
+//! User memory is reached only through `AddressSpace::read_user`/`write_user` (copies,
+//! faulting pages in as the user's own access would).
+
+use super::thread::{yield_once, After};
+use super::*;
+
+pub(super) fn user_error(e: FaultError) -> Error {
+    match e {
+        FaultError::OutOfMemory => Error::OutOfMemory,
+        FaultError::Denied(_) => Error::BadAddress,
+    }
+}
+
+pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) -> After {
+    let (op, a0, a1, a2, a3) = (ctx.rax as usize, ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10);
+    let exec = crate::executor::get();
+    let result: Result<usize, Error> = match op {
+        syscall::OP_PROCESS_EXIT => return After::ExitProcess(syscall::exit_status(a0) as u64),
+        syscall::OP_THREAD_EXIT => return After::ExitThread(syscall::exit_status(a0) as u64),
+        syscall::OP_PROCESS_YIELD => {
+            yield_once().await;
+            Ok(0)
+        }
+        syscall::OP_PROCESS_GET_PID => Ok(process.pid as usize),
+        syscall::OP_PROCESS_BRK => brk(process, a0),
+        syscall::OP_PROCESS_SLEEP => match exec {
+            Some(exec) => {
+                process.unless_killed(exec.sleep(a0)).await;
+                Ok(0)
+            }
+            None => Err(Error::NotPermitted),
+        },
+        syscall::OP_PROCESS_WAIT => wait_for_child(process, a0, None).await,
+        syscall::OP_PROCESS_WAIT_TIMEOUT => wait_for_child(process, a0, Some(a1)).await,
+        syscall::OP_PROCESS_KILL => kill_child(process, a0),
+        syscall::OP_ENVIRONMENT_SPAWN => spawn_from_user(process, a0, a1, a2).await,
+        syscall::OP_ENVIRONMENT_LOG => log_user(process, a0, a1).await,
+        syscall::OP_ENVIRONMENT_TIME => Ok(panda_arch::time::now_ns() as usize),
+        syscall::OP_ENVIRONMENT_INFO => info_to_user(process, a0, a1).await,
+        syscall::OP_CPU_COUNT => Ok(panda_arch::percpu::online_count()),
+        syscall::OP_THREAD_CURRENT_CPU => Ok(panda_arch::percpu::current_index()),
+        syscall::OP_THREAD_SPAWN => match exec {
+            Some(exec) => {
+                let user_end = panda_abi::USER_SPACE_END as u64;
+                // The stack top may be 0: a thread that never touches its stack
+                // needs none. Kernel-half and non-canonical values are refused.
+                if !(panda_abi::ELF_LOAD_BASE as u64..user_end).contains(&a0) || a1 > user_end {
+                    Err(Error::InvalidArgument)
+                } else {
+                    let child = UserContext {
+                        rip: a0,
+                        rsp: a1,
+                        rdi: a2,
+                        ..Default::default()
+                    };
+                    start_thread(exec, process, child, None).map(|tid| tid as usize)
+                }
+            }
+            None => Err(Error::NotPermitted),
+        },
+        syscall::OP_THREAD_GET_ID => Ok(tid as usize),
+        syscall::OP_THREAD_SET_FS_BASE => {
+            if user::valid_fs_base(a0) {
+                ctx.fs_base = a0;
+                Ok(0)
+            } else {
+                Err(Error::InvalidArgument)
+            }
+        }
+        syscall::OP_THREAD_JOIN => join(process, tid, a0).await,
+        syscall::OP_THREAD_SET_AFFINITY => match exec {
+            Some(exec) if (a0 as usize) < panda_arch::percpu::online_count() => {
+                exec.move_to(a0 as usize, true).await;
+                Ok(0)
+            }
+            _ => Err(Error::InvalidArgument),
+        },
+        // A buffer's bookkeeping is kernel memory: refused below the reserve.
+        syscall::OP_BUFFER_ALLOC if !crate::memory::above_reserve() => Err(Error::OutOfMemory),
+        syscall::OP_BUFFER_ALLOC => {
+            process
+                .space
+                .alloc_buffer(a0)
+                .map(|a| a as usize)
+                .map_err(|e| match e {
+                    MmError::OutOfMemory => Error::OutOfMemory,
+                    _ => Error::InvalidArgument,
+                })
+        }
+        syscall::OP_BUFFER_FREE => process
+            .space
+            .free_buffer(a0)
+            .map(|()| 0)
+            .map_err(|_| Error::NotFound),
+        syscall::OP_BUFFER_LOG => buffer_log(process, a0, a1).await,
+        syscall::OP_FILE_READ_BUFFER => read_file(process, a0, a1, a2, a3).await,
+        _ => Err(Error::UnknownOperation),
+    };
+    ctx.rax = syscall::encode(result) as u64;
+    After::Resume
+}
+
+fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
+    if new_end == 0 {
+        return Ok(process.space.brk() as usize);
+    }
+    process
+        .space
+        .set_brk(new_end)
+        .map(|b| b as usize)
+        .map_err(|_| Error::InvalidArgument)
+}
+
+/// Copies `len` bytes of user memory at `ptr` into `out` (faulting pages in).
+async fn read_user(process: &Process, ptr: u64, out: &mut [u8]) -> Result<(), Error> {
+    process.space.read_user(ptr, out).await.map_err(user_error)
+}
+
+/// Writes `bytes` to user memory at `ptr`, faulting pages in as a user write would.
+/// The whole destination is checked (and faulted in) before any byte is written, so a
+/// destination that runs into memory the caller may not write gets `BadAddress` and is
+/// left untouched. (If another thread of the process frees part of it between the two
+/// passes, the write stops there with `BadAddress`.)
+async fn write_user(process: &Process, ptr: u64, bytes: &[u8]) -> Result<(), Error> {
+    process
+        .space
+        .write_user(ptr, bytes)
+        .await
+        .map_err(user_error)
+}
+
+async fn user_path(process: &Process, ptr: u64, len: u64) -> Result<String, Error> {
+    if len == 0 || len > crate::initrd::MAX_PATH as u64 {
+        return Err(Error::InvalidArgument);
+    }
+    let mut buf = [0u8; crate::initrd::MAX_PATH];
+    read_user(process, ptr, &mut buf[..len as usize]).await?;
+    core::str::from_utf8(&buf[..len as usize])
+        .map(String::from)
+        .map_err(|_| Error::InvalidArgument)
+}
+
+async fn spawn_from_user(process: &Process, ptr: u64, len: u64, arg: u64) -> Result<usize, Error> {
+    let path = user_path(process, ptr, len).await?;
+    spawn(&path, arg, Some(process))
+        .map(|p| p.pid as usize)
+        .map_err(SpawnError::to_error)
+}
+
+async fn wait_for_child(
+    process: &Process,
+    pid: u64,
+    timeout_ns: Option<u64>,
+) -> Result<usize, Error> {
+    if pid == process.pid {
+        return Err(Error::NotPermitted);
+    }
+    match process
+        .unless_killed(wait_child(process.pid, pid, timeout_ns))
+        .await
+    {
+        Some(Ok(status)) => {
+            // Reaped: no longer a child to kill or count against the limit.
+            process.children.lock().retain(|&c| c != pid);
+            Ok(status as usize)
+        }
+        Some(Err(e)) => Err(e),
+        None => Ok(0), // the caller is ending; the result is never seen
+    }
+}
+
+/// Ends child `pid` of `process` as killed. `NotFound` if it is not an unreaped
+/// child; killing a child that already ended (not yet waited for) does nothing.
+fn kill_child(process: &Process, pid: u64) -> Result<usize, Error> {
+    let child = {
+        let table = PROCESSES.lock();
+        let entry = table
+            .get(&pid)
+            .filter(|e| e.parent == process.pid && !e.orphan)
+            .ok_or(Error::NotFound)?;
+        entry.process.upgrade()
+    };
+    if let Some(child) = child {
+        info!(target: "user", "pid {} ({}) killed by its parent, pid {}", child.pid, child.name, process.pid);
+        child.end(KILLED);
+    }
+    Ok(0)
+}
+
+async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
+    if tid == me {
+        return Err(Error::NotPermitted);
+    }
+    let handle = match process.threads.lock().get_mut(&tid) {
+        None => return Err(Error::NotFound),
+        // Someone else is joining it.
+        Some(slot) => slot.take().ok_or(Error::NotFound)?,
+    };
+    match process.unless_killed(handle).await {
+        Some(status) => {
+            remove_id(&mut process.threads.lock(), tid);
+            Ok(status as usize)
+        }
+        None => Ok(0), // the caller is ending; the result is never seen
+    }
+}
+
+/// Longest text one log call (or buffer log call) writes.
+pub const MAX_LOG: u64 = 1 << 20;
+
+async fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
+    print_user(process, ptr, len).await
+}
+
+/// Writes user text to the console as it is (user output is the console's, not the
+/// kernel log's): invalid UTF-8 shows as U+FFFD. A line the user leaves open stays
+/// open; kernel lines start on a fresh line regardless (`with_console_line`).
+fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
+    for chunk in bytes.utf8_chunks() {
+        let _ = w.write_str(chunk.valid());
+        if !chunk.invalid().is_empty() {
+            let _ = w.write_str("\u{fffd}");
+        }
+    }
+}
+
+/// Serialises user output: one write call is one piece on the console.
+static USER_OUTPUT: Mutex<()> = Mutex::new(&locks::USER_OUTPUT, ());
+
+/// Writes `[addr, addr + len)` of user memory to the console as one piece: concurrent
+/// user writers never split it. The range is first faulted in as a user read would;
+/// then, holding the user-output lock, it is copied out and printed a piece at a time,
+/// each piece under the console lock (interrupts off for one piece only) and the
+/// page-table lock. User memory is copied, never borrowed: another thread may write it
+/// meanwhile, which only changes the output. If another thread unmapped a page
+/// meanwhile, the output stops there and the call reports `BadAddress`.
+async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
+    if len > MAX_LOG {
+        return Err(Error::InvalidArgument);
+    }
+    process
+        .space
+        .fault_in(addr, len, false)
+        .await
+        .map_err(user_error)?;
+    let _one_writer = USER_OUTPUT.lock();
+    let mut piece = [0u8; PRINT_PIECE + 3];
+    // Bytes of a character cut at the end of the last piece, moved to the front.
+    let mut carried = 0;
+    let end = addr + len;
+    let mut at = addr;
+    while at < end {
+        let n = ((end - at) as usize).min(PRINT_PIECE);
+        if !process
+            .space
+            .read_mapped(at, &mut piece[carried..carried + n])
+        {
+            return Err(Error::BadAddress);
+        }
+        at += n as u64;
+        let filled = carried + n;
+        let keep = if at < end {
+            cut_character(&piece[..filled])
+        } else {
+            0
+        };
+        panda_arch::serial::with_console(|w| console_bytes(w, &piece[..filled - keep]));
+        piece.copy_within(filled - keep..filled, 0);
+        carried = keep;
+    }
+    Ok(len as usize)
+}
+
+/// Bytes of user output copied and printed at a time.
+const PRINT_PIECE: usize = 512;
+
+/// How many bytes at the end of `bytes` are the start of a UTF-8 character that
+/// continues after them (0 to 3), so a piece boundary never splits one.
+fn cut_character(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xc0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead byte
+        }
+        let needed = match b {
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf7 => 4,
+            _ => 1,
+        };
+        return if needed > back { back } else { 0 };
+    }
+    0
+}
+
+/// Writes part of a buffer to the console (like `OP_ENVIRONMENT_LOG`, but the range must
+/// lie inside one live buffer).
+async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
+    // The same precedence as OP_ENVIRONMENT_LOG: the length first, then the address.
+    if len > MAX_LOG {
+        return Err(Error::InvalidArgument);
+    }
+    if !process.space.in_buffer(addr, len) {
+        return Err(Error::BadAddress);
+    }
+    print_user(process, addr, len).await
+}
+
+async fn read_file(
+    process: &Process,
+    path_ptr: u64,
+    path_len: u64,
+    buffer: u64,
+    len: u64,
+) -> Result<usize, Error> {
+    let path = user_path(process, path_ptr, path_len).await?;
+    let file = crate::initrd::find(&path).ok_or(Error::NotFound)?;
+    let n = (len as usize).min(file.len());
+    write_user(process, buffer, &file[..n]).await?;
+    Ok(n)
+}
+
+/// The machine and memory counters.
+fn system_info() -> SystemInfo {
+    use crate::aspace::{self as a, Stat};
+    SystemInfo {
+        cpus: panda_arch::percpu::online_count() as u64,
+        memory_total: panda_arch::frame::total_frames() * 4096,
+        memory_free: crate::memory::frames_not_in_use() * 4096,
+        faults: a::stat(Stat::Faults),
+        zero_pool_hits: a::stat(Stat::PoolHits),
+        zero_pool_waits: a::stat(Stat::PoolWaits),
+        zeroed_inline: a::stat(Stat::ZeroedInline),
+        shootdowns: a::stat(Stat::Shootdowns),
+        shootdown_ipis: a::stat(Stat::ShootdownIpis),
+        tsc_hz: panda_arch::time::tsc_hz(),
+        fault_handler_cycles: a::stat(Stat::ProfHandler),
+        fault_classify_cycles: a::stat(Stat::ProfClassify),
+        fault_zero_cycles: a::stat(Stat::ProfZero),
+        fault_map_cycles: a::stat(Stat::ProfMap),
+        profiled_faults: a::stat(Stat::ProfFaults),
+        kernel_heap_bytes: crate::heap::live_bytes(),
+    }
+}
+
+async fn info_to_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
+    let mut bytes = [0u8; SystemInfo::WORDS * 8];
+    for (i, w) in system_info().to_words().iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let n = (len as usize).min(bytes.len());
+    write_user(process, ptr, &bytes[..n]).await?;
+    Ok(n)
+}
