@@ -1,4 +1,5 @@
-//! The two boot entries, in assembly, and the kernel image's boundaries.
+//! The two boot entries, in assembly; the boot front-ends, which turn either protocol
+//! into one `BootInfo`; and the kernel image's boundaries.
 //!
 //! * PVH (QEMU `-kernel`): a Xen ELF note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY) names
 //!   `pvh_start32`'s physical address. QEMU enters it in 32-bit protected mode, paging
@@ -11,10 +12,21 @@
 //! * Limine: the ELF entry point `limine_entry`, already in long mode on Limine's page
 //!   tables. It moves to the boot stack and calls `panda_limine_main()`.
 //!
-//! Both `panda_*_main` functions are defined by the kernel crate; neither returns.
-//! The boot page tables only carry the kernel until it builds its own.
+//! Both `panda_*_main` functions are defined by the kernel crate; neither returns. They
+//! call the front-end of their protocol here (`pvh_boot_info`, `limine_boot_info`),
+//! once. The boot page tables only carry the kernel until it builds its own
+//! (`crate::kernel_tables`).
+
+mod info;
+mod limine;
+pub mod memory_map;
+mod pvh;
+
+pub use info::{BootInfo, Module, Protocol, Text, MAX_MODULES};
+pub use memory_map::{BootMemoryMap, FreeRanges, MapError, MemoryKind, MemoryMap, Region};
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 global_asm!(
     r#"
@@ -187,6 +199,41 @@ global_asm!(
     ud2
     "#
 );
+
+/// Set by the first front-end to run.
+static FRONT_END_RAN: AtomicBool = AtomicBool::new(false);
+
+/// The PVH front-end: `hvm_start_info` at physical `start_info` into a `BootInfo`.
+/// Runs once per boot (with `limine_boot_info`): later calls fail, so there is one
+/// boot memory map.
+pub fn pvh_boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
+    if FRONT_END_RAN.swap(true, Ordering::AcqRel) {
+        return Err("the boot front-end ran a second time");
+    }
+    pvh::boot_info(start_info)
+}
+
+/// The Limine front-end: Limine's responses into a `BootInfo`. Runs once per boot (with
+/// `pvh_boot_info`).
+pub fn limine_boot_info() -> Result<BootInfo, &'static str> {
+    if FRONT_END_RAN.swap(true, Ordering::AcqRel) {
+        return Err("the boot front-end ran a second time");
+    }
+    limine::boot_info()
+}
+
+/// The kernel image's physical base, as the front-end found it (0 before).
+static KERNEL_PHYS: AtomicU64 = AtomicU64::new(0);
+
+fn set_kernel_phys(phys: u64) {
+    KERNEL_PHYS.store(phys, Ordering::Release);
+}
+
+/// The kernel image's physical base, as the boot protocol reported it; kept here, where
+/// the kernel cannot edit it, for the kernel page tables' image mapping.
+pub(crate) fn kernel_phys() -> u64 {
+    KERNEL_PHYS.load(Ordering::Acquire)
+}
 
 unsafe extern "C" {
     static __kernel_start: u8;

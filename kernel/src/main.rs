@@ -1,9 +1,9 @@
-//! The Panda kernel: boot front-ends, wiring, in-kernel tests.
+//! The Panda kernel: wiring, address spaces, processes and system calls, in-kernel tests.
 //!
 //! Boot order, the same on both paths once `BootInfo` exists:
 //! 1. the entry (`panda_pvh_main` / `panda_limine_main`) sets up COM1, the GDT/TSS, the
 //!    IDT and the clock (`early_cpu`), which need nothing from the bootloader;
-//! 2. the front-end translates its protocol into a `BootInfo`;
+//! 2. the front-end (`panda_arch::boot`) translates its protocol into a `BootInfo`;
 //! 3. `kmain` builds the kernel's own page tables and switches to them, enables the
 //!    CPU's protection features, prints the banner and then runs the tests or the
 //!    requested crash, and powers off.
@@ -41,14 +41,14 @@ mod smp;
 use log::{error, info, warn};
 use panda_arch::{cpu, power};
 
-use boot::{BootInfo, MemoryKind};
+use boot::{BootInfo, CommandLine, MemoryKind};
 
 /// PVH entry, called by the 32-bit start code on the boot stack.
 #[allow(unsafe_code)] // `no_mangle`: the assembly entry calls it by name.
 #[unsafe(no_mangle)]
 extern "C" fn panda_pvh_main(start_info: u64) -> ! {
     early_cpu();
-    match boot::pvh::boot_info(start_info) {
+    match panda_arch::boot::pvh_boot_info(start_info) {
         Ok(info) => kmain(info),
         Err(why) => boot_failed(why),
     }
@@ -59,7 +59,7 @@ extern "C" fn panda_pvh_main(start_info: u64) -> ! {
 #[unsafe(no_mangle)]
 extern "C" fn panda_limine_main() -> ! {
     early_cpu();
-    match boot::limine::boot_info() {
+    match panda_arch::boot::limine_boot_info() {
         Ok(info) => kmain(info),
         Err(why) => boot_failed(why),
     }

@@ -102,16 +102,10 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
             break;
         }
         // An index whose AP timed out keeps its stacks for the next AP.
-        let stacks = AP_STACKS[next_index].get().copied().or_else(|| {
-            boot.memory_map
-                .take(
-                    kernel_tables::CPU_STACK_BYTES,
-                    0x10_0000,
-                    u64::MAX,
-                    MemoryKind::KernelEarly,
-                )
-                .and_then(|phys| kernel_tables::map_cpu_stacks(next_index, phys))
-        });
+        let stacks = AP_STACKS[next_index]
+            .get()
+            .copied()
+            .or_else(|| kernel_tables::map_cpu_stacks(next_index, &mut boot.memory_map));
         let Some(stacks) = stacks else {
             warn!(target: "smp", "out of memory for the stacks of apic id {}: skipped", ap.apic_id);
             continue;
