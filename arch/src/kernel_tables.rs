@@ -184,7 +184,7 @@ pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
 /// #DF, NMI, #MC), maps them in the stack window, each below-guarded, and returns where
 /// they are. `None` if `index` is out of range, its stacks are mapped already, or
 /// memory or page-table frames ran out.
-pub fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<CpuStacks> {
+pub(crate) fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<CpuStacks> {
     if index == 0 || index >= MAX_CPUS {
         return None;
     }
@@ -238,7 +238,7 @@ pub fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<CpuStacks
 /// A PML4 for the AP trampoline: the low 2 MiB identity-mapped (where the trampoline
 /// runs when paging comes on) and the kernel half shared. It lives below 4 GiB, as the
 /// trampoline loads it from 32-bit code (`None` if the reserve is not there).
-pub fn trampoline_root() -> Option<u64> {
+pub(crate) fn trampoline_root() -> Option<u64> {
     let mut guard = SPACE.lock();
     let space = guard.as_mut()?;
     let mut tables = TableBuilder::new(&mut space.frames, HHDM_BASE).ok()?;

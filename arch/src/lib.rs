@@ -6,7 +6,7 @@
 //! their guard pages, COM1, control-register and CPUID set-up, the GDT/TSS, the IDT with
 //! its trap entry stubs, recoverable memory probes (an exception table), the TSC clock,
 //! page-table entry formats and CR3, the kernel's own page tables (`kernel_tables`),
-//! the AP trampoline, and leaving QEMU.
+//! starting the APs, and leaving QEMU.
 //!
 //! Everything above it calls the safe functions here: `mm` and `sched` do not depend on
 //! it at all (they are host-tested), and `kernel` builds under `#![deny(unsafe_code)]`

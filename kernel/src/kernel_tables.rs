@@ -2,9 +2,7 @@
 //! (platform code: it takes their frames from the boot memory map and switches CR3),
 //! named here as the rest of the kernel knows them.
 
-pub use panda_arch::kernel_tables::{
-    kernel_root, map_cpu_stacks, map_mmio, map_ram, trampoline_root, BuildError, KernelTables,
-};
+pub use panda_arch::kernel_tables::{kernel_root, map_mmio, map_ram, BuildError, KernelTables};
 
 use crate::boot::BootInfo;
 
