@@ -2,11 +2,12 @@
 //!
 //! This crate owns every instruction the kernel needs and the unsafe code around them:
 //! the two boot entries (PVH's 32-bit start and Limine's 64-bit one, with the Limine
-//! requests), the boot front-ends and the boot memory map, the boot CPU's stacks with
-//! their guard pages, COM1, control-register and CPUID set-up, the GDT/TSS, the IDT with
-//! its trap entry stubs, recoverable memory probes (an exception table), the TSC clock,
-//! page-table entry formats and CR3, the kernel's own page tables (`kernel_tables`),
-//! starting the APs, and leaving QEMU.
+//! requests) and the hand-over to the kernel (`boot::entry`), the boot front-ends and
+//! the boot memory map, the boot CPU's stacks with their guard pages, COM1,
+//! control-register and CPUID set-up, the GDT/TSS, the IDT with its trap entry stubs,
+//! recoverable memory probes (an exception table), the TSC clock, page-table entry
+//! formats and CR3, the kernel's own page tables (`kernel_tables`), starting the APs,
+//! and leaving QEMU.
 //!
 //! Everything above it calls the safe functions here: `mm` and `sched` do not depend on
 //! it at all (they are host-tested), and `kernel` builds under `#![deny(unsafe_code)]`
