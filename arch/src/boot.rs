@@ -1,4 +1,5 @@
-//! The two boot entries, in assembly, and the kernel image's boundaries.
+//! Boot: the two entries, in assembly; the boot front-ends, which turn either protocol
+//! into one `BootInfo`; the hand-over to the kernel; and the kernel image's boundaries.
 //!
 //! * PVH (QEMU `-kernel`): a Xen ELF note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY) names
 //!   `pvh_start32`'s physical address. QEMU enters it in 32-bit protected mode, paging
@@ -7,14 +8,32 @@
 //!   reference subtracts `KERNEL_VMA`. It zeroes .bss, builds boot page tables
 //!   (identity and HHDM over the first 4 GiB with 2 MiB pages, and the kernel window at
 //!   `KERNEL_VMA`), enables long mode with NX when the CPU has it, and calls
-//!   `panda_pvh_main(start_info_phys)` on the boot stack.
+//!   `panda_kernel_entry(PVH, start_info_phys)` on the boot stack.
 //! * Limine: the ELF entry point `limine_entry`, already in long mode on Limine's page
-//!   tables. It moves to the boot stack and calls `panda_limine_main()`.
+//!   tables. It moves to the boot stack and calls `panda_kernel_entry(LIMINE, 0)`.
 //!
-//! Both `panda_*_main` functions are defined by the kernel crate; neither returns.
-//! The boot page tables only carry the kernel until it builds its own.
+//! `panda_kernel_entry` is `entry::<K>`, where `K` is the kernel's `Kernel`
+//! implementation: the kernel crate names it in a `#[used]` static
+//! (`static ENTRY: Entry = entry::<K>;`), which makes the compiler emit that
+//! instantiation; `entry` is placed in the section `.text.panda_kernel_entry` by the
+//! `link_section` attribute here, and the linker script defines `panda_kernel_entry` as
+//! the start of that section. So the kernel defines no symbol, needs no unsafe
+//! attribute and no unsafe code to be called, and what gets called is this crate's
+//! code, of the one type (`Entry`) the assembly calls. `entry` sets up the boot CPU,
+//! runs the front-end of the protocol that booted and calls `K::main(boot_info)`.
+//! The boot page tables only carry the kernel until it builds its own
+//! (`crate::kernel_tables`).
+
+mod info;
+mod limine;
+pub mod memory_map;
+mod pvh;
+
+pub use info::{BootInfo, Module, Protocol, Text, MAX_MODULES};
+pub use memory_map::{BootMemoryMap, FreeRanges, MapError, MemoryKind, MemoryMap, Region};
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 global_asm!(
     r#"
@@ -172,9 +191,10 @@ global_asm!(
     .section .text.boot64, "ax"
     pvh_higher_half:
     movabs rsp, offset boot_stack_top
-    mov edi, ebp                          /* zero-extends: start_info physical */
+    mov edi, {pvh}                        /* entry(PVH, start_info) */
+    mov esi, ebp                          /* zero-extends: start_info physical */
     xor ebp, ebp                          /* ends the frame-pointer chain */
-    call panda_pvh_main
+    call panda_kernel_entry
     ud2
 
     .global limine_entry
@@ -182,11 +202,93 @@ global_asm!(
     cli
     cld
     movabs rsp, offset boot_stack_top
+    mov edi, {limine}                     /* entry(LIMINE, 0) */
+    xor esi, esi
     xor ebp, ebp
-    call panda_limine_main
+    call panda_kernel_entry
     ud2
-    "#
+    "#,
+    pvh = const ENTRY_PVH,
+    limine = const ENTRY_LIMINE,
 );
+
+/// `entry`'s first argument: which assembly entry ran.
+const ENTRY_PVH: u64 = 1;
+const ENTRY_LIMINE: u64 = 2;
+
+/// The kernel's side of boot.
+pub trait Kernel {
+    /// Runs the kernel on the boot CPU, once the platform has set it up (serial port,
+    /// GDT/TSS, IDT, per-CPU block, clock started) and read the boot protocol into
+    /// `boot`. Never returns.
+    fn main(boot: BootInfo) -> !;
+}
+
+/// What the assembly entries call: `panda_kernel_entry(protocol, argument)`.
+pub type Entry = extern "C" fn(protocol: u64, arg: u64) -> !;
+
+/// Set by the first call of `entry`.
+static ENTERED: AtomicBool = AtomicBool::new(false);
+
+/// The boot entry, for the kernel's `Kernel` implementation `K`: the kernel names
+/// `entry::<K>` in a `#[used] static ENTRY: Entry`, and the linker script makes
+/// `panda_kernel_entry`, which the assembly entries call, the start of the section this
+/// lands in (see the module comment). There must be exactly one such static.
+///
+/// It runs once: a later call (which only kernel code could make) stops the machine,
+/// so there is one `BootInfo` and one boot memory map per boot.
+#[inline(never)]
+// SAFETY: the linker script gathers `.text.panda_kernel_entry` at the symbol
+// `panda_kernel_entry`, which the assembly entries call as an `Entry`; only this
+// function (in each instantiation, all of type `Entry`) is placed there.
+#[unsafe(link_section = ".text.panda_kernel_entry")]
+pub extern "C" fn entry<K: Kernel>(protocol: u64, arg: u64) -> ! {
+    if ENTERED.swap(true, Ordering::AcqRel) {
+        boot_failed("the boot entry ran a second time")
+    }
+    early_cpu();
+    let info = match protocol {
+        ENTRY_PVH => pvh::boot_info(arg),
+        ENTRY_LIMINE => limine::boot_info(),
+        _ => Err("unknown boot entry"),
+    };
+    match info {
+        Ok(info) => K::main(info),
+        Err(why) => boot_failed(why),
+    }
+}
+
+/// What the boot CPU sets up before it looks at any bootloader data. Until the kernel
+/// installs its fatal-trap hook, a fatal trap is reported and the machine stopped.
+fn early_cpu() {
+    crate::time::mark_boot();
+    crate::serial::init();
+    let stacks = crate::stacks::boot_stacks();
+    crate::gdt::init_cpu(0, &stacks);
+    crate::idt::load();
+    crate::percpu::install(0, crate::cpu::apic_id(), &stacks);
+    crate::user::init_cpu();
+}
+
+fn boot_failed(why: &str) -> ! {
+    crate::serial::emergency(|w| {
+        let _ = writeln!(w, "panda: boot failed: {why}");
+    });
+    crate::power::exit(false)
+}
+
+/// The kernel image's physical base, as the front-end found it (0 before).
+static KERNEL_PHYS: AtomicU64 = AtomicU64::new(0);
+
+fn set_kernel_phys(phys: u64) {
+    KERNEL_PHYS.store(phys, Ordering::Release);
+}
+
+/// The kernel image's physical base, as the boot protocol reported it; kept here, where
+/// the kernel cannot edit it, for the kernel page tables' image mapping.
+pub(crate) fn kernel_phys() -> u64 {
+    KERNEL_PHYS.load(Ordering::Acquire)
+}
 
 unsafe extern "C" {
     static __kernel_start: u8;

@@ -223,25 +223,24 @@ pub fn alloc_run(order: usize) -> Option<FrameRun> {
     Some(FrameRun { start, order })
 }
 
-/// Starts the allocator for `cpus` CPUs, with no memory yet (`add_free_range`).
-pub fn init(cpus: usize) {
-    FRAMES.call_once(|| Frames::new(cpus));
-}
-
-/// Hands `[start, end)` to the allocator.
-///
-/// # Safety
-/// The range must be RAM that nothing else uses or will use (not the kernel image,
-/// boot modules, page tables or any other boot-time claim), mapped by the HHDM.
-pub unsafe fn add_free_range(start: u64, end: u64) {
-    if let Some(frames) = FRAMES.get() {
-        frames.add_range(start, end);
+/// Starts the allocator for `cpus` CPUs with the boot memory map's free ranges above
+/// 1 MiB (`BootMemoryMap::hand_over_free`: they exist once, after every boot-time claim,
+/// so owning them is proof that nothing else uses them). Sizes the zeroed pools and the
+/// kernel's reserve. Returns the frames it manages.
+pub fn init(cpus: usize, free: crate::boot::FreeRanges) -> u64 {
+    let frames = FRAMES.call_once(|| Frames::new(cpus));
+    for (start, end) in free {
+        let start = start.max(0x10_0000);
+        if start < end {
+            frames.add_range(start, end);
+        }
     }
+    finish_init(cpus);
+    frames.total_frames()
 }
 
-/// Sizes the zeroed pools and the kernel's reserve from the memory handed over so
-/// far; called once, after the last `add_free_range`.
-pub fn finish_init(cpus: usize) {
+/// Sizes the zeroed pools and the kernel's reserve from the memory handed over.
+fn finish_init(cpus: usize) {
     let Some(frames) = FRAMES.get() else { return };
     // Pools park at most 1/16 of memory in zeroed frames, and 256 frames per CPU.
     let per_cpu =

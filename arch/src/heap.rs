@@ -176,20 +176,31 @@ static HEAP: KernelHeap = KernelHeap {
     slabs_on: AtomicBool::new(false),
 };
 
-/// Gives the early heap `[phys, phys + bytes)`.
-///
-/// # Safety
-/// The range must be RAM claimed for the heap alone (recorded in the memory map, so
-/// nothing else ever uses it), mapped writable through the HHDM; call once, before any
-/// allocation.
-pub unsafe fn init_early(phys: u64, bytes: u64) {
+/// Takes `bytes` of usable memory above 1 MiB from the boot memory map (claimed there
+/// for the heap alone) and makes it the early heap. Returns the size, or 0 if none fit
+/// or the early heap exists already.
+pub fn init_early(map: &mut crate::boot::BootMemoryMap, bytes: u64) -> u64 {
+    if HEAP.early_range.1.load(Ordering::Relaxed) != 0 {
+        return 0;
+    }
+    let Some(phys) = map.take(
+        bytes,
+        0x10_0000,
+        u64::MAX,
+        crate::boot::MemoryKind::KernelEarly,
+    ) else {
+        return 0;
+    };
     let start = crate::HHDM_BASE + phys;
     HEAP.early_range.0.store(start, Ordering::Relaxed);
     HEAP.early_range.1.store(start + bytes, Ordering::Relaxed);
-    // SAFETY: the caller's contract.
+    // SAFETY: the range was usable RAM and `take` claimed it for the heap alone (the map
+    // hands a range out once); the HHDM maps all RAM writable; the check above makes
+    // this the only initialisation.
     interrupts::without_interrupts(|| unsafe {
         HEAP.early.lock().init(start as *mut u8, bytes as usize)
     });
+    bytes
 }
 
 /// Switches allocations to the per-CPU slabs (once the frame allocator runs).

@@ -1,15 +1,18 @@
 //! `panda-arch`: the x86_64 mechanisms Panda stands on.
 //!
 //! This crate owns every instruction the kernel needs and the unsafe code around them:
-//! the two boot entries (PVH's 32-bit start and Limine's 64-bit one), the boot CPU's
-//! stacks with their guard pages, COM1, control-register and CPUID set-up, the GDT/TSS,
-//! the IDT with its trap entry stubs, recoverable memory probes (an exception table),
-//! the TSC clock, page-table entry formats and CR3, and leaving QEMU.
+//! the two boot entries (PVH's 32-bit start and Limine's 64-bit one, with the Limine
+//! requests) and the hand-over to the kernel (`boot::entry`), the boot front-ends and
+//! the boot memory map, the boot CPU's stacks with their guard pages, COM1,
+//! control-register and CPUID set-up, the GDT/TSS, the IDT with its trap entry stubs,
+//! recoverable memory probes (an exception table), the TSC clock, page-table entry
+//! formats and CR3, the kernel's own page tables (`kernel_tables`), starting the APs,
+//! and leaving QEMU.
 //!
 //! Everything above it calls the safe functions here: `mm` and `sched` do not depend on
-//! it at all (they are host-tested), and `kernel` builds under `#![deny(unsafe_code)]`
-//! with a few named exceptions that are still to move here. Each `unsafe` block carries a `// SAFETY:`
-//! line that names the invariant it relies on.
+//! it at all (they are host-tested), and `kernel` builds under `#![forbid(unsafe_code)]`. Each `unsafe` block carries
+//! a `// SAFETY:` line that names the invariant it relies on; a safe function here must
+//! be sound whatever its caller passes.
 #![no_std]
 
 extern crate alloc;
@@ -24,6 +27,7 @@ pub mod gdt;
 pub mod heap;
 pub mod idt;
 pub mod ipi;
+pub mod kernel_tables;
 pub mod paging;
 pub mod percpu;
 pub mod power;

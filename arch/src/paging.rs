@@ -459,34 +459,6 @@ pub unsafe fn switch_to(root: u64) {
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
 }
 
-/// The kernel's own PML4 (0 until `set_kernel_root`).
-static KERNEL_ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
-/// Records the kernel's own hierarchy, which every user space shares the kernel half
-/// of and which a CPU returns to when it leaves a user space.
-///
-/// # Safety
-/// `root` must be a hierarchy that maps everything the kernel uses, for as long as the
-/// kernel runs.
-pub unsafe fn set_kernel_root(root: u64) {
-    KERNEL_ROOT.store(root, core::sync::atomic::Ordering::SeqCst);
-}
-
-/// The kernel's own PML4 (see `set_kernel_root`).
-pub fn kernel_root() -> u64 {
-    KERNEL_ROOT.load(core::sync::atomic::Ordering::SeqCst)
-}
-
-/// Switches the calling CPU to the kernel's own hierarchy (if it is known yet).
-pub fn switch_to_kernel() {
-    let root = kernel_root();
-    if root != 0 {
-        // SAFETY: `set_kernel_root`'s contract: the hierarchy maps everything the
-        // kernel uses, for good.
-        unsafe { switch_to(root) };
-    }
-}
-
 /// Reloads CR3 with the hierarchy already in use (flushes non-global entries; for
 /// measuring the cost of a switch).
 pub fn reload_cr3() {

@@ -8,9 +8,19 @@
 //! its own stack and argument. The far-jump targets and the parameters are patched into
 //! the copy (`Trampoline::prepare`, `Trampoline::set_ap`); the copy is re-patched for
 //! each AP, so APs are started one at a time.
+//!
+//! `ApStarter` is the safe face of all this: it takes the trampoline page and the AP
+//! stacks from the boot memory map itself, so no caller can point an AP at memory that
+//! is in use. An AP lands in `ap_landing`, which switches to the kernel's page tables,
+//! loads its GDT/TSS and the IDT, installs its per-CPU block and calls the kernel's
+//! `ap_main(index)`.
 
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::boot::{BootMemoryMap, MemoryKind};
+use crate::percpu::MAX_CPUS;
+use crate::stacks::CpuStacks;
 
 global_asm!(
     r#"
@@ -115,19 +125,19 @@ fn offset(sym: *const u8) -> u64 {
     sym as u64 - &raw const ap_trampoline_start as u64
 }
 
-/// The kernel entry an AP jumps to: `entry(arg)` on the given stack, in long mode on
-/// the trampoline's page tables. It must load the kernel's CR3 first.
-pub type ApEntry = extern "C" fn(arg: u64) -> !;
+/// The entry an AP jumps to: `entry(arg)` on the given stack, in long mode on the
+/// trampoline's page tables. It must load the kernel's CR3 first.
+type ApEntry = extern "C" fn(arg: u64) -> !;
 
 /// A trampoline copied into a low page, reached through the HHDM for patching.
-pub struct Trampoline {
+struct Trampoline {
     phys: u64,
     virt: u64,
 }
 
 impl Trampoline {
     /// Size of the trampoline code and data.
-    pub fn size() -> u64 {
+    fn size() -> u64 {
         &raw const ap_trampoline_end as u64 - &raw const ap_trampoline_start as u64
     }
 
@@ -138,7 +148,7 @@ impl Trampoline {
     /// # Safety
     /// The page must be RAM reserved for the trampoline alone and mapped writable at
     /// `hhdm + phys`.
-    pub unsafe fn prepare(phys: u64, hhdm: u64, cr3: u32, efer: u32) -> Trampoline {
+    unsafe fn prepare(phys: u64, hhdm: u64, cr3: u32, efer: u32) -> Trampoline {
         assert!(
             phys < 0x10_0000 && phys.is_multiple_of(4096),
             "trampoline page must be below 1 MiB"
@@ -175,12 +185,12 @@ impl Trampoline {
     }
 
     /// The page number a start-up IPI names.
-    pub fn sipi_page(&self) -> u8 {
+    fn sipi_page(&self) -> u8 {
         (self.phys >> 12) as u8
     }
 
     /// Sets what the next AP to start gets: stack top, argument and entry.
-    pub fn set_ap(&self, stack_top: u64, arg: u64, entry: ApEntry) {
+    fn set_ap(&self, stack_top: u64, arg: u64, entry: ApEntry) {
         self.write_u64(TR_STACK, stack_top);
         self.write_u64(TR_ARG, arg);
         self.write_u64(TR_ENTRY, entry as usize as u64);
@@ -199,7 +209,7 @@ fn delay_us(us: u64) {
 /// Runs INIT-SIPI-SIPI for `apic_id` with the SDM's delays (10 ms after INIT, 200 us
 /// between the start-up IPIs) and waits up to `timeout_us` for `started()`. The second
 /// SIPI is skipped if the AP already started.
-pub fn start_ap(
+fn start_ap(
     apic_id: u32,
     trampoline: &Trampoline,
     timeout_us: u64,
@@ -213,6 +223,140 @@ pub fn start_ap(
         crate::apic::send_startup(apic_id, trampoline.sipi_page());
     }
     wait_for(timeout_us, started)
+}
+
+/// Each AP's stacks, by CPU index (set before the AP is started, kept if it did not
+/// answer, for the next AP given that index).
+static AP_STACKS: [spin::Once<CpuStacks>; MAX_CPUS] = [const { spin::Once::new() }; MAX_CPUS];
+/// Where APs go once `ap_landing` has set them up.
+static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();
+/// Set when the `ApStarter` is made: there is one.
+static STARTER_MADE: AtomicBool = AtomicBool::new(false);
+
+/// Starts application processors, one at a time (they share the trampoline copy).
+/// There is at most one, made after the kernel's page tables are active.
+pub struct ApStarter {
+    trampoline: Trampoline,
+    tables: u64,
+}
+
+/// Why an AP was not started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartError {
+    /// The index is 0, beyond `MAX_CPUS`, or a CPU with that index is online already.
+    BadIndex,
+    /// A CPU with that local APIC id is online already (the boot CPU, or an AP started
+    /// before): it is not sent INIT.
+    Running,
+    /// No memory (or page-table frames) for its stacks.
+    NoStacks,
+    /// It did not check in within the time-out. It was sent INIT, which parks it in
+    /// wait-for-SIPI, so the index and its stacks may go to the next AP.
+    TimedOut,
+}
+
+impl ApStarter {
+    /// Takes a page below 1 MiB for the trampoline from `map`, builds the trampoline's
+    /// page tables (from the kernel tables' reserve) and copies the trampoline there.
+    /// Every AP started will run `ap_main(index)` once set up. `Err` if the kernel's page
+    /// tables are not active yet, if a starter was made before, or without memory.
+    pub fn new(
+        map: &mut BootMemoryMap,
+        ap_main: fn(usize) -> !,
+    ) -> Result<ApStarter, &'static str> {
+        if crate::kernel_tables::kernel_root() == 0 {
+            return Err("the kernel's page tables are not active yet");
+        }
+        if STARTER_MADE.swap(true, Ordering::AcqRel) {
+            return Err("the APs are started by one ApStarter");
+        }
+        AP_MAIN.call_once(|| ap_main);
+        let tables = crate::kernel_tables::trampoline_root()
+            .ok_or("no page-table frames for the trampoline")?;
+        let page = map
+            .take(4096, 0x1000, 0x10_0000, MemoryKind::KernelEarly)
+            .ok_or("no free page below 1 MiB for the trampoline")?;
+        let (_, _, efer) = crate::cpu::control_registers();
+        // LME, and NXE (bit 11) and SCE (bit 0) as the boot CPU has them.
+        let efer = (efer as u32 & ((1 << 11) | 1)) | (1 << 8);
+        // SAFETY: the page was just taken from the boot memory map's usable memory below
+        // 1 MiB, for the trampoline alone, and the HHDM maps usable RAM writable; the
+        // trampoline root is below 4 GiB (`trampoline_root`), identity-maps the low
+        // 2 MiB and shares the kernel half.
+        let trampoline =
+            unsafe { Trampoline::prepare(page, crate::HHDM_BASE, tables as u32, efer) };
+        Ok(ApStarter { trampoline, tables })
+    }
+
+    /// Physical address of the trampoline page.
+    pub fn page(&self) -> u64 {
+        self.trampoline.phys
+    }
+
+    /// Physical address of the trampoline's PML4.
+    pub fn tables(&self) -> u64 {
+        self.tables
+    }
+
+    /// Size of the trampoline code and data.
+    pub fn size(&self) -> u64 {
+        Trampoline::size()
+    }
+
+    /// Starts the AP with local APIC id `apic_id` as CPU `index`, on stacks of its own
+    /// (taken from `map` and mapped the first time `index` is used), and waits up to
+    /// `timeout_us` for it to check in (`percpu::set_online`, which the kernel's
+    /// `ap_main` does once its own set-up is done).
+    pub fn start(
+        &mut self,
+        map: &mut BootMemoryMap,
+        index: usize,
+        apic_id: u32,
+        timeout_us: u64,
+    ) -> Result<(), StartError> {
+        if index == 0 || index >= MAX_CPUS || crate::percpu::cpu(index).online() {
+            return Err(StartError::BadIndex);
+        }
+        if crate::percpu::online().any(|cpu| cpu.apic_id() == apic_id) {
+            return Err(StartError::Running);
+        }
+        let stacks = match AP_STACKS[index].get() {
+            Some(stacks) => *stacks,
+            None => {
+                let stacks =
+                    crate::kernel_tables::map_cpu_stacks(index, map).ok_or(StartError::NoStacks)?;
+                *AP_STACKS[index].call_once(|| stacks)
+            }
+        };
+        self.trampoline
+            .set_ap(stacks.kernel.top, index as u64, ap_landing);
+        let online = || crate::percpu::cpu(index).online();
+        if start_ap(apic_id, &self.trampoline, timeout_us, online) {
+            Ok(())
+        } else {
+            // INIT puts the AP back into wait-for-SIPI, so it cannot wake up late on
+            // these stacks once they are another AP's.
+            crate::apic::send_init(apic_id);
+            Err(StartError::TimedOut)
+        }
+    }
+}
+
+/// Where the trampoline lands, on the AP's own stack, still on the trampoline's tables.
+extern "C" fn ap_landing(index: u64) -> ! {
+    crate::kernel_tables::load();
+    let index = index as usize;
+    let Some(stacks) = AP_STACKS.get(index).and_then(|s| s.get()) else {
+        crate::power::halt_forever()
+    };
+    crate::gdt::init_cpu(index, stacks);
+    crate::idt::load();
+    crate::percpu::install(index, crate::cpu::apic_id(), stacks);
+    crate::user::init_cpu();
+    match AP_MAIN.get() {
+        Some(main) => main(index),
+        None => crate::power::halt_forever(),
+    }
 }
 
 /// Waits up to `timeout_us` for `done()`.

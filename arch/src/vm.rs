@@ -202,7 +202,7 @@ impl VmSpace {
     /// An empty space sharing the kernel half (`None` if no frame could be had).
     pub fn new() -> Option<Arc<Self>> {
         let mut tables = TableBuilder::new(&mut TableFrames, HHDM_BASE).ok()?;
-        tables.share_kernel_half(crate::paging::kernel_root());
+        tables.share_kernel_half(crate::kernel_tables::kernel_root());
         Some(Arc::new(Self {
             root: tables.root(),
             tables: Mutex::new(&TABLES, Some(UserTables { tables })),
@@ -251,7 +251,7 @@ impl VmSpace {
 
     /// Returns the calling CPU to the kernel's own tables.
     pub fn deactivate(&self) {
-        crate::paging::switch_to_kernel();
+        crate::kernel_tables::load();
         let cpu = percpu::current_index();
         self.tlb.on_switch_out(cpu);
         if let Some(slot) = CURRENT_SPACE.get(cpu) {
@@ -462,7 +462,7 @@ fn flush_scope(initiator: u64) -> u64 {
 /// and moved on): switches it to the kernel's tables.
 fn leave_space(root: u64) -> u64 {
     if crate::paging::active_root() == root {
-        crate::paging::switch_to_kernel();
+        crate::kernel_tables::load();
     }
     0
 }

@@ -1,7 +1,8 @@
 //! The initrd: a ustar archive of user programs and files, passed as a boot module
 //! (QEMU `-initrd` on the PVH path, a Limine module otherwise), read in place with
 //! `tar-no-std`. Module memory is `KernelAndModules` in the memory map, so the frame
-//! allocator never hands it out and the archive stays valid for the kernel's lifetime.
+//! allocator never hands it out: `panda_arch` hands the module over as a
+//! `&'static [u8]` (`Module::bytes`), valid for the kernel's lifetime.
 
 use tar_no_std::TarArchiveRef;
 
@@ -20,11 +21,9 @@ pub fn init(boot: &BootInfo) -> Result<usize, &'static str> {
         .find(|m| m.name.as_str().ends_with("initrd") || m.name.as_str().ends_with(".tar"))
         .or_else(|| boot.modules().next())
         .ok_or("no boot module")?;
-    let len = usize::try_from(module.len).map_err(|_| "module too large")?;
-    #[allow(unsafe_code)]
-    // SAFETY: boot modules lie in `KernelAndModules` memory, which nothing reuses or
-    // writes after boot, and the HHDM maps all RAM for the kernel's lifetime.
-    let bytes = unsafe { panda_arch::paging::phys_bytes(module.phys, len) };
+    let bytes = module
+        .bytes()
+        .ok_or("the module is not mapped yet (before the kernel's page tables)")?;
     let archive = TarArchiveRef::new(bytes).map_err(|_| "the module is not a ustar archive")?;
     let files = archive.entries().count();
     ARCHIVE.call_once(|| archive);

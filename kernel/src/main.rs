@@ -1,19 +1,20 @@
-//! The Panda kernel: boot front-ends, wiring, in-kernel tests.
+//! The Panda kernel: wiring, address spaces, processes and system calls, in-kernel tests.
 //!
 //! Boot order, the same on both paths once `BootInfo` exists:
-//! 1. the entry (`panda_pvh_main` / `panda_limine_main`) sets up COM1, the GDT/TSS, the
-//!    IDT and the clock (`early_cpu`), which need nothing from the bootloader;
-//! 2. the front-end translates its protocol into a `BootInfo`;
-//! 3. `kmain` builds the kernel's own page tables and switches to them, enables the
-//!    CPU's protection features, prints the banner and then runs the tests or the
-//!    requested crash, and powers off.
+//! 1. the platform's entry (`panda_arch::boot::entry`, registered by `ENTRY` below) sets
+//!    up COM1, the GDT/TSS, the IDT and the clock, which need nothing from the
+//!    bootloader;
+//! 2. its front-end translates the boot protocol into a `BootInfo`;
+//! 3. `Panda::main` installs the fatal-trap hook, and `kmain` builds the kernel's own
+//!    page tables and switches to them, enables the CPU's protection features, prints
+//!    the banner and then runs the tests or the requested crash, and powers off.
 //!
 //! Without `test` or `crash=`, boot ends by running init (`init=NAME`, default `init`)
 //! from the initrd; when init exits and the kernel has checked that every frame and
 //! heap byte came back, it powers off with init's outcome.
 #![no_std]
 #![no_main]
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 // Built for the host (a plain `cargo build -p panda-kernel`), the kernel would only
 // fail to link with a hundred lines of errors: say what to do instead, once.
@@ -41,48 +42,26 @@ mod smp;
 use log::{error, info, warn};
 use panda_arch::{cpu, power};
 
-use boot::{BootInfo, MemoryKind};
+use boot::{BootInfo, CommandLine, MemoryKind};
 
-/// PVH entry, called by the 32-bit start code on the boot stack.
-#[allow(unsafe_code)] // `no_mangle`: the assembly entry calls it by name.
-#[unsafe(no_mangle)]
-extern "C" fn panda_pvh_main(start_info: u64) -> ! {
-    early_cpu();
-    match boot::pvh::boot_info(start_info) {
-        Ok(info) => kmain(info),
-        Err(why) => boot_failed(why),
+/// The kernel, as the platform layer knows it.
+struct Panda;
+
+impl panda_arch::boot::Kernel for Panda {
+    fn main(boot: BootInfo) -> ! {
+        panda_arch::trap::set_fatal_hook(fatal_stop);
+        kmain(boot)
     }
 }
 
-/// Limine entry, called by `limine_entry` on the boot stack.
-#[allow(unsafe_code)] // `no_mangle`: the assembly entry calls it by name.
-#[unsafe(no_mangle)]
-extern "C" fn panda_limine_main() -> ! {
-    early_cpu();
-    match boot::limine::boot_info() {
-        Ok(info) => kmain(info),
-        Err(why) => boot_failed(why),
-    }
-}
-
-/// What the boot CPU sets up before it looks at any bootloader data.
-fn early_cpu() {
-    panda_arch::time::mark_boot();
-    panda_arch::serial::init();
-    let stacks = panda_arch::stacks::boot_stacks();
-    panda_arch::gdt::init_cpu(0, &stacks);
-    panda_arch::idt::load();
-    panda_arch::trap::set_fatal_hook(fatal_stop);
-    panda_arch::percpu::install(0, cpu::apic_id(), &stacks);
-    panda_arch::user::init_cpu();
-}
-
-fn boot_failed(why: &str) -> ! {
-    panda_arch::serial::emergency(|w| {
-        let _ = writeln!(w, "panda: boot failed: {why}");
-    });
-    power::exit(false)
-}
+/// The boot entry: naming `entry::<Panda>` here makes the compiler emit it, into the
+/// section where the linker script finds it for the assembly entries (PVH and Limine,
+/// in `panda_arch::boot`), which call it on the boot stack. It sets up the boot CPU
+/// (COM1, GDT/TSS, IDT, per-CPU block, clock), turns the boot protocol into a
+/// `BootInfo` and calls `Panda::main`. No symbol is defined here, so no unsafe
+/// attribute is needed (docs/ARCHITECTURE.md).
+#[used]
+static ENTRY: panda_arch::boot::Entry = panda_arch::boot::entry::<Panda>;
 
 fn kmain(mut boot: BootInfo) -> ! {
     logger::init(boot.option("log"));
@@ -217,7 +196,7 @@ fn kmain(mut boot: BootInfo) -> ! {
         info!(target: "boot", "module {:?}: {} KiB at {:#x}", m.name, m.len >> 10, m.phys);
     }
 
-    let frames = memory::init(&boot, report.online);
+    let frames = memory::init(&mut boot, report.online);
     info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; kernel reserve {} KiB (user memory and system calls stop there)", frames >> 8, report.online, memory::reserve_frames() * 4);
     if let Some((method, times)) = panda_arch::frame::choose_zero_method() {
         let mut all = alloc::string::String::new();

@@ -20,7 +20,7 @@ use panda_arch::percpu;
 
 pub use panda_arch::frame::{above_reserve, alloc_user as alloc_user_frame, reserve_frames};
 
-use crate::boot::{BootInfo, MemoryKind};
+use crate::boot::BootInfo;
 
 static PAUSED: AtomicBool = AtomicBool::new(false);
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -28,33 +28,16 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// Frames zeroed per idle turn: small, so a task that becomes ready waits little.
 const ZERO_BATCH: usize = 8;
 
-/// Hands every usable range above 1 MiB to the frame allocator. Returns its size.
-pub fn init(boot: &BootInfo, cpus: usize) -> u64 {
-    frame::init(cpus);
-    // Bootloader data is reclaimed too: by now the kernel runs on its own page
-    // tables, GDT, IDT and stacks, and `BootInfo` holds copies of everything it needed
-    // from the bootloader (memory map, command line, module names; module contents are
-    // `KernelAndModules`, which stays).
-    let free_kinds = [MemoryKind::Usable, MemoryKind::BootloaderReclaimable];
-    for r in boot
-        .memory_map
-        .regions()
-        .iter()
-        .filter(|r| free_kinds.contains(&r.kind))
-    {
-        let start = r.start.max(0x10_0000);
-        if start < r.end {
-            #[allow(unsafe_code)]
-            // SAFETY: every boot-time claim (kernel image, modules, page tables, AP
-            // stacks, early heap) is recorded in the memory map by now, so usable and
-            // reclaimable ranges are RAM nothing uses; the HHDM maps all RAM.
-            unsafe {
-                frame::add_free_range(start, r.end)
-            };
-        }
+/// Hands every free range of the boot memory map above 1 MiB to the frame allocator
+/// (bootloader data is reclaimed too: by now the kernel runs on its own page tables,
+/// GDT, IDT and stacks, and `BootInfo` holds copies of everything it needed from the
+/// bootloader). Returns the frames it manages: 0 if the map was handed over already or
+/// the kernel's tables are not active yet.
+pub fn init(boot: &mut BootInfo, cpus: usize) -> u64 {
+    match boot.memory_map.hand_over_free() {
+        Some(free) => frame::init(cpus, free),
+        None => 0,
     }
-    frame::finish_init(cpus);
-    frame::total_frames()
 }
 
 /// Frames zeroed per batch of the on-demand zeroing task (it yields between batches).

@@ -1,13 +1,14 @@
-//! Bringing every CPU up: ACPI's processor list, the local APICs, the trampoline and
-//! INIT-SIPI-SIPI, and each AP's own set-up.
+//! Bringing every CPU up: ACPI's processor list, the local APICs, and the order and
+//! policy of starting the APs.
 //!
-//! The boot CPU starts the APs one at a time (they share one trampoline copy): for each
-//! enabled processor in the MADT it maps a set of guarded stacks, patches the
-//! trampoline with the stack, the AP's dense index and `ap_main`, and runs
-//! INIT-SIPI-SIPI. An AP that has not checked in within `AP_TIMEOUT_US` is reported by
-//! APIC id and skipped; boot goes on with the others. Each AP switches to the kernel's
-//! page tables, loads its own GDT/TSS and the shared IDT, installs its per-CPU block,
-//! enables the same CPU features as the boot CPU and its APIC and timer, and checks in.
+//! The mechanism is `panda_arch::smp::ApStarter`: it takes the trampoline page and each
+//! AP's guarded stacks from the boot memory map, runs INIT-SIPI-SIPI, and lands the AP
+//! on the kernel's page tables with its GDT/TSS, the IDT and its per-CPU block loaded.
+//! The boot CPU starts the APs one at a time, in MADT order, giving each the next dense
+//! index. An AP that has not checked in within `AP_TIMEOUT_US` is reported by APIC id
+//! and skipped (the starter parks it with INIT; its index and stacks go to the next AP);
+//! boot goes on with the others. Each AP then enables the same CPU features as the boot
+//! CPU and its APIC and timer here (`ap_start`), and checks in.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,10 +16,9 @@ use log::{info, warn};
 use panda_arch::acpi::Platform;
 use panda_arch::apic::{self, Mode};
 use panda_arch::percpu::{self, MAX_CPUS};
-use panda_arch::smp::Trampoline;
-use panda_arch::stacks::CpuStacks;
+use panda_arch::smp::{ApStarter, StartError};
 
-use crate::boot::{BootInfo, MemoryKind};
+use crate::boot::BootInfo;
 use crate::kernel_tables;
 
 /// How long an AP may take to check in after its start-up IPIs (TCG is slow, and with
@@ -27,7 +27,6 @@ const AP_TIMEOUT_US: u64 = 1_000_000;
 /// The timer tick period.
 pub const TICK_US: u64 = 10_000;
 
-static AP_STACKS: [spin::Once<CpuStacks>; MAX_CPUS] = [const { spin::Once::new() }; MAX_CPUS];
 static XAPIC_VIRT: AtomicU64 = AtomicU64::new(0);
 static FEATURES: spin::Once<panda_arch::cpu::Features> = spin::Once::new();
 static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();
@@ -88,54 +87,49 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
         .processors()
         .iter()
         .filter(|p| p.enabled && p.apic_id != bsp_apic);
-    let trampoline = match prepare_trampoline(boot) {
-        Some(t) => t,
-        None => {
-            warn!(target: "smp", "no trampoline page below 1 MiB or no page tables for it: running on the boot CPU only");
+    let mut starter = match ApStarter::new(&mut boot.memory_map, ap_start) {
+        Ok(starter) => starter,
+        Err(why) => {
+            warn!(target: "smp", "cannot start APs ({why}): running on the boot CPU only");
             return report;
         }
     };
+    info!(target: "smp", "trampoline at {:#x}, {} bytes, page tables at {:#x}", starter.page(), starter.size(), starter.tables());
     let mut next_index = 1;
     for ap in aps {
         if next_index >= MAX_CPUS {
             warn!(target: "smp", "more than {MAX_CPUS} CPUs: apic id {} and later ignored", ap.apic_id);
             break;
         }
-        // An index whose AP timed out keeps its stacks for the next AP.
-        let stacks = AP_STACKS[next_index].get().copied().or_else(|| {
-            boot.memory_map
-                .take(
-                    kernel_tables::CPU_STACK_BYTES,
-                    0x10_0000,
-                    u64::MAX,
-                    MemoryKind::KernelEarly,
-                )
-                .and_then(|phys| kernel_tables::map_cpu_stacks(next_index, phys))
-        });
-        let Some(stacks) = stacks else {
-            warn!(target: "smp", "out of memory for the stacks of apic id {}: skipped", ap.apic_id);
-            continue;
-        };
         let index = next_index;
-        AP_STACKS[index].call_once(|| stacks);
-        trampoline.set_ap(stacks.kernel.top, index as u64, ap_entry);
-        let cpu = percpu::cpu(index);
         // `smp.silent=ID` keeps one AP from being sent its IPIs, to exercise the
         // time-out path (scripts/test.sh checks it is reported and skipped).
-        let started = if silent == Some(ap.apic_id) {
-            panda_arch::smp::wait_for(AP_TIMEOUT_US, || cpu.online())
-        } else {
-            panda_arch::smp::start_ap(ap.apic_id, &trampoline, AP_TIMEOUT_US, || cpu.online())
-        };
-        if started {
-            next_index += 1;
-        } else {
-            // INIT puts the AP back into wait-for-SIPI, so it cannot wake up late on
-            // the next AP's stack; its index and stacks then go to the next AP, which
-            // keeps indices dense.
+        let result = if silent == Some(ap.apic_id) {
+            panda_arch::smp::wait_for(AP_TIMEOUT_US, || percpu::cpu(index).online());
             apic::send_init(ap.apic_id);
-            warn!(target: "smp", "apic id {} did not answer within {} ms: skipped", ap.apic_id, AP_TIMEOUT_US / 1000);
-            report.timed_out += 1;
+            Err(StartError::TimedOut)
+        } else {
+            starter.start(&mut boot.memory_map, index, ap.apic_id, AP_TIMEOUT_US)
+        };
+        match result {
+            Ok(()) => next_index += 1,
+            // The AP was parked with INIT; its index and stacks go to the next AP,
+            // which keeps indices dense.
+            Err(StartError::TimedOut) => {
+                warn!(target: "smp", "apic id {} did not answer within {} ms: skipped", ap.apic_id, AP_TIMEOUT_US / 1000);
+                report.timed_out += 1;
+            }
+            Err(StartError::NoStacks) => {
+                warn!(target: "smp", "out of memory for the stacks of apic id {}: skipped", ap.apic_id);
+            }
+            Err(StartError::BadIndex) => {
+                // Only if an AP came online just as it timed out: skip the index.
+                warn!(target: "smp", "cpu index {index} is taken: apic id {} skipped", ap.apic_id);
+                next_index += 1;
+            }
+            Err(StartError::Running) => {
+                warn!(target: "smp", "apic id {} is listed twice: skipped", ap.apic_id);
+            }
         }
     }
     report.online = percpu::online_count();
@@ -143,41 +137,9 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
     report
 }
 
-fn prepare_trampoline(boot: &mut BootInfo) -> Option<Trampoline> {
-    let page = boot
-        .memory_map
-        .take(4096, 0x1000, 0x10_0000, MemoryKind::KernelEarly)?;
-    let root = kernel_tables::trampoline_root()?;
-    if root >= 1 << 32 {
-        return None;
-    }
-    let (_, _, efer) = panda_arch::cpu::control_registers();
-    // LME, and NXE (bit 11) and SCE (bit 0) as the boot CPU has them.
-    let efer = (efer as u32 & ((1 << 11) | 1)) | (1 << 8);
-    #[allow(unsafe_code)]
-    // SAFETY: the page was just taken from usable memory below 1 MiB for the
-    // trampoline alone; usable RAM is mapped writable in the HHDM.
-    let trampoline = unsafe { Trampoline::prepare(page, boot.hhdm_offset, root as u32, efer) };
-    info!(target: "smp", "trampoline at {page:#x}, {} bytes, page tables at {root:#x}", Trampoline::size());
-    Some(trampoline)
-}
-
-/// Where the trampoline lands, on the AP's own stack, still on the trampoline's tables.
-extern "C" fn ap_entry(index: u64) -> ! {
-    let index = index as usize;
-    #[allow(unsafe_code)]
-    // SAFETY: the kernel's tables map everything the kernel uses, and the kernel half is
-    // identical in the trampoline's tables, so the stack and this code stay mapped.
-    unsafe {
-        panda_arch::paging::switch_to(kernel_tables::kernel_root())
-    };
-    let Some(stacks) = AP_STACKS[index].get().copied() else {
-        panda_arch::power::halt_forever()
-    };
-    panda_arch::gdt::init_cpu(index, &stacks);
-    panda_arch::idt::load();
-    panda_arch::percpu::install(index, panda_arch::cpu::apic_id(), &stacks);
-    panda_arch::user::init_cpu();
+/// Where each AP goes once `panda_arch::smp` has it on the kernel's page tables with
+/// its GDT/TSS, the IDT and its per-CPU block loaded.
+fn ap_start(index: usize) -> ! {
     if let Some(features) = FEATURES.get() {
         panda_arch::cpu::enable_features(features);
     }

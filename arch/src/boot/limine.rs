@@ -4,7 +4,11 @@
 //! script keeps together), where Limine finds and answers them before jumping to
 //! `limine_entry`. Base revision 3: the RSDP address is physical; module and other
 //! pointers are HHDM addresses.
-#![allow(unsafe_code)] // `link_section` on the request statics; nothing else.
+//!
+//! `link_section` is an unsafe attribute: a static placed in a section with a meaning
+//! to someone else must have the layout that someone expects. Here Limine reads these
+//! sections, and each static is the `limine` crate's request type for it, whose layout
+//! that crate defines to match the protocol.
 
 use limine::memory_map::EntryType;
 use limine::request::{
@@ -14,8 +18,10 @@ use limine::request::{
 };
 use limine::BaseRevision;
 
-use super::{BootInfo, MemoryKind, MemoryMap, Module, Protocol, Text, MAX_MODULES};
+use super::{BootInfo, BootMemoryMap, MemoryKind, MemoryMap, Module, Protocol, Text, MAX_MODULES};
 
+// SAFETY (each `link_section` below): the request types of the `limine` crate, in the
+// sections where the linker script gathers what Limine scans (see the module comment).
 #[used]
 #[unsafe(link_section = ".requests_start_marker")]
 static START_MARKER: RequestsStartMarker = RequestsStartMarker::new();
@@ -75,14 +81,14 @@ fn kind_of(t: EntryType) -> MemoryKind {
 }
 
 /// Builds the `BootInfo` from Limine's responses.
-pub fn boot_info() -> Result<BootInfo, &'static str> {
+pub(crate) fn boot_info() -> Result<BootInfo, &'static str> {
     // An older Limine (8.x supports up to revision 2) boots the kernel with a revision
     // it knows and leaves the tag unconfirmed. Revision 2 differs from 3 here only in
     // the RSDP address (an HHDM pointer there, physical in 3), which is normalised
     // below, so both are accepted.
     let confirmed = BASE_REVISION.is_supported();
     let hhdm = HHDM.get_response().ok_or("Limine gave no HHDM")?.offset();
-    if hhdm != panda_arch::HHDM_BASE {
+    if hhdm != crate::HHDM_BASE {
         // Everything after BootInfo assumes one HHDM base on both paths.
         return Err("Limine's HHDM is not at 0xffff800000000000 (5-level paging or KASLR?)");
     }
@@ -103,16 +109,41 @@ pub fn boot_info() -> Result<BootInfo, &'static str> {
         .get_response()
         .ok_or("Limine gave no kernel address")?;
 
+    let kernel_phys = address.physical_base();
+    let image = super::kernel_image();
+    if address.virtual_base() != image.start {
+        return Err("Limine loaded the kernel at another virtual address than it is linked at");
+    }
+    // Limine's map has the image and modules as `EXECUTABLE_AND_MODULES` already;
+    // claiming them again makes sure that nothing they overlap counts as free.
+    let claim = |map: &mut MemoryMap, start: u64, len: u64| {
+        map.claim(
+            start,
+            start.saturating_add(len),
+            MemoryKind::KernelAndModules,
+        )
+        .map_err(|_| "memory map too large")
+    };
+    claim(&mut map, kernel_phys, image.end - image.start)?;
+
     let mut modules = [None; MAX_MODULES];
     if let Some(response) = MODULES.get_response() {
         for (slot, file) in modules.iter_mut().zip(response.modules()) {
-            *slot = Some(Module {
-                phys: file.addr() as u64 - hhdm,
-                len: file.size(),
-                name: Text::from_bytes(file.string().to_bytes()),
-            });
+            let phys = (file.addr() as u64)
+                .checked_sub(hhdm)
+                .ok_or("Limine module outside the direct map")?;
+            claim(&mut map, phys, file.size())?;
+            *slot = Some(
+                Module::new(
+                    phys,
+                    file.size(),
+                    Text::from_bytes(file.string().to_bytes()),
+                )
+                .ok_or("Limine module outside the direct map")?,
+            );
         }
     }
+    super::set_kernel_phys(kernel_phys);
 
     let cmdline = match (CMDLINE.get_response(), EXECUTABLE_FILE.get_response()) {
         (Some(r), _) => Text::from_bytes(r.cmdline().to_bytes()),
@@ -140,15 +171,15 @@ pub fn boot_info() -> Result<BootInfo, &'static str> {
     Ok(BootInfo {
         protocol: Protocol::Limine,
         hhdm_offset: hhdm,
-        memory_map: map,
+        memory_map: BootMemoryMap::new(map),
         rsdp: RSDP.get_response().map(|r| {
             let address = r.address() as u64;
             address.checked_sub(hhdm).unwrap_or(address)
         }),
         modules,
         cmdline,
-        kernel_phys: address.physical_base(),
-        kernel_virt: address.virtual_base(),
+        kernel_phys,
+        kernel_virt: image.start,
         loader,
     })
 }

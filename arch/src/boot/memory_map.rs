@@ -4,8 +4,17 @@
 //! (kernel image, modules, boot data, early page tables) with `claim`, which splits
 //! usable ranges so that no usable range ever overlaps something in use. Capacity is
 //! fixed because there is no heap while it is built.
+//!
+//! Two types: `MemoryMap` is the data structure, which anyone may build and edit (the
+//! in-kernel tests do); `BootMemoryMap` is *the* map of this machine, the authority on
+//! which physical memory is free. Only this crate makes one (once per boot, in the
+//! front-end), and outside this crate it can be read and have usable memory taken out
+//! of it, but nothing can be added to it, and it cannot be cloned or forged: so the
+//! code here that hands its free ranges out (page-table frames, stacks, the frame
+//! allocator's memory) relies on no caller for their being free.
 
 use core::fmt;
+use core::ops::Deref;
 
 /// What a physical range holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +46,12 @@ impl MemoryKind {
             self,
             MemoryKind::Reserved | MemoryKind::BadMemory | MemoryKind::Framebuffer
         )
+    }
+
+    /// Whether the range is free memory (to be given to the frame allocator): usable
+    /// RAM, and bootloader data once the kernel no longer needs it.
+    pub fn is_free(self) -> bool {
+        matches!(self, MemoryKind::Usable | MemoryKind::BootloaderReclaimable)
     }
 
     pub fn name(self) -> &'static str {
@@ -300,4 +315,114 @@ impl fmt::Debug for MemoryMap {
 
 fn align_up(x: u64) -> u64 {
     x.saturating_add(0xfff) & !0xfff
+}
+
+/// The machine's memory map, as the boot front-end built it: the authority on which
+/// physical memory is free.
+///
+/// Invariants, which code in this crate relies on and nothing outside can break:
+/// - a `Usable` range is RAM that nothing uses: the kernel image, boot modules, boot
+///   data and everything taken since were claimed out of the usable ranges first;
+/// - a `BootloaderReclaimable` range holds only bootloader data (its page tables,
+///   stacks and responses, PVH's start info), which nothing needs once the kernel runs
+///   on its own page tables (`kernel_tables::build_and_switch`);
+/// - `KernelAndModules` ranges are never given away: boot modules are handed out as
+///   `&'static [u8]` (`Module::bytes`).
+///
+/// There is one per boot, made by the boot front-end; it is not `Clone`, so no stale
+/// copy can bring back ranges taken since. Reading goes through `Deref` to `MemoryMap`.
+pub struct BootMemoryMap {
+    map: MemoryMap,
+    /// Set once the free ranges went to their manager (`hand_over_free`): from then on
+    /// the map is a record and nothing more can be taken.
+    handed_over: bool,
+}
+
+impl BootMemoryMap {
+    /// Only the boot front-ends make one.
+    pub(crate) fn new(map: MemoryMap) -> Self {
+        Self {
+            map,
+            handed_over: false,
+        }
+    }
+
+    /// Marks `[start, end)` as `kind` (page-rounded outward). For the front-ends and
+    /// this crate's boot-time allocations; never to make anything free.
+    pub(crate) fn claim(&mut self, start: u64, end: u64, kind: MemoryKind) -> Result<(), MapError> {
+        debug_assert!(!kind.is_free());
+        self.map.claim(start, end, kind)
+    }
+
+    /// Takes `len` bytes (page-rounded) of usable memory at or above `min` and below
+    /// `max`, marks them `kind`, and returns their physical start: the range is the
+    /// caller's from now on. For boot-time allocations made before the frame allocator
+    /// exists. `None` if nothing fits, if `kind` is a free kind (`Usable`,
+    /// `BootloaderReclaimable`: taking must make memory used), or once the free ranges
+    /// were handed over.
+    pub fn take(&mut self, len: u64, min: u64, max: u64, kind: MemoryKind) -> Option<u64> {
+        if kind.is_free() || self.handed_over {
+            return None;
+        }
+        self.map.take(len, min, max, kind)
+    }
+
+    /// Hands every free range over, once: `Usable` ranges, and `BootloaderReclaimable`
+    /// ones (bootloader data, no longer needed once the kernel's own page tables are
+    /// active). `None` before the kernel's page tables are active, and on every call
+    /// after the first; `take` gives nothing afterwards either, so the ranges have one
+    /// owner, the frame allocator they are meant for.
+    pub fn hand_over_free(&mut self) -> Option<FreeRanges> {
+        if self.handed_over || crate::kernel_tables::kernel_root() == 0 {
+            return None;
+        }
+        self.handed_over = true;
+        let mut ranges = FreeRanges {
+            ranges: [(0, 0); CAPACITY],
+            len: 0,
+            next: 0,
+        };
+        for r in self.map.regions().iter().filter(|r| r.kind.is_free()) {
+            ranges.ranges[ranges.len] = (r.start, r.end);
+            ranges.len += 1;
+        }
+        Some(ranges)
+    }
+
+    /// Whether `hand_over_free` has run.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+}
+
+impl Deref for BootMemoryMap {
+    type Target = MemoryMap;
+
+    fn deref(&self) -> &MemoryMap {
+        &self.map
+    }
+}
+
+impl fmt::Debug for BootMemoryMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.map, f)
+    }
+}
+
+/// The free physical ranges `[start, end)` of the boot memory map, handed over once
+/// (`BootMemoryMap::hand_over_free`); whoever holds this owns them. Not `Clone`.
+pub struct FreeRanges {
+    ranges: [(u64, u64); CAPACITY],
+    len: usize,
+    next: usize,
+}
+
+impl Iterator for FreeRanges {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let r = self.ranges[..self.len].get(self.next).copied()?;
+        self.next += 1;
+        Some(r)
+    }
 }

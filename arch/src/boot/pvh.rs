@@ -1,11 +1,12 @@
 //! The PVH front-end: `hvm_start_info` into `BootInfo`.
 //!
-//! The 32-bit entry (in `panda_arch::boot`) has mapped the first 4 GiB at the HHDM
-//! base, where QEMU puts the start info, its memory map, command line and modules.
+//! The 32-bit entry (`pvh_start32`) has mapped the first 4 GiB at the HHDM base, where
+//! QEMU puts the start info, its memory map, command line and modules; they are read
+//! with fault-checked probes (`crate::pvh`).
 
-use panda_arch::pvh::{self, MemmapEntry};
+use crate::pvh::{self, MemmapEntry};
 
-use super::{BootInfo, MemoryKind, MemoryMap, Module, Protocol, Text, MAX_MODULES};
+use super::{BootInfo, BootMemoryMap, MemoryKind, MemoryMap, Module, Protocol, Text, MAX_MODULES};
 
 fn kind_of(e820: u32) -> MemoryKind {
     match e820 {
@@ -18,8 +19,8 @@ fn kind_of(e820: u32) -> MemoryKind {
 }
 
 /// Builds the `BootInfo` from the start info at physical `start_info`.
-pub fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
-    let hhdm = panda_arch::HHDM_BASE;
+pub(crate) fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
+    let hhdm = crate::HHDM_BASE;
     let info =
         pvh::start_info(hhdm, start_info).map_err(|_| "PVH start info unreadable or bad magic")?;
     if info.memmap_entries == 0 {
@@ -34,19 +35,13 @@ pub fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
             .map_err(|_| "memory map too large")?;
     }
 
-    let image = panda_arch::boot::kernel_image();
+    let image = super::kernel_image();
     let kernel_virt = image.start;
-    let kernel_phys = image.start - panda_arch::KERNEL_VMA;
+    let kernel_phys = image.start - crate::KERNEL_VMA;
     let claim = |map: &mut MemoryMap, start: u64, len: u64, kind| {
-        map.claim(start, start + len, kind)
+        map.claim(start, start.saturating_add(len), kind)
             .map_err(|_| "memory map too large")
     };
-    claim(
-        &mut map,
-        kernel_phys,
-        image.end - image.start,
-        MemoryKind::KernelAndModules,
-    )?;
     claim(&mut map, start_info, 56, MemoryKind::BootloaderReclaimable)?;
     claim(
         &mut map,
@@ -74,11 +69,10 @@ pub fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
         let n = pvh::c_string(hhdm, m.cmdline_paddr, &mut name)
             .map_err(|_| "PVH module name unreadable")?;
         claim(&mut map, m.paddr, m.size, MemoryKind::KernelAndModules)?;
-        modules[i as usize] = Some(Module {
-            phys: m.paddr,
-            len: m.size,
-            name: Text::from_bytes(&name[..n]),
-        });
+        modules[i as usize] = Some(
+            Module::new(m.paddr, m.size, Text::from_bytes(&name[..n]))
+                .ok_or("PVH module outside the direct map")?,
+        );
     }
     if info.nr_modules > 0 {
         claim(
@@ -89,10 +83,24 @@ pub fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
         )?;
     }
 
+    // Boot data might overlap the image or a module in a malformed start info: claim
+    // those last, so what must never be reused stays `KernelAndModules`.
+    let image_len = image.end - image.start;
+    claim(
+        &mut map,
+        kernel_phys,
+        image_len,
+        MemoryKind::KernelAndModules,
+    )?;
+    for m in modules.iter().flatten() {
+        claim(&mut map, m.phys, m.len, MemoryKind::KernelAndModules)?;
+    }
+    super::set_kernel_phys(kernel_phys);
+
     Ok(BootInfo {
         protocol: Protocol::Pvh,
         hhdm_offset: hhdm,
-        memory_map: map,
+        memory_map: BootMemoryMap::new(map),
         rsdp: (info.rsdp_paddr != 0).then_some(info.rsdp_paddr),
         modules,
         cmdline: Text::from_bytes(&cmdline[..n]),
