@@ -240,6 +240,8 @@ pub fn resends() -> u64 {
 /// finds no posted call does nothing.
 fn collect(target: usize) -> u64 {
     let mailbox = &MAILBOXES[target];
+    let me = COLLECTING.get(percpu::current_index());
+    let outer = me.map(|c| c.swap(target + 1, Ordering::Relaxed));
     let mut resend_at = crate::time::now_ns() + RESEND_AFTER_NS;
     crate::watchdog::spin_until("waiting for another CPU to answer a call", || {
         if mailbox.state.load(Ordering::Acquire) == DONE {
@@ -254,9 +256,50 @@ fn collect(target: usize) -> u64 {
         }
         false
     });
+    if let (Some(c), Some(o)) = (me, outer) {
+        c.store(o, Ordering::Relaxed);
+    }
     let result = mailbox.result.load(Ordering::Relaxed);
     mailbox.state.store(IDLE, Ordering::Release);
     result
+}
+
+/// Per CPU: the CPU whose answer it is waiting for in `collect` (index + 1; 0: none).
+static COLLECTING: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+
+fn state_name(state: u8) -> &'static str {
+    match state {
+        IDLE => "idle",
+        CLAIMED => "claimed",
+        POSTED => "posted, not taken",
+        RUNNING => "running",
+        DONE => "done, not collected",
+        _ => "?",
+    }
+}
+
+/// CPU `cpu`'s part of the watchdog's report: its call mailbox, and whose answer it
+/// waits for (a call that is never taken shows as `posted, not taken` on the target).
+pub fn write_state(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Result {
+    let Some(mailbox) = MAILBOXES.get(cpu) else {
+        return Ok(());
+    };
+    write!(
+        w,
+        "  call mailbox: {}",
+        state_name(mailbox.state.load(Ordering::Relaxed))
+    )?;
+    match COLLECTING[cpu].load(Ordering::Relaxed) {
+        0 => writeln!(w),
+        t => writeln!(
+            w,
+            "; waiting for cpu{}'s answer (its mailbox: {})",
+            t - 1,
+            MAILBOXES
+                .get(t - 1)
+                .map_or("?", |m| state_name(m.state.load(Ordering::Relaxed)))
+        ),
+    }
 }
 
 /// Sends a wake-up IPI to every online CPU for which `targets` holds, except the caller.

@@ -315,6 +315,7 @@ fn write_report(frame: &TrapFrame, role: &str) {
         let _ = crate::trap::write_registers(w, frame);
         if let Some(i) = me {
             let _ = crate::sync::write_waiting(w, i);
+            let _ = crate::ipi::write_state(w, i);
         }
         let _ = crate::backtrace::write(w, frame.rip, frame.rbp);
     });

@@ -156,12 +156,12 @@ const fn id_map<V>() -> IdMap<V> {
     HashMap::with_hasher(BuildHasherDefault::new())
 }
 
-/// Removes `id`, and gives memory back once the table is mostly empty: a hash table
+/// Removes `id`, and gives memory back once the table is empty or mostly so: a hash table
 /// keeps its capacity when entries go, and the kernel's closing check wants the heap
 /// back near its baseline after thousands of processes came and went.
 fn remove_id<V>(map: &mut IdMap<V>, id: u64) -> Option<V> {
     let removed = map.remove(&id);
-    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+    if map.is_empty() || (map.capacity() > 64 && map.len() * 4 < map.capacity()) {
         map.shrink_to(map.len() * 2);
     }
     removed
