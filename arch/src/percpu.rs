@@ -145,6 +145,12 @@ pub fn checked_index() -> Option<usize> {
     let end = first + size * MAX_CPUS as u64;
     (base >= first && base < end && (base - first).is_multiple_of(size))
         .then(|| ((base - first) / size) as usize)
+        .or_else(|| {
+            // The GS base is the user's (a trap or NMI on the first instructions of
+            // an entry from user mode, before `swapgs`): find the CPU by APIC id.
+            let id = crate::cpu::apic_id();
+            online().find(|c| c.apic_id() == id).map(|c| c.index())
+        })
 }
 
 /// This CPU's dense index (0 before per-CPU set-up).

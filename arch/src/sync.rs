@@ -137,6 +137,9 @@ struct Owner {
     /// CPU index + 1; 0 while free.
     cpu: AtomicU32,
     site: AtomicPtr<Location<'static>>,
+    /// The ticket lock's counters: the next ticket to hand out, the ticket being served.
+    next: AtomicU32,
+    serving: AtomicU32,
 }
 
 impl Owner {
@@ -144,6 +147,8 @@ impl Owner {
         Self {
             cpu: AtomicU32::new(0),
             site: AtomicPtr::new(core::ptr::null_mut()),
+            next: AtomicU32::new(0),
+            serving: AtomicU32::new(0),
         }
     }
 
@@ -163,6 +168,9 @@ struct Waiting {
     name: AtomicPtr<&'static str>,
     owner: AtomicPtr<Owner>,
 }
+
+/// Per CPU: the ticket of the `Mutex` it last started waiting for (for the report).
+static MY_TICKET: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
 static WAITING: [Waiting; MAX_CPUS] = [const {
     Waiting {
@@ -202,6 +210,13 @@ pub fn write_waiting(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Res
             let site = unsafe { &*site };
             write!(w, ", last taken at {}:{}", site.file(), site.line())?;
         }
+        write!(
+            w,
+            " (tickets: mine {}, next {}, serving {})",
+            MY_TICKET[cpu].load(Ordering::Relaxed),
+            owner.next.load(Ordering::Relaxed),
+            owner.serving.load(Ordering::Relaxed)
+        )?;
     }
     writeln!(w)
 }
@@ -267,8 +282,7 @@ fn spin_until_inner<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G
 /// address space's layout lock again every time before the other CPU's attempt.)
 pub struct Mutex<T> {
     rank: &'static Rank,
-    next: AtomicU32,
-    serving: AtomicU32,
+    /// The holder and the ticket counters.
     owner: Owner,
     value: UnsafeCell<T>,
 }
@@ -281,8 +295,6 @@ impl<T> Mutex<T> {
     pub const fn new(rank: &'static Rank, value: T) -> Self {
         Self {
             rank,
-            next: AtomicU32::new(0),
-            serving: AtomicU32::new(0),
             owner: Owner::new(),
             value: UnsafeCell::new(value),
         }
@@ -294,9 +306,12 @@ impl<T> Mutex<T> {
     pub fn lock(&self) -> MutexGuard<'_, T> {
         let site = Location::caller();
         acquire(self.rank);
-        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        let ticket = self.owner.next.fetch_add(1, Ordering::Relaxed);
+        // The ticket in a callee-saved register the report shows, and in the waiting
+        // record: `write_waiting` prints it.
+        MY_TICKET[percpu::current_index() % MAX_CPUS].store(ticket, Ordering::Relaxed);
         spin_until(self.rank, Some(&self.owner), || {
-            (self.serving.load(Ordering::Acquire) == ticket).then_some(())
+            (self.owner.serving.load(Ordering::Acquire) == ticket).then_some(())
         });
         self.owner.set(site);
         MutexGuard { lock: self }
@@ -304,7 +319,7 @@ impl<T> Mutex<T> {
 
     /// Whether some CPU holds the lock now (a snapshot).
     pub fn is_locked(&self) -> bool {
-        self.next.load(Ordering::Relaxed) != self.serving.load(Ordering::Relaxed)
+        self.owner.next.load(Ordering::Relaxed) != self.owner.serving.load(Ordering::Relaxed)
     }
 
     /// Takes the lock if it is free and nobody waits for it.
@@ -312,8 +327,8 @@ impl<T> Mutex<T> {
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
         let site = Location::caller();
         acquire(self.rank);
-        let serving = self.serving.load(Ordering::Acquire);
-        match self.next.compare_exchange(
+        let serving = self.owner.serving.load(Ordering::Acquire);
+        match self.owner.next.compare_exchange(
             serving,
             serving.wrapping_add(1),
             Ordering::Acquire,
@@ -354,7 +369,22 @@ impl<T> DerefMut for MutexGuard<'_, T> {
 impl<T> Drop for MutexGuard<'_, T> {
     fn drop(&mut self) {
         self.lock.owner.cpu.store(0, Ordering::Relaxed);
-        self.lock.serving.fetch_add(1, Ordering::Release);
+        let served = self
+            .lock
+            .owner
+            .serving
+            .fetch_add(1, Ordering::Release)
+            .wrapping_add(1);
+        // Each ticket is released once, so `serving` never passes `next`. If it did (a
+        // guard of a lock that was freed and reused, or a double release), every later
+        // waiter would spin for ever on a lock that looks free: stop here instead.
+        let next = self.lock.owner.next.load(Ordering::Acquire);
+        if served.wrapping_sub(next) as i32 > 0 {
+            panic!(
+                "lock {:?} released more often than taken (serving {served}, next {next})",
+                self.lock.rank.name
+            );
+        }
         release(self.lock.rank);
     }
 }
