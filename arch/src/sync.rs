@@ -167,15 +167,15 @@ impl Owner {
 struct Waiting {
     name: AtomicPtr<&'static str>,
     owner: AtomicPtr<Owner>,
+    /// The ticket it waits to be served (a `Mutex`).
+    ticket: AtomicU32,
 }
-
-/// Per CPU: the ticket of the `Mutex` it last started waiting for (for the report).
-static MY_TICKET: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
 static WAITING: [Waiting; MAX_CPUS] = [const {
     Waiting {
         name: AtomicPtr::new(core::ptr::null_mut()),
         owner: AtomicPtr::new(core::ptr::null_mut()),
+        ticket: AtomicU32::new(0),
     }
 }; MAX_CPUS];
 
@@ -213,7 +213,7 @@ pub fn write_waiting(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Res
         write!(
             w,
             " (tickets: mine {}, next {}, serving {})",
-            MY_TICKET[cpu].load(Ordering::Relaxed),
+            slot.ticket.load(Ordering::Relaxed),
             owner.next.load(Ordering::Relaxed),
             owner.serving.load(Ordering::Relaxed)
         )?;
@@ -225,7 +225,7 @@ pub fn write_waiting(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Res
 /// lock as stuck after twice the watchdog's limit (never, with the watchdog off).
 fn spin_until<G>(
     rank: &'static Rank,
-    owner: Option<&Owner>,
+    owner: Option<(&Owner, u32)>,
     mut attempt: impl FnMut() -> Option<G>,
 ) -> G {
     if let Some(g) = attempt() {
@@ -238,21 +238,27 @@ fn spin_until<G>(
         let before = (
             s.name.load(Ordering::Relaxed),
             s.owner.load(Ordering::Relaxed),
+            s.ticket.load(Ordering::Relaxed),
         );
         s.name.store(
             &rank.name as *const &'static str as *mut &'static str,
             Ordering::Release,
         );
         s.owner.store(
-            owner.map_or(core::ptr::null_mut(), |o| o as *const Owner as *mut Owner),
+            owner.map_or(core::ptr::null_mut(), |(o, _)| {
+                o as *const Owner as *mut Owner
+            }),
             Ordering::Release,
         );
+        s.ticket
+            .store(owner.map_or(0, |(_, t)| t), Ordering::Relaxed);
         before
     });
     let g = spin_until_inner(name, attempt);
-    if let (Some(s), Some((n, o))) = (slot, saved) {
+    if let (Some(s), Some((n, o, t))) = (slot, saved) {
         s.name.store(n, Ordering::Release);
         s.owner.store(o, Ordering::Release);
+        s.ticket.store(t, Ordering::Relaxed);
     }
     g
 }
@@ -307,10 +313,7 @@ impl<T> Mutex<T> {
         let site = Location::caller();
         acquire(self.rank);
         let ticket = self.owner.next.fetch_add(1, Ordering::Relaxed);
-        // The ticket in a callee-saved register the report shows, and in the waiting
-        // record: `write_waiting` prints it.
-        MY_TICKET[percpu::current_index() % MAX_CPUS].store(ticket, Ordering::Relaxed);
-        spin_until(self.rank, Some(&self.owner), || {
+        spin_until(self.rank, Some((&self.owner, ticket)), || {
             (self.owner.serving.load(Ordering::Acquire) == ticket).then_some(())
         });
         self.owner.set(site);
