@@ -140,7 +140,8 @@ fn join_handle_returns_the_value() {
     exec.spawn(async move {
         out.store(handle.await, Ordering::SeqCst);
     });
-    exec.run_until(|| got.load(Ordering::SeqCst) != 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| got.load(Ordering::SeqCst) != 0 || Instant::now() > deadline);
     assert_eq!(got.load(Ordering::SeqCst), 42);
 }
 
@@ -180,7 +181,9 @@ fn many_wakes_from_another_cpu_requeue_once() {
         polls: polls.clone(),
         slow: Duration::ZERO,
     });
-    exec.run_until(|| polls.load(Ordering::SeqCst) == 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| polls.load(Ordering::SeqCst) == 1 || Instant::now() > deadline);
+    assert_eq!(polls.load(Ordering::SeqCst), 1);
     // The task is idle now. Wake it 100 times from another thread before running.
     let w = waker.lock().unwrap().clone().unwrap();
     thread::spawn(move || {
@@ -192,7 +195,8 @@ fn many_wakes_from_another_cpu_requeue_once() {
     .unwrap();
     let before = exec.stats(0).polls;
     // One pass: the task must be queued exactly once.
-    exec.run_until(|| exec.stats(0).polls > before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| exec.stats(0).polls > before || Instant::now() > deadline);
     assert_eq!(polls.load(Ordering::SeqCst), 2);
     // Nothing else queued: another turn polls nothing.
     let now = exec.stats(0).polls;
@@ -431,9 +435,11 @@ fn waking_an_idle_cpu_sends_a_wakeup_and_a_busy_one_does_not() {
             std::hint::spin_loop();
         }
     });
-    while !inside.load(Ordering::SeqCst) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !inside.load(Ordering::SeqCst) && Instant::now() < deadline {
         thread::yield_now();
     }
+    assert!(inside.load(Ordering::SeqCst), "CPU 1 never ran its task");
     let before = exec.platform().wakes[1].load(Ordering::SeqCst);
     exec.spawn_pinned(1, async {});
     let after = exec.platform().wakes[1].load(Ordering::SeqCst);
@@ -788,4 +794,244 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
         h.join().unwrap();
     }
     assert_eq!(exec.live_tasks(), 0);
+}
+
+/// Runs exactly `n` turns of the calling CPU's loop.
+fn turns<P: Platform>(exec: &'static Executor<P>, n: usize) {
+    let left = Cell::new(n);
+    exec.run_until(|| {
+        let done = left.get() == 0;
+        left.set(left.get().saturating_sub(1));
+        done
+    });
+}
+
+static IDLE_WORK_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_idle_work() -> bool {
+    IDLE_WORK_CALLS.fetch_add(1, Ordering::SeqCst);
+    true
+}
+
+/// A turn runs the CPU's own queue, else steals, and only with neither does it call
+/// the idle work (which, returning true, keeps the CPU from halting).
+#[test]
+fn idle_work_runs_only_when_there_is_nothing_to_run_or_steal() {
+    let exec = executor(2);
+    exec.set_idle_work(count_idle_work);
+    CPU.with(|c| c.set(1));
+    turns(exec, 1);
+    assert_eq!(
+        IDLE_WORK_CALLS.load(Ordering::SeqCst),
+        1,
+        "nothing to do: idle work"
+    );
+    assert_eq!(
+        exec.stats(1).idles,
+        0,
+        "idle work that did something: no halt"
+    );
+
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    exec.spawn(async move {
+        r.fetch_add(1, Ordering::SeqCst);
+    });
+    turns(exec, 1);
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        IDLE_WORK_CALLS.load(Ordering::SeqCst),
+        1,
+        "idle work called in a turn that ran a task"
+    );
+
+    // Two tasks queued on CPU 0, which runs no loop: CPU 1's turn steals one.
+    for _ in 0..2 {
+        let r = ran.clone();
+        exec.spawn_on(0, async move {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    turns(exec, 1);
+    assert_eq!(exec.stats(1).stolen, 1, "half of two, rounded up");
+    assert_eq!(
+        IDLE_WORK_CALLS.load(Ordering::SeqCst),
+        1,
+        "idle work called in a turn that stole"
+    );
+    turns(exec, 1);
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        2,
+        "the stolen task ran on CPU 1"
+    );
+    assert!(exec.has_queued_work(0) && !exec.has_queued_work(1));
+    CPU.with(|c| c.set(0));
+}
+
+/// `live_tasks` counts spawned, unfinished tasks; `task_structs` the structures still in
+/// memory (a global count: other tests run alongside, so only lower bounds hold here).
+#[test]
+fn live_tasks_and_task_structs_count_what_is_alive() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let open = Arc::new(AtomicBool::new(false));
+    let wakers = Arc::new(Mutex::new(Vec::<Waker>::new()));
+    for _ in 0..3 {
+        let (open, wakers) = (open.clone(), wakers.clone());
+        exec.spawn(std::future::poll_fn(move |cx| {
+            if open.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            wakers.lock().unwrap().push(cx.waker().clone());
+            Poll::Pending
+        }));
+    }
+    assert_eq!(exec.live_tasks(), 3);
+    assert!(exec.task_structs() >= 3);
+    turns(exec, 1);
+    assert_eq!(wakers.lock().unwrap().len(), 3, "each task polled once");
+    assert_eq!(exec.live_tasks(), 3, "pending tasks are alive");
+    assert!(exec.task_structs() >= 3, "their wakers keep them in memory");
+    open.store(true, Ordering::SeqCst);
+    for w in wakers.lock().unwrap().drain(..) {
+        w.wake();
+    }
+    turns(exec, 1);
+    assert_eq!(exec.live_tasks(), 0);
+}
+
+/// CPU numbers beyond the executor's are clamped to its last CPU, for spawns and for
+/// the platform's own index.
+#[test]
+fn out_of_range_cpus_are_clamped_to_the_last_one() {
+    let exec = executor(2);
+    CPU.with(|c| c.set(7));
+    assert_eq!(exec.current_cpu(), 1);
+    exec.spawn(async {});
+    exec.spawn_on(99, async {});
+    exec.spawn_pinned(usize::MAX, async {});
+    assert!(exec.has_queued_work(1) && !exec.has_queued_work(0));
+    assert!(
+        exec.has_queued_work(5),
+        "asking about CPU 5 asks about CPU 1"
+    );
+    turns(exec, 1);
+    assert_eq!(exec.stats(1).polls, 3);
+    assert_eq!(exec.live_tasks(), 0);
+    CPU.with(|c| c.set(0));
+}
+
+/// New shared work on a CPU whose shared queue already has some wakes one idle CPU to
+/// steal it; the first task of a queue, pinned tasks, and busy CPUs get no wake-up.
+/// `StrictHalt` keeps the idle CPU halted until it is woken, so who was woken shows.
+#[test]
+fn spawning_a_second_shared_task_wakes_one_idle_cpu_to_steal_it() {
+    let exec: &'static Executor<StrictHalt> =
+        Box::leak(Box::new(Executor::new(StrictHalt::new(3), 3)));
+    let stop = leak_flag();
+    // CPU 2 runs its loop and halts; CPU 1 runs none, so it never looks idle.
+    let cpu2 = thread::spawn(move || {
+        CPU.with(|c| c.set(2));
+        exec.run_until(|| stop.load(Ordering::SeqCst));
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !exec.is_idle(2) && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert!(exec.is_idle(2) && !exec.is_idle(1));
+    CPU.with(|c| c.set(0));
+    let ran_on = Arc::new(Mutex::new(Vec::new()));
+    let task = |ran_on: Arc<Mutex<Vec<usize>>>| async move {
+        ran_on.lock().unwrap().push(CPU.with(Cell::get));
+    };
+    exec.spawn_pinned(0, task(ran_on.clone()));
+    exec.spawn_pinned(0, task(ran_on.clone()));
+    exec.spawn(task(ran_on.clone()));
+    assert_eq!(exec.stats(0).wakeups_sent, 0, "one shared task: no wake-up");
+    assert!(exec.is_idle(2));
+    exec.spawn(task(ran_on.clone()));
+    assert_eq!(
+        exec.stats(0).wakeups_sent,
+        1,
+        "the second shared task: one wake-up"
+    );
+    // The wake-up went to CPU 2, which steals the two shared tasks (one per turn:
+    // half of the queue, rounded up) and runs them; the pinned ones stay.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ran_on.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert_eq!(
+        *ran_on.lock().unwrap(),
+        [2, 2],
+        "the idle CPU was not the one woken"
+    );
+    assert_eq!(exec.stats(2).stolen, 2);
+    assert!(exec.has_queued_work(0), "pinned tasks were stolen");
+    stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cpu2.is_finished() && Instant::now() < deadline {
+        exec.platform().wake_cpu(2);
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(cpu2.is_finished(), "CPU 2 did not stop");
+    cpu2.join().unwrap();
+}
+
+/// `move_to` lands the task on its CPU and completes only there: pinned, no other CPU
+/// may steal it; unpinned, it is stealable again, and a steal before it arrived only
+/// sends it back. The test thread plays every CPU, one turn at a time.
+#[test]
+fn move_to_lands_on_its_cpu_pinned_or_stealable() {
+    let exec = executor(3);
+    let on = |cpu| CPU.with(|c| c.set(cpu));
+    for pin in [true, false] {
+        on(0);
+        let polled_on = Arc::new(Mutex::new(Vec::new()));
+        let p = polled_on.clone();
+        let handle = exec.spawn(async move {
+            exec.move_to(1, pin).await;
+            p.lock().unwrap().push(CPU.with(Cell::get));
+            exec.yield_now().await;
+            p.lock().unwrap().push(CPU.with(Cell::get));
+        });
+        // CPU 0 polls it: it asks to move and is queued on CPU 1 at once.
+        turns(exec, 1);
+        assert!(!handle.is_finished());
+        assert!(exec.has_queued_work(1), "not queued on CPU 1 (pin {pin})");
+        assert!(!exec.has_queued_work(0) && !exec.has_queued_work(2));
+        // CPU 0 steals it only if it is not pinned; polled on CPU 0, it asks again.
+        turns(exec, 2);
+        assert_eq!(exec.stats(0).stolen, u64::from(!pin), "pin {pin}");
+        assert!(
+            polled_on.lock().unwrap().is_empty(),
+            "moved, but not to CPU 1"
+        );
+        assert!(exec.has_queued_work(1) && !exec.has_queued_work(0));
+        on(1);
+        turns(exec, 1);
+        assert_eq!(*polled_on.lock().unwrap(), [1]);
+        // It yielded and is queued on CPU 1 again: CPU 2 may steal it only if shared.
+        on(2);
+        turns(exec, 2);
+        on(1);
+        turns(exec, 1);
+        let last = if pin { 1 } else { 2 };
+        assert_eq!(*polled_on.lock().unwrap(), [1, last], "pin {pin}");
+        assert!(handle.is_finished());
+    }
+    // A CPU past the last one means the last one.
+    on(0);
+    let landed = Arc::new(AtomicUsize::new(usize::MAX));
+    let l = landed.clone();
+    exec.spawn(async move {
+        exec.move_to(99, true).await;
+        l.store(CPU.with(Cell::get), Ordering::SeqCst);
+    });
+    turns(exec, 1);
+    on(2);
+    turns(exec, 1);
+    assert_eq!(landed.load(Ordering::SeqCst), 2);
+    on(0);
 }
