@@ -1035,3 +1035,196 @@ fn move_to_lands_on_its_cpu_pinned_or_stealable() {
     assert_eq!(landed.load(Ordering::SeqCst), 2);
     on(0);
 }
+
+/// A CPU with nothing to run, steal or fire halts, and a timer armed for later does not
+/// keep it up.
+#[test]
+fn a_cpu_with_nothing_to_do_halts() {
+    let exec = executor(2);
+    CPU.with(|c| c.set(1));
+    turns(exec, 1);
+    assert_eq!(exec.stats(1).idles, 1);
+    let mut later = Box::pin(exec.sleep(u64::MAX / 2));
+    let waker = Waker::noop();
+    assert!(later
+        .as_mut()
+        .poll(&mut Context::from_waker(waker))
+        .is_pending());
+    turns(exec, 1);
+    assert_eq!(
+        exec.stats(1).idles,
+        2,
+        "a timer not due kept the CPU from halting"
+    );
+    CPU.with(|c| c.set(0));
+}
+
+// The last look before halting (`go_idle`) must see work that appeared after the
+// turn's own checks. The idle work, which runs right before it, makes some: a wake
+// of a task on this CPU, a spawn on another CPU, a timer that falls due.
+static WAKE_IN_IDLE_WORK: Mutex<Option<Waker>> = Mutex::new(None);
+static SPAWNING_EXEC: std::sync::OnceLock<&'static Executor<Threads>> = std::sync::OnceLock::new();
+static SPAWNED_IN_IDLE_WORK: AtomicBool = AtomicBool::new(false);
+static TIMING_EXEC: std::sync::OnceLock<&'static Executor<Threads>> = std::sync::OnceLock::new();
+static SLEEP_IN_IDLE_WORK: Mutex<Option<Pin<Box<crate::Sleep>>>> = Mutex::new(None);
+
+fn wake_a_task() -> bool {
+    if let Some(w) = WAKE_IN_IDLE_WORK.lock().unwrap().take() {
+        w.wake();
+    }
+    false
+}
+
+fn spawn_on_cpu_0() -> bool {
+    if !SPAWNED_IN_IDLE_WORK.swap(true, Ordering::SeqCst) {
+        SPAWNING_EXEC.get().unwrap().spawn_on(0, async {});
+    }
+    false
+}
+
+fn arm_a_timer_and_let_it_fall_due() -> bool {
+    let mut slot = SLEEP_IN_IDLE_WORK.lock().unwrap();
+    if slot.is_none() {
+        let exec = TIMING_EXEC.get().unwrap();
+        // Armed only if the poll comes before the deadline: on a loaded host, try
+        // again further out.
+        let mut ahead = 50_000;
+        let (sleep, deadline) = loop {
+            let deadline = exec.platform().now_ns() + ahead;
+            let mut sleep = Box::pin(exec.sleep_until(deadline));
+            let cx = &mut Context::from_waker(Waker::noop());
+            if sleep.as_mut().poll(cx).is_pending() {
+                break (sleep, deadline);
+            }
+            ahead *= 4;
+        };
+        while exec.platform().now_ns() < deadline {
+            std::hint::spin_loop();
+        }
+        *slot = Some(sleep);
+    }
+    false
+}
+
+#[test]
+fn the_last_look_before_halting_sees_work_that_just_appeared() {
+    // A task on this CPU, woken by the idle work.
+    let exec = executor(1);
+    exec.set_idle_work(wake_a_task);
+    CPU.with(|c| c.set(0));
+    let polls = Arc::new(AtomicUsize::new(0));
+    let p = polls.clone();
+    exec.spawn(std::future::poll_fn(move |cx| {
+        if p.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Poll::Ready(());
+        }
+        *WAKE_IN_IDLE_WORK.lock().unwrap() = Some(cx.waker().clone());
+        Poll::Pending
+    }));
+    turns(exec, 2);
+    assert_eq!(polls.load(Ordering::SeqCst), 1);
+    assert!(exec.has_queued_work(0));
+    assert_eq!(exec.stats(0).idles, 0, "halted with a task queued");
+    turns(exec, 1);
+    assert_eq!((polls.load(Ordering::SeqCst), exec.live_tasks()), (2, 0));
+
+    // A task spawned on another CPU, which this one could steal.
+    let exec = executor(2);
+    SPAWNING_EXEC.set(exec).ok().unwrap();
+    exec.set_idle_work(spawn_on_cpu_0);
+    CPU.with(|c| c.set(1));
+    turns(exec, 1);
+    assert!(exec.has_queued_work(0));
+    assert_eq!(exec.stats(1).idles, 0, "halted with a task to steal");
+    turns(exec, 2);
+    assert_eq!((exec.stats(1).stolen, exec.live_tasks()), (1, 0));
+
+    // A timer of this CPU that fell due.
+    let exec = executor(1);
+    TIMING_EXEC.set(exec).ok().unwrap();
+    exec.set_idle_work(arm_a_timer_and_let_it_fall_due);
+    CPU.with(|c| c.set(0));
+    turns(exec, 1);
+    assert_eq!(exec.armed_timers(0), 1);
+    assert_eq!(exec.stats(0).idles, 0, "halted with a timer due");
+    turns(exec, 1);
+    assert_eq!((exec.armed_timers(0), exec.stats(0).timers_fired), (0, 1));
+    drop(SLEEP_IN_IDLE_WORK.lock().unwrap().take());
+}
+
+/// Timers that fall due together all fire in one turn, however many (they are taken
+/// off the list in groups of 16), and in deadline order.
+#[test]
+fn every_due_timer_fires_in_one_turn() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let fired = Arc::new(Mutex::new(Vec::new()));
+    // Far enough ahead that the first turn arms them all, even on a loaded host.
+    let now = exec.platform().now_ns() + 1_000_000_000;
+    for i in (0..40u64).rev() {
+        let fired = fired.clone();
+        // Pinned, so each wake lands on CPU 0's queue.
+        exec.spawn_pinned(0, async move {
+            exec.sleep_until(now + i).await;
+            fired.lock().unwrap().push(i);
+        });
+    }
+    turns(exec, 1);
+    assert_eq!(exec.armed_timers(0), 40);
+    assert_eq!(exec.next_deadline(0), Some(now));
+    assert_eq!(exec.sleep_until(12_345).deadline(), 12_345);
+    while exec.platform().now_ns() < now + 40 {
+        thread::sleep(Duration::from_millis(1));
+    }
+    turns(exec, 1);
+    assert_eq!(exec.stats(0).timers_fired, 40);
+    assert_eq!(exec.armed_timers(0), 0);
+    assert_eq!(exec.next_deadline(0), None);
+    turns(exec, 1);
+    assert_eq!(*fired.lock().unwrap(), (0..40).collect::<Vec<_>>());
+}
+
+/// `task_structs` is one count for the whole process, so the exact check runs in a
+/// child process with this test alone: the test binary runs itself, filtered to it.
+#[test]
+fn task_structs_count_tasks_until_their_last_waker_goes() {
+    const ALONE: &str = "PANDA_SCHED_TEST_ALONE";
+    if std::env::var_os(ALONE).is_none() {
+        let name = "tests::task_structs_count_tasks_until_their_last_waker_goes";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "the check alone failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    assert_eq!(exec.task_structs(), 0);
+    let kept = Arc::new(Mutex::new(Vec::<Waker>::new()));
+    for _ in 0..3 {
+        let kept = kept.clone();
+        exec.spawn(std::future::poll_fn(move |cx| {
+            kept.lock().unwrap().push(cx.waker().clone());
+            Poll::Ready(())
+        }));
+    }
+    assert_eq!(exec.task_structs(), 3);
+    turns(exec, 1);
+    assert_eq!(exec.live_tasks(), 0);
+    assert_eq!(
+        exec.task_structs(),
+        3,
+        "finished, but wakers still name them"
+    );
+    kept.lock().unwrap().pop();
+    assert_eq!(exec.task_structs(), 2);
+    kept.lock().unwrap().clear();
+    assert_eq!(exec.task_structs(), 0);
+}
