@@ -920,6 +920,7 @@ fn out_of_range_cpus_are_clamped_to_the_last_one() {
     assert_eq!(exec.stats(1).polls, 3);
     assert_eq!(exec.live_tasks(), 0);
     CPU.with(|c| c.set(0));
+    assert_eq!(exec.current_cpu(), 0);
 }
 
 /// New shared work on a CPU whose shared queue already has some wakes one idle CPU to
