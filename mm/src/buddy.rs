@@ -700,4 +700,24 @@ mod tests {
         assert_eq!(after, initial, "everything freed, but not merged back");
         assert_eq!(b.free_runs(MAX_ORDER + 1), 0);
     }
+
+    /// Two ranges that touch stay two: a run of one never merges with its buddy in the
+    /// other, even when both are free.
+    #[test]
+    fn touching_ranges_never_merge() {
+        let mut b = BuddyAllocator::new();
+        // [0, 12 KiB) is an 8 KiB run and a 4 KiB one; [12 KiB, 16 KiB) one 4 KiB run
+        // whose buddy (8 KiB) lies in the first range.
+        b.add_range(0, 3 * FRAME_SIZE);
+        b.add_range(3 * FRAME_SIZE, 4 * FRAME_SIZE);
+        let before: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        assert_eq!(before[..3], [2, 1, 0]);
+        let frames: Vec<_> = (0..4).map(|_| b.alloc(0).unwrap()).collect();
+        for f in frames {
+            b.free(f).unwrap();
+        }
+        let after: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        assert_eq!(after, before, "runs merged across the ranges' common edge");
+        assert_eq!(b.alloc(2), Err(MmError::OutOfMemory));
+    }
 }

@@ -592,6 +592,16 @@ mod tests {
             refused(&elf(BASE, ET_EXEC, &[note()], 0x100)),
             ElfError::Malformed("no loadable segment")
         ));
+        let pie = elf(
+            BASE,
+            ET_DYN,
+            &[load(PF_R | PF_X, 0, BASE, 0x10, 0x10)],
+            0x100,
+        );
+        assert!(reason(&pie).starts_with("position-independent"));
+        let mut core = good();
+        core[16] = 4; // ET_CORE
+        assert_eq!(reason(&core), "not an executable (ET_EXEC)");
         assert_eq!(ElfError::Unsupported("x").describe(), "x");
         assert_eq!(ElfError::BadSegment("y").describe(), "y");
     }
