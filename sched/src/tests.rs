@@ -80,8 +80,15 @@ fn stop_cpus(
     handles: Vec<thread::JoinHandle<()>>,
 ) {
     stop.store(true, Ordering::SeqCst);
-    for cpu in 1..exec.cpu_count() {
-        exec.platform().wake_cpu(cpu);
+    // Wake them until they have all left (a broken executor may keep one in its loop:
+    // fail then, rather than wait for ever).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !handles.iter().all(thread::JoinHandle::is_finished) {
+        assert!(Instant::now() < deadline, "a CPU did not stop");
+        for cpu in 1..exec.cpu_count() {
+            exec.platform().wake_cpu(cpu);
+        }
+        thread::sleep(Duration::from_millis(1));
     }
     for h in handles {
         h.join().unwrap();
@@ -784,7 +791,9 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
     // `stop` is not work a CPU looks for before halting, so a wake-up sent just before
     // a CPU turns interrupts off is taken and the CPU halts: wake until all have left.
     stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !handles.iter().all(thread::JoinHandle::is_finished) {
+        assert!(Instant::now() < deadline, "a CPU did not stop");
         for cpu in 0..CPUS {
             exec.platform().wake_cpu(cpu);
         }
