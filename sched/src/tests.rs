@@ -1066,6 +1066,12 @@ fn a_cpu_with_nothing_to_do_halts() {
         2,
         "a timer not due kept the CPU from halting"
     );
+    assert_eq!(
+        exec.armed_timers(1),
+        1,
+        "a timer not due was taken off the list"
+    );
+    assert_eq!(exec.stats(1).timers_fired, 0);
     CPU.with(|c| c.set(0));
 }
 
@@ -1182,6 +1188,9 @@ fn every_due_timer_fires_in_one_turn() {
     turns(exec, 1);
     assert_eq!(exec.armed_timers(0), 40);
     assert_eq!(exec.next_deadline(0), Some(now));
+    // A turn before the deadline fires none of them.
+    turns(exec, 1);
+    assert_eq!((exec.armed_timers(0), exec.stats(0).timers_fired), (40, 0));
     assert_eq!(exec.sleep_until(12_345).deadline(), 12_345);
     while exec.platform().now_ns() < now + 40 {
         thread::sleep(Duration::from_millis(1));
