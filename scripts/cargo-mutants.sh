@@ -7,7 +7,7 @@
 # closes with `N passed, M failed` (passed = caught or timed out, failed = missed) and
 # exits 0 only if nothing was missed. Equivalent mutants are excluded in
 # .cargo/mutants.toml, each with its reason in docs/TESTING.md.
-# Not part of scripts/test.sh: it takes most of an hour (see docs/TESTING.md).
+# Not part of scripts/test.sh: it takes over an hour (see docs/TESTING.md).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
