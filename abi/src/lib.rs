@@ -114,10 +114,12 @@ pub const USER_REGIONS: [(&str, Region); 4] = [
     ("stack", STACK_REGION),
 ];
 
-const fn layout_is_sound() -> bool {
+/// Whether `regions` obey the invariants above: each page-aligned, non-empty and inside
+/// `[USER_SPACE_START, USER_SPACE_END)`, none covering `guard`, no two overlapping.
+const fn layout_is_sound(regions: &[(&str, Region)], guard: Region) -> bool {
     let mut i = 0;
-    while i < USER_REGIONS.len() {
-        let r = USER_REGIONS[i].1;
+    while i < regions.len() {
+        let r = regions[i].1;
         if r.is_empty()
             || !r.is_page_aligned()
             || r.start < USER_SPACE_START
@@ -125,12 +127,12 @@ const fn layout_is_sound() -> bool {
         {
             return false;
         }
-        if r.overlaps(&STACK_GUARD) {
+        if r.overlaps(&guard) {
             return false;
         }
         let mut j = i + 1;
-        while j < USER_REGIONS.len() {
-            if r.overlaps(&USER_REGIONS[j].1) {
+        while j < regions.len() {
+            if r.overlaps(&regions[j].1) {
                 return false;
             }
             j += 1;
@@ -141,7 +143,7 @@ const fn layout_is_sound() -> bool {
 }
 
 const _: () = assert!(
-    layout_is_sound(),
+    layout_is_sound(&USER_REGIONS, STACK_GUARD),
     "panda-abi: user regions overlap or leave user space"
 );
 
@@ -224,10 +226,56 @@ mod tests {
 
     #[test]
     fn region_predicates() {
+        assert!(Region::new(0x2000, 0x2000).is_empty());
+        assert!(
+            Region::new(0x3000, 0x2000).is_empty(),
+            "an inverted range is empty"
+        );
+        assert!(!Region::new(0x2000, 0x3000).is_empty());
         let r = Region::new(0x1000, 0x3000);
         assert!(r.contains(0x1000) && r.contains(0x2fff) && !r.contains(0x3000));
         assert!(r.overlaps(&Region::new(0x2000, 0x4000)));
         assert!(!r.overlaps(&Region::new(0x3000, 0x4000)));
         assert!(!Region::new(0x1001, 0x2000).is_page_aligned());
+    }
+
+    /// The layout check behind the compile-time assertion refuses each kind of broken
+    /// layout on its own, and accepts regions that touch the limits exactly.
+    #[test]
+    fn the_layout_check_refuses_every_broken_layout() {
+        let ok = |regions: &[Region]| {
+            let named: Vec<(&str, Region)> = regions.iter().map(|&r| ("r", r)).collect();
+            layout_is_sound(&named, STACK_GUARD)
+        };
+        assert!(ok(&USER_REGIONS.map(|(_, r)| r)));
+        assert!(ok(&[]));
+        // Touching both ends of user space, and each other, is fine.
+        assert!(ok(&[
+            Region::new(USER_SPACE_START, 2 * PAGE_SIZE),
+            Region::new(2 * PAGE_SIZE, 3 * PAGE_SIZE),
+            Region::new(USER_SPACE_END - PAGE_SIZE, USER_SPACE_END),
+        ]));
+        let page = Region::new(0x10_0000, 0x10_1000);
+        for (why, bad) in [
+            ("empty", Region::new(0x10_0000, 0x10_0000)),
+            ("unaligned start", Region::new(0x10_0008, 0x10_1000)),
+            ("unaligned end", Region::new(0x10_0000, 0x10_0ff8)),
+            ("the null page", Region::new(0, PAGE_SIZE)),
+            (
+                "past user space",
+                Region::new(USER_SPACE_END - PAGE_SIZE, USER_SPACE_END + PAGE_SIZE),
+            ),
+            ("the stack guard", STACK_GUARD),
+            ("an overlap", Region::new(0x10_0000, 0x10_2000)),
+        ] {
+            assert!(!ok(&[page, bad]), "{why} accepted (second)");
+            assert!(!ok(&[bad, page]), "{why} accepted (first)");
+        }
+        // The overlap is found between any two, not only neighbours.
+        assert!(!ok(&[
+            page,
+            Region::new(0x20_0000, 0x20_1000),
+            Region::new(0x10_0000, 0x10_1000),
+        ]));
     }
 }

@@ -306,6 +306,15 @@ mod tests {
     }
 
     #[test]
+    fn exit_status_is_the_code_truncated_to_32_bits() {
+        assert_eq!(exit_status(0), 0);
+        assert_eq!(exit_status(42), 42);
+        assert_eq!(exit_status(u32::MAX as u64), u32::MAX as usize);
+        assert_eq!(exit_status((1 << 32) + 5), 5);
+        assert_eq!(exit_status(u64::MAX), u32::MAX as usize);
+    }
+
+    #[test]
     fn results_round_trip() {
         for e in Error::ALL {
             assert!(e.to_result() < 0);

@@ -451,4 +451,273 @@ mod tests {
         // Nothing of order 9 (2 MiB) may exist: no aligned 2 MiB run is wholly free.
         assert_eq!(b.free_runs(9), 0);
     }
+
+    /// Ranges are rounded inward to whole frames; empty and inverted ones add nothing.
+    #[test]
+    fn ranges_are_rounded_inward_and_counted() {
+        let mut b = BuddyAllocator::new();
+        b.add_range(0x5000, 0x5000);
+        b.add_range(0x9000, 0x8000);
+        b.add_range(0x1001, 0x1fff);
+        assert_eq!((b.total_frames(), b.free_frames()), (0, 0));
+        b.add_range(0x1001, 0x5fff);
+        assert_eq!((b.total_frames(), b.free_frames()), (3, 3));
+        let frames: Vec<u64> = (0..3).map(|_| b.alloc(0).unwrap().addr()).collect();
+        assert_eq!(frames.iter().min(), Some(&0x2000));
+        assert_eq!(frames.iter().max(), Some(&0x4000));
+        assert_eq!((b.total_frames(), b.free_frames()), (3, 0));
+        assert_eq!(b.alloc(0), Err(MmError::OutOfMemory));
+    }
+
+    /// The largest split run (64 frames, a full bitmap) comes back frame by frame, and
+    /// frames just past a split run are not taken for its own.
+    #[test]
+    fn the_largest_split_run_and_frames_past_split_runs() {
+        let mut b = BuddyAllocator::new();
+        b.add_range(0, 4 << 20);
+        let total = b.free_frames();
+        let run = b.alloc_split(MAX_SPLIT_ORDER).unwrap().addr();
+        assert_eq!(run % (64 * FRAME_SIZE), 0);
+        assert_eq!(b.free_frames(), total - 64);
+        for i in 0..64 {
+            assert!(b.is_allocated(run + i * FRAME_SIZE), "frame {i} of the run");
+        }
+        for past in [64, 65, 100, 1000] {
+            let addr = run + past * FRAME_SIZE;
+            assert!(!b.is_allocated(addr));
+            assert_eq!(b.free(PhysFrame(addr)), Err(MmError::NotAllocated));
+            let mut one = [addr];
+            assert_eq!(b.free_many(&mut one), 1);
+        }
+        for i in (0..64).rev() {
+            b.free(PhysFrame(run + i * FRAME_SIZE)).unwrap();
+            assert!(!b.is_allocated(run + i * FRAME_SIZE));
+        }
+        assert_eq!(b.free_frames(), total);
+        assert_eq!(b.free_runs(MAX_ORDER), 1, "the run merged back whole");
+        assert_eq!(b.bookkeeping_entries(), 1);
+    }
+
+    /// The allocator against a plain model (a map of every frame's owner) under a long
+    /// random workload of `alloc`, `alloc_split`, `free` and `free_many`, on two ranges
+    /// with unaligned ends and a one-frame hole between them. After every step: the
+    /// counts, `is_allocated` of every frame, the bookkeeping, and the buddy promise
+    /// that a request fails only if no aligned block of that size is free.
+    #[test]
+    fn a_random_workload_matches_a_plain_model() {
+        const BASE: u64 = 0x100_0000;
+        let ranges = [
+            (BASE + 3 * FRAME_SIZE, BASE + 700 * FRAME_SIZE),
+            (BASE + 701 * FRAME_SIZE, BASE + 1100 * FRAME_SIZE),
+        ];
+        let mut b = BuddyAllocator::new();
+        for (s, e) in ranges {
+            b.add_range(s, e);
+        }
+        let total = 697 + 399;
+        assert_eq!((b.total_frames(), b.free_frames()), (total, total));
+        let initial: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        // Whole runs: start -> frames. Split runs: start -> frames still out.
+        let mut whole: std::collections::BTreeMap<u64, u64> = Default::default();
+        let mut split: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> =
+            Default::default();
+        let frame_of = |i: u64| BASE + i * FRAME_SIZE;
+        let in_use = |whole: &std::collections::BTreeMap<u64, u64>,
+                      split: &std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>>,
+                      a: u64| {
+            whole
+                .range(..=a)
+                .next_back()
+                .is_some_and(|(&s, &n)| a < s + n * FRAME_SIZE)
+                || split.values().any(|out| out.contains(&a))
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for step in 0..3000 {
+            match next() % 8 {
+                0..=2 => {
+                    let split_it = next() % 2 == 0;
+                    let order = (next() % if split_it { 8 } else { 12 }) as usize;
+                    let got = if split_it {
+                        b.alloc_split(order)
+                    } else {
+                        b.alloc(order)
+                    };
+                    let limit = if split_it { MAX_SPLIT_ORDER } else { MAX_ORDER };
+                    if order > limit {
+                        assert_eq!(got, Err(MmError::Invalid), "step {step}");
+                        continue;
+                    }
+                    let frames = 1u64 << order;
+                    let size = frames * FRAME_SIZE;
+                    // Whether some aligned block of this size is wholly free.
+                    let fits = ranges.iter().any(|&(s, e)| {
+                        (s.div_ceil(size) * size..e)
+                            .step_by(size as usize)
+                            .any(|at| {
+                                at + size <= e
+                                    && (0..frames)
+                                        .all(|i| !in_use(&whole, &split, at + i * FRAME_SIZE))
+                            })
+                    });
+                    match got {
+                        Ok(f) => {
+                            let at = f.addr();
+                            assert_eq!(at % size, 0, "step {step}: misaligned");
+                            assert!(ranges.iter().any(|&(s, e)| s <= at && at + size <= e));
+                            for i in 0..frames {
+                                assert!(
+                                    !in_use(&whole, &split, at + i * FRAME_SIZE),
+                                    "step {step}: handed out twice"
+                                );
+                            }
+                            if split_it {
+                                split
+                                    .insert(at, (0..frames).map(|i| at + i * FRAME_SIZE).collect());
+                            } else {
+                                whole.insert(at, frames);
+                            }
+                        }
+                        Err(e) => {
+                            assert_eq!(e, MmError::OutOfMemory);
+                            assert!(
+                                !fits,
+                                "step {step}: order {order} refused with a free block"
+                            );
+                        }
+                    }
+                }
+                3..=5 => {
+                    // Free something handed out (or, one time in four, anything).
+                    let addr = if next() % 4 == 0 || (whole.is_empty() && split.is_empty()) {
+                        frame_of(next() % 1104)
+                    } else if next() % 2 == 0 && !whole.is_empty() {
+                        *whole
+                            .keys()
+                            .nth((next() % whole.len() as u64) as usize)
+                            .unwrap()
+                    } else if let Some(out) = split
+                        .values()
+                        .nth((next() % split.len().max(1) as u64) as usize)
+                    {
+                        *out.iter()
+                            .nth((next() % out.len() as u64) as usize)
+                            .unwrap()
+                    } else {
+                        frame_of(next() % 1104)
+                    };
+                    let valid =
+                        whole.contains_key(&addr) || split.values().any(|o| o.contains(&addr));
+                    let got = b.free(PhysFrame(addr));
+                    assert_eq!(got.is_ok(), valid, "step {step}: free {addr:#x}");
+                    whole.remove(&addr);
+                    split.retain(|_, out| {
+                        out.remove(&addr);
+                        !out.is_empty()
+                    });
+                }
+                _ => {
+                    // A batch: split frames, whole runs, duplicates and strangers.
+                    let mut batch = Vec::new();
+                    for _ in 0..next() % 40 {
+                        let pick = next();
+                        let addr = match pick % 5 {
+                            0 => frame_of(next() % 1104),
+                            1 if !whole.is_empty() => *whole
+                                .keys()
+                                .nth((next() % whole.len() as u64) as usize)
+                                .unwrap(),
+                            _ if !split.is_empty() => {
+                                let out = split
+                                    .values()
+                                    .nth((next() % split.len() as u64) as usize)
+                                    .unwrap();
+                                *out.iter()
+                                    .nth((next() % out.len() as u64) as usize)
+                                    .unwrap()
+                            }
+                            _ => frame_of(next() % 1104),
+                        };
+                        batch.push(addr);
+                        if pick % 7 == 0 {
+                            batch.push(addr);
+                        }
+                    }
+                    let mut distinct = batch.clone();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    let valid = distinct
+                        .iter()
+                        .filter(|a| whole.contains_key(a) || split.values().any(|o| o.contains(a)))
+                        .count();
+                    let rejected = b.free_many(&mut batch);
+                    assert_eq!(rejected, batch.len() - valid, "step {step}: free_many");
+                    for a in distinct {
+                        whole.remove(&a);
+                        split.retain(|_, out| {
+                            out.remove(&a);
+                            !out.is_empty()
+                        });
+                    }
+                }
+            }
+            let out: u64 =
+                whole.values().sum::<u64>() + split.values().map(|o| o.len() as u64).sum::<u64>();
+            assert_eq!(b.free_frames(), total - out, "step {step}: free count");
+            assert_eq!(b.total_frames(), total);
+            let runs: usize = (0..=MAX_ORDER).map(|o| b.free_runs(o)).sum();
+            assert_eq!(
+                b.bookkeeping_entries(),
+                runs + whole.len() + split.len(),
+                "step {step}: bookkeeping"
+            );
+            if step % 50 == 0 {
+                for i in 0..1104 {
+                    let a = frame_of(i);
+                    assert_eq!(
+                        b.is_allocated(a),
+                        in_use(&whole, &split, a),
+                        "step {step}: frame {i}"
+                    );
+                }
+            }
+        }
+        for (&s, _) in whole.iter() {
+            b.free(PhysFrame(s)).unwrap();
+        }
+        for out in split.values() {
+            for &a in out {
+                b.free(PhysFrame(a)).unwrap();
+            }
+        }
+        assert_eq!(b.free_frames(), total);
+        let after: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        assert_eq!(after, initial, "everything freed, but not merged back");
+        assert_eq!(b.free_runs(MAX_ORDER + 1), 0);
+    }
+
+    /// Two ranges that touch stay two: a run of one never merges with its buddy in the
+    /// other, even when both are free.
+    #[test]
+    fn touching_ranges_never_merge() {
+        let mut b = BuddyAllocator::new();
+        // [0, 12 KiB) is an 8 KiB run and a 4 KiB one; [12 KiB, 16 KiB) one 4 KiB run
+        // whose buddy (8 KiB) lies in the first range.
+        b.add_range(0, 3 * FRAME_SIZE);
+        b.add_range(3 * FRAME_SIZE, 4 * FRAME_SIZE);
+        let before: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        assert_eq!(before[..3], [2, 1, 0]);
+        let frames: Vec<_> = (0..4).map(|_| b.alloc(0).unwrap()).collect();
+        for f in frames {
+            b.free(f).unwrap();
+        }
+        let after: Vec<usize> = (0..=MAX_ORDER).map(|o| b.free_runs(o)).collect();
+        assert_eq!(after, before, "runs merged across the ranges' common edge");
+        assert_eq!(b.alloc(2), Err(MmError::OutOfMemory));
+    }
 }

@@ -440,4 +440,95 @@ mod tests {
         f.free_contiguous(run).unwrap();
         assert_eq!(f.total_free(), 2048);
     }
+
+    #[test]
+    fn cpu_numbers_past_the_last_mean_the_last() {
+        let f = frames(2, 256);
+        let a = f.alloc(9).unwrap();
+        assert_eq!(f.stats(1).refills, 1);
+        assert_eq!(f.stats(1), f.stats(5));
+        assert_eq!(f.stats(0).refills, 0);
+        let b = f.try_alloc(usize::MAX).unwrap();
+        f.free(3, a).unwrap();
+        f.free(1, b).unwrap();
+        assert_eq!(f.stats(1).cached, BATCH);
+        assert_eq!(f.total_free(), 256);
+    }
+
+    /// With an empty cache, `try_alloc` takes one frame from the global allocator (no
+    /// refill), and fails while the global allocator's lock is held.
+    #[test]
+    fn try_alloc_with_an_empty_cache_goes_to_the_global_allocator() {
+        let f = frames(1, 100);
+        {
+            let _held = f.global.lock();
+            assert_eq!(f.try_alloc(0), Err(MmError::OutOfMemory));
+        }
+        let a = f.try_alloc(0).unwrap();
+        assert!(f.is_in_use(a));
+        assert_eq!(f.stats(0), CacheStats::default(), "no refill, no hit");
+        assert_eq!(f.global_free(), 99);
+        // From a cache with frames: a hit, the last frame cached first.
+        f.free(0, a).unwrap();
+        assert_eq!(f.try_alloc(0), Ok(a));
+        assert_eq!((f.stats(0).hits, f.stats(0).cached), (1, 0));
+        f.free(0, a).unwrap();
+        assert_eq!(f.total_free(), 100);
+    }
+
+    /// When no aligned batch is left, a refill takes single frames, as many as there are.
+    #[test]
+    fn a_fragmented_allocator_refills_frame_by_frame() {
+        let f = frames(1, 40);
+        // Keep every other frame of the first 32-frame run out.
+        let mut held = Vec::new();
+        let mut all = Vec::new();
+        for _ in 0..40 {
+            all.push(f.alloc_contiguous(0).unwrap());
+        }
+        for (i, fr) in all.into_iter().enumerate() {
+            if i % 2 == 0 {
+                held.push(fr);
+            } else {
+                f.free_contiguous(fr).unwrap();
+            }
+        }
+        assert_eq!(f.global_free(), 20);
+        let first = f.alloc(0).unwrap();
+        assert_eq!(f.stats(0).refills, 1);
+        assert_eq!(
+            f.stats(0).cached,
+            19,
+            "all 20 single frames, one handed out"
+        );
+        assert_eq!(f.global_free(), 0);
+        let mut got = vec![first];
+        for _ in 0..19 {
+            got.push(f.alloc(0).unwrap());
+        }
+        assert_eq!(f.alloc(0), Err(MmError::OutOfMemory));
+        let distinct: HashSet<_> = got.iter().chain(&held).collect();
+        assert_eq!(distinct.len(), 40);
+        for fr in got.into_iter().chain(held) {
+            f.free(0, fr).unwrap();
+        }
+        assert_eq!(f.total_free(), 40);
+    }
+
+    #[test]
+    fn totals_bookkeeping_and_bulk_frees() {
+        let f = frames(2, 256);
+        assert_eq!(f.total_frames(), 256);
+        assert_eq!(f.bookkeeping_entries(), 1, "one free run of 256 frames");
+        let run = f.alloc_contiguous(3).unwrap();
+        let entries = f.bookkeeping_entries();
+        assert!(entries > 1, "split runs and one allocated run: {entries}");
+        let mut frames: Vec<u64> = (0..8).map(|i| run.addr() + i * 4096).collect();
+        frames.push(0x4000_0000);
+        // Only the run's first frame frees it; the rest and the stranger are rejected.
+        assert_eq!(f.free_many(&mut frames), 8);
+        assert_eq!(f.total_free(), 256);
+        assert_eq!(f.bookkeeping_entries(), 1);
+        assert_eq!(f.total_frames(), 256);
+    }
 }

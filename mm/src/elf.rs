@@ -465,4 +465,144 @@ mod tests {
             }
         }
     }
+
+    fn reason(file: &[u8]) -> &'static str {
+        refused(file).describe()
+    }
+
+    /// The edges of every rule, each accepted exactly at its limit and refused one
+    /// past it, with the reason given.
+    #[test]
+    fn limits_are_exact_and_reasons_given() {
+        let heap = panda_abi::HEAP_BASE as u64;
+        let ok = |entry: u64, phs: &[Ph], size: usize| plan(&elf(entry, ET_EXEC, phs, size));
+        // File bytes ending exactly at the end of the file.
+        assert!(ok(
+            BASE,
+            &[load(PF_R | PF_X, 0x1e00, BASE, 0x200, 0x200)],
+            0x2000
+        )
+        .is_ok());
+        assert_eq!(
+            reason(&elf(
+                BASE,
+                ET_EXEC,
+                &[load(PF_R | PF_X, 0x1e01, BASE, 0x200, 0x200)],
+                0x2000
+            )),
+            "segment bytes past the end of the file"
+        );
+        // A segment ending exactly at the heap.
+        let last = heap - 0x1000;
+        assert!(ok(
+            last,
+            &[load(PF_R | PF_X, 0x1000, last, 0x10, 0x1000)],
+            0x2000
+        )
+        .is_ok());
+        assert_eq!(
+            reason(&elf(
+                last,
+                ET_EXEC,
+                &[load(PF_R | PF_X, 0x1000, last, 0x10, 0x1001)],
+                0x2000
+            )),
+            "segment outside the ELF region [0x400000, HEAP_BASE)"
+        );
+        // Segments touching, listed in either order; sharing a page, in either order.
+        let low = load(PF_R | PF_X, 0x1000, BASE, 0x10, 0x1000);
+        let high = load(PF_R | PF_W, 0x1000, BASE + 0x1000, 0x10, 0x10);
+        assert!(ok(BASE, &[high, low], 0x2000).is_ok());
+        let low = load(PF_R | PF_X, 0x1000, BASE, 0x10, 0x1001);
+        let high = load(PF_R | PF_W, 0x1000, BASE + 0x1000, 0x10, 0x10);
+        assert_eq!(
+            reason(&elf(BASE, ET_EXEC, &[high, low], 0x2000)),
+            "segments overlap (or share a page)"
+        );
+        // The entry point: the first byte of an executable segment, not the one after.
+        let code = || load(PF_R | PF_X, 0x1000, BASE, 0x10, 0x100);
+        assert!(ok(BASE, &[code()], 0x2000).is_ok());
+        assert!(ok(BASE + 0xff, &[code()], 0x2000).is_ok());
+        assert_eq!(
+            reason(&elf(BASE + 0x100, ET_EXEC, &[code()], 0x2000)),
+            "entry point outside every executable segment"
+        );
+        assert_eq!(
+            reason(&elf(BASE - 1, ET_EXEC, &[code()], 0x2000)),
+            "entry point outside every executable segment"
+        );
+        // Segments of no size in memory are skipped, wherever they claim to be.
+        let empty = load(PF_R | PF_W | PF_X, 0x1000, 0, 0, 0);
+        assert_eq!(
+            ok(BASE, &[empty, code()], 0x2000).unwrap().segments.len(),
+            1
+        );
+        // A file size equal to the memory size is fine, one more is not.
+        assert!(ok(
+            BASE,
+            &[load(PF_R | PF_X, 0x1000, BASE, 0x100, 0x100)],
+            0x2000
+        )
+        .is_ok());
+        assert_eq!(
+            reason(&elf(
+                BASE,
+                ET_EXEC,
+                &[load(PF_R | PF_X, 0x1000, BASE, 0x101, 0x100)],
+                0x2000
+            )),
+            "file size larger than memory size"
+        );
+    }
+
+    /// Program header counts and offsets at their limits.
+    #[test]
+    fn header_limits_are_exact() {
+        let note = || Ph {
+            kind: 4, // PT_NOTE: skipped
+            flags: PF_R,
+            offset: 0,
+            vaddr: 0,
+            filesz: 0,
+            memsz: 0,
+        };
+        let size = 64 + 56 * 65 + 0x100;
+        let mut phs = vec![load(PF_R | PF_X, 0, BASE, 0x10, 0x10)];
+        phs.extend((1..MAX_PROGRAM_HEADERS).map(|_| note()));
+        assert!(
+            plan(&elf(BASE, ET_EXEC, &phs, size)).is_ok(),
+            "the most headers"
+        );
+        phs.push(note());
+        assert_eq!(
+            reason(&elf(BASE, ET_EXEC, &phs, size)),
+            "too many program headers"
+        );
+        // Program headers starting exactly at the end of the file, and past it.
+        let mut f = good();
+        let len = f.len() as u64;
+        f[32..40].copy_from_slice(&len.to_le_bytes());
+        assert_eq!(reason(&f), "program headers cut off");
+        f[32..40].copy_from_slice(&(len + 1).to_le_bytes());
+        assert_eq!(reason(&f), "program headers past the end of the file");
+        let mut f = good();
+        f[56..58].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(reason(&f), "no program headers");
+        assert!(matches!(
+            refused(&elf(BASE, ET_EXEC, &[note()], 0x100)),
+            ElfError::Malformed("no loadable segment")
+        ));
+        let pie = elf(
+            BASE,
+            ET_DYN,
+            &[load(PF_R | PF_X, 0, BASE, 0x10, 0x10)],
+            0x100,
+        );
+        assert!(reason(&pie).starts_with("position-independent"));
+        let mut core = good();
+        core[16] = 4; // ET_CORE
+        assert_eq!(reason(&core), "not an executable (ET_EXEC)");
+        assert_eq!(ElfError::Unsupported("x").describe(), "x");
+        assert_eq!(ElfError::BadSegment("y").describe(), "y");
+    }
 }

@@ -484,4 +484,154 @@ mod tests {
             "non-canonical"
         );
     }
+
+    /// Segments are rounded outward to pages, may touch each other and both ends of
+    /// the ELF region, and are refused when they would share a page, from either side.
+    #[test]
+    fn segment_edges() {
+        let mut r = Regions::new();
+        let base = ELF_LOAD_BASE as u64;
+        let heap = HEAP_BASE as u64;
+        assert_eq!(
+            r.add_segment(base + 0x3123, base + 0x4456, RX),
+            Ok(Segment {
+                start: base + 0x3000,
+                end: base + 0x5000,
+                rights: RX
+            })
+        );
+        // Ending exactly where another starts, and starting exactly where it ends.
+        assert!(r.add_segment(base + 0x2000, base + 0x3000, RW).is_ok());
+        assert!(r.add_segment(base + 0x5000, base + 0x6000, RW).is_ok());
+        assert_eq!(
+            r.add_segment(base + 0x1800, base + 0x2001, RW),
+            Err(MmError::Invalid)
+        );
+        assert_eq!(
+            r.add_segment(base + 0x5fff, base + 0x7000, RW),
+            Err(MmError::Invalid)
+        );
+        // The region's very ends.
+        assert!(r.add_segment(base, base + 0x1000, RW).is_ok());
+        assert!(r.add_segment(heap - 0x1000, heap, RW).is_ok());
+        assert_eq!(
+            r.add_segment(base - 1, base + 0x10, RW),
+            Err(MmError::Invalid)
+        );
+        assert_eq!(
+            r.add_segment(heap - 0x2000, heap + 1, RW),
+            Err(MmError::Invalid)
+        );
+        // Empty, and inverted.
+        assert_eq!(
+            r.add_segment(base + 0x9000, base + 0x9000, RW),
+            Err(MmError::Invalid)
+        );
+        assert_eq!(
+            r.add_segment(base + 0xa000, base + 0x9000, RW),
+            Err(MmError::Invalid)
+        );
+        // Write-only and execute-only rights are fine; only both at once is refused.
+        assert!(r.protect_segment(base, RW).is_ok());
+        assert!(r.protect_segment(base, RX).is_ok());
+        assert_eq!(
+            r.classify(base + 0xfff, Access::Execute),
+            FaultDecision::DemandZero(RX)
+        );
+        assert_eq!(
+            r.classify(base + 0x6000, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        assert_eq!(
+            r.classify(base + 0x5fff, Access::Read),
+            FaultDecision::DemandZero(RW)
+        );
+        assert_eq!(
+            r.classify(base - 1, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+    }
+
+    /// The heap ends at the page holding the break; the stack region's top is not in it.
+    #[test]
+    fn heap_and_stack_edges() {
+        let mut r = Regions::new();
+        let h = HEAP_BASE as u64;
+        assert_eq!(
+            r.classify(h, Access::Read),
+            FaultDecision::OutsideRegions,
+            "empty heap"
+        );
+        r.set_brk(h + 1).unwrap();
+        assert_eq!(r.brk(), h + 1);
+        assert_eq!(
+            r.classify(h + 0xfff, Access::Read),
+            FaultDecision::DemandZero(RW)
+        );
+        assert_eq!(
+            r.classify(h + 0x1000, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        assert_eq!(
+            r.classify(h - 1, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        let top = (STACK_BASE + STACK_MAX_SIZE) as u64;
+        assert_eq!(
+            r.classify(top, Access::Write),
+            FaultDecision::OutsideRegions
+        );
+        assert_eq!(
+            r.classify(top - 1, Access::Read),
+            FaultDecision::DemandZero(RW)
+        );
+        assert_eq!(
+            r.classify(STACK_GUARD.start as u64, Access::Read),
+            FaultDecision::StackOverflow
+        );
+        assert_eq!(
+            r.classify(STACK_GUARD.start as u64 - 1, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        assert_eq!(
+            r.classify(top - 1, Access::Execute),
+            FaultDecision::ProtectionViolation
+        );
+    }
+
+    /// A buffer's last page is in it, the page after is not; a buffer exactly as big
+    /// as what is left fits; a freed buffer's space is found again even below the
+    /// packed part.
+    #[test]
+    fn buffer_edges() {
+        let mut r = Regions::new();
+        let base = BUFFER_BASE as u64;
+        let end = (BUFFER_BASE + BUFFER_MAX_SIZE) as u64;
+        let a = r.alloc_buffer(PAGE).unwrap();
+        let b = r.alloc_buffer(end - base - 2 * PAGE).unwrap();
+        assert_eq!((a, b), (base, base + PAGE));
+        assert_eq!(
+            r.classify(b + (end - base - 2 * PAGE) - 1, Access::Write),
+            FaultDecision::DemandZero(RW)
+        );
+        assert_eq!(
+            r.classify(end - PAGE, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        let c = r.alloc_buffer(PAGE).unwrap();
+        assert_eq!(c, end - PAGE, "exactly the last page");
+        assert_eq!(r.alloc_buffer(1), Err(MmError::OutOfMemory));
+        assert_eq!(r.free_buffer(a), Ok((a, a + PAGE)));
+        assert_eq!(r.classify(a, Access::Read), FaultDecision::OutsideRegions);
+        assert_eq!(
+            r.alloc_buffer(2 * PAGE),
+            Err(MmError::OutOfMemory),
+            "a one-page hole"
+        );
+        assert_eq!(r.alloc_buffer(PAGE), Ok(a));
+        assert_eq!(
+            r.buffers().collect::<Vec<_>>(),
+            vec![(a, a + PAGE), (b, end - PAGE), (c, end)]
+        );
+    }
 }

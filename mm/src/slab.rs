@@ -347,4 +347,64 @@ mod tests {
             }
         }
     }
+
+    /// Objects go to the global list only when a CPU holds more than `2 * BATCH` of a
+    /// class, `BATCH` at a time, and a CPU with an empty list takes a whole batch from
+    /// there: the page count shows which CPU had to carve a new slab.
+    #[test]
+    fn the_global_list_moves_whole_batches_past_twice_a_batch() {
+        let h = heap(100);
+        let class = 3; // 128 bytes: 32 objects per page
+        let per_page = PAGE / class_size(class);
+        assert_eq!(per_page, 32);
+        // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
+        let objs: Vec<*mut u8> = (0..2 * BATCH + 1)
+            .map(|_| unsafe { h.alloc(0, class) }.unwrap())
+            .collect();
+        assert_eq!(h.pages(), (2 * BATCH + 1).div_ceil(per_page));
+        let pages = h.pages();
+        for &o in &objs[..2 * BATCH] {
+            // SAFETY: as above.
+            unsafe { h.free(1, class, o) };
+        }
+        // CPU 1 holds exactly 2 * BATCH: none went global, so CPU 2 carves.
+        // SAFETY: as above.
+        let _ = unsafe { h.alloc(2, class) }.unwrap();
+        assert_eq!(h.pages(), pages + 1, "objects went global at 2 * BATCH");
+        // One more: BATCH of them go global, and CPU 3 takes them all at once ...
+        // SAFETY: as above.
+        unsafe { h.free(1, class, objs[2 * BATCH]) };
+        // SAFETY: as above.
+        let o = unsafe { h.alloc(3, class) }.unwrap();
+        assert!(objs.contains(&o), "CPU 3 did not reuse a freed object");
+        assert_eq!(h.pages(), pages + 1);
+        // ... so CPU 4 finds the global list empty and carves.
+        // SAFETY: as above.
+        let _ = unsafe { h.alloc(4, class) }.unwrap();
+        assert_eq!(h.pages(), pages + 2, "CPU 3 took fewer than a batch");
+        // CPU 3 has the rest of the batch locally: BATCH - 1 more without a page.
+        for _ in 0..BATCH - 1 {
+            // SAFETY: as above.
+            assert!(objs.contains(&unsafe { h.alloc(3, class) }.unwrap()));
+        }
+        assert_eq!(h.pages(), pages + 2);
+    }
+
+    #[test]
+    fn class_sizes_double_from_16_bytes() {
+        let sizes: Vec<usize> = (0..CLASSES).map(class_size).collect();
+        assert_eq!(sizes, [16, 32, 64, 128, 256, 512, 1024, 2048]);
+        for (class, &size) in sizes.iter().enumerate() {
+            assert_eq!(class_of(size, 1), Some(class), "{size} bytes");
+            assert_eq!(class_of(1, size), Some(class), "{size}-byte alignment");
+            if size > 16 {
+                assert_eq!(
+                    class_of(size / 2 + 1, 1),
+                    Some(class),
+                    "{} bytes",
+                    size / 2 + 1
+                );
+            }
+        }
+    }
 }

@@ -357,4 +357,117 @@ mod tests {
         s.on_switch_out(1);
         assert_eq!(s.on_switch_in(1), SwitchFlush::Keep);
     }
+
+    /// `CpuSet` and `CpuMask` against a plain set, over all 256 CPUs (every word and
+    /// every bit position), under random inserts and removes.
+    #[test]
+    fn cpu_sets_match_a_plain_set() {
+        let set = CpuSet::new();
+        let mut mask = CpuMask::default();
+        let mut model = std::collections::BTreeSet::new();
+        assert!(mask.is_empty() && set.snapshot().is_empty());
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let cpu = (x % MAX_CPUS as u64) as usize;
+            if x >> 40 & 1 == 0 {
+                set.insert(cpu);
+                mask.insert(cpu);
+                model.insert(cpu);
+            } else {
+                set.remove(cpu);
+                mask.remove(cpu);
+                model.remove(&cpu);
+            }
+            assert_eq!(set.contains(cpu), model.contains(&cpu), "step {step}");
+            assert_eq!(mask.contains(cpu), model.contains(&cpu), "step {step}");
+            if step % 100 == 0 {
+                let members: Vec<usize> = model.iter().copied().collect();
+                assert_eq!(mask.iter().collect::<Vec<_>>(), members, "step {step}");
+                assert_eq!(set.snapshot(), mask, "step {step}");
+                assert_eq!(mask.is_empty(), model.is_empty());
+                for c in 0..MAX_CPUS {
+                    assert_eq!(set.contains(c), model.contains(&c), "step {step} cpu {c}");
+                }
+            }
+        }
+        for cpu in [0, 63, 64, 127, 128, 255] {
+            let mut one = CpuMask::default();
+            one.insert(cpu);
+            assert_eq!(one.iter().collect::<Vec<_>>(), vec![cpu]);
+            assert!(!one.is_empty());
+            one.remove(cpu);
+            assert!(one.is_empty());
+        }
+    }
+
+    #[test]
+    fn covers_means_every_member_of_the_other() {
+        let mask = |cpus: &[usize]| {
+            let mut m = CpuMask::default();
+            for &c in cpus {
+                m.insert(c);
+            }
+            m
+        };
+        assert!(mask(&[]).covers(&mask(&[])));
+        assert!(mask(&[1, 70, 200]).covers(&mask(&[70, 200])));
+        assert!(mask(&[1, 70, 200]).covers(&mask(&[])));
+        assert!(!mask(&[1, 70]).covers(&mask(&[70, 200])));
+        assert!(!mask(&[]).covers(&mask(&[255])));
+        assert!(!mask(&[64]).covers(&mask(&[65])));
+    }
+
+    /// Up to `FULL_FLUSH_THRESHOLD` pages are flushed one by one, one more flushes
+    /// everything; frames are kept either way, in order.
+    #[test]
+    fn the_full_flush_threshold_is_exact() {
+        let s = TlbState::new();
+        for n in [0, 1, FULL_FLUSH_THRESHOLD, FULL_FLUSH_THRESHOLD + 1, 100] {
+            let mut b = FlushBatch::new();
+            let pages: Vec<u64> = (0..n as u64).map(|i| 0x40_0000 + i * 4096).collect();
+            for (i, &p) in pages.iter().enumerate() {
+                b.add(p, (i % 2 == 0).then(|| frame(i as u64)));
+            }
+            let p = b.commit(&s, 0);
+            if n > FULL_FLUSH_THRESHOLD {
+                assert_eq!(p.scope(), &FlushScope::Everything, "{n} pages");
+            } else {
+                assert_eq!(p.scope(), &FlushScope::Pages(pages), "{n} pages");
+            }
+            let frames = p.complete(&CpuMask::default()).ok().unwrap();
+            let want: Vec<PhysFrame> = (0..n as u64).step_by(2).map(frame).collect();
+            assert_eq!(frames, want);
+        }
+    }
+
+    /// Each commit raises the generation by one; a CPU running the space flushes
+    /// locally and counts as having flushed, one that does not, not.
+    #[test]
+    fn generations_rise_by_one_and_local_flushes_are_acknowledged() {
+        let s = TlbState::new();
+        let g0 = s.generation();
+        assert_eq!(g0, 1);
+        s.on_switch_in(3);
+        let p = FlushBatch::new().commit(&s, 3);
+        assert_eq!((p.generation(), s.generation()), (g0 + 1, g0 + 1));
+        assert!(p.flush_locally() && p.targets().is_empty());
+        let q = FlushBatch::new().commit(&s, 4);
+        assert_eq!(q.generation(), g0 + 2);
+        assert!(!q.flush_locally());
+        assert_eq!(q.targets().iter().collect::<Vec<_>>(), vec![3]);
+        // CPU 3 acknowledges the first commit only: it is still stale.
+        s.acknowledge(3, p.generation());
+        s.on_switch_out(3);
+        assert_eq!(s.on_switch_in(3), SwitchFlush::Flush);
+        s.on_switch_out(3);
+        // An older acknowledgement never lowers what a CPU flushed.
+        s.acknowledge(3, g0);
+        assert_eq!(s.on_switch_in(3), SwitchFlush::Keep);
+        assert_eq!(s.active().iter().collect::<Vec<_>>(), vec![3]);
+        s.on_switch_out(3);
+        assert!(s.active().is_empty());
+    }
 }

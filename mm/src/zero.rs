@@ -476,4 +476,80 @@ mod tests {
             Poll::Ready(Some(_))
         ));
     }
+
+    #[test]
+    fn capacity_cpu_numbers_and_wanting_frames() {
+        let (frames, pools) = (frames(64), ZeroPools::with_capacity(2, 3));
+        assert_eq!(pools.capacity(), 3);
+        assert_eq!(
+            ZeroPools::with_capacity(1, 0).capacity(),
+            1,
+            "at least one frame"
+        );
+        assert_eq!(ZeroPools::new(1).capacity(), POOL_CAPACITY);
+        assert!(pools.wants_frames(0) && pools.wants_frames(1));
+        assert_eq!(pools.refill(1, &frames, 2, |_| {}), 2);
+        assert!(pools.wants_frames(1), "2 of 3");
+        // CPU numbers past the last mean the last.
+        assert_eq!(pools.refill(7, &frames, 10, |_| {}), 1);
+        assert!(!pools.wants_frames(1) && !pools.wants_frames(9));
+        assert_eq!(pools.stats(9).available, 3);
+        assert!(pools.try_take(5).is_some());
+        assert_eq!(pools.stats(1).available, 2);
+        assert_eq!(pools.drain(&frames).unwrap(), 2);
+    }
+
+    /// A take served at once counts a hit; one that had to wait counts a miss and no
+    /// hit when it is served.
+    #[test]
+    fn hits_and_misses_of_take() {
+        let (frames, pools) = (frames(8), ZeroPools::new(1));
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        pools.refill(0, &frames, 1, |_| {});
+        let mut now = pools.take(0);
+        assert!(matches!(
+            Pin::new(&mut now).poll(&mut cx),
+            Poll::Ready(Some(_))
+        ));
+        assert_eq!((pools.stats(0).hits, pools.stats(0).misses), (1, 0));
+        let mut later = pools.take(0);
+        assert!(Pin::new(&mut later).poll(&mut cx).is_pending());
+        pools.refill(0, &frames, 1, |_| {});
+        assert!(matches!(
+            Pin::new(&mut later).poll(&mut cx),
+            Poll::Ready(Some(_))
+        ));
+        assert_eq!((pools.stats(0).hits, pools.stats(0).misses), (1, 1));
+    }
+
+    /// A refill that adds nothing because it was given no budget (or the pool has no
+    /// room) is not news for the waiters: they keep waiting. `wake_starved` is: they
+    /// wake and give up.
+    #[test]
+    fn only_a_real_refill_or_starvation_wakes_the_waiters() {
+        let (frames, pools) = (frames(8), ZeroPools::new(1));
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pools.take(0);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!(pools.refill(0, &frames, 0, |_| {}), 0);
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            0,
+            "woken by an empty refill"
+        );
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert!(pools.has_waiters(0));
+        pools.wake_starved(0);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "not woken as starved");
+        assert!(!pools.has_waiters(0));
+        assert!(matches!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(None)
+        ));
+        assert_eq!(frames.total_free(), 8, "starvation took no frame");
+    }
 }

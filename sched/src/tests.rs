@@ -80,8 +80,15 @@ fn stop_cpus(
     handles: Vec<thread::JoinHandle<()>>,
 ) {
     stop.store(true, Ordering::SeqCst);
-    for cpu in 1..exec.cpu_count() {
-        exec.platform().wake_cpu(cpu);
+    // Wake them until they have all left (a broken executor may keep one in its loop:
+    // fail then, rather than wait for ever).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !handles.iter().all(thread::JoinHandle::is_finished) {
+        assert!(Instant::now() < deadline, "a CPU did not stop");
+        for cpu in 1..exec.cpu_count() {
+            exec.platform().wake_cpu(cpu);
+        }
+        thread::sleep(Duration::from_millis(1));
     }
     for h in handles {
         h.join().unwrap();
@@ -121,7 +128,7 @@ fn ten_thousand_tasks_complete_and_work_is_stolen() {
             done.fetch_add(1, Ordering::SeqCst);
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(20);
     exec.run_until(|| done.load(Ordering::SeqCst) == 10_000 || Instant::now() > deadline);
     stop_cpus(stop, exec, handles);
     assert_eq!(done.load(Ordering::SeqCst), 10_000);
@@ -140,7 +147,8 @@ fn join_handle_returns_the_value() {
     exec.spawn(async move {
         out.store(handle.await, Ordering::SeqCst);
     });
-    exec.run_until(|| got.load(Ordering::SeqCst) != 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| got.load(Ordering::SeqCst) != 0 || Instant::now() > deadline);
     assert_eq!(got.load(Ordering::SeqCst), 42);
 }
 
@@ -180,7 +188,9 @@ fn many_wakes_from_another_cpu_requeue_once() {
         polls: polls.clone(),
         slow: Duration::ZERO,
     });
-    exec.run_until(|| polls.load(Ordering::SeqCst) == 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| polls.load(Ordering::SeqCst) == 1 || Instant::now() > deadline);
+    assert_eq!(polls.load(Ordering::SeqCst), 1);
     // The task is idle now. Wake it 100 times from another thread before running.
     let w = waker.lock().unwrap().clone().unwrap();
     thread::spawn(move || {
@@ -192,7 +202,8 @@ fn many_wakes_from_another_cpu_requeue_once() {
     .unwrap();
     let before = exec.stats(0).polls;
     // One pass: the task must be queued exactly once.
-    exec.run_until(|| exec.stats(0).polls > before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    exec.run_until(|| exec.stats(0).polls > before || Instant::now() > deadline);
     assert_eq!(polls.load(Ordering::SeqCst), 2);
     // Nothing else queued: another turn polls nothing.
     let now = exec.stats(0).polls;
@@ -260,7 +271,7 @@ async fn stay_on(cpu: usize, wrong: Arc<AtomicU64>, done: Arc<AtomicUsize>) {
     done.fetch_add(1, Ordering::SeqCst);
 }
 
-/// Runs CPU 0's loop until `n` tasks are done (30 s at most), then stops the CPUs.
+/// Runs CPU 0's loop until `n` tasks are done (15 s at most), then stops the CPUs.
 fn run_until_done(
     exec: &'static Executor<Threads>,
     stop: &'static AtomicBool,
@@ -268,7 +279,7 @@ fn run_until_done(
     done: &AtomicUsize,
     n: usize,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(15);
     exec.run_until(|| done.load(Ordering::SeqCst) == n || Instant::now() > deadline);
     stop_cpus(stop, exec, handles);
 }
@@ -431,9 +442,11 @@ fn waking_an_idle_cpu_sends_a_wakeup_and_a_busy_one_does_not() {
             std::hint::spin_loop();
         }
     });
-    while !inside.load(Ordering::SeqCst) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !inside.load(Ordering::SeqCst) && Instant::now() < deadline {
         thread::yield_now();
     }
+    assert!(inside.load(Ordering::SeqCst), "CPU 1 never ran its task");
     let before = exec.platform().wakes[1].load(Ordering::SeqCst);
     exec.spawn_pinned(1, async {});
     let after = exec.platform().wakes[1].load(Ordering::SeqCst);
@@ -778,7 +791,9 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
     // `stop` is not work a CPU looks for before halting, so a wake-up sent just before
     // a CPU turns interrupts off is taken and the CPU halts: wake until all have left.
     stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !handles.iter().all(thread::JoinHandle::is_finished) {
+        assert!(Instant::now() < deadline, "a CPU did not stop");
         for cpu in 0..CPUS {
             exec.platform().wake_cpu(cpu);
         }
@@ -788,4 +803,447 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
         h.join().unwrap();
     }
     assert_eq!(exec.live_tasks(), 0);
+}
+
+/// Runs exactly `n` turns of the calling CPU's loop.
+fn turns<P: Platform>(exec: &'static Executor<P>, n: usize) {
+    let left = Cell::new(n);
+    exec.run_until(|| {
+        let done = left.get() == 0;
+        left.set(left.get().saturating_sub(1));
+        done
+    });
+}
+
+static IDLE_WORK_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_idle_work() -> bool {
+    IDLE_WORK_CALLS.fetch_add(1, Ordering::SeqCst);
+    true
+}
+
+/// A turn runs the CPU's own queue, else steals, and only with neither does it call
+/// the idle work (which, returning true, keeps the CPU from halting).
+#[test]
+fn idle_work_runs_only_when_there_is_nothing_to_run_or_steal() {
+    let exec = executor(2);
+    exec.set_idle_work(count_idle_work);
+    CPU.with(|c| c.set(1));
+    turns(exec, 1);
+    assert_eq!(
+        IDLE_WORK_CALLS.load(Ordering::SeqCst),
+        1,
+        "nothing to do: idle work"
+    );
+    assert_eq!(
+        exec.stats(1).idles,
+        0,
+        "idle work that did something: no halt"
+    );
+
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    exec.spawn(async move {
+        r.fetch_add(1, Ordering::SeqCst);
+    });
+    turns(exec, 1);
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        IDLE_WORK_CALLS.load(Ordering::SeqCst),
+        1,
+        "idle work called in a turn that ran a task"
+    );
+
+    // Two tasks queued on CPU 0, which runs no loop: CPU 1's turn steals one.
+    for _ in 0..2 {
+        let r = ran.clone();
+        exec.spawn_on(0, async move {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    turns(exec, 1);
+    assert_eq!(exec.stats(1).stolen, 1, "half of two, rounded up");
+    assert_eq!(
+        IDLE_WORK_CALLS.load(Ordering::SeqCst),
+        1,
+        "idle work called in a turn that stole"
+    );
+    turns(exec, 1);
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        2,
+        "the stolen task ran on CPU 1"
+    );
+    assert!(exec.has_queued_work(0) && !exec.has_queued_work(1));
+    CPU.with(|c| c.set(0));
+}
+
+/// `live_tasks` counts spawned, unfinished tasks; `task_structs` the structures still in
+/// memory (a global count: other tests run alongside, so only lower bounds hold here).
+#[test]
+fn live_tasks_and_task_structs_count_what_is_alive() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let open = Arc::new(AtomicBool::new(false));
+    let wakers = Arc::new(Mutex::new(Vec::<Waker>::new()));
+    for _ in 0..3 {
+        let (open, wakers) = (open.clone(), wakers.clone());
+        exec.spawn(std::future::poll_fn(move |cx| {
+            if open.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            wakers.lock().unwrap().push(cx.waker().clone());
+            Poll::Pending
+        }));
+    }
+    assert_eq!(exec.live_tasks(), 3);
+    assert!(exec.task_structs() >= 3);
+    turns(exec, 1);
+    assert_eq!(wakers.lock().unwrap().len(), 3, "each task polled once");
+    assert_eq!(exec.live_tasks(), 3, "pending tasks are alive");
+    assert!(exec.task_structs() >= 3, "their wakers keep them in memory");
+    open.store(true, Ordering::SeqCst);
+    for w in wakers.lock().unwrap().drain(..) {
+        w.wake();
+    }
+    turns(exec, 1);
+    assert_eq!(exec.live_tasks(), 0);
+}
+
+/// CPU numbers beyond the executor's are clamped to its last CPU, for spawns and for
+/// the platform's own index.
+#[test]
+fn out_of_range_cpus_are_clamped_to_the_last_one() {
+    let exec = executor(2);
+    CPU.with(|c| c.set(7));
+    assert_eq!(exec.current_cpu(), 1);
+    exec.spawn(async {});
+    exec.spawn_on(99, async {});
+    exec.spawn_pinned(usize::MAX, async {});
+    assert!(exec.has_queued_work(1) && !exec.has_queued_work(0));
+    assert!(
+        exec.has_queued_work(5),
+        "asking about CPU 5 asks about CPU 1"
+    );
+    turns(exec, 1);
+    assert_eq!(exec.stats(1).polls, 3);
+    assert_eq!(exec.live_tasks(), 0);
+    CPU.with(|c| c.set(0));
+    assert_eq!(exec.current_cpu(), 0);
+}
+
+/// New shared work on a CPU whose shared queue already has some wakes one idle CPU to
+/// steal it; the first task of a queue, pinned tasks, and busy CPUs get no wake-up.
+/// `StrictHalt` keeps the idle CPU halted until it is woken, so who was woken shows.
+#[test]
+fn spawning_a_second_shared_task_wakes_one_idle_cpu_to_steal_it() {
+    let exec: &'static Executor<StrictHalt> =
+        Box::leak(Box::new(Executor::new(StrictHalt::new(3), 3)));
+    let stop = leak_flag();
+    // CPU 2 runs its loop and halts; CPU 1 runs none, so it never looks idle.
+    let cpu2 = thread::spawn(move || {
+        CPU.with(|c| c.set(2));
+        exec.run_until(|| stop.load(Ordering::SeqCst));
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !exec.is_idle(2) && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert!(exec.is_idle(2) && !exec.is_idle(1));
+    CPU.with(|c| c.set(0));
+    let ran_on = Arc::new(Mutex::new(Vec::new()));
+    let task = |ran_on: Arc<Mutex<Vec<usize>>>| async move {
+        ran_on.lock().unwrap().push(CPU.with(Cell::get));
+    };
+    exec.spawn_pinned(0, task(ran_on.clone()));
+    exec.spawn_pinned(0, task(ran_on.clone()));
+    exec.spawn(task(ran_on.clone()));
+    assert_eq!(exec.stats(0).wakeups_sent, 0, "one shared task: no wake-up");
+    assert!(exec.is_idle(2));
+    exec.spawn(task(ran_on.clone()));
+    assert_eq!(
+        exec.stats(0).wakeups_sent,
+        1,
+        "the second shared task: one wake-up"
+    );
+    // The wake-up went to CPU 2, which steals the two shared tasks (one per turn:
+    // half of the queue, rounded up) and runs them; the pinned ones stay.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ran_on.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert_eq!(
+        *ran_on.lock().unwrap(),
+        [2, 2],
+        "the idle CPU was not the one woken"
+    );
+    assert_eq!(exec.stats(2).stolen, 2);
+    assert!(exec.has_queued_work(0), "pinned tasks were stolen");
+    stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cpu2.is_finished() && Instant::now() < deadline {
+        exec.platform().wake_cpu(2);
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(cpu2.is_finished(), "CPU 2 did not stop");
+    cpu2.join().unwrap();
+}
+
+/// `move_to` lands the task on its CPU and completes only there: pinned, no other CPU
+/// may steal it; unpinned, it is stealable again, and a steal before it arrived only
+/// sends it back. The test thread plays every CPU, one turn at a time.
+#[test]
+fn move_to_lands_on_its_cpu_pinned_or_stealable() {
+    let exec = executor(3);
+    let on = |cpu| CPU.with(|c| c.set(cpu));
+    for pin in [true, false] {
+        on(0);
+        let polled_on = Arc::new(Mutex::new(Vec::new()));
+        let p = polled_on.clone();
+        let handle = exec.spawn(async move {
+            exec.move_to(1, pin).await;
+            p.lock().unwrap().push(CPU.with(Cell::get));
+            exec.yield_now().await;
+            p.lock().unwrap().push(CPU.with(Cell::get));
+        });
+        // CPU 0 polls it: it asks to move and is queued on CPU 1 at once.
+        turns(exec, 1);
+        assert!(!handle.is_finished());
+        assert!(exec.has_queued_work(1), "not queued on CPU 1 (pin {pin})");
+        assert!(!exec.has_queued_work(0) && !exec.has_queued_work(2));
+        // CPU 0 steals it only if it is not pinned; polled on CPU 0, it asks again.
+        turns(exec, 2);
+        assert_eq!(exec.stats(0).stolen, u64::from(!pin), "pin {pin}");
+        assert!(
+            polled_on.lock().unwrap().is_empty(),
+            "moved, but not to CPU 1"
+        );
+        assert!(exec.has_queued_work(1) && !exec.has_queued_work(0));
+        on(1);
+        turns(exec, 1);
+        assert_eq!(*polled_on.lock().unwrap(), [1]);
+        // It yielded and is queued on CPU 1 again: CPU 2 may steal it only if shared.
+        on(2);
+        turns(exec, 2);
+        on(1);
+        turns(exec, 1);
+        let last = if pin { 1 } else { 2 };
+        assert_eq!(*polled_on.lock().unwrap(), [1, last], "pin {pin}");
+        assert!(handle.is_finished());
+    }
+    // A CPU past the last one means the last one.
+    on(0);
+    let landed = Arc::new(AtomicUsize::new(usize::MAX));
+    let l = landed.clone();
+    exec.spawn(async move {
+        exec.move_to(99, true).await;
+        l.store(CPU.with(Cell::get), Ordering::SeqCst);
+    });
+    turns(exec, 1);
+    on(2);
+    turns(exec, 1);
+    assert_eq!(landed.load(Ordering::SeqCst), 2);
+    on(0);
+}
+
+/// A CPU with nothing to run, steal or fire halts, and a timer armed for later does not
+/// keep it up.
+#[test]
+fn a_cpu_with_nothing_to_do_halts() {
+    let exec = executor(2);
+    CPU.with(|c| c.set(1));
+    turns(exec, 1);
+    assert_eq!(exec.stats(1).idles, 1);
+    let mut later = Box::pin(exec.sleep(u64::MAX / 2));
+    let waker = Waker::noop();
+    assert!(later
+        .as_mut()
+        .poll(&mut Context::from_waker(waker))
+        .is_pending());
+    turns(exec, 1);
+    assert_eq!(
+        exec.stats(1).idles,
+        2,
+        "a timer not due kept the CPU from halting"
+    );
+    assert_eq!(
+        exec.armed_timers(1),
+        1,
+        "a timer not due was taken off the list"
+    );
+    assert_eq!(exec.stats(1).timers_fired, 0);
+    CPU.with(|c| c.set(0));
+}
+
+// The last look before halting (`go_idle`) must see work that appeared after the
+// turn's own checks. The idle work, which runs right before it, makes some: a wake
+// of a task on this CPU, a spawn on another CPU, a timer that falls due.
+static WAKE_IN_IDLE_WORK: Mutex<Option<Waker>> = Mutex::new(None);
+static SPAWNING_EXEC: std::sync::OnceLock<&'static Executor<Threads>> = std::sync::OnceLock::new();
+static SPAWNED_IN_IDLE_WORK: AtomicBool = AtomicBool::new(false);
+static TIMING_EXEC: std::sync::OnceLock<&'static Executor<Threads>> = std::sync::OnceLock::new();
+static SLEEP_IN_IDLE_WORK: Mutex<Option<Pin<Box<crate::Sleep>>>> = Mutex::new(None);
+
+fn wake_a_task() -> bool {
+    if let Some(w) = WAKE_IN_IDLE_WORK.lock().unwrap().take() {
+        w.wake();
+    }
+    false
+}
+
+fn spawn_on_cpu_0() -> bool {
+    if !SPAWNED_IN_IDLE_WORK.swap(true, Ordering::SeqCst) {
+        SPAWNING_EXEC.get().unwrap().spawn_on(0, async {});
+    }
+    false
+}
+
+fn arm_a_timer_and_let_it_fall_due() -> bool {
+    let mut slot = SLEEP_IN_IDLE_WORK.lock().unwrap();
+    if slot.is_none() {
+        let exec = TIMING_EXEC.get().unwrap();
+        // Armed only if the poll comes before the deadline: on a loaded host, try
+        // again further out.
+        let mut ahead = 50_000;
+        let (sleep, deadline) = loop {
+            let deadline = exec.platform().now_ns() + ahead;
+            let mut sleep = Box::pin(exec.sleep_until(deadline));
+            let cx = &mut Context::from_waker(Waker::noop());
+            if sleep.as_mut().poll(cx).is_pending() {
+                break (sleep, deadline);
+            }
+            ahead *= 4;
+        };
+        while exec.platform().now_ns() < deadline {
+            std::hint::spin_loop();
+        }
+        *slot = Some(sleep);
+    }
+    false
+}
+
+#[test]
+fn the_last_look_before_halting_sees_work_that_just_appeared() {
+    // A task on this CPU, woken by the idle work.
+    let exec = executor(1);
+    exec.set_idle_work(wake_a_task);
+    CPU.with(|c| c.set(0));
+    let polls = Arc::new(AtomicUsize::new(0));
+    let p = polls.clone();
+    exec.spawn(std::future::poll_fn(move |cx| {
+        if p.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Poll::Ready(());
+        }
+        *WAKE_IN_IDLE_WORK.lock().unwrap() = Some(cx.waker().clone());
+        Poll::Pending
+    }));
+    turns(exec, 2);
+    assert_eq!(polls.load(Ordering::SeqCst), 1);
+    assert!(exec.has_queued_work(0));
+    assert_eq!(exec.stats(0).idles, 0, "halted with a task queued");
+    turns(exec, 1);
+    assert_eq!((polls.load(Ordering::SeqCst), exec.live_tasks()), (2, 0));
+
+    // A task spawned on another CPU, which this one could steal.
+    let exec = executor(2);
+    SPAWNING_EXEC.set(exec).ok().unwrap();
+    exec.set_idle_work(spawn_on_cpu_0);
+    CPU.with(|c| c.set(1));
+    turns(exec, 1);
+    assert!(exec.has_queued_work(0));
+    assert_eq!(exec.stats(1).idles, 0, "halted with a task to steal");
+    turns(exec, 2);
+    assert_eq!((exec.stats(1).stolen, exec.live_tasks()), (1, 0));
+
+    // A timer of this CPU that fell due.
+    let exec = executor(1);
+    TIMING_EXEC.set(exec).ok().unwrap();
+    exec.set_idle_work(arm_a_timer_and_let_it_fall_due);
+    CPU.with(|c| c.set(0));
+    turns(exec, 1);
+    assert_eq!(exec.armed_timers(0), 1);
+    assert_eq!(exec.stats(0).idles, 0, "halted with a timer due");
+    turns(exec, 1);
+    assert_eq!((exec.armed_timers(0), exec.stats(0).timers_fired), (0, 1));
+    drop(SLEEP_IN_IDLE_WORK.lock().unwrap().take());
+}
+
+/// Timers that fall due together all fire in one turn, however many (they are taken
+/// off the list in groups of 16), and in deadline order.
+#[test]
+fn every_due_timer_fires_in_one_turn() {
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    let fired = Arc::new(Mutex::new(Vec::new()));
+    // Far enough ahead that the first turn arms them all, even on a loaded host.
+    let now = exec.platform().now_ns() + 1_000_000_000;
+    for i in (0..40u64).rev() {
+        let fired = fired.clone();
+        // Pinned, so each wake lands on CPU 0's queue.
+        exec.spawn_pinned(0, async move {
+            exec.sleep_until(now + i).await;
+            fired.lock().unwrap().push(i);
+        });
+    }
+    turns(exec, 1);
+    assert_eq!(exec.armed_timers(0), 40);
+    assert_eq!(exec.next_deadline(0), Some(now));
+    // A turn before the deadline fires none of them.
+    turns(exec, 1);
+    assert_eq!((exec.armed_timers(0), exec.stats(0).timers_fired), (40, 0));
+    assert_eq!(exec.sleep_until(12_345).deadline(), 12_345);
+    while exec.platform().now_ns() < now + 40 {
+        thread::sleep(Duration::from_millis(1));
+    }
+    turns(exec, 1);
+    assert_eq!(exec.stats(0).timers_fired, 40);
+    assert_eq!(exec.armed_timers(0), 0);
+    assert_eq!(exec.next_deadline(0), None);
+    turns(exec, 1);
+    assert_eq!(*fired.lock().unwrap(), (0..40).collect::<Vec<_>>());
+}
+
+/// `task_structs` is one count for the whole process, so the exact check runs in a
+/// child process with this test alone: the test binary runs itself, filtered to it.
+#[test]
+fn task_structs_count_tasks_until_their_last_waker_goes() {
+    const ALONE: &str = "PANDA_SCHED_TEST_ALONE";
+    if std::env::var_os(ALONE).is_none() {
+        let name = "tests::task_structs_count_tasks_until_their_last_waker_goes";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "the check alone failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let exec = executor(1);
+    CPU.with(|c| c.set(0));
+    assert_eq!(exec.task_structs(), 0);
+    let kept = Arc::new(Mutex::new(Vec::<Waker>::new()));
+    for _ in 0..3 {
+        let kept = kept.clone();
+        exec.spawn(std::future::poll_fn(move |cx| {
+            kept.lock().unwrap().push(cx.waker().clone());
+            Poll::Ready(())
+        }));
+    }
+    assert_eq!(exec.task_structs(), 3);
+    turns(exec, 1);
+    assert_eq!(exec.live_tasks(), 0);
+    assert_eq!(
+        exec.task_structs(),
+        3,
+        "finished, but wakers still name them"
+    );
+    kept.lock().unwrap().pop();
+    assert_eq!(exec.task_structs(), 2);
+    kept.lock().unwrap().clear();
+    assert_eq!(exec.task_structs(), 0);
 }
