@@ -5,7 +5,8 @@ Run through scripts/mutants.sh (see --help there). For each mutation: copy the t
 tree to a scratch directory, apply the one edit, run scripts/test.sh there (--quick by
 default), and print `caught NAME` if the suite failed or `SURVIVED NAME` if it passed.
 A mutation whose text is no longer in the source is `STALE` (the list must follow the
-code), and one that no longer compiles is `UNBUILT`; both count as failures. Closes with `N passed, M failed` (passed = caught).
+code), one that no longer compiles is `UNBUILT`, and a run whose tests could not start
+(exit 64 or 69) is `ERROR`; all three count as failures. Closes with `N passed, M failed` (passed = caught).
 """
 import argparse
 import os
@@ -114,13 +115,26 @@ def tracked_files(root):
 
 
 def copy_tree(root, dest):
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
+    """Makes `dest` hold the tracked files of `root`, rewriting only the files whose
+    contents differ: a rewritten file gets a fresh mtime, so cargo rebuilds exactly the
+    crates whose sources changed since the last mutation (the one mutated last time is
+    rewritten back). Copying with the original mtimes instead let cargo keep a crate
+    built from the previous mutation, whose source then looked older than its build."""
     for rel in tracked_files(root):
         src = os.path.join(root, rel)
         dst = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copy2(src, dst)
+        with open(src, "rb") as f:
+            data = f.read()
+        try:
+            with open(dst, "rb") as f:
+                same = f.read() == data
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with open(dst, "wb") as f:
+                f.write(data)
+            shutil.copymode(src, dst)
 
 
 def main():
@@ -148,11 +162,21 @@ def main():
     work = args.out or os.path.join(root, "build", "mutants")
     os.makedirs(work, exist_ok=True)
     scratch = os.path.join(work, "tree")
-    env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(work, "target"))
+    # One target directory for every mutation (incremental builds), reached as the
+    # scratch tree's own `target/`: scripts/lib.sh looks for binaries there.
+    shared_target = os.path.join(work, "target")
+    os.makedirs(shared_target, exist_ok=True)
+    env = dict(os.environ)
+    env.pop("CARGO_TARGET_DIR", None)
     caught = failed = 0
     start = time.time()
     for i, (name, path, find, replace, catcher) in enumerate(chosen, 1):
         copy_tree(root, scratch)
+        link = os.path.join(scratch, "target")
+        if not os.path.islink(link):
+            if os.path.isdir(link):
+                shutil.rmtree(link)
+            os.symlink(shared_target, link)
         target = os.path.join(scratch, path)
         with open(target) as f:
             text = f.read()
@@ -184,10 +208,17 @@ def main():
             status = subprocess.run(cmd, cwd=scratch, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         took = time.time() - t0
-        if status != 0:
+        with open(log, errors="replace") as f:
+            fails = [line.strip() for line in f if line.startswith("FAIL")]
+        # Exit 64 (usage) or 69 (set-up) is the harness failing, not a test catching
+        # the bug: it proves nothing either way.
+        setup = [line for line in fails if "exit 64" in line or "exit 69" in line]
+        if status != 0 and setup:
+            failed += 1
+            print(f"ERROR {name}: the tests could not run ({setup[0][:110]}; log {log})",
+                  flush=True)
+        elif status != 0:
             caught += 1
-            with open(log, errors="replace") as f:
-                fails = [line.strip() for line in f if line.startswith("FAIL")]
             first = fails[0][:110] if fails else f"exit {status}"
             print(f"caught {name} ({took:.0f} s; {first})", flush=True)
         else:
