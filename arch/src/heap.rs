@@ -90,6 +90,7 @@ impl KernelHeap {
 // slab lists only by their CPU with interrupts off; frame runs are owned by the block
 // they back until freed with the same layout.
 unsafe impl GlobalAlloc for KernelHeap {
+    // The contract of both methods is `GlobalAlloc`'s; each passes it on unchanged.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract for `alloc` is passed on unchanged.
         let ptr = unsafe { self.alloc_inner(layout) };
