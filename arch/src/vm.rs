@@ -317,9 +317,8 @@ impl VmSpace {
     fn shoot_down(&self, batch: FlushBatch<Frame>) {
         let me = percpu::current_index();
         let pending = batch.commit(&self.tlb, me);
-        // This CPU's request slot: shootdowns started on different CPUs (of different
-        // spaces; one space's are serialised by the kernel's layout lock) run in
-        // parallel.
+        // This CPU's request slot: shootdowns started on different CPUs (of one space
+        // or of different ones) run in parallel; one CPU runs one at a time.
         let Some(slot) = SCOPES.get(me) else {
             return;
         };

@@ -6,7 +6,10 @@
 //! (or a freshly zeroed one), under the page-table lock, so two faults on one page end
 //! with one mapping. Shrinking the heap unmaps pages and runs the shootdown protocol:
 //! CPUs running the space now flush (cross-CPU calls), the others catch up at their
-//! next switch, and the frames are freed only after every target acknowledged.
+//! next switch, and the frames are freed only after every target acknowledged. The
+//! released range stays *retiring* in the region bookkeeping meanwhile (nothing new is
+//! placed there), so no lock is held across the shootdown's wait: two threads of one
+//! process freeing buffers on two CPUs shoot down in parallel.
 //! Dropping the space frees every frame and table page. User threads reach it through
 //! `process` (faults from ring 3, brk, buffers); the in-kernel tests drive it directly.
 
@@ -19,7 +22,7 @@ use panda_arch::frame::{self, Frame};
 use panda_arch::paging::MapError;
 use panda_arch::percpu;
 use panda_arch::vm::VmSpace;
-use panda_mm::region::{Access, FaultDecision, Regions, Rights};
+use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
 use panda_mm::MmError;
 
@@ -101,6 +104,14 @@ fn pooled_frame(cpu: usize) -> Option<Frame> {
     Some(frame)
 }
 
+/// Yields once to the executor (a spin hint where there is none yet).
+async fn yield_once() {
+    match crate::executor::get() {
+        Some(exec) => exec.yield_now().await,
+        None => core::hint::spin_loop(),
+    }
+}
+
 /// Why a fault was not resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultError {
@@ -119,9 +130,9 @@ pub struct AddressSpace {
     /// Bumped by every layout change (before its unmap): a fault that classified its
     /// address under an unchanged generation need not classify again to map.
     layout_gen: AtomicU64,
-    /// Serialises changes of the layout that unmap (brk, buffer free, protect) with
-    /// each other and with buffer allocation, so a range is never handed out again
-    /// before its old pages are unmapped and shot down.
+    /// Serialises segment changes (the loader's `add_segment`, `protect_segment`), so a
+    /// segment's mapped rights end as its bookkeeping says. Brk and buffers do not take
+    /// it: their released ranges retire in the bookkeeping instead.
     layout: Mutex<()>,
 }
 
@@ -303,14 +314,29 @@ impl AddressSpace {
     }
 
     /// Moves the break; shrinking unmaps the released pages and shoots down their TLB
-    /// entries before freeing the frames. Returns the new break.
-    pub fn set_brk(&self, new: u64) -> Result<u64, MmError> {
-        let _layout = self.layout.lock();
-        let released = self.change_layout(|r| r.set_brk(new))?;
-        if let Some((from, to)) = released {
-            self.vm.unmap_range(from, to);
+    /// entries before freeing the frames. Returns the new break. Growing over a range
+    /// another thread's shrink is still shooting down waits (yields) until it is done.
+    pub async fn set_brk(&self, new: u64) -> Result<u64, MmError> {
+        loop {
+            match self.change_layout(|r| r.set_brk(new)) {
+                Err(MmError::Busy) => yield_once().await,
+                Err(e) => return Err(e),
+                Ok(None) => return Ok(new),
+                Ok(Some(retiring)) => {
+                    self.retire(retiring);
+                    return Ok(new);
+                }
+            }
         }
-        Ok(new)
+    }
+
+    /// Unmaps a range taken out of the layout, shoots it down (frames freed after every
+    /// acknowledgement), then lets the bookkeeping hand it out again. No lock is held
+    /// across the shootdown's wait.
+    fn retire(&self, retiring: Retiring) {
+        let (from, to) = retiring.range();
+        self.vm.unmap_range(from, to);
+        self.regions.write().retired(retiring);
     }
 
     /// Changes the rights of the segment at `start`; mapped pages get the new rights
@@ -325,16 +351,14 @@ impl AddressSpace {
     /// Allocates a buffer of `size` bytes (page-rounded) in the buffer region; its pages
     /// are demand-zero. Returns its start.
     pub fn alloc_buffer(&self, size: u64) -> Result<u64, MmError> {
-        let _layout = self.layout.lock();
         self.change_layout(|r| r.alloc_buffer(size))
     }
 
     /// Frees the buffer starting at `start`: unmaps its pages, shoots down their TLB
     /// entries, then frees the frames.
     pub fn free_buffer(&self, start: u64) -> Result<(), MmError> {
-        let _layout = self.layout.lock();
-        let (from, to) = self.change_layout(|r| r.free_buffer(start))?;
-        self.vm.unmap_range(from, to);
+        let retiring = self.change_layout(|r| r.free_buffer(start))?;
+        self.retire(retiring);
         Ok(())
     }
 
@@ -380,7 +404,8 @@ impl AddressSpace {
 
     /// Runs `copy(tables, offset, n)` on `[addr, addr + len)` piece by piece (at most a
     /// page each), with the table lock held, so the frames cannot be unmapped and freed
-    /// while it copies; a page not yet accessible is faulted in first.
+    /// while it copies; a page not yet accessible is faulted in first. Between pieces it
+    /// yields once its time slice is over (the CPU's timer ticked).
     async fn copy_user(
         &self,
         addr: u64,
@@ -396,7 +421,14 @@ impl AddressSpace {
         let access = if write { Access::Write } else { Access::Read };
         let mut at = addr;
         let mut tries = 0;
+        let mut slice = crate::executor::slice_mark();
         while at < end {
+            // A long copy (up to megabytes) yields at each timer tick of its CPU, like a
+            // user thread's time slice, so the CPU's other tasks are not held up by it.
+            if crate::executor::slice_mark() != slice {
+                yield_once().await;
+                slice = crate::executor::slice_mark();
+            }
             let chunk = (end - at).min(4096 - (at & 0xfff));
             let copied = {
                 let guard = self.vm.lock();

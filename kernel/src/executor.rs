@@ -59,6 +59,16 @@ pub fn init(cpus: usize) -> &'static Executor<Machine> {
 }
 
 /// The executor (after `init`).
+/// A time slice's mark: which timer tick of which CPU it started at. A task that runs
+/// long stretches without blocking (a user thread of back-to-back system calls, a long
+/// copy to user memory) yields when the mark has changed, so its CPU's other tasks wait
+/// at most about one tick.
+pub fn slice_mark() -> (usize, u64) {
+    let ticks =
+        percpu::current().map_or(0, |c| c.ticks.load(core::sync::atomic::Ordering::Relaxed));
+    (percpu::current_index(), ticks)
+}
+
 pub fn get() -> Option<&'static Executor<Machine>> {
     EXECUTOR.get()
 }

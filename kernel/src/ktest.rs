@@ -140,6 +140,7 @@ const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_unmap_is_seen_by_another_cpu,
     mm_unmapped_frames_stay_in_use_until_every_cpu_flushed,
     mm_shootdowns_of_two_spaces_run_in_parallel,
+    mm_shootdowns_of_one_space_run_in_parallel,
     mm_switching_spaces_leaves_the_old_active_set,
     mm_fault_under_exhaustion_fails_cleanly,
     user_mode_round_trips,
@@ -1201,7 +1202,7 @@ async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     space.activate();
     let heap = panda_abi::HEAP_BASE as u64;
-    let _ = space.set_brk(heap + 0x10_0000);
+    let _ = space.set_brk(heap + 0x10_0000).await;
     // Take every free and pooled frame this CPU can reach.
     let mut held = alloc::vec::Vec::new();
     while let Some(f) = frame::alloc() {
@@ -1235,13 +1236,14 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
     use panda_abi::{ELF_LOAD_BASE, HEAP_BASE, INITIAL_STACK_POINTER, STACK_BASE};
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
-    let outcome = (|| -> Outcome {
+    let outcome: Outcome = async {
         let space = AddressSpace::new().map_err(|e| fail(format_args!("new space: {e:?}")))?;
         space.activate();
-        let result = (|| -> Outcome {
+        let result: Outcome = async {
             let heap = HEAP_BASE as u64;
             space
                 .set_brk(heap + 0x4000)
+                .await
                 .map_err(|e| fail(format_args!("brk: {e:?}")))?;
             // Demand-zero: a fresh page reads zero, then keeps what is written.
             ensure!(
@@ -1256,6 +1258,7 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
             user_write(&space, heap + 0x2000, 0xdead).map_err(|d| fail(format_args!("{d:?}")))?;
             space
                 .set_brk(heap + 0x10)
+                .await
                 .map_err(|e| fail(format_args!("{e:?}")))?;
             ensure!(
                 user_read(&space, heap) == Ok(0x1234_5678),
@@ -1271,6 +1274,7 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
             );
             space
                 .set_brk(heap + 0x4000)
+                .await
                 .map_err(|e| fail(format_args!("{e:?}")))?;
             ensure!(
                 user_read(&space, heap + 0x2000) == Ok(0),
@@ -1348,10 +1352,12 @@ async fn mm_address_space_regions_and_faults() -> Outcome {
                 "hole"
             );
             Ok(())
-        })();
+        }
+        .await;
         space.deactivate();
         result
-    })();
+    }
+    .await;
     // The space is dropped: every frame and table page must be back.
     let now = crate::memory::frames_not_in_use();
     outcome?;
@@ -1393,9 +1399,10 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     *SHARED_SPACE.lock() = Some(space.clone());
     space.activate();
-    let result = (|| -> Outcome {
+    let result: Outcome = async {
         space
             .set_brk(heap + 0x1000)
+            .await
             .map_err(|e| fail(format_args!("{e:?}")))?;
         user_write(&space, heap, 0x5eed).map_err(|d| fail(format_args!("{d:?}")))?;
         // CPU 1 enters the space and reads the page: its TLB now holds the translation.
@@ -1405,6 +1412,7 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
         // Unmap here while CPU 1 still runs the space.
         space
             .set_brk(heap)
+            .await
             .map_err(|e| fail(format_args!("{e:?}")))?;
         let after = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
             .map_err(|e| fail(format_args!("{e:?}")))?;
@@ -1413,17 +1421,30 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
             "cpu1 still read {after:#x} through a stale TLB entry after the unmap"
         );
         Ok(())
-    })();
+    }
+    .await;
     let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
     space.deactivate();
     *SHARED_SPACE.lock() = None;
     result
 }
 
-/// Two spaces on two CPUs shrink their heaps (each shrink a shootdown) over and over:
-/// at some point both shootdowns are in flight at once. A global shootdown lock makes
-/// that impossible (the count would stay at 1), so this is a count, not a timing.
+/// Two spaces on two CPUs, each shrinking its heap over and over: their shootdowns
+/// must be in flight at the same time (no global shootdown lock).
 async fn mm_shootdowns_of_two_spaces_run_in_parallel() -> Outcome {
+    shootdowns_run_in_parallel(false).await
+}
+
+/// Two threads of one space on two CPUs, each freeing buffers over and over: no lock of
+/// the space is held across a shootdown's wait, so both are in flight at once.
+async fn mm_shootdowns_of_one_space_run_in_parallel() -> Outcome {
+    shootdowns_run_in_parallel(true).await
+}
+
+/// Tasks pinned on CPUs 0 and 1 unmap pages in a loop (`shared`: buffers of one space
+/// both run; otherwise heap shrinks of a space each) until two shootdowns were seen in
+/// flight at once, or 20 s pass.
+async fn shootdowns_run_in_parallel(shared: bool) -> Outcome {
     use core::sync::atomic::AtomicBool;
     static DONE: AtomicBool = AtomicBool::new(false);
     let exec = executor()?;
@@ -1431,35 +1452,34 @@ async fn mm_shootdowns_of_two_spaces_run_in_parallel() -> Outcome {
         crate::console!("   (needs 2 CPUs: skipped)");
         return Ok(());
     }
+    let one = if shared {
+        Some(AddressSpace::new().map_err(|e| fail(format_args!("no space: {e:?}")))?)
+    } else {
+        None
+    };
     crate::aspace::take_most_shootdowns_in_flight();
     DONE.store(false, Ordering::SeqCst);
     let mut handles = Vec::new();
     for cpu in 0..2 {
+        let one = one.clone();
         handles.push(exec.spawn_pinned(cpu, async move {
-            let heap = panda_abi::HEAP_BASE as u64;
-            let Ok(space) = AddressSpace::new() else {
-                return Err("no space");
+            let space = match one {
+                Some(space) => space,
+                None => AddressSpace::new().map_err(|_| "no space")?,
             };
             space.activate();
             let deadline = panda_arch::time::now_ns() + 20_000_000_000;
             let mut result = Ok(());
             while !DONE.load(Ordering::SeqCst) && panda_arch::time::now_ns() < deadline {
-                if space.set_brk(heap + 8 * 0x1000).is_err() {
-                    result = Err("brk");
-                    break;
-                }
-                for page in 0..8 {
-                    if user_write(&space, heap + page * 0x1000, page).is_err() {
-                        result = Err("fault");
-                    }
-                }
-                if space.set_brk(heap).is_err() {
-                    result = Err("shrink");
+                if let Err(why) = unmap_eight_pages(&space, shared).await {
+                    result = Err(why);
                     break;
                 }
                 if crate::aspace::most_shootdowns_in_flight() >= 2 {
                     DONE.store(true, Ordering::SeqCst);
                 }
+                // Let the executor come round (a failing run loops for 20 s).
+                exec.yield_now().await;
             }
             space.deactivate();
             result
@@ -1467,14 +1487,35 @@ async fn mm_shootdowns_of_two_spaces_run_in_parallel() -> Outcome {
     }
     for h in handles {
         h.await
-            .map_err(|why| fail(format_args!("a shrinking task failed: {why}")))?;
+            .map_err(|why| fail(format_args!("an unmapping task failed: {why}")))?;
     }
     let most = crate::aspace::take_most_shootdowns_in_flight();
+    let what = if shared { "one space's" } else { "two spaces'" };
     ensure!(
         most >= 2,
-        "two spaces' shootdowns never ran at once in 20 s (most in flight: {most})"
+        "{what} shootdowns never ran at once in 20 s (most in flight: {most})"
     );
     Ok(())
+}
+
+/// Maps eight pages (a buffer, or the heap) by writing them, then unmaps them (buffer
+/// free or heap shrink), which shoots them down.
+async fn unmap_eight_pages(space: &AddressSpace, buffer: bool) -> Result<(), &'static str> {
+    let base = if buffer {
+        space.alloc_buffer(8 * 0x1000).map_err(|_| "buffer")?
+    } else {
+        let heap = panda_abi::HEAP_BASE as u64;
+        space.set_brk(heap + 8 * 0x1000).await.map_err(|_| "brk")?;
+        heap
+    };
+    for page in 0..8 {
+        user_write(space, base + page * 0x1000, page).map_err(|_| "fault")?;
+    }
+    if buffer {
+        space.free_buffer(base).map_err(|_| "free")
+    } else {
+        space.set_brk(base).await.map(|_| ()).map_err(|_| "shrink")
+    }
 }
 
 /// The frames a shrink is about to unmap, for the flush probe.
@@ -1511,9 +1552,10 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     *SHARED_SPACE.lock() = Some(space.clone());
     space.activate();
-    let result = (|| -> Outcome {
+    let result: Outcome = async {
         space
             .set_brk(heap + pages * 0x1000)
+            .await
             .map_err(|e| fail(format_args!("{e:?}")))?;
         for (i, slot) in PROBED.iter().enumerate() {
             let page = heap + i as u64 * 0x1000;
@@ -1530,7 +1572,7 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
         PROBE_CPUS.store(0, Ordering::SeqCst);
         PROBE_FREED_EARLY.store(0, Ordering::SeqCst);
         crate::aspace::set_flush_probe(probe_frames_still_in_use, true);
-        let shrunk = space.set_brk(heap);
+        let shrunk = space.set_brk(heap).await;
         crate::aspace::set_flush_probe(probe_frames_still_in_use, false);
         shrunk.map_err(|e| fail(format_args!("{e:?}")))?;
         let early = PROBE_FREED_EARLY.load(Ordering::SeqCst);
@@ -1553,7 +1595,8 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
             "{still} unmapped frames still in use after the shrink"
         );
         Ok(())
-    })();
+    }
+    .await;
     let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
     space.deactivate();
     *SHARED_SPACE.lock() = None;

@@ -16,8 +16,8 @@ pub static PROCESSES: Rank = Rank::new(20, "process::PROCESSES");
 pub static THREADS: Rank = Rank::new(25, "Process::threads");
 /// One process's children (their pids), for wait and kill.
 pub static CHILDREN: Rank = Rank::new(26, "Process::children");
-/// One address space's layout changes (brk, buffer free, protect), held across their
-/// unmap and shootdown.
+/// One address space's segment changes (loader, protect), held across protect's
+/// shootdown. Brk and buffer frees do not take it (their ranges retire instead).
 pub static LAYOUT: Rank = Rank::new(30, "AddressSpace::layout");
 // 50: one address space's page tables, `panda_arch::vm::TABLES`.
 /// One address space's region bookkeeping (read by faults, written by layout changes;

@@ -63,4 +63,6 @@ pub enum MmError {
     NotAllocated,
     /// A size or address that breaks an alignment or range rule.
     Invalid,
+    /// The range is still being unmapped (retiring): try again shortly.
+    Busy,
 }

@@ -6,6 +6,13 @@
 //! `[HEAP_BASE, break)` with the break movable within `[HEAP_BASE, HEAP_LIMIT]`, buffers
 //! allocated page by page inside the buffer region, and the stack
 //! `[STACK_BASE, STACK_BASE + STACK_MAX_SIZE)` with an unmapped guard page below it.
+//!
+//! A range that shrinking the heap or freeing a buffer takes out of the layout is
+//! *retiring* until the kernel has unmapped it and every CPU has flushed its
+//! translations: invalid for faults at once, but not handed out again (no buffer there,
+//! no heap growth over it) until the caller passes its `Retiring` back to
+//! `Regions::retired`. So the kernel need not hold a lock across the shootdown's wait
+//! to keep a new mapping out of a range whose old one is still being torn down.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
@@ -65,18 +72,45 @@ pub struct Segment {
     pub rights: Rights,
 }
 
+/// A range taken out of the layout whose old pages may still be mapped or cached:
+/// the kernel unmaps `[start, end)`, shoots it down, then hands this back to
+/// `Regions::retired`. Until then nothing new is placed there.
+#[must_use = "a retiring range is never reused until it is passed to `Regions::retired`"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Retiring {
+    start: u64,
+    end: u64,
+    buffer: bool,
+}
+
+impl Retiring {
+    /// The page range to unmap, `[start, end)`.
+    pub fn range(&self) -> (u64, u64) {
+        (self.start, self.end)
+    }
+}
+
+/// A buffer's bookkeeping: its end, and whether it is live (or retiring).
+#[derive(Clone, Copy, Debug)]
+struct Buffer {
+    end: u64,
+    live: bool,
+}
+
 /// A user address space's regions.
 pub struct Regions {
     segments: Vec<Segment>,
     brk: u64,
-    /// Live buffers: start -> end.
-    buffers: BTreeMap<u64, u64>,
+    /// Heap ranges released by shrinking and not yet retired.
+    heap_retiring: Vec<(u64, u64)>,
+    /// Buffers, live and retiring: start -> end.
+    buffers: BTreeMap<u64, Buffer>,
     /// No page below this address in the buffer region is free: the first-fit search
     /// starts here, so allocating buffer after buffer is not quadratic.
     packed_below: u64,
 }
 
-/// Most live buffers one address space may have.
+/// Most buffers (live or retiring) one address space may have.
 pub const MAX_BUFFERS: usize = 65536;
 
 impl Default for Regions {
@@ -91,6 +125,7 @@ impl Regions {
         Self {
             segments: Vec::new(),
             brk: HEAP_BASE as u64,
+            heap_retiring: Vec::new(),
             buffers: BTreeMap::new(),
             packed_below: BUFFER_BASE as u64,
         }
@@ -140,17 +175,46 @@ impl Regions {
     }
 
     /// Moves the break to `new` (any byte address in `[HEAP_BASE, HEAP_LIMIT]`). Returns
-    /// the page range `[from, to)` that shrinking released (to unmap and free): only
+    /// the page range that shrinking released (to unmap, shoot down and retire): only
     /// pages wholly above the new break, so the page holding it keeps its data. An
-    /// out-of-range request leaves the break unchanged.
-    pub fn set_brk(&mut self, new: u64) -> Result<Option<(u64, u64)>, MmError> {
+    /// out-of-range request leaves the break unchanged; growing over a range that is
+    /// still retiring is `Busy` (try again once it is retired).
+    pub fn set_brk(&mut self, new: u64) -> Result<Option<Retiring>, MmError> {
         if new < HEAP_BASE as u64 || new > HEAP_LIMIT as u64 {
             return Err(MmError::Invalid);
         }
-        let old = self.brk;
+        let (new_end, old_end) = (page_up(new), page_up(self.brk));
+        if self
+            .heap_retiring
+            .iter()
+            .any(|&(s, e)| old_end < e && s < new_end)
+        {
+            return Err(MmError::Busy);
+        }
         self.brk = new;
-        let (keep_end, old_end) = (page_up(new), page_up(old));
-        Ok((keep_end < old_end).then_some((keep_end, old_end)))
+        if new_end >= old_end {
+            return Ok(None);
+        }
+        self.heap_retiring.push((new_end, old_end));
+        Ok(Some(Retiring {
+            start: new_end,
+            end: old_end,
+            buffer: false,
+        }))
+    }
+
+    /// The range of `retiring` is unmapped and flushed everywhere: it may be handed
+    /// out again.
+    pub fn retired(&mut self, retiring: Retiring) {
+        let Retiring { start, end, buffer } = retiring;
+        if buffer {
+            if self.buffers.get(&start).is_some_and(|b| !b.live) {
+                self.buffers.remove(&start);
+                self.packed_below = self.packed_below.min(start);
+            }
+        } else if let Some(i) = self.heap_retiring.iter().position(|&r| r == (start, end)) {
+            self.heap_retiring.swap_remove(i);
+        }
     }
 
     /// Allocates a buffer of `size` bytes (page-rounded) in the buffer region, first
@@ -168,35 +232,53 @@ impl Regions {
         // Every buffer below `packed_below` ends at or below it (they are packed).
         let mut cursor = self.packed_below;
         let mut packed = true;
-        for (&start, &end) in self.buffers.range(self.packed_below..) {
+        for (&start, b) in self.buffers.range(self.packed_below..) {
             if start - cursor >= size {
                 break;
             }
             // A gap too small for this buffer stays free below the new one.
             packed &= start == cursor;
-            cursor = end;
+            cursor = b.end;
         }
         if limit - cursor < size {
             return Err(MmError::OutOfMemory);
         }
-        self.buffers.insert(cursor, cursor + size);
+        self.buffers.insert(
+            cursor,
+            Buffer {
+                end: cursor + size,
+                live: true,
+            },
+        );
         if packed {
             self.packed_below = cursor + size;
         }
         Ok(cursor)
     }
 
-    /// Frees the buffer starting at `start`; returns its range `[start, end)` to unmap.
-    /// Anything but the start of a live buffer is an error (so no double free).
-    pub fn free_buffer(&mut self, start: u64) -> Result<(u64, u64), MmError> {
-        let end = self.buffers.remove(&start).ok_or(MmError::NotAllocated)?;
-        self.packed_below = self.packed_below.min(start);
-        Ok((start, end))
+    /// Frees the buffer starting at `start`: it is invalid at once and retiring (its
+    /// range is returned to unmap, shoot down and retire). Anything but the start of a
+    /// live buffer is an error (so no double free).
+    pub fn free_buffer(&mut self, start: u64) -> Result<Retiring, MmError> {
+        let b = self
+            .buffers
+            .get_mut(&start)
+            .filter(|b| b.live)
+            .ok_or(MmError::NotAllocated)?;
+        b.live = false;
+        Ok(Retiring {
+            start,
+            end: b.end,
+            buffer: true,
+        })
     }
 
     /// Live buffers.
     pub fn buffers(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.buffers.iter().map(|(&s, &e)| (s, e))
+        self.buffers
+            .iter()
+            .filter(|(_, b)| b.live)
+            .map(|(&s, b)| (s, b.end))
     }
 
     /// What a fault at `addr` with `access` means.
@@ -221,7 +303,7 @@ impl Regions {
                 .buffers
                 .range(..=addr)
                 .next_back()
-                .is_some_and(|(_, &e)| addr < e)
+                .is_some_and(|(_, b)| b.live && addr < b.end)
             || (STACK_BASE as u64..(STACK_BASE + STACK_MAX_SIZE) as u64).contains(&addr)
         {
             Some(data)
@@ -252,6 +334,19 @@ mod tests {
         execute: false,
     };
 
+    /// The range a brk call released, if any (left retiring).
+    fn released(r: Result<Option<Retiring>, MmError>) -> Result<Option<(u64, u64)>, MmError> {
+        r.map(|x| x.map(|x| x.range()))
+    }
+
+    /// Frees a buffer and retires it at once (as after an instant shootdown).
+    fn free(r: &mut Regions, start: u64) -> Result<(u64, u64), MmError> {
+        let retiring = r.free_buffer(start)?;
+        let range = retiring.range();
+        r.retired(retiring);
+        Ok(range)
+    }
+
     #[test]
     fn buffer_first_fit_matches_a_plain_scan_under_random_churn() {
         // The reference: first fit by scanning every buffer from the region's start.
@@ -275,7 +370,7 @@ mod tests {
             if x.is_multiple_of(3) && !model.is_empty() {
                 let k = *model.keys().nth((x >> 8) as usize % model.len()).unwrap();
                 model.remove(&k);
-                r.free_buffer(k).unwrap();
+                free(&mut r, k).unwrap();
             } else {
                 let size = ((x >> 20) % 8 + 1) * 4096;
                 let want = reference(&model, size);
@@ -295,7 +390,7 @@ mod tests {
         }
         assert_eq!(r.alloc_buffer(4096), Err(MmError::OutOfMemory));
         let first = r.buffers().next().unwrap().0;
-        r.free_buffer(first).unwrap();
+        free(&mut r, first).unwrap();
         assert_eq!(r.alloc_buffer(4096), Ok(first));
     }
 
@@ -367,16 +462,22 @@ mod tests {
     #[test]
     fn brk_limits_leave_the_break_unchanged() {
         let mut r = Regions::new();
-        assert_eq!(r.set_brk(HEAP_BASE as u64 - 1), Err(MmError::Invalid));
-        assert_eq!(r.set_brk(HEAP_LIMIT as u64 + 1), Err(MmError::Invalid));
         assert_eq!(
-            r.set_brk(BUFFER_BASE as u64 + 0x1000),
+            released(r.set_brk(HEAP_BASE as u64 - 1)),
+            Err(MmError::Invalid)
+        );
+        assert_eq!(
+            released(r.set_brk(HEAP_LIMIT as u64 + 1)),
+            Err(MmError::Invalid)
+        );
+        assert_eq!(
+            released(r.set_brk(BUFFER_BASE as u64 + 0x1000)),
             Err(MmError::Invalid),
             "into the buffer region"
         );
         assert_eq!(r.brk(), HEAP_BASE as u64);
         assert_eq!(
-            r.set_brk(HEAP_LIMIT as u64),
+            released(r.set_brk(HEAP_LIMIT as u64)),
             Ok(None),
             "the full 1020 GiB is allowed"
         );
@@ -386,9 +487,12 @@ mod tests {
     fn shrinking_releases_only_whole_pages_above_the_break() {
         let mut r = Regions::new();
         let h = HEAP_BASE as u64;
-        assert_eq!(r.set_brk(h + 0x5000), Ok(None));
+        assert_eq!(released(r.set_brk(h + 0x5000)), Ok(None));
         // Unaligned shrink: the page holding the new break stays.
-        assert_eq!(r.set_brk(h + 0x1800), Ok(Some((h + 0x2000, h + 0x5000))));
+        assert_eq!(
+            released(r.set_brk(h + 0x1800)),
+            Ok(Some((h + 0x2000, h + 0x5000)))
+        );
         assert_eq!(
             r.classify(h + 0x1fff, Access::Write),
             FaultDecision::DemandZero(RW)
@@ -398,11 +502,76 @@ mod tests {
             FaultDecision::OutsideRegions
         );
         assert_eq!(
-            r.set_brk(h + 0x1900),
+            released(r.set_brk(h + 0x1900)),
             Ok(None),
             "growing within a page releases nothing"
         );
-        assert_eq!(r.set_brk(h), Ok(Some((h, h + 0x2000))));
+        assert_eq!(released(r.set_brk(h)), Ok(Some((h, h + 0x2000))));
+    }
+
+    /// A shrink's range stays out of use until it is retired: the heap cannot grow over
+    /// it (`Busy`, break unchanged), only up to it; faults there are outside.
+    #[test]
+    fn a_retiring_heap_range_is_not_reused_until_retired() {
+        let mut r = Regions::new();
+        let h = HEAP_BASE as u64;
+        r.set_brk(h + 0x8000).unwrap();
+        let top = r.set_brk(h + 0x6000).unwrap().unwrap();
+        let low = r.set_brk(h + 0x2000).unwrap().unwrap();
+        assert_eq!(
+            (low.range(), top.range()),
+            ((h + 0x2000, h + 0x6000), (h + 0x6000, h + 0x8000))
+        );
+        assert_eq!(
+            r.classify(h + 0x2000, Access::Read),
+            FaultDecision::OutsideRegions
+        );
+        assert_eq!(
+            r.set_brk(h + 0x2001),
+            Err(MmError::Busy),
+            "over the lower range"
+        );
+        assert_eq!(r.brk(), h + 0x2000, "a refused grow leaves the break");
+        assert_eq!(
+            released(r.set_brk(h + 0x1800)),
+            Ok(None),
+            "within the kept page"
+        );
+        r.retired(low);
+        assert_eq!(
+            released(r.set_brk(h + 0x6000)),
+            Ok(None),
+            "up to the upper range"
+        );
+        assert_eq!(
+            r.set_brk(h + 0x6001),
+            Err(MmError::Busy),
+            "over the upper range"
+        );
+        r.retired(top);
+        assert_eq!(released(r.set_brk(h + 0x9000)), Ok(None));
+        assert_eq!(
+            r.classify(h + 0x8fff, Access::Write),
+            FaultDecision::DemandZero(RW)
+        );
+    }
+
+    /// A freed buffer is invalid at once, cannot be freed twice, and its space is not
+    /// handed out again until it is retired.
+    #[test]
+    fn a_retiring_buffer_is_not_reused_until_retired() {
+        let mut r = Regions::new();
+        let a = r.alloc_buffer(PAGE).unwrap();
+        let b = r.alloc_buffer(PAGE).unwrap();
+        let retiring = r.free_buffer(a).unwrap();
+        assert_eq!(retiring.range(), (a, a + PAGE));
+        assert_eq!(r.classify(a, Access::Read), FaultDecision::OutsideRegions);
+        assert_eq!(r.free_buffer(a), Err(MmError::NotAllocated), "double free");
+        assert_eq!(r.buffers().collect::<Vec<_>>(), vec![(b, b + PAGE)]);
+        let c = r.alloc_buffer(PAGE).unwrap();
+        assert!(c != a && c != b, "a retiring buffer's space was reused");
+        r.retired(retiring);
+        assert_eq!(r.alloc_buffer(PAGE), Ok(a), "reused once retired");
     }
 
     #[test]
@@ -414,10 +583,10 @@ mod tests {
         assert_eq!(a, BUFFER_BASE as u64);
         assert_eq!(b, a + PAGE);
         assert_eq!(c, b + 3 * PAGE);
-        assert_eq!(r.free_buffer(b), Ok((b, b + 3 * PAGE)));
+        assert_eq!(free(&mut r, b), Ok((b, b + 3 * PAGE)));
         assert_eq!(r.free_buffer(b), Err(MmError::NotAllocated), "double free");
         assert_eq!(
-            r.free_buffer(a + 1),
+            free(&mut r, a + 1),
             Err(MmError::NotAllocated),
             "not a start"
         );
@@ -439,7 +608,7 @@ mod tests {
         );
         let all = r.alloc_buffer(BUFFER_MAX_SIZE as u64).unwrap();
         assert_eq!(r.alloc_buffer(PAGE), Err(MmError::OutOfMemory));
-        r.free_buffer(all).unwrap();
+        free(&mut r, all).unwrap();
         assert!(r.alloc_buffer(PAGE).is_ok());
     }
 
@@ -621,7 +790,7 @@ mod tests {
         let c = r.alloc_buffer(PAGE).unwrap();
         assert_eq!(c, end - PAGE, "exactly the last page");
         assert_eq!(r.alloc_buffer(1), Err(MmError::OutOfMemory));
-        assert_eq!(r.free_buffer(a), Ok((a, a + PAGE)));
+        assert_eq!(free(&mut r, a), Ok((a, a + PAGE)));
         assert_eq!(r.classify(a, Access::Read), FaultDecision::OutsideRegions);
         assert_eq!(
             r.alloc_buffer(2 * PAGE),

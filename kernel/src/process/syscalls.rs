@@ -23,7 +23,7 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
             Ok(0)
         }
         syscall::OP_PROCESS_GET_PID => Ok(process.pid as usize),
-        syscall::OP_PROCESS_BRK => brk(process, a0),
+        syscall::OP_PROCESS_BRK => brk(process, a0).await,
         syscall::OP_PROCESS_SLEEP => match exec {
             Some(exec) => {
                 process.unless_killed(exec.sleep(a0)).await;
@@ -101,13 +101,14 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
     After::Resume
 }
 
-fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
+async fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
     if new_end == 0 {
         return Ok(process.space.brk() as usize);
     }
     process
         .space
         .set_brk(new_end)
+        .await
         .map(|b| b as usize)
         .map_err(|_| Error::InvalidArgument)
 }

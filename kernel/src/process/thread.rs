@@ -3,6 +3,7 @@
 
 use super::syscalls::system_call;
 use super::*;
+use crate::executor::slice_mark;
 
 /// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
 /// Returns its thread id, or `OutOfMemory` when the process has `MAX_THREADS` threads
@@ -63,13 +64,6 @@ pub(super) enum After {
     ExitProcess(u64),
 }
 
-/// Which timer tick of which CPU a thread's time slice started at.
-fn tick_now() -> (usize, u64) {
-    let cpu = panda_arch::percpu::current_index();
-    let ticks = panda_arch::percpu::current().map_or(0, |c| c.ticks.load(Ordering::Relaxed));
-    (cpu, ticks)
-}
-
 async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u64 {
     // A user thread's time slice ends at the next timer tick: then, before it returns
     // to user mode, it lets the other tasks of its CPU run. A thread whose system calls
@@ -78,14 +72,14 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
     // spends almost all its time in the kernel), so without this it kept its CPU's other
     // tasks (threads, the zeroing task) waiting for as long as it liked — seen in a soak
     // as a CPU whose executor did not come round for 10 s.
-    let mut slice = tick_now();
+    let mut slice = slice_mark();
     let status = loop {
         if process.is_ending() {
             break process.reaper.record.status.load(Ordering::SeqCst);
         }
-        if tick_now() != slice {
+        if slice_mark() != slice {
             yield_once().await;
-            slice = tick_now();
+            slice = slice_mark();
             continue;
         }
         // The task may have moved CPUs, or another space may have run here meanwhile.
@@ -130,7 +124,7 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
             // An interrupt ended the run (the timer tick, an IPI): let others run.
             Exit::Interrupt { .. } => {
                 yield_once().await;
-                slice = tick_now();
+                slice = slice_mark();
             }
             Exit::Exception { vector, error_code } => {
                 let (mnemonic, name) = panda_arch::trap::exception_name(vector as u64);
