@@ -24,6 +24,12 @@ pub mod syscall;
 /// Size of a page (the unit of every region).
 pub const PAGE_SIZE: usize = 0x1000;
 
+/// The most CPUs Panda runs on: `OP_CPU_COUNT` never returns more, and CPU numbers
+/// (`OP_THREAD_SET_AFFINITY`, `OP_THREAD_CURRENT_CPU`) are below it. The kernel's
+/// per-CPU tables (executor, frame caches, shootdown sets, per-CPU blocks) are all
+/// sized by this one constant.
+pub const MAX_CPUS: usize = 256;
+
 /// Lowest user address. The first page stays unmapped so null pointers fault.
 pub const USER_SPACE_START: usize = 0x0000_0000_0000_1000;
 /// End (exclusive) of the lower canonical half: user space is below it.

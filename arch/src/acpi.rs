@@ -11,8 +11,8 @@ use core::ptr::NonNull;
 use acpi::madt::{Madt, MadtEntry};
 use acpi::{AcpiHandler, AcpiTables, HpetInfo, PhysicalMapping};
 
-/// The most CPUs Panda keeps track of.
-pub const MAX_CPUS: usize = 256;
+/// The most CPUs Panda keeps track of (`panda_abi::MAX_CPUS`).
+pub use panda_abi::MAX_CPUS;
 /// The most I/O APICs and interrupt source overrides kept.
 pub const MAX_IOAPICS: usize = 8;
 pub const MAX_OVERRIDES: usize = 16;

@@ -25,10 +25,10 @@ pub const MAX_SMALL: usize = 2048;
 pub const CLASSES: usize = 8;
 /// Objects moved between a CPU and the global list at once.
 pub const BATCH: usize = 32;
-/// CPUs served.
-pub const MAX_CPUS: usize = 256;
+/// CPUs served (`panda_abi::MAX_CPUS`).
+pub use panda_abi::MAX_CPUS;
 
-const PAGE: usize = 4096;
+const PAGE: usize = panda_abi::PAGE_SIZE;
 
 /// Where slab pages come from.
 pub trait PageSource {

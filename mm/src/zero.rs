@@ -108,8 +108,10 @@ impl ZeroPools {
         self.capacity
     }
 
+    /// CPU `cpu`'s pool (an index past the pools is a kernel bug: it panics, never
+    /// borrows another CPU's pool).
     fn cpu(&self, cpu: usize) -> &CpuPool {
-        &self.cpus[cpu.min(self.cpus.len() - 1)]
+        &self.cpus[cpu]
     }
 
     /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
@@ -490,13 +492,20 @@ mod tests {
         assert!(pools.wants_frames(0) && pools.wants_frames(1));
         assert_eq!(pools.refill(1, &frames, 2, |_| {}), 2);
         assert!(pools.wants_frames(1), "2 of 3");
-        // CPU numbers past the last mean the last.
-        assert_eq!(pools.refill(7, &frames, 10, |_| {}), 1);
-        assert!(!pools.wants_frames(1) && !pools.wants_frames(9));
-        assert_eq!(pools.stats(9).available, 3);
-        assert!(pools.try_take(5).is_some());
+        assert_eq!(pools.refill(1, &frames, 10, |_| {}), 1, "up to capacity");
+        assert!(!pools.wants_frames(1) && pools.wants_frames(0));
+        assert_eq!(pools.stats(1).available, 3);
+        assert!(pools.try_take(1).is_some());
         assert_eq!(pools.stats(1).available, 2);
         assert_eq!(pools.drain(&frames).unwrap(), 2);
+    }
+
+    /// A CPU number past the last is a kernel bug: it panics, never borrows another
+    /// CPU's pool.
+    #[test]
+    #[should_panic]
+    fn a_cpu_number_past_the_last_panics() {
+        let _ = ZeroPools::new(2).try_take(2);
     }
 
     /// A take served at once counts a hit; one that had to wait counts a miss and no

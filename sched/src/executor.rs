@@ -14,8 +14,8 @@ use crate::queue::TaskQueue;
 use crate::task::{Scheduler, Task, DONE, IDLE, RUNNING, SCHEDULED, WOKEN};
 use crate::timer::{Sleep, TimerKey, TimerList, Timers};
 
-/// Most CPUs an executor serves.
-pub const MAX_CPUS: usize = 256;
+/// Most CPUs an executor serves (`panda_abi::MAX_CPUS`).
+pub use panda_abi::MAX_CPUS;
 
 /// What the executor needs from the machine. The kernel implements it with GS-based
 /// CPU ids, wake-up IPIs, the TSC and `sti; hlt`; the host tests with threads.
@@ -152,8 +152,24 @@ impl<P: Platform> Executor<P> {
         r
     }
 
+    /// The calling CPU's index. A CPU the executor does not serve calling in is a
+    /// kernel bug (bring-up admitted a CPU after the executor was built): it panics
+    /// here, by name, instead of being folded onto another CPU's queues.
     fn current(&self) -> usize {
-        self.platform.cpu_index().min(self.cpus.len() - 1)
+        let cpu = self.platform.cpu_index();
+        self.served(cpu, "the calling CPU")
+    }
+
+    /// `cpu`, checked against the CPUs served (panics naming `what` otherwise: callers
+    /// pass indices below `cpu_count()`).
+    #[track_caller]
+    fn served(&self, cpu: usize, what: &str) -> usize {
+        assert!(
+            cpu < self.cpus.len(),
+            "executor: {what} is cpu {cpu}, but only CPUs 0..{} are served",
+            self.cpus.len()
+        );
+        cpu
     }
 
     /// Spawns `future` on the calling CPU; idle CPUs may steal it.
@@ -171,7 +187,8 @@ impl<P: Platform> Executor<P> {
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        self.spawn_inner(cpu.min(self.cpus.len() - 1), false, future)
+        let cpu = self.served(cpu, "spawn_on's target");
+        self.spawn_inner(cpu, false, future)
     }
 
     /// Spawns `future` on CPU `cpu`, which alone will ever poll it.
@@ -180,7 +197,8 @@ impl<P: Platform> Executor<P> {
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        self.spawn_inner(cpu.min(self.cpus.len() - 1), true, future)
+        let cpu = self.served(cpu, "spawn_pinned's target");
+        self.spawn_inner(cpu, true, future)
     }
 
     fn spawn_inner<T, F>(&'static self, cpu: usize, pinned: bool, future: F) -> JoinHandle<T>
@@ -307,7 +325,8 @@ impl<P: Platform> Executor<P> {
         }
         if request != 0 {
             // The task asked to move (and woke itself): its next queue is the target's.
-            let target = ((request & !PIN_BIT) - 1).min(self.cpus.len() - 1);
+            // `move_to` checked the target.
+            let target = (request & !PIN_BIT) - 1;
             task.cpu.store(target, Ordering::Relaxed);
             task.pinned.store(request & PIN_BIT != 0, Ordering::Relaxed);
         }
@@ -461,13 +480,13 @@ impl<P: Platform> Executor<P> {
         YieldNow { yielded: false }
     }
 
-    /// Moves the calling task to CPU `cpu` (clamped to the CPUs served): the future
+    /// Moves the calling task to CPU `cpu` (one of the CPUs served): the future
     /// completes once the task is polled there. With `pin`, only that CPU will poll it
     /// from then on; without, it is shared (stealable) again.
     pub fn move_to(&'static self, cpu: usize, pin: bool) -> MoveTo<P> {
         MoveTo {
             executor: self,
-            cpu: cpu.min(self.cpus.len() - 1),
+            cpu: self.served(cpu, "move_to's target"),
             pin,
             asked: false,
         }
@@ -475,7 +494,7 @@ impl<P: Platform> Executor<P> {
 
     /// Whether CPU `cpu` has tasks queued (besides the one it may be polling now).
     pub fn has_queued_work(&self, cpu: usize) -> bool {
-        self.queued(cpu.min(self.cpus.len() - 1)) > 0
+        self.queued(self.served(cpu, "has_queued_work's CPU")) > 0
     }
 
     /// The calling CPU's index (as the executor sees it).
@@ -503,7 +522,8 @@ impl<P: Platform> Executor<P> {
 
 impl<P: Platform> Scheduler for Executor<P> {
     fn enqueue(&self, task: Arc<Task>) {
-        let cpu = task.cpu.load(Ordering::Relaxed).min(self.cpus.len() - 1);
+        // Every store to `task.cpu` is a served CPU (spawn and move_to check).
+        let cpu = task.cpu.load(Ordering::Relaxed);
         let state = &self.cpus[cpu];
         self.with_interrupts_off(|| {
             if task.pinned.load(Ordering::Relaxed) {

@@ -910,25 +910,53 @@ fn live_tasks_and_task_structs_count_what_is_alive() {
     assert_eq!(exec.live_tasks(), 0);
 }
 
-/// CPU numbers beyond the executor's are clamped to its last CPU, for spawns and for
-/// the platform's own index.
+/// CPU numbers beyond the executor's are kernel bugs, named in a panic, for spawns, for
+/// queries and for the platform's own index (they used to be folded onto the last CPU,
+/// which hid the bug and made two CPUs share one CPU's queues).
 #[test]
-fn out_of_range_cpus_are_clamped_to_the_last_one() {
+fn out_of_range_cpus_panic_by_name() {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
     let exec = executor(2);
-    CPU.with(|c| c.set(7));
-    assert_eq!(exec.current_cpu(), 1);
-    exec.spawn(async {});
-    exec.spawn_on(99, async {});
-    exec.spawn_pinned(usize::MAX, async {});
-    assert!(exec.has_queued_work(1) && !exec.has_queued_work(0));
-    assert!(
-        exec.has_queued_work(5),
-        "asking about CPU 5 asks about CPU 1"
-    );
-    turns(exec, 1);
-    assert_eq!(exec.stats(1).polls, 3);
-    assert_eq!(exec.live_tasks(), 0);
-    CPU.with(|c| c.set(0));
+    let message = |r: std::thread::Result<()>| match r {
+        Ok(()) => String::from("no panic"),
+        Err(e) => e
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| String::from("a panic without a message")),
+    };
+    type Call<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let calls: [Call; 4] = [
+        (
+            "spawn_on(99)",
+            Box::new(|| drop(exec.spawn_on(99, async {}))),
+        ),
+        (
+            "spawn_pinned(MAX)",
+            Box::new(|| drop(exec.spawn_pinned(usize::MAX, async {}))),
+        ),
+        (
+            "has_queued_work(5)",
+            Box::new(|| {
+                let _ = exec.has_queued_work(5);
+            }),
+        ),
+        (
+            "current_cpu() on cpu 7",
+            Box::new(|| {
+                CPU.with(|c| c.set(7));
+                let r = catch_unwind(AssertUnwindSafe(|| exec.current_cpu()));
+                CPU.with(|c| c.set(0));
+                if let Err(e) = r {
+                    std::panic::resume_unwind(e);
+                }
+            }),
+        ),
+    ];
+    for (what, call) in calls {
+        let m = message(catch_unwind(AssertUnwindSafe(call)));
+        assert!(m.contains("only CPUs 0..2 are served"), "{what}: {m}");
+    }
+    assert_eq!(exec.live_tasks(), 0, "nothing was spawned");
     assert_eq!(exec.current_cpu(), 0);
 }
 
@@ -1031,18 +1059,9 @@ fn move_to_lands_on_its_cpu_pinned_or_stealable() {
         assert_eq!(*polled_on.lock().unwrap(), [1, last], "pin {pin}");
         assert!(handle.is_finished());
     }
-    // A CPU past the last one means the last one.
-    on(0);
-    let landed = Arc::new(AtomicUsize::new(usize::MAX));
-    let l = landed.clone();
-    exec.spawn(async move {
-        exec.move_to(99, true).await;
-        l.store(CPU.with(Cell::get), Ordering::SeqCst);
-    });
-    turns(exec, 1);
-    on(2);
-    turns(exec, 1);
-    assert_eq!(landed.load(Ordering::SeqCst), 2);
+    // A CPU the executor does not serve is a bug of the caller: it panics by name.
+    let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.move_to(3, true)));
+    assert!(past.is_err(), "move_to(3) on 3 CPUs was accepted");
     on(0);
 }
 
