@@ -66,28 +66,14 @@ impl Frame {
 
     /// Copies `bytes` into the frame at `offset`. Panics if it would run past the end.
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset <= PAGE_SIZE as usize && bytes.len() <= PAGE_SIZE as usize - offset,
-            "write past the frame"
-        );
-        // SAFETY: `self` owns the frame; the assertion keeps the copy inside its 4096
-        // bytes; the source is kernel memory, which cannot overlap a frame we own.
-        unsafe {
-            core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr().add(offset), bytes.len())
-        };
+        // SAFETY: `&mut self` owns the frame's 4096 bytes alone.
+        unsafe { write_owned(self.ptr(), PAGE_SIZE as usize, offset, bytes) }
     }
 
     /// Copies bytes of the frame from `offset` into `out`. Panics past the end.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(
-            offset <= PAGE_SIZE as usize && out.len() <= PAGE_SIZE as usize - offset,
-            "read past the frame"
-        );
-        // SAFETY: `self` owns the frame, so nobody writes it meanwhile; the assertion
-        // keeps the copy inside it.
-        unsafe {
-            core::ptr::copy_nonoverlapping(self.ptr().add(offset), out.as_mut_ptr(), out.len())
-        };
+        // SAFETY: `self` owns the frame's 4096 bytes, so nobody writes them meanwhile.
+        unsafe { read_owned(self.ptr(), PAGE_SIZE as usize, offset, out) }
     }
 
     /// Whether every byte of the frame is zero.
@@ -176,26 +162,14 @@ impl FrameRun {
 
     /// Copies `bytes` into the run at `offset`. Panics past the end.
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset <= self.len() && bytes.len() <= self.len() - offset,
-            "write past the run"
-        );
-        // SAFETY: `self` owns the run; the assertion keeps the copy inside it.
-        unsafe {
-            core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr().add(offset), bytes.len())
-        };
+        // SAFETY: `&mut self` owns the run's `len()` bytes alone.
+        unsafe { write_owned(self.ptr(), self.len(), offset, bytes) }
     }
 
     /// Copies bytes of the run from `offset` into `out`. Panics past the end.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(
-            offset <= self.len() && out.len() <= self.len() - offset,
-            "read past the run"
-        );
-        // SAFETY: `self` owns the run; the assertion keeps the copy inside it.
-        unsafe {
-            core::ptr::copy_nonoverlapping(self.ptr().add(offset), out.as_mut_ptr(), out.len())
-        };
+        // SAFETY: `self` owns the run's `len()` bytes, so nobody writes them meanwhile.
+        unsafe { read_owned(self.ptr(), self.len(), offset, out) }
     }
 
     /// Zeroes the run's frame `index` with `method` (tests: the frames around it must
@@ -207,6 +181,36 @@ impl FrameRun {
             crate::paging::zero_page_with(method, self.ptr() as u64 + index as u64 * PAGE_SIZE)
         };
     }
+}
+
+/// Copies `bytes` to `offset` of the `len` bytes at `base`; panics if the copy would
+/// leave them.
+///
+/// # Safety
+/// The caller owns `[base, base + len)` exclusively (a frame or run it holds `&mut`),
+/// and it is mapped writable (the HHDM maps all usable RAM).
+unsafe fn write_owned(base: *mut u8, len: usize, offset: usize, bytes: &[u8]) {
+    assert!(
+        offset <= len && bytes.len() <= len - offset,
+        "write past the frame"
+    );
+    // SAFETY: the caller owns `[base, base + len)`; the assertion keeps the copy inside
+    // it; `bytes` is kernel memory, which cannot overlap memory the caller owns.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(offset), bytes.len()) };
+}
+
+/// Copies `out.len()` bytes from `offset` of the `len` bytes at `base` into `out`;
+/// panics if the copy would leave them.
+///
+/// # Safety
+/// The caller owns `[base, base + len)` (nobody writes it meanwhile) and it is mapped.
+unsafe fn read_owned(base: *const u8, len: usize, offset: usize, out: &mut [u8]) {
+    assert!(
+        offset <= len && out.len() <= len - offset,
+        "read past the frame"
+    );
+    // SAFETY: the caller owns `[base, base + len)`; the assertion keeps the copy inside.
+    unsafe { core::ptr::copy_nonoverlapping(base.add(offset), out.as_mut_ptr(), out.len()) };
 }
 
 impl Drop for FrameRun {

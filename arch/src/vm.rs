@@ -101,16 +101,24 @@ impl UserTables {
 
     /// Whether `virt`'s page is mapped for user access (and writable, if `write`).
     pub fn user_can(&self, virt: u64, write: bool) -> bool {
+        self.user_frame(virt, write).is_some()
+    }
+
+    /// The physical address `virt` maps to, if its page is mapped for user access (and
+    /// writable, if `write`): one walk of the tables.
+    fn user_frame(&self, virt: u64, write: bool) -> Option<u64> {
         let need = if write {
             flags::USER | flags::WRITABLE
         } else {
             flags::USER
         };
-        virt < USER_END
-            && self
-                .tables
-                .translate(virt)
-                .is_some_and(|(_, bits)| bits & need == need)
+        if virt >= USER_END {
+            return None;
+        }
+        self.tables
+            .translate(virt)
+            .filter(|&(_, bits)| bits & need == need)
+            .map(|(phys, _)| phys)
     }
 
     /// Maps `frame` at the page `virt` with user `rights`; the tables own it from now
@@ -177,10 +185,7 @@ impl UserTables {
         while done < len {
             let at = virt.checked_add(done as u64).ok_or(done)?;
             let n = (len - done).min((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize);
-            if !self.user_can(at, write) {
-                return Err(done);
-            }
-            let (phys, _) = self.tables.translate(at).ok_or(done)?;
+            let phys = self.user_frame(at, write).ok_or(done)?;
             f(phys, done, n);
             done += n;
         }

@@ -377,7 +377,14 @@ impl AddressSpace {
     /// read): a valid page not yet backed is faulted in — awaiting a zeroed frame like
     /// a user fault. Anything the user could not access that way is an error.
     pub async fn fault_in(&self, addr: u64, len: u64, write: bool) -> Result<(), FaultError> {
-        self.copy_user(addr, len, write, |_, _, _| Ok(())).await
+        self.copy_user(addr, len, write, |t, at, _| {
+            if t.user_can(addr + at as u64, write) {
+                Ok(())
+            } else {
+                Err(0)
+            }
+        })
+        .await
     }
 
     /// Copies `out.len()` bytes of user memory at `addr` into `out`, faulting pages in
@@ -431,13 +438,12 @@ impl AddressSpace {
             }
             let chunk = (end - at).min(4096 - (at & 0xfff));
             let copied = {
+                // `copy` checks the page's user rights itself (the tables' `read` and
+                // `write` do, `fault_in`'s does): one walk per piece.
                 let guard = self.vm.lock();
-                match guard.as_ref() {
-                    Some(t) if t.user_can(at, write) => {
-                        copy(t, (at - addr) as usize, chunk as usize).is_ok()
-                    }
-                    _ => false,
-                }
+                guard
+                    .as_ref()
+                    .is_some_and(|t| copy(t, (at - addr) as usize, chunk as usize).is_ok())
             };
             if copied {
                 at += chunk;
