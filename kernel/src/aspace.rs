@@ -480,3 +480,7 @@ impl AddressSpace {
 pub use panda_arch::vm::{
     most_shootdowns_in_flight, set_flush_probe, take_most_shootdowns_in_flight,
 };
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

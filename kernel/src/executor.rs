@@ -86,3 +86,7 @@ pub fn run_this_cpu() -> ! {
     interrupts::enable();
     executor.run()
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

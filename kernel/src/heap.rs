@@ -11,3 +11,7 @@ use crate::boot::BootInfo;
 pub fn init(boot: &mut BootInfo, bytes: u64) -> u64 {
     panda_arch::heap::init_early(&mut boot.memory_map, bytes)
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

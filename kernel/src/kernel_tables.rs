@@ -10,3 +10,7 @@ use crate::boot::BootInfo;
 pub fn build_and_switch(boot: &mut BootInfo) -> Result<KernelTables, BuildError> {
     panda_arch::kernel_tables::build_and_switch(&mut boot.memory_map)
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

@@ -29,3 +29,7 @@ pub static REGIONS: Rank = Rank::new(55, "AddressSpace::regions");
 pub static EVENT: Rank = Rank::new(80, "process::Event::waiters");
 /// The lock `crash=lockheld` never lets go of.
 pub static CRASH_HELD: Rank = Rank::new(90, "crash::HELD");
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

@@ -123,3 +123,7 @@ impl Drop for ZeroingPaused {
 pub fn frames_not_in_use() -> u64 {
     frame::total_free() + frame::pooled(percpu::online_count()) + crate::heap::slab_pages() as u64
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

@@ -153,3 +153,7 @@ fn ap_start(index: usize) -> ! {
         None => panda_arch::power::halt_forever(),
     }
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

@@ -38,3 +38,7 @@ impl CommandLine for BootInfo {
         })
     }
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

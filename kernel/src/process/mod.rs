@@ -460,3 +460,7 @@ pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
     }
     Some(status)
 }
+
+/// In-kernel tests of this module (run by `crate::ktest` when the command line says
+/// `test`).
+pub(crate) mod ktests;

@@ -1,0 +1,467 @@
+//! In-kernel tests of user address spaces: regions, demand-zero faults, unmaps seen by other CPUs, shootdowns and the frames they hold. They run when the command line says `test`;
+//! the harness, its helpers and the list of test modules are in `crate::ktest`.
+
+// Failures carry their message inline (see `crate::ktest::Failure`).
+#![allow(clippy::result_large_err)]
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use panda_arch::frame;
+use panda_arch::percpu;
+use panda_arch::probe::{self};
+
+use crate::aspace::{AddressSpace, FaultError};
+use crate::ktest::{
+    async_tests, ensure, executor, fail, tests, user_read, user_write, AsyncTest, Outcome, Test,
+};
+use panda_mm::region::{Access, FaultDecision, Rights};
+
+pub(crate) const TESTS: &[Test] = tests![];
+
+pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
+    mm_address_space_regions_and_faults,
+    mm_unmap_is_seen_by_another_cpu,
+    mm_unmapped_frames_stay_in_use_until_every_cpu_flushed,
+    mm_shootdowns_of_two_spaces_run_in_parallel,
+    mm_shootdowns_of_one_space_run_in_parallel,
+    mm_switching_spaces_leaves_the_old_active_set,
+    mm_fault_under_exhaustion_fails_cleanly
+];
+
+/// A CPU that switches from one user space to another leaves the first one's active
+/// set (so the first one's shootdowns no longer interrupt it), and leaves the second
+/// one's when it returns to the kernel's tables.
+async fn mm_switching_spaces_leaves_the_old_active_set() -> Outcome {
+    let cpu = percpu::current_index();
+    let a = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    let b = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    a.activate();
+    let in_a = a.active_cpus().contains(cpu);
+    b.activate();
+    let (a_after, b_after) = (a.active_cpus().contains(cpu), b.active_cpus().contains(cpu));
+    b.deactivate();
+    let b_end = b.active_cpus().contains(cpu);
+    ensure!(in_a, "activating a did not put cpu{cpu} in its set");
+    ensure!(
+        !a_after,
+        "cpu{cpu} stayed in a's active set after switching to b"
+    );
+    ensure!(b_after, "activating b did not put cpu{cpu} in its set");
+    ensure!(
+        !b_end,
+        "cpu{cpu} stayed in b's active set after deactivating"
+    );
+    Ok(())
+}
+
+async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::frames_not_in_use();
+    let cpu = percpu::current_index();
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    space.activate();
+    let heap = panda_abi::HEAP_BASE as u64;
+    let _ = space.set_brk(heap + 0x10_0000).await;
+    // Take every free and pooled frame this CPU can reach.
+    let mut held = alloc::vec::Vec::new();
+    while let Some(f) = frame::alloc() {
+        held.push(f);
+    }
+    while let Some(z) = frame::try_take_zeroed(cpu) {
+        held.push(z.into_frame());
+    }
+    let starved = space.handle_fault(heap + 0x8_0000, Access::Write);
+    drop(held);
+    let recovered = space.handle_fault(heap + 0x8_0000, Access::Write);
+    space.deactivate();
+    drop(space);
+    let now = crate::memory::frames_not_in_use();
+    ensure!(
+        starved == Err(FaultError::OutOfMemory),
+        "fault under exhaustion gave {starved:?}"
+    );
+    ensure!(
+        recovered == Ok(()),
+        "fault after memory returned gave {recovered:?}"
+    );
+    ensure!(
+        now == baseline,
+        "{now} frames after the test, baseline {baseline}"
+    );
+    Ok(())
+}
+
+async fn mm_address_space_regions_and_faults() -> Outcome {
+    use panda_abi::{ELF_LOAD_BASE, HEAP_BASE, INITIAL_STACK_POINTER, STACK_BASE};
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::frames_not_in_use();
+    let outcome: Outcome = async {
+        let space = AddressSpace::new().map_err(|e| fail(format_args!("new space: {e:?}")))?;
+        space.activate();
+        let result: Outcome = async {
+            let heap = HEAP_BASE as u64;
+            space
+                .set_brk(heap + 0x4000)
+                .await
+                .map_err(|e| fail(format_args!("brk: {e:?}")))?;
+            // Demand-zero: a fresh page reads zero, then keeps what is written.
+            ensure!(
+                user_read(&space, heap + 0x1008) == Ok(0),
+                "fresh heap page not zero"
+            );
+            user_write(&space, heap, 0x1234_5678)
+                .map_err(|d| fail(format_args!("heap write: {d:?}")))?;
+            ensure!(user_read(&space, heap) == Ok(0x1234_5678), "heap lost data");
+            // Shrink to an unaligned break: the page holding it keeps its data, the
+            // pages above are gone and read zero when the heap grows again.
+            user_write(&space, heap + 0x2000, 0xdead).map_err(|d| fail(format_args!("{d:?}")))?;
+            space
+                .set_brk(heap + 0x10)
+                .await
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            ensure!(
+                user_read(&space, heap) == Ok(0x1234_5678),
+                "shrink lost the break's page"
+            );
+            ensure!(
+                space.translate(heap + 0x2000).is_none(),
+                "page above the break still mapped"
+            );
+            ensure!(
+                user_read(&space, heap + 0x2000) == Err(FaultDecision::OutsideRegions),
+                "read above the break allowed"
+            );
+            space
+                .set_brk(heap + 0x4000)
+                .await
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            ensure!(
+                user_read(&space, heap + 0x2000) == Ok(0),
+                "regrown heap shows old contents"
+            );
+            // Buffers.
+            let buf = space
+                .alloc_buffer(8192)
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            user_write(&space, buf + 4096, 7).map_err(|d| fail(format_args!("buffer: {d:?}")))?;
+            ensure!(user_read(&space, buf + 4096) == Ok(7), "buffer lost data");
+            // Stack: top and the 16th MiB, then the guard page.
+            let top = INITIAL_STACK_POINTER as u64;
+            user_write(&space, top - 8, 1).map_err(|d| fail(format_args!("stack top: {d:?}")))?;
+            user_write(&space, STACK_BASE as u64, 2)
+                .map_err(|d| fail(format_args!("stack bottom: {d:?}")))?;
+            ensure!(
+                user_write(&space, STACK_BASE as u64 - 8, 3) == Err(FaultDecision::StackOverflow),
+                "stack guard page writable"
+            );
+            // An ELF-style read-only segment: readable (zero), not writable.
+            let base = ELF_LOAD_BASE as u64;
+            space
+                .add_segment(
+                    base,
+                    base + 0x1000,
+                    Rights {
+                        write: false,
+                        execute: true,
+                    },
+                )
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            ensure!(user_read(&space, base) == Ok(0), "segment read");
+            ensure!(
+                user_write(&space, base, 1) == Err(FaultDecision::ProtectionViolation),
+                "read-only segment writable"
+            );
+            // Protect: a writable segment page, written, then made read-only.
+            let data = base + 0x1000;
+            space
+                .add_segment(
+                    data,
+                    data + 0x1000,
+                    Rights {
+                        write: true,
+                        execute: false,
+                    },
+                )
+                .map_err(|e| fail(format_args!("{e:?}")))?;
+            user_write(&space, data, 9).map_err(|d| fail(format_args!("data segment: {d:?}")))?;
+            space
+                .protect_segment(
+                    data,
+                    Rights {
+                        write: false,
+                        execute: false,
+                    },
+                )
+                .map_err(|e| fail(format_args!("protect: {e:?}")))?;
+            ensure!(
+                probe::write_user_u64(data, 10).is_err(),
+                "write allowed after protect (stale TLB or PTE)"
+            );
+            ensure!(
+                user_read(&space, data) == Ok(9),
+                "protect lost the page's data"
+            );
+            // Nothing else is mapped.
+            ensure!(
+                user_read(&space, 0) == Err(FaultDecision::OutsideRegions),
+                "null readable"
+            );
+            ensure!(
+                user_read(&space, 0x1_0000_0000_0000) == Err(FaultDecision::OutsideRegions),
+                "hole"
+            );
+            Ok(())
+        }
+        .await;
+        space.deactivate();
+        result
+    }
+    .await;
+    // The space is dropped: every frame and table page must be back.
+    let now = crate::memory::frames_not_in_use();
+    outcome?;
+    ensure!(
+        now == baseline,
+        "after tear-down {now} frames, baseline {baseline}: leak"
+    );
+    Ok(())
+}
+
+static SHARED_SPACE: spin::Mutex<Option<alloc::sync::Arc<AddressSpace>>> = spin::Mutex::new(None);
+
+/// Runs on another CPU (cross-CPU call): enters the shared space, reads `addr`.
+/// Returns the value, or u64::MAX if the read faulted.
+fn read_on_this_cpu(addr: u64) -> u64 {
+    // Enter only once: a CR3 reload would flush the TLB and hide a missing shootdown.
+    if let Some(space) = SHARED_SPACE.lock().as_ref() {
+        if !space.is_current() {
+            space.activate();
+        }
+    }
+    probe::read_user_u64(addr).unwrap_or(u64::MAX)
+}
+
+fn leave_shared_space(_: u64) -> u64 {
+    if let Some(space) = SHARED_SPACE.lock().as_ref() {
+        space.deactivate();
+    }
+    0
+}
+
+async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
+    let exec = executor()?;
+    if exec.cpu_count() < 2 {
+        crate::console!("   (needs 2 CPUs: skipped)");
+        return Ok(());
+    }
+    let heap = panda_abi::HEAP_BASE as u64;
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    *SHARED_SPACE.lock() = Some(space.clone());
+    space.activate();
+    let result: Outcome = async {
+        space
+            .set_brk(heap + 0x1000)
+            .await
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        user_write(&space, heap, 0x5eed).map_err(|d| fail(format_args!("{d:?}")))?;
+        // CPU 1 enters the space and reads the page: its TLB now holds the translation.
+        let seen = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        ensure!(seen == 0x5eed, "cpu1 read {seen:#x}");
+        // Unmap here while CPU 1 still runs the space.
+        space
+            .set_brk(heap)
+            .await
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        let after = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        ensure!(
+            after == u64::MAX,
+            "cpu1 still read {after:#x} through a stale TLB entry after the unmap"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
+    space.deactivate();
+    *SHARED_SPACE.lock() = None;
+    result
+}
+
+/// Two spaces on two CPUs, each shrinking its heap over and over: their shootdowns
+/// must be in flight at the same time (no global shootdown lock).
+async fn mm_shootdowns_of_two_spaces_run_in_parallel() -> Outcome {
+    shootdowns_run_in_parallel(false).await
+}
+
+/// Two threads of one space on two CPUs, each freeing buffers over and over: no lock of
+/// the space is held across a shootdown's wait, so both are in flight at once.
+async fn mm_shootdowns_of_one_space_run_in_parallel() -> Outcome {
+    shootdowns_run_in_parallel(true).await
+}
+
+/// Tasks pinned on CPUs 0 and 1 unmap pages in a loop (`shared`: buffers of one space
+/// both run; otherwise heap shrinks of a space each) until two shootdowns were seen in
+/// flight at once, or 20 s pass.
+async fn shootdowns_run_in_parallel(shared: bool) -> Outcome {
+    use core::sync::atomic::AtomicBool;
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let exec = executor()?;
+    if exec.cpu_count() < 2 {
+        crate::console!("   (needs 2 CPUs: skipped)");
+        return Ok(());
+    }
+    let one = if shared {
+        Some(AddressSpace::new().map_err(|e| fail(format_args!("no space: {e:?}")))?)
+    } else {
+        None
+    };
+    crate::aspace::take_most_shootdowns_in_flight();
+    DONE.store(false, Ordering::SeqCst);
+    let mut handles = Vec::new();
+    for cpu in 0..2 {
+        let one = one.clone();
+        handles.push(exec.spawn_pinned(cpu, async move {
+            let space = match one {
+                Some(space) => space,
+                None => AddressSpace::new().map_err(|_| "no space")?,
+            };
+            space.activate();
+            let deadline = panda_arch::time::now_ns() + 20_000_000_000;
+            let mut result = Ok(());
+            while !DONE.load(Ordering::SeqCst) && panda_arch::time::now_ns() < deadline {
+                if let Err(why) = unmap_eight_pages(&space, shared).await {
+                    result = Err(why);
+                    break;
+                }
+                if crate::aspace::most_shootdowns_in_flight() >= 2 {
+                    DONE.store(true, Ordering::SeqCst);
+                }
+                // Let the executor come round (a failing run loops for 20 s).
+                exec.yield_now().await;
+            }
+            space.deactivate();
+            result
+        }));
+    }
+    for h in handles {
+        h.await
+            .map_err(|why| fail(format_args!("an unmapping task failed: {why}")))?;
+    }
+    let most = crate::aspace::take_most_shootdowns_in_flight();
+    let what = if shared { "one space's" } else { "two spaces'" };
+    ensure!(
+        most >= 2,
+        "{what} shootdowns never ran at once in 20 s (most in flight: {most})"
+    );
+    Ok(())
+}
+
+/// Maps eight pages (a buffer, or the heap) by writing them, then unmaps them (buffer
+/// free or heap shrink), which shoots them down.
+async fn unmap_eight_pages(space: &AddressSpace, buffer: bool) -> Result<(), &'static str> {
+    let base = if buffer {
+        space.alloc_buffer(8 * 0x1000).map_err(|_| "buffer")?
+    } else {
+        let heap = panda_abi::HEAP_BASE as u64;
+        space.set_brk(heap + 8 * 0x1000).await.map_err(|_| "brk")?;
+        heap
+    };
+    for page in 0..8 {
+        user_write(space, base + page * 0x1000, page).map_err(|_| "fault")?;
+    }
+    if buffer {
+        space.free_buffer(base).map_err(|_| "free")
+    } else {
+        space.set_brk(base).await.map(|_| ()).map_err(|_| "shrink")
+    }
+}
+
+/// The frames a shrink is about to unmap, for the flush probe.
+static PROBED: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+
+/// Bit per CPU whose flush ran the probe, and how many probed frames were already free.
+static PROBE_CPUS: AtomicU64 = AtomicU64::new(0);
+
+static PROBE_FREED_EARLY: AtomicU64 = AtomicU64::new(0);
+
+/// Runs inside each CPU's shootdown flush, before it flushes: until this returns, the
+/// CPU may still use the old translations, so none of the frames may be free yet.
+fn probe_frames_still_in_use() {
+    for f in PROBED.iter().map(|f| f.load(Ordering::SeqCst)) {
+        if f != 0 && !frame::is_in_use(f) {
+            PROBE_FREED_EARLY.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    PROBE_CPUS.fetch_or(1 << (percpu::current_index() % 64), Ordering::SeqCst);
+}
+
+/// A frame is reused only after every CPU that may cache its translation flushed: a
+/// probe run inside each CPU's flush (so that CPU's acknowledgement waits for it) finds
+/// every unmapped frame still in use, and they are free once the shrink returns.
+async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
+    let exec = executor()?;
+    if exec.cpu_count() < 2 {
+        crate::console!("   (needs 2 CPUs: skipped)");
+        return Ok(());
+    }
+    // No idle zeroing: a CPU's flush then never interrupts its own refill holding
+    // its frame cache's lock, which the probe takes.
+    let _paused = crate::memory::pause_zeroing();
+    let heap = panda_abi::HEAP_BASE as u64;
+    let pages = PROBED.len() as u64;
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    *SHARED_SPACE.lock() = Some(space.clone());
+    space.activate();
+    let result: Outcome = async {
+        space
+            .set_brk(heap + pages * 0x1000)
+            .await
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        for (i, slot) in PROBED.iter().enumerate() {
+            let page = heap + i as u64 * 0x1000;
+            user_write(&space, page, 0x5eed).map_err(|d| fail(format_args!("{d:?}")))?;
+            let (phys, _) = space
+                .translate(page)
+                .ok_or_else(|| fail(format_args!("page {page:#x} not mapped")))?;
+            slot.store(phys & !0xfff, Ordering::SeqCst);
+        }
+        // CPU 1 runs the space and caches a translation: it is a shootdown target.
+        let seen = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+            .map_err(|e| fail(format_args!("{e:?}")))?;
+        ensure!(seen == 0x5eed, "cpu1 read {seen:#x}");
+        PROBE_CPUS.store(0, Ordering::SeqCst);
+        PROBE_FREED_EARLY.store(0, Ordering::SeqCst);
+        crate::aspace::set_flush_probe(probe_frames_still_in_use, true);
+        let shrunk = space.set_brk(heap).await;
+        crate::aspace::set_flush_probe(probe_frames_still_in_use, false);
+        shrunk.map_err(|e| fail(format_args!("{e:?}")))?;
+        let early = PROBE_FREED_EARLY.load(Ordering::SeqCst);
+        let cpus = PROBE_CPUS.load(Ordering::SeqCst);
+        ensure!(
+            cpus & 0b10 != 0,
+            "cpu1's flush did not run the probe (cpus {cpus:#b})"
+        );
+        ensure!(
+            early == 0,
+            "{early} frame checks found an unmapped frame free before every CPU had flushed"
+        );
+        let still = PROBED
+            .iter()
+            .map(|f| f.load(Ordering::SeqCst))
+            .filter(|&f| f != 0 && frame::is_in_use(f))
+            .count();
+        ensure!(
+            still == 0,
+            "{still} unmapped frames still in use after the shrink"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
+    space.deactivate();
+    *SHARED_SPACE.lock() = None;
+    PROBED.iter().for_each(|f| f.store(0, Ordering::SeqCst));
+    result
+}

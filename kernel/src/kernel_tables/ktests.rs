@@ -1,0 +1,187 @@
+//! In-kernel tests of the kernel's own page tables (probed: what faults and what does not). They run when the command line says `test`;
+//! the harness, its helpers and the list of test modules are in `crate::ktest`.
+
+// Failures carry their message inline (see `crate::ktest::Failure`).
+#![allow(clippy::result_large_err)]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use panda_arch::probe::{self, RetIn};
+
+use crate::boot::MemoryKind;
+use crate::ktest::{async_tests, ensure, fail, tests, AsyncTest, Context, Outcome, Test};
+
+pub(crate) const TESTS: &[Test] = tests![
+    paging_kernel_tables_active,
+    paging_text_is_read_only,
+    paging_rodata_is_read_only,
+    paging_data_is_writable,
+    paging_only_text_executes,
+    paging_stack_guard_pages_unmapped,
+    paging_lower_half_empty,
+    paging_hhdm_covers_usable_ram,
+    paging_kernel_half_shared_slots
+];
+
+pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![];
+
+fn paging_kernel_tables_active(ctx: &Context<'_>) -> Outcome {
+    let active = panda_arch::paging::active_root();
+    ensure!(
+        active == ctx.tables.root,
+        "CR3 {active:#x}, kernel tables at {:#x}",
+        ctx.tables.root
+    );
+    let early = ctx.boot.memory_map.total(MemoryKind::KernelEarly);
+    let expected = ctx.tables.table_bytes + ctx.tables.reserve_bytes;
+    // AP stacks and the trampoline page are claimed as KernelEarly too.
+    ensure!(
+        early >= expected,
+        "{early} bytes claimed early, but tables use or reserve {expected}"
+    );
+    let root_claimed =
+        ctx.boot.memory_map.regions().iter().any(|r| {
+            r.kind == MemoryKind::KernelEarly && (r.start..r.end).contains(&ctx.tables.root)
+        });
+    ensure!(
+        root_claimed,
+        "the PML4 frame {:#x} is not claimed",
+        ctx.tables.root
+    );
+    Ok(())
+}
+
+fn expect_write_fault(what: &str, addr: u64) -> Outcome {
+    // Write the byte's own value: if the write wrongly succeeds, nothing is corrupted
+    // and the remaining tests still run.
+    let mut current = [0u8; 1];
+    probe::read_bytes(addr, &mut current)
+        .map_err(|f| fail(format_args!("{what} at {addr:#x} unreadable: {f:?}")))?;
+    match probe::write_u8(addr, current[0]) {
+        Ok(()) => Err(fail(format_args!(
+            "writing {what} at {addr:#x} did not fault"
+        ))),
+        Err(f) => {
+            ensure!(
+                f.vector == 14 && f.protection() && f.write(),
+                "wrong fault {f:?}"
+            );
+            ensure!(
+                f.address == addr,
+                "cr2 {:#x}, expected {addr:#x}",
+                f.address
+            );
+            Ok(())
+        }
+    }
+}
+
+fn paging_text_is_read_only(_: &Context<'_>) -> Outcome {
+    let image = panda_arch::boot::kernel_image();
+    expect_write_fault(".text", probe::ret_address(RetIn::Text))?;
+    expect_write_fault(".text start", image.text.0)
+}
+
+fn paging_rodata_is_read_only(_: &Context<'_>) -> Outcome {
+    expect_write_fault(".rodata", probe::ret_address(RetIn::Rodata))?;
+    let image = panda_arch::boot::kernel_image();
+    expect_write_fault(".rodata end", image.rodata.1 - 1)
+}
+
+static DATA_CELL: AtomicU64 = AtomicU64::new(7);
+
+fn paging_data_is_writable(_: &Context<'_>) -> Outcome {
+    let addr = DATA_CELL.as_ptr() as u64;
+    // The probe writes the low byte: 7 becomes 0x2a.
+    probe::write_u8(addr, 0x2a).map_err(|f| fail(format_args!("write to .data faulted: {f:?}")))?;
+    let now = DATA_CELL.load(Ordering::SeqCst);
+    ensure!(now == 0x2a, "wrote 0x2a, read back {now:#x}");
+    Ok(())
+}
+
+fn paging_only_text_executes(_: &Context<'_>) -> Outcome {
+    probe::exec_ret_in(RetIn::Text)
+        .map_err(|f| fail(format_args!("ret in .text faulted: {f:?}")))?;
+    for kind in [RetIn::Rodata, RetIn::Data] {
+        match probe::exec_ret_in(kind) {
+            Ok(()) => return Err(fail(format_args!("executed a ret in {kind:?}: NX missing"))),
+            Err(f) => ensure!(f.fetch() && f.protection(), "{kind:?}: wrong fault {f:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn paging_stack_guard_pages_unmapped(_: &Context<'_>) -> Outcome {
+    let stacks = panda_arch::stacks::boot_stacks();
+    for guard in stacks.guards() {
+        match probe::read_u64(guard + 8) {
+            Ok(_) => return Err(fail(format_args!("guard page {guard:#x} is mapped"))),
+            Err(f) => ensure!(
+                f.vector == 14 && !f.protection() && f.address == guard + 8,
+                "wrong fault {f:?}"
+            ),
+        }
+        // The stack right above the guard is mapped.
+        probe::read_u64(guard + 4096)
+            .map_err(|f| fail(format_args!("stack above {guard:#x} unmapped: {f:?}")))?;
+    }
+    Ok(())
+}
+
+fn paging_lower_half_empty(_: &Context<'_>) -> Outcome {
+    for addr in [
+        0u64,
+        0x1000,
+        0x20_0000,
+        0x40_0000,
+        0x1_0000_0000,
+        0x7fff_ffff_f000,
+    ] {
+        ensure!(
+            probe::read_u64(addr).is_err(),
+            "lower-half address {addr:#x} is mapped"
+        );
+    }
+    Ok(())
+}
+
+fn paging_hhdm_covers_usable_ram(ctx: &Context<'_>) -> Outcome {
+    let root = panda_arch::paging::active_root();
+    for r in ctx
+        .boot
+        .memory_map
+        .regions()
+        .iter()
+        .filter(|r| r.kind.is_ram())
+    {
+        for phys in [r.start, r.end - 8] {
+            let virt = ctx.boot.hhdm_offset + phys;
+            let (p, bits) = panda_arch::paging::translate_in(root, ctx.boot.hhdm_offset, virt)
+                .ok_or_else(|| fail(format_args!("HHDM misses {phys:#x} ({:?})", r.kind)))?;
+            ensure!(p == phys, "HHDM maps {virt:#x} to {p:#x}");
+            ensure!(
+                bits & panda_arch::paging::flags::NO_EXECUTE != 0,
+                "HHDM page {phys:#x} is executable"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn paging_kernel_half_shared_slots(ctx: &Context<'_>) -> Outcome {
+    let root = ctx.tables.root;
+    for slot in 256..512u64 {
+        let entry = panda_arch::paging::read_phys_u64(ctx.boot.hhdm_offset, root + slot * 8)
+            .ok_or_else(|| fail(format_args!("PML4 unreadable")))?;
+        ensure!(
+            entry & 1 != 0,
+            "PML4 slot {slot} is empty: the kernel half would not be shared"
+        );
+    }
+    for slot in 0..256u64 {
+        let entry =
+            panda_arch::paging::read_phys_u64(ctx.boot.hhdm_offset, root + slot * 8).unwrap_or(1);
+        ensure!(entry == 0, "PML4 slot {slot} (lower half) is {entry:#x}");
+    }
+    Ok(())
+}
