@@ -9,7 +9,7 @@ usage() {
     cat <<'TXT'
 usage: scripts/run.sh [options] [-- extra qemu args]
 
-  -smp N              CPUs (1..255, default 4)
+  -smp N              CPUs (1..512, default 4)
   -m SIZE             guest memory, e.g. 512M or 2G (default 512M)
   --accel kvm|tcg     force an accelerator (default: KVM only where it really works)
   --cpu MODEL         QEMU CPU model under TCG (default max; e.g. max,-x2apic)
@@ -55,8 +55,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-if ! [[ "$smp" =~ ^[0-9]+$ ]] || [ "$smp" -lt 1 ] || [ "$smp" -gt 255 ]; then
-    panda_usage_error "-smp must be a whole number from 1 to 255, not '$smp'"
+if ! [[ "$smp" =~ ^[0-9]+$ ]] || [ "$smp" -lt 1 ] || [ "$smp" -gt 512 ]; then
+    panda_usage_error "-smp must be a whole number from 1 to 512, not '$smp'"
 fi
 [[ "$mem" =~ ^[0-9]+[MG]?$ ]] || panda_usage_error "-m must look like 512M or 2G, not '$mem'"
 mem_mib=${mem%[MG]}; [[ "$mem" == *G ]] && mem_mib=$((mem_mib * 1024))

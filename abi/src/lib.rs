@@ -28,7 +28,7 @@ pub const PAGE_SIZE: usize = 0x1000;
 /// (`OP_THREAD_SET_AFFINITY`, `OP_THREAD_CURRENT_CPU`) are below it. The kernel's
 /// per-CPU tables (executor, frame caches, shootdown sets, per-CPU blocks) are all
 /// sized by this one constant.
-pub const MAX_CPUS: usize = 256;
+pub const MAX_CPUS: usize = 512;
 
 /// Lowest user address. The first page stays unmapped so null pointers fault.
 pub const USER_SPACE_START: usize = 0x0000_0000_0000_1000;

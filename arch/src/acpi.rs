@@ -83,8 +83,14 @@ pub struct PmTimer {
 pub struct Platform {
     pub processors: [Processor; MAX_CPUS],
     pub processor_count: usize,
-    /// Processors listed beyond MAX_CPUS (ignored).
+    /// Usable processors (enabled or online-capable) listed beyond MAX_CPUS: not run,
+    /// and said so in a warning at boot.
     pub processors_dropped: usize,
+    /// Of those, the enabled ones (they count in the `N of M CPUs online` summary).
+    pub enabled_dropped: usize,
+    /// Entries neither enabled nor online-capable (firmware lists them for CPUs that
+    /// can never run): skipped, taking no slot.
+    pub processors_unusable: usize,
     pub local_apic_address: u64,
     pub ioapics: [IoApic; MAX_IOAPICS],
     pub ioapic_count: usize,
@@ -96,7 +102,7 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// The processors found, enabled or not.
+    /// The processors found that can run: enabled, or online-capable.
     pub fn processors(&self) -> &[Processor] {
         &self.processors[..self.processor_count]
     }
@@ -114,8 +120,13 @@ impl Platform {
         if self.processors().iter().any(|q| q.apic_id == p.apic_id) {
             return;
         }
+        if !p.enabled && !p.online_capable {
+            self.processors_unusable += 1;
+            return;
+        }
         if self.processor_count == MAX_CPUS {
             self.processors_dropped += 1;
+            self.enabled_dropped += usize::from(p.enabled);
             return;
         }
         self.processors[self.processor_count] = p;
@@ -142,6 +153,8 @@ pub fn discover(rsdp: u64, map: MapFn) -> Result<Platform, Error> {
         processors: [Processor::default(); MAX_CPUS],
         processor_count: 0,
         processors_dropped: 0,
+        enabled_dropped: 0,
+        processors_unusable: 0,
         local_apic_address: madt.get().local_apic_address as u64,
         ioapics: [IoApic::default(); MAX_IOAPICS],
         ioapic_count: 0,

@@ -148,10 +148,11 @@ fn kmain(mut boot: BootInfo) -> ! {
     let enabled = platform.processors().iter().filter(|p| p.enabled).count();
     info!(
         target: "acpi",
-        "{} processors ({} enabled, {} online-capable), {} I/O APIC(s), {} overrides, HPET {}, PM timer {}",
-        platform.processors().len(),
-        enabled,
+        "{} processors ({} enabled, {} online-capable, {} unusable entries skipped), {} I/O APIC(s), {} overrides, HPET {}, PM timer {}",
+        platform.processors().len() + platform.processors_dropped,
+        enabled + platform.enabled_dropped,
         platform.processors().iter().filter(|p| !p.enabled && p.online_capable).count(),
+        platform.processors_unusable,
         platform.ioapics().len(),
         platform.overrides().len(),
         if platform.hpet.is_some() { "yes" } else { "no" },
@@ -165,6 +166,16 @@ fn kmain(mut boot: BootInfo) -> ! {
         _ => {
             info!(target: "time", "TSC {} MHz ({:?}); no ACPI PM timer in I/O space", tsc_hz / 1_000_000, calibration)
         }
+    }
+    if platform.processors_dropped > 0 {
+        warn!(
+            target: "acpi",
+            "{} processors ({} enabled) listed past the first {}: Panda runs at most {} CPUs, so they stay off",
+            platform.processors_dropped,
+            platform.enabled_dropped,
+            panda_abi::MAX_CPUS,
+            panda_abi::MAX_CPUS
+        );
     }
     if !features.invariant_tsc {
         warn!(target: "time", "CPUID does not report an invariant TSC (usual under TCG): the clock assumes a constant rate");

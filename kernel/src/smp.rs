@@ -70,11 +70,10 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
         .and_then(|id| id.parse::<u32>().ok());
     AP_MAIN.call_once(|| ap_main);
     let bsp_apic = apic::id();
-    let enabled = platform
-        .processors()
-        .iter()
-        .filter(|p| p.enabled)
-        .count()
+    // Enabled CPUs listed past MAX_CPUS count too: the summary says `N of M` for every
+    // CPU the firmware offers, so a dropped one shows.
+    let enabled = (platform.processors().iter().filter(|p| p.enabled).count()
+        + platform.enabled_dropped)
         .max(1);
     let mut report = SmpReport {
         online: percpu::online_count(),

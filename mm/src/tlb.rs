@@ -15,6 +15,7 @@
 //! sees that its flushed generation is stale and demands a flush first. Without PCID
 //! every CR3 switch flushes anyway.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -255,12 +256,13 @@ impl<F> PendingFlush<F> {
         self.generation
     }
 
-    /// The frames, once `acked` covers every target; otherwise the pending flush back.
-    pub fn complete(self, acked: &CpuMask) -> Result<Vec<F>, Self> {
+    /// The frames, once `acked` covers every target; otherwise the pending flush back
+    /// (boxed: it is large, and this path is the rare one).
+    pub fn complete(self, acked: &CpuMask) -> Result<Vec<F>, Box<Self>> {
         if acked.covers(&self.targets) {
             Ok(self.frames)
         } else {
-            Err(self)
+            Err(Box::new(self))
         }
     }
 }
