@@ -6,8 +6,18 @@
 //! the trampoline CR3 (a PML4 below 4 GiB that identity-maps the low 2 MiB and shares
 //! the kernel half), enables long mode and paging, and jumps to the kernel entry with
 //! its own stack and argument. The far-jump targets and the parameters are patched into
-//! the copy (`Trampoline::prepare`, `Trampoline::set_ap`); the copy is re-patched for
-//! each AP, so APs are started one at a time.
+//! the copy once (`Trampoline::prepare`); nothing in it changes per AP.
+//!
+//! An AP finds its own start slot: in long mode it reads its APIC id (CPUID leaf 0Bh,
+//! or leaf 1 for an xAPIC-only CPU), looks for the slot `SLOTS` offers to that id, and
+//! claims it with a compare-exchange (`OFFERED -> CLAIMED`) before it touches any
+//! memory of its own: only then does it load the slot's stack and index. A CPU that
+//! times out has its slot withdrawn (`OFFERED -> WITHDRAWN`) by the same kind of
+//! compare-exchange, so exactly one of the two wins: an AP that arrives after its
+//! time-out finds no slot, counts itself as parked and halts inside the trampoline,
+//! with interrupts off and no stack, and never runs on stacks or an index given to
+//! another CPU. (Before, the one set of parameters was re-patched for the next AP
+//! while a late one might still read it: two CPUs on one index, and a triple fault.)
 //!
 //! `ApStarter` is the safe face of all this: it takes the trampoline page and the AP
 //! stacks from the boot memory map itself, so no caller can point an AP at memory that
@@ -44,9 +54,10 @@ global_asm!(
     .balign 8
     .long 0                                 /* offset 48: cr3 */
     .long 0                                 /* offset 52: efer */
-    .quad 0                                 /* offset 56: stack top */
-    .quad 0                                 /* offset 64: argument */
+    .quad 0                                 /* offset 56: slots (kernel address) */
+    .quad 0                                 /* offset 64: slot count */
     .quad 0                                 /* offset 72: entry */
+    .quad 0                                 /* offset 80: APs parked (no slot) */
 
     tr_code16:
     cli
@@ -92,25 +103,91 @@ global_asm!(
     .code64
     .global tr_lm64
     tr_lm64:
-    mov ebx, ebx
-    mov rsp, qword ptr [rbx + 56]
-    mov rdi, qword ptr [rbx + 64]
-    mov rax, qword ptr [rbx + 72]
+    mov r9d, ebx                            /* r9 = trampoline base (cpuid clobbers ebx) */
+    xor eax, eax
+    cpuid                                   /* eax = highest basic leaf */
+    cmp eax, 0xb
+    jb tr_leaf1
+    mov eax, 0xb
+    xor ecx, ecx
+    cpuid
+    test ebx, ebx                           /* leaf 0Bh is valid only with ebx != 0 */
+    jz tr_leaf1
+    mov r8d, edx                            /* x2APIC id */
+    jmp tr_have_id
+    tr_leaf1:
+    mov eax, 1
+    cpuid
+    shr ebx, 24
+    mov r8d, ebx                            /* initial xAPIC id */
+    tr_have_id:
+    mov rax, {offered}
+    or rax, r8                              /* the word of a slot offered to this id */
+    mov r10, {claimed}
+    or r10, r8
+    mov rsi, qword ptr [r9 + 56]
+    mov rcx, qword ptr [r9 + 64]
+    tr_scan:
+    test rcx, rcx
+    jz tr_park
+    cmp qword ptr [rsi], rax
+    je tr_claim
+    add rsi, 24
+    dec rcx
+    jmp tr_scan
+    tr_claim:
+    lock cmpxchg qword ptr [rsi], r10       /* lost to a withdrawal: park */
+    jne tr_park
+    mov rsp, qword ptr [rsi + 8]
+    mov rdi, qword ptr [rsi + 16]
+    mov rax, qword ptr [r9 + 72]
     xor ebp, ebp
     call rax                                /* ends a backtrace; keeps the ABI's alignment */
     ud2
+    tr_park:
+    lock inc qword ptr [r9 + 80]
+    tr_halt:
+    cli
+    hlt
+    jmp tr_halt
     .global ap_trampoline_end
     ap_trampoline_end:
-    "#
+    "#,
+    offered = const OFFERED,
+    claimed = const CLAIMED,
 );
 
 const TR_GDT: u64 = 8;
 const TR_GDTR_BASE: u64 = 42;
 const TR_CR3: u64 = 48;
 const TR_EFER: u64 = 52;
-const TR_STACK: u64 = 56;
-const TR_ARG: u64 = 64;
+const TR_SLOTS: u64 = 56;
+const TR_SLOT_COUNT: u64 = 64;
 const TR_ENTRY: u64 = 72;
+const TR_PARKED: u64 = 80;
+
+/// One AP's start slot (the trampoline reads it: `repr(C)`, 24 bytes). `word` is the
+/// APIC id in its low 32 bits and the state above; `stack_top` and `arg` are set
+/// before the slot is offered.
+#[repr(C)]
+struct Slot {
+    word: AtomicU64,
+    stack_top: AtomicU64,
+    arg: AtomicU64,
+}
+
+const OFFERED: u64 = 1 << 32;
+const CLAIMED: u64 = 2 << 32;
+const WITHDRAWN: u64 = 3 << 32;
+
+/// Start slots, one per start attempt (an AP is offered a slot once).
+static SLOTS: [Slot; MAX_CPUS] = [const {
+    Slot {
+        word: AtomicU64::new(0),
+        stack_top: AtomicU64::new(0),
+        arg: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
 
 unsafe extern "C" {
     static ap_trampoline_start: u8;
@@ -171,7 +248,19 @@ impl Trampoline {
         t.write_u32(TR_GDTR_BASE, (phys + TR_GDT) as u32);
         t.write_u32(TR_CR3, cr3);
         t.write_u32(TR_EFER, efer);
+        t.write_u64(TR_SLOTS, SLOTS.as_ptr() as u64);
+        t.write_u64(TR_SLOT_COUNT, SLOTS.len() as u64);
+        t.write_u64(TR_ENTRY, ap_landing as ApEntry as usize as u64);
+        t.write_u64(TR_PARKED, 0);
+        core::sync::atomic::fence(Ordering::SeqCst);
         t
+    }
+
+    /// How many APs found no slot and halted in the trampoline.
+    fn parked(&self) -> u64 {
+        // SAFETY: the counter lies inside the trampoline copy, which this object owns;
+        // APs increment it with a locked instruction, so an atomic view of it is sound.
+        unsafe { (*((self.virt + TR_PARKED) as *const AtomicU64)).load(Ordering::Acquire) }
     }
 
     fn write_u32(&self, off: u64, value: u32) {
@@ -187,14 +276,6 @@ impl Trampoline {
     /// The page number a start-up IPI names.
     fn sipi_page(&self) -> u8 {
         (self.phys >> 12) as u8
-    }
-
-    /// Sets what the next AP to start gets: stack top, argument and entry.
-    fn set_ap(&self, stack_top: u64, arg: u64, entry: ApEntry) {
-        self.write_u64(TR_STACK, stack_top);
-        self.write_u64(TR_ARG, arg);
-        self.write_u64(TR_ENTRY, entry as usize as u64);
-        core::sync::atomic::fence(Ordering::SeqCst);
     }
 }
 
@@ -233,11 +314,13 @@ static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();
 /// Set when the `ApStarter` is made: there is one.
 static STARTER_MADE: AtomicBool = AtomicBool::new(false);
 
-/// Starts application processors, one at a time (they share the trampoline copy).
+/// Starts application processors, one at a time, each through a start slot of its own.
 /// There is at most one, made after the kernel's page tables are active.
 pub struct ApStarter {
     trampoline: Trampoline,
     tables: u64,
+    /// The next unused slot in `SLOTS`.
+    next_slot: usize,
 }
 
 /// Why an AP was not started.
@@ -250,9 +333,15 @@ pub enum StartError {
     Running,
     /// No memory (or page-table frames) for its stacks.
     NoStacks,
-    /// It did not check in within the time-out. It was sent INIT, which parks it in
-    /// wait-for-SIPI, so the index and its stacks may go to the next AP.
+    /// It did not claim its slot within the time-out. The slot was withdrawn (if it
+    /// arrives later it halts in the trampoline) and it was sent INIT, so the index and
+    /// its stacks may go to the next AP.
     TimedOut,
+    /// It claimed its slot but did not check in within a second time-out: it may be
+    /// running on the index's stacks, so the index must not be given to another AP.
+    Late,
+    /// Every start slot has been used.
+    NoSlot,
 }
 
 impl ApStarter {
@@ -285,7 +374,11 @@ impl ApStarter {
         // 2 MiB and shares the kernel half.
         let trampoline =
             unsafe { Trampoline::prepare(page, crate::HHDM_BASE, tables as u32, efer) };
-        Ok(ApStarter { trampoline, tables })
+        Ok(ApStarter {
+            trampoline,
+            tables,
+            next_slot: 0,
+        })
     }
 
     /// Physical address of the trampoline page.
@@ -303,6 +396,57 @@ impl ApStarter {
         Trampoline::size()
     }
 
+    /// How many APs arrived after their slot was withdrawn and halted in the
+    /// trampoline (they were sent INIT too).
+    pub fn parked(&self) -> u64 {
+        self.trampoline.parked()
+    }
+
+    /// Checks `index` and `apic_id`, finds the index's stacks and offers a fresh slot
+    /// to `apic_id` with them.
+    fn offer(
+        &mut self,
+        map: &mut BootMemoryMap,
+        index: usize,
+        apic_id: u32,
+    ) -> Result<&'static Slot, StartError> {
+        if index == 0 || index >= MAX_CPUS || crate::percpu::cpu(index).online() {
+            return Err(StartError::BadIndex);
+        }
+        if crate::percpu::online().any(|cpu| cpu.apic_id() == apic_id) {
+            return Err(StartError::Running);
+        }
+        let slot = SLOTS.get(self.next_slot).ok_or(StartError::NoSlot)?;
+        let stacks = match AP_STACKS[index].get() {
+            Some(stacks) => *stacks,
+            None => {
+                let stacks =
+                    crate::kernel_tables::map_cpu_stacks(index, map).ok_or(StartError::NoStacks)?;
+                *AP_STACKS[index].call_once(|| stacks)
+            }
+        };
+        self.next_slot += 1;
+        slot.stack_top.store(stacks.kernel.top, Ordering::Relaxed);
+        slot.arg.store(index as u64, Ordering::Relaxed);
+        slot.word
+            .store(u64::from(apic_id) | OFFERED, Ordering::Release);
+        Ok(slot)
+    }
+
+    /// Withdraws `slot` unless its AP claimed it first; true if withdrawn (the AP will
+    /// never use it).
+    fn withdraw(slot: &Slot, apic_id: u32) -> bool {
+        let offered = u64::from(apic_id) | OFFERED;
+        slot.word
+            .compare_exchange(
+                offered,
+                u64::from(apic_id) | WITHDRAWN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
     /// Starts the AP with local APIC id `apic_id` as CPU `index`, on stacks of its own
     /// (taken from `map` and mapped the first time `index` is used), and waits up to
     /// `timeout_us` for it to check in (`percpu::set_online`, which the kernel's
@@ -314,30 +458,48 @@ impl ApStarter {
         apic_id: u32,
         timeout_us: u64,
     ) -> Result<(), StartError> {
-        if index == 0 || index >= MAX_CPUS || crate::percpu::cpu(index).online() {
-            return Err(StartError::BadIndex);
-        }
-        if crate::percpu::online().any(|cpu| cpu.apic_id() == apic_id) {
-            return Err(StartError::Running);
-        }
-        let stacks = match AP_STACKS[index].get() {
-            Some(stacks) => *stacks,
-            None => {
-                let stacks =
-                    crate::kernel_tables::map_cpu_stacks(index, map).ok_or(StartError::NoStacks)?;
-                *AP_STACKS[index].call_once(|| stacks)
-            }
-        };
-        self.trampoline
-            .set_ap(stacks.kernel.top, index as u64, ap_landing);
+        let slot = self.offer(map, index, apic_id)?;
         let online = || crate::percpu::cpu(index).online();
         if start_ap(apic_id, &self.trampoline, timeout_us, online) {
+            return Ok(());
+        }
+        if Self::withdraw(slot, apic_id) {
+            // It never claimed the slot, so it never touched the stacks: they and the
+            // index may go to the next AP. INIT puts it back into wait-for-SIPI; should
+            // it get past that, it finds no slot and halts in the trampoline.
+            crate::apic::send_init(apic_id);
+            return Err(StartError::TimedOut);
+        }
+        // It claimed the slot just now: give it another time-out to check in.
+        if wait_for(timeout_us, online) {
             Ok(())
         } else {
-            // INIT puts the AP back into wait-for-SIPI, so it cannot wake up late on
-            // these stacks once they are another AP's.
-            crate::apic::send_init(apic_id);
+            Err(StartError::Late)
+        }
+    }
+
+    /// For tests of the late path (`smp.late=APICID` on the kernel command line): offers
+    /// `apic_id` a slot and withdraws it before the start-up IPIs, so the AP arrives
+    /// after its time-out by construction. It must find no slot and halt in the
+    /// trampoline (counted by `parked`); it is then sent INIT. Returns `TimedOut`, as
+    /// for an AP that did not answer, or `Late` if it was not seen parking.
+    pub fn start_too_late(
+        &mut self,
+        map: &mut BootMemoryMap,
+        index: usize,
+        apic_id: u32,
+        timeout_us: u64,
+    ) -> Result<(), StartError> {
+        let slot = self.offer(map, index, apic_id)?;
+        let parked = self.parked();
+        let withdrawn = Self::withdraw(slot, apic_id);
+        start_ap(apic_id, &self.trampoline, 0, || false);
+        let seen = wait_for(timeout_us, || self.parked() > parked);
+        crate::apic::send_init(apic_id);
+        if withdrawn && seen && !crate::percpu::cpu(index).online() {
             Err(StartError::TimedOut)
+        } else {
+            Err(StartError::Late)
         }
     }
 }

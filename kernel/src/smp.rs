@@ -10,7 +10,7 @@
 //! boot goes on with the others. Each AP then enables the same CPU features as the boot
 //! CPU and its APIC and timer here (`ap_start`), and checks in.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{info, warn};
 use panda_arch::acpi::Platform;
@@ -30,6 +30,8 @@ pub const TICK_US: u64 = 10_000;
 static XAPIC_VIRT: AtomicU64 = AtomicU64::new(0);
 static FEATURES: spin::Once<panda_arch::cpu::Features> = spin::Once::new();
 static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();
+/// Set once bring-up has counted the CPUs online.
+static BRINGUP_CLOSED: AtomicBool = AtomicBool::new(false);
 
 /// What bring-up achieved.
 pub struct SmpReport {
@@ -68,6 +70,9 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
     let silent = boot
         .option("smp.silent")
         .and_then(|id| id.parse::<u32>().ok());
+    let late = boot
+        .option("smp.late")
+        .and_then(|id| id.parse::<u32>().ok());
     AP_MAIN.call_once(|| ap_main);
     let bsp_apic = apic::id();
     // Enabled CPUs listed past MAX_CPUS count too: the summary says `N of M` for every
@@ -102,11 +107,14 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
         }
         let index = next_index;
         // `smp.silent=ID` keeps one AP from being sent its IPIs, to exercise the
-        // time-out path (scripts/test.sh checks it is reported and skipped).
+        // time-out path; `smp.late=ID` makes one arrive after its time-out, to exercise
+        // the late path (scripts/test.sh checks both are reported and skipped).
         let result = if silent == Some(ap.apic_id) {
             panda_arch::smp::wait_for(AP_TIMEOUT_US, || percpu::cpu(index).online());
             apic::send_init(ap.apic_id);
             Err(StartError::TimedOut)
+        } else if late == Some(ap.apic_id) {
+            starter.start_too_late(&mut boot.memory_map, index, ap.apic_id, AP_TIMEOUT_US)
         } else {
             starter.start(&mut boot.memory_map, index, ap.apic_id, AP_TIMEOUT_US)
         };
@@ -129,7 +137,24 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
             Err(StartError::Running) => {
                 warn!(target: "smp", "apic id {} is listed twice: skipped", ap.apic_id);
             }
+            // It holds the index's stacks: the index is not given to anyone else.
+            Err(StartError::Late) => {
+                warn!(target: "smp", "apic id {} took its start slot but did not check in: skipped, cpu index {index} left unused", ap.apic_id);
+                report.timed_out += 1;
+                next_index += 1;
+            }
+            Err(StartError::NoSlot) => {
+                warn!(target: "smp", "no start slot left: apic id {} and later skipped", ap.apic_id);
+                break;
+            }
         }
+    }
+    // From here on an AP that checks in (one that took its slot but was too slow)
+    // halts instead of going online: the CPU count is fixed below.
+    BRINGUP_CLOSED.store(true, Ordering::SeqCst);
+    let parked = starter.parked();
+    if parked > 0 {
+        warn!(target: "smp", "{parked} AP(s) arrived after their time-out: they found no start slot and were halted and sent INIT");
     }
     report.online = percpu::online_count();
     report.elapsed_us = (panda_arch::time::now_ns() - start) / 1000;
@@ -144,6 +169,10 @@ fn ap_start(index: usize) -> ! {
     }
     if let Err(why) = apic::init_cpu(XAPIC_VIRT.load(Ordering::Relaxed)) {
         warn!(target: "smp", "cpu{index}: local APIC: {why}");
+    }
+    if BRINGUP_CLOSED.load(Ordering::SeqCst) {
+        warn!(target: "smp", "cpu{index} checked in after bring-up ended: halted, not used");
+        panda_arch::power::halt_forever();
     }
     apic::start_periodic_timer(TICK_US);
     percpu::set_online();

@@ -16,6 +16,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "log",
     "mm.zero",
     "smp.silent",
+    "smp.late",
     "test.filter",
     "watchdog",
 ];
