@@ -359,9 +359,11 @@ if [ "$quick" = 0 ]; then
     fi
 
     # More CPUs than one byte of APIC id: QEMU's MADT lists 288 (x2APIC entries past
-    # 255); every one is brought up and counted, and init runs on all of them.
+    # 255); every one is brought up, counted and online (the in-kernel test checks each
+    # one's per-CPU block). Only that test runs: 288 vCPUs on a 2-core host are too
+    # overcommitted for a full user run to be a fair test.
     log="$logs/smp-288.log" status=0
-    scripts/run.sh --timeout "$timeout_s" -smp 288 -m 1G >"$log" 2>&1 || status=$?
+    scripts/run.sh --timeout "$timeout_s" -smp 288 -m 1G --cmdline "test test.filter=smp_all_cpus_online" >"$log" 2>&1 || status=$?
     if [ "$status" = 0 ] && grep -q 'smp: 288 of 288 CPUs online' "$log"; then
         pass "smp-288 ($(grep -o 'online (x2apic) in [0-9]* ms' "$log" | head -n1))"
     else

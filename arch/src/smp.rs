@@ -26,7 +26,9 @@
 //! `ap_main(index)`.
 
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use alloc::vec::Vec;
 
 use crate::boot::{BootMemoryMap, MemoryKind};
 use crate::percpu::MAX_CPUS;
@@ -287,35 +289,15 @@ fn delay_us(us: u64) {
     }
 }
 
-/// Runs INIT-SIPI-SIPI for `apic_id` with the SDM's delays (10 ms after INIT, 200 us
-/// between the start-up IPIs) and waits up to `timeout_us` for `started()`. The second
-/// SIPI is skipped if the AP already started.
-fn start_ap(
-    apic_id: u32,
-    trampoline: &Trampoline,
-    timeout_us: u64,
-    started: impl Fn() -> bool,
-) -> bool {
-    crate::apic::send_init(apic_id);
-    delay_us(10_000);
-    crate::apic::send_startup(apic_id, trampoline.sipi_page());
-    delay_us(200);
-    if !started() {
-        crate::apic::send_startup(apic_id, trampoline.sipi_page());
-    }
-    wait_for(timeout_us, started)
-}
-
-/// Each AP's stacks, by CPU index (set before the AP is started, kept if it did not
-/// answer, for the next AP given that index).
+/// Each slot's stacks (mapped when the slot is offered).
 static AP_STACKS: [spin::Once<CpuStacks>; MAX_CPUS] = [const { spin::Once::new() }; MAX_CPUS];
 /// Where APs go once `ap_landing` has set them up.
 static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();
 /// Set when the `ApStarter` is made: there is one.
 static STARTER_MADE: AtomicBool = AtomicBool::new(false);
 
-/// Starts application processors, one at a time, each through a start slot of its own.
-/// There is at most one, made after the kernel's page tables are active.
+/// Starts the application processors, all at once, each through a start slot of its
+/// own. There is at most one, made after the kernel's page tables are active.
 pub struct ApStarter {
     trampoline: Trampoline,
     tables: u64,
@@ -326,19 +308,16 @@ pub struct ApStarter {
 /// Why an AP was not started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartError {
-    /// The index is 0, beyond `MAX_CPUS`, or a CPU with that index is online already.
-    BadIndex,
-    /// A CPU with that local APIC id is online already (the boot CPU, or an AP started
-    /// before): it is not sent INIT.
+    /// A CPU with that local APIC id is online already (the boot CPU, or an AP listed
+    /// twice): it is not sent INIT.
     Running,
     /// No memory (or page-table frames) for its stacks.
     NoStacks,
     /// It did not claim its slot within the time-out. The slot was withdrawn (if it
-    /// arrives later it halts in the trampoline) and it was sent INIT, so the index and
-    /// its stacks may go to the next AP.
+    /// arrives later it halts in the trampoline) and it was sent INIT.
     TimedOut,
-    /// It claimed its slot but did not check in within a second time-out: it may be
-    /// running on the index's stacks, so the index must not be given to another AP.
+    /// It claimed its slot but did not check in within ten time-outs (it may hold a CPU
+    /// index no CPU checks in on).
     Late,
     /// Every start slot has been used.
     NoSlot,
@@ -402,44 +381,36 @@ impl ApStarter {
         self.trampoline.parked()
     }
 
-    /// Checks `index` and `apic_id`, finds the index's stacks and offers a fresh slot
-    /// to `apic_id` with them.
-    fn offer(
-        &mut self,
-        map: &mut BootMemoryMap,
-        index: usize,
-        apic_id: u32,
-    ) -> Result<&'static Slot, StartError> {
-        if index == 0 || index >= MAX_CPUS || crate::percpu::cpu(index).online() {
-            return Err(StartError::BadIndex);
-        }
+    /// Maps stacks for a fresh slot and offers it to `apic_id` (not yet sent any IPI).
+    fn offer(&mut self, map: &mut BootMemoryMap, apic_id: u32) -> Result<usize, StartError> {
         if crate::percpu::online().any(|cpu| cpu.apic_id() == apic_id) {
             return Err(StartError::Running);
         }
-        let slot = SLOTS.get(self.next_slot).ok_or(StartError::NoSlot)?;
-        let stacks = match AP_STACKS[index].get() {
-            Some(stacks) => *stacks,
-            None => {
-                let stacks =
-                    crate::kernel_tables::map_cpu_stacks(index, map).ok_or(StartError::NoStacks)?;
-                *AP_STACKS[index].call_once(|| stacks)
-            }
-        };
+        let n = self.next_slot;
+        // Slot `n` uses the stack window of position `n + 1` (position 0 is the boot
+        // CPU's); a CPU's index is taken when it checks in, in arrival order.
+        let slot = SLOTS
+            .get(n)
+            .filter(|_| n + 1 < MAX_CPUS)
+            .ok_or(StartError::NoSlot)?;
+        let stacks =
+            crate::kernel_tables::map_cpu_stacks(n + 1, map).ok_or(StartError::NoStacks)?;
+        let stacks = *AP_STACKS[n].call_once(|| stacks);
         self.next_slot += 1;
         slot.stack_top.store(stacks.kernel.top, Ordering::Relaxed);
-        slot.arg.store(index as u64, Ordering::Relaxed);
+        slot.arg.store(n as u64, Ordering::Relaxed);
         slot.word
             .store(u64::from(apic_id) | OFFERED, Ordering::Release);
-        Ok(slot)
+        Ok(n)
     }
 
-    /// Withdraws `slot` unless its AP claimed it first; true if withdrawn (the AP will
-    /// never use it).
-    fn withdraw(slot: &Slot, apic_id: u32) -> bool {
-        let offered = u64::from(apic_id) | OFFERED;
-        slot.word
+    /// Withdraws slot `n` unless its AP claimed it first; true if withdrawn (the AP
+    /// will never use it).
+    fn withdraw(n: usize, apic_id: u32) -> bool {
+        SLOTS[n]
+            .word
             .compare_exchange(
-                offered,
+                u64::from(apic_id) | OFFERED,
                 u64::from(apic_id) | WITHDRAWN,
                 Ordering::AcqRel,
                 Ordering::Acquire,
@@ -447,70 +418,155 @@ impl ApStarter {
             .is_ok()
     }
 
-    /// Starts the AP with local APIC id `apic_id` as CPU `index`, on stacks of its own
-    /// (taken from `map` and mapped the first time `index` is used), and waits up to
-    /// `timeout_us` for it to check in (`percpu::set_online`, which the kernel's
-    /// `ap_main` does once its own set-up is done).
-    pub fn start(
-        &mut self,
-        map: &mut BootMemoryMap,
-        index: usize,
-        apic_id: u32,
-        timeout_us: u64,
-    ) -> Result<(), StartError> {
-        let slot = self.offer(map, index, apic_id)?;
-        let online = || crate::percpu::cpu(index).online();
-        if start_ap(apic_id, &self.trampoline, timeout_us, online) {
-            return Ok(());
-        }
-        if Self::withdraw(slot, apic_id) {
-            // It never claimed the slot, so it never touched the stacks: they and the
-            // index may go to the next AP. INIT puts it back into wait-for-SIPI; should
-            // it get past that, it finds no slot and halts in the trampoline.
-            crate::apic::send_init(apic_id);
-            return Err(StartError::TimedOut);
-        }
-        // It claimed the slot just now: give it another time-out to check in.
-        if wait_for(timeout_us, online) {
-            Ok(())
-        } else {
-            Err(StartError::Late)
+    /// Whether the AP of slot `n` has claimed it.
+    fn claimed(n: usize) -> bool {
+        SLOTS[n].word.load(Ordering::Acquire) >> 32 == CLAIMED >> 32
+    }
+
+    /// Whether the AP of slot `n` has checked in (`percpu::set_online`).
+    fn checked_in(n: usize) -> bool {
+        match INDEX_OF_SLOT[n].load(Ordering::Acquire) {
+            0 => false,
+            i => crate::percpu::cpu(i).online(),
         }
     }
 
-    /// For tests of the late path (`smp.late=APICID` on the kernel command line): offers
-    /// `apic_id` a slot and withdraws it before the start-up IPIs, so the AP arrives
-    /// after its time-out by construction. It must find no slot and halt in the
-    /// trampoline (counted by `parked`); it is then sent INIT. Returns `TimedOut`, as
-    /// for an AP that did not answer, or `Late` if it was not seen parking.
-    pub fn start_too_late(
+    /// Starts every AP in `aps` at once: offers each a start slot with stacks of its
+    /// own, sends INIT to all, waits the SDM's 10 ms once, sends the start-up IPIs to
+    /// all (a second one to those that have not claimed their slot after 200 us), and
+    /// waits for all to claim their slots until none has for `timeout_us` (ten such
+    /// waits at most). Slots not claimed by then
+    /// are withdrawn (their APs are sent INIT; if one arrives anyway, it halts in the
+    /// trampoline); APs that claimed theirs get ten times as long to check in (they are
+    /// alive, only slow: an overcommitted host). Each AP takes the next dense CPU index
+    /// when it lands, and calls `ap_main(index)` once set up (`percpu::set_online` is
+    /// how the kernel's `ap_main` checks in). Returns each APIC id's outcome, in
+    /// `aps` order. `How::Silent` and `How::Late` are for tests of the two failure paths.
+    pub fn start_all(
         &mut self,
         map: &mut BootMemoryMap,
-        index: usize,
-        apic_id: u32,
+        aps: &[(u32, How)],
         timeout_us: u64,
-    ) -> Result<(), StartError> {
-        let slot = self.offer(map, index, apic_id)?;
-        let parked = self.parked();
-        let withdrawn = Self::withdraw(slot, apic_id);
-        start_ap(apic_id, &self.trampoline, 0, || false);
-        let seen = wait_for(timeout_us, || self.parked() > parked);
-        crate::apic::send_init(apic_id);
-        if withdrawn && seen && !crate::percpu::cpu(index).online() {
-            Err(StartError::TimedOut)
-        } else {
-            Err(StartError::Late)
+    ) -> Vec<(u32, Result<(), StartError>)> {
+        let mut results: Vec<(u32, Result<(), StartError>)> = Vec::new();
+        let mut started: Vec<(usize, u32, How)> = Vec::new();
+        for &(apic_id, how) in aps {
+            if results.iter().any(|&(id, _)| id == apic_id)
+                || started.iter().any(|&(_, id, _)| id == apic_id)
+            {
+                results.push((apic_id, Err(StartError::Running)));
+                continue;
+            }
+            match self.offer(map, apic_id) {
+                Ok(n) => started.push((n, apic_id, how)),
+                Err(e) => results.push((apic_id, Err(e))),
+            }
         }
+        let parked_before = self.parked();
+        let mut late = 0;
+        for &(n, apic_id, how) in &started {
+            if how == How::Late && Self::withdraw(n, apic_id) {
+                late += 1;
+            }
+        }
+        let page = self.trampoline.sipi_page();
+        let sent = || started.iter().filter(|&&(_, _, how)| how != How::Silent);
+        for &(_, apic_id, _) in sent() {
+            crate::apic::send_init(apic_id);
+        }
+        delay_us(10_000);
+        for &(_, apic_id, _) in sent() {
+            crate::apic::send_startup(apic_id, page);
+        }
+        delay_us(200);
+        for &(n, apic_id, _) in sent() {
+            if !Self::claimed(n) {
+                crate::apic::send_startup(apic_id, page);
+            }
+        }
+        let normal = || started.iter().filter(|&&(_, _, how)| how == How::Normal);
+        // The time-out counts from the last AP that claimed its slot: on an
+        // overcommitted host APs keep arriving slowly, and only one that stays away for
+        // `timeout_us` after the others is given up (at most ten time-outs in all).
+        let claims = || normal().filter(|&&(n, _, _)| Self::claimed(n)).count();
+        let total = normal().count();
+        let now_us = || crate::time::now_ns() / 1000;
+        let (begin, mut last, mut seen) = (now_us(), now_us(), 0);
+        loop {
+            let claimed = claims();
+            let now = now_us();
+            if claimed > seen {
+                (seen, last) = (claimed, now);
+            }
+            let quiet = now - last > timeout_us;
+            let too_long = now - begin > timeout_us.saturating_mul(10);
+            if claimed == total || quiet || too_long {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        for &(n, apic_id, how) in &started {
+            if how != How::Late && Self::withdraw(n, apic_id) {
+                crate::apic::send_init(apic_id);
+            }
+        }
+        wait_for(timeout_us.saturating_mul(10), || {
+            normal().all(|&(n, _, _)| !Self::claimed(n) || Self::checked_in(n))
+        });
+        if late > 0 {
+            wait_for(timeout_us, || self.parked() >= parked_before + late);
+            for &(_, apic_id, how) in &started {
+                if how == How::Late {
+                    crate::apic::send_init(apic_id);
+                }
+            }
+        }
+        for &(n, apic_id, _) in &started {
+            let outcome = if Self::checked_in(n) {
+                Ok(())
+            } else if Self::claimed(n) {
+                Err(StartError::Late)
+            } else {
+                Err(StartError::TimedOut)
+            };
+            results.push((apic_id, outcome));
+        }
+        let order = |id: u32| aps.iter().position(|&(a, _)| a == id);
+        results.sort_by_key(|&(id, _)| order(id));
+        results
     }
 }
 
+/// How `ApStarter::start_all` starts one AP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum How {
+    /// INIT-SIPI-SIPI and wait for it.
+    Normal,
+    /// Send it nothing (a test of the time-out path: it never answers).
+    Silent,
+    /// Withdraw its slot before its start-up IPIs (a test of the late path: it arrives
+    /// after its time-out by construction and must halt in the trampoline).
+    Late,
+}
+
+/// Per slot: the CPU index its AP took when it landed (0: none yet; APs get 1 and up).
+static INDEX_OF_SLOT: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+/// The next CPU index an AP takes when it lands (dense, in arrival order).
+static NEXT_INDEX: AtomicUsize = AtomicUsize::new(1);
+
 /// Where the trampoline lands, on the AP's own stack, still on the trampoline's tables.
-extern "C" fn ap_landing(index: u64) -> ! {
+extern "C" fn ap_landing(slot: u64) -> ! {
     crate::kernel_tables::load();
-    let index = index as usize;
-    let Some(stacks) = AP_STACKS.get(index).and_then(|s| s.get()) else {
+    let slot = slot as usize;
+    let Some(stacks) = AP_STACKS.get(slot).and_then(|s| s.get()) else {
         crate::power::halt_forever()
     };
+    // The AP owns its slot (it claimed it in the trampoline): it takes the next index.
+    let index = NEXT_INDEX.fetch_add(1, Ordering::AcqRel);
+    if index >= MAX_CPUS {
+        crate::power::halt_forever()
+    }
+    INDEX_OF_SLOT[slot].store(index, Ordering::Release);
     crate::gdt::init_cpu(index, stacks);
     crate::idt::load();
     crate::percpu::install(index, crate::cpu::apic_id(), stacks);

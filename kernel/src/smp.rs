@@ -10,13 +10,15 @@
 //! boot goes on with the others. Each AP then enables the same CPU features as the boot
 //! CPU and its APIC and timer here (`ap_start`), and checks in.
 
+use alloc::vec::Vec;
+
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{info, warn};
 use panda_arch::acpi::Platform;
 use panda_arch::apic::{self, Mode};
 use panda_arch::percpu::{self, MAX_CPUS};
-use panda_arch::smp::{ApStarter, StartError};
+use panda_arch::smp::{ApStarter, How, StartError};
 
 use crate::boot::BootInfo;
 use crate::kernel_tables;
@@ -99,53 +101,41 @@ pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) ->
         }
     };
     info!(target: "smp", "trampoline at {:#x}, {} bytes, page tables at {:#x}", starter.page(), starter.size(), starter.tables());
-    let mut next_index = 1;
-    for ap in aps {
-        if next_index >= MAX_CPUS {
-            warn!(target: "smp", "more than {MAX_CPUS} CPUs: apic id {} and later ignored", ap.apic_id);
-            break;
-        }
-        let index = next_index;
-        // `smp.silent=ID` keeps one AP from being sent its IPIs, to exercise the
-        // time-out path; `smp.late=ID` makes one arrive after its time-out, to exercise
-        // the late path (scripts/test.sh checks both are reported and skipped).
-        let result = if silent == Some(ap.apic_id) {
-            panda_arch::smp::wait_for(AP_TIMEOUT_US, || percpu::cpu(index).online());
-            apic::send_init(ap.apic_id);
-            Err(StartError::TimedOut)
-        } else if late == Some(ap.apic_id) {
-            starter.start_too_late(&mut boot.memory_map, index, ap.apic_id, AP_TIMEOUT_US)
-        } else {
-            starter.start(&mut boot.memory_map, index, ap.apic_id, AP_TIMEOUT_US)
-        };
-        match result {
-            Ok(()) => next_index += 1,
-            // The AP was parked with INIT; its index and stacks go to the next AP,
-            // which keeps indices dense.
+    // `smp.silent=ID` keeps one AP from being sent its IPIs, to exercise the time-out
+    // path; `smp.late=ID` makes one arrive after its time-out, to exercise the late
+    // path (scripts/test.sh checks both are reported and skipped).
+    let plan: Vec<(u32, How)> = aps
+        .take(MAX_CPUS - 1)
+        .map(|ap| {
+            let how = if silent == Some(ap.apic_id) {
+                How::Silent
+            } else if late == Some(ap.apic_id) {
+                How::Late
+            } else {
+                How::Normal
+            };
+            (ap.apic_id, how)
+        })
+        .collect();
+    for (apic_id, outcome) in starter.start_all(&mut boot.memory_map, &plan, AP_TIMEOUT_US) {
+        match outcome {
+            Ok(()) => {}
             Err(StartError::TimedOut) => {
-                warn!(target: "smp", "apic id {} did not answer within {} ms: skipped", ap.apic_id, AP_TIMEOUT_US / 1000);
+                warn!(target: "smp", "apic id {apic_id} did not answer within {} ms: skipped", AP_TIMEOUT_US / 1000);
                 report.timed_out += 1;
             }
             Err(StartError::NoStacks) => {
-                warn!(target: "smp", "out of memory for the stacks of apic id {}: skipped", ap.apic_id);
-            }
-            Err(StartError::BadIndex) => {
-                // Only if an AP came online just as it timed out: skip the index.
-                warn!(target: "smp", "cpu index {index} is taken: apic id {} skipped", ap.apic_id);
-                next_index += 1;
+                warn!(target: "smp", "out of memory for the stacks of apic id {apic_id}: skipped");
             }
             Err(StartError::Running) => {
-                warn!(target: "smp", "apic id {} is listed twice: skipped", ap.apic_id);
+                warn!(target: "smp", "apic id {apic_id} is listed twice: skipped");
             }
-            // It holds the index's stacks: the index is not given to anyone else.
             Err(StartError::Late) => {
-                warn!(target: "smp", "apic id {} took its start slot but did not check in: skipped, cpu index {index} left unused", ap.apic_id);
+                warn!(target: "smp", "apic id {apic_id} took its start slot but did not check in: skipped");
                 report.timed_out += 1;
-                next_index += 1;
             }
             Err(StartError::NoSlot) => {
-                warn!(target: "smp", "no start slot left: apic id {} and later skipped", ap.apic_id);
-                break;
+                warn!(target: "smp", "no start slot left for apic id {apic_id}: skipped");
             }
         }
     }
