@@ -1,10 +1,18 @@
 //! The TSC as the kernel's clock.
 //!
 //! The TSC frequency comes from CPUID leaf 0x15 (crystal ratio) or 0x16 when they give
-//! it, and otherwise from counting TSC ticks across 10 ms of the legacy PIT (channel 2,
-//! gated through port 0x61), which every PC and QEMU has. Until calibration, `now_ns`
-//! reads 0. Where the ACPI PM timer exists, `calibrate_with_pm_timer` measures against
-//! it instead of the PIT.
+//! it, and otherwise from counting TSC ticks across 5 ms windows of the legacy PIT
+//! (channel 2, gated through port 0x61), which every PC and QEMU has. Until
+//! calibration, `now_ns` reads 0. Where the ACPI PM timer exists,
+//! `calibrate_with_pm_timer` measures against it instead of the PIT.
+//!
+//! A single window is fragile on a loaded or virtual machine: a CPU held up in the
+//! middle of a reference read skews it (seen under TCG with busy vCPUs: 64-238 GHz from
+//! the PIT, 4194 MHz instead of about 2600 from the PM timer). So each method takes
+//! several windows, brackets every reference read between two TSC reads and drops a
+//! window whose reads took over 1/200 of it, takes the median (the PIT: the smallest, as a late
+//! look at its gate only ever lengthens a window), and refuses a result outside
+//! 100 MHz-20 GHz, keeping the previous estimate.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::instructions::port::Port;
@@ -47,9 +55,22 @@ fn from_cpuid() -> Option<(u64, Calibration)> {
     None
 }
 
+/// Plausible TSC rates: anything else is a measuring error.
+pub const PLAUSIBLE_HZ: core::ops::Range<u64> = 100_000_000..20_000_000_000;
+
+/// The smallest of several 5 ms PIT windows (a window can only come out too long: the
+/// gate is seen late, never early).
 fn from_pit() -> u64 {
+    (0..5)
+        .map(|_| pit_window())
+        .filter(|hz| PLAUSIBLE_HZ.contains(hz))
+        .min()
+        .unwrap_or(0)
+}
+
+fn pit_window() -> u64 {
     const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 10;
+    const MS: u64 = 5;
     let count = (PIT_HZ * MS / 1000) as u16;
     let mut gate: Port<u8> = Port::new(0x61);
     let mut cmd: Port<u8> = Port::new(0x43);
@@ -84,31 +105,80 @@ pub fn calibrate() -> (u64, Calibration) {
     (hz, how)
 }
 
-/// Measures the TSC against the ACPI PM timer (3.579545 MHz) at I/O `port` over
-/// 20 ms, replacing the boot-time estimate. The PM timer is a fixed-rate reference on
-/// every ACPI machine; the PIT is only the fallback before ACPI is parsed.
-pub fn calibrate_with_pm_timer(port: u16, bits32: bool) -> u64 {
+/// What `calibrate_with_pm_timer` found: the rate it keeps, and how many of its
+/// windows were used and how far apart they were (parts per million of the median).
+#[derive(Clone, Copy, Debug)]
+pub struct PmCalibration {
+    pub hz: u64,
+    pub windows_used: usize,
+    pub windows: usize,
+    pub spread_ppm: u64,
+    /// False if no window gave a plausible rate: `hz` is then the earlier estimate.
+    pub accepted: bool,
+}
+
+/// Measures the TSC against the ACPI PM timer (3.579545 MHz) at I/O `port`, replacing
+/// the boot-time estimate: the median of 7 windows of 5 ms, each reference read
+/// bracketed by TSC reads, windows whose reads took over 1/200 of the window dropped.
+/// The PM timer is a fixed-rate reference on every ACPI machine; the PIT is only the
+/// fallback before ACPI is parsed.
+pub fn calibrate_with_pm_timer(port: u16, bits32: bool) -> PmCalibration {
     const PM_HZ: u64 = 3_579_545;
+    const WINDOWS: usize = 7;
     let mask: u32 = if bits32 { u32::MAX } else { 0x00ff_ffff };
     let mut timer: Port<u32> = Port::new(port);
     // SAFETY: the port is the PM timer's, from the FADT; reading it has no side effects.
     let mut read = || unsafe { timer.read() } & mask;
-    let want = PM_HZ / 50;
-    let start_pm = read();
-    let start_tsc = rdtsc();
-    let mut elapsed = 0u64;
-    let mut spins = 0u64;
-    while elapsed < want && spins < 100_000_000 {
-        elapsed = (read().wrapping_sub(start_pm) & mask) as u64;
-        spins += 1;
+    // A reference read with the TSC just before and after it.
+    let mut stamp = || {
+        let before = rdtsc();
+        let pm = read();
+        (pm, before, rdtsc())
+    };
+    let want = PM_HZ / 200;
+    let mut rates = [0u64; WINDOWS];
+    let mut used = 0;
+    for _ in 0..WINDOWS {
+        let (start_pm, a0, a1) = stamp();
+        let (mut end_pm, mut b0, mut b1) = (start_pm, a0, a1);
+        let mut spins = 0u64;
+        while ((end_pm.wrapping_sub(start_pm) & mask) as u64) < want && spins < 50_000_000 {
+            (end_pm, b0, b1) = stamp();
+            spins += 1;
+        }
+        let elapsed = (end_pm.wrapping_sub(start_pm) & mask) as u64;
+        // The TSC between the middles of the two reads.
+        let tsc = (b0 + b1) / 2 - (a0 + a1) / 2;
+        let slow_reads = (a1 - a0) + (b1 - b0);
+        if elapsed == 0 || slow_reads.saturating_mul(200) > tsc {
+            continue;
+        }
+        let hz = tsc * PM_HZ / elapsed;
+        if PLAUSIBLE_HZ.contains(&hz) {
+            rates[used] = hz;
+            used += 1;
+        }
     }
-    let tsc = rdtsc() - start_tsc;
-    if elapsed == 0 {
-        return tsc_hz();
+    let rates = &mut rates[..used];
+    rates.sort_unstable();
+    let Some(&median) = rates.get(used / 2) else {
+        return PmCalibration {
+            hz: tsc_hz(),
+            windows_used: 0,
+            windows: WINDOWS,
+            spread_ppm: 0,
+            accepted: false,
+        };
+    };
+    let spread = rates[used - 1] - rates[0];
+    TSC_HZ.store(median, Ordering::Relaxed);
+    PmCalibration {
+        hz: median,
+        windows_used: used,
+        windows: WINDOWS,
+        spread_ppm: spread * 1_000_000 / median,
+        accepted: true,
     }
-    let hz = tsc * PM_HZ / elapsed;
-    TSC_HZ.store(hz.max(1), Ordering::Relaxed);
-    hz
 }
 
 /// TSC ticks per second (0 before calibration).

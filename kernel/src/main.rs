@@ -160,8 +160,12 @@ fn kmain(mut boot: BootInfo) -> ! {
     );
     match platform.pm_timer {
         Some(pm) if pm.io_port => {
-            let hz = panda_arch::time::calibrate_with_pm_timer(pm.address as u16, pm.bits32);
-            info!(target: "time", "TSC {} MHz, calibrated against the ACPI PM timer", hz / 1_000_000);
+            let c = panda_arch::time::calibrate_with_pm_timer(pm.address as u16, pm.bits32);
+            if c.accepted {
+                info!(target: "time", "TSC {} MHz, calibrated against the ACPI PM timer (median of {} of {} windows, spread {} ppm)", c.hz / 1_000_000, c.windows_used, c.windows, c.spread_ppm);
+            } else {
+                warn!(target: "time", "TSC calibration against the ACPI PM timer gave no plausible window: keeping {} MHz ({:?})", c.hz / 1_000_000, calibration);
+            }
         }
         _ => {
             info!(target: "time", "TSC {} MHz ({:?}); no ACPI PM timer in I/O space", tsc_hz / 1_000_000, calibration)
