@@ -22,6 +22,9 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --init PATH         run this static ELF as the first process (packed into the initrd
                       as `init`, beside the usual programs)
   --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
+  --args "WORDS"      arguments for the first program (its argv after its path):
+                      appended to the kernel command line after a lone `--`;
+                      words are split at spaces (no quoting)
   --timeout SECONDS   stop the guest after this long (exit 3)
   -h, --help          this text
 
@@ -34,6 +37,7 @@ TXT
 }
 
 smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s="" adds=()
+init_args="" have_args=0
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -48,6 +52,7 @@ while [ $# -gt 0 ]; do
         --init) [ $# -ge 2 ] || panda_usage_error "--init needs a path"; init=$2; shift 2 ;;
         --add) [ $# -ge 2 ] || panda_usage_error "--add needs a path"; adds+=("$2"); shift 2 ;;
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
+        --args) [ $# -ge 2 ] || panda_usage_error "--args needs a value"; init_args="$init_args $2"; have_args=1; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
@@ -74,6 +79,18 @@ if [ "$gdb" != 0 ]; then
         panda_usage_error "port $gdb is busy (another --gdb run?): choose one with --gdb=PORT"
     fi
 fi
+# The first program's arguments follow a lone `--` (the kernel reads only the words
+# before it). The boot protocols hand the kernel at most 255 bytes of command line.
+if [ "$have_args" = 1 ]; then
+    read -r -a words <<<"$cmdline"
+    for w in "${words[@]}"; do
+        [ "$w" != "--" ] || panda_usage_error "give the first program's arguments either with --args or after -- in --cmdline, not both"
+    done
+    cmdline="$cmdline -- ${init_args# }"
+fi
+cmdline="${cmdline# }"
+[ "$(printf '%s' "$cmdline" | wc -c)" -le 255 ] ||
+    panda_usage_error "the kernel command line (--cmdline and --args) is $(printf '%s' "$cmdline" | wc -c) bytes; at most 255 fit"
 if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
     panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
 fi
@@ -122,7 +139,6 @@ panda_choose_accel "$accel"
 # shellcheck disable=SC2054 # the commas belong to one -device argument
 qemu_args=(-machine q35 -m "$mem" -smp "$smp" -no-reboot -display none -serial stdio
            -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${PANDA_ACCEL_ARGS[@]}")
-cmdline="${cmdline# }"
 
 if [ "$boot" = pvh ]; then
     qemu_args+=(-kernel "$PANDA_KERNEL" -initrd "$initrd" -append "$cmdline")

@@ -188,8 +188,9 @@ fi
 
 section "your own programs (docs/PROGRAMS.md)"
 # Runs the commands of docs/PROGRAMS.md's marked blocks exactly as written: a Rust
-# program made by new-program.sh and the C example, each spawning a helper, using
-# threads, a buffer and brk; both must say "all fine" and exit 0.
+# program made by new-program.sh and the C example, each printing its argv (the words
+# of --args), spawning a helper, using threads, a buffer and brk; both must print the
+# argv and "all fine", and exit 0.
 doc_block() {
     awk -v tag="<!-- test.sh: $1 -->" '$0 == tag { on = 1; next } on && /^```sh/ { inblock = 1; next }
         inblock && /^```/ { exit } inblock { print }' docs/PROGRAMS.md
@@ -197,13 +198,15 @@ doc_block() {
 command -v gcc >/dev/null 2>&1 || panda_apt_install gcc || true
 for lang in rust c; do
     log="$logs/program-$lang.log" status=0
+    if [ "$lang" = rust ]; then want_argv='hello: pid [0-9]+ started with argv \["hello", "one", "two"\]'
+    else want_argv='^hello-c: argv: hello one two$'; fi
     script=$(doc_block "$lang")
     if [ -z "$script" ]; then fail "program-$lang" "no '<!-- test.sh: $lang -->' block in docs/PROGRAMS.md"; continue; fi
     timeout 900 bash -euo pipefail -c "$script" >"$log" 2>&1 </dev/null || status=$?
-    if [ "$status" = 0 ] && grep -aq ': all fine' "$log"; then
-        pass "program-$lang (docs/PROGRAMS.md's commands)"
+    if [ "$status" = 0 ] && grep -aq ': all fine' "$log" && tr -d '\r' <"$log" | grep -aqE "$want_argv"; then
+        pass "program-$lang (docs/PROGRAMS.md's commands, argv included)"
     else
-        fail "program-$lang" "exit $status; want 'all fine' (see $log)"
+        fail "program-$lang" "exit $status; want 'all fine' and a line matching '$want_argv' (see $log)"
     fi
 done
 
@@ -386,6 +389,8 @@ if [ "$quick" = 0 ]; then
     bad_input firmware-without-limine --firmware uefi
     bad_input init-missing --init /nonexistent/init
     bad_input init-not-elf --init README.md
+    bad_input args-twice --cmdline "init=utest -- a" --args b
+    bad_input cmdline-too-long --args "$(printf 'word%.0s ' {1..60})"
     BAD_LIMINE_DIR=$(mktemp -d) bad_input limine-missing --boot limine
     if grep -q "Limine binaries not found" "$logs/bad-limine-missing.err"; then pass limine-missing-message
     else fail limine-missing-message "no 'Limine binaries not found' line"; fi
