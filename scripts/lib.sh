@@ -9,7 +9,15 @@
 . "$(dirname "${BASH_SOURCE[0]}")/deps.sh"
 
 PANDA_TARGET=x86_64-unknown-none
-PANDA_KERNEL="$PANDA_ROOT/target/$PANDA_TARGET/release/panda-kernel"
+
+# The cargo profile the kernel and programs are built with: release, or debug-kernel
+# (--debug: full debug info, no optimisation; Cargo.toml). Sets the paths that follow.
+panda_use_profile() {
+    PANDA_PROFILE=$1
+    PANDA_KERNEL="$PANDA_ROOT/target/$PANDA_TARGET/$PANDA_PROFILE/panda-kernel"
+    PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/$PANDA_PROFILE"
+}
+panda_use_profile release
 
 # QEMU exit statuses produced by the kernel through isa-debug-exit ((v << 1) | 1).
 PANDA_QEMU_SUCCESS=33
@@ -21,20 +29,19 @@ panda_usage_error() { printf 'panda: %s (see --help)\n' "$*" >&2; exit 64; }
 
 panda_build_kernel() {
     [ -f "$PANDA_KERNEL" ] ||
-        echo "panda: building the kernel and user programs (cargo build --release; the first build takes a minute or two)" >&2
-    (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-kernel --target "$PANDA_TARGET") ||
+        echo "panda: building the kernel and user programs (cargo build --profile $PANDA_PROFILE; the first build takes a minute or two)" >&2
+    (cd "$PANDA_ROOT" && cargo build --quiet --profile "$PANDA_PROFILE" -p panda-kernel --target "$PANDA_TARGET") ||
         panda_die "kernel build failed"
 }
 
 # User programs (user/programs) packed into the initrd, and the data files beside them.
-PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/release"
 # Every [[bin]] of user/programs is packed: adding a program needs only its [[bin]].
 mapfile -t PANDA_PROGRAMS < <(awk '/^\[\[bin\]\]/ { bin = 1; next } bin && /^name *=/ { gsub(/"/, "", $3); print $3; bin = 0 }' \
     "$PANDA_ROOT/user/programs/Cargo.toml")
 PANDA_INITRD="$PANDA_ROOT/build/initrd.tar"
 
 panda_build_user() {
-    (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-programs --target "$PANDA_TARGET") ||
+    (cd "$PANDA_ROOT" && cargo build --quiet --profile "$PANDA_PROFILE" -p panda-programs --target "$PANDA_TARGET") ||
         panda_die "user programs build failed"
 }
 

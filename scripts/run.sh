@@ -17,6 +17,8 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
   --gdb[=PORT]        start paused with a gdb stub on localhost:PORT (default 1234)
                       and print the gdb command to paste
+  --debug             build the kernel and programs with full debug info and no
+                      optimisation (cargo profile debug-kernel), for gdb's info locals
   --add PATH          put this file in the initrd too, under its own name (repeatable:
                       programs init spawns, data files)
   --init PATH         run this static ELF as the first process (packed into the initrd
@@ -49,6 +51,7 @@ while [ $# -gt 0 ]; do
         --firmware) [ $# -ge 2 ] || panda_usage_error "--firmware needs bios or uefi"; firmware=$2; shift 2 ;;
         --gdb) gdb=1234; shift ;;
         --gdb=*) gdb=${1#--gdb=}; shift ;;
+        --debug) panda_use_profile debug-kernel; shift ;;
         --init) [ $# -ge 2 ] || panda_usage_error "--init needs a path"; init=$2; shift 2 ;;
         --add) [ $# -ge 2 ] || panda_usage_error "--add needs a path"; adds+=("$2"); shift 2 ;;
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
@@ -179,7 +182,8 @@ if [ "$gdb" != 0 ]; then
     qemu_args+=(-gdb "tcp:localhost:$gdb" -S)
     echo "panda: paused for gdb on localhost:$gdb; in another terminal:" >&2
     echo "  gdb $PANDA_KERNEL -ex 'target remote localhost:$gdb' -ex 'hbreak panda_kernel::kmain' -ex continue" >&2
-    echo "  (or: scripts/gdb.sh $gdb; hbreak, not break: the kernel's addresses are mapped only once it runs)" >&2
+    gdb_sh="scripts/gdb.sh $gdb"; [ "$PANDA_PROFILE" = release ] || gdb_sh="$gdb_sh --debug"
+    echo "  (or: $gdb_sh; hbreak, not break: the kernel's addresses are mapped only once it runs)" >&2
 fi
 
 echo "panda: booting ${PANDA_KERNEL#"$PANDA_ROOT"/} via $what, -smp $smp, -m $mem, $PANDA_ACCEL" >&2

@@ -366,6 +366,25 @@ if [ "$quick" = 0 ]; then
         fail gdb-break-at-kmain "gdb exit $status; want '#0  panda_kernel::kmain () at kernel/src/main.rs:N' (see $log)"
     fi
 
+    # The --debug build: gdb sees a function's locals (the release build's line tables
+    # do not give them). Stops at the line that reads the RAM size, where `usable`,
+    # computed on the line before, must print with a value.
+    log="$logs/gdb-debug.log" status=0 port=$((20000 + RANDOM % 20000))
+    line=$(grep -n 'let ram = boot.memory_map.total_ram();' kernel/src/main.rs | cut -d: -f1)
+    # Built first, so the guest is listening within the 3 s gdb waits.
+    (panda_use_profile debug-kernel; panda_build_kernel; panda_build_user) >"$logs/gdb-debug-build.log" 2>&1 || true
+    scripts/run.sh --debug --timeout 120 -smp 1 --gdb="$port" >"$logs/gdb-debug-guest.log" 2>&1 &
+    guest=$!
+    sleep 3
+    timeout 90 scripts/gdb.sh "$port" --debug -batch -ex 'hbreak panda_kernel::kmain' -ex continue \
+        -ex "hbreak kernel/src/main.rs:${line:-0}" -ex continue -ex 'info locals' -ex detach >"$log" 2>&1 || status=$?
+    wait "$guest" || true
+    if [ "$status" = 0 ] && grep -qE '^usable = [0-9]+$' "$log"; then
+        pass gdb-debug-info-locals
+    else
+        fail gdb-debug-info-locals "gdb exit $status; want 'usable = N' from info locals at kernel/src/main.rs:${line:-?} (see $log)"
+    fi
+
     section "run.sh input checks"
     bad_input() {
         local name=$1; shift
