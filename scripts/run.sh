@@ -33,8 +33,10 @@ usage: scripts/run.sh [options] [-- extra qemu args]
 Environment: QEMU (the qemu-system-x86_64 to use), LIMINE_DIR (Limine's binaries),
 PANDA_PREBUILT_KERNEL and PANDA_PREBUILT_INITRD (boot these files, build nothing).
 
-Exit status: 0 guest success, 1 guest failure, 2 guest ended without reporting
-(triple fault, QEMU error), 3 time-out, 64 bad usage.
+Exit status: 0 guest success, 1 guest failure, 2 guest reset without reporting
+(a triple fault), 3 time-out, 4 the first program exited non-zero, 5 the kernel
+ended the first program, 64 bad usage (e.g. a CPU model QEMU does not know), 69 a
+set-up error (a tool missing, a build failed, QEMU itself failed: its message).
 TXT
 }
 
@@ -120,6 +122,15 @@ fi
 
 panda_ensure_rust
 panda_ensure_qemu
+# A CPU model QEMU does not know is bad usage, found in QEMU's own list (when it can be
+# read; otherwise QEMU's error at start says it).
+if [ -n "${PANDA_CPU_MODEL:-}" ]; then
+    models=$("${QEMU:-qemu-system-x86_64}" -cpu help 2>/dev/null |
+        awk '/^Available CPUs:/ { on = 1; next } on && NF == 0 { exit } on { n = $1; if (n == "x86") n = $2; print n }') || true
+    if [ -n "$models" ] && ! grep -qxF -- "${PANDA_CPU_MODEL%%,*}" <<<"$models"; then
+        panda_usage_error "--cpu: QEMU has no CPU model '${PANDA_CPU_MODEL%%,*}' (qemu-system-x86_64 -cpu help lists them)"
+    fi
+fi
 [ "$boot" = limine ] && panda_ensure_limine_tools
 if [ -n "${PANDA_PREBUILT_KERNEL:-}" ]; then
     # A caller (bench.sh) that built once and boots that exact build every time.
@@ -193,14 +204,24 @@ symbolize=(cat)
 if [ "${PANDA_SYMBOLIZE:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then
     symbolize=(python3 "$PANDA_ROOT/scripts/symbolize.py" "$PANDA_KERNEL")
 fi
+# QEMU's own messages are kept apart: if QEMU itself fails (status 1: a CPU model or
+# feature it does not know, memory it cannot allocate, a bad extra argument), its
+# message becomes run.sh's one line; otherwise it goes into the closing line (gdb's
+# kill, a signal). Warnings of a run that reports are not shown.
+qemu_err=$(mktemp)
+trap 'rm -f "$qemu_err"' EXIT
 set +e
 if [ -n "$timeout_s" ]; then
-    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null |
+    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null 2>"$qemu_err" |
         "${symbolize[@]}"
     status=${PIPESTATUS[0]}
 else
-    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" | "${symbolize[@]}"
+    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" 2>"$qemu_err" | "${symbolize[@]}"
     status=${PIPESTATUS[0]}
 fi
 set -e
-panda_map_status "$status" "$timeout_s"
+if [ "$status" = 1 ] && [ -s "$qemu_err" ]; then
+    panda_die "QEMU could not run the guest: $(grep -v '^[[:space:]]*$' "$qemu_err" | sed 's/^qemu-system-x86_64: //' | paste -sd ' ' -)"
+fi
+qemu_said=$(grep -v '^[[:space:]]*$' "$qemu_err" | sed 's/^qemu-system-x86_64: //' | paste -sd ' ' - || true)
+panda_map_status "$status" "$timeout_s" "$qemu_said"

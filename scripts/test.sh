@@ -408,12 +408,38 @@ if [ "$quick" = 0 ]; then
     bad_input firmware-without-limine --firmware uefi
     bad_input init-missing --init /nonexistent/init
     bad_input init-not-elf --init README.md
+    bad_input cpu-model --cpu nonsense
     bad_input args-twice --cmdline "init=utest -- a" --args b
     bad_input cmdline-too-long --args "$(printf 'word%.0s ' {1..60})"
     BAD_LIMINE_DIR=$(mktemp -d) bad_input limine-missing --boot limine
     if grep -q "Limine binaries not found" "$logs/bad-limine-missing.err"; then pass limine-missing-message
     else fail limine-missing-message "no 'Limine binaries not found' line"; fi
     QEMU=/nonexistent/qemu bad_input missing-qemu -smp 1
+    # QEMU itself failing is a set-up error (69) whose one line is QEMU's own message,
+    # not "guest ended without reporting".
+    qemu_fails() {
+        local name=$1 want=$2; shift 2
+        local status=0 err
+        scripts/run.sh --timeout 60 -smp 1 "$@" >"$logs/qemu-fails-$name.log" 2>"$logs/qemu-fails-$name.err" || status=$?
+        err=$(grep -v '^panda: \(accel\|booting\)' "$logs/qemu-fails-$name.err" || true)
+        if [ "$status" = 69 ] && [ "$(printf '%s\n' "$err" | grep -c .)" = 1 ] &&
+           printf '%s\n' "$err" | grep -q "^panda: QEMU could not run the guest: .*$want"; then
+            pass "qemu-fails-$name"
+        else
+            fail "qemu-fails-$name" "exit $status (want 69), stderr '$err' (want one line with QEMU's '$want')"
+        fi
+    }
+    qemu_fails memory-too-big 'cannot set up guest memory' -m 99999G
+    qemu_fails bad-extra-argument 'invalid option' -- -bogus-flag
+    # A CPU without long mode: the PVH entry says so and fails the run at once
+    # (exit 1, not a time-out).
+    log="$logs/no-long-mode.log" status=0
+    scripts/run.sh --timeout 60 -smp 1 --accel tcg --cpu qemu32 >"$log" 2>&1 || status=$?
+    if [ "$status" = 1 ] && grep -aq '^PANIC: this CPU has no long mode' "$log"; then
+        pass no-long-mode-fails-fast
+    else
+        fail no-long-mode-fails-fast "exit $status (want 1); want 'PANIC: this CPU has no long mode' (see $log)"
+    fi
     if ! panda_kvm_reason >/dev/null; then bad_input missing-kvm --accel kvm -smp 1; fi
 fi
 
