@@ -785,6 +785,15 @@ fn argv_arrives_intact_in_a_child() -> Outcome {
         sys::wait(pid as u64) == Ok(1),
         "an empty block did not make argc 1"
     );
+    // The most arguments a block may hold: MAX_ARGS empty ones.
+    let empties = alloc::vec![0u8; MAX_ARGS];
+    let pid =
+        sys::spawn_block("utest", &empties, CHILD_COUNT_ARGS).map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        sys::wait(pid as u64) == Ok(MAX_ARGS + 1),
+        "{MAX_ARGS} empty arguments did not make argc {}",
+        MAX_ARGS + 1
+    );
     Ok(())
 }
 
@@ -872,6 +881,10 @@ fn bad_argument_blocks_get_errors() -> Outcome {
     ensure!(
         sys::spawn_args("", &["x"], 0) == Err(InvalidArgument),
         "empty path"
+    );
+    ensure!(
+        sys::spawn_args("bad-wx.elf", &["x"], 0) == Err(InvalidArgument),
+        "a refused executable with a good block"
     );
     Ok(())
 }
