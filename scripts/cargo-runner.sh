@@ -9,10 +9,13 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
+# `cargo run --profile debug-kernel ...` (the --debug build): programs of the same profile.
+debug=()
+case "$bin" in */debug-kernel/*) panda_use_profile debug-kernel; debug=(--debug) ;; esac
 if [ "$(basename "$bin")" = panda-kernel ]; then
     panda_build_user
     initrd="$PANDA_ROOT/build/initrd-cargo.tar"
     panda_pack_initrd "$initrd" ""
     PANDA_PREBUILT_KERNEL=$bin PANDA_PREBUILT_INITRD=$initrd exec scripts/run.sh "$@"
 fi
-exec scripts/run.sh --init "$bin" "$@"
+exec scripts/run.sh "${debug[@]}" --init "$bin" "$@"

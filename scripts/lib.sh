@@ -9,7 +9,15 @@
 . "$(dirname "${BASH_SOURCE[0]}")/deps.sh"
 
 PANDA_TARGET=x86_64-unknown-none
-PANDA_KERNEL="$PANDA_ROOT/target/$PANDA_TARGET/release/panda-kernel"
+
+# The cargo profile the kernel and programs are built with: release, or debug-kernel
+# (--debug: full debug info, no optimisation; Cargo.toml). Sets the paths that follow.
+panda_use_profile() {
+    PANDA_PROFILE=$1
+    PANDA_KERNEL="$PANDA_ROOT/target/$PANDA_TARGET/$PANDA_PROFILE/panda-kernel"
+    PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/$PANDA_PROFILE"
+}
+panda_use_profile release
 
 # QEMU exit statuses produced by the kernel through isa-debug-exit ((v << 1) | 1).
 PANDA_QEMU_SUCCESS=33
@@ -21,20 +29,19 @@ panda_usage_error() { printf 'panda: %s (see --help)\n' "$*" >&2; exit 64; }
 
 panda_build_kernel() {
     [ -f "$PANDA_KERNEL" ] ||
-        echo "panda: building the kernel and user programs (cargo build --release; the first build takes a minute or two)" >&2
-    (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-kernel --target "$PANDA_TARGET") ||
+        echo "panda: building the kernel and user programs (cargo build --profile $PANDA_PROFILE; the first build takes a minute or two)" >&2
+    (cd "$PANDA_ROOT" && cargo build --quiet --profile "$PANDA_PROFILE" -p panda-kernel --target "$PANDA_TARGET") ||
         panda_die "kernel build failed"
 }
 
 # User programs (user/programs) packed into the initrd, and the data files beside them.
-PANDA_USER_BIN="$PANDA_ROOT/target/$PANDA_TARGET/release"
 # Every [[bin]] of user/programs is packed: adding a program needs only its [[bin]].
 mapfile -t PANDA_PROGRAMS < <(awk '/^\[\[bin\]\]/ { bin = 1; next } bin && /^name *=/ { gsub(/"/, "", $3); print $3; bin = 0 }' \
     "$PANDA_ROOT/user/programs/Cargo.toml")
 PANDA_INITRD="$PANDA_ROOT/build/initrd.tar"
 
 panda_build_user() {
-    (cd "$PANDA_ROOT" && cargo build --quiet --release -p panda-programs --target "$PANDA_TARGET") ||
+    (cd "$PANDA_ROOT" && cargo build --quiet --profile "$PANDA_PROFILE" -p panda-programs --target "$PANDA_TARGET") ||
         panda_die "user programs build failed"
 }
 
@@ -108,16 +115,22 @@ panda_choose_accel() {
     fi
 }
 
-# Maps a QEMU exit status to the script's: 0 success, 1 guest failure, 2 no report,
-# 3 time-out. Prints one line for anything but success.
+# panda_map_status STATUS [TIMEOUT_S [QEMU_SAID]]: maps a QEMU exit status to the script's: 0 success, 1 guest failure, 2 no report
+# (a reset, i.e. a triple fault, or QEMU stopped by a signal), 3 time-out, 4 and 5 the
+# first program's failure. (QEMU's own failure, status 1, run.sh reports itself.)
+# QEMU_SAID, QEMU's own message if it printed one, tells a stop by gdb or a signal from
+# a reset. Prints one line for anything but success.
 panda_map_status() {
-    local status=$1 timeout_s=${2:-}
+    local status=$1 timeout_s=${2:-} qemu_said=${3:-}
     case "$status" in
         "$PANDA_QEMU_SUCCESS") return 0 ;;
         "$PANDA_QEMU_FAILURE") echo "panda: guest reported failure" >&2; return 1 ;;
         "$PANDA_QEMU_PROGRAM_FAILED") echo "panda: the first program exited with a non-zero status (the kernel's line above gives it)" >&2; return 4 ;;
         "$PANDA_QEMU_PROGRAM_KILLED") echo "panda: the kernel ended the first program (the kernel's line above says why)" >&2; return 5 ;;
         124) echo "panda: guest timed out after ${timeout_s}s" >&2; return 3 ;;
-        *) echo "panda: guest ended without reporting (QEMU status $status): triple fault or QEMU error" >&2; return 2 ;;
+        0) if [ -n "$qemu_said" ]; then echo "panda: guest ended without reporting: QEMU stopped it ($qemu_said)" >&2
+           else echo "panda: guest ended without reporting: it reset (QEMU status 0 with -no-reboot), a triple fault" >&2; fi
+           return 2 ;;
+        *) echo "panda: guest ended without reporting (QEMU status $status)" >&2; return 2 ;;
     esac
 }

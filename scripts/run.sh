@@ -17,23 +17,31 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
   --gdb[=PORT]        start paused with a gdb stub on localhost:PORT (default 1234)
                       and print the gdb command to paste
+  --debug             build the kernel and programs with full debug info and no
+                      optimisation (cargo profile debug-kernel), for gdb's info locals
   --add PATH          put this file in the initrd too, under its own name (repeatable:
                       programs init spawns, data files)
   --init PATH         run this static ELF as the first process (packed into the initrd
                       as `init`, beside the usual programs)
   --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
+  --args "WORDS"      arguments for the first program (its argv after its path):
+                      appended to the kernel command line after a lone `--`;
+                      words are split at spaces (no quoting)
   --timeout SECONDS   stop the guest after this long (exit 3)
   -h, --help          this text
 
 Environment: QEMU (the qemu-system-x86_64 to use), LIMINE_DIR (Limine's binaries),
 PANDA_PREBUILT_KERNEL and PANDA_PREBUILT_INITRD (boot these files, build nothing).
 
-Exit status: 0 guest success, 1 guest failure, 2 guest ended without reporting
-(triple fault, QEMU error), 3 time-out, 64 bad usage.
+Exit status: 0 guest success, 1 guest failure, 2 guest reset without reporting
+(a triple fault), 3 time-out, 4 the first program exited non-zero, 5 the kernel
+ended the first program, 64 bad usage (e.g. a CPU model QEMU does not know), 69 a
+set-up error (a tool missing, a build failed, QEMU itself failed: its message).
 TXT
 }
 
 smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s="" adds=()
+init_args="" have_args=0
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -45,9 +53,11 @@ while [ $# -gt 0 ]; do
         --firmware) [ $# -ge 2 ] || panda_usage_error "--firmware needs bios or uefi"; firmware=$2; shift 2 ;;
         --gdb) gdb=1234; shift ;;
         --gdb=*) gdb=${1#--gdb=}; shift ;;
+        --debug) panda_use_profile debug-kernel; shift ;;
         --init) [ $# -ge 2 ] || panda_usage_error "--init needs a path"; init=$2; shift 2 ;;
         --add) [ $# -ge 2 ] || panda_usage_error "--add needs a path"; adds+=("$2"); shift 2 ;;
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
+        --args) [ $# -ge 2 ] || panda_usage_error "--args needs a value"; init_args="$init_args $2"; have_args=1; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
@@ -74,6 +84,18 @@ if [ "$gdb" != 0 ]; then
         panda_usage_error "port $gdb is busy (another --gdb run?): choose one with --gdb=PORT"
     fi
 fi
+# The first program's arguments follow a lone `--` (the kernel reads only the words
+# before it). The boot protocols hand the kernel at most 255 bytes of command line.
+if [ "$have_args" = 1 ]; then
+    read -r -a words <<<"$cmdline"
+    for w in "${words[@]}"; do
+        [ "$w" != "--" ] || panda_usage_error "give the first program's arguments either with --args or after -- in --cmdline, not both"
+    done
+    cmdline="$cmdline -- ${init_args# }"
+fi
+cmdline="${cmdline# }"
+[ "$(printf '%s' "$cmdline" | wc -c)" -le 255 ] ||
+    panda_usage_error "the kernel command line (--cmdline and --args) is $(printf '%s' "$cmdline" | wc -c) bytes; at most 255 fit"
 if [ -n "$timeout_s" ] && ! [[ "$timeout_s" =~ ^[0-9]+$ ]]; then
     panda_usage_error "--timeout must be whole seconds, not '$timeout_s'"
 fi
@@ -100,6 +122,15 @@ fi
 
 panda_ensure_rust
 panda_ensure_qemu
+# A CPU model QEMU does not know is bad usage, found in QEMU's own list (when it can be
+# read; otherwise QEMU's error at start says it).
+if [ -n "${PANDA_CPU_MODEL:-}" ]; then
+    models=$("${QEMU:-qemu-system-x86_64}" -cpu help 2>/dev/null |
+        awk '/^Available CPUs:/ { on = 1; next } on && NF == 0 { exit } on { n = $1; if (n == "x86") n = $2; print n }') || true
+    if [ -n "$models" ] && ! grep -qxF -- "${PANDA_CPU_MODEL%%,*}" <<<"$models"; then
+        panda_usage_error "--cpu: QEMU has no CPU model '${PANDA_CPU_MODEL%%,*}' (qemu-system-x86_64 -cpu help lists them)"
+    fi
+fi
 [ "$boot" = limine ] && panda_ensure_limine_tools
 if [ -n "${PANDA_PREBUILT_KERNEL:-}" ]; then
     # A caller (bench.sh) that built once and boots that exact build every time.
@@ -122,7 +153,6 @@ panda_choose_accel "$accel"
 # shellcheck disable=SC2054 # the commas belong to one -device argument
 qemu_args=(-machine q35 -m "$mem" -smp "$smp" -no-reboot -display none -serial stdio
            -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${PANDA_ACCEL_ARGS[@]}")
-cmdline="${cmdline# }"
 
 if [ "$boot" = pvh ]; then
     qemu_args+=(-kernel "$PANDA_KERNEL" -initrd "$initrd" -append "$cmdline")
@@ -163,7 +193,8 @@ if [ "$gdb" != 0 ]; then
     qemu_args+=(-gdb "tcp:localhost:$gdb" -S)
     echo "panda: paused for gdb on localhost:$gdb; in another terminal:" >&2
     echo "  gdb $PANDA_KERNEL -ex 'target remote localhost:$gdb' -ex 'hbreak panda_kernel::kmain' -ex continue" >&2
-    echo "  (or: scripts/gdb.sh $gdb; hbreak, not break: the kernel's addresses are mapped only once it runs)" >&2
+    gdb_sh="scripts/gdb.sh $gdb"; [ "$PANDA_PROFILE" = release ] || gdb_sh="$gdb_sh --debug"
+    echo "  (or: $gdb_sh; hbreak, not break: the kernel's addresses are mapped only once it runs)" >&2
 fi
 
 echo "panda: booting ${PANDA_KERNEL#"$PANDA_ROOT"/} via $what, -smp $smp, -m $mem, $PANDA_ACCEL" >&2
@@ -173,14 +204,24 @@ symbolize=(cat)
 if [ "${PANDA_SYMBOLIZE:-1}" != 0 ] && command -v python3 >/dev/null 2>&1; then
     symbolize=(python3 "$PANDA_ROOT/scripts/symbolize.py" "$PANDA_KERNEL")
 fi
+# QEMU's own messages are kept apart: if QEMU itself fails (status 1: a CPU model or
+# feature it does not know, memory it cannot allocate, a bad extra argument), its
+# message becomes run.sh's one line; otherwise it goes into the closing line (gdb's
+# kill, a signal). Warnings of a run that reports are not shown.
+qemu_err=$(mktemp)
+trap 'rm -f "$qemu_err"' EXIT
 set +e
 if [ -n "$timeout_s" ]; then
-    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null |
+    timeout --foreground -k 5 "$timeout_s" "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" </dev/null 2>"$qemu_err" |
         "${symbolize[@]}"
     status=${PIPESTATUS[0]}
 else
-    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" | "${symbolize[@]}"
+    "${QEMU:-qemu-system-x86_64}" "${qemu_args[@]}" "${extra[@]}" 2>"$qemu_err" | "${symbolize[@]}"
     status=${PIPESTATUS[0]}
 fi
 set -e
-panda_map_status "$status" "$timeout_s"
+if [ "$status" = 1 ] && [ -s "$qemu_err" ]; then
+    panda_die "QEMU could not run the guest: $(grep -v '^[[:space:]]*$' "$qemu_err" | sed 's/^qemu-system-x86_64: //' | paste -sd ' ' -)"
+fi
+qemu_said=$(grep -v '^[[:space:]]*$' "$qemu_err" | sed 's/^qemu-system-x86_64: //' | paste -sd ' ' - || true)
+panda_map_status "$status" "$timeout_s" "$qemu_said"

@@ -136,7 +136,7 @@ for n in "${smp_list[@]}"; do
         verdict=ok
         if [ "$status" = 3 ]; then verdict="hang (no end within ${limit}s)"
         elif grep -aqE '^(PANIC|EXCEPTION) ' "$log"; then verdict="kernel panic"
-        elif [ "$status" = 2 ]; then verdict="guest ended without reporting (triple fault or QEMU error)"
+        elif [ "$status" = 2 ]; then verdict="guest ended without reporting (a triple fault)"
         elif grep -aq 'FAIL frames_back_to_baseline' "$log"; then verdict="frames leaked"
         elif grep -aqE 'fuzz: (VIOLATION|FAIL)' "$log"; then verdict="fuzzer found a violation"
         elif [ "$status" != 0 ]; then verdict="guest failure (status $status)"

@@ -188,8 +188,9 @@ fi
 
 section "your own programs (docs/PROGRAMS.md)"
 # Runs the commands of docs/PROGRAMS.md's marked blocks exactly as written: a Rust
-# program made by new-program.sh and the C example, each spawning a helper, using
-# threads, a buffer and brk; both must say "all fine" and exit 0.
+# program made by new-program.sh and the C example, each printing its argv (the words
+# of --args), spawning a helper, using threads, a buffer and brk; both must print the
+# argv and "all fine", and exit 0.
 doc_block() {
     awk -v tag="<!-- test.sh: $1 -->" '$0 == tag { on = 1; next } on && /^```sh/ { inblock = 1; next }
         inblock && /^```/ { exit } inblock { print }' docs/PROGRAMS.md
@@ -197,13 +198,15 @@ doc_block() {
 command -v gcc >/dev/null 2>&1 || panda_apt_install gcc || true
 for lang in rust c; do
     log="$logs/program-$lang.log" status=0
+    if [ "$lang" = rust ]; then want_argv='hello: pid [0-9]+ started with argv \["hello", "one", "two"\]'
+    else want_argv='^hello-c: argv: hello one two$'; fi
     script=$(doc_block "$lang")
     if [ -z "$script" ]; then fail "program-$lang" "no '<!-- test.sh: $lang -->' block in docs/PROGRAMS.md"; continue; fi
     timeout 900 bash -euo pipefail -c "$script" >"$log" 2>&1 </dev/null || status=$?
-    if [ "$status" = 0 ] && grep -aq ': all fine' "$log"; then
-        pass "program-$lang (docs/PROGRAMS.md's commands)"
+    if [ "$status" = 0 ] && grep -aq ': all fine' "$log" && tr -d '\r' <"$log" | grep -aqE "$want_argv"; then
+        pass "program-$lang (docs/PROGRAMS.md's commands, argv included)"
     else
-        fail "program-$lang" "exit $status; want 'all fine' (see $log)"
+        fail "program-$lang" "exit $status; want 'all fine' and a line matching '$want_argv' (see $log)"
     fi
 done
 
@@ -386,6 +389,25 @@ if [ "$quick" = 0 ]; then
         fail gdb-break-at-kmain "gdb exit $status; want '#0  panda_kernel::kmain () at kernel/src/main.rs:N' (see $log)"
     fi
 
+    # The --debug build: gdb sees a function's locals (the release build's line tables
+    # do not give them). Stops at the line that reads the RAM size, where `usable`,
+    # computed on the line before, must print with a value.
+    log="$logs/gdb-debug.log" status=0 port=$((20000 + RANDOM % 20000))
+    line=$(grep -n 'let ram = boot.memory_map.total_ram();' kernel/src/main.rs | cut -d: -f1)
+    # Built first, so the guest is listening within the 3 s gdb waits.
+    (panda_use_profile debug-kernel; panda_build_kernel; panda_build_user) >"$logs/gdb-debug-build.log" 2>&1 || true
+    scripts/run.sh --debug --timeout 120 -smp 1 --gdb="$port" >"$logs/gdb-debug-guest.log" 2>&1 &
+    guest=$!
+    sleep 3
+    timeout 90 scripts/gdb.sh "$port" --debug -batch -ex 'hbreak panda_kernel::kmain' -ex continue \
+        -ex "hbreak kernel/src/main.rs:${line:-0}" -ex continue -ex 'info locals' -ex detach >"$log" 2>&1 || status=$?
+    wait "$guest" || true
+    if [ "$status" = 0 ] && grep -qE '^usable = [0-9]+$' "$log"; then
+        pass gdb-debug-info-locals
+    else
+        fail gdb-debug-info-locals "gdb exit $status; want 'usable = N' from info locals at kernel/src/main.rs:${line:-?} (see $log)"
+    fi
+
     section "run.sh input checks"
     bad_input() {
         local name=$1; shift
@@ -409,10 +431,38 @@ if [ "$quick" = 0 ]; then
     bad_input firmware-without-limine --firmware uefi
     bad_input init-missing --init /nonexistent/init
     bad_input init-not-elf --init README.md
+    bad_input cpu-model --cpu nonsense
+    bad_input args-twice --cmdline "init=utest -- a" --args b
+    bad_input cmdline-too-long --args "$(printf 'word%.0s ' {1..60})"
     BAD_LIMINE_DIR=$(mktemp -d) bad_input limine-missing --boot limine
     if grep -q "Limine binaries not found" "$logs/bad-limine-missing.err"; then pass limine-missing-message
     else fail limine-missing-message "no 'Limine binaries not found' line"; fi
     QEMU=/nonexistent/qemu bad_input missing-qemu -smp 1
+    # QEMU itself failing is a set-up error (69) whose one line is QEMU's own message,
+    # not "guest ended without reporting".
+    qemu_fails() {
+        local name=$1 want=$2; shift 2
+        local status=0 err
+        scripts/run.sh --timeout 60 -smp 1 "$@" >"$logs/qemu-fails-$name.log" 2>"$logs/qemu-fails-$name.err" || status=$?
+        err=$(grep -v '^panda: \(accel\|booting\)' "$logs/qemu-fails-$name.err" || true)
+        if [ "$status" = 69 ] && [ "$(printf '%s\n' "$err" | grep -c .)" = 1 ] &&
+           printf '%s\n' "$err" | grep -q "^panda: QEMU could not run the guest: .*$want"; then
+            pass "qemu-fails-$name"
+        else
+            fail "qemu-fails-$name" "exit $status (want 69), stderr '$err' (want one line with QEMU's '$want')"
+        fi
+    }
+    qemu_fails memory-too-big 'cannot set up guest memory' -m 99999G
+    qemu_fails bad-extra-argument 'invalid option' -- -bogus-flag
+    # A CPU without long mode: the PVH entry says so and fails the run at once
+    # (exit 1, not a time-out).
+    log="$logs/no-long-mode.log" status=0
+    scripts/run.sh --timeout 60 -smp 1 --accel tcg --cpu qemu32 >"$log" 2>&1 || status=$?
+    if [ "$status" = 1 ] && grep -aq '^PANIC: this CPU has no long mode' "$log"; then
+        pass no-long-mode-fails-fast
+    else
+        fail no-long-mode-fails-fast "exit $status (want 1); want 'PANIC: this CPU has no long mode' (see $log)"
+    fi
     if ! panda_kvm_reason >/dev/null; then bad_input missing-kvm --accel kvm -smp 1; fi
 fi
 

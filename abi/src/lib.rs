@@ -19,6 +19,7 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod args;
 pub mod syscall;
 
 /// Size of a page (the unit of every region).
@@ -61,7 +62,8 @@ pub const STACK_MAX_SIZE: usize = 0x100_0000;
 /// region.
 pub const HEAP_LIMIT: usize = BUFFER_BASE;
 
-/// The initial user stack pointer: the top of the stack region.
+/// The top of the stack region: the kernel puts the program's arguments just below it
+/// (`args`), and the first thread's stack pointer below them.
 pub const INITIAL_STACK_POINTER: usize = STACK_BASE + STACK_MAX_SIZE;
 
 /// A half-open range of user addresses `[start, end)`.

@@ -25,7 +25,8 @@ pub const OP_PROCESS_KILL: usize = 0x2_0006;
 /// looks) with `TimedOut`.
 pub const OP_PROCESS_WAIT_TIMEOUT: usize = 0x2_0007;
 
-/// Starts the initrd program at `path_ptr, path_len` (rdi, rsi) with `arg` (rdx).
+/// Starts the initrd program at `path_ptr, path_len` (rdi, rsi) with `arg` (rdx); its
+/// only argument (argv\[0\]) is the path.
 pub const OP_ENVIRONMENT_SPAWN: usize = 0x3_0000;
 /// Writes `ptr, len` (rdi, rsi) to the console.
 pub const OP_ENVIRONMENT_LOG: usize = 0x3_0001;
@@ -33,6 +34,10 @@ pub const OP_ENVIRONMENT_LOG: usize = 0x3_0001;
 pub const OP_ENVIRONMENT_TIME: usize = 0x3_0002;
 /// Copies the kernel's [`SystemInfo`] to `ptr, len` (rdi, rsi); returns bytes written.
 pub const OP_ENVIRONMENT_INFO: usize = 0x3_0003;
+/// Like `OP_ENVIRONMENT_SPAWN`, with arguments: path `path_ptr, path_len` (rdi, rsi),
+/// an argument block `args_ptr, args_len` (rdx, r10; see [`crate::args`]) and the
+/// number argument `arg` (r8). The new process finds argc and argv in `rsi`, `rdx`.
+pub const OP_ENVIRONMENT_SPAWN_ARGS: usize = 0x3_0004;
 
 /// Allocates a buffer of `size` (rdi) bytes in the buffer region; returns its address.
 pub const OP_BUFFER_ALLOC: usize = 0x4_0000;
@@ -62,7 +67,7 @@ pub const OP_THREAD_SET_FS_BASE: usize = 0x5_0007;
 pub const OP_FILE_READ_BUFFER: usize = 0x6_0000;
 
 /// Every operation, for tests and dispatch tables.
-pub const OPERATIONS: [usize; 24] = [
+pub const OPERATIONS: [usize; 25] = [
     OP_PROCESS_YIELD,
     OP_PROCESS_EXIT,
     OP_PROCESS_GET_PID,
@@ -75,6 +80,7 @@ pub const OPERATIONS: [usize; 24] = [
     OP_ENVIRONMENT_LOG,
     OP_ENVIRONMENT_TIME,
     OP_ENVIRONMENT_INFO,
+    OP_ENVIRONMENT_SPAWN_ARGS,
     OP_BUFFER_ALLOC,
     OP_BUFFER_FREE,
     OP_BUFFER_LOG,

@@ -68,6 +68,10 @@ global_asm!(
     .word boot_gdt_end - boot_gdt - 1
     .long boot_gdt - KVMA
 
+    .section .rodata.boot_msg, "a"
+    no_long_mode_msg:
+    .asciz "\r\nPANIC: this CPU has no long mode (64-bit mode, CPUID 0x80000001 EDX bit 29): Panda runs only on x86_64 CPUs\r\n"
+
     .section .text.boot32, "ax"
     .code32
     .global pvh_start32
@@ -164,14 +168,34 @@ global_asm!(
     push eax
     retf
 
+    /* No long mode: write the reason to COM1 (waiting, bounded, for the UART to take
+       each byte), then end the run as a kernel failure through QEMU's debug-exit
+       device (EXIT_FAILURE, 0x11: QEMU exits with 35; on hardware the port does
+       nothing) and halt. */
     90:
+    mov esi, offset no_long_mode_msg - KVMA
+    92:
+    mov ah, byte ptr [esi]
+    test ah, ah
+    jz 93f
+    mov dx, 0x3fd                         /* line status: bit 5, ready to send */
+    mov ecx, 100000
+    94:
+    in al, dx
+    test al, 0x20
+    jnz 95f
+    dec ecx
+    jnz 94b
+    95:
     mov dx, 0x3f8
-    mov al, 'L'
+    mov al, ah
     out dx, al
-    mov al, 'M'
-    out dx, al
-    mov al, '?'
-    out dx, al
+    inc esi
+    jmp 92b
+    93:
+    mov dx, 0xf4
+    mov eax, 0x11
+    out dx, eax
     91:
     hlt
     jmp 91b

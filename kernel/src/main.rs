@@ -329,6 +329,19 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
         .option("init.arg")
         .and_then(|a| a.parse().ok())
         .unwrap_or(0);
+    // The words after a lone `--` are init's arguments (argv[1..]), as a block.
+    let mut block = alloc::string::String::new();
+    for word in boot.init_args() {
+        block.push_str(word);
+        block.push('\0');
+    }
+    let args = match process::Args::new(block.as_bytes()) {
+        Ok(args) => args,
+        Err(e) => {
+            log::error!(target: "user", "init's arguments after \"--\" are refused: {e:?}");
+            return power::Outcome::KernelFailure;
+        }
+    };
     // The baseline: every frame not in use now must be back once init and all it
     // started are gone (zeroing paused so pooled frames are not in flight).
     let (baseline, large_before, heap_before) = {
@@ -340,7 +353,7 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
         )
     };
     let buddy_before = panda_arch::frame::bookkeeping_entries();
-    let status = process::run_init(path, arg).await;
+    let status = process::run_init(path, arg, &args).await;
     let resends = panda_arch::ipi::resends();
     if resends > 0 {
         info!(target: "smp", "{resends} cross-CPU calls were not taken within 50 ms and got their IPI again");

@@ -1,10 +1,10 @@
-/* A C program for Panda: spawns a helper (itself, with argument 1), runs a thread,
- * uses a buffer and the heap (brk), and prints what it did. docs/PROGRAMS.md builds
+/* A C program for Panda: prints its argv, spawns a helper (itself, with the argument
+ * "helper"), runs a thread, uses a buffer and the heap (brk), and prints what it did. docs/PROGRAMS.md builds
  * and runs it:
  *   gcc -static -nostdlib -ffreestanding -fno-pie -no-pie -O2 \
  *       -fno-asynchronous-unwind-tables -fcf-protection=none -Wl,--build-id=none \
  *       -I user/c -T user/programs/link.ld -o hello user/c/start.S user/c/hello.c
- *   scripts/run.sh --add hello --cmdline init=hello
+ *   scripts/run.sh --add hello --cmdline init=hello --args "one two"
  */
 #include "panda.h"
 
@@ -27,15 +27,29 @@ static void worker(uint64_t n) {
     panda_thread_exit(sum);
 }
 
-uint64_t main(uint64_t arg) {
-    if (arg == 1) {
+static int streq(const char *a, const char *b) {
+    while (*a && *a == *b) a++, b++;
+    return *a == *b;
+}
+
+uint64_t main(int argc, char **argv) {
+    if (argc == 2 && streq(argv[1], "helper")) {
         say("hello-c helper: pid ", (uint64_t)panda_pid(), ", exiting with 7");
         return 7;
     }
     say("hello-c: pid ", (uint64_t)panda_pid(), " started");
     say("hello-c: ", (uint64_t)panda_cpu_count(), " CPUs");
+    char line[256];
+    size_t len = 0;
+    for (const char *p = "hello-c: argv:"; *p; p++) line[len++] = *p;
+    for (int i = 0; i < argc && len < sizeof line - 2; i++) {
+        line[len++] = ' ';
+        for (const char *p = argv[i]; *p && len < sizeof line - 2; p++) line[len++] = *p;
+    }
+    line[len++] = '\n';
+    panda_syscall(OP_ENVIRONMENT_LOG, (uint64_t)line, len, 0, 0);
 
-    int64_t child = panda_spawn("hello", 1);
+    int64_t child = panda_spawn_args("hello", "helper", sizeof "helper", 0);
     if (child < 0) { say("hello-c: spawn failed: ", (uint64_t)-child, ""); return 1; }
     int64_t status = panda_wait((uint64_t)child);
     say("hello-c: helper exited with ", (uint64_t)status, "");

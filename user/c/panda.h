@@ -5,7 +5,10 @@
  *       -fno-asynchronous-unwind-tables -fcf-protection=none -Wl,--build-id=none \
  *       -I user/c -T user/programs/link.ld -o hello user/c/start.S hello.c
  *
- * `start.S` calls `uint64_t main(uint64_t arg)` and exits with its result. Numbers and
+ * `start.S` calls `uint64_t main(int argc, char **argv, uint64_t arg)` and exits with
+ * its result: argv[0] is the program's path, then the arguments its spawner passed
+ * (`panda_spawn_args`; for the first program, the words after `--` on the kernel
+ * command line, `scripts/run.sh --args "..."`); `arg` is the spawn's number. Numbers and
  * semantics: docs/ABI.md (the Rust source of truth is abi/src/syscall.rs). Results are
  * >= 0 on success and -(error code) on failure.
  */
@@ -21,6 +24,7 @@ enum {
     OP_PROCESS_KILL = 0x20006, OP_PROCESS_WAIT_TIMEOUT = 0x20007,
     OP_ENVIRONMENT_SPAWN = 0x30000, OP_ENVIRONMENT_LOG = 0x30001,
     OP_ENVIRONMENT_TIME = 0x30002, OP_ENVIRONMENT_INFO = 0x30003,
+    OP_ENVIRONMENT_SPAWN_ARGS = 0x30004,
     OP_BUFFER_ALLOC = 0x40000, OP_BUFFER_FREE = 0x40001, OP_BUFFER_LOG = 0x40002,
     OP_THREAD_SPAWN = 0x50000, OP_THREAD_JOIN = 0x50001, OP_THREAD_EXIT = 0x50002,
     OP_THREAD_SET_AFFINITY = 0x50003, OP_CPU_COUNT = 0x50004,
@@ -49,6 +53,19 @@ static inline int64_t panda_syscall(uint64_t op, uint64_t a0, uint64_t a1, uint6
     return r;
 }
 
+/* The same with a fifth argument in r8 (OP_ENVIRONMENT_SPAWN_ARGS). */
+static inline int64_t panda_syscall5(uint64_t op, uint64_t a0, uint64_t a1, uint64_t a2,
+                                     uint64_t a3, uint64_t a4) {
+    int64_t r;
+    register uint64_t r10 __asm__("r10") = a3;
+    register uint64_t r8 __asm__("r8") = a4;
+    __asm__ volatile("syscall"
+                     : "=a"(r)
+                     : "a"(op), "D"(a0), "S"(a1), "d"(a2), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return r;
+}
+
 static inline size_t panda_strlen(const char *s) {
     size_t n = 0;
     while (s[n]) n++;
@@ -64,6 +81,15 @@ static inline int64_t panda_log(const char *s) {
 }
 static inline int64_t panda_spawn(const char *path, uint64_t arg) {
     return panda_syscall(OP_ENVIRONMENT_SPAWN, (uint64_t)path, panda_strlen(path), arg, 0);
+}
+/* Spawns `path` with arguments: `block` holds `len` bytes of NUL-terminated strings,
+ * e.g. "one\0two" with len sizeof "one\0two" (the literal's own NUL ends the last).
+ * The new program's argv is path, then those strings. At most 64 KiB and 4096
+ * arguments, each UTF-8: otherwise -PANDA_EINVAL. */
+static inline int64_t panda_spawn_args(const char *path, const char *block, size_t len,
+                                       uint64_t arg) {
+    return panda_syscall5(OP_ENVIRONMENT_SPAWN_ARGS, (uint64_t)path, panda_strlen(path),
+                          (uint64_t)block, len, arg);
 }
 static inline int64_t panda_wait(uint64_t pid) {
     return panda_syscall(OP_PROCESS_WAIT, pid, 0, 0, 0);

@@ -152,19 +152,33 @@ impl BootInfo {
         virt - self.kernel_virt + self.kernel_phys
     }
 
-    /// Whether the command line holds `token` as a whole word.
-    pub fn has_flag(&self, token: &str) -> bool {
+    /// The kernel's words of the command line: those before a lone `--` (the words
+    /// after it are init's arguments, `init_args`).
+    pub fn kernel_words(&self) -> impl Iterator<Item = &str> {
         self.cmdline
             .as_str()
             .split_ascii_whitespace()
-            .any(|t| t == token)
+            .take_while(|&t| t != "--")
     }
 
-    /// The value of `key=value` on the command line.
-    pub fn option(&self, key: &str) -> Option<&str> {
+    /// The words after the first lone `--`: the first program's arguments (argv\[1..\]),
+    /// as Linux passes them to init.
+    pub fn init_args(&self) -> impl Iterator<Item = &str> {
         self.cmdline
             .as_str()
             .split_ascii_whitespace()
+            .skip_while(|&t| t != "--")
+            .skip(1)
+    }
+
+    /// Whether the kernel's words hold `token` as a whole word.
+    pub fn has_flag(&self, token: &str) -> bool {
+        self.kernel_words().any(|t| t == token)
+    }
+
+    /// The value of `key=value` among the kernel's words.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.kernel_words()
             .find_map(|t| t.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
     }
 

@@ -32,7 +32,7 @@ pub trait CommandLine {
 
 impl CommandLine for BootInfo {
     fn unknown_words(&self) -> impl Iterator<Item = &str> {
-        self.cmdline.as_str().split_ascii_whitespace().filter(|w| {
+        self.kernel_words().filter(|w| {
             let key = w.split_once('=').map_or(*w, |(k, _)| k);
             let is_flag = !w.contains('=');
             !((!is_flag && KNOWN_OPTIONS.contains(&key)) || (is_flag && KNOWN_FLAGS.contains(w)))

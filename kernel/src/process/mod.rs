@@ -382,10 +382,66 @@ impl SpawnError {
     }
 }
 
+/// A checked argument block (`panda_abi::args`): NUL-terminated UTF-8 strings, at most
+/// `MAX_ARGS_BYTES` long, holding `count` arguments.
+pub struct Args<'a> {
+    block: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Args<'a> {
+    /// No arguments beyond the path.
+    pub const NONE: Args<'static> = Args {
+        block: &[],
+        count: 0,
+    };
+
+    /// `block` if it is a valid argument block (`InvalidArgument` otherwise).
+    pub fn new(block: &'a [u8]) -> Result<Self, Error> {
+        let count = panda_abi::args::check_block(block)?;
+        Ok(Args { block, count })
+    }
+}
+
+/// A zeroed kernel buffer of `len` bytes, or `None` if the heap cannot have it (a
+/// user-sized allocation must not end the kernel).
+pub(crate) fn try_zeroed(len: usize) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, 0);
+    Some(v)
+}
+
+/// Writes the argument image (argv pointers and strings, `panda_abi::args`) at the top
+/// of `space`'s stack region; returns `(argc, argv)`, argv being the initial `rsp`.
+async fn place_args(
+    space: &AddressSpace,
+    path: &str,
+    args: &Args<'_>,
+) -> Result<(u64, u64), SpawnError> {
+    let len = panda_abi::args::image_len(path.len(), args.block.len(), args.count);
+    let mut image = try_zeroed(len).ok_or(SpawnError::OutOfMemory)?;
+    let top = panda_abi::INITIAL_STACK_POINTER as u64;
+    let (argc, argv) =
+        panda_abi::args::write_image(top, path.as_bytes(), args.block, args.count, &mut image);
+    // The stack region is demand-zero: this faults its top pages in, in the new space.
+    space
+        .write_user(argv, &image)
+        .await
+        .map_err(|_| SpawnError::OutOfMemory)?;
+    Ok((argc, argv))
+}
+
 /// Starts the initrd program `path` as a new process, a child of `parent` (`None`:
-/// the kernel's), whose first thread gets `arg` in `rdi` and the top of the stack
-/// region in `rsp`. Returns the process.
-pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Process>, SpawnError> {
+/// the kernel's). Its first thread starts with `rdi` = `arg`, `rsi` = argc, `rdx` =
+/// argv and `rsp` = argv: the argument image (the path, then `args`) sits at the top
+/// of its stack region. Returns the process.
+pub async fn spawn(
+    path: &str,
+    arg: u64,
+    args: &Args<'_>,
+    parent: Option<&Process>,
+) -> Result<Arc<Process>, SpawnError> {
     let file = crate::initrd::find(path).ok_or(SpawnError::NotFound)?;
     if !crate::memory::above_reserve() {
         return Err(SpawnError::OutOfMemory);
@@ -398,11 +454,14 @@ pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Proce
             warn!(target: "user", "cannot start {path:?}: {}", why.describe());
         }
     })?;
+    let (argc, argv) = place_args(&space, path, args).await?;
     let process = Process::named(space, String::from(path), parent.map_or(0, |p| p.pid));
     let ctx = UserContext {
         rip: entry,
-        rsp: panda_abi::INITIAL_STACK_POINTER as u64,
+        rsp: argv,
         rdi: arg,
+        rsi: argc,
+        rdx: argv,
         ..Default::default()
     };
     let exec = crate::executor::get().ok_or(SpawnError::OutOfMemory)?;
@@ -430,8 +489,8 @@ pub fn spawn(path: &str, arg: u64, parent: Option<&Process>) -> Result<Arc<Proce
 }
 
 /// Runs `path` as the first process and waits for it; logs and returns its status.
-pub async fn run_init(path: &str, arg: u64) -> Option<u64> {
-    let process = match spawn(path, arg, None) {
+pub async fn run_init(path: &str, arg: u64, args: &Args<'_>) -> Option<u64> {
+    let process = match spawn(path, arg, args, None).await {
         Ok(p) => p,
         Err(SpawnError::NotFound) => {
             let mut names = String::new();

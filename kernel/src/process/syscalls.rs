@@ -35,6 +35,9 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
         syscall::OP_PROCESS_WAIT_TIMEOUT => wait_for_child(process, a0, Some(a1)).await,
         syscall::OP_PROCESS_KILL => kill_child(process, a0),
         syscall::OP_ENVIRONMENT_SPAWN => spawn_from_user(process, a0, a1, a2).await,
+        syscall::OP_ENVIRONMENT_SPAWN_ARGS => {
+            spawn_args_from_user(process, [a0, a1, a2, a3], ctx.r8).await
+        }
         syscall::OP_ENVIRONMENT_LOG => log_user(process, a0, a1).await,
         syscall::OP_ENVIRONMENT_TIME => Ok(panda_arch::time::now_ns() as usize),
         syscall::OP_ENVIRONMENT_INFO => info_to_user(process, a0, a1).await,
@@ -144,7 +147,32 @@ async fn user_path(process: &Process, ptr: u64, len: u64) -> Result<String, Erro
 
 async fn spawn_from_user(process: &Process, ptr: u64, len: u64, arg: u64) -> Result<usize, Error> {
     let path = user_path(process, ptr, len).await?;
-    spawn(&path, arg, Some(process))
+    spawn(&path, arg, &Args::NONE, Some(process))
+        .await
+        .map(|p| p.pid as usize)
+        .map_err(SpawnError::to_error)
+}
+
+/// `OP_ENVIRONMENT_SPAWN_ARGS`: path, argument block (`panda_abi::args`), number. The
+/// checks go lengths first (path, then block: `InvalidArgument`), then addresses
+/// (`BadAddress`), then the block's contents (`InvalidArgument`), then the program.
+async fn spawn_args_from_user(
+    process: &Process,
+    [path_ptr, path_len, args_ptr, args_len]: [u64; 4],
+    arg: u64,
+) -> Result<usize, Error> {
+    if path_len == 0 || path_len > crate::initrd::MAX_PATH as u64 {
+        return Err(Error::InvalidArgument);
+    }
+    if args_len > panda_abi::args::MAX_ARGS_BYTES as u64 {
+        return Err(Error::InvalidArgument);
+    }
+    let path = user_path(process, path_ptr, path_len).await?;
+    let mut block = super::try_zeroed(args_len as usize).ok_or(Error::OutOfMemory)?;
+    read_user(process, args_ptr, &mut block).await?;
+    let args = Args::new(&block)?;
+    spawn(&path, arg, &args, Some(process))
+        .await
         .map(|p| p.pid as usize)
         .map_err(SpawnError::to_error)
 }

@@ -2,7 +2,8 @@
 //!
 //! - `_start` (the ELF entry): aligns the stack and calls the program's `main`, declared
 //!   with [`entry!`]; `main`'s return value is the exit code. The kernel passes the
-//!   spawn argument in `rdi`, and it reaches `main` as its argument.
+//!   spawn's number argument in `rdi`, and it reaches `main` as its argument; the
+//!   program's arguments (argv: its path, then what the spawner passed) are [`args`].
 //! - [`sys`]: one safe wrapper per system call of `panda-abi` (results as
 //!   `Result<usize, Error>`).
 //! - A global allocator (a linked-list heap) over the first `RUNTIME_HEAP_SIZE` bytes of
@@ -21,6 +22,7 @@ pub mod thread;
 pub mod tls;
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 pub use panda_abi as abi;
 pub use panda_abi::syscall::Error;
@@ -54,13 +56,70 @@ core::arch::global_asm!(
     start = sym rt_start,
 );
 
-extern "C" fn rt_start(arg: u64) -> ! {
+extern "C" fn rt_start(arg: u64, argc: u64, argv: u64) -> ! {
+    ARGC.store(argc as usize, Ordering::Relaxed);
+    ARGV.store(argv as usize, Ordering::Relaxed);
     tls::start_main();
     // SAFETY: `entry!` defines `__panda_main` with this signature; a program without it
     // does not link.
     let code = unsafe { __panda_main(arg) };
     sys::exit(code)
 }
+
+/// argc and argv as the kernel passed them to `_start` (`rsi`, `rdx`).
+static ARGC: AtomicUsize = AtomicUsize::new(0);
+static ARGV: AtomicUsize = AtomicUsize::new(0);
+
+/// The program's arguments: argument 0 is the path it was spawned as, then those its
+/// spawner passed (`sys::spawn_args`; for the first program, the kernel command line's
+/// words after `--`). The kernel checked that each is UTF-8 and copied them to the top
+/// of the stack, where they stay for the whole run.
+pub fn args() -> Args {
+    Args {
+        next: 0,
+        argc: ARGC.load(Ordering::Relaxed),
+        argv: ARGV.load(Ordering::Relaxed) as *const u64,
+    }
+}
+
+/// The iterator [`args`] returns.
+#[derive(Clone, Debug)]
+pub struct Args {
+    next: usize,
+    argc: usize,
+    argv: *const u64,
+}
+
+impl Iterator for Args {
+    type Item = &'static str;
+
+    fn next(&mut self) -> Option<&'static str> {
+        if self.next >= self.argc || self.argv.is_null() {
+            return None;
+        }
+        // SAFETY: the kernel's argument image (panda_abi::args) holds `argc` pointers at
+        // `argv`, each to a NUL-terminated UTF-8 string in the same image, above the
+        // initial stack pointer: nothing else writes there, and it lives as long as the
+        // process.
+        let s = unsafe {
+            let ptr = self.argv.add(self.next).read() as *const u8;
+            let mut len = 0;
+            while ptr.add(len).read() != 0 {
+                len += 1;
+            }
+            core::str::from_utf8_unchecked(core::slice::from_raw_parts(ptr, len))
+        };
+        self.next += 1;
+        Some(s)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.argc.saturating_sub(self.next);
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Args {}
 
 /// A line-buffered console writer on the stack (no allocation): output goes out per
 /// line, or every 512 bytes.

@@ -1,5 +1,5 @@
 //! One wrapper per system call. `syscall` takes the operation in `rax` and arguments
-//! in `rdi, rsi, rdx, r10`; the result comes back in `rax`, and only `rcx` and `r11`
+//! in `rdi, rsi, rdx, r10, r8`; the result comes back in `rax`, and only `rcx` and `r11`
 //! are clobbered.
 
 use panda_abi::syscall::{self as abi, decode, Error, SystemInfo};
@@ -26,6 +26,34 @@ fn call(op: usize, a0: u64, a1: u64, a2: u64, a3: u64) -> isize {
         );
     }
     result
+}
+
+/// A call with a fifth argument in `r8` (`OP_ENVIRONMENT_SPAWN_ARGS`).
+#[inline(always)]
+fn call5(op: usize, a: [u64; 5]) -> isize {
+    let result: isize;
+    // SAFETY: as for `call`: only rax, rcx and r11 change; user memory is touched only
+    // as the operation documents.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") op as isize => result,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    result
+}
+
+/// A raw five-argument call, for tests of the kernel's argument checks.
+pub fn raw5(op: usize, a: [u64; 5]) -> isize {
+    call5(op, a)
 }
 
 /// A raw call, for tests of the kernel's argument checks.
@@ -90,6 +118,36 @@ pub fn spawn(path: &str, arg: u64) -> R {
         path.len() as u64,
         arg,
         0,
+    ))
+}
+
+/// Starts the initrd program `path` with arguments `args` (the new program's `args()`
+/// are `path`, then these) and the number `arg`; returns its pid. `InvalidArgument` if
+/// an argument holds a NUL byte or they exceed `panda_abi::args`' limits.
+pub fn spawn_args(path: &str, args: &[&str], arg: u64) -> R {
+    if args.iter().any(|a| a.as_bytes().contains(&0)) {
+        return Err(Error::InvalidArgument);
+    }
+    let mut block = alloc::vec::Vec::new();
+    for a in args {
+        block.extend_from_slice(a.as_bytes());
+        block.push(0);
+    }
+    spawn_block(path, &block, arg)
+}
+
+/// `OP_ENVIRONMENT_SPAWN_ARGS` with a ready-made argument block (NUL-terminated
+/// strings, `panda_abi::args`), passed to the kernel as it is.
+pub fn spawn_block(path: &str, block: &[u8], arg: u64) -> R {
+    decode(call5(
+        abi::OP_ENVIRONMENT_SPAWN_ARGS,
+        [
+            path.as_ptr() as u64,
+            path.len() as u64,
+            block.as_ptr() as u64,
+            block.len() as u64,
+            arg,
+        ],
     ))
 }
 

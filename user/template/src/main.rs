@@ -1,8 +1,8 @@
-//! A Panda program: spawns a helper (itself, with argument 1), runs threads, uses a
-//! buffer, its own heap range (brk) and the allocator, and prints what it did.
-//! Build and run it as docs/PROGRAMS.md says:
+//! A Panda program: prints its arguments, spawns a helper (itself, with the argument
+//! "helper"), runs threads, uses a buffer, its own heap range (brk) and the allocator,
+//! and prints what it did. Build and run it as docs/PROGRAMS.md says:
 //!   cargo build --release
-//!   PANDA/scripts/run.sh --add target/x86_64-unknown-none/release/NAME --cmdline init=NAME
+//!   PANDA/scripts/run.sh --add target/x86_64-unknown-none/release/NAME --cmdline init=NAME --args "one two"
 #![no_std]
 #![no_main]
 
@@ -13,15 +13,19 @@ use panda_rt::{entry, println, sys, thread};
 
 entry!(main);
 
-fn main(arg: u64) -> u64 {
-    if arg == 1 {
+// `arg` is the spawn's number argument (0 unless the spawner or `init.arg=N` set it);
+// the words are in `panda_rt::args()`.
+fn main(_arg: u64) -> u64 {
+    let args: Vec<&str> = panda_rt::args().collect();
+    if args.get(1) == Some(&"helper") {
         println!("NAME helper: pid {}, exiting with 7", sys::pid());
         return 7;
     }
-    println!("NAME: pid {} started with argument {arg} on {} CPUs", sys::pid(), sys::cpu_count());
+    println!("NAME: pid {} started with argv {args:?} on {} CPUs", sys::pid(), sys::cpu_count());
 
-    // A helper process: this same program (it is in the initrd as "NAME").
-    let helper = match sys::spawn("NAME", 1) {
+    // A helper process: this same program (it is in the initrd as "NAME"), whose
+    // argv will be ["NAME", "helper"].
+    let helper = match sys::spawn_args("NAME", &["helper"], 0) {
         Ok(pid) => pid as u64,
         Err(e) => {
             println!("NAME: spawn failed: {e:?}");

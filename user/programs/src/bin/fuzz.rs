@@ -1114,7 +1114,7 @@ impl Worker {
                 let r = self.call(op as u64, a);
                 self.expect(r == 0, op as u64, a, r, "sleep returns 0");
             }
-            abi::OP_ENVIRONMENT_SPAWN => self.spawn_op(),
+            abi::OP_ENVIRONMENT_SPAWN | abi::OP_ENVIRONMENT_SPAWN_ARGS => self.spawn_op(),
             abi::OP_ENVIRONMENT_LOG => {
                 let p = if self.rng.chance(3) {
                     DOTS.as_ptr() as u64
@@ -1290,9 +1290,15 @@ impl Worker {
     }
 
     fn spawn_op(&mut self) {
-        let op = abi::OP_ENVIRONMENT_SPAWN as u64;
+        // Half the time with an argument block: any pointer, any length.
+        let (op, a3) = if self.rng.chance(2) {
+            (abi::OP_ENVIRONMENT_SPAWN as u64, 0)
+        } else {
+            let len = self.rng.pick(&[0, 1, 4, 4096, 65536, 65537, u64::MAX]);
+            (abi::OP_ENVIRONMENT_SPAWN_ARGS as u64, len)
+        };
         let (p, len, which) = path_args(&mut self.rng, &self.edges, true);
-        let a = [p, len, self.any(), 0];
+        let a = [p, len, self.any(), a3];
         // Now and then a real child, through the table the main thread waits on.
         if !self.dangerous && self.rng.chance(40) {
             let limit = 2 + self.cpus / 2;

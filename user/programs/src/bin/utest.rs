@@ -13,6 +13,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use panda_rt::abi::args::{MAX_ARGS, MAX_ARGS_BYTES};
 use panda_rt::abi::syscall::{self as abi, Error, EXIT_KILLED};
 use panda_rt::abi::{
     BUFFER_BASE, BUFFER_MAX_SIZE, HEAP_BASE, HEAP_LIMIT, STACK_BASE, STACK_MAX_SIZE,
@@ -585,6 +586,11 @@ const CHILD_SLEEP_THEN_EXIT_7: u64 = 14;
 /// exits with the error code it got, or 99 if the wait succeeded.
 const CHILD_WAIT_FOR_SIBLING: u64 = 15;
 /// Arguments from here on select one test of the main run.
+/// Compares its own `args()` with what `args_sent` passes; exits 0 if they match,
+/// otherwise 100 + the index of the first difference.
+const CHILD_CHECK_ARGS: u64 = 16;
+/// Exits with its argument count, after checking argument 0 is "utest" (else 99).
+const CHILD_COUNT_ARGS: u64 = 17;
 const ONLY_TEST: u64 = 1000;
 
 static RODATA: [u64; 4] = [1, 2, 3, 4];
@@ -650,6 +656,23 @@ fn child(scenario: u64) -> u64 {
             7
         }
         CHILD_EXIT_42 => 42,
+        CHILD_CHECK_ARGS => {
+            let want = args_sent();
+            let got: Vec<&str> = panda_rt::args().collect();
+            if got.len() != want.len() + 1 || got[0] != "utest" {
+                return 98;
+            }
+            match got[1..].iter().zip(&want).position(|(g, w)| g != w) {
+                None => 0,
+                Some(i) => 100 + i as u64,
+            }
+        }
+        CHILD_COUNT_ARGS => {
+            if panda_rt::args().next() != Some("utest") {
+                return 99;
+            }
+            panda_rt::args().len() as u64
+        }
         CHILD_STACK_OVERFLOW => {
             write(STACK_BASE - 8, 1);
             0
@@ -706,6 +729,164 @@ fn child(scenario: u64) -> u64 {
         }
         _ => 77,
     }
+}
+
+/// The arguments `argv_arrives_intact_in_a_child` passes: empty, spaces, non-ASCII
+/// UTF-8, many, and one long enough that the block is exactly `MAX_ARGS_BYTES`.
+fn args_sent() -> Vec<String> {
+    let mut v: Vec<String> = ["first", "", "two words", "été ✓ 🐼", "--flag=x"]
+        .iter()
+        .map(|s| String::from(*s))
+        .collect();
+    for i in 0..200 {
+        v.push(format!("n{i}"));
+    }
+    let used: usize = v.iter().map(|a| a.len() + 1).sum();
+    let long_len = MAX_ARGS_BYTES - used - 1;
+    v.push(
+        (0..long_len)
+            .map(|i| (b'a' + (i % 26) as u8) as char)
+            .collect(),
+    );
+    v
+}
+
+fn argv_arrives_intact_in_a_child() -> Outcome {
+    // Our own: utest runs as init, spawned as "utest" (test.sh passes no words).
+    ensure!(
+        panda_rt::args().next() == Some("utest"),
+        "my own argument 0 is {:?}",
+        panda_rt::args().next()
+    );
+    let sent = args_sent();
+    let block_len: usize = sent.iter().map(|a| a.len() + 1).sum();
+    ensure!(
+        block_len == MAX_ARGS_BYTES,
+        "the test block is {block_len} bytes"
+    );
+    let refs: Vec<&str> = sent.iter().map(String::as_str).collect();
+    let pid = sys::spawn_args("utest", &refs, CHILD_CHECK_ARGS)
+        .map_err(|e| format!("spawn_args: {e:?}"))?;
+    let status = sys::wait(pid as u64).map_err(|e| format!("wait: {e:?}"))?;
+    ensure!(status == 0, "the child saw different arguments (status {status}: 98 count or argv[0], 100+i argument i)");
+    // The one-number spawn: argument 0 only.
+    ensure!(
+        run_child(CHILD_COUNT_ARGS)? == 1,
+        "a plain spawn gave more than the path"
+    );
+    let pid =
+        sys::spawn_args("utest", &["a", "b"], CHILD_COUNT_ARGS).map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        sys::wait(pid as u64) == Ok(3),
+        "two arguments did not make argc 3"
+    );
+    let pid = sys::spawn_block("utest", b"", CHILD_COUNT_ARGS).map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        sys::wait(pid as u64) == Ok(1),
+        "an empty block did not make argc 1"
+    );
+    // The most arguments a block may hold: MAX_ARGS empty ones.
+    let empties = alloc::vec![0u8; MAX_ARGS];
+    let pid =
+        sys::spawn_block("utest", &empties, CHILD_COUNT_ARGS).map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        sys::wait(pid as u64) == Ok(MAX_ARGS + 1),
+        "{MAX_ARGS} empty arguments did not make argc {}",
+        MAX_ARGS + 1
+    );
+    Ok(())
+}
+
+fn bad_argument_blocks_get_errors() -> Outcome {
+    let op = abi::OP_ENVIRONMENT_SPAWN_ARGS;
+    let path = "utest";
+    let call = |ptr: u64, len: u64| {
+        Error::from_result(sys::raw5(
+            op,
+            [
+                path.as_ptr() as u64,
+                path.len() as u64,
+                ptr,
+                len,
+                CHILD_EXIT_42,
+            ],
+        ))
+    };
+    let block = |b: &[u8]| call(b.as_ptr() as u64, b.len() as u64);
+    use Error::{BadAddress, InvalidArgument};
+    let big = alloc::vec![0u8; MAX_ARGS_BYTES + 1];
+    let many = alloc::vec![0u8; MAX_ARGS + 1];
+    let cases: [(&str, Option<Error>, Option<Error>); 12] = [
+        ("no terminator", block(b"abc"), Some(InvalidArgument)),
+        (
+            "a last argument without terminator",
+            block(b"a\0b"),
+            Some(InvalidArgument),
+        ),
+        ("not UTF-8", block(b"ok\0\xff\xfe\0"), Some(InvalidArgument)),
+        (
+            "a cut UTF-8 character",
+            block(b"\xc3\0"),
+            Some(InvalidArgument),
+        ),
+        ("one byte over 64 KiB", block(&big), Some(InvalidArgument)),
+        (
+            "more than MAX_ARGS arguments",
+            block(&many),
+            Some(InvalidArgument),
+        ),
+        (
+            "a huge length (checked before the address)",
+            call(0, u64::MAX),
+            Some(InvalidArgument),
+        ),
+        ("a null pointer", call(0, 4), Some(BadAddress)),
+        (
+            "a kernel pointer",
+            call(0xffff_8000_0000_0000, 4),
+            Some(BadAddress),
+        ),
+        (
+            "a non-canonical pointer",
+            call(0x8000_0000_0000, 4),
+            Some(BadAddress),
+        ),
+        (
+            "a range that wraps",
+            call(u64::MAX - 2, 8),
+            Some(BadAddress),
+        ),
+        (
+            "an argument with a NUL (panda-rt refuses it)",
+            sys::spawn_args(path, &["a\0b"], CHILD_EXIT_42).err(),
+            Some(InvalidArgument),
+        ),
+    ];
+    for (what, got, want) in cases {
+        ensure!(got == want, "{what}: got {got:?}, want {want:?}");
+    }
+    // A block that runs off the end of a buffer into unmapped memory.
+    let buf = sys::buffer_alloc(PAGE).map_err(|e| format!("{e:?}"))?;
+    let got = call((buf + PAGE - 2) as u64, 4);
+    let _ = sys::buffer_free(buf);
+    ensure!(
+        got == Some(BadAddress),
+        "a block running off a buffer: {got:?}"
+    );
+    // A good block for a program that is not there, and a bad path with a good block.
+    ensure!(
+        sys::spawn_args("no-such-program", &["x"], 0) == Err(Error::NotFound),
+        "missing program"
+    );
+    ensure!(
+        sys::spawn_args("", &["x"], 0) == Err(InvalidArgument),
+        "empty path"
+    );
+    ensure!(
+        sys::spawn_args("bad-wx.elf", &["x"], 0) == Err(InvalidArgument),
+        "a refused executable with a good block"
+    );
+    Ok(())
 }
 
 fn run_child(scenario: u64) -> Result<usize, String> {
@@ -1287,7 +1468,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 31] = [
+    let tests: [(&str, Test); 33] = [
         (
             "back_to_back_calls_let_other_threads_run",
             back_to_back_calls_let_other_threads_run,
@@ -1377,6 +1558,14 @@ fn main(arg: u64) -> u64 {
         (
             "program_brk_and_the_allocator_never_overlap",
             program_brk_and_the_allocator_never_overlap,
+        ),
+        (
+            "argv_arrives_intact_in_a_child",
+            argv_arrives_intact_in_a_child,
+        ),
+        (
+            "bad_argument_blocks_get_errors",
+            bad_argument_blocks_get_errors,
         ),
         (
             "heap_still_works_after_everything",
