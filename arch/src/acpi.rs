@@ -19,7 +19,7 @@ pub const MAX_OVERRIDES: usize = 16;
 
 /// Maps `[phys, phys + len)` and returns the virtual address of `phys`, or `None` if
 /// it cannot be mapped.
-pub type MapFn = fn(phys: u64, len: u64) -> Option<u64>;
+type MapFn = fn(phys: u64, len: u64) -> Option<u64>;
 
 #[derive(Clone)]
 struct Handler {
@@ -141,9 +141,13 @@ pub enum Error {
     NoMadt,
 }
 
-/// Parses the ACPI tables reachable from the RSDP at physical `rsdp`.
-pub fn discover(rsdp: u64, map: MapFn) -> Result<Platform, Error> {
-    let handler = Handler { map };
+/// Parses the ACPI tables reachable from the RSDP at physical `rsdp` (the boot
+/// protocol's), mapping them with the kernel tables' `map_ram`. Tables are only read,
+/// and every one is checksummed by the `acpi` crate.
+pub fn discover(rsdp: u64) -> Result<Platform, Error> {
+    let handler = Handler {
+        map: crate::kernel_tables::map_ram,
+    };
     // SAFETY: `rsdp` comes from the boot protocol, which got it from firmware; the
     // handler maps every range the crate asks for before it is read.
     let tables = unsafe { AcpiTables::from_rsdp(handler, rsdp as usize) }.map_err(Error::Tables)?;

@@ -76,9 +76,28 @@ pub fn xapic_phys_base() -> u64 {
     unsafe { x2apic::lapic::xapic_base() }
 }
 
-/// Enables this CPU's local APIC. `xapic_virt` is an uncached mapping of the xAPIC
-/// registers (used only when the CPU lacks x2APIC). The timer starts masked.
-pub fn init_cpu(xapic_virt: u64) -> Result<Mode, &'static str> {
+/// The xAPIC registers' mapping (0 in x2APIC mode): the base the CPU itself reports in
+/// IA32_APIC_BASE, mapped uncached once, by the first CPU that needs it.
+fn xapic_registers() -> Result<u64, &'static str> {
+    if crate::cpu::features().x2apic {
+        return Ok(0);
+    }
+    match XAPIC_VIRT.load(Ordering::Acquire) {
+        0 => {
+            let virt = crate::kernel_tables::map_mmio(xapic_phys_base(), 4096)
+                .ok_or("cannot map the xAPIC registers")?;
+            XAPIC_VIRT.store(virt, Ordering::Release);
+            Ok(virt)
+        }
+        virt => Ok(virt),
+    }
+}
+
+/// Enables this CPU's local APIC: x2APIC mode where the CPU has it, else xAPIC mode
+/// through the registers at the base the CPU reports (IA32_APIC_BASE), which this maps.
+/// The timer starts masked.
+pub fn init_cpu() -> Result<Mode, &'static str> {
+    let xapic_virt = xapic_registers()?;
     let apic = LocalApicBuilder::new()
         .timer_vector(TIMER_VECTOR as usize)
         .error_vector(ERROR_VECTOR as usize)
@@ -90,7 +109,6 @@ pub fn init_cpu(xapic_virt: u64) -> Result<Mode, &'static str> {
         .build()?;
     let x2 = crate::cpu::features().x2apic;
     X2APIC.store(x2, Ordering::Relaxed);
-    XAPIC_VIRT.store(xapic_virt, Ordering::Relaxed);
     interrupts::without_interrupts(|| {
         let slot = &SLOTS[percpu::current_index()];
         // SAFETY: this CPU's slot, interrupts off (see `Slot`).

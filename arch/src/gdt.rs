@@ -52,7 +52,7 @@ fn build_gdt(tss: &'static TaskStateSegment) -> GlobalDescriptorTable<8> {
 
 /// Loads CPU `index`'s GDT and TSS (made on first use) and reloads every segment
 /// register. Each CPU has its own TSS, hence its own GDT.
-pub fn init_cpu(index: usize, stacks: &CpuStacks) {
+pub(crate) fn init_cpu(index: usize, stacks: &CpuStacks) {
     let tss = TSS[index].call_once(|| {
         let mut tss = TaskStateSegment::new();
         tss.interrupt_stack_table[(IST_DOUBLE_FAULT - 1) as usize] =

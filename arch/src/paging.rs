@@ -140,7 +140,7 @@ pub enum MapError {
 }
 
 /// A 4-level hierarchy being built, rooted at a PML4 frame.
-pub struct TableBuilder {
+pub(crate) struct TableBuilder {
     root: u64,
     hhdm: u64,
 }
@@ -150,16 +150,6 @@ impl TableBuilder {
     pub fn new(frames: &mut dyn FrameSource, hhdm: u64) -> Result<Self, MapError> {
         let root = frames.zeroed_frame().ok_or(MapError::OutOfFrames)?;
         Ok(Self { root, hhdm })
-    }
-
-    /// Edits the live hierarchy rooted at `root`.
-    ///
-    /// # Safety
-    /// `root` must be the PML4 of a valid hierarchy whose table frames are reachable
-    /// through the HHDM at `hhdm`, and no one else may edit it concurrently. `map` only
-    /// fills empty entries, so translations in use never change under the CPU.
-    pub unsafe fn from_root(root: u64, hhdm: u64) -> Self {
-        Self { root, hhdm }
     }
 
     /// Physical address of the PML4.

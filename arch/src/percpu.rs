@@ -102,7 +102,7 @@ static READY: AtomicBool = AtomicBool::new(false);
 
 /// Installs block `index` for the calling CPU in GS base. Each index is installed once,
 /// by the CPU it belongs to.
-pub fn install(index: usize, apic_id: u32, stacks: &crate::stacks::CpuStacks) {
+pub(crate) fn install(index: usize, apic_id: u32, stacks: &crate::stacks::CpuStacks) {
     let block = &CPUS[index];
     for (slot, guard) in block.stack_guards.iter().zip(stacks.guards()) {
         slot.store(guard, Ordering::Relaxed);

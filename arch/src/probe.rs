@@ -62,13 +62,15 @@ global_asm!(
     ret
     11: report_fault rsi
 
-    /* u64 panda_probe_write_u8(addr, value, *Fault): 0 ok, 1 faulted */
-    .global panda_probe_write_u8
-    panda_probe_write_u8:
-    20: mov byte ptr [rdi], sil
+    /* u64 panda_probe_rewrite_u8(addr, *Fault): writes the byte's own value back;
+       0 ok, 1 faulted */
+    .global panda_probe_rewrite_u8
+    panda_probe_rewrite_u8:
+    22: mov al, byte ptr [rdi]
+    20: mov byte ptr [rdi], al
     xor eax, eax
     ret
-    21: report_fault rdx
+    21: report_fault rsi
 
     /* u64 panda_probe_ud2(*Fault): 0 if ud2 did not fault (impossible), 1 faulted */
     .global panda_probe_ud2
@@ -134,6 +136,7 @@ global_asm!(
     .balign 8
     .quad 10b, 11b
     .quad 20b, 21b
+    .quad 22b, 21b
     .quad 30b, 31b
     .quad 40b, 41b
     .quad 50b, 51b
@@ -143,7 +146,7 @@ global_asm!(
 
 unsafe extern "C" {
     fn panda_probe_read_u64(addr: u64, fault: *mut Fault, out: *mut u64) -> u64;
-    fn panda_probe_write_u8(addr: u64, value: u8, fault: *mut Fault) -> u64;
+    fn panda_probe_rewrite_u8(addr: u64, fault: *mut Fault) -> u64;
     fn panda_probe_ud2(fault: *mut Fault) -> u64;
     fn panda_probe_user_read_u64(addr: u64, fault: *mut Fault, out: *mut u64) -> u64;
     fn panda_probe_user_write_u64(addr: u64, value: u64, fault: *mut Fault) -> u64;
@@ -217,12 +220,16 @@ pub fn read_u64(addr: u64) -> Result<u64, Fault> {
     outcome(faulted, fault).map(|()| value)
 }
 
-/// Writes a byte, reporting a fault instead of taking it. The caller must own the byte
-/// (or expect the write to fault): a successful write changes memory.
-pub fn write_u8(addr: u64, value: u8) -> Result<(), Fault> {
+/// Whether the byte at `addr` can be written: reads it and writes the same value back
+/// in two instructions, reporting a fault (of the read or the write) instead of taking
+/// it. Memory keeps its contents either way (a byte another CPU changes between the two
+/// instructions could be set back: probe only bytes nothing else writes, such as the
+/// kernel image's sections).
+pub fn rewrite_u8(addr: u64) -> Result<(), Fault> {
     let mut fault = Fault::default();
-    // SAFETY: as in `read_u64`; the caller chose the address and accepts the write.
-    let faulted = unsafe { panda_probe_write_u8(addr, value, &mut fault) };
+    // SAFETY: as in `read_u64`: both accesses are covered by the exception table, and
+    // the write stores the value just read, so no memory changes.
+    let faulted = unsafe { panda_probe_rewrite_u8(addr, &mut fault) };
     outcome(faulted, fault)
 }
 

@@ -2,7 +2,7 @@
 //! (platform code: it takes their frames from the boot memory map and switches CR3),
 //! named here as the rest of the kernel knows them.
 
-pub use panda_arch::kernel_tables::{map_mmio, map_ram, BuildError, KernelTables};
+pub use panda_arch::kernel_tables::{BuildError, KernelTables};
 
 use crate::boot::BootInfo;
 

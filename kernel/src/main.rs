@@ -131,10 +131,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     let heap_bytes = heap::init(&mut boot, (ram_mib / 8).clamp(4, 64) << 20);
     info!(target: "mm", "early heap: {} MiB", heap_bytes >> 20);
 
-    let platform = match boot
-        .rsdp
-        .map(|rsdp| panda_arch::acpi::discover(rsdp, kernel_tables::map_ram))
-    {
+    let platform = match boot.rsdp.map(panda_arch::acpi::discover) {
         Some(Ok(p)) => p,
         Some(Err(e)) => {
             error!(target: "acpi", "cannot read the ACPI tables: {e:?}");

@@ -12,7 +12,7 @@
 
 use alloc::vec::Vec;
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use log::{info, warn};
 use panda_arch::acpi::Platform;
@@ -21,7 +21,6 @@ use panda_arch::percpu::{self, MAX_CPUS};
 use panda_arch::smp::{ApStarter, How, StartError};
 
 use crate::boot::BootInfo;
-use crate::kernel_tables;
 
 /// How long an AP may take to check in after its start-up IPIs (TCG is slow, and with
 /// more vCPUs than host cores an AP may wait for a host core).
@@ -29,7 +28,6 @@ const AP_TIMEOUT_US: u64 = 1_000_000;
 /// The timer tick period.
 pub const TICK_US: u64 = 10_000;
 
-static XAPIC_VIRT: AtomicU64 = AtomicU64::new(0);
 static FEATURES: spin::Once<panda_arch::cpu::Features> = spin::Once::new();
 static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();
 /// Set once bring-up has counted the CPUs online.
@@ -48,21 +46,16 @@ pub struct SmpReport {
 pub fn init_bsp_apic(platform: &Platform) -> Result<Mode, &'static str> {
     FEATURES.call_once(panda_arch::cpu::features);
     let features = FEATURES.get().copied().unwrap_or_default();
-    let xapic_virt = if features.x2apic {
-        0
-    } else {
-        let phys = if platform.local_apic_address != 0 {
-            platform.local_apic_address
-        } else {
-            apic::xapic_phys_base()
-        };
-        kernel_tables::map_mmio(phys, 4096).ok_or("cannot map the xAPIC registers")?
-    };
-    XAPIC_VIRT.store(xapic_virt, Ordering::Relaxed);
+    let msr_base = apic::xapic_phys_base();
+    if !features.x2apic
+        && platform.local_apic_address != 0
+        && platform.local_apic_address != msr_base
+    {
+        warn!(target: "smp", "the MADT puts the local APIC at {:#x}, the CPU at {msr_base:#x}: using the CPU's", platform.local_apic_address);
+    }
     panda_arch::cpu::disable_legacy_pic();
     panda_arch::ipi::init();
-    let mode = apic::init_cpu(xapic_virt)?;
-    Ok(mode)
+    apic::init_cpu()
 }
 
 /// Starts every enabled AP the MADT lists. `ap_main(index)` is where each AP goes once
@@ -157,7 +150,7 @@ fn ap_start(index: usize) -> ! {
     if let Some(features) = FEATURES.get() {
         panda_arch::cpu::enable_features(features);
     }
-    if let Err(why) = apic::init_cpu(XAPIC_VIRT.load(Ordering::Relaxed)) {
+    if let Err(why) = apic::init_cpu() {
         warn!(target: "smp", "cpu{index}: local APIC: {why}");
     }
     if BRINGUP_CLOSED.load(Ordering::SeqCst) {
