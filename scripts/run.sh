@@ -23,6 +23,11 @@ usage: scripts/run.sh [options] [-- extra qemu args]
                       as `init`, beside the usual programs)
   --cmdline "..."     extra kernel command-line tokens (test, crash=..., log=debug)
   --timeout SECONDS   stop the guest after this long (exit 3)
+  --as-hardware       end the run as on a real machine: no isa-debug-exit device, no
+                      `qemu.exit` word, resets reboot the guest (no -no-reboot). The
+                      kernel powers off (QEMU exits; status 0 whatever the outcome:
+                      its last lines say), or halts or resets as the command line
+                      says (`halt`, `reboot`)
   -h, --help          this text
 
 Environment: QEMU (the qemu-system-x86_64 to use), LIMINE_DIR (Limine's binaries),
@@ -34,6 +39,7 @@ TXT
 }
 
 smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s="" adds=()
+as_hardware=0
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -49,6 +55,7 @@ while [ $# -gt 0 ]; do
         --add) [ $# -ge 2 ] || panda_usage_error "--add needs a path"; adds+=("$2"); shift 2 ;;
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
+        --as-hardware) as_hardware=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) panda_usage_error "unknown option: $1" ;;
@@ -119,9 +126,14 @@ else
 fi
 panda_choose_accel "$accel"
 
-# shellcheck disable=SC2054 # the commas belong to one -device argument
-qemu_args=(-machine q35 -m "$mem" -smp "$smp" -no-reboot -display none -serial stdio
-           -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${PANDA_ACCEL_ARGS[@]}")
+qemu_args=(-machine q35 -m "$mem" -smp "$smp" -display none -serial stdio "${PANDA_ACCEL_ARGS[@]}")
+if [ "$as_hardware" = 0 ]; then
+    # The harness's status channel: the kernel writes its outcome to isa-debug-exit
+    # (only when the command line says `qemu.exit`), and a reset ends QEMU.
+    # shellcheck disable=SC2054 # the commas belong to one -device argument
+    qemu_args+=(-no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04)
+    cmdline="qemu.exit$cmdline"
+fi
 cmdline="${cmdline# }"
 
 if [ "$boot" = pvh ]; then
@@ -183,4 +195,9 @@ else
     status=${PIPESTATUS[0]}
 fi
 set -e
+if [ "$as_hardware" = 1 ] && [ "$status" = 0 ]; then
+    # Without -no-reboot QEMU exits 0 only when the guest powers off.
+    echo "panda: the guest powered off (--as-hardware: the kernel's last lines give the outcome)" >&2
+    exit 0
+fi
 panda_map_status "$status" "$timeout_s"

@@ -14,7 +14,8 @@ usage: scripts/test.sh [--smp LIST] [--user-smp LIST] [--timeout S] [--quick]
   --smp LIST    CPU counts for the in-kernel test boots (default 1,2,4,8,64)
   --user-smp LIST  CPU counts for the user-space test boots (default 1,2,8)
   --timeout S   limit per guest boot in seconds (default 300)
-  --quick       in-kernel and user tests and the fuzzer at -smp 2 only; no lints, no fatal-path, debugging or input checks
+  --quick       in-kernel and user tests and the fuzzer at -smp 2 only, and the power
+                checks; no lints, no fatal-path, debugging or input checks
   -h, --help    this text
 
 With LIMINE_DIR pointing at Limine's binaries, the Limine path is booted too.
@@ -206,6 +207,36 @@ for lang in rust c; do
         fail "program-$lang" "exit $status; want 'all fine' (see $log)"
     fi
 done
+
+section "power-off and reset"
+# As on a machine (no isa-debug-exit, no qemu.exit): when init exits the kernel powers
+# off through ACPI S5 and QEMU exits by itself, long before the time-out.
+log="$logs/power-off.log" status=0
+scripts/run.sh --as-hardware --timeout 120 -smp 2 >"$log" 2>&1 || status=$?
+if [ "$status" = 0 ] && grep -q 'run finished (success): powering off (ACPI S5)' "$log" &&
+   grep -q 'the guest powered off' "$log" && [ "$(grep -c 'booted via PVH (' "$log")" = 1 ]; then
+    pass power-off-acpi
+else
+    fail power-off-acpi "exit $status (want 0: QEMU exited on its own); want 'powering off (ACPI S5)' and one boot (see $log)"
+fi
+# `reboot`: the machine resets (QEMU without -no-reboot boots it again, so the banner
+# shows twice), through the FADT reset register, the first way tried.
+log="$logs/power-reboot.log" status=0
+setsid scripts/run.sh --as-hardware --timeout 120 -smp 2 --cmdline reboot >"$log" 2>&1 &
+guest=$!
+for _ in $(seq 1 240); do
+    [ "$(grep -c 'booted via PVH (' "$log")" -ge 2 ] && break
+    kill -0 "$guest" 2>/dev/null || break
+    sleep 0.5
+done
+kill -TERM -- "-$guest" 2>/dev/null || true
+wait "$guest" 2>/dev/null || true
+if [ "$(grep -c 'booted via PVH (' "$log")" -ge 2 ] && grep -q 'resetting the machine (command line: reboot)' "$log" &&
+   ! grep -q 'did not reset the machine' "$log"; then
+    pass power-reboot
+else
+    fail power-reboot "want the boot banner twice after 'resetting the machine', and no fallback used (see $log)"
+fi
 
 section "system-call fuzzer"
 # fuzz as init, briefly: random calls on every CPU and misbehaving children; it must
