@@ -28,6 +28,7 @@ usage: scripts/run.sh [options] [-- extra qemu args]
                       kernel powers off (QEMU exits; status 0 whatever the outcome:
                       its last lines say), or halts or resets as the command line
                       says (`halt`, `reboot`)
+  --no-serial         no serial port (-serial none): the console is on the screen only
   -h, --help          this text
 
 Environment: QEMU (the qemu-system-x86_64 to use), LIMINE_DIR (Limine's binaries),
@@ -39,7 +40,7 @@ TXT
 }
 
 smp=4 mem=512M accel=auto boot=pvh firmware=bios gdb=0 init="" cmdline="" timeout_s="" adds=()
-as_hardware=0
+as_hardware=0 serial=stdio
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -56,6 +57,7 @@ while [ $# -gt 0 ]; do
         --cmdline) [ $# -ge 2 ] || panda_usage_error "--cmdline needs a value"; cmdline="$cmdline $2"; shift 2 ;;
         --timeout) [ $# -ge 2 ] || panda_usage_error "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
         --as-hardware) as_hardware=1; shift ;;
+        --no-serial) serial=none; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) panda_usage_error "unknown option: $1" ;;
@@ -126,7 +128,7 @@ else
 fi
 panda_choose_accel "$accel"
 
-qemu_args=(-machine q35 -m "$mem" -smp "$smp" -display none -serial stdio "${PANDA_ACCEL_ARGS[@]}")
+qemu_args=(-machine q35 -m "$mem" -smp "$smp" -display none -serial "$serial" "${PANDA_ACCEL_ARGS[@]}")
 if [ "$as_hardware" = 0 ]; then
     # The harness's status channel: the kernel writes its outcome to isa-debug-exit
     # (only when the command line says `qemu.exit`), and a reset ends QEMU.

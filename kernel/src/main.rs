@@ -78,6 +78,9 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     };
     cpu::enable_features(&features);
+    if let Some(screen) = panda_arch::screen::init() {
+        info!(target: "boot", "screen: {}x{} framebuffer, {}x{} text cells (the same log as COM1)", screen.width, screen.height, screen.cols, screen.rows);
+    }
 
     if let Err(e) = boot.memory_map.check() {
         error!(target: "boot", "memory map is inconsistent: {e}");
