@@ -264,7 +264,7 @@ screen_test() {
 }
 if [ -z "${LIMINE_DIR:-}" ]; then
     echo "   (screen checks skipped: LIMINE_DIR is not set; the framebuffer comes from Limine)"
-elif ! command -v tesseract >/dev/null 2>&1 && ! panda_apt_install tesseract-ocr; then
+elif ! panda_ensure_tesseract; then
     fail screen "tesseract-ocr is missing and could not be installed"
 else
     screen_test init "halt" 'smp: 4 of 4 CPUs online' 'panda init \(pid 1\): 4 CPUs' 'demo: .*all fine' \
