@@ -7,7 +7,7 @@
 //! control-register and CPUID set-up, the GDT/TSS, the IDT with its trap entry stubs,
 //! recoverable memory probes (an exception table), the TSC clock, page-table entry
 //! formats and CR3, the kernel's own page tables (`kernel_tables`), starting the APs,
-//! and leaving QEMU.
+//! and leaving the machine (ACPI power-off, reset, QEMU's exit device).
 //!
 //! Everything above it calls the safe functions here: `mm` and `sched` do not depend on
 //! it at all (they are host-tested), and `kernel` builds under `#![forbid(unsafe_code)]`. Each `unsafe` block carries
