@@ -2,7 +2,8 @@
 # Installs what building and booting Panda needs, only where it is missing:
 #   - the stable toolchain pinned by rust-toolchain.toml with the x86_64-unknown-none target;
 #   - QEMU new enough for x2APIC under TCG (>= 8; bookworm's 7.2 is not, its backports are);
-#   - with --limine: xorriso and OVMF for the Limine ISO path.
+#   - with --limine: xorriso and OVMF for the Limine ISO path;
+#   - for test.sh's screen checks (with LIMINE_DIR): tesseract-ocr.
 # Sourced by run.sh, test.sh and bench.sh; also runnable on its own.
 # Prints one line per thing it installs; silent when everything is present.
 
@@ -82,6 +83,14 @@ panda_ensure_limine_tools() {
         echo "panda: installing ovmf..." >&2
         panda_apt_install ovmf || panda_die "cannot install ovmf; install it by hand"
     fi
+}
+
+# OCR for test.sh's screen checks (Debian's tesseract-ocr, with its English data).
+# Returns non-zero, after one line, if it is missing and cannot be installed.
+panda_ensure_tesseract() {
+    command -v tesseract >/dev/null 2>&1 && return 0
+    echo "panda: installing tesseract-ocr (OCR for the screen checks)..." >&2
+    panda_apt_install tesseract-ocr tesseract-ocr-eng && command -v tesseract >/dev/null 2>&1
 }
 
 PANDA_ROOT=${PANDA_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}

@@ -14,7 +14,8 @@ usage: scripts/test.sh [--smp LIST] [--user-smp LIST] [--timeout S] [--quick]
   --smp LIST    CPU counts for the in-kernel test boots (default 1,2,4,8,64)
   --user-smp LIST  CPU counts for the user-space test boots (default 1,2,8)
   --timeout S   limit per guest boot in seconds (default 300)
-  --quick       in-kernel and user tests and the fuzzer at -smp 2 only; no lints, no fatal-path, debugging or input checks
+  --quick       in-kernel and user tests and the fuzzer at -smp 2 only, and the power and
+                screen checks; no lints, no fatal-path, debugging or input checks
   -h, --help    this text
 
 With LIMINE_DIR pointing at Limine's binaries, the Limine path is booted too.
@@ -42,7 +43,7 @@ done
 # Crates whose logic is tested on the host, and those that must also lint for the kernel target.
 HOST_CRATES=(panda-abi)
 KERNEL_CRATES=(panda-arch panda-kernel panda-rt panda-programs)
-for extra in sched:panda-sched mm:panda-mm; do
+for extra in sched:panda-sched mm:panda-mm firmware:panda-firmware; do
     if [ -f "$PANDA_ROOT/${extra%%:*}/Cargo.toml" ]; then
         HOST_CRATES+=("${extra#*:}"); KERNEL_CRATES+=("${extra#*:}")
     fi
@@ -209,6 +210,70 @@ for lang in rust c; do
         fail "program-$lang" "exit $status; want 'all fine' and a line matching '$want_argv' (see $log)"
     fi
 done
+
+section "power-off, reset and the screen"
+# As on a machine (no isa-debug-exit, no qemu.exit): when init exits the kernel powers
+# off through ACPI S5 and QEMU exits by itself, long before the time-out.
+log="$logs/power-off.log" status=0
+scripts/run.sh --as-hardware --timeout 120 -smp 2 >"$log" 2>&1 || status=$?
+if [ "$status" = 0 ] && grep -q 'run finished (success): powering off (ACPI S5)' "$log" &&
+   grep -q 'the guest powered off' "$log" && [ "$(grep -c 'booted via PVH (' "$log")" = 1 ]; then
+    pass power-off-acpi
+else
+    fail power-off-acpi "exit $status (want 0: QEMU exited on its own); want 'powering off (ACPI S5)' and one boot (see $log)"
+fi
+# `reboot`: the machine resets (QEMU without -no-reboot boots it again, so the banner
+# shows twice), through the FADT reset register, the first way tried.
+log="$logs/power-reboot.log" status=0
+setsid scripts/run.sh --as-hardware --timeout 120 -smp 2 --cmdline reboot >"$log" 2>&1 &
+guest=$!
+for _ in $(seq 1 240); do
+    [ "$(grep -c 'booted via PVH (' "$log")" -ge 2 ] && break
+    kill -0 "$guest" 2>/dev/null || break
+    sleep 0.5
+done
+kill -TERM -- "-$guest" 2>/dev/null || true
+wait "$guest" 2>/dev/null || true
+if [ "$(grep -c 'booted via PVH (' "$log")" -ge 2 ] && grep -q 'resetting the machine (command line: reboot)' "$log" &&
+   ! grep -q 'did not reset the machine' "$log"; then
+    pass power-reboot
+else
+    fail power-reboot "want the boot banner twice after 'resetting the machine', and no fallback used (see $log)"
+fi
+# The screen console, read the way a person reads it: Limine with no serial port, a
+# VGA display, QEMU's screendump and OCR. The CPU summary and init's lines (or a
+# panic's headline) must be legible; the last picture is kept as a PNG.
+screen_test() {
+    local name=$1 cmdline=$2; shift 2
+    local sock="$logs/screen-$name.sock" out="$logs/screen-$name" log="$logs/screen-$name.log" guest missing="$*" pattern
+    rm -f "$sock" "$out.png" "$out.ppm" "$out.txt"
+    scripts/run.sh --boot limine --as-hardware --no-serial -smp 4 --timeout 300 --cmdline "$cmdline" \
+        -- -vga std -monitor "unix:$sock,server,nowait" >"$log" 2>&1 &
+    guest=$!
+    sleep 10
+    for _ in $(seq 1 20); do
+        if [ -S "$sock" ] && python3 scripts/screenshot.py "$sock" "$out" >"$out.txt" 2>>"$log"; then
+            missing=""
+            for pattern in "$@"; do grep -qE -- "$pattern" "$out.txt" || missing="$missing '$pattern'"; done
+            [ -z "$missing" ] && break
+        fi
+        kill -0 "$guest" 2>/dev/null || break
+        sleep 3
+    done
+    python3 scripts/screenshot.py --quit "$sock" >/dev/null 2>&1 || true
+    wait "$guest" 2>/dev/null || true
+    if [ -z "$missing" ]; then pass "screen-$name (read off $out.png by OCR)"
+    else fail "screen-$name" "OCR did not find$missing on the screen (see $out.png, $out.txt)"; fi
+}
+if [ -z "${LIMINE_DIR:-}" ]; then
+    echo "   (screen checks skipped: LIMINE_DIR is not set; the framebuffer comes from Limine)"
+elif ! panda_ensure_tesseract; then
+    fail screen "tesseract-ocr is missing and could not be installed"
+else
+    screen_test init "halt" 'smp: 4 of 4 CPUs online' 'panda init \(pid 1\): 4 CPUs' 'demo: .*all fine' \
+        'run finished \(success\): halted'
+    screen_test panic "crash=panic" 'PANIC on cpu.* crash=panic requested on the command line'
+fi
 
 section "system-call fuzzer"
 # fuzz as init, briefly: random calls on every CPU and misbehaving children; it must

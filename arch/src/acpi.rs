@@ -141,6 +141,44 @@ pub enum Error {
     NoMadt,
 }
 
+/// The FADT's power-off and reset registers (those in I/O space) and the DSDT's `\_S5`.
+fn power_info(
+    tables: &AcpiTables<Handler>,
+    fadt: &acpi::fadt::Fadt,
+    map: MapFn,
+) -> crate::power::AcpiPower {
+    let io_port = |a: acpi::address::GenericAddress| {
+        (a.address_space == acpi::address::AddressSpace::SystemIo && a.address != 0)
+            .then_some(a.address as u16)
+    };
+    let flags = fadt.flags;
+    let reset = if flags.supports_system_reset_via_fadt() {
+        fadt.reset_register()
+            .ok()
+            .and_then(io_port)
+            .map(|port| (port, { fadt.reset_value }))
+    } else {
+        None
+    };
+    let s5 = tables.dsdt().ok().and_then(|dsdt| {
+        let len = dsdt.length as usize;
+        let virt = map(dsdt.address as u64, len as u64)?;
+        // SAFETY: `map` made `len` bytes from the DSDT's AML stream readable at `virt`
+        // for good (the same contract the acpi crate's handler relies on), and firmware
+        // tables are not written while the kernel runs.
+        let aml = unsafe { core::slice::from_raw_parts(virt as *const u8, len) };
+        panda_firmware::s5::sleep_types(aml)
+    });
+    crate::power::AcpiPower {
+        pm1a_control: fadt.pm1a_control_block().ok().and_then(io_port),
+        pm1b_control: fadt.pm1b_control_block().ok().flatten().and_then(io_port),
+        s5,
+        reset,
+        smi_command: { fadt.smi_cmd_port } as u16,
+        acpi_enable: { fadt.acpi_enable },
+    }
+}
+
 /// Parses the ACPI tables reachable from the RSDP at physical `rsdp` (the boot
 /// protocol's), mapping them with the kernel tables' `map_ram`. Tables are only read,
 /// and every one is checksummed by the `acpi` crate.
@@ -212,6 +250,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, Error> {
     }
     platform.hpet = HpetInfo::new(&tables).ok().map(|h| h.base_address as u64);
     if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
+        crate::power::set_acpi(power_info(&tables, &fadt.get(), crate::kernel_tables::map_ram));
         if let Ok(Some(block)) = fadt.get().pm_timer_block() {
             platform.pm_timer = Some(PmTimer {
                 address: block.address,

@@ -3,11 +3,11 @@
 //! This crate owns every instruction the kernel needs and the unsafe code around them:
 //! the two boot entries (PVH's 32-bit start and Limine's 64-bit one, with the Limine
 //! requests) and the hand-over to the kernel (`boot::entry`), the boot front-ends and
-//! the boot memory map, the boot CPU's stacks with their guard pages, COM1,
+//! the boot memory map, the boot CPU's stacks with their guard pages, COM1 and the screen console,
 //! control-register and CPUID set-up, the GDT/TSS, the IDT with its trap entry stubs,
 //! recoverable memory probes (an exception table), the TSC clock, page-table entry
 //! formats and CR3, the kernel's own page tables (`kernel_tables`), starting the APs,
-//! and leaving QEMU.
+//! and leaving the machine (ACPI power-off, reset, QEMU's exit device).
 //!
 //! Everything above it calls the safe functions here: `mm` and `sched` do not depend on
 //! it at all (they are host-tested), and `kernel` builds under `#![forbid(unsafe_code)]`. Each `unsafe` block carries
@@ -33,6 +33,7 @@ pub mod percpu;
 pub mod power;
 pub mod probe;
 pub mod pvh;
+pub mod screen;
 pub mod serial;
 pub mod smp;
 pub mod stacks;

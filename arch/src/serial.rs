@@ -4,12 +4,17 @@
 //! between CPUs with a spin lock taken with interrupts off; the fatal paths (panic,
 //! unexpected exception) use `emergency()`, which waits only a bounded time for the lock
 //! so that a CPU that died holding it cannot silence the report.
+//!
+//! Everything written here goes to the screen console too (screen.rs), when the
+//! bootloader gave a framebuffer; without one that costs one atomic load per write.
 
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Mutex;
 use x86_64::instructions::interrupts;
 use x86_64::instructions::port::Port;
+
+pub use crate::screen::Colour;
 
 const COM1: u16 = 0x3f8;
 
@@ -65,6 +70,7 @@ impl Uart {
 
 impl fmt::Write for Uart {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        crate::screen::write_str(s);
         for b in s.bytes() {
             if b == b'\n' {
                 self.write_byte(b'\r');
@@ -91,12 +97,21 @@ pub fn with_console<R>(f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
 /// test results): if the console stopped mid-line (user output without a newline),
 /// a line break comes first.
 pub fn with_console_line<R>(f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
+    with_console_line_in(Colour::Normal, f)
+}
+
+/// `with_console_line` whose text is shown in `colour` on the screen (COM1 gets the
+/// same bytes either way).
+pub fn with_console_line_in<R>(colour: Colour, f: impl FnOnce(&mut dyn fmt::Write) -> R) -> R {
     interrupts::without_interrupts(|| {
         let mut uart = CONSOLE.lock();
         if !uart.at_line_start {
             let _ = fmt::Write::write_str(&mut *uart, "\n");
         }
-        f(&mut *uart)
+        crate::screen::set_colour(colour);
+        let result = f(&mut *uart);
+        crate::screen::set_colour(Colour::Normal);
+        result
     })
 }
 
@@ -106,18 +121,23 @@ static LOCK_ABANDONED: AtomicBool = AtomicBool::new(false);
 
 /// A writer for fatal paths: takes the console lock if it frees up soon, and writes
 /// without it otherwise (a CPU may have died holding it). After one such time-out the
-/// lock is no longer waited for.
+/// lock is no longer waited for. On the screen the report is red; the screen console
+/// takes no lock of its own (its state is atomics), so it is reached either way.
 pub fn emergency(f: impl FnOnce(&mut dyn fmt::Write)) {
     interrupts::disable();
     if !LOCK_ABANDONED.load(Ordering::Acquire) {
         for _ in 0..10_000_000 {
             if let Some(mut guard) = CONSOLE.try_lock() {
+                crate::screen::set_colour(Colour::Error);
                 f(&mut *guard);
+                crate::screen::set_colour(Colour::Normal);
                 return;
             }
             core::hint::spin_loop();
         }
         LOCK_ABANDONED.store(true, Ordering::Release);
     }
+    crate::screen::set_colour(Colour::Error);
     f(&mut Uart::new(COM1));
+    crate::screen::set_colour(Colour::Normal);
 }

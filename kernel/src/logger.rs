@@ -1,4 +1,4 @@
-//! The `log` facade on COM1: `[seconds.micros] LEVEL cpuN target: message`.
+//! The `log` facade on COM1 (and the screen, WARN in yellow and ERROR in red): `[seconds.micros] LEVEL cpuN target: message`.
 //!
 //! One line is written under the console lock, so lines from different CPUs never mix.
 //! Targets name the subsystem (`boot`, `mm`, `smp`, ...); the timestamp is the TSC clock
@@ -18,7 +18,12 @@ impl Log for SerialLog {
     fn log(&self, record: &Record<'_>) {
         let ns = panda_arch::time::now_ns();
         let cpu = panda_arch::percpu::checked_index().unwrap_or(usize::MAX);
-        panda_arch::serial::with_console_line(|w| {
+        let colour = match record.level() {
+            log::Level::Error => panda_arch::serial::Colour::Error,
+            log::Level::Warn => panda_arch::serial::Colour::Warn,
+            _ => panda_arch::serial::Colour::Normal,
+        };
+        panda_arch::serial::with_console_line_in(colour, |w| {
             let _ = writeln!(
                 w,
                 "[{:>4}.{:06}] {:<5} cpu{} {}: {}",

@@ -50,6 +50,7 @@ struct Panda;
 impl panda_arch::boot::Kernel for Panda {
     fn main(boot: BootInfo) -> ! {
         panda_arch::trap::set_fatal_hook(fatal_stop);
+        power::set_qemu_exit(boot.has_flag("qemu.exit"));
         kmain(boot)
     }
 }
@@ -77,6 +78,9 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     };
     cpu::enable_features(&features);
+    if let Some(screen) = panda_arch::screen::init() {
+        info!(target: "boot", "screen: {}x{} framebuffer, {}x{} text cells (the same log as COM1)", screen.width, screen.height, screen.cols, screen.rows);
+    }
 
     if let Err(e) = boot.memory_map.check() {
         error!(target: "boot", "memory map is inconsistent: {e}");
@@ -155,6 +159,24 @@ fn kmain(mut boot: BootInfo) -> ! {
         if platform.hpet.is_some() { "yes" } else { "no" },
         if platform.pm_timer.is_some() { "yes" } else { "no" },
     );
+    match power::acpi() {
+        Some(p) => info!(
+            target: "power",
+            "power-off: {}; reset: {}the 8042, then a triple fault",
+            match (p.pm1a_control, p.s5) {
+                (Some(port), Some(s5)) => alloc::format!("ACPI S5 (SLP_TYP {}/{} into PM1 control at port {port:#x})", s5.a, s5.b),
+                (None, _) => alloc::string::String::from("none (no PM1a control port)"),
+                (_, None) => alloc::string::String::from("none (no \\_S5 package in the DSDT)"),
+            },
+            match p.reset {
+                Some((port, value)) => alloc::format!("FADT reset register (port {port:#x} <- {value:#x}), "),
+                None => alloc::string::String::new(),
+            }
+        ),
+        None => {
+            warn!(target: "power", "no FADT: power-off will not work; reset through the 8042 or a triple fault")
+        }
+    }
     match platform.pm_timer {
         Some(pm) if pm.io_port => {
             let c = panda_arch::time::calibrate_with_pm_timer(pm.address as u16, pm.bits32);
@@ -256,11 +278,48 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
         if boot.has_flag("test") {
             let ok = ktest::run_all(boot, tables, expected).await;
-            power::exit(ok);
+            finish(
+                boot,
+                if ok {
+                    power::Outcome::Success
+                } else {
+                    power::Outcome::KernelFailure
+                },
+            );
         }
-        power::exit_with(run_init(boot).await)
+        finish(boot, run_init(boot).await)
     });
     executor::run_this_cpu()
+}
+
+/// Ends a run that finished (init exited, or the tests ran): with `qemu.exit` (the test
+/// harness) through QEMU's isa-debug-exit; otherwise says how it went and powers off
+/// (ACPI S5), or halts (`halt`) or resets (`reboot`) as the command line asks.
+fn finish(boot: &BootInfo, outcome: power::Outcome) -> ! {
+    if power::qemu_exit() {
+        power::exit_with(outcome)
+    }
+    let what = match outcome {
+        power::Outcome::Success => "success",
+        power::Outcome::KernelFailure => "kernel failure",
+        power::Outcome::ProgramFailed => "the first program failed",
+        power::Outcome::ProgramKilled => "the kernel ended the first program",
+    };
+    if boot.has_flag("halt") {
+        info!(target: "power", "run finished ({what}): halted (command line: halt)");
+        panda_arch::smp::stop_others();
+        power::halt_forever()
+    }
+    if boot.has_flag("reboot") {
+        info!(target: "power", "run finished ({what}): resetting the machine (command line: reboot)");
+        panda_arch::smp::stop_others();
+        power::reset()
+    }
+    info!(target: "power", "run finished ({what}): powering off (ACPI S5)");
+    panda_arch::smp::stop_others();
+    let why = power::power_off();
+    error!(target: "power", "cannot power off: {why}; halted");
+    power::halt_forever()
 }
 
 /// How long a CPU may go without a timer tick before the watchdog stops the machine,

@@ -13,8 +13,8 @@
 use limine::memory_map::EntryType;
 use limine::request::{
     BootloaderInfoRequest, ExecutableAddressRequest, ExecutableCmdlineRequest,
-    ExecutableFileRequest, HhdmRequest, MemoryMapRequest, ModuleRequest, RequestsEndMarker,
-    RequestsStartMarker, RsdpRequest,
+    ExecutableFileRequest, FramebufferRequest, HhdmRequest, MemoryMapRequest, ModuleRequest,
+    RequestsEndMarker, RequestsStartMarker, RsdpRequest,
 };
 use limine::BaseRevision;
 
@@ -63,6 +63,11 @@ static EXECUTABLE_FILE: ExecutableFileRequest = ExecutableFileRequest::new();
 #[unsafe(link_section = ".requests")]
 static LOADER: BootloaderInfoRequest = BootloaderInfoRequest::new();
 
+/// The screen console draws here (screen.rs).
+#[used]
+#[unsafe(link_section = ".requests")]
+static FRAMEBUFFER: FramebufferRequest = FramebufferRequest::new();
+
 #[used]
 #[unsafe(link_section = ".requests_end_marker")]
 static END_MARKER: RequestsEndMarker = RequestsEndMarker::new();
@@ -78,6 +83,31 @@ fn kind_of(t: EntryType) -> MemoryKind {
         EntryType::FRAMEBUFFER => MemoryKind::Framebuffer,
         _ => MemoryKind::Reserved,
     }
+}
+
+/// Hands the first framebuffer, if it has 32-bit RGB pixels, to the screen console.
+fn record_framebuffer(hhdm: u64) {
+    let Some(fb) = FRAMEBUFFER
+        .get_response()
+        .and_then(|r| r.framebuffers().next())
+    else {
+        return;
+    };
+    if fb.bpp() != 32 || fb.memory_model() != limine::framebuffer::MemoryModel::RGB {
+        return;
+    }
+    let Some(phys) = (fb.addr() as u64).checked_sub(hhdm) else {
+        return;
+    };
+    crate::screen::set_framebuffer(crate::screen::Framebuffer {
+        phys,
+        width: fb.width() as usize,
+        height: fb.height() as usize,
+        pitch: fb.pitch() as usize,
+        red_shift: fb.red_mask_shift(),
+        green_shift: fb.green_mask_shift(),
+        blue_shift: fb.blue_mask_shift(),
+    });
 }
 
 /// Builds the `BootInfo` from Limine's responses.
@@ -144,6 +174,7 @@ pub(crate) fn boot_info() -> Result<BootInfo, &'static str> {
         }
     }
     super::set_kernel_phys(kernel_phys);
+    record_framebuffer(hhdm);
 
     let cmdline = match (CMDLINE.get_response(), EXECUTABLE_FILE.get_response()) {
         (Some(r), _) => Text::from_bytes(r.cmdline().to_bytes()),

@@ -21,7 +21,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "watchdog",
 ];
 /// Command-line flags the kernel reads.
-pub const KNOWN_FLAGS: &[&str] = &["test", "test.inject_failure"];
+pub const KNOWN_FLAGS: &[&str] = &["test", "test.inject_failure", "qemu.exit", "halt", "reboot"];
 
 /// The kernel's reading of the command line, beyond `BootInfo::has_flag` and `option`.
 pub trait CommandLine {

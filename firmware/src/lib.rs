@@ -1,0 +1,8 @@
+//! Pure decoders of firmware data, tested on the host (`cargo test -p panda-firmware`).
+//!
+//! `s5`: the sleep-type values for ACPI power-off (S5), read from the DSDT's `\_S5`
+//! object without an AML interpreter.
+#![no_std]
+#![forbid(unsafe_code)]
+
+pub mod s5;
