@@ -2,7 +2,8 @@
 # Installs what building and booting Panda needs, only where it is missing:
 #   - the stable toolchain pinned by rust-toolchain.toml with the x86_64-unknown-none target;
 #   - QEMU new enough for x2APIC under TCG (>= 8; bookworm's 7.2 is not, its backports are);
-#   - with --limine: xorriso and OVMF for the Limine ISO path;
+#   - with --limine: xorriso and OVMF for the Limine ISO path, and Limine's official
+#     binary release (branch v8.x-binary) into build/limine-bin where GitHub is reachable;
 #   - for test.sh's screen checks (with LIMINE_DIR): tesseract-ocr.
 # Sourced by run.sh, test.sh and bench.sh; also runnable on its own.
 # Prints one line per thing it installs; silent when everything is present.
@@ -85,6 +86,25 @@ panda_ensure_limine_tools() {
     fi
 }
 
+# Limine's official binary release into build/limine-bin (where run.sh and image.sh
+# look after LIMINE_DIR), unless one is found already. Where GitHub cannot be reached
+# (machines that reach only package registries) it says so in one line and returns 1.
+panda_fetch_limine() {
+    local dest="$PANDA_ROOT/build/limine-bin"
+    if [ -n "${LIMINE_DIR:-}" ] || [ -f "$dest/limine-bios.sys" ] || [ -f /usr/share/limine/limine-bios.sys ]; then
+        return 0
+    fi
+    echo "panda: fetching Limine's binary release (v8.x-binary) into ${dest#"$PANDA_ROOT"/}..." >&2
+    rm -rf "$dest.tmp"
+    if timeout 120 git clone -q --depth 1 --branch v8.x-binary https://github.com/limine-bootloader/limine.git "$dest.tmp" >/dev/null 2>&1; then
+        rm -rf "$dest"; mv "$dest.tmp" "$dest"
+    else
+        rm -rf "$dest.tmp"
+        echo "panda: cannot fetch Limine from github.com (no route from here?): download its binary release by hand and set LIMINE_DIR" >&2
+        return 1
+    fi
+}
+
 # OCR for test.sh's screen checks (Debian's tesseract-ocr, with its English data).
 # Returns non-zero, after one line, if it is missing and cannot be installed.
 panda_ensure_tesseract() {
@@ -99,6 +119,9 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     panda_ensure_rust
     panda_ensure_qemu
-    [ "${1:-}" = "--limine" ] && panda_ensure_limine_tools
+    if [ "${1:-}" = "--limine" ]; then
+        panda_ensure_limine_tools
+        panda_fetch_limine || exit 69
+    fi
     echo "panda: dependencies present (QEMU $(panda_qemu_major).x, target x86_64-unknown-none)"
 fi

@@ -134,3 +134,42 @@ panda_map_status() {
         *) echo "panda: guest ended without reporting (QEMU status $status)" >&2; return 2 ;;
     esac
 }
+
+# Prints the directory of Limine's binary release: LIMINE_DIR, or a system-wide
+# install. Dies (69) with one line saying how to get it when there is none.
+panda_find_limine() {
+    local dir
+    for dir in "${LIMINE_DIR:-}" "$PANDA_ROOT/build/limine-bin" /usr/share/limine /usr/local/share/limine; do
+        if [ -n "$dir" ] && [ -f "$dir/limine-bios.sys" ] && [ -f "$dir/limine-bios-cd.bin" ] &&
+           [ -f "$dir/limine-uefi-cd.bin" ] && [ -f "$dir/BOOTX64.EFI" ]; then
+            echo "$dir"; return 0
+        fi
+    done
+    panda_die "Limine binaries not found: set LIMINE_DIR to a Limine binary release (a vN.x-binary branch of the limine repository: limine-bios.sys, limine-bios-cd.bin, limine-uefi-cd.bin, BOOTX64.EFI and limine or limine.c; scripts/deps.sh --limine fetches one where GitHub is reachable) or install Limine system-wide"
+}
+
+# panda_build_iso LIMINE WORK KERNEL INITRD CMDLINE OUT: a hybrid BIOS+UEFI image at OUT
+# (ISO 9660 with an MBR and an EFI system partition, Limine's layout): boots from a
+# CD, and written with dd to a USB stick or disk it boots from that too.
+panda_build_iso() {
+    local limine_src=$1 work=$2 kernel=$3 initrd=$4 cmdline=$5 out=$6 root tool=""
+    root="$work/iso_root"
+    rm -rf "$root"; mkdir -p "$root/boot/limine" "$root/EFI/BOOT"
+    cp "$kernel" "$root/boot/kernel.elf"
+    cp "$initrd" "$root/boot/initrd.tar"
+    cp "$limine_src/limine-bios.sys" "$limine_src/limine-bios-cd.bin" "$limine_src/limine-uefi-cd.bin" "$root/boot/limine/"
+    cp "$limine_src/BOOTX64.EFI" "$root/EFI/BOOT/"
+    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    module_path: boot():/boot/initrd.tar\n    module_cmdline: initrd\n    cmdline: %s\n' "$cmdline" \
+        > "$root/boot/limine/limine.conf"
+    if [ -x "$limine_src/limine" ]; then tool="$limine_src/limine"
+    elif command -v limine >/dev/null 2>&1; then tool=$(command -v limine)
+    elif [ -f "$limine_src/limine.c" ]; then
+        cc -O2 -o "$work/limine" "$limine_src/limine.c" || panda_die "cannot compile $limine_src/limine.c"
+        tool="$work/limine"
+    else panda_die "the limine host tool is missing from $limine_src (need limine or limine.c)"; fi
+    xorriso -as mkisofs -R -r -J -b boot/limine/limine-bios-cd.bin -no-emul-boot -boot-load-size 4 \
+        -boot-info-table -hfsplus -apm-block-size 2048 --efi-boot boot/limine/limine-uefi-cd.bin \
+        -efi-boot-part --efi-boot-image --protective-msdos-label "$root" -o "$out" >/dev/null 2>&1 ||
+        panda_die "xorriso could not build the image"
+    "$tool" bios-install "$out" >/dev/null 2>&1 || panda_die "limine bios-install failed"
+}

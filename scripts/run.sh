@@ -122,14 +122,7 @@ fi
 
 # Find Limine before building anything, so a missing install fails fast.
 if [ "$boot" = limine ]; then
-    limine_src=""
-    for dir in "${LIMINE_DIR:-}" /usr/share/limine /usr/local/share/limine; do
-        if [ -n "$dir" ] && [ -f "$dir/limine-bios.sys" ] && [ -f "$dir/limine-bios-cd.bin" ] &&
-           [ -f "$dir/limine-uefi-cd.bin" ] && [ -f "$dir/BOOTX64.EFI" ]; then
-            limine_src=$dir; break
-        fi
-    done
-    [ -n "$limine_src" ] || panda_die "Limine binaries not found: set LIMINE_DIR to a Limine binary release (a vN.x-binary branch of the limine repository: limine-bios.sys, limine-bios-cd.bin, limine-uefi-cd.bin, BOOTX64.EFI and limine or limine.c) or install Limine system-wide"
+    limine_src=$(panda_find_limine)
 fi
 
 panda_ensure_rust
@@ -175,26 +168,7 @@ if [ "$boot" = pvh ]; then
     what="PVH"
 else
     iso_dir="$PANDA_ROOT/build/limine"
-    root="$iso_dir/iso_root"
-    rm -rf "$root"; mkdir -p "$root/boot/limine" "$root/EFI/BOOT"
-    cp "$PANDA_KERNEL" "$root/boot/kernel.elf"
-    cp "$initrd" "$root/boot/initrd.tar"
-    cp "$limine_src/limine-bios.sys" "$limine_src/limine-bios-cd.bin" "$limine_src/limine-uefi-cd.bin" "$root/boot/limine/"
-    cp "$limine_src/BOOTX64.EFI" "$root/EFI/BOOT/"
-    printf 'timeout: 0\n\n/Panda\n    protocol: limine\n    kernel_path: boot():/boot/kernel.elf\n    module_path: boot():/boot/initrd.tar\n    module_cmdline: initrd\n    cmdline: %s\n' "$cmdline" \
-        > "$root/boot/limine/limine.conf"
-    limine_tool=""
-    if [ -x "$limine_src/limine" ]; then limine_tool="$limine_src/limine"
-    elif command -v limine >/dev/null 2>&1; then limine_tool=$(command -v limine)
-    elif [ -f "$limine_src/limine.c" ]; then
-        cc -O2 -o "$iso_dir/limine" "$limine_src/limine.c" || panda_die "cannot compile $limine_src/limine.c"
-        limine_tool="$iso_dir/limine"
-    else panda_die "the limine host tool is missing from $limine_src (need limine or limine.c)"; fi
-    xorriso -as mkisofs -R -r -J -b boot/limine/limine-bios-cd.bin -no-emul-boot -boot-load-size 4 \
-        -boot-info-table -hfsplus -apm-block-size 2048 --efi-boot boot/limine/limine-uefi-cd.bin \
-        -efi-boot-part --efi-boot-image --protective-msdos-label "$root" -o "$iso_dir/panda.iso" >/dev/null 2>&1 ||
-        panda_die "xorriso could not build the ISO"
-    "$limine_tool" bios-install "$iso_dir/panda.iso" >/dev/null 2>&1 || panda_die "limine bios-install failed"
+    panda_build_iso "$limine_src" "$iso_dir" "$PANDA_KERNEL" "$initrd" "$cmdline" "$iso_dir/panda.iso"
     qemu_args+=(-cdrom "$iso_dir/panda.iso")
     if [ "$firmware" = uefi ]; then
         code=/usr/share/OVMF/OVMF_CODE_4M.fd vars=/usr/share/OVMF/OVMF_VARS_4M.fd

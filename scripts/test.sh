@@ -275,6 +275,45 @@ else
     screen_test panic "crash=panic" 'PANIC on cpu.* crash=panic requested on the command line'
 fi
 
+section "USB image"
+# scripts/image.sh's hybrid image, booted as a USB stick (QEMU's usb-storage on xHCI)
+# under BIOS and UEFI, with no exit device: the run must end by ACPI power-off after
+# init exited with 0. Without Limine, image.sh must refuse in one line (69).
+usb_boot() {
+    local fw=$1 img=$2 log="$logs/usb-$1.log" status=0 fw_args=()
+    if [ "$fw" = uefi ]; then
+        cp /usr/share/OVMF/OVMF_VARS_4M.fd "$logs/usb-vars.fd"
+        fw_args=(-drive "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
+                 -drive "if=pflash,format=raw,file=$logs/usb-vars.fd")
+    fi
+    timeout "$timeout_s" "${QEMU:-qemu-system-x86_64}" -machine q35 -accel tcg -cpu max -m 512M -smp 2 \
+        -display none -serial stdio "${fw_args[@]}" -drive "if=none,id=stick,format=raw,file=$img" \
+        -device qemu-xhci -device usb-storage,drive=stick >"$log" 2>&1 || status=$?
+    if [ "$status" = 0 ] && grep -aq 'init "init" (pid 1) exited with status 0' "$log" &&
+       grep -aq 'run finished (success): powering off' "$log"; then
+        pass "usb-image-$fw (booted from a USB stick, powered off)"
+    else
+        fail "usb-image-$fw" "exit $status; want init's status 0 and an ACPI power-off (see $log)"
+    fi
+}
+if [ -n "${LIMINE_DIR:-}" ]; then
+    img="$logs/panda-usb.img"
+    if scripts/image.sh --out "$img" >"$logs/image.log" 2>&1; then
+        usb_boot bios "$img"
+        [ "$quick" = 1 ] || usb_boot uefi "$img"
+    else
+        fail usb-image "scripts/image.sh failed (see $logs/image.log)"
+    fi
+else
+    status=0
+    err=$(LIMINE_DIR="" scripts/image.sh --out "$logs/none.img" 2>&1 >/dev/null) || status=$?
+    if [ "$status" = 69 ] && [ "$(printf '%s\n' "$err" | grep -c .)" = 1 ] && [[ "$err" == *LIMINE_DIR* ]]; then
+        pass "image-needs-limine (one line, 69; the USB boots are skipped without LIMINE_DIR)"
+    else
+        fail image-needs-limine "exit $status (want 69), stderr '$err'"
+    fi
+fi
+
 section "system-call fuzzer"
 # fuzz as init, briefly: random calls on every CPU and misbehaving children; it must
 # end with no violation, and the kernel's closing check must find every frame back.

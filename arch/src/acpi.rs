@@ -250,7 +250,11 @@ pub fn discover(rsdp: u64) -> Result<Platform, Error> {
     }
     platform.hpet = HpetInfo::new(&tables).ok().map(|h| h.base_address as u64);
     if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
-        crate::power::set_acpi(power_info(&tables, &fadt.get(), crate::kernel_tables::map_ram));
+        crate::power::set_acpi(power_info(
+            &tables,
+            &fadt.get(),
+            crate::kernel_tables::map_ram,
+        ));
         if let Ok(Some(block)) = fadt.get().pm_timer_block() {
             platform.pm_timer = Some(PmTimer {
                 address: block.address,
