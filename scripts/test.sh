@@ -454,6 +454,18 @@ if [ "$quick" = 0 ]; then
         fail silent-ap-skipped "exit $status; want 'apic id 2 did not answer' and '3 of 4 CPUs online' (see $log)"
     fi
 
+    # NUMA: QEMU's SRAT with two nodes of two CPUs and 512 MiB each; the kernel logs
+    # each node with its CPUs and memory.
+    log="$logs/numa.log" status=0
+    scripts/run.sh --timeout "$timeout_s" -smp 4 -m 1G -- \
+        -object memory-backend-ram,id=m0,size=512M -object memory-backend-ram,id=m1,size=512M \
+        -numa node,nodeid=0,cpus=0-1,memdev=m0 -numa node,nodeid=1,cpus=2-3,memdev=m1 >"$log" 2>&1 || status=$?
+    if [ "$status" = 0 ] && grep -qE 'numa: node 0: 2 CPUs, 51[0-9] MiB' "$log" && grep -qE 'numa: node 1: 2 CPUs, 51[0-9] MiB' "$log"; then
+        pass numa-nodes-logged
+    else
+        fail numa-nodes-logged "exit $status; want 'numa: node 0: 2 CPUs, ~512 MiB' and node 1 alike (see $log)"
+    fi
+
     # An AP that arrives after its time-out (its start slot already withdrawn, as when
     # firmware or a busy host delays it) finds no slot, halts in the trampoline without
     # touching the stacks or index given to the next AP, and is reported; boot goes on.

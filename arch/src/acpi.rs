@@ -1,5 +1,6 @@
 //! ACPI discovery through the `acpi` crate: processors, I/O APICs, interrupt source
-//! overrides, HPET and the PM timer, copied out into plain data.
+//! overrides, HPET, the PM timer and the NUMA affinity of CPUs and memory (SRAT,
+//! decoded by `panda_firmware::srat`), copied out into plain data.
 //!
 //! The crate maps tables through an `AcpiHandler`. Panda's handler asks the kernel (a
 //! function given to `discover`) for a virtual address of each physical range: RAM,
@@ -9,7 +10,149 @@
 use core::ptr::NonNull;
 
 use acpi::madt::{Madt, MadtEntry};
-use acpi::{AcpiHandler, AcpiTables, HpetInfo, PhysicalMapping};
+use acpi::sdt::{SdtHeader, Signature};
+use acpi::{AcpiHandler, AcpiTable, AcpiTables, HpetInfo, PhysicalMapping};
+use panda_firmware::srat::{self, Affinity};
+
+/// The SRAT as the `acpi` crate finds it: its header (the body is decoded from bytes).
+#[repr(C, packed)]
+struct Srat {
+    header: SdtHeader,
+}
+
+// SAFETY: `Srat` is `repr(C)` and starts with the SDT header, as the trait requires, and
+// claims the SRAT's signature; the crate validates the header's signature and checksum.
+unsafe impl AcpiTable for Srat {
+    const SIGNATURE: Signature = Signature::SRAT;
+
+    fn header(&self) -> &SdtHeader {
+        &self.header
+    }
+}
+
+/// Most NUMA nodes, and memory ranges with an affinity, kept.
+pub const MAX_NODES: usize = 16;
+pub const MAX_NUMA_RANGES: usize = 64;
+
+/// One NUMA node (an SRAT proximity domain) as the SRAT describes it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Node {
+    pub domain: u32,
+    /// Enabled CPUs in it.
+    pub cpus: usize,
+    /// Bytes of enabled memory ranges in it.
+    pub memory: u64,
+}
+
+/// The machine's NUMA layout (empty without an SRAT: one node, no affinities known).
+#[derive(Clone, Debug)]
+pub struct Numa {
+    pub nodes: [Node; MAX_NODES],
+    pub node_count: usize,
+    /// Each enabled CPU's domain: (APIC id, domain).
+    pub cpu_domains: [(u32, u32); MAX_CPUS],
+    pub cpu_count: usize,
+    /// Enabled memory ranges: (base, length, domain).
+    pub ranges: [(u64, u64, u32); MAX_NUMA_RANGES],
+    pub range_count: usize,
+    /// Affinities that did not fit (more nodes or ranges than kept).
+    pub dropped: usize,
+}
+
+impl Numa {
+    const fn empty() -> Self {
+        Self {
+            nodes: [Node {
+                domain: 0,
+                cpus: 0,
+                memory: 0,
+            }; MAX_NODES],
+            node_count: 0,
+            cpu_domains: [(0, 0); MAX_CPUS],
+            cpu_count: 0,
+            ranges: [(0, 0, 0); MAX_NUMA_RANGES],
+            range_count: 0,
+            dropped: 0,
+        }
+    }
+
+    /// The nodes found (none without an SRAT).
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes[..self.node_count]
+    }
+
+    /// The domain of the CPU with local APIC id `apic_id`, if the SRAT names it.
+    pub fn domain_of_cpu(&self, apic_id: u32) -> Option<u32> {
+        self.cpu_domains[..self.cpu_count]
+            .iter()
+            .find(|&&(a, _)| a == apic_id)
+            .map(|&(_, d)| d)
+    }
+
+    /// The index of `domain`'s node, added if new (`None`: no room for another).
+    fn node(&mut self, domain: u32) -> Option<usize> {
+        match self.nodes().iter().position(|n| n.domain == domain) {
+            Some(i) => Some(i),
+            None if self.node_count < MAX_NODES => {
+                self.nodes[self.node_count].domain = domain;
+                self.node_count += 1;
+                Some(self.node_count - 1)
+            }
+            None => None,
+        }
+    }
+
+    fn add(&mut self, affinity: Affinity) {
+        match affinity {
+            Affinity::Cpu {
+                apic_id,
+                domain,
+                enabled: true,
+            } => match self.node(domain) {
+                Some(i) if self.cpu_count < MAX_CPUS => {
+                    self.nodes[i].cpus += 1;
+                    self.cpu_domains[self.cpu_count] = (apic_id, domain);
+                    self.cpu_count += 1;
+                }
+                _ => self.dropped += 1,
+            },
+            Affinity::Memory {
+                base,
+                length,
+                domain,
+                enabled: true,
+            } => match self.node(domain) {
+                Some(i) if self.range_count < MAX_NUMA_RANGES => {
+                    self.nodes[i].memory += length;
+                    self.ranges[self.range_count] = (base, length, domain);
+                    self.range_count += 1;
+                }
+                _ => self.dropped += 1,
+            },
+            _ => {}
+        }
+    }
+}
+
+/// The NUMA layout from the SRAT, if the machine has one.
+fn numa(tables: &AcpiTables<Handler>) -> Numa {
+    let mut numa = Numa::empty();
+    let Ok(table) = tables.find_table::<Srat>() else {
+        return numa;
+    };
+    let len = { table.get().header.length } as usize;
+    let Some(virt) = crate::kernel_tables::map_ram(table.physical_start() as u64, len as u64)
+    else {
+        return numa;
+    };
+    // SAFETY: `map_ram` made the table's `len` bytes readable at `virt` for good, and
+    // firmware tables are not written while the kernel runs.
+    let bytes = unsafe { core::slice::from_raw_parts(virt as *const u8, len) };
+    if let Some(body) = bytes.get(srat::BODY_OFFSET..) {
+        srat::entries(body).for_each(|a| numa.add(a));
+    }
+    numa
+}
 
 /// The most CPUs Panda keeps track of (`panda_abi::MAX_CPUS`).
 pub use panda_abi::MAX_CPUS;
@@ -99,6 +242,8 @@ pub struct Platform {
     pub has_8259: bool,
     pub hpet: Option<u64>,
     pub pm_timer: Option<PmTimer>,
+    /// NUMA nodes and affinities (SRAT).
+    pub numa: Numa,
 }
 
 impl Platform {
@@ -205,6 +350,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, Error> {
         has_8259: madt.get().supports_8259(),
         hpet: None,
         pm_timer: None,
+        numa: Numa::empty(),
     };
     for entry in madt.get().entries() {
         match entry {
@@ -249,6 +395,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, Error> {
         }
     }
     platform.hpet = HpetInfo::new(&tables).ok().map(|h| h.base_address as u64);
+    platform.numa = numa(&tables);
     if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
         crate::power::set_acpi(power_info(
             &tables,

@@ -2,7 +2,10 @@
 //!
 //! `s5`: the sleep-type values for ACPI power-off (S5), read from the DSDT's `\_S5`
 //! object without an AML interpreter.
+//!
+//! `srat`: the NUMA affinity of CPUs and memory ranges, from the SRAT.
 #![no_std]
 #![forbid(unsafe_code)]
 
 pub mod s5;
+pub mod srat;

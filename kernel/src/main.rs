@@ -190,6 +190,16 @@ fn kmain(mut boot: BootInfo) -> ! {
             info!(target: "time", "TSC {} MHz ({:?}); no ACPI PM timer in I/O space", tsc_hz / 1_000_000, calibration)
         }
     }
+    let numa = &platform.numa;
+    if numa.nodes().is_empty() {
+        info!(target: "numa", "no SRAT: one memory node");
+    }
+    for node in numa.nodes() {
+        info!(target: "numa", "node {}: {} CPUs, {} MiB", node.domain, node.cpus, node.memory >> 20);
+    }
+    if numa.dropped > 0 {
+        warn!(target: "numa", "{} SRAT affinities past the first {} nodes or {} memory ranges ignored", numa.dropped, panda_arch::acpi::MAX_NODES, panda_arch::acpi::MAX_NUMA_RANGES);
+    }
     if platform.processors_dropped > 0 {
         warn!(
             target: "acpi",
