@@ -55,8 +55,8 @@ fn from_cpuid() -> Option<(u64, Calibration)> {
     None
 }
 
-/// Plausible TSC rates: anything else is a measuring error.
-pub const PLAUSIBLE_HZ: core::ops::Range<u64> = 100_000_000..20_000_000_000;
+pub use panda_firmware::clock::PLAUSIBLE_HZ;
+use panda_firmware::clock::{median_rate, Window};
 
 /// The smallest of several 5 ms PIT windows (a window can only come out too long: the
 /// gate is seen late, never early).
@@ -136,9 +136,12 @@ pub fn calibrate_with_pm_timer(port: u16, bits32: bool) -> PmCalibration {
         (pm, before, rdtsc())
     };
     let want = PM_HZ / 200;
-    let mut rates = [0u64; WINDOWS];
-    let mut used = 0;
-    for _ in 0..WINDOWS {
+    let mut windows = [Window {
+        tsc: 0,
+        reference: 0,
+        read_cost: 0,
+    }; WINDOWS];
+    for w in windows.iter_mut() {
         let (start_pm, a0, a1) = stamp();
         let (mut end_pm, mut b0, mut b1) = (start_pm, a0, a1);
         let mut spins = 0u64;
@@ -146,38 +149,31 @@ pub fn calibrate_with_pm_timer(port: u16, bits32: bool) -> PmCalibration {
             (end_pm, b0, b1) = stamp();
             spins += 1;
         }
-        let elapsed = (end_pm.wrapping_sub(start_pm) & mask) as u64;
-        // The TSC between the middles of the two reads.
-        let tsc = (b0 + b1) / 2 - (a0 + a1) / 2;
-        let slow_reads = (a1 - a0) + (b1 - b0);
-        if elapsed == 0 || slow_reads.saturating_mul(200) > tsc {
-            continue;
-        }
-        let hz = tsc * PM_HZ / elapsed;
-        if PLAUSIBLE_HZ.contains(&hz) {
-            rates[used] = hz;
-            used += 1;
-        }
+        *w = Window {
+            // The TSC between the middles of the two reads.
+            tsc: (b0 + b1) / 2 - (a0 + a1) / 2,
+            reference: (end_pm.wrapping_sub(start_pm) & mask) as u64,
+            read_cost: (a1 - a0) + (b1 - b0),
+        };
     }
-    let rates = &mut rates[..used];
-    rates.sort_unstable();
-    let Some(&median) = rates.get(used / 2) else {
-        return PmCalibration {
+    match median_rate(&mut windows, PM_HZ, 200) {
+        Some(rate) => {
+            TSC_HZ.store(rate.hz, Ordering::Relaxed);
+            PmCalibration {
+                hz: rate.hz,
+                windows_used: rate.used,
+                windows: WINDOWS,
+                spread_ppm: rate.spread_ppm,
+                accepted: true,
+            }
+        }
+        None => PmCalibration {
             hz: tsc_hz(),
             windows_used: 0,
             windows: WINDOWS,
             spread_ppm: 0,
             accepted: false,
-        };
-    };
-    let spread = rates[used - 1] - rates[0];
-    TSC_HZ.store(median, Ordering::Relaxed);
-    PmCalibration {
-        hz: median,
-        windows_used: used,
-        windows: WINDOWS,
-        spread_ppm: spread * 1_000_000 / median,
-        accepted: true,
+        },
     }
 }
 
