@@ -241,13 +241,23 @@ if [ "$status" = 0 ] && [ -s "$bench_out/results.json" ] && [ -s "$bench_out/res
 else
     fail bench-smoke "exit $status; want results.json, results.tsv and plots (see $logs/bench-smoke.log)"
 fi
-# The latency probe reports its three phases.
+# The latency probe reports its three phases; its warm-pool faults (after 200 ms idle)
+# take frames from the pool. With mm.prezero=off no fault may: the pools are off.
 log="$logs/faultlat.log" status=0
 scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init=faultbench init.arg=3 log=warn" >"$log" 2>&1 || status=$?
-if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9]' "$log")" = 3 ]; then
-    pass faultlat-probe
+if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9]' "$log")" = 3 ] &&
+   grep -q '"phase":"warm_pool",.*"pool_hits":[1-9]' "$log"; then
+    pass "faultlat-probe ($(grep -o '"phase":"warm_pool".*' "$log" | tr -d '\r' | cut -c1-120))"
 else
-    fail faultlat-probe "exit $status; want three latency phases (see $log)"
+    fail faultlat-probe "exit $status; want three latency phases, warm_pool with pool hits (see $log)"
+fi
+log="$logs/faultlat-prezero-off.log" status=0
+scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init=faultbench init.arg=3 log=warn mm.prezero=off" >"$log" 2>&1 || status=$?
+if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9][0-9]*,.*"pool_hits":0}' "$log")" = 3 ] &&
+   grep -q 'zeroed pools off (mm.prezero=off)' "$log"; then
+    pass faultlat-prezero-off
+else
+    fail faultlat-prezero-off "exit $status; want three latency phases with 0 pool hits each and the 'zeroed pools off' line (see $log)"
 fi
 if [ "$quick" = 0 ]; then
     bench_bad() {

@@ -23,6 +23,8 @@ pub use panda_arch::frame::{above_reserve, alloc_user as alloc_user_frame, reser
 use crate::boot::BootInfo;
 
 static PAUSED: AtomicBool = AtomicBool::new(false);
+/// Whether the zeroed pools are used at all (`mm.prezero=on|off`, default on).
+static PREZERO: AtomicBool = AtomicBool::new(true);
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Frames zeroed per idle turn: small, so a task that becomes ready waits little.
@@ -80,6 +82,18 @@ pub async fn zeroing_task(cpu: usize) {
     }
 }
 
+/// Turns the zeroed pools on or off (the `mm.prezero=` boot option, read once before
+/// the executor starts). Off: no CPU zeroes frames ahead of need, and every demand-zero
+/// fault zeroes its frame inline, so a benchmark can compare the two in one build.
+pub fn set_prezero(on: bool) {
+    PREZERO.store(on, Ordering::SeqCst);
+}
+
+/// Whether faults take frames from the zeroed pools and idle CPUs fill them.
+pub fn prezero() -> bool {
+    PREZERO.load(Ordering::Relaxed)
+}
+
 /// Whether zeroing is paused (`pause_zeroing`): faults then zero on the spot.
 pub fn zeroing_paused() -> bool {
     PAUSED.load(Ordering::SeqCst)
@@ -89,7 +103,7 @@ pub fn zeroing_paused() -> bool {
 /// it zeroed anything (then the CPU looks for tasks again before halting).
 pub fn zero_when_idle() -> bool {
     IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let did = !PAUSED.load(Ordering::SeqCst) && {
+    let did = prezero() && !PAUSED.load(Ordering::SeqCst) && {
         let cpu = percpu::current_index();
         frame::pool_wants_frames(cpu) && above_reserve() && frame::refill_pool(cpu, ZERO_BATCH) > 0
     };
