@@ -113,7 +113,7 @@ def summarise(osname, variant, mode, workers, n, idle, lines, failed):
         },
         "kernel": {k: run.get(k) for k in (
             "zero_pools_on", "kernel_faults", "zero_pool_hits", "zero_pool_waits", "zeroed_inline",
-            "zeroed_ahead", "shootdowns", "shootdown_ipis", "fault_profile") if run.get(k) is not None},
+            "zeroed_ahead", "zeroed_for_other_cpus", "shootdowns", "shootdown_ipis", "fault_profile") if run.get(k) is not None},
         "bursty": {"burst": run.get("burst"), "gap_ms": run.get("gap_ms")} if mode == "bursty" else None,
         "per_worker_faults_per_sec": [round(r) for r in rates],
     }

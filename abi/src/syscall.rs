@@ -132,11 +132,13 @@ pub struct SystemInfo {
     /// Frames zeroed ahead of need into the pools (by idle CPUs and the zeroing tasks),
     /// over every CPU: with `zeroed_inline`, where the zeroing work went.
     pub zeroed_ahead: u64,
+    /// Of `zeroed_ahead`, frames an idle CPU zeroed into another (busy) CPU's pool.
+    pub zeroed_for_other_cpus: u64,
 }
 
 impl SystemInfo {
     /// Number of u64 fields (the struct is exactly these, in order).
-    pub const WORDS: usize = 18;
+    pub const WORDS: usize = 19;
 
     /// The fields in declaration order.
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -159,6 +161,7 @@ impl SystemInfo {
             self.kernel_heap_bytes,
             self.zero_pools_on,
             self.zeroed_ahead,
+            self.zeroed_for_other_cpus,
         ]
     }
 
@@ -184,6 +187,7 @@ impl SystemInfo {
             kernel_heap_bytes: w(15),
             zero_pools_on: w(16),
             zeroed_ahead: w(17),
+            zeroed_for_other_cpus: w(18),
         }
     }
 }
@@ -299,6 +303,7 @@ mod tests {
             kernel_heap_bytes: 16,
             zero_pools_on: 17,
             zeroed_ahead: 18,
+            zeroed_for_other_cpus: 19,
         };
         assert_eq!(SystemInfo::from_words(&info.to_words()), info);
         assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);

@@ -401,6 +401,25 @@ pub fn refill_pool(cpu: usize, budget: usize) -> usize {
     })
 }
 
+/// Zeroes at most `budget` frames from the calling CPU's frame cache into CPU
+/// `cpu`'s pool (an idle CPU helping a busy one); wakes `cpu`'s waiters. Returns how
+/// many were added.
+pub fn refill_pool_for(cpu: usize, budget: usize) -> usize {
+    let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
+        return 0;
+    };
+    pools.refill_from(cpu, percpu::current_index(), frames, budget, |f| {
+        let mut frame = Frame(f);
+        frame.zero();
+        let _ = frame.into_raw();
+    })
+}
+
+/// The CPU nearest to `cpu` whose pool has room (see `ZeroPools::nearest_wanting`).
+pub fn pool_nearest_wanting(cpu: usize) -> Option<usize> {
+    ZERO.get()?.nearest_wanting(cpu)
+}
+
 /// A future for CPU `cpu`'s zeroing task: resolves when a take waits on the empty pool.
 pub fn pool_demand(cpu: usize) -> Option<Demand<'static>> {
     Some(ZERO.get()?.demand(cpu))

@@ -347,6 +347,10 @@ fn system_info() -> SystemInfo {
             .filter_map(panda_arch::frame::pool_stats)
             .map(|s| s.zeroed)
             .sum(),
+        zeroed_for_other_cpus: (0..panda_arch::percpu::online_count())
+            .filter_map(panda_arch::frame::pool_stats)
+            .map(|s| s.from_others)
+            .sum(),
     }
 }
 

@@ -662,7 +662,7 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
         None => String::from("null"),
     };
     os.print(&format!(
-        "{{\"bench\":\"faultbench\",\"os\":\"{}\",\"mode\":\"{}\",\"workers\":\"{}\",\"n\":{},\"cpus_online\":{},\"burst\":{},\"gap_ms\":{},\"worker\":\"run\",\"ok\":{},\"wall_seconds\":{:.3},\"null_call_ns\":{{\"median\":{},\"p99\":{},\"samples\":{}}},\"zero_pools_on\":{},\"kernel_faults\":{},\"zero_pool_hits\":{},\"zero_pool_waits\":{},\"zeroed_inline\":{},\"zeroed_ahead\":{},\"shootdowns\":{},\"shootdown_ipis\":{},\"fault_profile\":{}}}",
+        "{{\"bench\":\"faultbench\",\"os\":\"{}\",\"mode\":\"{}\",\"workers\":\"{}\",\"n\":{},\"cpus_online\":{},\"burst\":{},\"gap_ms\":{},\"worker\":\"run\",\"ok\":{},\"wall_seconds\":{:.3},\"null_call_ns\":{{\"median\":{},\"p99\":{},\"samples\":{}}},\"zero_pools_on\":{},\"kernel_faults\":{},\"zero_pool_hits\":{},\"zero_pool_waits\":{},\"zeroed_inline\":{},\"zeroed_ahead\":{},\"zeroed_for_other_cpus\":{},\"shootdowns\":{},\"shootdown_ipis\":{},\"fault_profile\":{}}}",
         os.name(),
         cfg.mode.name(),
         if cfg.processes { "processes" } else { "threads" },
@@ -681,6 +681,7 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
         delta(|c| c.zero_pool_waits),
         delta(|c| c.zeroed_inline),
         delta(|c| c.zeroed_ahead),
+        delta(|c| c.zeroed_for_other_cpus),
         delta(|c| c.shootdowns),
         delta(|c| c.shootdown_ipis),
         profile,
