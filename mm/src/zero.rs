@@ -188,7 +188,18 @@ impl ZeroPools {
             };
             // Zero outside the pool's lock: takers are not held up by it.
             zero(frame);
-            c.pool.lock().frames.push(frame);
+            // Another CPU may have filled the pool meanwhile (its owner and idle
+            // helpers refill it at once): the capacity is a bound, so the frame goes
+            // back rather than past it (a pool's list must not grow either: it would
+            // reallocate on the kernel heap).
+            let mut pool = c.pool.lock();
+            if pool.frames.len() >= self.capacity {
+                drop(pool);
+                let _ = frames.free(source, frame);
+                break;
+            }
+            pool.frames.push(frame);
+            drop(pool);
             added += 1;
         }
         c.zeroed.fetch_add(added as u64, Ordering::Relaxed);
@@ -588,6 +599,28 @@ mod tests {
             "an own refill is not another's"
         );
         assert_eq!(pools.stats(1).from_others, 8);
+    }
+
+    /// Two refills of one pool at once (its owner and an idle helper) never take it
+    /// past its capacity: the one that finds it full gives its frame back.
+    #[test]
+    fn concurrent_refills_never_overfill_a_pool() {
+        let (frames, pools) = (frames(64), ZeroPools::with_capacity(2, 3));
+        let total = frames.total_free();
+        let mut first = true;
+        let added = pools.refill_from(1, 0, &frames, 3, |_| {
+            if core::mem::take(&mut first) {
+                // Meanwhile CPU 1 fills its own pool.
+                assert_eq!(pools.refill(1, &frames, 3, |_| {}), 3);
+            }
+        });
+        assert_eq!(added, 0, "the helper pushed into a full pool");
+        assert_eq!(pools.stats(1).available, 3, "past the capacity");
+        assert_eq!(
+            frames.total_free() + 3,
+            total,
+            "the helper's frame did not go back"
+        );
     }
 
     /// The nearest other CPU with room, by number in both directions, wrapping; never
