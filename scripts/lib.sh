@@ -104,8 +104,8 @@ panda_choose_accel() {
     if [ "$PANDA_ACCEL" = kvm ]; then
         # Some hosts abort `-cpu host` on MSR 0x10a (arch-capabilities): start a paused
         # guest once, tell its monitor to quit, and fall back if it failed.
-        local cpu=host
-        if ! printf 'quit\n' | timeout 10 "${QEMU:-qemu-system-x86_64}" -accel kvm -cpu host -machine q35 \
+        local cpu=${PANDA_CPU_MODEL:-host}
+        if [ "$cpu" = host ] && ! printf 'quit\n' | timeout 10 "${QEMU:-qemu-system-x86_64}" -accel kvm -cpu host -machine q35 \
                 -display none -S -monitor stdio -serial none -nodefaults >/dev/null 2>&1; then
             cpu=host,-arch-capabilities
         fi

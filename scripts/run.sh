@@ -12,7 +12,7 @@ usage: scripts/run.sh [options] [-- extra qemu args]
   -smp N              CPUs (1..512, default 4)
   -m SIZE             guest memory, e.g. 512M or 2G (default 512M)
   --accel kvm|tcg     force an accelerator (default: KVM only where it really works)
-  --cpu MODEL         QEMU CPU model under TCG (default max; e.g. max,-x2apic)
+  --cpu MODEL         QEMU CPU model (default max under TCG, host under KVM; e.g. max,-x2apic)
   --boot pvh|limine   PVH (QEMU -kernel, default) or a Limine ISO from LIMINE_DIR
   --firmware bios|uefi  firmware for --boot limine (default bios; uefi uses Debian's OVMF)
   --gdb[=PORT]        start paused with a gdb stub on localhost:PORT (default 1234)

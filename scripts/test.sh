@@ -344,17 +344,67 @@ scripts/bench.sh --cpus 2 --mode heap,buffer --workers threads --seconds 1 --war
 if [ "$status" = 0 ] && [ -s "$bench_out/results.json" ] && [ -s "$bench_out/results.tsv" ] &&
    [ -s "$bench_out/faults-heap-threads.png" ] && [ -s "$bench_out/faults-buffer-threads.svg" ] &&
    grep -q '"complete": true' "$bench_out/results.json" && ! grep -q '"complete": false' "$bench_out/results.json"; then
-    pass "bench-smoke ($(awk -F'\t' 'NR>1 {printf "%s %s/s/core; ", $1, $5}' "$bench_out/results.tsv"))"
+    pass "bench-smoke ($(awk -F'\t' 'NR>1 {printf "%s %s/s/core; ", $1, $7}' "$bench_out/results.tsv"))"
 else
     fail bench-smoke "exit $status; want results.json, results.tsv and plots (see $logs/bench-smoke.log)"
 fi
-# The latency probe reports its three phases.
+# Pools on and off in one run, on the bursty mode with an idle sibling CPU: both
+# variants complete with the null-call floor measured; without pools the kernel reports
+# them off and no fault hits one; with them, most faults after the idle gaps do.
+bench_out="$logs/bench-prezero-smoke" status=0
+rm -rf "$bench_out"
+scripts/bench.sh --cpus 1 --idle-cpus 1 --mode bursty --workers processes --variants prezero,noprezero \
+    --seconds 1 --warmup-ms 100 --out "$bench_out" >"$logs/bench-prezero-smoke.log" 2>&1 || status=$?
+why=""
+[ "$status" = 0 ] || why="exit $status;"
+[ -s "$bench_out/faults-bursty-processes-idle1.png" ] || why="$why no plot faults-bursty-processes-idle1.png;"
+grep -q '^cpu model: ' "$bench_out/meta.txt" 2>/dev/null || why="$why no cpu model in meta.txt;"
+why="$why$(/usr/bin/python3 - "$bench_out/results.json" <<'PY' 2>&1
+import json, sys
+runs = {r["variant"]: r for r in json.load(open(sys.argv[1]))["runs"]}
+bad = []
+for v in ("prezero", "noprezero"):
+    r = runs.get(v)
+    if not r or not r["complete"]:
+        bad.append(f"{v} run missing or incomplete")
+        continue
+    if r["cpus_online"] != 2:
+        bad.append(f"{v} ran on {r['cpus_online']} CPUs, not 1 worker + 1 idle")
+    if not r["null_call_ns"]["median"] or not r["median_over_null_call"]:
+        bad.append(f"{v} has no null-call floor")
+off, on = runs.get("noprezero", {}).get("kernel", {}), runs.get("prezero", {}).get("kernel", {})
+if off.get("zero_pools_on") is not False or off.get("zero_pool_hits") != 0 or off.get("zeroed_ahead") != 0:
+    bad.append(f"mm.prezero=off: pools on={off.get('zero_pools_on')}, hits={off.get('zero_pool_hits')}, zeroed ahead={off.get('zeroed_ahead')} (want false, 0, 0)")
+# A burst of 64 after a 10 ms gap finds a full pool: most faults must hit it (the
+# zeroing task alone, without idle zeroing, serves a few).
+if on.get("zero_pools_on") is not True or (on.get("zero_pool_hits") or 0) * 2 < (on.get("kernel_faults") or 1):
+    bad.append(f"pools on: on={on.get('zero_pools_on')}, hits={on.get('zero_pool_hits')} of {on.get('kernel_faults')} faults (want true, at least half)")
+print("; ".join(bad))
+PY
+)"
+if [ -z "$why" ]; then
+    pass "bench-prezero-smoke ($(awk -F'\t' 'NR>1 {printf "%s median %s ns, %s x null call, pool hits %s; ", $6, $9, $12, $18}' "$bench_out/results.tsv"))"
+else
+    fail bench-prezero-smoke "${why%;} (see $logs/bench-prezero-smoke.log)"
+fi
+# The latency probe reports its three phases; its warm-pool faults (after 200 ms idle)
+# take frames from the pool. With mm.prezero=off no fault may: the pools are off.
 log="$logs/faultlat.log" status=0
 scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init=faultbench init.arg=3 log=warn" >"$log" 2>&1 || status=$?
-if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9]' "$log")" = 3 ]; then
-    pass faultlat-probe
+if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9]' "$log")" = 3 ] &&
+   grep -q '"phase":"warm_pool",.*"pool_hits":[1-9]' "$log"; then
+    pass "faultlat-probe ($(grep -o '"phase":"warm_pool".*' "$log" | tr -d '\r' | cut -c1-120))"
 else
-    fail faultlat-probe "exit $status; want three latency phases (see $log)"
+    fail faultlat-probe "exit $status; want three latency phases, warm_pool with pool hits (see $log)"
+fi
+log="$logs/faultlat-prezero-off.log" status=0
+# (At the default log level: the kernel's "zeroed pools off" line is info.)
+scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init=faultbench init.arg=3 mm.prezero=off" >"$log" 2>&1 || status=$?
+if [ "$status" = 0 ] && [ "$(grep -c '"bench":"faultlat","phase":"[a-z_]*","samples":[1-9][0-9]*,.*"pool_hits":0}' "$log")" = 3 ] &&
+   grep -q 'zeroed pools off (mm.prezero=off)' "$log"; then
+    pass faultlat-prezero-off
+else
+    fail faultlat-prezero-off "exit $status; want three latency phases with 0 pool hits each and the 'zeroed pools off' line (see $log)"
 fi
 if [ "$quick" = 0 ]; then
     bench_bad() {
@@ -369,6 +419,11 @@ if [ "$quick" = 0 ]; then
     bench_bad workers --workers fibers
     bench_bad baseline --baseline windows
     bench_bad seconds --seconds 0
+    bench_bad variants --variants halfzero
+    bench_bad gap --gap-ms 7
+    bench_bad idle --idle-cpus x
+    bench_bad linux --linux latest
+    bench_bad cpu-model --cpu 'max;reboot'
     soak_bad() {
         local name=$1; shift
         local status=0 err

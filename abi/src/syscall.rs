@@ -132,11 +132,19 @@ pub struct SystemInfo {
     /// Bytes of kernel heap in use (allocated and not yet freed): leak checks compare
     /// it before and after a workload.
     pub kernel_heap_bytes: u64,
+    /// 1 if demand-zero faults use the zeroed pools, 0 if the kernel was booted with
+    /// `mm.prezero=off` (every fault zeroes its frame inline).
+    pub zero_pools_on: u64,
+    /// Frames zeroed ahead of need into the pools (by idle CPUs and the zeroing tasks),
+    /// over every CPU: with `zeroed_inline`, where the zeroing work went.
+    pub zeroed_ahead: u64,
+    /// Of `zeroed_ahead`, frames an idle CPU zeroed into another (busy) CPU's pool.
+    pub zeroed_for_other_cpus: u64,
 }
 
 impl SystemInfo {
     /// Number of u64 fields (the struct is exactly these, in order).
-    pub const WORDS: usize = 16;
+    pub const WORDS: usize = 19;
 
     /// The fields in declaration order.
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -157,6 +165,9 @@ impl SystemInfo {
             self.fault_map_cycles,
             self.profiled_faults,
             self.kernel_heap_bytes,
+            self.zero_pools_on,
+            self.zeroed_ahead,
+            self.zeroed_for_other_cpus,
         ]
     }
 
@@ -180,6 +191,9 @@ impl SystemInfo {
             fault_map_cycles: w(13),
             profiled_faults: w(14),
             kernel_heap_bytes: w(15),
+            zero_pools_on: w(16),
+            zeroed_ahead: w(17),
+            zeroed_for_other_cpus: w(18),
         }
     }
 }
@@ -293,6 +307,9 @@ mod tests {
             fault_map_cycles: 14,
             profiled_faults: 15,
             kernel_heap_bytes: 16,
+            zero_pools_on: 17,
+            zeroed_ahead: 18,
+            zeroed_for_other_cpus: 19,
         };
         assert_eq!(SystemInfo::from_words(&info.to_words()), info);
         assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);

@@ -392,13 +392,31 @@ pub fn refill_pool(cpu: usize, budget: usize) -> usize {
     let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
         return 0;
     };
-    pools.refill(cpu, frames, budget, |f| {
-        let mut frame = Frame(f);
-        frame.zero();
-        // The pool holds it as a number from here on (and hands it out as a
-        // `ZeroedFrame` again).
-        let _ = frame.into_raw();
-    })
+    pools.refill(cpu, frames, budget, zero_for_pool)
+}
+
+/// Zeroes frame `f`, just allocated for a pool: the one zeroing path of every refill.
+fn zero_for_pool(f: PhysFrame) {
+    let mut frame = Frame(f);
+    frame.zero();
+    // The pool holds it as a number from here on (and hands it out as a `ZeroedFrame`
+    // again).
+    let _ = frame.into_raw();
+}
+
+/// Zeroes at most `budget` frames from the calling CPU's frame cache into CPU
+/// `cpu`'s pool (an idle CPU helping a busy one); wakes `cpu`'s waiters. Returns how
+/// many were added.
+pub fn refill_pool_for(cpu: usize, budget: usize) -> usize {
+    let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
+        return 0;
+    };
+    pools.refill_from(cpu, percpu::current_index(), frames, budget, zero_for_pool)
+}
+
+/// The CPU nearest to `cpu` whose pool has room (see `ZeroPools::nearest_wanting`).
+pub fn pool_nearest_wanting(cpu: usize) -> Option<usize> {
+    ZERO.get()?.nearest_wanting(cpu)
 }
 
 /// A future for CPU `cpu`'s zeroing task: resolves when a take waits on the empty pool.

@@ -97,8 +97,12 @@ fn zero_now() -> Result<Frame, FaultError> {
     Ok(frame.into_frame())
 }
 
-/// A frame from CPU `cpu`'s zeroed pool, if it has one (counted as a pool hit).
+/// A frame from CPU `cpu`'s zeroed pool, if it has one (counted as a pool hit); never
+/// with the pools off (`mm.prezero=off`).
 fn pooled_frame(cpu: usize) -> Option<Frame> {
+    if !crate::memory::prezero() {
+        return None;
+    }
     let frame = frame::try_take_zeroed(cpu)?.into_frame();
     count(Stat::PoolHits);
     Some(frame)
@@ -230,7 +234,9 @@ impl AddressSpace {
             Some(frame) => frame,
             None => match (frame::take_zeroed(cpu), crate::executor::get()) {
                 (Some(take), Some(exec))
-                    if !crate::memory::zeroing_paused() && exec.has_queued_work(cpu) =>
+                    if crate::memory::prezero()
+                        && !crate::memory::zeroing_paused()
+                        && exec.has_queued_work(cpu) =>
                 {
                     match take.await {
                         Some(z) => {

@@ -262,6 +262,16 @@ fn kmain(mut boot: BootInfo) -> ! {
             }
         }
     }
+    match boot.option("mm.prezero") {
+        Some("off") => {
+            memory::set_prezero(false);
+            info!(target: "mm", "zeroed pools off (mm.prezero=off): no zeroing ahead of need, every demand-zero fault zeroes its frame inline");
+        }
+        None | Some("on") => {}
+        Some(other) => {
+            warn!(target: "mm", "mm.prezero={other} is not on or off: the zeroed pools stay on")
+        }
+    }
     heap::enable_slabs();
     let executor = executor::init(report.online);
     executor.set_idle_work(memory::zero_when_idle);

@@ -9,8 +9,9 @@
 //! bootloader-reclaimable range above 1 MiB becomes free frames, and from then on the
 //! memory map is a record only.
 //!
-//! Each CPU's idle work zeroes frames into its pool (`zero_when_idle`), so demand-zero
-//! faults of user threads can take one in O(1). The kernel's reserve (`above_reserve`)
+//! Each CPU's idle work zeroes frames into its pool (`zero_when_idle`), and into the
+//! nearest busy CPU's once its own is full, so demand-zero faults of user threads can
+//! take one in O(1). The kernel's reserve (`above_reserve`)
 //! keeps user-caused allocations from taking the memory the kernel needs.
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,6 +24,8 @@ pub use panda_arch::frame::{above_reserve, alloc_user as alloc_user_frame, reser
 use crate::boot::BootInfo;
 
 static PAUSED: AtomicBool = AtomicBool::new(false);
+/// Whether the zeroed pools are used at all (`mm.prezero=on|off`, default on).
+static PREZERO: AtomicBool = AtomicBool::new(true);
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Frames zeroed per idle turn: small, so a task that becomes ready waits little.
@@ -80,18 +83,37 @@ pub async fn zeroing_task(cpu: usize) {
     }
 }
 
+/// Turns the zeroed pools on or off (the `mm.prezero=` boot option, read once before
+/// the executor starts). Off: no CPU zeroes frames ahead of need, and every demand-zero
+/// fault zeroes its frame inline, so a benchmark can compare the two in one build.
+pub fn set_prezero(on: bool) {
+    PREZERO.store(on, Ordering::SeqCst);
+}
+
+/// Whether faults take frames from the zeroed pools and idle CPUs fill them.
+pub fn prezero() -> bool {
+    PREZERO.load(Ordering::Relaxed)
+}
+
 /// Whether zeroing is paused (`pause_zeroing`): faults then zero on the spot.
 pub fn zeroing_paused() -> bool {
     PAUSED.load(Ordering::SeqCst)
 }
 
-/// The executor's idle work: tops up this CPU's zeroed pool a little. Returns whether
-/// it zeroed anything (then the CPU looks for tasks again before halting).
+/// The executor's idle work: tops up this CPU's zeroed pool a little, or, once it is
+/// full, the pool of the nearest CPU that has room (a busy CPU never idles to fill its
+/// own). Returns whether it zeroed anything (then the CPU looks for tasks again before
+/// halting).
 pub fn zero_when_idle() -> bool {
     IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let did = !PAUSED.load(Ordering::SeqCst) && {
+    let did = prezero() && !PAUSED.load(Ordering::SeqCst) && above_reserve() && {
         let cpu = percpu::current_index();
-        frame::pool_wants_frames(cpu) && above_reserve() && frame::refill_pool(cpu, ZERO_BATCH) > 0
+        if frame::pool_wants_frames(cpu) {
+            frame::refill_pool(cpu, ZERO_BATCH) > 0
+        } else {
+            frame::pool_nearest_wanting(cpu)
+                .is_some_and(|other| frame::refill_pool_for(other, ZERO_BATCH) > 0)
+        }
     };
     IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
     did

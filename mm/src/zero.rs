@@ -6,6 +6,10 @@
 //! `take` is a future that resolves once a frame is available, which is what the fault
 //! path awaits when the pool is empty.
 //!
+//! A CPU whose own pool is full may zero frames for another CPU's pool (`refill_from`,
+//! with `nearest_wanting` to pick the pool): a busy CPU never idles, so without help
+//! its pool stays empty and every fault it takes zeroes inline.
+//!
 //! `ZeroedFrame` can only be made here, by `refill` right after the kernel's zeroing
 //! function ran on the frame: the fault path cannot map a dirty frame by mistake.
 
@@ -56,6 +60,8 @@ struct CpuPool {
     hits: AtomicU64,
     misses: AtomicU64,
     zeroed: AtomicU64,
+    /// Of `zeroed`, frames another CPU zeroed into this pool.
+    from_others: AtomicU64,
 }
 
 /// Counters of one CPU's pool.
@@ -65,6 +71,8 @@ pub struct PoolStats {
     pub hits: u64,
     pub misses: u64,
     pub zeroed: u64,
+    /// Of `zeroed`, frames other CPUs zeroed into this pool (`refill_from`).
+    pub from_others: u64,
 }
 
 /// The zeroed-frame pools of every CPU.
@@ -97,6 +105,7 @@ impl ZeroPools {
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
                         zeroed: AtomicU64::new(0),
+                        from_others: AtomicU64::new(0),
                     })
                 })
                 .collect(),
@@ -150,6 +159,21 @@ impl ZeroPools {
         cpu: usize,
         frames: &Frames,
         budget: usize,
+        zero: impl FnMut(PhysFrame),
+    ) -> usize {
+        self.refill_from(cpu, cpu, frames, budget, zero)
+    }
+
+    /// `refill` of CPU `cpu`'s pool done by CPU `source`: the frames come from
+    /// `source`'s frame cache (its own, uncontended), are zeroed by `source`, and only
+    /// the push takes `cpu`'s pool lock. Returns how many were added; wakes `cpu`'s
+    /// waiters.
+    pub fn refill_from(
+        &self,
+        cpu: usize,
+        source: usize,
+        frames: &Frames,
+        budget: usize,
         mut zero: impl FnMut(PhysFrame),
     ) -> usize {
         let c = self.cpu(cpu);
@@ -159,13 +183,29 @@ impl ZeroPools {
             .min(budget);
         let mut added = 0;
         for _ in 0..room {
-            let Ok(frame) = frames.alloc(cpu) else { break };
+            let Ok(frame) = frames.alloc(source) else {
+                break;
+            };
             // Zero outside the pool's lock: takers are not held up by it.
             zero(frame);
-            c.pool.lock().frames.push(frame);
+            // Another CPU may have filled the pool meanwhile (its owner and idle
+            // helpers refill it at once): the capacity is a bound, so the frame goes
+            // back rather than past it (a pool's list must not grow either: it would
+            // reallocate on the kernel heap).
+            let mut pool = c.pool.lock();
+            if pool.frames.len() >= self.capacity {
+                drop(pool);
+                let _ = frames.free(source, frame);
+                break;
+            }
+            pool.frames.push(frame);
+            drop(pool);
             added += 1;
         }
         c.zeroed.fetch_add(added as u64, Ordering::Relaxed);
+        if source != cpu {
+            c.from_others.fetch_add(added as u64, Ordering::Relaxed);
+        }
         // Wake the waiters if there is a frame for them, or if there will be none (no
         // free memory): either way they must look again.
         let starved = added == 0 && room > 0;
@@ -223,6 +263,18 @@ impl ZeroPools {
         self.cpu(cpu).pool.lock().frames.len() < self.capacity
     }
 
+    /// The CPU nearest to `cpu` (by number: `cpu + 1`, `cpu - 1`, `cpu + 2`, ...,
+    /// wrapping round) whose pool has room, other than `cpu` itself: whom an idle CPU
+    /// with a full pool zeroes for. `None` if every other pool is full.
+    pub fn nearest_wanting(&self, cpu: usize) -> Option<usize> {
+        let n = self.cpus.len();
+        assert!(cpu < n, "cpu {cpu} has no zeroed pool (there are {n})");
+        (1..n)
+            .flat_map(|d| [(cpu + d) % n, (cpu + n - d) % n])
+            .take(n - 1 + n / 2)
+            .find(|&c| self.wants_frames(c))
+    }
+
     pub fn stats(&self, cpu: usize) -> PoolStats {
         let c = self.cpu(cpu);
         PoolStats {
@@ -230,6 +282,7 @@ impl ZeroPools {
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             zeroed: c.zeroed.load(Ordering::Relaxed),
+            from_others: c.from_others.load(Ordering::Relaxed),
         }
     }
 }
@@ -498,6 +551,101 @@ mod tests {
         assert!(pools.try_take(1).is_some());
         assert_eq!(pools.stats(1).available, 2);
         assert_eq!(pools.drain(&frames).unwrap(), 2);
+    }
+
+    /// CPU 0 zeroes into CPU 1's pool: the frames come from CPU 0's cache, land in
+    /// CPU 1's pool (not CPU 0's), are zeroed, wake CPU 1's waiter, and count as
+    /// zeroed by another CPU.
+    #[test]
+    fn refill_from_fills_another_cpus_pool_from_the_sources_cache() {
+        let (frames, mem, pools) = (frames(64), Memory::new(), ZeroPools::new(2));
+        let all: Vec<_> = (0..64).map(|_| frames.alloc(0).unwrap()).collect();
+        for &f in &all {
+            mem.dirty(f);
+        }
+        for f in all {
+            frames.free(0, f).unwrap();
+        }
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pools.take(1);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        let cached_before = (frames.stats(0).cached, frames.stats(1).cached);
+        assert_eq!(pools.refill_from(1, 0, &frames, 8, |f| mem.zero(f)), 8);
+        assert_eq!(
+            (frames.stats(0).cached, frames.stats(1).cached),
+            (cached_before.0 - 8, cached_before.1),
+            "the frames must come from the source CPU's cache"
+        );
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "CPU 1's waiter not woken"
+        );
+        assert_eq!(pools.stats(0).available, 0, "landed in the source's pool");
+        let s = pools.stats(1);
+        assert_eq!((s.available, s.zeroed, s.from_others), (8, 8, 8));
+        while let Some(z) = pools.try_take(1) {
+            assert!(
+                mem.is_zero(z.frame()),
+                "another CPU's refill left a dirty frame"
+            );
+        }
+        assert_eq!(pools.refill(0, &frames, 2, |_| {}), 2);
+        assert_eq!(
+            pools.stats(0).from_others,
+            0,
+            "an own refill is not another's"
+        );
+        assert_eq!(pools.stats(1).from_others, 8);
+    }
+
+    /// Two refills of one pool at once (its owner and an idle helper) never take it
+    /// past its capacity: the one that finds it full gives its frame back.
+    #[test]
+    fn concurrent_refills_never_overfill_a_pool() {
+        let (frames, pools) = (frames(64), ZeroPools::with_capacity(2, 3));
+        let total = frames.total_free();
+        let mut first = true;
+        let added = pools.refill_from(1, 0, &frames, 3, |_| {
+            if core::mem::take(&mut first) {
+                // Meanwhile CPU 1 fills its own pool.
+                assert_eq!(pools.refill(1, &frames, 3, |_| {}), 3);
+            }
+        });
+        assert_eq!(added, 0, "the helper pushed into a full pool");
+        assert_eq!(pools.stats(1).available, 3, "past the capacity");
+        assert_eq!(
+            frames.total_free() + 3,
+            total,
+            "the helper's frame did not go back"
+        );
+    }
+
+    /// The nearest other CPU with room, by number in both directions, wrapping; never
+    /// the CPU itself; none when every other pool is full.
+    #[test]
+    fn nearest_wanting_is_the_closest_other_pool_with_room() {
+        let frames = Frames::new(5);
+        frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
+        let pools = ZeroPools::with_capacity(5, 2);
+        assert_eq!(pools.nearest_wanting(2), Some(3));
+        pools.refill(3, &frames, 2, |_| {});
+        assert_eq!(pools.nearest_wanting(2), Some(1), "3 is full: 1 is as near");
+        pools.refill(1, &frames, 2, |_| {});
+        assert_eq!(pools.nearest_wanting(2), Some(4));
+        assert_eq!(
+            pools.nearest_wanting(0),
+            Some(4),
+            "wraps round: 4 is next to 0"
+        );
+        pools.refill(4, &frames, 2, |_| {});
+        assert_eq!(pools.nearest_wanting(2), Some(0));
+        pools.refill(0, &frames, 2, |_| {});
+        assert_eq!(pools.nearest_wanting(2), None, "only cpu 2 itself has room");
+        assert_eq!(pools.nearest_wanting(0), Some(2));
+        assert_eq!(ZeroPools::new(1).nearest_wanting(0), None, "no other CPU");
     }
 
     /// A CPU number past the last is a kernel bug: it panics, never borrows another

@@ -4,6 +4,8 @@
 // Failures carry their message inline (see `crate::ktest::Failure`).
 #![allow(clippy::result_large_err)]
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use panda_arch::frame;
 use panda_arch::percpu;
 
@@ -17,6 +19,7 @@ pub(crate) const MEASUREMENTS: &[AsyncTest] = async_tests![mm_measure];
 
 pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_zero_pools_fill_when_idle,
+    mm_idle_cpus_top_up_busy_cpus_pools,
     mm_every_zero_method_clears_every_byte,
     mm_frames_return_to_baseline,
     mm_exhaustion_fails_cleanly
@@ -84,6 +87,64 @@ async fn mm_zero_pools_fill_when_idle() -> Outcome {
         // be caught.
         f.write(100, &[0x5a]);
     }
+    Ok(())
+}
+
+/// A CPU that never idles never fills its own pool: the idle CPUs must. The next CPU
+/// is kept busy by a task that yields until told to stop, its pool is emptied, and
+/// while it stays busy its pool must fill again with zeroed frames, from other CPUs.
+async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
+    use core::sync::atomic::AtomicBool;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static SPINS: AtomicU64 = AtomicU64::new(0);
+    let exec = executor()?;
+    let n = exec.cpu_count();
+    if n < 2 {
+        return Ok(()); // no other CPU to help
+    }
+    let busy_cpu = (percpu::current_index() + 1) % n;
+    STOP.store(false, Ordering::SeqCst);
+    SPINS.store(0, Ordering::SeqCst);
+    let busy = exec.spawn_pinned(busy_cpu, async move {
+        while !STOP.load(Ordering::SeqCst) {
+            SPINS.fetch_add(1, Ordering::Relaxed);
+            exec.yield_now().await;
+        }
+    });
+    let deadline = panda_arch::time::now_ns() + 1_000_000_000;
+    while SPINS.load(Ordering::Relaxed) == 0 && panda_arch::time::now_ns() < deadline {
+        exec.sleep(1_000_000).await;
+    }
+    while let Some(z) = frame::try_take_zeroed(busy_cpu) {
+        drop(z);
+    }
+    let stats = |c: usize| frame::pool_stats(c).unwrap_or_default();
+    let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_cpu).from_others);
+    let want = frame::pool_capacity().min(32);
+    let deadline = panda_arch::time::now_ns() + 3_000_000_000;
+    while stats(busy_cpu).available < want && panda_arch::time::now_ns() < deadline {
+        exec.sleep(5_000_000).await;
+    }
+    let (available, helped) = (
+        stats(busy_cpu).available,
+        stats(busy_cpu).from_others - from_others,
+    );
+    let still_busy = SPINS.load(Ordering::Relaxed) > spins;
+    // The frames other CPUs put there read zero.
+    let zeroed = frame::try_take_zeroed(busy_cpu)
+        .map(|z| z.into_frame().is_zero())
+        .unwrap_or(true);
+    STOP.store(true, Ordering::SeqCst);
+    busy.await;
+    ensure!(spins > 0 && still_busy, "cpu{busy_cpu} was not kept busy");
+    ensure!(
+        available >= want && helped >= want as u64,
+        "cpu{busy_cpu}, busy, has {available} zeroed frames ({helped} from other CPUs) after 3 s; want {want}"
+    );
+    ensure!(
+        zeroed,
+        "a frame another CPU zeroed for cpu{busy_cpu} is not zero"
+    );
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 // Failures carry their message inline (see `crate::ktest::Failure`).
 #![allow(clippy::result_large_err)]
 
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use panda_arch::frame;
@@ -290,7 +291,8 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     let before = crate::aspace::stat(crate::aspace::Stat::PoolWaits);
     let process = process_from_code(&PROGRAM)?;
     // Other work for this CPU: a task that yields until told to stop (so the CPU never
-    // idles, and idle-time zeroing cannot refill the pool behind the test's back).
+    // idles, and idle-time zeroing cannot refill the pool behind the test's back). And
+    // the same on every other CPU: an idle CPU would top this CPU's pool up.
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
     let busy = exec.spawn_pinned(cpu, async move {
@@ -299,6 +301,16 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
             exec.yield_now().await;
         }
     });
+    let others: Vec<_> = (0..exec.cpu_count())
+        .filter(|&c| c != cpu)
+        .map(|c| {
+            exec.spawn_pinned(c, async move {
+                while !STOP.load(Ordering::SeqCst) {
+                    exec.yield_now().await;
+                }
+            })
+        })
+        .collect();
     while let Some(z) = frame::try_take_zeroed(cpu) {
         drop(z);
     }
@@ -314,6 +326,9 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     }
     STOP.store(true, Ordering::SeqCst);
     busy.await;
+    for other in others {
+        other.await;
+    }
     ensure!(
         thread.is_finished(),
         "the thread never resumed from its fault (3 s)"

@@ -370,6 +370,15 @@ fn system_info() -> SystemInfo {
         fault_map_cycles: a::stat(Stat::ProfMap),
         profiled_faults: a::stat(Stat::ProfFaults),
         kernel_heap_bytes: crate::heap::live_bytes(),
+        zero_pools_on: crate::memory::prezero() as u64,
+        zeroed_ahead: (0..panda_arch::percpu::online_count())
+            .filter_map(panda_arch::frame::pool_stats)
+            .map(|s| s.zeroed)
+            .sum(),
+        zeroed_for_other_cpus: (0..panda_arch::percpu::online_count())
+            .filter_map(panda_arch::frame::pool_stats)
+            .map(|s| s.from_others)
+            .sum(),
     }
 }
 

@@ -13,7 +13,15 @@
 //! - `buffer`: allocate a buffer (Panda `OP_BUFFER_ALLOC`, Linux anonymous `mmap`) of
 //!   one chunk, touch every page, free it, repeat;
 //! - `stack`: start a thread with a 16 MiB demand-paged stack, touch 15 MiB of it from
-//!   the top down, end it, repeat.
+//!   the top down, end it, repeat;
+//! - `bursty`: allocate a buffer of `burst` pages, touch every page, free it, then
+//!   sleep `gap_ms` (the CPU idles), repeat: requests arriving at a server, where an
+//!   idle CPU has time to zero frames ahead of the next burst. Its faults/s counts the
+//!   gaps too; what matters is the latency of the burst's faults.
+//!
+//! Before the workers start, the run times the null system call (`Os::null_call`, the
+//! cheapest round trip into the kernel and back) on CPU 0: the floor a fault's latency
+//! is compared with.
 //!
 //! Each first touch is timed with the TSC; a log-linear histogram keeps the latency
 //! distribution (buckets 1/32 of a power of two wide: percentiles within about 3%).
@@ -40,6 +48,7 @@ pub enum Mode {
     Heap,
     Buffer,
     Stack,
+    Bursty,
 }
 
 impl Mode {
@@ -48,6 +57,7 @@ impl Mode {
             Mode::Heap => "heap",
             Mode::Buffer => "buffer",
             Mode::Stack => "stack",
+            Mode::Bursty => "bursty",
         }
     }
 }
@@ -61,41 +71,59 @@ pub struct Config {
     pub warmup_ms: u64,
     pub run_ms: u64,
     pub chunk_mib: usize,
+    /// Bursty mode: faults per burst, and the idle gap after each burst.
+    pub burst: usize,
+    pub gap_ms: u64,
 }
+
+/// Bursty mode's gap is encoded in steps of this many milliseconds (4 bits: 0..75).
+pub const GAP_STEP_MS: u64 = 5;
 
 impl Config {
     /// Packs the configuration (and a worker index, for a worker process) into the one
-    /// integer Panda passes a program: bits 0-1 mode, 2 processes, 3 worker role,
-    /// 8-15 workers, 16-31 run time in 10 ms, 32-43 chunk MiB, 44-51 worker index,
-    /// 52-59 warm-up in 10 ms.
+    /// integer Panda passes a program: bits 0-1 and 4 mode (0 heap, 1 buffer, 2 stack,
+    /// 4 bursty; 3 is Panda's latency probe), 2 processes, 3 worker role, 8-15 workers,
+    /// 16-31 run time in 10 ms, 32-43 chunk MiB (bursty: pages per burst), 44-51
+    /// worker index, 52-59 warm-up in 10 ms, 60-63 bursty's gap in `GAP_STEP_MS`.
     pub fn encode(&self, worker: Option<usize>) -> u64 {
         let mode = match self.mode {
             Mode::Heap => 0,
             Mode::Buffer => 1,
             Mode::Stack => 2,
+            Mode::Bursty => 1 << 4,
+        };
+        let (size, gap) = match self.mode {
+            Mode::Bursty => (self.burst as u64, self.gap_ms / GAP_STEP_MS),
+            _ => (self.chunk_mib as u64, 0),
         };
         mode | (self.processes as u64) << 2
             | (worker.is_some() as u64) << 3
             | (self.workers as u64 & 0xff) << 8
             | ((self.run_ms / 10) & 0xffff) << 16
-            | (self.chunk_mib as u64 & 0xfff) << 32
+            | (size & 0xfff) << 32
             | (worker.unwrap_or(0) as u64 & 0xff) << 44
             | ((self.warmup_ms / 10) & 0xff) << 52
+            | (gap & 0xf) << 60
     }
 
     pub fn decode(v: u64) -> (Config, Option<usize>) {
-        let mode = match v & 3 {
+        let mode = match (v & 3) | (v >> 4 & 1) << 2 {
             1 => Mode::Buffer,
             2 => Mode::Stack,
+            4 => Mode::Bursty,
             _ => Mode::Heap,
         };
+        let size = (((v >> 32) & 0xfff) as usize).max(1);
+        let bursty = mode == Mode::Bursty;
         let cfg = Config {
             mode,
             processes: v & 4 != 0,
             workers: (((v >> 8) & 0xff) as usize).max(1),
             run_ms: ((v >> 16) & 0xffff) * 10,
-            chunk_mib: (((v >> 32) & 0xfff) as usize).max(1),
+            chunk_mib: if bursty { 1 } else { size },
             warmup_ms: ((v >> 52) & 0xff) * 10,
+            burst: if bursty { size } else { 0 },
+            gap_ms: if bursty { (v >> 60) * GAP_STEP_MS } else { 0 },
         };
         let worker = (v & 8 != 0).then_some(((v >> 44) & 0xff) as usize);
         (cfg, worker)
@@ -123,6 +151,11 @@ pub trait Os: Sync {
     fn print(&self, line: &str);
     /// The kernel's counters (`OP_ENVIRONMENT_INFO` on Panda; none on Linux).
     fn counters(&self) -> Option<SystemInfo>;
+    /// Blocks the calling thread for `ms` milliseconds (its CPU may idle).
+    fn sleep_ms(&self, ms: u64);
+    /// The cheapest system call there is (Panda `OP_PROCESS_GET_PID`, Linux `getpid`),
+    /// made directly (no library cache): the round-trip floor.
+    fn null_call(&self);
 }
 
 #[inline(always)]
@@ -362,6 +395,14 @@ pub fn solo_worker(os: &dyn Os, cfg: &Config, index: usize) -> Result_ {
                 os.unmap(buf, chunk);
                 n
             }
+            Mode::Bursty => {
+                let len = cfg.burst * PAGE;
+                let Some(buf) = os.map(len) else { break };
+                let n = touch_range(buf, len, &mut hist);
+                os.unmap(buf, len);
+                os.sleep_ms(cfg.gap_ms);
+                n
+            }
             Mode::Stack => {
                 // The stack thread fills a histogram of its own, merged here.
                 let shared = alloc::sync::Arc::new(spin_cell::Cell::new());
@@ -527,8 +568,28 @@ pub fn worker(os: &dyn Os, cfg: &Config, index: usize) {
     report(os, cfg, &r);
 }
 
-/// The benchmark's main: starts the workers, waits for them, reports.
+/// Null system calls timed for the floor (after as many untimed ones).
+const NULL_CALLS: usize = 20_000;
+
+/// Times `NULL_CALLS` null system calls on CPU 0, one by one, like a fault's touch.
+fn time_null_calls(os: &dyn Os) -> Histogram {
+    os.pin(0);
+    let mut hist = Histogram::new();
+    for i in 0..2 * NULL_CALLS {
+        let t0 = rdtsc();
+        os.null_call();
+        let t1 = rdtsc();
+        if i >= NULL_CALLS {
+            hist.record(t1.wrapping_sub(t0));
+        }
+    }
+    hist
+}
+
+/// The benchmark's main: times the null system call, starts the workers, waits for
+/// them, reports.
 pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
+    let floor = time_null_calls(os);
     let before = os.counters();
     let t0 = rdtsc();
     let mut ok = true;
@@ -594,18 +655,33 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
         per_fault_ns(|c| c.fault_zero_cycles),
         per_fault_ns(|c| c.fault_map_cycles),
     );
+    let hz = os.tsc_hz().max(1) as u128;
+    let ns = |cycles: u64| cycles as u128 * 1_000_000_000 / hz;
+    let pools_on = match after {
+        Some(a) => format!("{}", a.zero_pools_on != 0),
+        None => String::from("null"),
+    };
     os.print(&format!(
-        "{{\"bench\":\"faultbench\",\"os\":\"{}\",\"mode\":\"{}\",\"workers\":\"{}\",\"n\":{},\"worker\":\"run\",\"ok\":{},\"wall_seconds\":{:.3},\"kernel_faults\":{},\"zero_pool_hits\":{},\"zero_pool_waits\":{},\"zeroed_inline\":{},\"shootdowns\":{},\"shootdown_ipis\":{},\"fault_profile\":{}}}",
+        "{{\"bench\":\"faultbench\",\"os\":\"{}\",\"mode\":\"{}\",\"workers\":\"{}\",\"n\":{},\"cpus_online\":{},\"burst\":{},\"gap_ms\":{},\"worker\":\"run\",\"ok\":{},\"wall_seconds\":{:.3},\"null_call_ns\":{{\"median\":{},\"p99\":{},\"samples\":{}}},\"zero_pools_on\":{},\"kernel_faults\":{},\"zero_pool_hits\":{},\"zero_pool_waits\":{},\"zeroed_inline\":{},\"zeroed_ahead\":{},\"zeroed_for_other_cpus\":{},\"shootdowns\":{},\"shootdown_ipis\":{},\"fault_profile\":{}}}",
         os.name(),
         cfg.mode.name(),
         if cfg.processes { "processes" } else { "threads" },
         cfg.workers,
+        os.cpu_count(),
+        cfg.burst,
+        cfg.gap_ms,
         ok,
         wall as f64 / os.tsc_hz().max(1) as f64,
+        ns(floor.quantile(0.5)),
+        ns(floor.quantile(0.99)),
+        floor.total,
+        pools_on,
         delta(|c| c.faults),
         delta(|c| c.zero_pool_hits),
         delta(|c| c.zero_pool_waits),
         delta(|c| c.zeroed_inline),
+        delta(|c| c.zeroed_ahead),
+        delta(|c| c.zeroed_for_other_cpus),
         delta(|c| c.shootdowns),
         delta(|c| c.shootdown_ipis),
         profile,

@@ -70,19 +70,32 @@ impl Os for Panda {
     fn counters(&self) -> Option<SystemInfo> {
         sys::info().ok()
     }
+    fn sleep_ms(&self, ms: u64) {
+        sys::sleep_ns(ms * 1_000_000);
+    }
+    fn null_call(&self) {
+        core::hint::black_box(sys::pid());
+    }
 }
 
 /// `init.arg` with mode bits 3: the fault-latency probe instead of a throughput run.
 const LATENCY_PROBE: u64 = 3;
 
-fn report_latency(phase: &str, hist: &bench_core::Histogram, tsc_hz: u64) {
+/// The kernel's zeroed-pool hits so far (0 where the counters cannot be read).
+fn pool_hits() -> u64 {
+    sys::info().map(|i| i.zero_pool_hits).unwrap_or(0)
+}
+
+/// One phase's line: its latencies and the pool hits since `hits_before`.
+fn report_latency(phase: &str, hist: &bench_core::Histogram, tsc_hz: u64, hits_before: u64) {
     let ns = |c: u64| c as u128 * 1_000_000_000 / tsc_hz.max(1) as u128;
     println!(
-        "{{\"bench\":\"faultlat\",\"phase\":\"{phase}\",\"samples\":{},\"median_ns\":{},\"p99_ns\":{},\"max_ns\":{}}}",
+        "{{\"bench\":\"faultlat\",\"phase\":\"{phase}\",\"samples\":{},\"median_ns\":{},\"p99_ns\":{},\"max_ns\":{},\"pool_hits\":{}}}",
         hist.total,
         ns(hist.quantile(0.5)),
         ns(hist.quantile(0.99)),
-        ns(hist.max)
+        ns(hist.max),
+        pool_hits() - hits_before
     );
 }
 
@@ -116,19 +129,21 @@ fn latency_probe(tsc_hz: u64) -> u64 {
     let mut awaited = bench_core::Histogram::new();
     let base = sys::brk(0).unwrap_or(0).next_multiple_of(PAGE);
     // 1. Warm pool: idle 200 ms (the idle work fills the pool), then 128 faults.
+    let hits = pool_hits();
     for _ in 0..20 {
         sys::sleep_ns(200_000_000);
         let _ = sys::brk(base + 128 * PAGE);
         time_touch(base, 128, 0, &mut warm);
         let _ = sys::brk(base);
     }
-    report_latency("warm_pool", &warm, tsc_hz);
+    report_latency("warm_pool", &warm, tsc_hz, hits);
     // 2. Empty pool, nothing else to run: 16384 faults, the first 1024 not counted
     // (they drain the pool).
+    let hits = pool_hits();
     let _ = sys::brk(base + 16384 * PAGE);
     time_touch(base, 16384, 1024, &mut inline);
     let _ = sys::brk(base);
-    report_latency("empty_pool_inline", &inline, tsc_hz);
+    report_latency("empty_pool_inline", &inline, tsc_hz, hits);
     // 3. Empty pool with a thread that keeps yielding on the same CPU: faults await
     // the zeroing task while the other thread runs.
     STOP.store(false, Ordering::SeqCst);
@@ -143,6 +158,7 @@ fn latency_probe(tsc_hz: u64) -> u64 {
     });
     let base = sys::brk(0).unwrap_or(0).next_multiple_of(PAGE);
     let waits_before = sys::info().map(|i| i.zero_pool_waits).unwrap_or(0);
+    let hits = pool_hits();
     let _ = sys::brk(base + 16384 * PAGE);
     time_touch(base, 16384, 1024, &mut awaited);
     let _ = sys::brk(base);
@@ -151,7 +167,7 @@ fn latency_probe(tsc_hz: u64) -> u64 {
     if let Ok(t) = other {
         let _ = t.join();
     }
-    report_latency("empty_pool_awaiting_zeroer", &awaited, tsc_hz);
+    report_latency("empty_pool_awaiting_zeroer", &awaited, tsc_hz, hits);
     println!(
         "{{\"bench\":\"faultlat\",\"phase\":\"awaiting_zeroer\",\"faults_that_waited\":{waits}}}"
     );
@@ -173,6 +189,8 @@ fn main(arg: u64) -> u64 {
             warmup_ms: 100,
             run_ms: 1000,
             chunk_mib: 16,
+            burst: 0,
+            gap_ms: 0,
         }
         .encode(None)
     } else {
