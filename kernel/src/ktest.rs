@@ -233,6 +233,22 @@ pub(crate) fn wait_for(ms: u64, done: impl Fn() -> bool) -> bool {
     done()
 }
 
+/// Keeps CPU `cpu` busy, so it never idles (and never zeroes frames ahead): a task
+/// pinned there yields until `stop` is set, counting its turns in `spins`.
+pub(crate) fn keep_busy(
+    cpu: usize,
+    stop: &'static core::sync::atomic::AtomicBool,
+    spins: &'static core::sync::atomic::AtomicU64,
+) -> Result<panda_sched::JoinHandle<()>, Failure> {
+    let exec = executor()?;
+    Ok(exec.spawn_pinned(cpu, async move {
+        while !stop.load(core::sync::atomic::Ordering::SeqCst) {
+            spins.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            exec.yield_now().await;
+        }
+    }))
+}
+
 /// The executor, or a failure if the tests run without one.
 pub(crate) fn executor() -> Result<&'static panda_sched::Executor<crate::executor::Machine>, Failure>
 {

@@ -385,10 +385,10 @@ mod tests {
         f
     }
 
-    #[test]
-    fn refilled_frames_are_zero_even_after_reuse() {
-        let (frames, mem, pools) = (frames(64), Memory::new(), ZeroPools::new(2));
-        // Dirty every frame once through a normal allocation cycle.
+    /// 64 frames, each dirtied once through a normal allocation cycle on CPU 0 (so
+    /// they sit in CPU 0's cache, dirty), and the memory that records it.
+    fn dirty_frames() -> (Frames, Memory) {
+        let (frames, mem) = (frames(64), Memory::new());
         let all: Vec<_> = (0..64).map(|_| frames.alloc(0).unwrap()).collect();
         for &f in &all {
             mem.dirty(f);
@@ -396,6 +396,12 @@ mod tests {
         for f in all {
             frames.free(0, f).unwrap();
         }
+        (frames, mem)
+    }
+
+    #[test]
+    fn refilled_frames_are_zero_even_after_reuse() {
+        let ((frames, mem), pools) = (dirty_frames(), ZeroPools::new(2));
         assert_eq!(pools.refill(0, &frames, 16, |f| mem.zero(f)), 16);
         for _ in 0..16 {
             let z = pools.try_take(0).expect("pool has frames");
@@ -558,14 +564,7 @@ mod tests {
     /// zeroed by another CPU.
     #[test]
     fn refill_from_fills_another_cpus_pool_from_the_sources_cache() {
-        let (frames, mem, pools) = (frames(64), Memory::new(), ZeroPools::new(2));
-        let all: Vec<_> = (0..64).map(|_| frames.alloc(0).unwrap()).collect();
-        for &f in &all {
-            mem.dirty(f);
-        }
-        for f in all {
-            frames.free(0, f).unwrap();
-        }
+        let ((frames, mem), pools) = (dirty_frames(), ZeroPools::new(2));
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);

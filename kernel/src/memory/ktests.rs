@@ -10,7 +10,7 @@ use panda_arch::frame;
 use panda_arch::percpu;
 
 use crate::ktest::{
-    async_tests, ensure, executor, fail, invlpg_here, tests, AsyncTest, Outcome, Test,
+    async_tests, ensure, executor, fail, invlpg_here, keep_busy, tests, AsyncTest, Outcome, Test,
 };
 
 pub(crate) const TESTS: &[Test] = tests![];
@@ -105,12 +105,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     let busy_cpu = (percpu::current_index() + 1) % n;
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
-    let busy = exec.spawn_pinned(busy_cpu, async move {
-        while !STOP.load(Ordering::SeqCst) {
-            SPINS.fetch_add(1, Ordering::Relaxed);
-            exec.yield_now().await;
-        }
-    });
+    let busy = keep_busy(busy_cpu, &STOP, &SPINS)?;
     let deadline = panda_arch::time::now_ns() + 1_000_000_000;
     while SPINS.load(Ordering::Relaxed) == 0 && panda_arch::time::now_ns() < deadline {
         exec.sleep(1_000_000).await;

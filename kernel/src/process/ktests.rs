@@ -11,7 +11,9 @@ use panda_arch::frame;
 use panda_arch::percpu;
 
 use crate::aspace::AddressSpace;
-use crate::ktest::{async_tests, ensure, executor, fail, tests, AsyncTest, Failure, Outcome, Test};
+use crate::ktest::{
+    async_tests, ensure, executor, fail, keep_busy, tests, AsyncTest, Failure, Outcome, Test,
+};
 use panda_mm::region::Rights;
 
 pub(crate) const TESTS: &[Test] = tests![];
@@ -295,22 +297,12 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     // the same on every other CPU: an idle CPU would top this CPU's pool up.
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
-    let busy = exec.spawn_pinned(cpu, async move {
-        while !STOP.load(Ordering::SeqCst) {
-            SPINS.fetch_add(1, Ordering::Relaxed);
-            exec.yield_now().await;
-        }
-    });
-    let others: Vec<_> = (0..exec.cpu_count())
+    let busy = keep_busy(cpu, &STOP, &SPINS)?;
+    static OTHER_SPINS: AtomicU64 = AtomicU64::new(0);
+    let others = (0..exec.cpu_count())
         .filter(|&c| c != cpu)
-        .map(|c| {
-            exec.spawn_pinned(c, async move {
-                while !STOP.load(Ordering::SeqCst) {
-                    exec.yield_now().await;
-                }
-            })
-        })
-        .collect();
+        .map(|c| keep_busy(c, &STOP, &OTHER_SPINS))
+        .collect::<Result<Vec<_>, _>>()?;
     while let Some(z) = frame::try_take_zeroed(cpu) {
         drop(z);
     }
