@@ -357,34 +357,35 @@ mod tests {
         let class = 3; // 128 bytes: 32 objects per page
         let per_page = PAGE / class_size(class);
         assert_eq!(per_page, 32);
-        // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
+        // SAFETY: `h` is this test's own heap and `class` one of its size classes; the
+        // objects are only counted, never dereferenced.
         let objs: Vec<*mut u8> = (0..2 * BATCH + 1)
             .map(|_| unsafe { h.alloc(0, class) }.unwrap())
             .collect();
         assert_eq!(h.pages(), (2 * BATCH + 1).div_ceil(per_page));
         let pages = h.pages();
         for &o in &objs[..2 * BATCH] {
-            // SAFETY: as above.
+            // SAFETY: `o` came from `h.alloc` with this `class` and is freed once.
             unsafe { h.free(1, class, o) };
         }
         // CPU 1 holds exactly 2 * BATCH: none went global, so CPU 2 carves.
-        // SAFETY: as above.
+        // SAFETY: this test's heap and size class; the object is never dereferenced.
         let _ = unsafe { h.alloc(2, class) }.unwrap();
         assert_eq!(h.pages(), pages + 1, "objects went global at 2 * BATCH");
         // One more: BATCH of them go global, and CPU 3 takes them all at once ...
-        // SAFETY: as above.
+        // SAFETY: the last of `objs`, allocated with `class` and not yet freed.
         unsafe { h.free(1, class, objs[2 * BATCH]) };
-        // SAFETY: as above.
+        // SAFETY: this test's heap and size class; `o` is only compared, never read.
         let o = unsafe { h.alloc(3, class) }.unwrap();
         assert!(objs.contains(&o), "CPU 3 did not reuse a freed object");
         assert_eq!(h.pages(), pages + 1);
         // ... so CPU 4 finds the global list empty and carves.
-        // SAFETY: as above.
+        // SAFETY: this test's heap and size class; the object is never dereferenced.
         let _ = unsafe { h.alloc(4, class) }.unwrap();
         assert_eq!(h.pages(), pages + 2, "CPU 3 took fewer than a batch");
         // CPU 3 has the rest of the batch locally: BATCH - 1 more without a page.
         for _ in 0..BATCH - 1 {
-            // SAFETY: as above.
+            // SAFETY: this test's heap and size class; the object is only compared.
             assert!(objs.contains(&unsafe { h.alloc(3, class) }.unwrap()));
         }
         assert_eq!(h.pages(), pages + 2);

@@ -50,22 +50,7 @@ async fn user_mode_round_trips() -> Outcome {
         0x0f, 0x0b,                               // ud2
         0xeb, 0xfe,                               // jmp $
     ];
-    let mut frame = frame::alloc()
-        .ok_or_else(|| fail(format_args!("no frame")))?
-        .into_zeroed()
-        .into_frame();
-    frame.write(0, &code);
-    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
-    let rx = Rights {
-        write: false,
-        execute: true,
-    };
-    space
-        .add_segment(base, base + 0x1000, rx)
-        .map_err(|e| fail(format_args!("{e:?}")))?;
-    space
-        .map_frame(base, frame, rx)
-        .map_err(|e| fail(format_args!("{e:?}")))?;
+    let space = space_from_code(&code)?;
     space.activate();
     let mut ctx = UserContext {
         rip: base,
@@ -145,22 +130,7 @@ async fn user_sse_state_is_per_thread() -> Outcome {
         0x66, 0x48, 0x0f, 0x7e, 0xc0, // movq rax, xmm0
         0x0f, 0x05,                   // syscall
     ];
-    let mut frame = frame::alloc()
-        .ok_or_else(|| fail(format_args!("no frame")))?
-        .into_zeroed()
-        .into_frame();
-    frame.write(0, &code);
-    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
-    let rx = Rights {
-        write: false,
-        execute: true,
-    };
-    space
-        .add_segment(base, base + 0x1000, rx)
-        .map_err(|e| fail(format_args!("{e:?}")))?;
-    space
-        .map_frame(base, frame, rx)
-        .map_err(|e| fail(format_args!("{e:?}")))?;
+    let space = space_from_code(&code)?;
     space.activate();
     let thread = |rax| UserContext {
         rip: base,
@@ -200,8 +170,9 @@ const PROGRAM: [u8; 142] = [
     0x6c, 0x6f, 0x20, 0x66, 0x72, 0x6f, 0x6d, 0x20, 0x72, 0x69, 0x6e, 0x67, 0x20, 0x33,
 ];
 
-/// A process built from raw code (ELF loading arrives next) at ELF_LOAD_BASE.
-fn process_from_code(code: &[u8]) -> Result<alloc::sync::Arc<crate::process::Process>, Failure> {
+/// A user space whose one page of code, at ELF_LOAD_BASE (read and execute), holds
+/// `code`; the rest of its regions are as every space's.
+fn space_from_code(code: &[u8]) -> Result<alloc::sync::Arc<AddressSpace>, Failure> {
     let base = panda_abi::ELF_LOAD_BASE as u64;
     let mut frame = frame::alloc()
         .ok_or_else(|| fail(format_args!("no frame")))?
@@ -219,7 +190,12 @@ fn process_from_code(code: &[u8]) -> Result<alloc::sync::Arc<crate::process::Pro
     space
         .map_frame(base, frame, rx)
         .map_err(|e| fail(format_args!("{e:?}")))?;
-    Ok(crate::process::Process::new(space))
+    Ok(space)
+}
+
+/// A process running `code` (as `space_from_code` places it).
+fn process_from_code(code: &[u8]) -> Result<alloc::sync::Arc<crate::process::Process>, Failure> {
+    Ok(crate::process::Process::new(space_from_code(code)?))
 }
 
 /// A user program (assembled from scripts-free source kept in the comment below) logs,
