@@ -202,9 +202,9 @@ fn smp_timer_ticks_on_every_cpu(_: &Context<'_>) -> Outcome {
     for (i, b) in before.iter_mut().enumerate().take(n) {
         *b = percpu::cpu(i).ticks.load(Ordering::Relaxed);
     }
-    // Two ticks take 20 ms; allow 100 tick periods (1 s) because TCG vCPUs share few
-    // host cores.
-    let window_ms = 100 * crate::smp::TICK_US / 1000;
+    // Two ticks take 20 ms; allow 500 tick periods (5 s) because TCG vCPUs share few
+    // host cores (the wait ends as soon as every CPU has ticked twice).
+    let window_ms = 500 * crate::smp::TICK_US / 1000;
     let all = wait_for(window_ms, || {
         (0..n).all(|i| percpu::cpu(i).ticks.load(Ordering::Relaxed) >= before[i] + 2)
     });
