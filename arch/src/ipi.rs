@@ -3,19 +3,25 @@
 //! - `TIMER_VECTOR`: counts the tick, runs the watchdog's check, runs the tick hook (the executor's timer check),
 //!   acknowledges.
 //! - `WAKE_VECTOR`: only wakes the CPU from `hlt` (the executor then looks at its queue).
-//! - `CALL_VECTOR`: runs the function posted in this CPU's call mailbox.
+//! - `CALL_VECTOR`: runs the calls posted to this CPU (`serve_calls`).
 //! - spurious: ignored, as the SDM says (no EOI). APIC error: logged, acknowledged.
 //! - NMI: halts the CPU when the machine is being stopped (`smp::stop_others`), after
 //!   writing its report if the watchdog stops it (`smp::stop_others_reporting`), and is
 //!   fatal otherwise.
 //!
-//! A cross-CPU call (`call_on`, or `call_on_set` for several CPUs at once) claims the
-//! target's mailbox (callers to one target take turns), posts `(function, argument)`,
-//! sends `CALL_VECTOR` and spins until the target wrote the result. While it spins, the
-//! caller serves its own mailbox, so two CPUs calling each other cannot deadlock; set
-//! calls claim mailboxes in ascending CPU order, so two set calls cannot either.
+//! A cross-CPU call (`call_on`, or `call_on_set` for several CPUs at once) fills in the
+//! caller's own request record (function, argument, how many targets), sets the
+//! caller's bit in each target's inbox and sends `CALL_VECTOR`. A target takes the bits
+//! of its inbox with one swap (so each posted call runs exactly once, whether its IPI
+//! handler or one of its waiting loops gets there first), runs each caller's function
+//! and counts the caller's request down. Callers never wait for each other to post: one
+//! record per caller and one bit per caller in each inbox. While it waits for its
+//! answers, a caller serves its own inbox, so two CPUs calling each other cannot
+//! deadlock; after a short spin it waits halted, and the target that finishes last
+//! wakes it (on an overcommitted host a spinning caller takes host time from the very
+//! virtual CPUs it waits for).
 
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::apic::{self, CALL_VECTOR, ERROR_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
 use crate::percpu::{self, MAX_CPUS};
@@ -24,30 +30,40 @@ use crate::trap::{self, TrapFrame};
 /// A function run on another CPU: takes an argument, returns a value.
 pub type CallFn = fn(u64) -> u64;
 
-const IDLE: u8 = 0;
-/// A caller owns the mailbox and is filling it in.
-const CLAIMED: u8 = 3;
-const POSTED: u8 = 1;
-const DONE: u8 = 2;
-/// The target is running the call (taken by exactly one of its handler or its waiting
-/// loop).
-const RUNNING: u8 = 4;
-
-struct Mailbox {
-    state: AtomicU8,
+/// A CPU's cross-CPU call in progress. A CPU makes one call (or one set call) at a
+/// time and waits for it, so one record per CPU suffices.
+struct Request {
     function: AtomicUsize,
     argument: AtomicU64,
+    /// The result (of a call to one CPU; a set call's targets each overwrite it).
     result: AtomicU64,
+    /// Targets that have not finished the call yet.
+    remaining: AtomicUsize,
+    /// The targets posted to; each clears its bit when it has finished (the watchdog's
+    /// report names those left).
+    pending: [AtomicU64; MAX_CPUS / 64],
+    /// The caller waits halted and wants a wake-up IPI when `remaining` reaches 0.
+    halted: AtomicBool,
+    /// The caller has a call in flight (a call made from inside a served call would
+    /// overwrite it).
+    busy: AtomicBool,
 }
 
-static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
-    Mailbox {
-        state: AtomicU8::new(IDLE),
+static REQUESTS: [Request; MAX_CPUS] = [const {
+    Request {
         function: AtomicUsize::new(0),
         argument: AtomicU64::new(0),
         result: AtomicU64::new(0),
+        remaining: AtomicUsize::new(0),
+        pending: [const { AtomicU64::new(0) }; MAX_CPUS / 64],
+        halted: AtomicBool::new(false),
+        busy: AtomicBool::new(false),
     }
 }; MAX_CPUS];
+
+/// Per target CPU: bit `c` is set while caller `c`'s request waits to be run there.
+static INBOX: [[AtomicU64; MAX_CPUS / 64]; MAX_CPUS] =
+    [const { [const { AtomicU64::new(0) }; MAX_CPUS / 64] }; MAX_CPUS];
 
 static TICK_HOOK: AtomicUsize = AtomicUsize::new(0);
 
@@ -87,42 +103,61 @@ fn on_wake(_: &mut TrapFrame) {
     apic::eoi();
 }
 
-/// Runs the call posted in this CPU's mailbox, if any. Called from the CALL_VECTOR
-/// handler and from every loop that waits on another CPU (`post`, `collect`, kernel
-/// locks), so a waiting CPU still answers calls. The two can nest — the IPI for a call
-/// can arrive while the waiting loop is already running that call — so the call is
-/// taken with a compare-exchange (POSTED -> RUNNING): exactly one of them runs it and
-/// marks it done. (Without that, the nested run marked it DONE, the poster collected
-/// and freed the mailbox, and the outer run then marked the free mailbox DONE again: no
-/// caller could ever claim it, and every later call to that CPU spun for ever.)
-pub fn serve_mailbox() {
-    let Some(mailbox) = MAILBOXES.get(percpu::current_index()) else {
+/// Runs the calls posted to this CPU, if any. Called from the CALL_VECTOR handler and
+/// from every loop that waits on another CPU (`call_on`, kernel locks), so a waiting
+/// CPU still answers calls. The two can nest — the IPI for a call can arrive while the
+/// waiting loop is already running that call — so the posted bits are taken with one
+/// swap: each posted call is run by exactly one of them, once. (A call that ran twice
+/// once marked a freed mailbox done again, and every later call to that CPU spun for
+/// ever.)
+pub fn serve_calls() {
+    let Some(inbox) = INBOX.get(percpu::current_index()) else {
         return;
     };
-    if mailbox
-        .state
-        .compare_exchange(POSTED, RUNNING, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        return;
+    for (w, word) in inbox.iter().enumerate() {
+        if word.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let mut callers = word.swap(0, Ordering::Acquire);
+        while callers != 0 {
+            let caller = w * 64 + callers.trailing_zeros() as usize;
+            callers &= callers - 1;
+            run_request(caller);
+        }
     }
-    // SAFETY: the poster stored a `CallFn` before setting POSTED (Release/Acquire,
-    // through the compare-exchange above).
+}
+
+/// Runs caller `caller`'s request on this CPU and counts it down.
+fn run_request(caller: usize) {
+    let request = &REQUESTS[caller];
+    // SAFETY: the caller stored a `CallFn` before it set its bit in this CPU's inbox
+    // (Release), and `serve_calls` took the bit with Acquire.
     let function: CallFn =
-        unsafe { core::mem::transmute::<usize, CallFn>(mailbox.function.load(Ordering::Relaxed)) };
+        unsafe { core::mem::transmute::<usize, CallFn>(request.function.load(Ordering::Relaxed)) };
+    let argument = request.argument.load(Ordering::Relaxed);
     // A served call runs between two steps of whatever this CPU was doing (possibly
     // waiting for a lock): it starts a fresh lock order.
-    let argument = mailbox.argument.load(Ordering::Relaxed);
     let result = crate::sync::nested(|| function(argument));
-    mailbox.result.store(result, Ordering::Relaxed);
-    mailbox.state.store(DONE, Ordering::Release);
+    request.result.store(result, Ordering::Relaxed);
+    let me = percpu::current_index();
+    request.pending[me / 64].fetch_and(!(1 << (me % 64)), Ordering::Relaxed);
+    // After this the caller may return and make its next call: nothing of the request
+    // is read past it but `halted` (a stale read only sends a spare wake-up).
+    if request.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Pairs with the fence in `halt_until_done`: either the caller sees the count
+        // at 0 before it halts, or this sees its flag and wakes it.
+        core::sync::atomic::fence(Ordering::SeqCst);
+        if request.halted.load(Ordering::Relaxed) {
+            wake(caller);
+        }
+    }
 }
 
 fn on_call(_: &mut TrapFrame) {
     if let Some(cpu) = percpu::current() {
         cpu.call_ipis.fetch_add(1, Ordering::Relaxed);
     }
-    serve_mailbox();
+    serve_calls();
     apic::eoi();
 }
 
@@ -146,11 +181,14 @@ fn on_nmi(frame: &mut TrapFrame) {
     crate::power::exit(false)
 }
 
-/// Whether CPU `cpu`'s call mailbox is free (no call claimed, posted or uncollected).
-pub fn mailbox_idle(cpu: usize) -> bool {
-    MAILBOXES
-        .get(cpu)
-        .is_some_and(|m| m.state.load(Ordering::Acquire) == IDLE)
+/// Whether CPU `cpu` has no call in flight and none posted to it waits to run.
+pub fn calls_idle(cpu: usize) -> bool {
+    let (Some(request), Some(inbox)) = (REQUESTS.get(cpu), INBOX.get(cpu)) else {
+        return true;
+    };
+    !request.busy.load(Ordering::Acquire)
+        && request.remaining.load(Ordering::Acquire) == 0
+        && inbox.iter().all(|w| w.load(Ordering::Acquire) == 0)
 }
 
 /// Why a cross-CPU call could not run.
@@ -162,7 +200,8 @@ pub enum CallError {
 
 /// Runs `function(argument)` on CPU `target` and returns its result. On the calling
 /// CPU itself the function runs directly. Must be called with interrupts enabled or
-/// from a context that may spin (the caller serves its own mailbox while waiting).
+/// from a context that may spin (the caller serves its own inbox while waiting), and
+/// not from inside a served call.
 pub fn call_on(target: usize, function: CallFn, argument: u64) -> Result<u64, CallError> {
     if target == percpu::current_index() {
         return Ok(function(argument));
@@ -170,53 +209,68 @@ pub fn call_on(target: usize, function: CallFn, argument: u64) -> Result<u64, Ca
     if !percpu::cpu(target).online() {
         return Err(CallError::Offline);
     }
-    post(target, function, argument);
-    Ok(collect(target))
+    let (request, posted, _) = post_all(|c| c == target, function, argument);
+    wait(request, &posted);
+    let result = request.result.load(Ordering::Relaxed);
+    finish(request);
+    Ok(result)
 }
 
 /// Runs `function(argument)` on every online CPU in `targets` at once (the calling CPU
 /// included, directly, if listed) and returns when all have finished; returns how many
-/// ran it. All IPIs go out before any answer is awaited, so the targets work in parallel.
-/// Mailboxes are claimed in ascending CPU order, so concurrent set calls cannot each
-/// hold a mailbox the other waits for.
+/// ran it. All IPIs go out before any answer is awaited, so the targets work in parallel
+/// (with the caller, if it is one of them).
 pub fn call_on_set(targets: impl Fn(usize) -> bool, function: CallFn, argument: u64) -> usize {
     let me = percpu::current_index();
-    // Exactly the CPUs posted to are collected from, whatever comes online meanwhile.
-    let mut posted = [0u64; MAX_CPUS / 64];
-    for cpu in (0..MAX_CPUS).filter(|&c| c != me && targets(c) && percpu::cpu(c).online()) {
-        post(cpu, function, argument);
-        posted[cpu / 64] |= 1 << (cpu % 64);
-    }
-    let mut ran = 0;
+    let (request, posted, mut ran) = post_all(|c| c != me && targets(c), function, argument);
     if targets(me) {
         function(argument);
         ran += 1;
     }
-    for cpu in (0..MAX_CPUS).filter(|&c| posted[c / 64] & (1 << (c % 64)) != 0) {
-        collect(cpu);
-        ran += 1;
-    }
+    wait(request, &posted);
+    finish(request);
     ran
 }
 
-/// Claims `target`'s mailbox, posts the call and sends the IPI.
-fn post(target: usize, function: CallFn, argument: u64) {
-    let mailbox = &MAILBOXES[target];
-    crate::watchdog::spin_until("claiming another CPU's call mailbox", || {
-        if mailbox
-            .state
-            .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            return true;
-        }
-        serve_mailbox();
-        false
-    });
-    mailbox.function.store(function as usize, Ordering::Relaxed);
-    mailbox.argument.store(argument, Ordering::Relaxed);
-    mailbox.state.store(POSTED, Ordering::Release);
-    apic::send_ipi(percpu::cpu(target).apic_id(), CALL_VECTOR);
+/// Posts `function(argument)` to every online CPU other than the caller for which
+/// `targets` holds; returns the caller's request, the CPUs posted to and their count.
+fn post_all(
+    targets: impl Fn(usize) -> bool,
+    function: CallFn,
+    argument: u64,
+) -> (&'static Request, [u64; MAX_CPUS / 64], usize) {
+    let me = percpu::current_index();
+    let request = &REQUESTS[me];
+    assert!(
+        !request.busy.swap(true, Ordering::Acquire),
+        "cpu{me} made a cross-CPU call from inside a cross-CPU call"
+    );
+    // Exactly the CPUs posted to are waited for, whatever comes online meanwhile.
+    let mut posted = [0u64; MAX_CPUS / 64];
+    let mut count = 0;
+    for cpu in (0..MAX_CPUS).filter(|&c| c != me && targets(c) && percpu::cpu(c).online()) {
+        posted[cpu / 64] |= 1 << (cpu % 64);
+        count += 1;
+    }
+    request.function.store(function as usize, Ordering::Relaxed);
+    request.argument.store(argument, Ordering::Relaxed);
+    request.remaining.store(count, Ordering::Relaxed);
+    for (word, bits) in request.pending.iter().zip(posted) {
+        word.store(bits, Ordering::Relaxed);
+    }
+    let bit = 1u64 << (me % 64);
+    for cpu in (0..MAX_CPUS).filter(|&c| posted[c / 64] & (1 << (c % 64)) != 0) {
+        // Release: the request's fields above are visible to the target that takes
+        // this bit.
+        INBOX[cpu][me / 64].fetch_or(bit, Ordering::Release);
+        apic::send_ipi(percpu::cpu(cpu).apic_id(), CALL_VECTOR);
+    }
+    (request, posted, count)
+}
+
+/// Ends the caller's call: its record is free for the next one.
+fn finish(request: &Request) {
+    request.busy.store(false, Ordering::Release);
 }
 
 /// How long a caller waits for a posted call to be taken before it sends the IPI again.
@@ -232,74 +286,106 @@ pub fn resends() -> u64 {
     RESENDS.load(Ordering::Relaxed)
 }
 
-/// Waits for `target` to finish the posted call, frees its mailbox, returns the result.
-/// A call still not taken (still `POSTED`) after `RESEND_AFTER_NS` gets its IPI again:
-/// a lost IPI must not hang the caller — and with it every CPU waiting for a lock the
-/// caller holds (a shootdown under an address space's layout lock). Sending it again is
-/// harmless: the call is taken with a compare-exchange, so it runs once, and an IPI that
-/// finds no posted call does nothing.
-fn collect(target: usize) -> u64 {
-    let mailbox = &MAILBOXES[target];
-    let me = COLLECTING.get(percpu::current_index());
-    let outer = me.map(|c| c.swap(target + 1, Ordering::Relaxed));
-    let mut resend_at = crate::time::now_ns() + RESEND_AFTER_NS;
-    crate::watchdog::spin_until("waiting for another CPU to answer a call", || {
-        if mailbox.state.load(Ordering::Acquire) == DONE {
+/// How long `wait` spins before it waits halted. A call on a running CPU is answered
+/// within a few microseconds; one that takes longer usually waits for a target that is
+/// not running at all (a virtual CPU its host has descheduled), and a caller that spins
+/// meanwhile takes host time from the very CPUs it waits for.
+const HALT_AFTER_NS: u64 = 20_000;
+
+/// Waits of callers that went on halted (the closing summary prints the count).
+static HALTED_WAITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many waits for a call's answers went on halted since boot.
+pub fn halted_waits() -> u64 {
+    HALTED_WAITS.load(Ordering::Relaxed)
+}
+
+/// Waits until every target in `posted` has run the caller's request. A call still not
+/// taken after `RESEND_AFTER_NS` gets its IPI again: a lost IPI must not hang the caller
+/// — and with it every CPU waiting for a lock the caller holds. Sending it again is
+/// harmless: an IPI that finds no posted call does nothing.
+fn wait(request: &Request, posted: &[u64; MAX_CPUS / 64]) {
+    let me = percpu::current_index();
+    let start = crate::time::now_ns();
+    let mut resend_at = start + RESEND_AFTER_NS;
+    crate::watchdog::spin_until("waiting for other CPUs to answer a call", || {
+        if request.remaining.load(Ordering::Acquire) == 0 {
             return true;
         }
-        serve_mailbox();
+        serve_calls();
         let now = crate::time::now_ns();
-        if now >= resend_at && mailbox.state.load(Ordering::Acquire) == POSTED {
-            RESENDS.fetch_add(1, Ordering::Relaxed);
-            apic::send_ipi(percpu::cpu(target).apic_id(), CALL_VECTOR);
+        if now >= resend_at {
+            for cpu in (0..MAX_CPUS).filter(|&c| posted[c / 64] & (1 << (c % 64)) != 0) {
+                if INBOX[cpu][me / 64].load(Ordering::Acquire) & (1 << (me % 64)) != 0 {
+                    RESENDS.fetch_add(1, Ordering::Relaxed);
+                    apic::send_ipi(percpu::cpu(cpu).apic_id(), CALL_VECTOR);
+                }
+            }
             resend_at = now + RESEND_AFTER_NS;
+        }
+        if now >= start + HALT_AFTER_NS {
+            halt_until_done(request);
         }
         false
     });
-    if let (Some(c), Some(o)) = (me, outer) {
-        c.store(o, Ordering::Relaxed);
-    }
-    let result = mailbox.result.load(Ordering::Relaxed);
-    mailbox.state.store(IDLE, Ordering::Release);
-    result
 }
 
-/// Per CPU: the CPU whose answer it is waiting for in `collect` (index + 1; 0: none).
-static COLLECTING: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
-
-fn state_name(state: u8) -> &'static str {
-    match state {
-        IDLE => "idle",
-        CLAIMED => "claimed",
-        POSTED => "posted, not taken",
-        RUNNING => "running",
-        DONE => "done, not collected",
-        _ => "?",
+/// Halts until the next interrupt unless the request is done: the target that finishes
+/// it last sends a wake-up IPI (`run_request`), and the timer tick, a call posted to
+/// this CPU or any other interrupt also ends the halt. Only with interrupts enabled (a
+/// caller holding interrupts off keeps spinning).
+fn halt_until_done(request: &Request) {
+    use x86_64::instructions::interrupts;
+    if !interrupts::are_enabled() {
+        return;
     }
+    interrupts::disable();
+    request.halted.store(true, Ordering::Relaxed);
+    // Pairs with the fence in `run_request` (see there).
+    core::sync::atomic::fence(Ordering::SeqCst);
+    let inbox = &INBOX[percpu::current_index()];
+    if request.remaining.load(Ordering::Acquire) != 0
+        && inbox.iter().all(|w| w.load(Ordering::Acquire) == 0)
+    {
+        HALTED_WAITS.fetch_add(1, Ordering::Relaxed);
+        // `sti; hlt`: an interrupt arriving after the check still ends the halt.
+        interrupts::enable_and_hlt();
+    } else {
+        interrupts::enable();
+    }
+    request.halted.store(false, Ordering::Relaxed);
 }
 
-/// CPU `cpu`'s part of the watchdog's report: its call mailbox, and whose answer it
-/// waits for (a call that is never taken shows as `posted, not taken` on the target).
+/// CPU `cpu`'s part of the watchdog's report: the calls posted to it and not yet taken,
+/// and the targets of its own call that have not finished (one not taken shows on that
+/// target's line too).
 pub fn write_state(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Result {
-    let Some(mailbox) = MAILBOXES.get(cpu) else {
+    let (Some(request), Some(inbox)) = (REQUESTS.get(cpu), INBOX.get(cpu)) else {
         return Ok(());
     };
-    write!(
-        w,
-        "  call mailbox: {}",
-        state_name(mailbox.state.load(Ordering::Relaxed))
-    )?;
-    match COLLECTING[cpu].load(Ordering::Relaxed) {
-        0 => writeln!(w),
-        t => writeln!(
+    let list = |w: &mut dyn core::fmt::Write, words: &mut dyn Iterator<Item = u64>| {
+        let mut first = true;
+        for (i, bits) in words.enumerate() {
+            for b in (0..64).filter(|b| bits & (1 << b) != 0) {
+                write!(w, "{}cpu{}", if first { "" } else { ", " }, i * 64 + b)?;
+                first = false;
+            }
+        }
+        if first {
+            write!(w, "none")?;
+        }
+        Ok::<(), core::fmt::Error>(())
+    };
+    write!(w, "  calls posted here, not taken: from ")?;
+    list(w, &mut inbox.iter().map(|a| a.load(Ordering::Relaxed)))?;
+    if request.busy.load(Ordering::Relaxed) {
+        write!(w, "; waiting for the answers of ")?;
+        list(
             w,
-            "; waiting for cpu{}'s answer (its mailbox: {})",
-            t - 1,
-            MAILBOXES
-                .get(t - 1)
-                .map_or("?", |m| state_name(m.state.load(Ordering::Relaxed)))
-        ),
+            &mut request.pending.iter().map(|a| a.load(Ordering::Relaxed)),
+        )?;
     }
+    writeln!(w)
 }
 
 /// Sends a wake-up IPI to every online CPU for which `targets` holds, except the caller.

@@ -434,6 +434,10 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
     if resends > 0 {
         info!(target: "smp", "{resends} cross-CPU calls were not taken within 50 ms and got their IPI again");
     }
+    let halted = panda_arch::ipi::halted_waits();
+    if halted > 0 {
+        info!(target: "smp", "{halted} waits for cross-CPU calls' answers went on halted (not answered within 20 us)");
+    }
     let Some(status) = status else {
         return power::Outcome::KernelFailure;
     };

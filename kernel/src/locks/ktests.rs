@@ -4,11 +4,11 @@
 // Failures carry their message inline (see `crate::ktest::Failure`).
 #![allow(clippy::result_large_err)]
 
-use crate::ktest::{async_tests, ensure, tests, AsyncTest, Context, Outcome, Test};
+use crate::ktest::{async_tests, ensure, executor, tests, AsyncTest, Context, Outcome, Test};
 
 pub(crate) const TESTS: &[Test] = tests![locks_out_of_order_are_named];
 
-pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![];
+pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![locks_a_waiter_is_not_starved];
 
 /// The lock-order checker: with a rank-60 lock held, taking a rank-30 one is an
 /// inversion (named), a rank-65 one is not; a call served meanwhile starts afresh.
@@ -37,6 +37,50 @@ fn locks_out_of_order_are_named(_: &Context<'_>) -> Outcome {
     ensure!(
         after.is_none(),
         "the lock was still counted after release: {after:?}"
+    );
+    Ok(())
+}
+
+/// A CPU that takes a lock back to back must not keep a waiter out: a waiter that has
+/// spun briefly claims the next turn (`sync::Mutex`), and from then on no other CPU
+/// takes the lock before it, not even the CPU that just released it. Without the
+/// claim a waiter gets the lock only if its compare-exchange lands in the few
+/// instructions between the holder's release and its next attempt.
+async fn locks_a_waiter_is_not_starved() -> Outcome {
+    use panda_arch::sync::{Mutex, Rank};
+    static RANK: Rank = Rank::new(60, "test contended");
+    static LOCK: Mutex<u64> = Mutex::new(&RANK, 0);
+    let exec = executor()?;
+    let n = exec.cpu_count();
+    if n < 2 {
+        return Ok(());
+    }
+    let me = panda_arch::percpu::current_index();
+    let other = (me + 1) % n;
+    let held = LOCK.lock();
+    let waiter = exec.spawn_pinned(other, async {
+        *LOCK.lock() += 1;
+    });
+    // The waiter claims the next turn after 200 us of spinning; with vCPUs that share
+    // few host cores, allow it 2 s to run at all.
+    let deadline = panda_arch::time::now_ns() + 2_000_000_000;
+    while LOCK.next_turn() != Some(other) && panda_arch::time::now_ns() < deadline {
+        core::hint::spin_loop();
+    }
+    let claimed = LOCK.next_turn();
+    drop(held);
+    // Back to back: the waiter's claim must keep this CPU out.
+    let retaken = LOCK.try_lock().is_some();
+    waiter.await;
+    let after = LOCK.next_turn();
+    ensure!(
+        claimed == Some(other),
+        "cpu{other} waited and did not claim the next turn (claim: {claimed:?})"
+    );
+    ensure!(!retaken, "cpu{me} retook the lock past cpu{other}'s claim");
+    ensure!(
+        after.is_none(),
+        "the claim outlived the waiter's turn: {after:?}"
     );
     Ok(())
 }

@@ -219,9 +219,13 @@ fn smp_timer_ticks_on_every_cpu(_: &Context<'_>) -> Outcome {
     Ok(())
 }
 
+/// How many times `slow_call` ran (each posted call must run exactly once).
+static SLOW_CALLS_RUN: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
 /// A call that takes a while, so the IPI announcing it usually arrives while the
 /// target is already running it from its own waiting loop.
 fn slow_call(x: u64) -> u64 {
+    SLOW_CALLS_RUN.fetch_add(1, Ordering::SeqCst);
     let until = panda_arch::time::now_ns() + 20_000;
     while panda_arch::time::now_ns() < until {
         core::hint::spin_loop();
@@ -229,10 +233,10 @@ fn slow_call(x: u64) -> u64 {
     x + 1
 }
 
-/// Every CPU calls every other at once, many times: each caller serves its own mailbox
+/// Every CPU calls every other at once, many times: each caller serves its own inbox
 /// while it waits, and the IPI for that very call arrives meanwhile. A call must run
-/// exactly once and leave the mailbox free (a mailbox left busy makes the next caller
-/// spin for ever: a hang at -smp 8 under concurrent shootdowns came from that).
+/// exactly once and leave nothing behind (a call run twice once left a busy mailbox,
+/// and every later caller spun for ever: a hang at -smp 8 under concurrent shootdowns).
 async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
     use core::sync::atomic::AtomicUsize;
     static RAN: AtomicUsize = AtomicUsize::new(0);
@@ -246,6 +250,7 @@ async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
     }
     let rounds = 200;
     let before = RAN.load(Ordering::SeqCst);
+    let runs_before = SLOW_CALLS_RUN.load(Ordering::SeqCst);
     let mut handles = Vec::new();
     for cpu in 0..n {
         handles.push(exec.spawn_pinned(cpu, async move {
@@ -274,10 +279,12 @@ async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
     let ran = RAN.load(Ordering::SeqCst) - before;
     let want = n * rounds as usize;
     ensure!(ran == want, "{ran} calls finished, expected {want}");
-    let busy = (0..n).find(|&c| !panda_arch::ipi::mailbox_idle(c));
+    let runs = SLOW_CALLS_RUN.load(Ordering::SeqCst) - runs_before;
+    ensure!(runs == want, "{want} calls ran {runs} times");
+    let busy = (0..n).find(|&c| !panda_arch::ipi::calls_idle(c));
     ensure!(
         busy.is_none(),
-        "cpu{} mailbox left busy after every call returned",
+        "cpu{} has a call in flight or posted after every call returned",
         busy.unwrap_or(0)
     );
     Ok(())
