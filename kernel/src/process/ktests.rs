@@ -274,11 +274,31 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
     let busy = keep_busy(cpu, &STOP, &SPINS)?;
-    static OTHER_SPINS: AtomicU64 = AtomicU64::new(0);
+    static OTHER_SPINS: [AtomicU64; percpu::MAX_CPUS] =
+        [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
     let others = (0..exec.cpu_count())
         .filter(|&c| c != cpu)
-        .map(|c| keep_busy(c, &STOP, &OTHER_SPINS))
+        .map(|c| {
+            OTHER_SPINS[c].store(0, Ordering::SeqCst);
+            keep_busy(c, &STOP, &OTHER_SPINS[c])
+        })
         .collect::<Result<Vec<_>, _>>()?;
+    // Every other CPU is busy before the pool is emptied: at -smp 64 on a small host a
+    // CPU whose task has not started yet is idle and tops the pool up again.
+    let deadline = panda_arch::time::now_ns() + 20_000_000_000;
+    while (0..exec.cpu_count()).any(|c| c != cpu && OTHER_SPINS[c].load(Ordering::Relaxed) == 0)
+        && panda_arch::time::now_ns() < deadline
+    {
+        exec.sleep(1_000_000).await;
+    }
+    // Empty it twice: a top-up that was under way when the others got busy lands
+    // within a tick.
+    for _ in 0..2 {
+        while let Some(z) = frame::try_take_zeroed(cpu) {
+            drop(z);
+        }
+        exec.sleep(20_000_000).await;
+    }
     while let Some(z) = frame::try_take_zeroed(cpu) {
         drop(z);
     }
