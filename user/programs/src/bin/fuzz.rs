@@ -153,18 +153,25 @@ impl Rng {
 struct Outcome {
     result: isize,
     regs_kept: bool,
+    /// The first register that changed: its name, what was passed, what came back.
+    changed: Option<(&'static str, u64, u64)>,
 }
 
 fn raw(op: u64, a: [u64; 6], keep: [u64; 2]) -> Outcome {
     let rax: u64;
     let (o0, o1, o2, o3, o4, o5, k0, k1): (u64, u64, u64, u64, u64, u64, u64, u64);
+    let (sp0, sp1): (u64, u64);
     // SAFETY: the fuzzer only passes destinations that are invalid, or its own scratch,
     // or memory it never reads as Rust objects (heap, buffers, bottom of the stack
     // region), and never ends itself (callers filter the exits); the kernel preserves
     // every register but rax, rcx and r11, and the outputs check exactly that.
     unsafe {
         core::arch::asm!(
+            "mov {sp0}, rsp",
             "syscall",
+            "mov {sp1}, rsp",
+            sp0 = out(reg) sp0,
+            sp1 = lateout(reg) sp1,
             inlateout("rax") op => rax,
             inlateout("rdi") a[0] => o0,
             inlateout("rsi") a[1] => o1,
@@ -179,9 +186,16 @@ fn raw(op: u64, a: [u64; 6], keep: [u64; 2]) -> Outcome {
             options(nostack)
         );
     }
+    const NAMES: [&str; 9] = ["rdi", "rsi", "rdx", "r10", "r8", "r9", "r12", "r13", "rsp"];
+    let sent = [a[0], a[1], a[2], a[3], a[4], a[5], keep[0], keep[1], sp0];
+    let back = [o0, o1, o2, o3, o4, o5, k0, k1, sp1];
+    let changed = (0..9)
+        .find(|&i| sent[i] != back[i])
+        .map(|i| (NAMES[i], sent[i], back[i]));
     Outcome {
         result: rax as isize,
-        regs_kept: [o0, o1, o2, o3, o4, o5] == a && [k0, k1] == keep,
+        regs_kept: changed.is_none(),
+        changed,
     }
 }
 
@@ -918,10 +932,10 @@ impl Worker {
                 )),
             }
         }
-        if !o.regs_kept {
+        if let (false, Some((name, sent, back))) = (o.regs_kept, o.changed) {
             violation(format_args!(
-                "op {op:#x} ({:#x}, {:#x}, {:#x}, {:#x}) changed a register other than rax, rcx, r11",
-                a[0], a[1], a[2], a[3]
+                "op {op:#x} ({:#x}, {:#x}, {:#x}, {:#x}) changed a register other than rax, rcx, r11: {name} {sent:#x} -> {back:#x} (worker {}, thread {}, result {})",
+                a[0], a[1], a[2], a[3], self.w, sys::thread_id(), o.result
             ));
         }
         o.result
