@@ -335,6 +335,18 @@ impl<T> Mutex<T> {
         let site = Location::caller();
         acquire(self.rank);
         let me = percpu::current_index() as u32 + 1;
+        // The uncontended path reads no clock (`now_ns` is a 128-bit division).
+        if !self.owner.try_take(me) {
+            self.wait_for_turn(me);
+        }
+        self.owner.set(site);
+        MutexGuard { lock: self }
+    }
+
+    /// Spins until CPU `me` (index + 1) takes the lock, claiming the next turn after
+    /// `STARVING_AFTER_NS`.
+    #[cold]
+    fn wait_for_turn(&self, me: u32) {
         let start = crate::time::now_ns();
         spin_until(self.rank, Some(&self.owner), || {
             if self.owner.try_take(me) {
@@ -351,8 +363,6 @@ impl<T> Mutex<T> {
             }
             None
         });
-        self.owner.set(site);
-        MutexGuard { lock: self }
     }
 
     /// Whether some CPU holds the lock now (a snapshot).
