@@ -26,6 +26,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::apic::{self, CALL_VECTOR, ERROR_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
 use crate::percpu::{self, MAX_CPUS};
 use crate::trap::{self, TrapFrame};
+use panda_mm::tlb::{CpuMask, CpuSet};
 
 /// A function run on another CPU: takes an argument, returns a value.
 pub type CallFn = fn(u64) -> u64;
@@ -39,9 +40,9 @@ struct Request {
     result: AtomicU64,
     /// Targets that have not finished the call yet.
     remaining: AtomicUsize,
-    /// The targets posted to; each clears its bit when it has finished (the watchdog's
-    /// report names those left).
-    pending: [AtomicU64; MAX_CPUS / 64],
+    /// The targets that have not finished; each leaves the set when it has (resends and
+    /// the watchdog's report go to those left).
+    pending: CpuSet,
     /// The caller waits halted and wants a wake-up IPI when `remaining` reaches 0.
     halted: AtomicBool,
     /// The caller has a call in flight (a call made from inside a served call would
@@ -55,7 +56,7 @@ static REQUESTS: [Request; MAX_CPUS] = [const {
         argument: AtomicU64::new(0),
         result: AtomicU64::new(0),
         remaining: AtomicUsize::new(0),
-        pending: [const { AtomicU64::new(0) }; MAX_CPUS / 64],
+        pending: CpuSet::new(),
         halted: AtomicBool::new(false),
         busy: AtomicBool::new(false),
     }
@@ -130,17 +131,17 @@ pub fn serve_calls() {
 /// Runs caller `caller`'s request on this CPU and counts it down.
 fn run_request(caller: usize) {
     let request = &REQUESTS[caller];
-    // SAFETY: the caller stored a `CallFn` before it set its bit in this CPU's inbox
-    // (Release), and `serve_calls` took the bit with Acquire.
-    let function: CallFn =
-        unsafe { core::mem::transmute::<usize, CallFn>(request.function.load(Ordering::Relaxed)) };
+    let raw = request.function.load(Ordering::Relaxed);
+    // SAFETY: only `post_all` stores `function`, always a `CallFn` cast to usize, and
+    // it did so before setting the caller's bit in this CPU's inbox (Release), which
+    // `serve_calls` took with Acquire: `raw` is that `CallFn`.
+    let function: CallFn = unsafe { core::mem::transmute::<usize, CallFn>(raw) };
     let argument = request.argument.load(Ordering::Relaxed);
     // A served call runs between two steps of whatever this CPU was doing (possibly
     // waiting for a lock): it starts a fresh lock order.
     let result = crate::sync::nested(|| function(argument));
     request.result.store(result, Ordering::Relaxed);
-    let me = percpu::current_index();
-    request.pending[me / 64].fetch_and(!(1 << (me % 64)), Ordering::Relaxed);
+    request.pending.remove(percpu::current_index());
     // After this the caller may return and make its next call: nothing of the request
     // is read past it but `halted` (a stale read only sends a spare wake-up).
     if request.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -209,8 +210,8 @@ pub fn call_on(target: usize, function: CallFn, argument: u64) -> Result<u64, Ca
     if !percpu::cpu(target).online() {
         return Err(CallError::Offline);
     }
-    let (request, posted, _) = post_all(|c| c == target, function, argument);
-    wait(request, &posted);
+    let (request, _) = post_all(|c| c == target, function, argument);
+    wait(request);
     let result = request.result.load(Ordering::Relaxed);
     finish(request);
     Ok(result)
@@ -222,23 +223,23 @@ pub fn call_on(target: usize, function: CallFn, argument: u64) -> Result<u64, Ca
 /// (with the caller, if it is one of them).
 pub fn call_on_set(targets: impl Fn(usize) -> bool, function: CallFn, argument: u64) -> usize {
     let me = percpu::current_index();
-    let (request, posted, mut ran) = post_all(|c| c != me && targets(c), function, argument);
+    let (request, mut ran) = post_all(|c| c != me && targets(c), function, argument);
     if targets(me) {
         function(argument);
         ran += 1;
     }
-    wait(request, &posted);
+    wait(request);
     finish(request);
     ran
 }
 
 /// Posts `function(argument)` to every online CPU other than the caller for which
-/// `targets` holds; returns the caller's request, the CPUs posted to and their count.
+/// `targets` holds; returns the caller's request and how many CPUs it was posted to.
 fn post_all(
     targets: impl Fn(usize) -> bool,
     function: CallFn,
     argument: u64,
-) -> (&'static Request, [u64; MAX_CPUS / 64], usize) {
+) -> (&'static Request, usize) {
     let me = percpu::current_index();
     let request = &REQUESTS[me];
     assert!(
@@ -246,26 +247,27 @@ fn post_all(
         "cpu{me} made a cross-CPU call from inside a cross-CPU call"
     );
     // Exactly the CPUs posted to are waited for, whatever comes online meanwhile.
-    let mut posted = [0u64; MAX_CPUS / 64];
+    let mut posted = CpuMask::default();
     let mut count = 0;
     for cpu in (0..MAX_CPUS).filter(|&c| c != me && targets(c) && percpu::cpu(c).online()) {
-        posted[cpu / 64] |= 1 << (cpu % 64);
+        posted.insert(cpu);
         count += 1;
     }
     request.function.store(function as usize, Ordering::Relaxed);
     request.argument.store(argument, Ordering::Relaxed);
     request.remaining.store(count, Ordering::Relaxed);
-    for (word, bits) in request.pending.iter().zip(posted) {
-        word.store(bits, Ordering::Relaxed);
+    // Empty here: every target of the previous call left it before the count reached 0.
+    for cpu in posted.iter() {
+        request.pending.insert(cpu);
     }
     let bit = 1u64 << (me % 64);
-    for cpu in (0..MAX_CPUS).filter(|&c| posted[c / 64] & (1 << (c % 64)) != 0) {
+    for cpu in posted.iter() {
         // Release: the request's fields above are visible to the target that takes
         // this bit.
         INBOX[cpu][me / 64].fetch_or(bit, Ordering::Release);
         apic::send_ipi(percpu::cpu(cpu).apic_id(), CALL_VECTOR);
     }
-    (request, posted, count)
+    (request, count)
 }
 
 /// Ends the caller's call: its record is free for the next one.
@@ -300,11 +302,11 @@ pub fn halted_waits() -> u64 {
     HALTED_WAITS.load(Ordering::Relaxed)
 }
 
-/// Waits until every target in `posted` has run the caller's request. A call still not
+/// Waits until every target has run the caller's request. A call still not
 /// taken after `RESEND_AFTER_NS` gets its IPI again: a lost IPI must not hang the caller
 /// — and with it every CPU waiting for a lock the caller holds. Sending it again is
 /// harmless: an IPI that finds no posted call does nothing.
-fn wait(request: &Request, posted: &[u64; MAX_CPUS / 64]) {
+fn wait(request: &Request) {
     let me = percpu::current_index();
     let start = crate::time::now_ns();
     let mut resend_at = start + RESEND_AFTER_NS;
@@ -315,7 +317,7 @@ fn wait(request: &Request, posted: &[u64; MAX_CPUS / 64]) {
         serve_calls();
         let now = crate::time::now_ns();
         if now >= resend_at {
-            for cpu in (0..MAX_CPUS).filter(|&c| posted[c / 64] & (1 << (c % 64)) != 0) {
+            for cpu in request.pending.snapshot().iter() {
                 if INBOX[cpu][me / 64].load(Ordering::Acquire) & (1 << (me % 64)) != 0 {
                     RESENDS.fetch_add(1, Ordering::Relaxed);
                     apic::send_ipi(percpu::cpu(cpu).apic_id(), CALL_VECTOR);
@@ -363,13 +365,11 @@ pub fn write_state(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Resul
     let (Some(request), Some(inbox)) = (REQUESTS.get(cpu), INBOX.get(cpu)) else {
         return Ok(());
     };
-    let list = |w: &mut dyn core::fmt::Write, words: &mut dyn Iterator<Item = u64>| {
+    let list = |w: &mut dyn core::fmt::Write, cpus: &mut dyn Iterator<Item = usize>| {
         let mut first = true;
-        for (i, bits) in words.enumerate() {
-            for b in (0..64).filter(|b| bits & (1 << b) != 0) {
-                write!(w, "{}cpu{}", if first { "" } else { ", " }, i * 64 + b)?;
-                first = false;
-            }
+        for cpu in cpus {
+            write!(w, "{}cpu{cpu}", if first { "" } else { ", " })?;
+            first = false;
         }
         if first {
             write!(w, "none")?;
@@ -377,13 +377,11 @@ pub fn write_state(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Resul
         Ok::<(), core::fmt::Error>(())
     };
     write!(w, "  calls posted here, not taken: from ")?;
-    list(w, &mut inbox.iter().map(|a| a.load(Ordering::Relaxed)))?;
+    let taken = |c: usize| inbox[c / 64].load(Ordering::Relaxed) & (1 << (c % 64)) == 0;
+    list(w, &mut (0..MAX_CPUS).filter(|&c| !taken(c)))?;
     if request.busy.load(Ordering::Relaxed) {
         write!(w, "; waiting for the answers of ")?;
-        list(
-            w,
-            &mut request.pending.iter().map(|a| a.load(Ordering::Relaxed)),
-        )?;
+        list(w, &mut request.pending.snapshot().iter())?;
     }
     writeln!(w)
 }

@@ -249,6 +249,13 @@ pub(crate) fn keep_busy(
     }))
 }
 
+/// Empties CPU `cpu`'s zeroed pool (the frames go back to the allocator).
+pub(crate) fn empty_pool(cpu: usize) {
+    while let Some(z) = panda_arch::frame::try_take_zeroed(cpu) {
+        drop(z);
+    }
+}
+
 /// The executor, or a failure if the tests run without one.
 pub(crate) fn executor() -> Result<&'static panda_sched::Executor<crate::executor::Machine>, Failure>
 {

@@ -10,7 +10,8 @@ use panda_arch::frame;
 use panda_arch::percpu;
 
 use crate::ktest::{
-    async_tests, ensure, executor, fail, invlpg_here, keep_busy, tests, AsyncTest, Outcome, Test,
+    async_tests, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests, AsyncTest,
+    Outcome, Test,
 };
 
 pub(crate) const TESTS: &[Test] = tests![];
@@ -113,9 +114,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     while SPINS.load(Ordering::Relaxed) == 0 && panda_arch::time::now_ns() < deadline {
         exec.sleep(1_000_000).await;
     }
-    while let Some(z) = frame::try_take_zeroed(busy_cpu) {
-        drop(z);
-    }
+    empty_pool(busy_cpu);
     let stats = |c: usize| frame::pool_stats(c).unwrap_or_default();
     let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_cpu).from_others);
     let want = frame::pool_capacity().min(32);

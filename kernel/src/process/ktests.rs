@@ -12,7 +12,8 @@ use panda_arch::percpu;
 
 use crate::aspace::AddressSpace;
 use crate::ktest::{
-    async_tests, ensure, executor, fail, keep_busy, tests, AsyncTest, Failure, Outcome, Test,
+    async_tests, empty_pool, ensure, executor, fail, keep_busy, tests, AsyncTest, Failure, Outcome,
+    Test,
 };
 use panda_mm::region::Rights;
 
@@ -294,14 +295,10 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     // Empty it twice: a top-up that was under way when the others got busy lands
     // within a tick.
     for _ in 0..2 {
-        while let Some(z) = frame::try_take_zeroed(cpu) {
-            drop(z);
-        }
+        empty_pool(cpu);
         exec.sleep(20_000_000).await;
     }
-    while let Some(z) = frame::try_take_zeroed(cpu) {
-        drop(z);
-    }
+    empty_pool(cpu);
     let ctx = panda_arch::user::UserContext {
         rip: panda_abi::ELF_LOAD_BASE as u64,
         rsp: panda_abi::INITIAL_STACK_POINTER as u64,
