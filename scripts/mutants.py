@@ -26,7 +26,7 @@ MUTATIONS = [
      "    let mut frame = Frame(f);\n    frame.zero();\n    frame.write(2048, &[0xff; 2048]);",
      "user_reused_frames_are_zero_in_every_byte"),
     ("pool-hands-out-dirty-frames", "arch/src/frame.rs",
-     "    Some(ZeroedFrame(Frame(z.into_frame())))",
+     "    Some(poison::checked_zero(ZeroedFrame(Frame(z.into_frame()))))",
      "    let mut f = Frame(z.into_frame());\n    f.write(4000, &[0xff; 96]);\n    Some(ZeroedFrame(f))",
      "user_reused_frames_are_zero_in_every_byte"),
     ("idle-without-recheck", "sched/src/executor.rs",

@@ -10,7 +10,8 @@ set -euo pipefail
 usage() {
     cat <<'TXT'
 usage: scripts/soak.sh [--minutes N] [--smp LIST] [--seed S] [--boot-seconds N]
-                       [--big-floods] [--accel kvm|tcg] [--out DIR]
+                       [--big-floods] [--nested] [--cmdline WORDS] [--accel kvm|tcg]
+                       [--out DIR]
 
   --minutes N         fuzzing time per CPU count, in minutes (default 10)
   --smp LIST          CPU counts, comma-separated (default 2,8)
@@ -20,6 +21,10 @@ usage: scripts/soak.sh [--minutes N] [--smp LIST] [--seed S] [--boot-seconds N]
                       may be shorter)
   --big-floods        thread-flood children start up to 100000 threads, not 2000
                       (exhausts the kernel heap)
+  --nested            a quarter of the fuzzer's children are full fuzzers of their own
+                      (1 s each; fuzz's argument bit 57)
+  --cmdline WORDS     more kernel command-line words for every boot, e.g.
+                      "mm.poison=on" (frames checked for writes while free)
   --accel kvm|tcg     accelerator (default: KVM only where it really works)
   --out DIR           logs and results.tsv (default build/soak/DATE)
   -h, --help          this text
@@ -31,7 +36,7 @@ Exit status: 0 if every boot passed, 1 if any failed, 64 for bad usage.
 TXT
 }
 
-minutes=10 smps=2,8 seed="" boot_seconds=300 accel=auto out="" big=0
+minutes=10 smps=2,8 seed="" boot_seconds=300 accel=auto out="" big=0 nested=0 extra=""
 need() { [ "$2" -ge 2 ] || panda_usage_error "$1 needs a value"; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,6 +45,8 @@ while [ $# -gt 0 ]; do
         --seed) need "$1" $#; seed=$2; shift 2 ;;
         --boot-seconds) need "$1" $#; boot_seconds=$2; shift 2 ;;
         --big-floods) big=1; shift ;;
+        --nested) nested=1; shift ;;
+        --cmdline) need "$1" $#; extra=" $2"; shift 2 ;;
         --accel) need "$1" $#; accel=$2; shift 2 ;;
         --out) need "$1" $#; out=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -119,14 +126,14 @@ for n in "${smp_list[@]}"; do
             while [ "$s" = 0 ]; do s=$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); done
         fi
         seeds+=("$(printf '0x%x' "$s")")
-        arg=$(( (big << 56) | (secs << 32) | s ))
+        arg=$(( (nested << 57) | (big << 56) | (secs << 32) | s ))
         # Boot, set-up and the closing waits take far less than this; beyond it, a hang.
         limit=$((secs + secs / 2 + 120 + 4 * n))
         log="$out/smp$n-boot$boot.log"
-        cmd="scripts/run.sh -smp $n --timeout $limit --cmdline \"init=fuzz init.arg=$arg\""
+        cmd="scripts/run.sh -smp $n --timeout $limit --cmdline \"init=fuzz init.arg=$arg$extra\""
         [ "$accel" = auto ] || cmd="$cmd --accel $accel"
         status=0
-        scripts/run.sh "${accel_args[@]}" -smp "$n" --timeout "$limit" --cmdline "init=fuzz init.arg=$arg" \
+        scripts/run.sh "${accel_args[@]}" -smp "$n" --timeout "$limit" --cmdline "init=fuzz init.arg=$arg$extra" \
             >"$log" 2>&1 </dev/null || status=$?
         # The budget is wall time: a boot that fails early leaves the rest for the next.
         spent=$((SECONDS - started)); [ "$spent" -ge 1 ] || spent=1
@@ -137,6 +144,8 @@ for n in "${smp_list[@]}"; do
         if [ "$status" = 3 ]; then verdict="hang (no end within ${limit}s)"
         elif grep -aqE '^(PANIC|EXCEPTION) ' "$log"; then verdict="kernel panic"
         elif [ "$status" = 2 ]; then verdict="guest ended without reporting (a triple fault)"
+        elif grep -aq 'FAIL frames_owned_once' "$log"; then verdict="frame freed twice"
+        elif grep -aq 'FAIL frames_untouched_while_free' "$log"; then verdict="free frame written (mm.poison)"
         elif grep -aq 'FAIL frames_back_to_baseline' "$log"; then verdict="frames leaked"
         elif grep -aqE 'fuzz: (VIOLATION|FAIL)' "$log"; then verdict="fuzzer found a violation"
         elif [ "$status" != 0 ]; then verdict="guest failure (status $status)"

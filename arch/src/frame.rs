@@ -28,6 +28,8 @@ use crate::{percpu, HHDM_BASE, PAGE_SIZE};
 
 static FRAMES: spin::Once<Frames> = spin::Once::new();
 static ZERO: spin::Once<ZeroPools> = spin::Once::new();
+/// The lowest and highest physical address the allocator was given.
+static SPAN: spin::Once<(u64, u64)> = spin::Once::new();
 
 /// Frames kept for the kernel itself (see `above_reserve`).
 static RESERVE: AtomicU64 = AtomicU64::new(0);
@@ -106,9 +108,18 @@ impl Frame {
 impl Drop for Frame {
     fn drop(&mut self) {
         if let Some(frames) = FRAMES.get() {
-            // A frame only this type owned cannot be refused; if the allocator ever
-            // did, the frame is lost, which is safe.
-            let _ = frames.free(percpu::current_index(), self.0);
+            if poison::on() && frames.is_out(self.0.addr()) != Some(false) {
+                poison::fill(self);
+            }
+            // A frame only this type owned cannot be refused. If the allocator's
+            // ownership bits ever do (the frame is not out: freed twice), it is not
+            // handed out again, which is safe; the report names where.
+            if frames.free(percpu::current_index(), self.0).is_err() {
+                report_misuse(format_args!(
+                    "frame {:#x} freed twice (or never allocated)",
+                    self.0.addr()
+                ));
+            }
         }
     }
 }
@@ -224,6 +235,7 @@ impl Drop for FrameRun {
 /// `1 << order` contiguous frames from the global allocator (not zeroed).
 pub fn alloc_run(order: usize) -> Option<FrameRun> {
     let start = FRAMES.get()?.alloc_contiguous(order).ok()?;
+    poison::forget_run(start.addr(), order);
     Some(FrameRun { start, order })
 }
 
@@ -232,7 +244,14 @@ pub fn alloc_run(order: usize) -> Option<FrameRun> {
 /// so owning them is proof that nothing else uses them). Sizes the zeroed pools and the
 /// kernel's reserve. Returns the frames it manages.
 pub fn init(cpus: usize, free: crate::boot::FreeRanges) -> u64 {
-    let frames = FRAMES.call_once(|| Frames::new(cpus));
+    // One ownership bit per frame of the span (a 4 GiB span costs 128 KiB of heap).
+    if let Some(span) = free.span() {
+        SPAN.call_once(|| (span.0.max(0x10_0000), span.1));
+    }
+    let frames = FRAMES.call_once(|| match free.span() {
+        Some((start, end)) => Frames::with_span(cpus, start.max(0x10_0000), end),
+        None => Frames::new(cpus),
+    });
     for (start, end) in free {
         let start = start.max(0x10_0000);
         if start < end {
@@ -278,7 +297,11 @@ pub fn above_reserve() -> bool {
 
 /// A frame for the kernel (not zeroed).
 pub fn alloc() -> Option<Frame> {
-    FRAMES.get()?.alloc(percpu::current_index()).ok().map(Frame)
+    let frame = Frame(FRAMES.get()?.alloc(percpu::current_index()).ok()?);
+    if poison::on() {
+        poison::check(&frame);
+    }
+    Some(frame)
 }
 
 /// A frame for user memory or a user page table (not zeroed): `None` below the
@@ -294,14 +317,18 @@ pub fn alloc_user() -> Option<Frame> {
 /// waiting for a lock (the heap's slab refill, which may run under the allocator's
 /// own lock). The frame is given up as its HHDM address: it becomes heap memory.
 pub(crate) fn try_alloc_heap_page() -> Option<*mut u8> {
-    let frame = FRAMES.get()?.try_alloc(percpu::current_index()).ok()?;
-    Some((HHDM_BASE + frame.addr()) as *mut u8)
+    let frame = Frame(FRAMES.get()?.try_alloc(percpu::current_index()).ok()?);
+    if poison::on() {
+        poison::check(&frame);
+    }
+    Some((HHDM_BASE + frame.into_raw()) as *mut u8)
 }
 
 /// A run of `1 << order` contiguous frames for a large heap block, as its HHDM
 /// address.
 pub(crate) fn alloc_heap_run(order: usize) -> Option<*mut u8> {
     let run = FRAMES.get()?.alloc_contiguous(order).ok()?;
+    poison::forget_run(run.addr(), order);
     Some((HHDM_BASE + run.addr()) as *mut u8)
 }
 
@@ -321,11 +348,40 @@ pub(crate) unsafe fn free_heap_run(ptr: *mut u8) -> bool {
 /// through the CPU's cache.
 pub fn free_many(frames: alloc::vec::Vec<Frame>) {
     let Some(all) = FRAMES.get() else { return };
-    let mut addrs: alloc::vec::Vec<u64> = frames.into_iter().map(Frame::into_raw).collect();
+    let mut addrs: alloc::vec::Vec<u64> = frames
+        .into_iter()
+        .map(|mut f| {
+            if poison::on() {
+                poison::fill(&mut f);
+            }
+            f.into_raw()
+        })
+        .collect();
     let rejected = all.free_many(&mut addrs);
     if rejected > 0 {
-        log::error!(target: "mm", "{rejected} frames freed twice or never allocated");
+        report_misuse(format_args!(
+            "{rejected} frames of a batch freed twice (or never allocated)"
+        ));
     }
+}
+
+/// Frees the allocator refused and frames it would have handed out twice: both 0 in a
+/// correct kernel (the closing checks fail otherwise).
+pub fn misuse() -> panda_mm::cache::Misuse {
+    FRAMES.get().map(Frames::misuse).unwrap_or_default()
+}
+
+/// One error line, with a backtrace, for the first few misuses the ownership bits
+/// catch (later ones are only counted).
+#[cold]
+fn report_misuse(what: core::fmt::Arguments) {
+    static REPORTED: AtomicU64 = AtomicU64::new(0);
+    if REPORTED.fetch_add(1, Ordering::Relaxed) >= 8 {
+        return;
+    }
+    let mut trace = alloc::string::String::new();
+    let _ = crate::backtrace::write(&mut trace, 0, crate::backtrace::current_rbp());
+    log::error!(target: "mm", "{what} on cpu{}; {trace}", percpu::current_index());
 }
 
 /// Frames free in the allocator (global and every CPU's cache).
@@ -364,7 +420,7 @@ pub fn cache_stats(cpu: usize) -> Option<CacheStats> {
 /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
 pub fn try_take_zeroed(cpu: usize) -> Option<ZeroedFrame> {
     let z = ZERO.get()?.try_take(cpu)?;
-    Some(ZeroedFrame(Frame(z.into_frame())))
+    Some(poison::checked_zero(ZeroedFrame(Frame(z.into_frame()))))
 }
 
 /// A future for a zeroed frame from CPU `cpu`'s pool: ready at once on a hit, else
@@ -382,7 +438,7 @@ impl Future for TakeZeroed {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0)
             .poll(cx)
-            .map(|z| z.map(|z| ZeroedFrame(Frame(z.into_frame()))))
+            .map(|z| z.map(|z| poison::checked_zero(ZeroedFrame(Frame(z.into_frame())))))
     }
 }
 
@@ -398,6 +454,9 @@ pub fn refill_pool(cpu: usize, budget: usize) -> usize {
 /// Zeroes frame `f`, just allocated for a pool: the one zeroing path of every refill.
 fn zero_for_pool(f: PhysFrame) {
     let mut frame = Frame(f);
+    if poison::on() {
+        poison::check(&frame);
+    }
     frame.zero();
     // The pool holds it as a number from here on (and hands it out as a `ZeroedFrame`
     // again).
@@ -488,4 +547,138 @@ pub fn choose_zero_method() -> Option<(ZeroMethod, [(ZeroMethod, u64); 5])> {
     let fastest = times.iter().min_by_key(|(_, ns)| *ns)?.0;
     crate::paging::set_zero_method(fastest);
     Some((fastest, times))
+}
+
+/// Frame poisoning, a debugging mode (`mm.poison=on`; off by default: it costs a 4 KiB
+/// write per free and a 4 KiB read per allocation). A single frame given back is filled
+/// with `POISON`; when it is handed out again the pattern must be intact, and a frame
+/// taken from a zeroed pool must still be all zeros. Anything else means something
+/// wrote to memory it no longer owned — a stale TLB entry or mapping, a use after free —
+/// and is reported with the frame, the first changed word and the bytes around it (so
+/// the writer can often be recognised), and counted (`poison::hits`): the kernel's
+/// closing check fails on any.
+pub mod poison {
+    use alloc::vec::Vec;
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use super::{Frame, ZeroedFrame, FRAMES};
+    use crate::PAGE_SIZE;
+
+    /// The fill (Linux's `POISON_FREE` byte).
+    pub const POISON: u64 = 0x6b6b_6b6b_6b6b_6b6b;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    /// One bit per frame of the allocator's span: set while the frame holds the fill.
+    static FILLED: spin::Once<(u64, Vec<AtomicU64>)> = spin::Once::new();
+
+    /// Turns poisoning on (from boot, before user space runs): frames freed from now
+    /// on are filled and checked when handed out again.
+    pub fn enable() {
+        let Some((start, end)) = super::SPAN.get().copied() else {
+            return;
+        };
+        let frames = (end - start).div_ceil(PAGE_SIZE);
+        FILLED.call_once(|| {
+            (
+                start,
+                (0..frames.div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
+            )
+        });
+        ON.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether poisoning is on.
+    #[inline]
+    pub fn on() -> bool {
+        ON.load(Ordering::Relaxed)
+    }
+
+    /// Writes (or catches) found in free or pooled frames so far.
+    pub fn hits() -> u64 {
+        HITS.load(Ordering::Relaxed)
+    }
+
+    fn bit(phys: u64) -> Option<(&'static AtomicU64, u64)> {
+        let (start, bits) = FILLED.get()?;
+        let index = phys.checked_sub(*start)? / PAGE_SIZE;
+        Some((bits.get((index / 64) as usize)?, 1 << (index % 64)))
+    }
+
+    /// Fills `frame`, which its owner is about to give back.
+    pub(super) fn fill(frame: &mut Frame) {
+        let Some((word, bit)) = bit(frame.phys()) else {
+            return;
+        };
+        for i in 0..PAGE_SIZE as usize / 8 {
+            frame.write(i * 8, &POISON.to_ne_bytes());
+        }
+        word.fetch_or(bit, Ordering::AcqRel);
+    }
+
+    /// Checks a frame just handed out: if it was filled when freed, the fill must be
+    /// intact.
+    pub(super) fn check(frame: &Frame) {
+        let Some((word, bit)) = bit(frame.phys()) else {
+            return;
+        };
+        if word.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+            expect(frame, POISON, "written while free");
+        }
+    }
+
+    /// A run just handed out whole: its frames are not checked (runs are not filled
+    /// when freed), so a fill some of them held is forgotten.
+    pub(super) fn forget_run(start: u64, order: usize) {
+        if !on() {
+            return;
+        }
+        for i in 0..1u64 << order {
+            if let Some((word, bit)) = bit(start + i * PAGE_SIZE) {
+                word.fetch_and(!bit, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// A frame from a zeroed pool, checked to hold zeros still.
+    pub(super) fn checked_zero(z: ZeroedFrame) -> ZeroedFrame {
+        if on() {
+            expect(&z.0, 0, "written while in a zeroed pool");
+        }
+        z
+    }
+
+    fn expect(frame: &Frame, fill: u64, what: &str) {
+        let mut word = [0u8; 8];
+        let changed = (0..PAGE_SIZE as usize / 8).find(|&i| {
+            frame.read(i * 8, &mut word);
+            u64::from_ne_bytes(word) != fill
+        });
+        let Some(i) = changed else { return };
+        if HITS.fetch_add(1, Ordering::Relaxed) >= 16 {
+            return;
+        }
+        // The 32 bytes from the first changed word, as hex and as text.
+        let mut bytes = [0u8; 32];
+        let at = (i * 8).min(PAGE_SIZE as usize - bytes.len());
+        frame.read(at, &mut bytes);
+        let mut text = [b'.'; 32];
+        for (t, b) in text.iter_mut().zip(bytes) {
+            if b.is_ascii_graphic() || b == b' ' {
+                *t = b;
+            }
+        }
+        let owner = FRAMES.get().and_then(|f| f.is_out(frame.phys()));
+        log::error!(
+            target: "mm",
+            "frame {:#x} {what}: offset {:#x} holds {:02x?} \"{}\" (on cpu{}; ownership bit {owner:?})",
+            frame.phys(),
+            at,
+            bytes,
+            core::str::from_utf8(&text).unwrap_or("?"),
+            crate::percpu::current_index(),
+        );
+    }
 }

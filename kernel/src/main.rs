@@ -262,6 +262,16 @@ fn kmain(mut boot: BootInfo) -> ! {
             }
         }
     }
+    match boot.option("mm.poison") {
+        Some("on") => {
+            panda_arch::frame::poison::enable();
+            info!(target: "mm", "frame poisoning on (mm.poison=on): freed frames are filled and checked when reused, pooled frames checked for zeros (a debugging mode: slower)");
+        }
+        None | Some("off") => {}
+        Some(other) => {
+            warn!(target: "mm", "mm.poison={other} is not on or off: poisoning stays off")
+        }
+    }
     match boot.option("mm.prezero") {
         Some("off") => {
             memory::set_prezero(false);
@@ -498,8 +508,23 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
             heap::usage()
         );
     }
+    // The frame allocator's ownership bits: a frame freed twice (refused) or found in
+    // the free lists while still out (skipped) is a kernel bug even when nothing leaked.
+    let misuse = panda_arch::frame::misuse();
+    let poisoned = panda_arch::frame::poison::hits();
+    let owned_once = misuse == Default::default() && poisoned == 0;
+    if poisoned > 0 {
+        console!("FAIL frames_untouched_while_free: {poisoned} frames were written while free or pooled (mm.poison=on; the first are logged)");
+    }
+    if misuse != Default::default() {
+        console!(
+            "FAIL frames_owned_once: {} frees of frames that were not out (refused), {} frames found free while still out (skipped); the first are logged with a backtrace",
+            misuse.double_frees,
+            misuse.double_allocs
+        );
+    }
     match status {
-        _ if now != baseline || !heap_ok => power::Outcome::KernelFailure,
+        _ if now != baseline || !heap_ok || !owned_once => power::Outcome::KernelFailure,
         0 => power::Outcome::Success,
         process::KILLED => power::Outcome::ProgramKilled,
         _ => power::Outcome::ProgramFailed,

@@ -251,6 +251,15 @@ impl BuddyAllocator {
         Ok(())
     }
 
+    /// The order of the run `alloc` handed out at `addr` (None if there is none: not
+    /// allocated, or a frame of a split run).
+    pub fn run_order(&self, addr: u64) -> Option<usize> {
+        match self.allocated.get(&addr) {
+            Some(&Allocated::Run(order)) => Some(order as usize),
+            _ => None,
+        }
+    }
+
     /// Whether the frame at `addr` is handed out (inside an allocated run, or an
     /// out frame of a split run).
     pub fn is_allocated(&self, addr: u64) -> bool {

@@ -6,6 +6,13 @@
 //! cache drains `BATCH` frames back. So the common path touches only the caller's
 //! cache: its lock is only ever contended by statistics readers.
 //!
+//! With a span (`with_span`), the allocator also keeps one bit per frame saying whether
+//! it is out (handed to a caller) or free (in the buddy or a cache), changed only at
+//! this API: a frame freed twice — even into another CPU's cache, where the cache's own
+//! check cannot see it — is refused and counted instead of being handed out twice
+//! later, and a frame the lists would hand out while it is still out is skipped and
+//! counted. Both counts must stay 0 (`misuse`); the kernel reports any as a failure.
+//!
 //! The caller passes its CPU index and must stay on that CPU for the call (the kernel
 //! holds interrupts off, see `panda_arch::percpu::CpuGuard`). Frames are fungible, so
 //! a frame allocated on one CPU and freed on another simply joins the second CPU's
@@ -49,8 +56,64 @@ struct CpuCache {
     drains: AtomicU64,
 }
 
+/// One bit per frame of a span: set while the frame is out.
+struct Ownership {
+    base: u64,
+    bits: Vec<AtomicU64>,
+}
+
+impl Ownership {
+    fn new(start: u64, end: u64) -> Self {
+        let base = start / crate::FRAME_SIZE * crate::FRAME_SIZE;
+        let frames = end.saturating_sub(base).div_ceil(crate::FRAME_SIZE);
+        Self {
+            base,
+            bits: (0..frames.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// The word and bit of the frame at `addr`, if the span covers it.
+    fn slot(&self, addr: u64) -> Option<(&AtomicU64, u64)> {
+        let index = addr.checked_sub(self.base)? / crate::FRAME_SIZE;
+        let word = self.bits.get((index / 64) as usize)?;
+        Some((word, 1u64 << (index % 64)))
+    }
+
+    /// Marks the frame out; false if it already was.
+    fn take(&self, addr: u64) -> bool {
+        self.slot(addr)
+            .is_none_or(|(word, bit)| word.fetch_or(bit, Ordering::AcqRel) & bit == 0)
+    }
+
+    /// Marks the frame free; false if it was not out.
+    fn give(&self, addr: u64) -> bool {
+        self.slot(addr)
+            .is_none_or(|(word, bit)| word.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+    }
+
+    fn is_out(&self, addr: u64) -> Option<bool> {
+        self.slot(addr)
+            .map(|(word, bit)| word.load(Ordering::Acquire) & bit != 0)
+    }
+}
+
+/// Misuse the ownership bits caught (`Frames::misuse`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Misuse {
+    /// Frees of a frame that was not out (refused).
+    pub double_frees: u64,
+    /// Frames the free lists held while they were out (skipped, never handed out).
+    pub double_allocs: u64,
+}
+
 /// The frame allocator the kernel uses: global buddy plus per-CPU caches.
 pub struct Frames {
+    /// Which frames are out (`with_span`); `None`: not tracked.
+    owned: Option<Ownership>,
+    double_frees: AtomicU64,
+    double_allocs: AtomicU64,
     global: spin::Mutex<BuddyAllocator>,
     /// The global allocator's free count as of its last unlock: read without the lock
     /// by hot paths that only need an estimate (the kernel's memory reserve check).
@@ -84,9 +147,23 @@ impl Drop for Global<'_> {
 }
 
 impl Frames {
-    /// An empty allocator for CPUs `0..cpus`.
+    /// An empty allocator for CPUs `0..cpus`, without ownership bits.
     pub fn new(cpus: usize) -> Self {
+        Self::build(cpus, None)
+    }
+
+    /// An empty allocator for CPUs `0..cpus` that keeps an ownership bit for every
+    /// frame in `[start, end)` (where every range it will be given lies): a bit per
+    /// frame of the span, on the heap.
+    pub fn with_span(cpus: usize, start: u64, end: u64) -> Self {
+        Self::build(cpus, Some(Ownership::new(start, end)))
+    }
+
+    fn build(cpus: usize, owned: Option<Ownership>) -> Self {
         Self {
+            owned,
+            double_frees: AtomicU64::new(0),
+            double_allocs: AtomicU64::new(0),
             global: spin::Mutex::new(BuddyAllocator::new()),
             global_free_hint: CachePadded::new(AtomicU64::new(0)),
             cpus: (0..cpus.max(1))
@@ -137,8 +214,51 @@ impl Frames {
         &self.cpus[cpu]
     }
 
+    /// Marks a frame the lists gave up as out; false (counted) if it already was.
+    fn hand_out(&self, addr: u64) -> bool {
+        let fine = self.owned.as_ref().is_none_or(|o| o.take(addr));
+        if !fine {
+            self.double_allocs.fetch_add(1, Ordering::Relaxed);
+        }
+        fine
+    }
+
+    /// Marks a frame coming back as free; false (counted) if it was not out.
+    fn take_back(&self, addr: u64) -> bool {
+        let fine = self.owned.as_ref().is_none_or(|o| o.give(addr));
+        if !fine {
+            self.double_frees.fetch_add(1, Ordering::Relaxed);
+        }
+        fine
+    }
+
+    /// Frees refused and frames skipped because the ownership bits said so (always 0
+    /// without a span, and in a correct kernel).
+    pub fn misuse(&self) -> Misuse {
+        Misuse {
+            double_frees: self.double_frees.load(Ordering::Relaxed),
+            double_allocs: self.double_allocs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the ownership bits say the frame at `addr` is out (None: not tracked).
+    pub fn is_out(&self, addr: u64) -> Option<bool> {
+        self.owned.as_ref()?.is_out(addr)
+    }
+
     /// One frame, from CPU `cpu`'s cache (refilled from the global allocator if empty).
+    /// A frame the lists hold while it is out (a bug the ownership bits catch) is
+    /// skipped: it stays with whoever has it.
     pub fn alloc(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+        loop {
+            let frame = self.alloc_listed(cpu)?;
+            if self.hand_out(frame.0) {
+                return Ok(frame);
+            }
+        }
+    }
+
+    fn alloc_listed(&self, cpu: usize) -> Result<PhysFrame, MmError> {
         let c = self.cpu(cpu);
         let mut cache = c.cache.lock();
         if cache.len == 0 {
@@ -179,6 +299,15 @@ impl Frames {
     /// the stack. For callers that may run inside the allocator (the kernel heap's
     /// slab refill, reached from allocations the allocator itself makes).
     pub fn try_alloc(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+        loop {
+            let frame = self.try_alloc_listed(cpu)?;
+            if self.hand_out(frame.0) {
+                return Ok(frame);
+            }
+        }
+    }
+
+    fn try_alloc_listed(&self, cpu: usize) -> Result<PhysFrame, MmError> {
         let c = self.cpu(cpu);
         let mut cache = c.cache.try_lock().ok_or(MmError::OutOfMemory)?;
         if cache.len == 0 {
@@ -192,12 +321,16 @@ impl Frames {
     }
 
     /// Returns a frame to CPU `cpu`'s cache (draining a batch to the global allocator if
-    /// full). A frame already in this cache is rejected (a double free).
+    /// full). A frame that is not out (a double free, with ownership bits; without
+    /// them, one already in this cache) is rejected.
     pub fn free(&self, cpu: usize, frame: PhysFrame) -> Result<(), MmError> {
+        if !self.take_back(frame.addr()) {
+            return Err(MmError::NotAllocated);
+        }
         let c = self.cpu(cpu);
         let mut cache = c.cache.lock();
         let len = cache.len;
-        if cache.frames[..len].contains(&frame.addr()) {
+        if self.owned.is_none() && cache.frames[..len].contains(&frame.addr()) {
             return Err(MmError::NotAllocated);
         }
         if cache.len == CACHE_CAPACITY {
@@ -215,21 +348,40 @@ impl Frames {
         Ok(())
     }
 
-    /// 2^order contiguous frames, straight from the global allocator.
     /// Frees many frames straight to the global allocator under one lock hold (a
     /// heap shrink's or a buffer's), bypassing the caches. Returns how many were
     /// rejected (not allocated), which is a caller's bug.
     pub fn free_many(&self, frames: &mut [u64]) -> usize {
-        self.global().free_many(frames)
+        let mut refused = 0;
+        let mut kept = 0;
+        for i in 0..frames.len() {
+            if self.take_back(frames[i]) {
+                frames[kept] = frames[i];
+                kept += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        refused + self.global().free_many(&mut frames[..kept])
     }
 
+    /// 2^order contiguous frames, straight from the global allocator.
     pub fn alloc_contiguous(&self, order: usize) -> Result<PhysFrame, MmError> {
-        self.global().alloc(order)
+        let run = self.global().alloc(order)?;
+        for i in 0..1u64 << order {
+            self.hand_out(run.0 + i * crate::FRAME_SIZE);
+        }
+        Ok(run)
     }
 
     /// Frees a run from `alloc_contiguous`.
     pub fn free_contiguous(&self, frame: PhysFrame) -> Result<(), MmError> {
-        self.global().free(frame)
+        let mut global = self.global();
+        let order = global.run_order(frame.0).ok_or(MmError::NotAllocated)?;
+        for i in 0..1u64 << order {
+            self.take_back(frame.0 + i * crate::FRAME_SIZE);
+        }
+        global.free(frame)
     }
 
     /// Frames free in the global allocator.
@@ -287,7 +439,7 @@ mod tests {
     use std::sync::Arc;
 
     fn frames(cpus: usize, n: u64) -> Frames {
-        let f = Frames::new(cpus);
+        let f = Frames::with_span(cpus, 0x100_0000, 0x100_0000 + n * 4096);
         f.add_range(0x100_0000, 0x100_0000 + n * 4096);
         f
     }
@@ -369,11 +521,62 @@ mod tests {
 
     #[test]
     fn a_double_free_into_the_cache_is_rejected() {
-        let f = frames(1, 100);
+        for f in [frames(1, 100), untracked(1, 100)] {
+            let a = f.alloc(0).unwrap();
+            f.free(0, a).unwrap();
+            assert_eq!(f.free(0, a), Err(MmError::NotAllocated));
+            assert_eq!(f.total_free(), 100);
+        }
+    }
+
+    fn untracked(cpus: usize, n: u64) -> Frames {
+        let f = Frames::new(cpus);
+        f.add_range(0x100_0000, 0x100_0000 + n * 4096);
+        f
+    }
+
+    /// The case the cache's own check cannot see: the second free goes to another
+    /// CPU's cache (or the global allocator) while the first copy sits in a cache.
+    /// Accepted, the frame would be handed out twice; the ownership bits refuse it.
+    #[test]
+    fn a_double_free_into_another_cpus_cache_is_refused_and_counted() {
+        let f = frames(2, 200);
         let a = f.alloc(0).unwrap();
         f.free(0, a).unwrap();
-        assert_eq!(f.free(0, a), Err(MmError::NotAllocated));
-        assert_eq!(f.total_free(), 100);
+        assert_eq!(f.free(1, a), Err(MmError::NotAllocated));
+        let mut many = [a.0];
+        assert_eq!(f.free_many(&mut many), 1);
+        assert_eq!(f.misuse().double_frees, 2);
+        // Every frame is handed out exactly once, whoever asks.
+        let mut seen = HashSet::new();
+        while let Ok(fr) = f.alloc(seen.len() % 2) {
+            assert!(seen.insert(fr), "{fr:?} handed out twice");
+            assert_eq!(f.is_out(fr.0), Some(true));
+        }
+        assert_eq!(f.misuse().double_allocs, 0);
+        for (i, fr) in seen.into_iter().enumerate() {
+            f.free(i % 2, fr).unwrap();
+        }
+        assert_eq!(f.total_free(), 200);
+        assert_eq!(f.is_out(a.0), Some(false));
+    }
+
+    #[test]
+    fn runs_are_out_frame_by_frame_until_freed_whole() {
+        let f = frames(1, 64);
+        let run = f.alloc_contiguous(3).unwrap();
+        for i in 0..8 {
+            assert_eq!(f.is_out(run.0 + i * 4096), Some(true));
+        }
+        // A frame of the run freed on its own is not a run: refused by the buddy, and
+        // the run stays out.
+        f.free_contiguous(run).unwrap();
+        assert_eq!(f.free_contiguous(run), Err(MmError::NotAllocated));
+        for i in 0..8 {
+            assert_eq!(f.is_out(run.0 + i * 4096), Some(false));
+        }
+        assert_eq!(f.misuse(), Misuse::default());
+        assert_eq!(f.total_free(), 64);
     }
 
     #[test]

@@ -417,6 +417,16 @@ pub struct FreeRanges {
     next: usize,
 }
 
+impl FreeRanges {
+    /// The lowest start and highest end of the ranges not yet taken (None if none).
+    pub fn span(&self) -> Option<(u64, u64)> {
+        let rest = &self.ranges[self.next.min(self.len)..self.len];
+        let start = rest.iter().map(|r| r.0).min()?;
+        let end = rest.iter().map(|r| r.1).max()?;
+        Some((start, end))
+    }
+}
+
 impl Iterator for FreeRanges {
     type Item = (u64, u64);
 

@@ -14,6 +14,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "init",
     "init.arg",
     "log",
+    "mm.poison",
     "mm.prezero",
     "mm.zero",
     "smp.silent",

@@ -11,7 +11,9 @@
 //!   mode 1 fault, 2 exit-mid-call, 3 sleepers, 4 thread-flood, 5 memory, 6 random,
 //!   7 race; `0x80` alone starts none (to narrow a failure down);
 //! - bit 56: big thread floods (up to 100000 threads per thread-flood child instead of
-//!   2000: enough to exhaust the kernel's heap).
+//!   2000: enough to exhaust the kernel's heap);
+//! - bit 57: nested fuzzers: a quarter of the children are full fuzzers of their own
+//!   (1 s, a random seed, every child kind but nested ones), which must exit 0.
 //!
 //! E.g. seed 0x1234 for 60 s: `init.arg=$(( (60 << 32) | 0x1234 ))` = 257698042420; the
 //! same with sleeper children only: `$(( (0x04 << 48) | (60 << 32) | 0x1234 ))`.
@@ -367,6 +369,8 @@ static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static MODES: AtomicU64 = AtomicU64::new(0x7f);
 /// Most threads one thread-flood child starts.
 static FLOOD_CAP: AtomicU64 = AtomicU64::new(2000);
+/// Whether some children are nested fuzzers (bit 57).
+static NESTED: AtomicBool = AtomicBool::new(false);
 const BIG_FLOOD: u64 = 100_000;
 
 static CALLS: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
@@ -503,7 +507,9 @@ const MODE_THREAD_FLOOD: u64 = 4;
 const MODE_MEMORY: u64 = 5;
 const MODE_RANDOM: u64 = 6;
 const MODE_RACE: u64 = 7;
-const MODE_NAMES: [&str; 8] = [
+/// A full fuzzer (parent role) started as a child (bit 57 of the argument).
+const MODE_NESTED: u64 = 8;
+const MODE_NAMES: [&str; 9] = [
     "?",
     "fault",
     "exit-mid-call",
@@ -512,6 +518,7 @@ const MODE_NAMES: [&str; 8] = [
     "memory",
     "random",
     "race",
+    "nested",
 ];
 
 fn child_arg(mode: u64, param: u64, seed: u64) -> u64 {
@@ -550,6 +557,9 @@ fn spawn_child(rng: &mut Rng, limit: usize) -> bool {
             break;
         }
     }
+    if NESTED.load(Relaxed) && rng.chance(4) {
+        mode = MODE_NESTED;
+    }
     if mode == 0 {
         return false;
     }
@@ -582,9 +592,17 @@ fn spawn_child(rng: &mut Rng, limit: usize) -> bool {
         ),
         MODE_MEMORY => (1000 + rng.below(2000), Expect::CodeOrKilled(0)),
         MODE_RANDOM => (100 + rng.below(1500), Expect::CodeOrKilled(0)),
+        // Killed only for lack of memory (a memory hog beside it).
+        MODE_NESTED => (1, Expect::CodeOrKilled(0)),
         _ => (200 + rng.below(1500), Expect::CodeOrKilled(0)),
     };
-    let arg = child_arg(mode, param, seed);
+    let arg = if mode == MODE_NESTED {
+        // Parent role: `param` seconds, every child kind (nested ones are off: bit 57
+        // is clear).
+        param << 32 | seed
+    } else {
+        child_arg(mode, param, seed)
+    };
     let child = match sys::spawn("fuzz", arg) {
         Ok(pid) => {
             CHILDREN_SPAWNED.fetch_add(1, Relaxed);
@@ -1569,6 +1587,7 @@ fn main(arg: u64) -> u64 {
     if arg >> 56 & 1 == 1 {
         FLOOD_CAP.store(BIG_FLOOD, SeqCst);
     }
+    NESTED.store(arg >> 57 & 1 == 1, SeqCst);
     let mut seconds = (arg >> 32) & 0xffff;
     if seconds == 0 {
         seconds = 20;
@@ -1584,7 +1603,7 @@ fn main(arg: u64) -> u64 {
     say!(
         "fuzz: seed {seed:#x} seconds {seconds} cpus {cpus} workers {workers} children {:#x} (rerun: init=fuzz init.arg={})",
         MODES.load(SeqCst),
-        arg & 1 << 56 | modes << 48 | seconds << 32 | seed
+        arg & 3 << 56 | modes << 48 | seconds << 32 | seed
     );
 
     // Everything the parent will touch, touched now (see `pretouch`).
