@@ -12,8 +12,10 @@
 //!   7 race; `0x80` alone starts none (to narrow a failure down);
 //! - bit 56: big thread floods (up to 100000 threads per thread-flood child instead of
 //!   2000: enough to exhaust the kernel's heap);
-//! - bit 57: nested fuzzers: a quarter of the children are full fuzzers of their own
-//!   (1 s, a random seed, every child kind but nested ones), which must exit 0.
+//! - bit 57: nested fuzzers: a quarter of the children are launchers, which start a
+//!   full fuzzer of their own (1 s, a random seed, every child kind but nested ones) and
+//!   exit after a random delay (0 ms to 2 s), so the kernel ends the nested fuzzer as an
+//!   orphan anywhere from its first instruction to its end.
 //!
 //! E.g. seed 0x1234 for 60 s: `init.arg=$(( (60 << 32) | 0x1234 ))` = 257698042420; the
 //! same with sleeper children only: `$(( (0x04 << 48) | (60 << 32) | 0x1234 ))`.
@@ -507,7 +509,7 @@ const MODE_THREAD_FLOOD: u64 = 4;
 const MODE_MEMORY: u64 = 5;
 const MODE_RANDOM: u64 = 6;
 const MODE_RACE: u64 = 7;
-/// A full fuzzer (parent role) started as a child (bit 57 of the argument).
+/// A launcher of a full fuzzer (parent role), ended with it (bit 57 of the argument).
 const MODE_NESTED: u64 = 8;
 const MODE_NAMES: [&str; 9] = [
     "?",
@@ -592,17 +594,20 @@ fn spawn_child(rng: &mut Rng, limit: usize) -> bool {
         ),
         MODE_MEMORY => (1000 + rng.below(2000), Expect::CodeOrKilled(0)),
         MODE_RANDOM => (100 + rng.below(1500), Expect::CodeOrKilled(0)),
-        // Killed only for lack of memory (a memory hog beside it).
-        MODE_NESTED => (1, Expect::CodeOrKilled(0)),
+        // The delay before the launcher exits, in ms.
+        MODE_NESTED => (
+            rng.pick(&[0, 1, 2, 5, 10, 20, 50, 100, 300, 2000]),
+            Expect::Code(code),
+        ),
         _ => (200 + rng.below(1500), Expect::CodeOrKilled(0)),
     };
-    let arg = if mode == MODE_NESTED {
-        // Parent role: `param` seconds, every child kind (nested ones are off: bit 57
-        // is clear).
-        param << 32 | seed
+    // A launcher's exit code rides above its delay.
+    let param = if mode == MODE_NESTED {
+        param | code << 12
     } else {
-        child_arg(mode, param, seed)
+        param
     };
+    let arg = child_arg(mode, param, seed);
     let child = match sys::spawn("fuzz", arg) {
         Ok(pid) => {
             CHILDREN_SPAWNED.fetch_add(1, Relaxed);
@@ -1760,6 +1765,15 @@ fn child(arg: u64) -> u64 {
             }
         }
         MODE_RACE => race(&mut rng, param.min(3000)),
+        MODE_NESTED => {
+            // A full fuzzer (parent role: 1 s, every child kind, no nesting), left to
+            // the kernel: this process exits after `param & 0xfff` ms without waiting,
+            // which ends the nested fuzzer (an orphan) wherever it is by then. Its
+            // violations go to the console like everyone's.
+            let _ = sys::spawn("fuzz", 1 << 32 | rng.next() & 0xffff_ffff);
+            sys::sleep_ns((param & 0xfff) * 1_000_000);
+            param >> 12
+        }
         _ => 0,
     }
 }
