@@ -74,8 +74,8 @@ pub struct UserContext {
     pub error_code: u64,
     pub cr2: u64,
     /// The thread's FS base (thread-local storage), loaded into `IA32_FS_BASE` before
-    /// each run when it differs from what the CPU has. Must be a canonical lower-half
-    /// address (the system call that sets it checks).
+    /// each run. Must be a canonical lower-half address (the system call that sets it
+    /// checks).
     pub fs_base: u64,
     /// x87/SSE registers: restored before entering user mode and saved at every exit,
     /// so threads sharing a CPU keep their own (the kernel itself uses no SSE).
@@ -276,28 +276,22 @@ pub fn run(ctx: &mut UserContext) -> Exit {
     }
 }
 
-/// The FS base each CPU last loaded for a user thread (`u64::MAX`: unknown). The kernel
-/// never uses FS, so the register keeps what was loaded until the next thread with a
-/// different value runs here.
-static LOADED_FS_BASE: [core::sync::atomic::AtomicU64; crate::percpu::MAX_CPUS] =
-    [const { core::sync::atomic::AtomicU64::new(u64::MAX) }; crate::percpu::MAX_CPUS];
-
 /// Whether `base` may be a thread's FS base: canonical and in the lower half.
 pub fn valid_fs_base(base: u64) -> bool {
     base < 0x0000_8000_0000_0000
 }
 
+/// Loads the thread's FS base, on every entry to user mode. It is not skipped when the
+/// CPU seems to hold the value already: user code can change the FS base without the
+/// kernel seeing it (`mov fs, <selector>` loads the descriptor's base), so a skipped
+/// load once let one thread — of any process — run another with FS base 0 (the user
+/// test `a_segment_load_cannot_change_another_threads_fs_base`). The GS base needs no
+/// such care: user mode can only ever set it to 0, which every thread has.
 fn load_fs_base(base: u64) {
     let base = if valid_fs_base(base) { base } else { 0 };
-    let Some(slot) = LOADED_FS_BASE.get(crate::percpu::current_index()) else {
-        return;
-    };
-    if slot.load(core::sync::atomic::Ordering::Relaxed) != base {
-        // SAFETY: IA32_FS_BASE only sets the FS segment base, which the kernel does not
-        // use; `base` is canonical (checked above), so the write cannot fault.
-        unsafe { x86_64::registers::model_specific::Msr::new(0xc000_0100).write(base) };
-        slot.store(base, core::sync::atomic::Ordering::Relaxed);
-    }
+    // SAFETY: IA32_FS_BASE only sets the FS segment base, which the kernel does not
+    // use; `base` is canonical (checked above), so the write cannot fault.
+    unsafe { x86_64::registers::model_specific::Msr::new(0xc000_0100).write(base) };
 }
 
 /// Called by the trap dispatcher for a trap from ring 3, after the vector's handler

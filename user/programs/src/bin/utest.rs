@@ -1081,6 +1081,55 @@ fn partly_bad_destinations_are_left_untouched() -> Outcome {
     Ok(())
 }
 
+/// A thread that loads a segment selector into FS (which sets the FS base from the
+/// descriptor, behind the kernel's back) cannot change the FS base another thread runs
+/// with on the same CPU: the kernel loads every thread's own base each time it enters
+/// user mode. (It once skipped the load when its record of the CPU's FS base matched,
+/// so the other thread ran with base 0 and died at its next `fs:` access.)
+fn a_segment_load_cannot_change_another_threads_fs_base() -> Outcome {
+    static MINE: AtomicU64 = AtomicU64::new(0x5eed);
+    fn fs_word() -> u64 {
+        let v: u64;
+        // SAFETY: reads the word at FS base, which the caller pointed at a static.
+        unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) v, options(nostack, readonly)) };
+        v
+    }
+    sys::set_affinity(0).map_err(|e| format!("pin: {e:?}"))?;
+    sys::set_fs_base(MINE.as_ptr() as usize).map_err(|e| format!("set: {e:?}"))?;
+    let loader = thread::spawn(|| {
+        // The same FS base as the main thread's (as two processes of one program
+        // have: their thread-local blocks are at the same address), so the kernel's
+        // record of the CPU's FS base matches whichever of the two ran last.
+        if sys::set_affinity(0).is_err() || sys::set_fs_base(MINE.as_ptr() as usize).is_err() {
+            return 1;
+        }
+        for _ in 0..20 {
+            // SAFETY: loads the user data selector (0x1b) into FS: only this thread's
+            // FS base changes (to the descriptor's base, 0); this thread reads no
+            // thread-local after it.
+            unsafe {
+                core::arch::asm!("mov ax, 0x1b", "mov fs, ax", out("ax") _, options(nostack))
+            };
+            sys::yield_now();
+        }
+        0
+    })
+    .map_err(|e| format!("{e:?}"))?;
+    for _ in 0..40 {
+        sys::yield_now();
+        // With the bug this thread's FS base is 0 here and the read faults (the process
+        // is killed, which fails the run).
+        ensure!(fs_word() == 0x5eed, "the FS base changed under this thread");
+    }
+    let r = loader.join().map_err(|e| format!("join: {e:?}"))?;
+    ensure!(
+        r == 0,
+        "the loader thread could not pin itself or set its FS base ({r})"
+    );
+    panda_rt::tls::start_main();
+    Ok(())
+}
+
 /// Each thread has its own id and its own FS base (thread-local storage).
 fn threads_have_ids_and_their_own_fs_base() -> Outcome {
     static SLOTS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
@@ -1468,7 +1517,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 33] = [
+    let tests: [(&str, Test); 34] = [
         (
             "back_to_back_calls_let_other_threads_run",
             back_to_back_calls_let_other_threads_run,
@@ -1549,6 +1598,10 @@ fn main(arg: u64) -> u64 {
         (
             "threads_have_ids_and_their_own_fs_base",
             threads_have_ids_and_their_own_fs_base,
+        ),
+        (
+            "a_segment_load_cannot_change_another_threads_fs_base",
+            a_segment_load_cannot_change_another_threads_fs_base,
         ),
         (
             "reused_frames_are_zero_in_every_byte",
