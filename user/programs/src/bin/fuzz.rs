@@ -324,9 +324,26 @@ impl Job {
 
 static SLOT_JOB: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
 static SLOT_ARG: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+/// Set by the first thread that runs a slot's job: a process runs each slot once, and a
+/// slot's stack and statistics belong to one thread.
+static SLOT_TAKEN: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
+/// Set when `main` first runs.
+static MAIN_RAN: AtomicBool = AtomicBool::new(false);
+
+/// A thread that entered this program where it was not started: a child's random
+/// thread entry can be `_start` (the ELF entry is one of the edge values) or this
+/// trampoline. Run on, it would be a second thread on a stack already in use (once
+/// seen as "nested fuzzers" whose registers and memory changed under them: two
+/// workers on one stack); it ends at once instead.
+fn stray() -> ! {
+    sys::thread_exit(97)
+}
 
 extern "C" fn rust_thread_start(slot: u64) -> ! {
     let s = slot as usize;
+    if s >= SLOTS || SLOT_TAKEN[s].swap(true, SeqCst) {
+        stray();
+    }
     let arg = SLOT_ARG[s].load(SeqCst);
     let code = match Job::from(SLOT_JOB[s].load(SeqCst)) {
         Some(Job::Worker) => worker(s, arg, false),
@@ -1575,6 +1592,9 @@ fn progress(t: u64) {
 // The parent.
 
 fn main(arg: u64) -> u64 {
+    if MAIN_RAN.swap(true, SeqCst) {
+        stray();
+    }
     PID.store(sys::pid(), SeqCst);
     if arg >> 63 == 1 {
         return child(arg);
