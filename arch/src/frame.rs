@@ -28,6 +28,8 @@ use crate::{percpu, HHDM_BASE, PAGE_SIZE};
 
 static FRAMES: spin::Once<Frames> = spin::Once::new();
 static ZERO: spin::Once<ZeroPools> = spin::Once::new();
+/// Memory below 1 MiB is never managed (firmware and the AP trampoline live there).
+const FIRST_FRAME: u64 = 0x10_0000;
 /// The lowest and highest physical address the allocator was given.
 static SPAN: spin::Once<(u64, u64)> = spin::Once::new();
 
@@ -245,15 +247,18 @@ pub fn alloc_run(order: usize) -> Option<FrameRun> {
 /// kernel's reserve. Returns the frames it manages.
 pub fn init(cpus: usize, free: crate::boot::FreeRanges) -> u64 {
     // One ownership bit per frame of the span (a 4 GiB span costs 128 KiB of heap).
-    if let Some(span) = free.span() {
-        SPAN.call_once(|| (span.0.max(0x10_0000), span.1));
-    }
-    let frames = FRAMES.call_once(|| match free.span() {
-        Some((start, end)) => Frames::with_span(cpus, start.max(0x10_0000), end),
+    let span = free
+        .span()
+        .map(|(start, end)| (start.max(FIRST_FRAME), end));
+    let frames = FRAMES.call_once(|| match span {
+        Some((start, end)) => Frames::with_span(cpus, start, end),
         None => Frames::new(cpus),
     });
+    if let Some(span) = span {
+        SPAN.call_once(|| span);
+    }
     for (start, end) in free {
-        let start = start.max(0x10_0000);
+        let start = start.max(FIRST_FRAME);
         if start < end {
             frames.add_range(start, end);
         }
