@@ -196,6 +196,9 @@ pub async fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usiz
             watchdog_watched_the_whole_run(&ctx),
         );
     }
+    if chosen("mm_no_frame_was_freed_twice") {
+        record("mm_no_frame_was_freed_twice", mm_no_frame_was_freed_twice());
+    }
     if inject {
         record(injected.0, (injected.1)(&ctx));
     }
@@ -218,6 +221,22 @@ fn watchdog_watched_the_whole_run(ctx: &Context<'_>) -> Outcome {
         quiet > 0 && quiet < limit,
         "longest quiet time {quiet} ns, limit {limit} ns"
     );
+    Ok(())
+}
+
+/// Over the whole run, the frame allocator's ownership bits refused no free of a frame
+/// that was not out and skipped no listed frame that was (and, with `mm.poison=on`, no
+/// free or pooled frame was written): every test's frames had one owner at a time.
+fn mm_no_frame_was_freed_twice() -> Outcome {
+    let misuse = panda_arch::frame::misuse();
+    ensure!(
+        misuse == Default::default(),
+        "{} frees of frames not out, {} listed frames still out (the first are logged)",
+        misuse.double_frees,
+        misuse.double_allocs
+    );
+    let poisoned = panda_arch::frame::poison::hits();
+    ensure!(poisoned == 0, "{poisoned} free or pooled frames were written");
     Ok(())
 }
 
