@@ -236,7 +236,10 @@ fn mm_no_frame_was_freed_twice() -> Outcome {
         misuse.double_allocs
     );
     let poisoned = panda_arch::frame::poison::hits();
-    ensure!(poisoned == 0, "{poisoned} free or pooled frames were written");
+    ensure!(
+        poisoned == 0,
+        "{poisoned} free or pooled frames were written"
+    );
     Ok(())
 }
 
