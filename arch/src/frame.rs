@@ -30,8 +30,6 @@ static FRAMES: spin::Once<Frames> = spin::Once::new();
 static ZERO: spin::Once<ZeroPools> = spin::Once::new();
 /// Memory below 1 MiB is never managed (firmware and the AP trampoline live there).
 const FIRST_FRAME: u64 = 0x10_0000;
-/// The lowest and highest physical address the allocator was given.
-static SPAN: spin::Once<(u64, u64)> = spin::Once::new();
 
 /// Frames kept for the kernel itself (see `above_reserve`).
 static RESERVE: AtomicU64 = AtomicU64::new(0);
@@ -110,9 +108,7 @@ impl Frame {
 impl Drop for Frame {
     fn drop(&mut self) {
         if let Some(frames) = FRAMES.get() {
-            if poison::on() && frames.is_out(self.0.addr()) != Some(false) {
-                poison::fill(self);
-            }
+            poison::fill(self);
             // A frame only this type owned cannot be refused. If the allocator's
             // ownership bits ever do (the frame is not out: freed twice), it is not
             // handed out again, which is safe; the report names where.
@@ -254,9 +250,6 @@ pub fn init(cpus: usize, free: crate::boot::FreeRanges) -> u64 {
         Some((start, end)) => Frames::with_span(cpus, start, end),
         None => Frames::new(cpus),
     });
-    if let Some(span) = span {
-        SPAN.call_once(|| span);
-    }
     for (start, end) in free {
         let start = start.max(FIRST_FRAME);
         if start < end {
@@ -303,9 +296,7 @@ pub fn above_reserve() -> bool {
 /// A frame for the kernel (not zeroed).
 pub fn alloc() -> Option<Frame> {
     let frame = Frame(FRAMES.get()?.alloc(percpu::current_index()).ok()?);
-    if poison::on() {
-        poison::check(&frame);
-    }
+    poison::check(&frame);
     Some(frame)
 }
 
@@ -323,9 +314,7 @@ pub fn alloc_user() -> Option<Frame> {
 /// own lock). The frame is given up as its HHDM address: it becomes heap memory.
 pub(crate) fn try_alloc_heap_page() -> Option<*mut u8> {
     let frame = Frame(FRAMES.get()?.try_alloc(percpu::current_index()).ok()?);
-    if poison::on() {
-        poison::check(&frame);
-    }
+    poison::check(&frame);
     Some((HHDM_BASE + frame.into_raw()) as *mut u8)
 }
 
@@ -356,9 +345,7 @@ pub fn free_many(frames: alloc::vec::Vec<Frame>) {
     let mut addrs: alloc::vec::Vec<u64> = frames
         .into_iter()
         .map(|mut f| {
-            if poison::on() {
-                poison::fill(&mut f);
-            }
+            poison::fill(&mut f);
             f.into_raw()
         })
         .collect();
@@ -459,9 +446,7 @@ pub fn refill_pool(cpu: usize, budget: usize) -> usize {
 /// Zeroes frame `f`, just allocated for a pool: the one zeroing path of every refill.
 fn zero_for_pool(f: PhysFrame) {
     let mut frame = Frame(f);
-    if poison::on() {
-        poison::check(&frame);
-    }
+    poison::check(&frame);
     frame.zero();
     // The pool holds it as a number from here on (and hands it out as a `ZeroedFrame`
     // again).
@@ -563,8 +548,9 @@ pub fn choose_zero_method() -> Option<(ZeroMethod, [(ZeroMethod, u64); 5])> {
 /// the writer can often be recognised), and counted (`poison::hits`): the kernel's
 /// closing check fails on any.
 pub mod poison {
-    use alloc::vec::Vec;
     use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use panda_mm::cache::FrameBits;
 
     use super::{Frame, ZeroedFrame, FRAMES};
     use crate::PAGE_SIZE;
@@ -575,23 +561,15 @@ pub mod poison {
     static ON: AtomicBool = AtomicBool::new(false);
     static HITS: AtomicU64 = AtomicU64::new(0);
     /// One bit per frame of the allocator's span: set while the frame holds the fill.
-    static FILLED: spin::Once<(u64, Vec<AtomicU64>)> = spin::Once::new();
+    static FILLED: spin::Once<FrameBits> = spin::Once::new();
 
     /// Turns poisoning on (from boot, before user space runs): frames freed from now
     /// on are filled and checked when handed out again.
     pub fn enable() {
-        let Some((start, end)) = super::SPAN.get().copied() else {
+        let Some((start, end)) = FRAMES.get().and_then(|f| f.span()) else {
             return;
         };
-        let frames = (end - start).div_ceil(PAGE_SIZE);
-        FILLED.call_once(|| {
-            (
-                start,
-                (0..frames.div_ceil(64))
-                    .map(|_| AtomicU64::new(0))
-                    .collect(),
-            )
-        });
+        FILLED.call_once(|| FrameBits::new(start, end));
         ON.store(true, Ordering::SeqCst);
     }
 
@@ -606,30 +584,34 @@ pub mod poison {
         HITS.load(Ordering::Relaxed)
     }
 
-    fn bit(phys: u64) -> Option<(&'static AtomicU64, u64)> {
-        let (start, bits) = FILLED.get()?;
-        let index = phys.checked_sub(*start)? / PAGE_SIZE;
-        Some((bits.get((index / 64) as usize)?, 1 << (index % 64)))
+    fn filled() -> Option<&'static FrameBits> {
+        if on() {
+            FILLED.get()
+        } else {
+            None
+        }
     }
 
-    /// Fills `frame`, which its owner is about to give back.
+    /// Fills `frame`, which its owner is about to give back (nothing with poisoning
+    /// off, or if the ownership bits say the frame is not out: a double free, which the
+    /// allocator refuses, must not write over the real owner's data).
     pub(super) fn fill(frame: &mut Frame) {
-        let Some((word, bit)) = bit(frame.phys()) else {
+        let Some(bits) = filled() else { return };
+        let out = FRAMES.get().and_then(|f| f.is_out(frame.phys()));
+        if bits.get(frame.phys()).is_none() || out == Some(false) {
             return;
-        };
+        }
         for i in 0..PAGE_SIZE as usize / 8 {
             frame.write(i * 8, &POISON.to_ne_bytes());
         }
-        word.fetch_or(bit, Ordering::AcqRel);
+        bits.set(frame.phys());
     }
 
     /// Checks a frame just handed out: if it was filled when freed, the fill must be
-    /// intact.
+    /// intact (nothing with poisoning off).
     pub(super) fn check(frame: &Frame) {
-        let Some((word, bit)) = bit(frame.phys()) else {
-            return;
-        };
-        if word.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+        let Some(bits) = filled() else { return };
+        if bits.clear(frame.phys()) == Some(true) {
             expect(frame, POISON, "written while free");
         }
     }
@@ -637,13 +619,9 @@ pub mod poison {
     /// A run just handed out whole: its frames are not checked (runs are not filled
     /// when freed), so a fill some of them held is forgotten.
     pub(super) fn forget_run(start: u64, order: usize) {
-        if !on() {
-            return;
-        }
+        let Some(bits) = filled() else { return };
         for i in 0..1u64 << order {
-            if let Some((word, bit)) = bit(start + i * PAGE_SIZE) {
-                word.fetch_and(!bit, Ordering::AcqRel);
-            }
+            bits.clear(start + i * PAGE_SIZE);
         }
     }
 

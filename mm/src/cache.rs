@@ -56,14 +56,16 @@ struct CpuCache {
     drains: AtomicU64,
 }
 
-/// One bit per frame of a span: set while the frame is out.
-struct Ownership {
+/// One bit per frame of a physical span, each changed atomically: the allocator's
+/// ownership bits, and the kernel's record of which free frames hold its poison fill.
+pub struct FrameBits {
     base: u64,
     bits: Vec<AtomicU64>,
 }
 
-impl Ownership {
-    fn new(start: u64, end: u64) -> Self {
+impl FrameBits {
+    /// Clear bits for every frame of `[start, end)`.
+    pub fn new(start: u64, end: u64) -> Self {
         let base = start / crate::FRAME_SIZE * crate::FRAME_SIZE;
         let frames = end.saturating_sub(base).div_ceil(crate::FRAME_SIZE);
         Self {
@@ -74,6 +76,12 @@ impl Ownership {
         }
     }
 
+    /// The first and one past the last address covered.
+    pub fn span(&self) -> (u64, u64) {
+        let frames = self.bits.len() as u64 * 64;
+        (self.base, self.base + frames * crate::FRAME_SIZE)
+    }
+
     /// The word and bit of the frame at `addr`, if the span covers it.
     fn slot(&self, addr: u64) -> Option<(&AtomicU64, u64)> {
         let index = addr.checked_sub(self.base)? / crate::FRAME_SIZE;
@@ -81,19 +89,20 @@ impl Ownership {
         Some((word, 1u64 << (index % 64)))
     }
 
-    /// Marks the frame out; false if it already was.
-    fn take(&self, addr: u64) -> bool {
+    /// Sets the frame's bit; its previous value (None outside the span).
+    pub fn set(&self, addr: u64) -> Option<bool> {
         self.slot(addr)
-            .is_none_or(|(word, bit)| word.fetch_or(bit, Ordering::AcqRel) & bit == 0)
+            .map(|(word, bit)| word.fetch_or(bit, Ordering::AcqRel) & bit != 0)
     }
 
-    /// Marks the frame free; false if it was not out.
-    fn give(&self, addr: u64) -> bool {
+    /// Clears the frame's bit; its previous value (None outside the span).
+    pub fn clear(&self, addr: u64) -> Option<bool> {
         self.slot(addr)
-            .is_none_or(|(word, bit)| word.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+            .map(|(word, bit)| word.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
     }
 
-    fn is_out(&self, addr: u64) -> Option<bool> {
+    /// The frame's bit (None outside the span).
+    pub fn get(&self, addr: u64) -> Option<bool> {
         self.slot(addr)
             .map(|(word, bit)| word.load(Ordering::Acquire) & bit != 0)
     }
@@ -111,7 +120,7 @@ pub struct Misuse {
 /// The frame allocator the kernel uses: global buddy plus per-CPU caches.
 pub struct Frames {
     /// Which frames are out (`with_span`); `None`: not tracked.
-    owned: Option<Ownership>,
+    owned: Option<FrameBits>,
     double_frees: AtomicU64,
     double_allocs: AtomicU64,
     global: spin::Mutex<BuddyAllocator>,
@@ -156,10 +165,10 @@ impl Frames {
     /// frame in `[start, end)` (where every range it will be given lies): a bit per
     /// frame of the span, on the heap.
     pub fn with_span(cpus: usize, start: u64, end: u64) -> Self {
-        Self::build(cpus, Some(Ownership::new(start, end)))
+        Self::build(cpus, Some(FrameBits::new(start, end)))
     }
 
-    fn build(cpus: usize, owned: Option<Ownership>) -> Self {
+    fn build(cpus: usize, owned: Option<FrameBits>) -> Self {
         Self {
             owned,
             double_frees: AtomicU64::new(0),
@@ -216,7 +225,8 @@ impl Frames {
 
     /// Marks a frame the lists gave up as out; false (counted) if it already was.
     fn hand_out(&self, addr: u64) -> bool {
-        let fine = self.owned.as_ref().is_none_or(|o| o.take(addr));
+        // Outside the span (or untracked): nothing to check.
+        let fine = self.owned.as_ref().and_then(|o| o.set(addr)) != Some(true);
         if !fine {
             self.double_allocs.fetch_add(1, Ordering::Relaxed);
         }
@@ -225,7 +235,7 @@ impl Frames {
 
     /// Marks a frame coming back as free; false (counted) if it was not out.
     fn take_back(&self, addr: u64) -> bool {
-        let fine = self.owned.as_ref().is_none_or(|o| o.give(addr));
+        let fine = self.owned.as_ref().and_then(|o| o.clear(addr)) != Some(false);
         if !fine {
             self.double_frees.fetch_add(1, Ordering::Relaxed);
         }
@@ -243,7 +253,12 @@ impl Frames {
 
     /// Whether the ownership bits say the frame at `addr` is out (None: not tracked).
     pub fn is_out(&self, addr: u64) -> Option<bool> {
-        self.owned.as_ref()?.is_out(addr)
+        self.owned.as_ref()?.get(addr)
+    }
+
+    /// The physical span the ownership bits cover (None: not tracked).
+    pub fn span(&self) -> Option<(u64, u64)> {
+        self.owned.as_ref().map(FrameBits::span)
     }
 
     /// One frame, from CPU `cpu`'s cache (refilled from the global allocator if empty).

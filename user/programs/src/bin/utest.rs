@@ -1081,6 +1081,15 @@ fn partly_bad_destinations_are_left_untouched() -> Outcome {
     Ok(())
 }
 
+/// The word at the calling thread's FS base (tests point it at a static first).
+fn fs_word() -> u64 {
+    let v: u64;
+    // SAFETY: reads the word at FS base, which every caller pointed at a static of its
+    // own before calling.
+    unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) v, options(nostack, readonly)) };
+    v
+}
+
 /// A thread that loads a segment selector into FS (which sets the FS base from the
 /// descriptor, behind the kernel's back) cannot change the FS base another thread runs
 /// with on the same CPU: the kernel loads every thread's own base each time it enters
@@ -1088,12 +1097,6 @@ fn partly_bad_destinations_are_left_untouched() -> Outcome {
 /// so the other thread ran with base 0 and died at its next `fs:` access.)
 fn a_segment_load_cannot_change_another_threads_fs_base() -> Outcome {
     static MINE: AtomicU64 = AtomicU64::new(0x5eed);
-    fn fs_word() -> u64 {
-        let v: u64;
-        // SAFETY: reads the word at FS base, which the caller pointed at a static.
-        unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) v, options(nostack, readonly)) };
-        v
-    }
     sys::set_affinity(0).map_err(|e| format!("pin: {e:?}"))?;
     sys::set_fs_base(MINE.as_ptr() as usize).map_err(|e| format!("set: {e:?}"))?;
     let loader = thread::spawn(|| {
@@ -1133,12 +1136,6 @@ fn a_segment_load_cannot_change_another_threads_fs_base() -> Outcome {
 /// Each thread has its own id and its own FS base (thread-local storage).
 fn threads_have_ids_and_their_own_fs_base() -> Outcome {
     static SLOTS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
-    fn fs_word() -> u64 {
-        let v: u64;
-        // SAFETY: reads the word at FS base, which the caller pointed at a static.
-        unsafe { core::arch::asm!("mov {}, fs:[0]", out(reg) v, options(nostack, readonly)) };
-        v
-    }
     let main_tid = sys::thread_id();
     ensure!(main_tid != 0, "thread id 0");
     SLOTS[0].store(0x1111, Ordering::SeqCst);
