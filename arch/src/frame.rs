@@ -463,6 +463,12 @@ pub fn refill_pool_for(cpu: usize, budget: usize) -> usize {
     pools.refill_from(cpu, percpu::current_index(), frames, budget, zero_for_pool)
 }
 
+/// Whether CPU `cpu`'s pool ran low and asks for a helper now (see
+/// `ZeroPools::wants_helper`; answered once).
+pub fn pool_wants_helper(cpu: usize) -> bool {
+    ZERO.get().is_some_and(|z| z.wants_helper(cpu))
+}
+
 /// The CPU nearest to `cpu` whose pool has room (see `ZeroPools::nearest_wanting`).
 pub fn pool_nearest_wanting(cpu: usize) -> Option<usize> {
     ZERO.get()?.nearest_wanting(cpu)

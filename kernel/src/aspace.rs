@@ -98,12 +98,21 @@ fn zero_now() -> Result<Frame, FaultError> {
 }
 
 /// A frame from CPU `cpu`'s zeroed pool, if it has one (counted as a pool hit); never
-/// with the pools off (`mm.prezero=off`).
+/// with the pools off (`mm.prezero=off`). A pool that runs low wakes the nearest idle
+/// CPU to top it up: this CPU never idles while it faults, and an idle CPU would
+/// otherwise sleep until its next timer tick (10 ms, thousands of faults) while the
+/// pool runs dry.
 fn pooled_frame(cpu: usize) -> Option<Frame> {
     if !crate::memory::prezero() {
         return None;
     }
-    let frame = frame::try_take_zeroed(cpu)?.into_frame();
+    let taken = frame::try_take_zeroed(cpu);
+    if frame::pool_wants_helper(cpu) {
+        if let Some(exec) = crate::executor::get() {
+            exec.wake_idle_near(cpu);
+        }
+    }
+    let frame = taken?.into_frame();
     count(Stat::PoolHits);
     Some(frame)
 }

@@ -16,7 +16,7 @@
 use alloc::vec::Vec;
 use core::future::Future;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use core::task::{Context, Poll, Waker};
 
 use crossbeam_utils::CachePadded;
@@ -43,6 +43,12 @@ impl ZeroedFrame {
 /// Frames one CPU's pool holds at most, by default.
 pub const POOL_CAPACITY: usize = 256;
 
+/// A pool below half its capacity asks for a helper on its first take and then once
+/// every this many takes while it stays low (`wants_helper`): often enough that a
+/// helper that was busy elsewhere is asked again soon, rarely enough that the asking
+/// (a look at every CPU's idle flag, perhaps an IPI) stays off most faults.
+pub const HELP_EVERY: u32 = 16;
+
 struct Pool {
     frames: Vec<PhysFrame>,
     waiters: Vec<Waker>,
@@ -54,7 +60,12 @@ struct CpuPool {
     pool: spin::Mutex<Pool>,
     /// Set when a refill found no free frame: waiters then give up instead of waiting
     /// for a refill that cannot come. Cleared by the next refill that adds frames.
-    starved: core::sync::atomic::AtomicBool,
+    starved: AtomicBool,
+    /// Takes (hits and misses) while the pool was below half its capacity; every
+    /// `HELP_EVERY`-th sets `help`.
+    low_takes: AtomicU32,
+    /// The pool ran low and asks for a helper (`wants_helper` answers it once).
+    help: AtomicBool,
     /// Times this pool's waiters were woken (by a refill, or as starved).
     wakes: AtomicU64,
     hits: AtomicU64,
@@ -100,7 +111,9 @@ impl ZeroPools {
                             waiters: Vec::new(),
                             zeroer: None,
                         }),
-                        starved: core::sync::atomic::AtomicBool::new(false),
+                        starved: AtomicBool::new(false),
+                        low_takes: AtomicU32::new(0),
+                        help: AtomicBool::new(false),
                         wakes: AtomicU64::new(0),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
@@ -126,7 +139,18 @@ impl ZeroPools {
     /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
     pub fn try_take(&self, cpu: usize) -> Option<ZeroedFrame> {
         let c = self.cpu(cpu);
-        let frame = c.pool.lock().frames.pop();
+        let (frame, left) = {
+            let mut pool = c.pool.lock();
+            let frame = pool.frames.pop();
+            (frame, pool.frames.len())
+        };
+        if left < self.capacity / 2
+            && c.low_takes
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(HELP_EVERY)
+        {
+            c.help.store(true, Ordering::Relaxed);
+        }
         match frame {
             Some(f) => {
                 c.hits.fetch_add(1, Ordering::Relaxed);
@@ -258,6 +282,17 @@ impl ZeroPools {
         Ok(n)
     }
 
+    /// Whether CPU `cpu`'s pool ran low (below half its capacity) and asks for a helper
+    /// now: true once at its first low take and then once every `HELP_EVERY` low takes
+    /// (this call answers the request). A busy CPU never idles, so its pool is filled
+    /// only by idle CPUs; it calls this after each take and, on true, wakes the nearest
+    /// idle CPU, which would otherwise sleep until its next timer tick while the pool
+    /// runs dry.
+    pub fn wants_helper(&self, cpu: usize) -> bool {
+        let c = self.cpu(cpu);
+        c.help.load(Ordering::Relaxed) && c.help.swap(false, Ordering::Relaxed)
+    }
+
     /// Whether CPU `cpu`'s pool has room (the idle task uses it to decide to zero).
     pub fn wants_frames(&self, cpu: usize) -> bool {
         self.cpu(cpu).pool.lock().frames.len() < self.capacity
@@ -269,10 +304,7 @@ impl ZeroPools {
     pub fn nearest_wanting(&self, cpu: usize) -> Option<usize> {
         let n = self.cpus.len();
         assert!(cpu < n, "cpu {cpu} has no zeroed pool (there are {n})");
-        (1..n)
-            .flat_map(|d| [(cpu + d) % n, (cpu + n - d) % n])
-            .take(n - 1 + n / 2)
-            .find(|&c| self.wants_frames(c))
+        panda_abi::cpus_nearest_first(cpu, n).find(|&c| self.wants_frames(c))
     }
 
     pub fn stats(&self, cpu: usize) -> PoolStats {
@@ -645,6 +677,35 @@ mod tests {
         assert_eq!(pools.nearest_wanting(2), None, "only cpu 2 itself has room");
         assert_eq!(pools.nearest_wanting(0), Some(2));
         assert_eq!(ZeroPools::new(1).nearest_wanting(0), None, "no other CPU");
+    }
+
+    /// A pool asks for a helper only once it is below half full: at its first low take,
+    /// then once every `HELP_EVERY` low takes (misses count: an empty pool is low), and
+    /// each request is answered once.
+    #[test]
+    fn a_low_pool_asks_for_a_helper_once_every_few_takes() {
+        let frames = Frames::new(1);
+        frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
+        let pools = ZeroPools::with_capacity(1, 8);
+        pools.refill(0, &frames, 8, |_| {});
+        for left in (4..8).rev() {
+            assert!(pools.try_take(0).is_some());
+            assert!(!pools.wants_helper(0), "{left} of 8 left: not low yet");
+        }
+        assert!(pools.try_take(0).is_some());
+        assert!(pools.wants_helper(0), "3 of 8 left: low, first take asks");
+        assert!(!pools.wants_helper(0), "a request is answered once");
+        let mut asked = 0;
+        for _ in 0..HELP_EVERY * 3 {
+            let _ = pools.try_take(0);
+            asked += usize::from(pools.wants_helper(0));
+        }
+        assert_eq!(asked, 3, "once every HELP_EVERY low takes, misses included");
+        assert_eq!(pools.stats(0).available, 0);
+        // Refilled above half: quiet again.
+        pools.refill(0, &frames, 8, |_| {});
+        let _ = pools.try_take(0);
+        assert!(!pools.wants_helper(0));
     }
 
     /// A CPU number past the last is a kernel bug: it panics, never borrows another

@@ -518,6 +518,17 @@ impl<P: Platform> Executor<P> {
     pub fn is_idle(&self, cpu: usize) -> bool {
         self.cpus[cpu].idle.load(Ordering::SeqCst)
     }
+
+    /// Wakes the idle CPU nearest to `cpu` (`panda_abi::cpus_nearest_first`), so that
+    /// its idle work (zeroing frames for `cpu`'s pool) runs now rather than at its next
+    /// timer tick. Returns the CPU woken, or `None` when no other CPU is idle.
+    pub fn wake_idle_near(&self, cpu: usize) -> Option<usize> {
+        let cpu = self.served(cpu, "wake_idle_near's CPU");
+        let idle = panda_abi::cpus_nearest_first(cpu, self.cpus.len())
+            .find(|&c| self.cpus[c].idle.load(Ordering::SeqCst))?;
+        self.send_wakeup(idle);
+        Some(idle)
+    }
 }
 
 impl<P: Platform> Scheduler for Executor<P> {

@@ -1017,6 +1017,60 @@ fn spawning_a_second_shared_task_wakes_one_idle_cpu_to_steal_it() {
     cpu2.join().unwrap();
 }
 
+/// `wake_idle_near` wakes the nearest CPU that is idle (not merely the nearest), only
+/// that one, and no CPU when none is idle. `StrictHalt` keeps a halted CPU halted until
+/// it is woken, so a CPU's halt count shows whether it was.
+#[test]
+fn wake_idle_near_wakes_the_nearest_idle_cpu() {
+    let exec: &'static Executor<StrictHalt> =
+        Box::leak(Box::new(Executor::new(StrictHalt::new(5), 5)));
+    let stop = leak_flag();
+    // CPUs 3 and 4 run their loops and halt; 0 (this thread), 1 and 2 never look idle.
+    let cpus: Vec<_> = [3, 4]
+        .into_iter()
+        .map(|cpu| {
+            thread::spawn(move || {
+                CPU.with(|c| c.set(cpu));
+                exec.run_until(|| stop.load(Ordering::SeqCst));
+            })
+        })
+        .collect();
+    let halted = |cpu: usize, times: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(exec.is_idle(cpu) && exec.stats(cpu).idles >= times) && Instant::now() < deadline {
+            thread::yield_now();
+        }
+        exec.is_idle(cpu) && exec.stats(cpu).idles == times
+    };
+    assert!(halted(3, 1) && halted(4, 1));
+    CPU.with(|c| c.set(0));
+    // From 1 the order is 2, 0, 3, 4: the first idle one is 3.
+    assert_eq!(exec.wake_idle_near(1), Some(3));
+    assert!(halted(3, 2), "CPU 3 was not woken (or woken twice)");
+    assert!(halted(4, 1), "CPU 4 was woken too");
+    // From 3 the nearest is 4; from 4 it is 3 (0 comes first but is busy).
+    assert_eq!(exec.wake_idle_near(3), Some(4));
+    assert!(halted(4, 2));
+    assert_eq!(exec.wake_idle_near(4), Some(3));
+    assert!(halted(3, 3));
+    assert_eq!(exec.stats(0).wakeups_sent, 3);
+    stop.store(true, Ordering::SeqCst);
+    for (cpu, handle) in [3, 4].into_iter().zip(cpus) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() && Instant::now() < deadline {
+            exec.platform().wake_cpu(cpu);
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(handle.is_finished(), "CPU {cpu} did not stop");
+        handle.join().unwrap();
+    }
+    // No CPU idle (none runs its loop now): nobody to wake.
+    let busy: &'static Executor<StrictHalt> =
+        Box::leak(Box::new(Executor::new(StrictHalt::new(3), 3)));
+    assert_eq!(busy.wake_idle_near(0), None);
+    assert_eq!(busy.stats(0).wakeups_sent, 0);
+}
+
 /// `move_to` lands the task on its CPU and completes only there: pinned, no other CPU
 /// may steal it; unpinned, it is stealable again, and a steal before it arrived only
 /// sends it back. The test thread plays every CPU, one turn at a time.
