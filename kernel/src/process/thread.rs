@@ -4,6 +4,7 @@
 use super::syscalls::system_call;
 use super::*;
 use crate::executor::slice_mark;
+use core::task::Poll;
 
 /// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
 /// Returns its thread id, or `OutOfMemory` when the process has `MAX_THREADS` threads
@@ -101,9 +102,17 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                     FaultAccess::Write => Access::Write,
                     FaultAccess::Execute => Access::Execute,
                 };
-                let resolved = process
-                    .unless_killed(process.space.handle_fault_async(addr, access))
-                    .await;
+                // Almost every fault completes on its first poll (a pooled or freshly
+                // zeroed frame), so it is polled once directly; only one that must wait
+                // (for the zeroing task) races the end of its process. (Building the
+                // race for every fault cost two 168-byte copies of the future and a
+                // second poll.)
+                let mut fault = pin!(process.space.handle_fault_async(addr, access));
+                let resolved =
+                    match core::future::poll_fn(|cx| Poll::Ready(fault.as_mut().poll(cx))).await {
+                        Poll::Ready(result) => Some(result),
+                        Poll::Pending => process.unless_killed(fault).await,
+                    };
                 match resolved {
                     Some(Ok(())) | None => {}
                     Some(Err(e)) => {
