@@ -556,10 +556,13 @@ pub fn zero_method() -> ZeroMethod {
 
 /// 4096 bytes of zeros from `$virt` in 64 iterations of four 16-byte SSE stores
 /// (`$store`: `movntdq` or `movdqa`), then `$fence` (empty, or `sfence` after
-/// non-temporal stores). Expands to an `asm!` the caller wraps in `unsafe`.
+/// non-temporal stores). xmm0 is saved in `$save` (16 bytes) first and restored after:
+/// it may hold a user thread's value (its registers stay loaded between its runs, see
+/// `user::FpuState`). Expands to an `asm!` the caller wraps in `unsafe`.
 macro_rules! sse_zero_loop {
-    ($virt:expr, $store:literal, $fence:literal) => {
+    ($virt:expr, $save:expr, $store:literal, $fence:literal) => {
         core::arch::asm!(
+            "movdqu [{s}], xmm0",
             "pxor xmm0, xmm0",
             "2:",
             concat!($store, " [{p}], xmm0"),
@@ -570,8 +573,10 @@ macro_rules! sse_zero_loop {
             "dec {n}",
             "jnz 2b",
             $fence,
+            "movdqu xmm0, [{s}]",
             p = inout(reg) $virt => _,
             n = inout(reg) 64u64 => _,
+            s = in(reg) $save,
             options(nostack)
         )
     };
@@ -585,11 +590,14 @@ macro_rules! sse_zero_loop {
 /// else may read or write it during the call.
 pub(crate) unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
     debug_assert!(virt.is_multiple_of(4096));
+    // The SSE arms keep xmm0 here while they use the register.
+    let mut xmm0 = [0u64; 2];
+    let xmm0 = xmm0.as_mut_ptr();
     // SAFETY: (all arms) the caller owns the page; each loop writes exactly the 4096
     // bytes from `virt` (DF is clear, as the ABI guarantees). The SSE arms use xmm0,
-    // which no kernel code holds a value in (the kernel is built without SSE) and which
-    // holds no user value either: every exit from user mode saves the thread's x87/SSE
-    // state (FXSAVE) and every entry restores it. CR4.OSFXSR is set at CPU bring-up.
+    // which no kernel code holds a value in (the kernel is built without SSE); it may
+    // hold a user thread's value, so they save it in `xmm0` (16 bytes of this frame)
+    // and restore it. CR4.OSFXSR is set at CPU bring-up.
     // The non-temporal arms end with `sfence`, so the zeros are globally visible before
     // the frame is mapped or handed to another CPU.
     unsafe {
@@ -627,8 +635,8 @@ pub(crate) unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
                 z = in(reg) 0u64,
                 options(nostack)
             ),
-            ZeroMethod::SseNonTemporal => sse_zero_loop!(virt, "movntdq", "sfence"),
-            ZeroMethod::SseStore => sse_zero_loop!(virt, "movdqa", ""),
+            ZeroMethod::SseNonTemporal => sse_zero_loop!(virt, xmm0, "movntdq", "sfence"),
+            ZeroMethod::SseStore => sse_zero_loop!(virt, xmm0, "movdqa", ""),
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct PerCpu {
     pub wake_ipis: AtomicU64,
     pub call_ipis: AtomicU64,
     stack_guards: [AtomicU64; 4],
+    /// The snapshot number (`user::FpuState`) whose contents this CPU's x87/SSE
+    /// registers hold, 0 if none is known; and the count behind this CPU's numbers.
+    pub(crate) fpu_loaded: AtomicU64,
+    fpu_saves: AtomicU64,
 }
 
 impl PerCpu {
@@ -67,7 +71,18 @@ impl PerCpu {
             wake_ipis: AtomicU64::new(0),
             call_ipis: AtomicU64::new(0),
             stack_guards: [const { AtomicU64::new(0) }; 4],
+            fpu_loaded: AtomicU64::new(0),
+            fpu_saves: AtomicU64::new(0),
         }
+    }
+
+    /// A number for the x87/SSE state this CPU saves now that no save on any CPU has
+    /// used or will use: the CPU's index + 1 in the top 16 bits, its count of saves
+    /// below (2^48 saves per CPU before a repeat). Never 0. Only this CPU calls it.
+    pub(crate) fn next_fpu_snapshot(&self) -> u64 {
+        let n = self.fpu_saves.load(Ordering::Relaxed) + 1;
+        self.fpu_saves.store(n, Ordering::Relaxed);
+        (self.index() as u64 + 1) << 48 | (n & ((1 << 48) - 1))
     }
 
     /// Dense CPU index.

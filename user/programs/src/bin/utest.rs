@@ -1419,6 +1419,96 @@ fn sse_state_survives_preemption() -> Outcome {
     Ok(())
 }
 
+/// Reads xmm0 and xmm1 (their low 64 bits).
+fn xmm01() -> (u64, u64) {
+    let (a, b): (u64, u64);
+    // SAFETY: reads two registers into general ones; no memory is touched.
+    unsafe { core::arch::asm!("movq {a}, xmm0", "movq {b}, xmm1", a = out(reg) a, b = out(reg) b) };
+    (a, b)
+}
+
+/// Loads `a` into xmm0 and `b` into xmm1.
+fn set_xmm01(a: u64, b: u64) {
+    // SAFETY: writes two registers this program's code does not otherwise use (user
+    // programs are built without SSE code generation).
+    unsafe { core::arch::asm!("movq xmm0, {a}", "movq xmm1, {b}", a = in(reg) a, b = in(reg) b) };
+}
+
+/// A thread's xmm registers survive its page faults and system calls: the kernel
+/// leaves a thread's x87/SSE registers loaded between its runs on a CPU (it restores
+/// them only when another state was loaded), and it zeroes frames with SSE stores
+/// through xmm0 — on the faulting path (inline) and in idle time (pools) — so the
+/// zeroing must give xmm0 back. It fails if the zeroing loop does not.
+fn sse_registers_survive_faults_and_zeroing() -> Outcome {
+    const PAGES: usize = 256;
+    let (a, b) = (0x5a5a_1234_8765_a5a5u64, 0x0f0f_2222_3333_f0f0u64);
+    let base = brk_now().next_multiple_of(PAGE);
+    sys::brk(base + PAGES * PAGE).map_err(|e| format!("grow: {e:?}"))?;
+    set_xmm01(a, b);
+    for i in 0..PAGES {
+        write(base + i * PAGE, i as u64);
+        if i % 16 == 0 {
+            let _ = sys::cpu_count();
+        }
+        let (x, y) = xmm01();
+        if (x, y) != (a, b) {
+            let _ = sys::brk(base);
+            return Err(format!(
+                "after the fault on page {i}: xmm0 {x:#x}, xmm1 {y:#x} (set {a:#x}, {b:#x})"
+            ));
+        }
+    }
+    sys::brk(base).map_err(|e| format!("shrink: {e:?}"))?;
+    Ok(())
+}
+
+/// A new thread starts with the initial x87/SSE state, not the registers another
+/// thread left loaded on its CPU: the kernel skips the restore only for the very
+/// state the CPU saved last.
+fn a_new_thread_starts_with_clean_sse_registers() -> Outcome {
+    const A: u64 = 0xdead_beef_0bad_f00d;
+    const B: u64 = 0x1234_5678_9abc_def0;
+    let cpu = sys::cpu_count() - 1;
+    // Thread results are small numbers: each thread checks for itself and says how it
+    // went (0: as expected).
+    let dirty = thread::spawn(move || {
+        if sys::set_affinity(cpu).is_err() {
+            return 9;
+        }
+        set_xmm01(A, B);
+        let _ = sys::cpu_count();
+        u64::from(xmm01() != (A, B))
+    })
+    .map_err(|e| format!("{e:?}"))?;
+    let kept = dirty.join();
+    ensure!(
+        kept == Ok(0),
+        "the first thread could not set and keep xmm0/xmm1: {kept:?}"
+    );
+    let fresh = thread::spawn(move || {
+        if sys::set_affinity(cpu).is_err() {
+            return 9;
+        }
+        match xmm01() {
+            (0, 0) => 0,
+            (A, B) => 1,
+            _ => 2,
+        }
+    })
+    .map_err(|e| format!("{e:?}"))?;
+    let seen = fresh.join().map_err(|e| format!("join: {e:?}"))?;
+    ensure!(
+        seen == 0,
+        "a new thread on CPU {cpu} did not start with xmm0 = xmm1 = 0 ({}, code {seen})",
+        if seen == 1 {
+            "it had the previous thread's values"
+        } else {
+            "other values"
+        }
+    );
+    Ok(())
+}
+
 static HOG_STOP: AtomicU64 = AtomicU64::new(0);
 static HOG_RUNNING: AtomicU64 = AtomicU64::new(0);
 static TICKER_RUNS: AtomicU64 = AtomicU64::new(0);
@@ -1514,7 +1604,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 34] = [
+    let tests: [(&str, Test); 36] = [
         (
             "back_to_back_calls_let_other_threads_run",
             back_to_back_calls_let_other_threads_run,
@@ -1570,6 +1660,14 @@ fn main(arg: u64) -> u64 {
         (
             "sse_state_survives_preemption",
             sse_state_survives_preemption,
+        ),
+        (
+            "sse_registers_survive_faults_and_zeroing",
+            sse_registers_survive_faults_and_zeroing,
+        ),
+        (
+            "a_new_thread_starts_with_clean_sse_registers",
+            a_new_thread_starts_with_clean_sse_registers,
         ),
         (
             "memory_exhaustion_ends_only_the_process",
