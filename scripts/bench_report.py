@@ -113,7 +113,8 @@ def summarise(osname, variant, mode, workers, n, idle, lines, failed):
         },
         "kernel": {k: run.get(k) for k in (
             "zero_pools_on", "kernel_faults", "zero_pool_hits", "zero_pool_waits", "zeroed_inline",
-            "zeroed_ahead", "zeroed_for_other_cpus", "shootdowns", "shootdown_ipis", "fault_profile") if run.get(k) is not None},
+            "zeroed_ahead", "zeroed_for_other_cpus", "shootdowns", "shootdown_ipis", "fault_profile",
+            "zeroing_inline_ms", "zeroing_ahead_ms", "zero_ahead_ns_per_frame") if run.get(k) is not None},
         "bursty": {"burst": run.get("burst"), "gap_ms": run.get("gap_ms")} if mode == "bursty" else None,
         "per_worker_faults_per_sec": [round(r) for r in rates],
     }
@@ -144,7 +145,8 @@ def table(runs):
     header = ["mode", "workers", "cpus", "idle cpus", "os", "variant", "faults/s/core",
               "faults/s total", "median ns", "p99 ns", "null call ns", "median/null call",
               "panda/linux per core", "panda/linux median", "panda/linux p99", "prezero/noprezero per core",
-              "prezero/noprezero median", "pool hits", "boots ok", "faults/s/core of each boot"]
+              "prezero/noprezero median", "pool hits", "zeroing inline ms", "zeroing ahead ms",
+              "boots ok", "faults/s/core of each boot"]
     for r in sorted(runs, key=key):
         vs_linux = vs_linux_median = vs_linux_p99 = vs_off = vs_off_median = ""
         # Bursty runs sleep between bursts: their faults/s measures the gaps (and the
@@ -169,6 +171,7 @@ def table(runs):
                      str(r["null_call_ns"]["median"] or ""),
                      "%.2f" % r["median_over_null_call"] if r["median_over_null_call"] else "",
                      vs_linux, vs_linux_median, vs_linux_p99, vs_off, vs_off_median, pool_hit_share(r),
+                     str(r["kernel"].get("zeroing_inline_ms", "")), str(r["kernel"].get("zeroing_ahead_ms", "")),
                      f"{len(r['repeats'])}/{r['boots']}",
                      " ".join(str(x) for x in r["repeats"]) or "-"])
     return header, rows

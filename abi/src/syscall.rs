@@ -140,11 +140,14 @@ pub struct SystemInfo {
     pub zeroed_ahead: u64,
     /// Of `zeroed_ahead`, frames an idle CPU zeroed into another (busy) CPU's pool.
     pub zeroed_for_other_cpus: u64,
+    /// TSC cycles all CPUs together spent zeroing the `zeroed_ahead` frames: what the
+    /// pools cost, in CPU time that faults did not spend (`fault_zero_cycles`).
+    pub zero_ahead_cycles: u64,
 }
 
 impl SystemInfo {
     /// Number of u64 fields (the struct is exactly these, in order).
-    pub const WORDS: usize = 19;
+    pub const WORDS: usize = 20;
 
     /// The fields in declaration order.
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -168,6 +171,7 @@ impl SystemInfo {
             self.zero_pools_on,
             self.zeroed_ahead,
             self.zeroed_for_other_cpus,
+            self.zero_ahead_cycles,
         ]
     }
 
@@ -194,6 +198,7 @@ impl SystemInfo {
             zero_pools_on: w(16),
             zeroed_ahead: w(17),
             zeroed_for_other_cpus: w(18),
+            zero_ahead_cycles: w(19),
         }
     }
 }
@@ -310,6 +315,7 @@ mod tests {
             zero_pools_on: 17,
             zeroed_ahead: 18,
             zeroed_for_other_cpus: 19,
+            zero_ahead_cycles: 20,
         };
         assert_eq!(SystemInfo::from_words(&info.to_words()), info);
         assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);

@@ -443,11 +443,22 @@ pub fn refill_pool(cpu: usize, budget: usize) -> usize {
     pools.refill(cpu, frames, budget, zero_for_pool)
 }
 
+/// TSC cycles spent zeroing frames for the pools (`zero_for_pool`), over every CPU.
+static ZERO_AHEAD_CYCLES: AtomicU64 = AtomicU64::new(0);
+
+/// TSC cycles every CPU together has spent zeroing frames ahead of need (idle work,
+/// zeroing tasks): the cost of the pools, next to the faults' own inline zeroing.
+pub fn zero_ahead_cycles() -> u64 {
+    ZERO_AHEAD_CYCLES.load(Ordering::Relaxed)
+}
+
 /// Zeroes frame `f`, just allocated for a pool: the one zeroing path of every refill.
 fn zero_for_pool(f: PhysFrame) {
     let mut frame = Frame(f);
     poison::check(&frame);
+    let t0 = crate::cpu::rdtsc();
     frame.zero();
+    ZERO_AHEAD_CYCLES.fetch_add(crate::cpu::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
     // The pool holds it as a number from here on (and hands it out as a `ZeroedFrame`
     // again).
     let _ = frame.into_raw();

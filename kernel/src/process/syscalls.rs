@@ -379,6 +379,7 @@ fn system_info() -> SystemInfo {
             .filter_map(panda_arch::frame::pool_stats)
             .map(|s| s.from_others)
             .sum(),
+        zero_ahead_cycles: panda_arch::frame::zero_ahead_cycles(),
     }
 }
 
