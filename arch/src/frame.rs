@@ -263,10 +263,12 @@ pub fn init(cpus: usize, free: crate::boot::FreeRanges) -> u64 {
 /// Sizes the zeroed pools and the kernel's reserve from the memory handed over.
 fn finish_init(cpus: usize) {
     let Some(frames) = FRAMES.get() else { return };
-    // Pools park at most 1/16 of memory in zeroed frames, and 256 frames per CPU.
-    let per_cpu =
-        (frames.total_frames() as usize / 16 / cpus.max(1)).clamp(8, panda_mm::zero::POOL_CAPACITY);
-    ZERO.call_once(|| ZeroPools::with_capacity(cpus, per_cpu));
+    // Pools start at 256 frames per CPU and grow with the demand up to 2048 (see
+    // `ZeroPools::with_limits`); all of them together park at most 1/16 of memory.
+    let share = frames.total_frames() as usize / 16 / cpus.max(1);
+    let start = share.clamp(8, panda_mm::zero::POOL_CAPACITY);
+    let max = share.clamp(start, panda_mm::zero::POOL_MAX_CAPACITY);
+    ZERO.call_once(|| ZeroPools::with_limits(cpus, start, max));
     RESERVE.store(reserve_for(frames.total_frames()), Ordering::Relaxed);
 }
 

@@ -16,7 +16,7 @@
 use alloc::vec::Vec;
 use core::future::Future;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::task::{Context, Poll, Waker};
 
 use crossbeam_utils::CachePadded;
@@ -40,8 +40,15 @@ impl ZeroedFrame {
     }
 }
 
-/// Frames one CPU's pool holds at most, by default.
+/// Frames one CPU's pool holds at first, by default.
 pub const POOL_CAPACITY: usize = 256;
+
+/// The most a pool's limit grows to, by default (8 MiB of frames per CPU).
+pub const POOL_MAX_CAPACITY: usize = 2048;
+
+/// A pool that fills up this many times in a row with no take finding it empty in
+/// between halves its limit (not below its starting capacity).
+pub const SHRINK_AFTER_QUIET_FILLS: u32 = 64;
 
 /// A pool below half its capacity asks for a helper on its first take and then once
 /// every this many takes while it stays low (`wants_helper`): often enough that a
@@ -66,6 +73,13 @@ struct CpuPool {
     low_takes: AtomicU32,
     /// The pool ran low and asks for a helper (`wants_helper` answers it once).
     help: AtomicBool,
+    /// How many frames the pool holds at most now: sized to the demand (see
+    /// `ZeroPools::with_limits`).
+    limit: AtomicUsize,
+    /// A take found the pool empty since it was last full.
+    ran_dry: AtomicBool,
+    /// Fills to the limit in a row with no take finding the pool empty in between.
+    quiet_fills: AtomicU32,
     /// Times this pool's waiters were woken (by a refill, or as starved).
     wakes: AtomicU64,
     hits: AtomicU64,
@@ -84,12 +98,15 @@ pub struct PoolStats {
     pub zeroed: u64,
     /// Of `zeroed`, frames other CPUs zeroed into this pool (`refill_from`).
     pub from_others: u64,
+    /// How many frames the pool may hold now (its limit, sized to the demand).
+    pub limit: usize,
 }
 
 /// The zeroed-frame pools of every CPU.
 pub struct ZeroPools {
     cpus: Vec<CachePadded<CpuPool>>,
     capacity: usize,
+    max: usize,
 }
 
 impl ZeroPools {
@@ -98,22 +115,39 @@ impl ZeroPools {
         Self::with_capacity(cpus, POOL_CAPACITY)
     }
 
-    /// Pools of at most `capacity` frames each (the kernel scales it to memory, so
-    /// many CPUs on a small machine do not park much of it in pools).
+    /// Pools of at most `capacity` frames each, never more.
     pub fn with_capacity(cpus: usize, capacity: usize) -> Self {
+        Self::with_limits(cpus, capacity, capacity)
+    }
+
+    /// Pools sized to the demand: each starts at `capacity` frames; a pool that a take
+    /// found empty since it was last full doubles its limit at its next fill (up to
+    /// `max`), and one that fills `SHRINK_AFTER_QUIET_FILLS` times in a row without
+    /// running dry halves it (down to `capacity`). So a CPU whose bursts of faults
+    /// outgrow its pool gets a pool that holds a burst, when idle time refills it, and
+    /// gives the frames back when the bursts stop. The kernel scales both bounds to
+    /// memory, so many CPUs on a small machine do not park much of it in pools. Each
+    /// pool's list is allocated for `max` up front: it never grows on the kernel heap.
+    pub fn with_limits(cpus: usize, capacity: usize, max: usize) -> Self {
+        let capacity = capacity.max(1);
+        let max = max.max(capacity);
         Self {
-            capacity: capacity.max(1),
+            capacity,
+            max,
             cpus: (0..cpus.max(1))
                 .map(|_| {
                     CachePadded::new(CpuPool {
                         pool: spin::Mutex::new(Pool {
-                            frames: Vec::with_capacity(capacity.max(1)),
+                            frames: Vec::with_capacity(max),
                             waiters: Vec::new(),
                             zeroer: None,
                         }),
                         starved: AtomicBool::new(false),
                         low_takes: AtomicU32::new(0),
                         help: AtomicBool::new(false),
+                        limit: AtomicUsize::new(capacity),
+                        ran_dry: AtomicBool::new(false),
+                        quiet_fills: AtomicU32::new(0),
                         wakes: AtomicU64::new(0),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
@@ -125,9 +159,14 @@ impl ZeroPools {
         }
     }
 
-    /// Frames each pool holds at most.
+    /// Frames each pool holds at first (and at least, as its limit).
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// CPU `cpu`'s limit now: how many frames its pool may hold.
+    pub fn limit(&self, cpu: usize) -> usize {
+        self.cpu(cpu).limit.load(Ordering::Relaxed)
     }
 
     /// CPU `cpu`'s pool (an index past the pools is a kernel bug: it panics, never
@@ -144,7 +183,10 @@ impl ZeroPools {
             let frame = pool.frames.pop();
             (frame, pool.frames.len())
         };
-        if left < self.capacity / 2
+        if frame.is_none() {
+            c.ran_dry.store(true, Ordering::Relaxed);
+        }
+        if left < c.limit.load(Ordering::Relaxed) / 2
             && c.low_takes
                 .fetch_add(1, Ordering::Relaxed)
                 .is_multiple_of(HELP_EVERY)
@@ -201,10 +243,8 @@ impl ZeroPools {
         mut zero: impl FnMut(PhysFrame),
     ) -> usize {
         let c = self.cpu(cpu);
-        let room = self
-            .capacity
-            .saturating_sub(c.pool.lock().frames.len())
-            .min(budget);
+        let limit = c.limit.load(Ordering::Relaxed);
+        let room = limit.saturating_sub(c.pool.lock().frames.len()).min(budget);
         let mut added = 0;
         for _ in 0..room {
             let Ok(frame) = frames.alloc(source) else {
@@ -217,14 +257,18 @@ impl ZeroPools {
             // back rather than past it (a pool's list must not grow either: it would
             // reallocate on the kernel heap).
             let mut pool = c.pool.lock();
-            if pool.frames.len() >= self.capacity {
+            if pool.frames.len() >= limit {
                 drop(pool);
                 let _ = frames.free(source, frame);
                 break;
             }
             pool.frames.push(frame);
+            let full = pool.frames.len() >= limit;
             drop(pool);
             added += 1;
+            if full {
+                self.resize_when_full(c, limit);
+            }
         }
         c.zeroed.fetch_add(added as u64, Ordering::Relaxed);
         if source != cpu {
@@ -242,6 +286,21 @@ impl ZeroPools {
             }
         }
         added
+    }
+
+    /// The pool just reached its limit `limit`: double the limit if a take found the
+    /// pool empty since it was last full (the demand between two fills outgrew it), or
+    /// halve it after `SHRINK_AFTER_QUIET_FILLS` quiet fills. Frames above a lowered
+    /// limit stay and are taken first.
+    fn resize_when_full(&self, c: &CpuPool, limit: usize) {
+        if c.ran_dry.swap(false, Ordering::Relaxed) {
+            c.quiet_fills.store(0, Ordering::Relaxed);
+            c.limit.store((limit * 2).min(self.max), Ordering::Relaxed);
+        } else if c.quiet_fills.fetch_add(1, Ordering::Relaxed) + 1 >= SHRINK_AFTER_QUIET_FILLS {
+            c.quiet_fills.store(0, Ordering::Relaxed);
+            c.limit
+                .store((limit / 2).max(self.capacity), Ordering::Relaxed);
+        }
     }
 
     /// Tells CPU `cpu`'s waiters that no frame is coming (the caller decided not to
@@ -295,7 +354,8 @@ impl ZeroPools {
 
     /// Whether CPU `cpu`'s pool has room (the idle task uses it to decide to zero).
     pub fn wants_frames(&self, cpu: usize) -> bool {
-        self.cpu(cpu).pool.lock().frames.len() < self.capacity
+        let c = self.cpu(cpu);
+        c.pool.lock().frames.len() < c.limit.load(Ordering::Relaxed)
     }
 
     /// The CPU nearest to `cpu` (by number: `cpu + 1`, `cpu - 1`, `cpu + 2`, ...,
@@ -315,6 +375,7 @@ impl ZeroPools {
             misses: c.misses.load(Ordering::Relaxed),
             zeroed: c.zeroed.load(Ordering::Relaxed),
             from_others: c.from_others.load(Ordering::Relaxed),
+            limit: c.limit.load(Ordering::Relaxed),
         }
     }
 }
@@ -706,6 +767,60 @@ mod tests {
         pools.refill(0, &frames, 8, |_| {});
         let _ = pools.try_take(0);
         assert!(!pools.wants_helper(0));
+    }
+
+    /// A pool's limit follows the demand: a pool found empty since it was last full
+    /// doubles its limit at its next fill, up to the maximum; quiet fills (no take found
+    /// it empty) halve it after `SHRINK_AFTER_QUIET_FILLS` of them, down to the start.
+    #[test]
+    fn a_pool_that_runs_dry_grows_and_a_quiet_one_shrinks_back() {
+        let frames = Frames::new(1);
+        frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
+        let pools = ZeroPools::with_limits(1, 4, 16);
+        let fill = |pools: &ZeroPools| pools.refill(0, &frames, 64, |_| {});
+        // Takes one frame and gives it back to the allocator (the test runs many fills).
+        let take = |pools: &ZeroPools| match pools.try_take(0) {
+            Some(z) => frames.free(0, z.into_frame()).is_ok(),
+            None => false,
+        };
+        let drain = |pools: &ZeroPools| while take(pools) {};
+        assert_eq!(fill(&pools), 4);
+        assert_eq!(pools.limit(0), 4, "no take ran it dry yet");
+        // Emptied, but no take found it empty: no growth.
+        for _ in 0..4 {
+            assert!(take(&pools));
+        }
+        assert_eq!(fill(&pools), 4);
+        assert_eq!(pools.limit(0), 4);
+        // Found empty: the next fill doubles the limit, each time, up to 16.
+        for want in [8, 16, 16] {
+            drain(&pools);
+            fill(&pools);
+            assert_eq!(pools.limit(0), want);
+        }
+        assert_eq!(fill(&pools), 0, "full at 16");
+        assert_eq!(pools.stats(0).available, 16);
+        // Quiet fills (emptied without running dry) shrink it after enough of them.
+        for i in 0..SHRINK_AFTER_QUIET_FILLS * 2 {
+            while pools.stats(0).available > 0 {
+                assert!(take(&pools));
+            }
+            fill(&pools);
+            let want = match i + 1 {
+                n if n < SHRINK_AFTER_QUIET_FILLS => 16,
+                n if n < SHRINK_AFTER_QUIET_FILLS * 2 => 8,
+                _ => 4,
+            };
+            assert_eq!(pools.limit(0), want, "after {} quiet fills", i + 1);
+        }
+        // A fixed-size pool never grows.
+        let fixed = ZeroPools::with_capacity(1, 4);
+        fixed.refill(0, &frames, 64, |_| {});
+        while let Some(z) = fixed.try_take(0) {
+            frames.free(0, z.into_frame()).unwrap();
+        }
+        fixed.refill(0, &frames, 64, |_| {});
+        assert_eq!(fixed.limit(0), 4);
     }
 
     /// A CPU number past the last is a kernel bug: it panics, never borrows another
