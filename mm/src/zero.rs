@@ -50,7 +50,7 @@ pub const POOL_MAX_CAPACITY: usize = 2048;
 /// between halves its limit (not below its starting capacity).
 pub const SHRINK_AFTER_QUIET_FILLS: u32 = 64;
 
-/// A pool below half its capacity asks for a helper on its first take and then once
+/// A pool below half its limit asks for a helper on its first take and then once
 /// every this many takes while it stays low (`wants_helper`): often enough that a
 /// helper that was busy elsewhere is asked again soon, rarely enough that the asking
 /// (a look at every CPU's idle flag, perhaps an IPI) stays off most faults.
@@ -68,7 +68,7 @@ struct CpuPool {
     /// Set when a refill found no free frame: waiters then give up instead of waiting
     /// for a refill that cannot come. Cleared by the next refill that adds frames.
     starved: AtomicBool,
-    /// Takes (hits and misses) while the pool was below half its capacity; every
+    /// Takes (hits and misses) while the pool was below half its limit; every
     /// `HELP_EVERY`-th sets `help`.
     low_takes: AtomicU32,
     /// The pool ran low and asks for a helper (`wants_helper` answers it once).
@@ -341,7 +341,7 @@ impl ZeroPools {
         Ok(n)
     }
 
-    /// Whether CPU `cpu`'s pool ran low (below half its capacity) and asks for a helper
+    /// Whether CPU `cpu`'s pool ran low (below half its limit) and asks for a helper
     /// now: true once at its first low take and then once every `HELP_EVERY` low takes
     /// (this call answers the request). A busy CPU never idles, so its pool is filled
     /// only by idle CPUs; it calls this after each take and, on true, wakes the nearest
