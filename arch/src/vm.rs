@@ -133,9 +133,8 @@ impl UserTables {
                 phys: frame.phys(),
             });
         }
-        if self.tables.translate(page).is_some() {
-            return Err(MapError::AlreadyMapped { virt: page });
-        }
+        // One walk: `map` itself refuses a page that is mapped already (a 4 KiB entry,
+        // or a huge one on the way), without changing any table.
         let phys = frame.into_raw();
         let result = self.tables.map(
             page,
@@ -148,7 +147,10 @@ impl UserTables {
             // SAFETY: the map failed, so `phys` is in no table: still ours alone.
             drop(unsafe { Frame::from_raw(phys) });
         }
-        result
+        result.map_err(|e| match e {
+            MapError::AlreadyMapped { .. } => MapError::AlreadyMapped { virt: page },
+            other => other,
+        })
     }
 
     /// Copies user memory at `virt` into `out`, as a user read would see it. Stops at

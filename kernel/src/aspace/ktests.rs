@@ -26,8 +26,54 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_shootdowns_of_two_spaces_run_in_parallel,
     mm_shootdowns_of_one_space_run_in_parallel,
     mm_switching_spaces_leaves_the_old_active_set,
-    mm_fault_under_exhaustion_fails_cleanly
+    mm_fault_under_exhaustion_fails_cleanly,
+    mm_mapping_a_mapped_page_is_refused_and_frees_the_frame
 ];
+
+/// Mapping a frame at a page that is mapped already is refused in the one walk of the
+/// tables (no second walk checks first): the mapping stays the first frame's, and the
+/// refused frame goes back to the allocator (two faults racing for one page rely on
+/// both).
+async fn mm_mapping_a_mapped_page_is_refused_and_frees_the_frame() -> Outcome {
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::frames_not_in_use();
+    let outcome: Outcome = (|| {
+        let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+        let page = panda_abi::ELF_LOAD_BASE as u64;
+        let rights = Rights {
+            write: true,
+            execute: false,
+        };
+        space
+            .add_segment(page, page + 0x1000, rights)
+            .map_err(|e| fail(format_args!("segment: {e:?}")))?;
+        let first = frame::alloc().ok_or_else(|| fail(format_args!("no frame")))?;
+        let second = frame::alloc().ok_or_else(|| fail(format_args!("no frame")))?;
+        let (first_phys, second_phys) = (first.phys(), second.phys());
+        space
+            .map_frame(page, first, rights)
+            .map_err(|e| fail(format_args!("first map: {e:?}")))?;
+        let again = space.map_frame(page + 0x10, second, rights);
+        let now = space.translate(page).map(|(phys, _)| phys);
+        ensure!(again.is_err(), "a second frame was mapped over the first");
+        ensure!(
+            now == Some(first_phys),
+            "the page maps {now:#x?}, not the first frame {first_phys:#x}"
+        );
+        ensure!(
+            !frame::is_in_use(second_phys),
+            "the refused frame {second_phys:#x} was not given back"
+        );
+        Ok(())
+    })();
+    let now = crate::memory::frames_not_in_use();
+    outcome?;
+    ensure!(
+        now == baseline,
+        "{now} frames after the test, baseline {baseline}"
+    );
+    Ok(())
+}
 
 /// A CPU that switches from one user space to another leaves the first one's active
 /// set (so the first one's shootdowns no longer interrupt it), and leaves the second
