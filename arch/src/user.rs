@@ -288,8 +288,10 @@ pub fn run(ctx: &mut UserContext) -> Exit {
     // the assembly saves and restores every callee-saved register and returns on this
     // stack; user mode cannot reach kernel memory (no USER bit on kernel mappings).
     let code = unsafe { panda_run_user(ctx) };
-    // SAFETY: as for fxrstor; the exit paths never touch x87/SSE state, so what is saved
-    // is the thread's.
+    // SAFETY: `ctx.fpu.area` is a 16-byte-aligned 512-byte FXSAVE area this function
+    // borrows mutably; storing into it touches nothing else. The exit paths never touch
+    // x87/SSE state (nor does any kernel code but the zeroing loop, which gives xmm0
+    // back), so what is saved is the thread's.
     unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) &mut ctx.fpu.area, options(nostack)) };
     // The registers and the area now hold the same state: number it, and remember the
     // number as this CPU's.

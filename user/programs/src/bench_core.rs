@@ -638,16 +638,20 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
         (Some(b), Some(a)) => format!("{}", f(&a) - f(&b)),
         _ => String::from("null"),
     };
+    let hz = os.tsc_hz().max(1) as u128;
+    let ns = |cycles: u64| cycles as u128 * 1_000_000_000 / hz;
+    // Mean nanoseconds of the `cycles` counter's growth per unit of the `count`
+    // counter's growth over the run.
+    let mean_ns =
+        |cycles: fn(&SystemInfo) -> u64, count: fn(&SystemInfo) -> u64| match (before, after) {
+            (Some(b), Some(a)) if count(&a) > count(&b) => format!(
+                "{}",
+                ns(cycles(&a) - cycles(&b)) / (count(&a) - count(&b)) as u128
+            ),
+            _ => String::from("null"),
+        };
     // Mean nanoseconds per profiled fault in each part of the kernel's handler.
-    let per_fault_ns = |f: fn(&SystemInfo) -> u64| match (before, after) {
-        (Some(b), Some(a)) if a.profiled_faults > b.profiled_faults => format!(
-            "{}",
-            (f(&a) - f(&b)) as u128 * 1_000_000_000
-                / os.tsc_hz().max(1) as u128
-                / (a.profiled_faults - b.profiled_faults) as u128
-        ),
-        _ => String::from("null"),
-    };
+    let per_fault_ns = |f: fn(&SystemInfo) -> u64| mean_ns(f, |c| c.profiled_faults);
     let profile = format!(
         "{{\"handler_ns\":{},\"classify_ns\":{},\"zero_ns\":{},\"map_ns\":{}}}",
         per_fault_ns(|c| c.fault_handler_cycles),
@@ -655,22 +659,13 @@ pub fn run(os: &'static dyn Os, cfg: Config) -> bool {
         per_fault_ns(|c| c.fault_zero_cycles),
         per_fault_ns(|c| c.fault_map_cycles),
     );
-    let hz = os.tsc_hz().max(1) as u128;
-    let ns = |cycles: u64| cycles as u128 * 1_000_000_000 / hz;
     // Where the zeroing went, in CPU time over the run: inline in faults, and ahead of
     // need (idle CPUs, zeroing tasks): the cost of the pools is never hidden.
     let zeroing_ms = |f: fn(&SystemInfo) -> u64| match (before, after) {
         (Some(b), Some(a)) => format!("{:.1}", ns(f(&a) - f(&b)) as f64 / 1e6),
         _ => String::from("null"),
     };
-    let ahead_per_frame_ns = match (before, after) {
-        (Some(b), Some(a)) if a.zeroed_ahead > b.zeroed_ahead => format!(
-            "{}",
-            ns(a.zero_ahead_cycles - b.zero_ahead_cycles)
-                / (a.zeroed_ahead - b.zeroed_ahead) as u128
-        ),
-        _ => String::from("null"),
-    };
+    let ahead_per_frame_ns = mean_ns(|c| c.zero_ahead_cycles, |c| c.zeroed_ahead);
     let pools_on = match after {
         Some(a) => format!("{}", a.zero_pools_on != 0),
         None => String::from("null"),

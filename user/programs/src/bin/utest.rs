@@ -1372,6 +1372,21 @@ fn thread_exit_codes_reach_join() -> Outcome {
     Ok(())
 }
 
+/// Reads xmm0 and xmm1 (their low 64 bits).
+fn xmm01() -> (u64, u64) {
+    let (a, b): (u64, u64);
+    // SAFETY: reads two registers into general ones; no memory is touched.
+    unsafe { core::arch::asm!("movq {a}, xmm0", "movq {b}, xmm1", a = out(reg) a, b = out(reg) b) };
+    (a, b)
+}
+
+/// Loads `a` into xmm0 and `b` into xmm1.
+fn set_xmm01(a: u64, b: u64) {
+    // SAFETY: writes two registers this program's code does not otherwise use (user
+    // programs are built without SSE code generation).
+    unsafe { core::arch::asm!("movq xmm0, {a}", "movq xmm1, {b}", a = in(reg) a, b = in(reg) b) };
+}
+
 static SWITCHES: AtomicU64 = AtomicU64::new(0);
 static LAST: AtomicU64 = AtomicU64::new(0);
 
@@ -1380,17 +1395,11 @@ fn sse_worker(me: u64, cpu: usize, tsc_hz: u64) -> u64 {
         return 1;
     }
     let pattern = 0x1111_1111_1111_1111u64 * me;
-    // SAFETY: loads xmm0/xmm1 with this thread's pattern (the kernel saves and restores
-    // them across preemption).
-    unsafe { core::arch::asm!("movq xmm0, {p}", "movq xmm1, {p}", p = in(reg) pattern) };
+    // The kernel saves and restores them across preemption.
+    set_xmm01(pattern, pattern);
     let end = sys::rdtsc() + tsc_hz / 5; // 200 ms, many ticks
     while sys::rdtsc() < end {
-        let (a, b): (u64, u64);
-        // SAFETY: reads xmm0/xmm1 back.
-        unsafe {
-            core::arch::asm!("movq {a}, xmm0", "movq {b}, xmm1", a = out(reg) a, b = out(reg) b)
-        };
-        if a != pattern || b != pattern {
+        if xmm01() != (pattern, pattern) {
             return 2;
         }
         if LAST.swap(me, Ordering::SeqCst) != me {
@@ -1417,21 +1426,6 @@ fn sse_state_survives_preemption() -> Outcome {
         "only {switches} switches between the two threads: no preemption seen"
     );
     Ok(())
-}
-
-/// Reads xmm0 and xmm1 (their low 64 bits).
-fn xmm01() -> (u64, u64) {
-    let (a, b): (u64, u64);
-    // SAFETY: reads two registers into general ones; no memory is touched.
-    unsafe { core::arch::asm!("movq {a}, xmm0", "movq {b}, xmm1", a = out(reg) a, b = out(reg) b) };
-    (a, b)
-}
-
-/// Loads `a` into xmm0 and `b` into xmm1.
-fn set_xmm01(a: u64, b: u64) {
-    // SAFETY: writes two registers this program's code does not otherwise use (user
-    // programs are built without SSE code generation).
-    unsafe { core::arch::asm!("movq xmm0, {a}", "movq xmm1, {b}", a = in(reg) a, b = in(reg) b) };
 }
 
 /// A thread's xmm registers survive its page faults and system calls: the kernel
