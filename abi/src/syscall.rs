@@ -24,6 +24,9 @@ pub const OP_PROCESS_KILL: usize = 0x2_0006;
 /// Like `OP_PROCESS_WAIT` for `pid` (rdi), giving up after `timeout_ns` (rsi; 0 only
 /// looks) with `TimedOut`.
 pub const OP_PROCESS_WAIT_TIMEOUT: usize = 0x2_0007;
+/// CPU time used so far, in ns, by the threads of process `pid` (rdi): 0 for the
+/// caller's own process, else one of its children still running.
+pub const OP_PROCESS_CPU_TIME: usize = 0x2_0008;
 
 /// Starts the initrd program at `path_ptr, path_len` (rdi, rsi) with `arg` (rdx); its
 /// only argument (argv\[0\]) is the path.
@@ -62,13 +65,17 @@ pub const OP_THREAD_CURRENT_CPU: usize = 0x5_0005;
 pub const OP_THREAD_GET_ID: usize = 0x5_0006;
 /// Sets the calling thread's FS base (rdi) for thread-local storage.
 pub const OP_THREAD_SET_FS_BASE: usize = 0x5_0007;
+/// CPU time used so far by the calling thread, in ns.
+pub const OP_THREAD_CPU_TIME: usize = 0x5_0008;
 
 /// Reads the initrd file `path_ptr, path_len` (rdi, rsi) into `buffer, len` (rdx, r10).
 pub const OP_FILE_READ_BUFFER: usize = 0x6_0000;
 
 /// Every operation, for tests and dispatch tables.
-pub const OPERATIONS: [usize; 25] = [
+pub const OPERATIONS: [usize; 27] = [
     OP_PROCESS_YIELD,
+    OP_PROCESS_CPU_TIME,
+    OP_THREAD_CPU_TIME,
     OP_PROCESS_EXIT,
     OP_PROCESS_GET_PID,
     OP_PROCESS_WAIT,

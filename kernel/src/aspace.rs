@@ -427,7 +427,7 @@ impl AddressSpace {
     /// Runs `copy(tables, offset, n)` on `[addr, addr + len)` piece by piece (at most a
     /// page each), with the table lock held, so the frames cannot be unmapped and freed
     /// while it copies; a page not yet accessible is faulted in first. Between pieces it
-    /// yields once its time slice is over (the CPU's timer ticked).
+    /// yields once its time slice is over (`executor::yield_if_due`).
     async fn copy_user(
         &self,
         addr: u64,
@@ -443,14 +443,10 @@ impl AddressSpace {
         let access = if write { Access::Write } else { Access::Read };
         let mut at = addr;
         let mut tries = 0;
-        let mut slice = crate::executor::slice_mark();
         while at < end {
-            // A long copy (up to megabytes) yields at each timer tick of its CPU, like a
-            // user thread's time slice, so the CPU's other tasks are not held up by it.
-            if crate::executor::slice_mark() != slice {
-                yield_once().await;
-                slice = crate::executor::slice_mark();
-            }
+            // A long copy (up to megabytes) yields when the scheduler says its slice is
+            // over, like a user thread, so the CPU's other tasks are not held up by it.
+            crate::executor::yield_if_due().await;
             let chunk = (end - at).min(4096 - (at & 0xfff));
             let copied = {
                 // `copy` checks the page's user rights itself (the tables' `read` and

@@ -58,17 +58,24 @@ pub fn init(cpus: usize) -> &'static Executor<Machine> {
     executor
 }
 
-/// The executor (after `init`).
-/// A time slice's mark: which timer tick of which CPU it started at. A task that runs
-/// long stretches without blocking (a user thread of back-to-back system calls, a long
-/// copy to user memory) yields when the mark has changed, so its CPU's other tasks wait
-/// at most about one tick.
-pub fn slice_mark() -> (usize, u64) {
-    let ticks =
-        percpu::current().map_or(0, |c| c.ticks.load(core::sync::atomic::Ordering::Relaxed));
-    (percpu::current_index(), ticks)
+/// Whether the task running on this CPU should yield now (its slice is over, or a
+/// woken thread should run first): `Executor::should_yield`. False before the executor
+/// exists.
+pub fn should_yield() -> bool {
+    get().is_some_and(|e| e.should_yield())
 }
 
+/// Yields to the executor if `should_yield` says so: the bounded-work point of long
+/// system calls (between pieces of a long log, copy or unmap).
+pub async fn yield_if_due() {
+    if let Some(exec) = get() {
+        if exec.should_yield() {
+            exec.yield_now().await;
+        }
+    }
+}
+
+/// The executor (after `init`).
 pub fn get() -> Option<&'static Executor<Machine>> {
     EXECUTOR.get()
 }

@@ -25,8 +25,9 @@ use crate::boot::BootInfo;
 /// How long an AP may take to check in after its start-up IPIs (TCG is slow, and with
 /// more vCPUs than host cores an AP may wait for a host core).
 const AP_TIMEOUT_US: u64 = 1_000_000;
-/// The timer tick period.
-pub const TICK_US: u64 = 10_000;
+/// The timer tick period: the scheduler's minimum slice (a thread spinning in user
+/// mode is preempted only at a tick).
+pub const TICK_US: u64 = panda_sched::MIN_GRANULARITY_NS / 1000;
 
 static FEATURES: spin::Once<panda_arch::cpu::Features> = spin::Once::new();
 static AP_MAIN: spin::Once<fn(usize) -> !> = spin::Once::new();

@@ -10,6 +10,7 @@ use core::task::{Context, Poll, Waker};
 
 use crossbeam_utils::CachePadded;
 
+use crate::fair::{self, FairQueue, Group};
 use crate::queue::TaskQueue;
 use crate::task::{Scheduler, Task, DONE, IDLE, RUNNING, SCHEDULED, WOKEN};
 use crate::timer::{Sleep, TimerKey, TimerList, Timers};
@@ -34,8 +35,9 @@ pub trait Platform: Send + Sync + 'static {
     /// wake-up that arrived since interrupts went off is not lost), and returns with
     /// interrupts enabled.
     fn halt(&self);
-    /// Called at the start of every turn of a CPU's loop (the watchdog counts turns, so
-    /// a task whose poll never returns is caught). Nothing by default.
+    /// Called whenever the CPU shows it is scheduling: at the start of every poll and
+    /// at every `should_yield` check (the watchdog counts these, so a task whose poll
+    /// never returns and never checks is caught). Nothing by default.
     fn on_turn(&self) {}
 }
 
@@ -52,13 +54,40 @@ pub struct CpuStats {
     pub idles: u64,
     /// Timers fired.
     pub timers_fired: u64,
+    /// Fair tasks (user threads) told to yield by `should_yield`: their slice was over,
+    /// or a woken task was due to run first.
+    pub preemptions: u64,
+    /// Fair tasks this CPU pulled from busier CPUs while it was busy itself (load
+    /// balancing; idle stealing is `stolen`).
+    pub balanced: u64,
+    /// Time spent polling fair tasks (user threads) and kernel tasks, in ns.
+    pub fair_ns: u64,
+    pub kernel_ns: u64,
 }
 
 struct CpuState {
+    /// Kernel tasks (no group): FIFO, pinned and stealable.
     pinned: spin::Mutex<TaskQueue>,
     shared: spin::Mutex<TaskQueue>,
+    /// Fair tasks (user threads), by virtual runtime.
+    fair: spin::Mutex<FairQueue>,
+    /// Mirrors of the fair queue's sizes, read without its lock.
+    fair_len: AtomicUsize,
+    fair_shared_len: AtomicUsize,
     timers: spin::Mutex<TimerList>,
+    /// The earliest timer deadline (u64::MAX: none), read without the timers' lock.
+    earliest_timer: AtomicU64,
     idle: AtomicBool,
+    /// The fair task being polled should yield at its next `should_yield` check.
+    preempt: AtomicBool,
+    /// A kernel task was queued since the last pass over the kernel queues.
+    kernel_waiting: AtomicBool,
+    /// The virtual runtime of the fair task being polled (u64::MAX: none).
+    running_vruntime: AtomicU64,
+    /// When the current poll began, and the polled task's runtime before it.
+    poll_start_ns: AtomicU64,
+    running_base_ns: AtomicU64,
+    last_balance_ns: AtomicU64,
     /// A move the task being polled asked for (`Executor::move_to`): 0 for none, else
     /// `(cpu + 1) | PIN_BIT` when it is to be pinned there. Read and cleared by this
     /// CPU right after the poll.
@@ -68,6 +97,10 @@ struct CpuState {
     wakeups_sent: AtomicU64,
     idles: AtomicU64,
     timers_fired: AtomicU64,
+    preemptions: AtomicU64,
+    balanced: AtomicU64,
+    fair_ns: AtomicU64,
+    kernel_ns: AtomicU64,
 }
 
 impl CpuState {
@@ -75,15 +108,42 @@ impl CpuState {
         Self {
             pinned: spin::Mutex::new(TaskQueue::new()),
             shared: spin::Mutex::new(TaskQueue::new()),
+            fair: spin::Mutex::new(FairQueue::new()),
+            fair_len: AtomicUsize::new(0),
+            fair_shared_len: AtomicUsize::new(0),
             timers: spin::Mutex::new(TimerList::new()),
+            earliest_timer: AtomicU64::new(u64::MAX),
             idle: AtomicBool::new(false),
+            preempt: AtomicBool::new(false),
+            kernel_waiting: AtomicBool::new(false),
+            running_vruntime: AtomicU64::new(u64::MAX),
+            poll_start_ns: AtomicU64::new(0),
+            running_base_ns: AtomicU64::new(0),
+            last_balance_ns: AtomicU64::new(0),
             move_request: AtomicUsize::new(0),
             polls: AtomicU64::new(0),
             stolen: AtomicU64::new(0),
             wakeups_sent: AtomicU64::new(0),
             idles: AtomicU64::new(0),
             timers_fired: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+            balanced: AtomicU64::new(0),
+            fair_ns: AtomicU64::new(0),
+            kernel_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Records the earliest deadline of `timers` (this CPU's list, locked).
+    fn note_earliest(&self, timers: &TimerList) {
+        let earliest = timers.first_key_value().map_or(u64::MAX, |(&(d, _), _)| d);
+        self.earliest_timer.store(earliest, Ordering::Relaxed);
+    }
+
+    /// Updates the lock-free mirrors of the fair queue's sizes (called with it locked).
+    fn fair_sizes(&self, queue: &FairQueue) {
+        self.fair_len.store(queue.len(), Ordering::Relaxed);
+        self.fair_shared_len
+            .store(queue.shared_len(), Ordering::Relaxed);
     }
 }
 
@@ -178,7 +238,35 @@ impl<P: Platform> Executor<P> {
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        self.spawn_inner(self.current(), false, future)
+        self.spawn_inner(self.current(), false, None, future)
+    }
+
+    /// A new scheduling group (the kernel makes one per process): tasks spawned in it
+    /// with `spawn_in` are fair tasks, and the group shares each CPU equally with the
+    /// other groups there however many tasks it has.
+    pub fn new_group(&self) -> Arc<Group> {
+        Group::new(self.cpus.len())
+    }
+
+    /// Spawns `future` as a fair task of `group`: on CPU `cpu` (the calling CPU if
+    /// `None`), pinned there with `pin` (only that CPU will ever poll it), otherwise
+    /// stealable.
+    pub fn spawn_in<T, F>(
+        &'static self,
+        group: &Arc<Group>,
+        cpu: Option<usize>,
+        pin: bool,
+        future: F,
+    ) -> JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let cpu = match cpu {
+            Some(cpu) => self.served(cpu, "spawn_in's target"),
+            None => self.current(),
+        };
+        self.spawn_inner(cpu, pin, Some(group.clone()), future)
     }
 
     /// Spawns `future` on CPU `cpu`; idle CPUs may steal it.
@@ -188,7 +276,7 @@ impl<P: Platform> Executor<P> {
         T: Send + 'static,
     {
         let cpu = self.served(cpu, "spawn_on's target");
-        self.spawn_inner(cpu, false, future)
+        self.spawn_inner(cpu, false, None, future)
     }
 
     /// Spawns `future` on CPU `cpu`, which alone will ever poll it.
@@ -198,10 +286,16 @@ impl<P: Platform> Executor<P> {
         T: Send + 'static,
     {
         let cpu = self.served(cpu, "spawn_pinned's target");
-        self.spawn_inner(cpu, true, future)
+        self.spawn_inner(cpu, true, None, future)
     }
 
-    fn spawn_inner<T, F>(&'static self, cpu: usize, pinned: bool, future: F) -> JoinHandle<T>
+    fn spawn_inner<T, F>(
+        &'static self,
+        cpu: usize,
+        pinned: bool,
+        group: Option<Arc<Group>>,
+        future: F,
+    ) -> JoinHandle<T>
     where
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
@@ -223,10 +317,30 @@ impl<P: Platform> Executor<P> {
             }
         };
         self.live_tasks.fetch_add(1, Ordering::AcqRel);
-        let task = Task::new(Box::pin(wrapped), cpu, pinned, self);
-        self.enqueue(task);
+        let fair = group.is_some();
+        // A new fair task starts one minimum slice behind the CPU's smallest virtual
+        // runtime, so a process that spawns threads in a loop cannot push its new ones
+        // ahead of the tasks already waiting there.
+        let vruntime = if fair {
+            let min = self.with_interrupts_off(|| self.cpus[cpu].fair.lock().min_vruntime);
+            min.saturating_add(fair::MIN_GRANULARITY_NS)
+        } else {
+            0
+        };
+        let task = Task::new(Box::pin(wrapped), cpu, pinned, self, group, vruntime);
+        if fair {
+            self.insert_fair(cpu, task, false);
+        } else {
+            self.enqueue(task);
+        }
         // New shared work on a busy CPU: let one idle CPU come and steal it.
-        if !pinned && self.cpus[cpu].shared.lock().len() > 1 {
+        let target = &self.cpus[cpu];
+        let queued = if fair {
+            target.fair_shared_len.load(Ordering::Relaxed)
+        } else {
+            self.with_interrupts_off(|| target.shared.lock().len())
+        };
+        if !pinned && queued > 1 {
             if let Some(idle) =
                 (0..self.cpus.len()).find(|&c| c != cpu && self.cpus[c].idle.load(Ordering::SeqCst))
             {
@@ -258,12 +372,18 @@ impl<P: Platform> Executor<P> {
         }
     }
 
-    /// One turn: fire timers, poll one pass, else steal, else idle work, else halt.
+    /// One turn: fire timers, poll the kernel tasks queued (each once) and one fair
+    /// task, balance now and then; else steal, else idle work, else halt.
     fn turn(&'static self) {
         self.platform.on_turn();
         let cpu = self.current();
         self.fire_timers(cpu);
-        if self.run_pass(cpu) > 0 || self.steal(cpu) > 0 {
+        let polled = self.run_pass(cpu) + self.run_fair(cpu);
+        if polled > 0 {
+            self.balance(cpu);
+            return;
+        }
+        if self.steal(cpu) > 0 {
             return;
         }
         if let Some(work) = self.idle_work.get() {
@@ -277,12 +397,14 @@ impl<P: Platform> Executor<P> {
     fn queued(&self, cpu: usize) -> usize {
         let state = &self.cpus[cpu];
         self.with_interrupts_off(|| state.pinned.lock().len() + state.shared.lock().len())
+            + state.fair_len.load(Ordering::Relaxed)
     }
 
-    /// Polls at most the tasks queued when the pass began, pinned and shared queues
-    /// each by its own count, so neither can starve the other.
+    /// Polls at most the kernel tasks queued when the pass began, pinned and shared
+    /// queues each by its own count, so neither can starve the other.
     fn run_pass(&'static self, cpu: usize) -> usize {
         let state = &self.cpus[cpu];
+        state.kernel_waiting.store(false, Ordering::Relaxed);
         let mut polled = 0;
         for queue in [&state.pinned, &state.shared] {
             let budget = self.with_interrupts_off(|| queue.lock().len());
@@ -297,13 +419,45 @@ impl<P: Platform> Executor<P> {
         polled
     }
 
+    /// Polls the fair task with the smallest virtual runtime, if any.
+    fn run_fair(&'static self, cpu: usize) -> usize {
+        let state = &self.cpus[cpu];
+        let task = self.with_interrupts_off(|| {
+            let mut queue = state.fair.lock();
+            let task = queue.pop_first();
+            state.fair_sizes(&queue);
+            task
+        });
+        match task {
+            Some(task) => {
+                self.poll(cpu, task);
+                1
+            }
+            None => 0,
+        }
+    }
+
     fn poll(&'static self, cpu: usize, task: Arc<Task>) {
         debug_assert_eq!(task.state.load(Ordering::Acquire), SCHEDULED);
         task.state.store(RUNNING, Ordering::Release);
         if !task.pinned.load(Ordering::Relaxed) {
             task.cpu.store(cpu, Ordering::Relaxed);
         }
-        self.cpus[cpu].polls.fetch_add(1, Ordering::Relaxed);
+        let state = &self.cpus[cpu];
+        state.polls.fetch_add(1, Ordering::Relaxed);
+        self.platform.on_turn();
+        let fair = task.group.is_some();
+        let start = self.platform.now_ns();
+        state.poll_start_ns.store(start, Ordering::Relaxed);
+        state
+            .running_base_ns
+            .store(task.runtime_ns.load(Ordering::Relaxed), Ordering::Relaxed);
+        if fair {
+            state.preempt.store(false, Ordering::Relaxed);
+            state
+                .running_vruntime
+                .store(task.vruntime.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         let waker = Waker::from(task.clone());
         let mut cx = Context::from_waker(&waker);
         let finished = {
@@ -317,7 +471,25 @@ impl<P: Platform> Executor<P> {
             }
             ready
         };
-        let request = self.cpus[cpu].move_request.swap(0, Ordering::Relaxed);
+        let ran = self.platform.now_ns().saturating_sub(start);
+        task.runtime_ns.fetch_add(ran, Ordering::Relaxed);
+        if let Some(group) = &task.group {
+            state.running_vruntime.store(u64::MAX, Ordering::Relaxed);
+            state.fair_ns.fetch_add(ran, Ordering::Relaxed);
+            group.charge(ran);
+            // Weighted: the more runnable tasks the group has here, the faster each
+            // one's virtual runtime grows, so the group as a whole gets one share.
+            let weight = u64::from(group.runnable_on(cpu).max(1));
+            task.vruntime
+                .fetch_add(ran.saturating_mul(weight), Ordering::Relaxed);
+        } else {
+            state.kernel_ns.fetch_add(ran, Ordering::Relaxed);
+        }
+        let request = state.move_request.swap(0, Ordering::Relaxed);
+        // Not runnable here any more (blocked, finished or moving): the requeue below
+        // counts it again where it goes. Before the state change, so a waker on another
+        // CPU that queues it meanwhile finds it uncounted.
+        task.uncount();
         if finished {
             task.state.store(DONE, Ordering::Release);
             self.live_tasks.fetch_sub(1, Ordering::AcqRel);
@@ -327,6 +499,9 @@ impl<P: Platform> Executor<P> {
             // The task asked to move (and woke itself): its next queue is the target's.
             // `move_to` checked the target.
             let target = (request & !PIN_BIT) - 1;
+            if fair && target != cpu {
+                self.renormalize(&task, cpu, target);
+            }
             task.cpu.store(target, Ordering::Relaxed);
             task.pinned.store(request & PIN_BIT != 0, Ordering::Relaxed);
         }
@@ -335,14 +510,191 @@ impl<P: Platform> Executor<P> {
             .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            // Woken while running: back of the queue, so it cannot starve the others.
+            // Woken while running: back of the queue (kernel tasks) or in order of its
+            // virtual runtime (fair tasks), so it cannot starve the others.
             debug_assert_eq!(task.state.load(Ordering::Acquire), WOKEN);
             task.state.store(SCHEDULED, Ordering::Release);
-            self.enqueue(task);
+            if fair {
+                let target = task.cpu.load(Ordering::Relaxed);
+                self.insert_fair(target, task, false);
+            } else {
+                self.enqueue(task);
+            }
         }
     }
 
-    /// Takes up to half of another CPU's shared queue (at most `STEAL_BATCH`).
+    /// Moves a fair task's virtual runtime from CPU `from`'s scale to CPU `to`'s: it
+    /// keeps its lag behind (or lead over) the smallest virtual runtime.
+    fn renormalize(&self, task: &Task, from: usize, to: usize) {
+        let (from_min, to_min) = self.with_interrupts_off(|| {
+            (
+                self.cpus[from].fair.lock().min_vruntime,
+                self.cpus[to].fair.lock().min_vruntime,
+            )
+        });
+        let v = task.vruntime.load(Ordering::Relaxed);
+        let v = if v >= from_min {
+            to_min.saturating_add(v - from_min)
+        } else {
+            to_min.saturating_sub(from_min - v)
+        };
+        task.vruntime.store(v, Ordering::Relaxed);
+    }
+
+    /// Queues fair task `task` on CPU `cpu`. A task that was asleep (`woken`) is placed
+    /// no further back than `SLEEPER_CREDIT_NS` behind the CPU's smallest virtual
+    /// runtime, and preempts the task running there if it is further ahead than
+    /// `WAKEUP_GRANULARITY_NS`.
+    fn insert_fair(&self, cpu: usize, task: Arc<Task>, woken: bool) {
+        let state = &self.cpus[cpu];
+        let v = self.with_interrupts_off(|| {
+            let mut queue = state.fair.lock();
+            let mut v = task.vruntime.load(Ordering::Relaxed);
+            if woken {
+                v = v.max(queue.min_vruntime.saturating_sub(fair::SLEEPER_CREDIT_NS));
+                task.vruntime.store(v, Ordering::Relaxed);
+            }
+            task.count_on(cpu);
+            queue.insert(task);
+            state.fair_sizes(&queue);
+            v
+        });
+        let running = state.running_vruntime.load(Ordering::Relaxed);
+        if woken && running != u64::MAX && running > v.saturating_add(fair::WAKEUP_GRANULARITY_NS) {
+            state.preempt.store(true, Ordering::Relaxed);
+        }
+        if cpu != self.current() && state.idle.load(Ordering::SeqCst) {
+            self.send_wakeup(cpu);
+        }
+    }
+
+    /// Whether the fair task being polled on this CPU should yield now: its slice is
+    /// over (the slice shrinks as the CPU's run queue grows: `fair::slice_ns`; a queued
+    /// kernel task counts as one more), or a woken task is due to preempt it. It also fires this CPU's due
+    /// timers (whose sleepers may be what is waiting), so a thread that is woken by
+    /// its timer while others spin runs at the next check, not after a whole round.
+    /// User threads call it at every trap; the watchdog counts it as progress.
+    pub fn should_yield(&'static self) -> bool {
+        self.platform.on_turn();
+        let cpu = self.current();
+        let state = &self.cpus[cpu];
+        let now = self.platform.now_ns();
+        if now >= state.earliest_timer.load(Ordering::Relaxed) {
+            self.fire_timers(cpu);
+        }
+        let yield_now = state.preempt.load(Ordering::Relaxed) || {
+            let runnable = state.fair_len.load(Ordering::Relaxed)
+                + usize::from(state.kernel_waiting.load(Ordering::Relaxed));
+            runnable > 0 && {
+                let ran = now.saturating_sub(state.poll_start_ns.load(Ordering::Relaxed));
+                // Half a tick of slack: a slice of one tick ends at the first tick
+                // after it began, not the second.
+                ran + fair::MIN_GRANULARITY_NS / 2 >= fair::slice_ns(runnable + 1)
+            }
+        };
+        if yield_now {
+            state.preemptions.fetch_add(1, Ordering::Relaxed);
+        }
+        yield_now
+    }
+
+    /// CPU time of the task being polled on this CPU, in ns, up to now.
+    pub fn current_cpu_time_ns(&self) -> u64 {
+        let state = &self.cpus[self.current()];
+        let ran = self
+            .platform
+            .now_ns()
+            .saturating_sub(state.poll_start_ns.load(Ordering::Relaxed));
+        state.running_base_ns.load(Ordering::Relaxed) + ran
+    }
+
+    /// CPU time of `group`, in ns, up to now, counting the running poll when the caller
+    /// is one of its tasks.
+    pub fn group_cpu_time_ns(&self, group: &Group) -> u64 {
+        let state = &self.cpus[self.current()];
+        let ran = self
+            .platform
+            .now_ns()
+            .saturating_sub(state.poll_start_ns.load(Ordering::Relaxed));
+        group.cpu_time_ns() + ran
+    }
+
+    /// Every `BALANCE_INTERVAL_NS`, a busy CPU pulls shared fair tasks from the busiest
+    /// CPU when that one has at least two more runnable than this one: half the
+    /// difference, at most `STEAL_BATCH`. (An idle CPU steals instead: `steal`.)
+    fn balance(&self, cpu: usize) {
+        let n = self.cpus.len();
+        if n < 2 {
+            return;
+        }
+        let state = &self.cpus[cpu];
+        let now = self.platform.now_ns();
+        let last = state.last_balance_ns.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < fair::BALANCE_INTERVAL_NS {
+            return;
+        }
+        state.last_balance_ns.store(now, Ordering::Relaxed);
+        let mine = state.fair_len.load(Ordering::Relaxed);
+        let Some((busiest, load)) = (0..n)
+            .filter(|&c| c != cpu)
+            .map(|c| (c, self.cpus[c].fair_shared_len.load(Ordering::Relaxed)))
+            .max_by_key(|&(_, load)| load)
+        else {
+            return;
+        };
+        if load < mine + 2 {
+            return;
+        }
+        let want = ((load - mine) / 2).clamp(1, STEAL_BATCH);
+        let moved = self.pull_fair(busiest, cpu, want);
+        state.balanced.fetch_add(moved as u64, Ordering::Relaxed);
+    }
+
+    /// Moves up to `want` shared fair tasks from CPU `from` to CPU `to`, those that
+    /// would have run last on `from` first. Returns how many moved.
+    fn pull_fair(&self, from: usize, to: usize, want: usize) -> usize {
+        let mut batch: [Option<Arc<Task>>; STEAL_BATCH] = [const { None }; STEAL_BATCH];
+        let (taken, from_min) = self.with_interrupts_off(|| {
+            let mut queue = self.cpus[from].fair.lock();
+            let mut taken = 0;
+            while taken < want.min(STEAL_BATCH) {
+                match queue.pop_last_shared() {
+                    Some(task) => {
+                        batch[taken] = Some(task);
+                        taken += 1;
+                    }
+                    None => break,
+                }
+            }
+            self.cpus[from].fair_sizes(&queue);
+            (taken, queue.min_vruntime)
+        });
+        if taken == 0 {
+            return 0;
+        }
+        let state = &self.cpus[to];
+        self.with_interrupts_off(|| {
+            let mut queue = state.fair.lock();
+            let to_min = queue.min_vruntime;
+            for task in batch.iter_mut().filter_map(Option::take) {
+                let v = task.vruntime.load(Ordering::Relaxed);
+                let v = if v >= from_min {
+                    to_min.saturating_add(v - from_min)
+                } else {
+                    to_min.saturating_sub(from_min - v)
+                };
+                task.vruntime.store(v, Ordering::Relaxed);
+                task.cpu.store(to, Ordering::Relaxed);
+                task.count_on(to);
+                queue.insert(task);
+            }
+            state.fair_sizes(&queue);
+        });
+        taken
+    }
+
+    /// Takes up to half of another CPU's shared kernel queue (at most `STEAL_BATCH`),
+    /// or failing that, of its shared fair tasks.
     fn steal(&self, cpu: usize) -> usize {
         let n = self.cpus.len();
         for offset in 1..n {
@@ -363,16 +715,25 @@ impl<P: Platform> Executor<P> {
                 }
                 taken
             });
+            let taken = if taken > 0 {
+                self.with_interrupts_off(|| {
+                    let mut mine = self.cpus[cpu].shared.lock();
+                    for task in batch.iter_mut().filter_map(Option::take) {
+                        task.cpu.store(cpu, Ordering::Relaxed);
+                        mine.push_back(task);
+                    }
+                });
+                taken
+            } else {
+                let fair = self.cpus[victim].fair_shared_len.load(Ordering::Relaxed);
+                if fair == 0 {
+                    continue;
+                }
+                self.pull_fair(victim, cpu, fair.div_ceil(2))
+            };
             if taken == 0 {
                 continue;
             }
-            self.with_interrupts_off(|| {
-                let mut mine = self.cpus[cpu].shared.lock();
-                for task in batch.iter_mut().filter_map(Option::take) {
-                    task.cpu.store(cpu, Ordering::Relaxed);
-                    mine.push_back(task);
-                }
-            });
             self.cpus[cpu]
                 .stolen
                 .fetch_add(taken as u64, Ordering::Relaxed);
@@ -385,7 +746,9 @@ impl<P: Platform> Executor<P> {
         self.queued(cpu) > 0
             || self.timer_due(cpu)
             || (0..self.cpus.len()).any(|c| {
-                c != cpu && self.with_interrupts_off(|| self.cpus[c].shared.lock().len()) > 0
+                c != cpu
+                    && (self.cpus[c].fair_shared_len.load(Ordering::Relaxed) > 0
+                        || self.with_interrupts_off(|| self.cpus[c].shared.lock().len()) > 0)
             })
     }
 
@@ -434,6 +797,7 @@ impl<P: Platform> Executor<P> {
                         _ => break,
                     }
                 }
+                self.cpus[cpu].note_earliest(&timers);
                 count
             });
             for waker in due.iter_mut().filter_map(Option::take) {
@@ -511,6 +875,10 @@ impl<P: Platform> Executor<P> {
             wakeups_sent: s.wakeups_sent.load(Ordering::Relaxed),
             idles: s.idles.load(Ordering::Relaxed),
             timers_fired: s.timers_fired.load(Ordering::Relaxed),
+            preemptions: s.preemptions.load(Ordering::Relaxed),
+            balanced: s.balanced.load(Ordering::Relaxed),
+            fair_ns: s.fair_ns.load(Ordering::Relaxed),
+            kernel_ns: s.kernel_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -535,7 +903,15 @@ impl<P: Platform> Scheduler for Executor<P> {
     fn enqueue(&self, task: Arc<Task>) {
         // Every store to `task.cpu` is a served CPU (spawn and move_to check).
         let cpu = task.cpu.load(Ordering::Relaxed);
+        if task.group.is_some() {
+            // A wake (requeues after a poll go to `insert_fair` directly).
+            self.insert_fair(cpu, task, true);
+            return;
+        }
         let state = &self.cpus[cpu];
+        // A kernel task waits: it counts as one more runnable task in the slice of the
+        // fair task running there (which yields at the end of that slice).
+        state.kernel_waiting.store(true, Ordering::Relaxed);
         self.with_interrupts_off(|| {
             if task.pinned.load(Ordering::Relaxed) {
                 state.pinned.lock().push_back(task);
@@ -559,10 +935,10 @@ impl<P: Platform> Timers for Executor<P> {
         let cpu = self.current();
         // Keys are unique (the sequence number is), so nothing is replaced here.
         let replaced = self.with_interrupts_off(|| {
-            self.cpus[cpu]
-                .timers
-                .lock()
-                .insert((deadline_ns, seq), waker)
+            let mut timers = self.cpus[cpu].timers.lock();
+            let replaced = timers.insert((deadline_ns, seq), waker);
+            self.cpus[cpu].note_earliest(&timers);
+            replaced
         });
         debug_assert!(replaced.is_none());
         TimerKey {
@@ -588,10 +964,10 @@ impl<P: Platform> Timers for Executor<P> {
     fn cancel_timer(&self, key: TimerKey) -> Option<Waker> {
         // The arming CPU's list, which need not be the calling CPU's: tasks migrate.
         self.with_interrupts_off(|| {
-            self.cpus[key.cpu]
-                .timers
-                .lock()
-                .remove(&(key.deadline, key.seq))
+            let mut timers = self.cpus[key.cpu].timers.lock();
+            let removed = timers.remove(&(key.deadline, key.seq));
+            self.cpus[key.cpu].note_earliest(&timers);
+            removed
         })
     }
 }

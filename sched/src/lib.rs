@@ -30,12 +30,16 @@
 extern crate alloc;
 
 mod executor;
+mod fair;
 mod queue;
 mod task;
 mod timer;
 
 pub use executor::{CpuStats, Executor, JoinHandle, MoveTo, Platform, MAX_CPUS};
+pub use fair::{slice_ns, Group, MIN_GRANULARITY_NS, TARGET_LATENCY_NS};
 pub use timer::Sleep;
 
+#[cfg(test)]
+mod fair_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,9 @@ use alloc::sync::Arc;
 use alloc::task::Wake;
 use core::future::Future;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use crate::fair::Group;
 
 /// Not queued, not running: waiting for a wake.
 pub(crate) const IDLE: u8 = 0;
@@ -29,6 +31,11 @@ pub(crate) trait Scheduler: Send + Sync {
 /// the last waker naming it is dropped).
 pub(crate) static TASK_STRUCTS: AtomicUsize = AtomicUsize::new(0);
 
+static NEXT_TASK_ID: AtomicU64 = AtomicU64::new(1);
+
+/// `Task::counted` when the task is counted on no CPU.
+pub(crate) const UNCOUNTED: usize = usize::MAX;
+
 pub(crate) struct Task {
     pub(crate) state: AtomicU8,
     /// The CPU whose queue the task goes to when woken (its last CPU).
@@ -38,6 +45,18 @@ pub(crate) struct Task {
     pub(crate) future: spin::Mutex<Option<BoxedFuture>>,
     pub(crate) next: spin::Mutex<Option<Arc<Task>>>,
     pub(crate) scheduler: &'static dyn Scheduler,
+    /// Unique: breaks ties between equal virtual runtimes in the fair queues.
+    pub(crate) id: u64,
+    /// The task's scheduling group (a process): `None` for kernel tasks, which run from
+    /// the FIFO queues; `Some` for fair tasks (docs/SCHEDULING.md).
+    pub(crate) group: Option<Arc<Group>>,
+    /// Weighted virtual runtime (fair tasks), on the scale of `cpu`'s fair queue.
+    pub(crate) vruntime: AtomicU64,
+    /// CPU time used by polls that ended, in ns.
+    pub(crate) runtime_ns: AtomicU64,
+    /// The CPU whose `Group::runnable` count includes this task, or `UNCOUNTED`.
+    /// Changed only by whoever owns the task's state (the queuer or the poller).
+    pub(crate) counted: AtomicUsize,
 }
 
 impl Task {
@@ -46,6 +65,8 @@ impl Task {
         cpu: usize,
         pinned: bool,
         scheduler: &'static dyn Scheduler,
+        group: Option<Arc<Group>>,
+        vruntime: u64,
     ) -> Arc<Task> {
         TASK_STRUCTS.fetch_add(1, Ordering::Relaxed);
         Arc::new(Task {
@@ -55,6 +76,11 @@ impl Task {
             future: spin::Mutex::new(Some(future)),
             next: spin::Mutex::new(None),
             scheduler,
+            id: NEXT_TASK_ID.fetch_add(1, Ordering::Relaxed),
+            group,
+            vruntime: AtomicU64::new(vruntime),
+            runtime_ns: AtomicU64::new(0),
+            counted: AtomicUsize::new(UNCOUNTED),
         })
     }
 
@@ -80,6 +106,30 @@ impl Task {
                 }
                 Err(now) => state = now,
             }
+        }
+    }
+}
+
+impl Task {
+    /// Counts the task as runnable on `cpu` in its group (moving the count from the CPU
+    /// it was counted on, if another).
+    pub(crate) fn count_on(&self, cpu: usize) {
+        let Some(group) = &self.group else { return };
+        let was = self.counted.swap(cpu, Ordering::Relaxed);
+        if was != cpu {
+            if was != UNCOUNTED {
+                group.uncount(was);
+            }
+            group.count(cpu);
+        }
+    }
+
+    /// The task is no longer runnable (it blocked, finished or is leaving its CPU).
+    pub(crate) fn uncount(&self) {
+        let Some(group) = &self.group else { return };
+        let was = self.counted.swap(UNCOUNTED, Ordering::Relaxed);
+        if was != UNCOUNTED {
+            group.uncount(was);
         }
     }
 }

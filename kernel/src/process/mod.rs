@@ -207,6 +207,10 @@ pub struct Process {
     /// Children not yet reaped, killed when this process ends.
     children: Mutex<Vec<u64>>,
     reaper: Reaper,
+    /// The process's scheduling group: its threads share each CPU as one (docs/
+    /// SCHEDULING.md), and it accounts their CPU time. `None` only before the executor
+    /// exists.
+    pub(crate) sched: Option<Arc<panda_sched::Group>>,
 }
 
 impl Process {
@@ -240,6 +244,7 @@ impl Process {
                 threads: Mutex::new(&locks::THREADS, id_map()),
                 children: Mutex::new(&locks::CHILDREN, Vec::new()),
                 reaper: Reaper { pid, record },
+                sched: crate::executor::get().map(|e| e.new_group()),
             }
         })
     }

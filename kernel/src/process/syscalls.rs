@@ -34,6 +34,11 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
         syscall::OP_PROCESS_WAIT => wait_for_child(process, a0, None).await,
         syscall::OP_PROCESS_WAIT_TIMEOUT => wait_for_child(process, a0, Some(a1)).await,
         syscall::OP_PROCESS_KILL => kill_child(process, a0),
+        syscall::OP_PROCESS_CPU_TIME => process_cpu_time(process, a0),
+        syscall::OP_THREAD_CPU_TIME => match exec {
+            Some(exec) => Ok(exec.current_cpu_time_ns() as usize),
+            None => Err(Error::NotPermitted),
+        },
         syscall::OP_ENVIRONMENT_SPAWN => spawn_from_user(process, a0, a1, a2).await,
         syscall::OP_ENVIRONMENT_SPAWN_ARGS => {
             spawn_args_from_user(process, [a0, a1, a2, a3], ctx.r8).await
@@ -215,6 +220,26 @@ fn kill_child(process: &Process, pid: u64) -> Result<usize, Error> {
         child.end(KILLED);
     }
     Ok(0)
+}
+
+/// CPU time of the caller's process (`pid` 0 or its own) or of a running child.
+fn process_cpu_time(process: &Process, pid: u64) -> Result<usize, Error> {
+    let exec = crate::executor::get().ok_or(Error::NotPermitted)?;
+    if pid == 0 || pid == process.pid {
+        let group = process.sched.as_ref().ok_or(Error::NotFound)?;
+        return Ok(exec.group_cpu_time_ns(group) as usize);
+    }
+    let child = {
+        let table = PROCESSES.lock();
+        let entry = table
+            .get(&pid)
+            .filter(|e| e.parent == process.pid && !e.orphan)
+            .ok_or(Error::NotFound)?;
+        entry.process.upgrade()
+    };
+    child
+        .and_then(|c| c.sched.as_ref().map(|g| g.cpu_time_ns() as usize))
+        .ok_or(Error::NotFound)
 }
 
 async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {

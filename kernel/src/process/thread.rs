@@ -3,7 +3,6 @@
 
 use super::syscalls::system_call;
 use super::*;
-use crate::executor::slice_mark;
 use core::task::Poll;
 
 /// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
@@ -30,9 +29,10 @@ pub(super) fn start_thread(
         tid
     };
     let future = run_thread_with_id(process.clone(), ctx, tid);
-    let handle = match cpu {
-        Some(cpu) => exec.spawn_pinned(cpu, future),
-        None => exec.spawn(future),
+    let handle = match (&process.sched, cpu) {
+        (Some(group), cpu) => exec.spawn_in(group, cpu, cpu.is_some(), future),
+        (None, Some(cpu)) => exec.spawn_pinned(cpu, future),
+        (None, None) => exec.spawn(future),
     };
     if let Some(slot) = process.threads.lock().get_mut(&tid) {
         *slot = Some(handle);
@@ -66,21 +66,18 @@ pub(super) enum After {
 }
 
 async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u64 {
-    // A user thread's time slice ends at the next timer tick: then, before it returns
-    // to user mode, it lets the other tasks of its CPU run. A thread whose system calls
-    // and faults all complete at once never returns to the executor by itself, and a
-    // tick rarely lands in its few user-mode instructions (a loop of cheap system calls
-    // spends almost all its time in the kernel), so without this it kept its CPU's other
-    // tasks (threads, the zeroing task) waiting for as long as it liked — seen in a soak
-    // as a CPU whose executor did not come round for 10 s.
-    let mut slice = slice_mark();
+    // Before every return to user mode the thread asks the scheduler whether its slice
+    // is over (or a woken thread should run first): then it yields, and the CPU's other
+    // tasks run. A thread whose system calls and faults all complete at once never
+    // returns to the executor by itself, and a thread spinning in user mode comes back
+    // only at a timer tick (`Exit::Interrupt`), so this check is the preemption point
+    // for both (docs/SCHEDULING.md).
     let status = loop {
         if process.is_ending() {
             break process.reaper.record.status.load(Ordering::SeqCst);
         }
-        if slice_mark() != slice {
+        if crate::executor::should_yield() {
             yield_once().await;
-            slice = slice_mark();
             continue;
         }
         // The task may have moved CPUs, or another space may have run here meanwhile.
@@ -130,11 +127,9 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                     }
                 }
             }
-            // An interrupt ended the run (the timer tick, an IPI): let others run.
-            Exit::Interrupt { .. } => {
-                yield_once().await;
-                slice = slice_mark();
-            }
+            // An interrupt ended the run (the timer tick, an IPI): the check at the top
+            // of the loop decides whether the thread's slice is over.
+            Exit::Interrupt { .. } => {}
             Exit::Exception { vector, error_code } => {
                 let (mnemonic, name) = panda_arch::trap::exception_name(vector as u64);
                 warn!(

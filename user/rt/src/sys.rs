@@ -256,3 +256,14 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
     ((hi as u64) << 32) | lo as u64
 }
+
+/// CPU time the calling thread has used, in ns.
+pub fn thread_cpu_time_ns() -> u64 {
+    call(abi::OP_THREAD_CPU_TIME, 0, 0, 0, 0) as u64
+}
+
+/// CPU time process `pid` has used, in ns: 0 for the calling process, else one of its
+/// running children.
+pub fn process_cpu_time_ns(pid: u64) -> R {
+    decode(call(abi::OP_PROCESS_CPU_TIME, pid, 0, 0, 0))
+}
