@@ -318,14 +318,20 @@ impl<P: Platform> Executor<P> {
         };
         self.live_tasks.fetch_add(1, Ordering::AcqRel);
         let fair = group.is_some();
-        // A new fair task starts one minimum slice behind the CPU's smallest virtual
-        // runtime, so a process that spawns threads in a loop cannot push its new ones
-        // ahead of the tasks already waiting there.
-        let vruntime = if fair {
-            let min = self.with_interrupts_off(|| self.cpus[cpu].fair.lock().min_vruntime);
-            min.saturating_add(fair::MIN_GRANULARITY_NS)
-        } else {
-            0
+        // A new fair task starts one weighted minimum slice behind the CPU's smallest
+        // virtual runtime, where its group's other tasks will be after their next
+        // slice: so a process that spawns threads in a loop cannot push its new ones
+        // ahead of the tasks already waiting there (placing them at the front, as a
+        // first version did, let two processes spawning 1,023 threads each hold the
+        // smallest virtual runtime back while the older threads waited for tens of
+        // seconds).
+        let vruntime = match &group {
+            Some(group) => {
+                let min = self.with_interrupts_off(|| self.cpus[cpu].fair.lock().min_vruntime);
+                let weight = u64::from(group.runnable_on(cpu)) + 1;
+                min.saturating_add(fair::MIN_GRANULARITY_NS.saturating_mul(weight))
+            }
+            None => 0,
         };
         let task = Task::new(Box::pin(wrapped), cpu, pinned, self, group, vruntime);
         if fair {
@@ -552,9 +558,10 @@ impl<P: Platform> Executor<P> {
             let mut v = task.vruntime.load(Ordering::Relaxed);
             if woken {
                 v = v.max(queue.min_vruntime.saturating_sub(fair::SLEEPER_CREDIT_NS));
-                task.vruntime.store(v, Ordering::Relaxed);
             }
             task.count_on(cpu);
+            v = v.min(fair::max_vruntime(&queue, &task, cpu));
+            task.vruntime.store(v, Ordering::Relaxed);
             queue.insert(task);
             state.fair_sizes(&queue);
             v
@@ -683,9 +690,10 @@ impl<P: Platform> Executor<P> {
                 } else {
                     to_min.saturating_sub(from_min - v)
                 };
-                task.vruntime.store(v, Ordering::Relaxed);
                 task.cpu.store(to, Ordering::Relaxed);
                 task.count_on(to);
+                let v = v.min(fair::max_vruntime(&queue, &task, to));
+                task.vruntime.store(v, Ordering::Relaxed);
                 queue.insert(task);
             }
             state.fair_sizes(&queue);

@@ -41,6 +41,23 @@ pub fn slice_ns(runnable: usize) -> u64 {
     (TARGET_LATENCY_NS / runnable.max(1) as u64).max(MIN_GRANULARITY_NS)
 }
 
+/// The largest virtual runtime `task` (counted on `cpu`) may be queued with on `queue`:
+/// `TARGET_LATENCY_NS` of its weighted time ahead of the CPU's smallest. A task that
+/// only ran its slices is never that far ahead; one whose virtual runtime was set on
+/// another scale (placed while its group was growing, moved between CPUs whose
+/// smallest virtual runtimes drifted apart) is pulled back, so no task waits more
+/// than a few rounds whatever happened before (a first version without the bound let
+/// a killed process's threads wait 73 s for their turn to see the kill).
+pub(crate) fn max_vruntime(queue: &FairQueue, task: &Task, cpu: usize) -> u64 {
+    let weight = task
+        .group
+        .as_ref()
+        .map_or(1, |g| u64::from(g.runnable_on(cpu)).max(1));
+    queue
+        .min_vruntime
+        .saturating_add(TARGET_LATENCY_NS.saturating_mul(weight))
+}
+
 /// A scheduling group: the tasks of one process. Groups share a CPU equally; a group's
 /// tasks share its part. It also accounts the CPU time its tasks used.
 pub struct Group {

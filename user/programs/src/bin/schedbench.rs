@@ -220,8 +220,13 @@ fn main(arg: u64) -> u64 {
         }
     }
     for &pid in &children {
+        let t0 = sys::time_ns();
         let _ = sys::kill(pid);
         let _ = sys::wait(pid);
+        println!(
+            "schedbench: child pid {pid} killed and gone in {} ms",
+            (sys::time_ns() - t0) / 1_000_000
+        );
     }
     STOP.store(true, Ordering::SeqCst);
     let n = spinners.len();
