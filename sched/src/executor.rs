@@ -82,6 +82,8 @@ struct CpuState {
     preempt: AtomicBool,
     /// A kernel task was queued since the last pass over the kernel queues.
     kernel_waiting: AtomicBool,
+    /// The task being polled yielded (`yield_now`): read and cleared after the poll.
+    yielded: AtomicBool,
     /// The virtual runtime of the fair task being polled (u64::MAX: none).
     running_vruntime: AtomicU64,
     /// When the current poll began, and the polled task's runtime before it.
@@ -116,6 +118,7 @@ impl CpuState {
             idle: AtomicBool::new(false),
             preempt: AtomicBool::new(false),
             kernel_waiting: AtomicBool::new(false),
+            yielded: AtomicBool::new(false),
             running_vruntime: AtomicU64::new(u64::MAX),
             poll_start_ns: AtomicU64::new(0),
             running_base_ns: AtomicU64::new(0),
@@ -492,6 +495,7 @@ impl<P: Platform> Executor<P> {
             state.kernel_ns.fetch_add(ran, Ordering::Relaxed);
         }
         let request = state.move_request.swap(0, Ordering::Relaxed);
+        let yielded = state.yielded.swap(false, Ordering::Relaxed);
         // Not runnable here any more (blocked, finished or moving): the requeue below
         // counts it again where it goes. Before the state change, so a waker on another
         // CPU that queues it meanwhile finds it uncounted.
@@ -522,10 +526,23 @@ impl<P: Platform> Executor<P> {
             task.state.store(SCHEDULED, Ordering::Release);
             if fair {
                 let target = task.cpu.load(Ordering::Relaxed);
+                if yielded && target == cpu {
+                    self.behind_first(cpu, &task);
+                }
                 self.insert_fair(target, task, false);
             } else {
                 self.enqueue(task);
             }
+        }
+    }
+
+    /// Raises `task`'s virtual runtime past that of the first fair task waiting on CPU
+    /// `cpu`, if any (see `yield_now`).
+    fn behind_first(&self, cpu: usize, task: &Task) {
+        let first = self.with_interrupts_off(|| self.cpus[cpu].fair.lock().first_vruntime());
+        if let Some(first) = first {
+            task.vruntime
+                .fetch_max(first.saturating_add(1), Ordering::Relaxed);
         }
     }
 
@@ -579,7 +596,8 @@ impl<P: Platform> Executor<P> {
     /// over (the slice shrinks as the CPU's run queue grows: `fair::slice_ns`; a queued
     /// kernel task counts as one more), or a woken task is due to preempt it. It also fires this CPU's due
     /// timers (whose sleepers may be what is waiting), so a thread that is woken by
-    /// its timer while others spin runs at the next check, not after a whole round.
+    /// its timer while others spin runs at the next check, not after a whole round,
+    /// and balances load (`balance`), so a CPU busy with one thread still pulls.
     /// User threads call it at every trap; the watchdog counts it as progress.
     pub fn should_yield(&'static self) -> bool {
         self.platform.on_turn();
@@ -589,6 +607,9 @@ impl<P: Platform> Executor<P> {
         if now >= state.earliest_timer.load(Ordering::Relaxed) {
             self.fire_timers(cpu);
         }
+        // A CPU whose one thread never blocks must still take its share of a busier
+        // CPU's threads: balancing is checked here too, not only between polls.
+        self.balance(cpu);
         let yield_now = state.preempt.load(Ordering::Relaxed) || {
             let runnable = state.fair_len.load(Ordering::Relaxed)
                 + usize::from(state.kernel_waiting.load(Ordering::Relaxed));
@@ -848,8 +869,15 @@ impl<P: Platform> Executor<P> {
     }
 
     /// Yields once: the task goes to the back of its queue.
-    pub fn yield_now(&self) -> YieldNow {
-        YieldNow { yielded: false }
+    /// A fair task that yields goes behind the first task waiting on its CPU (its
+    /// virtual runtime is raised past that task's), so at least one other task runs
+    /// before it: ordered by virtual runtime alone, a task that yields after running
+    /// for a microsecond would be picked again at once.
+    pub fn yield_now(&'static self) -> YieldNow<P> {
+        YieldNow {
+            executor: self,
+            yielded: false,
+        }
     }
 
     /// Moves the calling task to CPU `cpu` (one of the CPUs served): the future
@@ -1047,11 +1075,12 @@ impl<P: Platform> Future for MoveTo<P> {
 }
 
 /// See `Executor::yield_now`.
-pub struct YieldNow {
+pub struct YieldNow<P: Platform> {
+    executor: &'static Executor<P>,
     yielded: bool,
 }
 
-impl Future for YieldNow {
+impl<P: Platform> Future for YieldNow<P> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -1059,6 +1088,12 @@ impl Future for YieldNow {
             return Poll::Ready(());
         }
         self.yielded = true;
+        // The poll that returns Pending here ends on the CPU that runs it now, which
+        // reads (and clears) its flag right after.
+        let here = self.executor.current();
+        self.executor.cpus[here]
+            .yielded
+            .store(true, Ordering::Relaxed);
         cx.waker().wake_by_ref();
         Poll::Pending
     }

@@ -168,4 +168,14 @@ impl FairQueue {
     pub(crate) fn pop_last_shared(&mut self) -> Option<Arc<Task>> {
         self.shared.pop_last().map(|(_, t)| t)
     }
+
+    /// The smallest virtual runtime queued (pinned or shared).
+    pub(crate) fn first_vruntime(&self) -> Option<u64> {
+        let p = self.pinned.first_key_value().map(|(k, _)| k.0);
+        let s = self.shared.first_key_value().map(|(k, _)| k.0);
+        match (p, s) {
+            (Some(p), Some(s)) => Some(p.min(s)),
+            (a, b) => a.or(b),
+        }
+    }
 }

@@ -282,3 +282,82 @@ fn a_killed_process_threads_all_end_within_a_round() {
         took / 1_000_000
     );
 }
+
+/// `yield_now` lets the next task run even when the yielding one has used no time (by
+/// virtual runtime alone it would be picked again at once).
+#[test]
+fn a_task_that_yields_lets_the_next_one_run() {
+    let exec = executor(1);
+    let group = exec.new_group();
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    for name in ['a', 'b'] {
+        let (log, done) = (log.clone(), done.clone());
+        drop(exec.spawn_in(&group, Some(0), true, async move {
+            for _ in 0..20 {
+                log.lock().unwrap().push(name);
+                exec.yield_now().await;
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    run_for(exec, 1_000_000_000, || done.load(Ordering::SeqCst) == 2);
+    let log = log.lock().unwrap();
+    assert!(
+        !log.contains("aaa") && !log.contains("bbb"),
+        "yields did not alternate: {log}"
+    );
+}
+
+/// A busy CPU pulls shared threads from a busier one (not only idle CPUs steal): CPU 1
+/// keeps one pinned spinner of its own, CPU 0 has ten shared ones.
+#[test]
+fn a_busy_cpu_pulls_threads_from_a_busier_one() {
+    let exec = executor(2);
+    let group = exec.new_group();
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_cpu1 = Arc::new(AtomicUsize::new(0));
+    let (s, c) = (stop.clone(), on_cpu1.clone());
+    drop(exec.spawn_in(&group, Some(1), true, async move {
+        while !s.load(Ordering::SeqCst) {
+            advance(exec, TICK);
+            c.fetch_add(1, Ordering::SeqCst);
+            if exec.should_yield() {
+                exec.yield_now().await;
+            }
+        }
+    }));
+    let cpus_seen: Vec<Arc<AtomicUsize>> = (0..10).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    for seen in &cpus_seen {
+        let (s, seen) = (stop.clone(), seen.clone());
+        drop(exec.spawn_in(&group, Some(0), false, async move {
+            while !s.load(Ordering::SeqCst) {
+                advance(exec, TICK);
+                seen.fetch_or(1 << exec.current_cpu(), Ordering::SeqCst);
+                if exec.should_yield() {
+                    exec.yield_now().await;
+                }
+            }
+        }));
+    }
+    // The two CPUs take turns on this thread, one executor turn each.
+    for _ in 0..2000 {
+        for cpu in 0..2 {
+            CPU.with(|c| c.set(cpu));
+            let once = Cell::new(false);
+            exec.run_until(|| once.replace(true));
+        }
+    }
+    CPU.with(|c| c.set(0));
+    let moved = cpus_seen
+        .iter()
+        .filter(|s| s.load(Ordering::SeqCst) & 2 != 0)
+        .count();
+    assert!(
+        exec.stats(1).balanced > 0 && moved >= 3,
+        "CPU 1 pulled {} threads ({} of 10 ran there)",
+        exec.stats(1).balanced,
+        moved
+    );
+    stop.store(true, Ordering::SeqCst);
+}
