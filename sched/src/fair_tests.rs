@@ -319,10 +319,16 @@ fn a_busy_cpu_pulls_threads_from_a_busier_one() {
     let on_cpu1 = Arc::new(AtomicUsize::new(0));
     let (s, c) = (stop.clone(), on_cpu1.clone());
     drop(exec.spawn_in(&group, Some(1), true, async move {
-        while !s.load(Ordering::SeqCst) {
+        // Alone on its CPU it is never told to yield unless threads are pulled there;
+        // without balancing it would spin for ever, so it gives up after 10,000 ticks
+        // (and the test fails on `balanced`).
+        let mut alone = 0;
+        while !s.load(Ordering::SeqCst) && alone < 10_000 {
             advance(exec, TICK);
             c.fetch_add(1, Ordering::SeqCst);
+            alone += 1;
             if exec.should_yield() {
+                alone = 0;
                 exec.yield_now().await;
             }
         }
