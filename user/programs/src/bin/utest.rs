@@ -581,8 +581,9 @@ const CHILD_EXIT_WHILE_THREADS_SLEEP: u64 = 12;
 /// Sleeps for ever in two threads and the main one (its parent kills it).
 const CHILD_SLEEP_FOREVER: u64 = 13;
 // 14 was a child that slept 300 ms and exited 7: a wait test relied on that time.
-/// `CHILD_WAIT_FOR_SIBLING + (pid << 16)`: waits for `pid` (a sibling, not its child);
-/// exits with the error code it got, or 99 if the wait succeeded.
+/// `CHILD_WAIT_FOR_SIBLING + (pid << 16)`: looks at `pid` (a sibling, not its child)
+/// with `OP_PROCESS_WAIT_TIMEOUT(pid, 0)`; exits with the error code it got, or 99 if
+/// the wait succeeded.
 const CHILD_WAIT_FOR_SIBLING: u64 = 15;
 /// Arguments from here on select one test of the main run.
 /// Compares its own `args()` with what `args_sent` passes; exits 0 if they match,
@@ -626,7 +627,9 @@ fn spawn_sleepers_until_refused(limit: usize) -> (usize, Option<Error>) {
 
 fn child(scenario: u64) -> u64 {
     if scenario & 0xffff == CHILD_WAIT_FOR_SIBLING {
-        return match sys::wait(scenario >> 16) {
+        // A look, not a blocking wait: the sibling never ends by itself, so a kernel
+        // that let this wait through would hang the test instead of failing it.
+        return match sys::wait_timeout(scenario >> 16, 0) {
             Ok(_) => 99,
             Err(e) => -e.to_result() as u64,
         };
