@@ -28,6 +28,13 @@ pub const OP_PROCESS_WAIT_TIMEOUT: usize = 0x2_0007;
 /// caller's own process, else one of its children still running.
 pub const OP_PROCESS_CPU_TIME: usize = 0x2_0008;
 
+/// Most processes one process tree may hold at once, running or ended and not yet
+/// waited for: a process the kernel started (init) and all its descendants, itself
+/// included. A spawn past it fails with [`Error::LimitReached`]. It bounds what a
+/// fork bomb (children spawning children) can take, where the per-process limit on
+/// children (1024) bounds only one level.
+pub const MAX_TREE_PROCESSES: usize = 2048;
+
 /// Starts the initrd program at `path_ptr, path_len` (rdi, rsi) with `arg` (rdx); its
 /// only argument (argv\[0\]) is the path.
 pub const OP_ENVIRONMENT_SPAWN: usize = 0x3_0000;
@@ -239,11 +246,15 @@ pub enum Error {
     NotPermitted = 6,
     /// A wait's time-out passed first.
     TimedOut = 7,
+    /// A process tree's limit on processes is reached (`OP_ENVIRONMENT_SPAWN`: the
+    /// tree already holds `MAX_TREE_PROCESSES` processes, running or not yet waited
+    /// for).
+    LimitReached = 8,
 }
 
 impl Error {
     /// Every error, in code order.
-    pub const ALL: [Error; 7] = [
+    pub const ALL: [Error; 8] = [
         Error::InvalidArgument,
         Error::OutOfMemory,
         Error::NotFound,
@@ -251,6 +262,7 @@ impl Error {
         Error::UnknownOperation,
         Error::NotPermitted,
         Error::TimedOut,
+        Error::LimitReached,
     ];
 
     /// The value returned in `rax`.

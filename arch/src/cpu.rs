@@ -146,6 +146,7 @@ pub fn enable_features(f: &Features) {
             }
             if f.smap {
                 c.insert(Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION);
+                crate::trap::use_clac();
             }
             if f.umip {
                 c.insert(Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION);

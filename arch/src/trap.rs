@@ -2,7 +2,8 @@
 //!
 //! The 256 stubs are laid out 16 bytes apart from `trap_stubs`; each pushes a zero
 //! error code when the CPU does not push one, then its vector, and jumps to
-//! `trap_common`. That path swaps GS when the trap came from ring 3, saves all general
+//! `trap_common`. That path swaps GS and clears RFLAGS.AC (which user code can set,
+//! and which would turn SMAP off in the kernel) when the trap came from ring 3, saves all general
 //! registers so the stack holds a complete `TrapFrame`, calls `panda_trap_dispatch`
 //! with it, restores it (including any change the handler made) and returns with
 //! `iretq`. Later issues reuse the same frame for user traps and syscalls.
@@ -14,7 +15,7 @@
 
 use core::arch::global_asm;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use x86_64::registers::control::Cr2;
 
@@ -77,6 +78,17 @@ global_asm!(
     test qword ptr [rsp + 24], 3
     jz 1f
     swapgs
+    // From ring 3: clear RFLAGS.AC. User code may set it (popfq) and the CPU keeps it
+    // on an interrupt or exception; with AC set, SMAP lets the kernel's accesses reach
+    // user pages. `clac` where the CPU has SMAP (elsewhere it is #UD), else popfq.
+    cmp byte ptr [rip + {clac_ok}], 0
+    je 3f
+    clac
+    jmp 1f
+    3:
+    pushfq
+    and dword ptr [rsp], -0x40001
+    popfq
     1:
     push rax
     push rbx
@@ -117,8 +129,19 @@ global_asm!(
     2:
     add rsp, 16
     iretq
-    "#
+    "#,
+    clac_ok = sym CLAC_OK,
 );
+
+/// Whether this machine has SMAP, so `clac` may be used (set once at boot, before any
+/// user code runs; every CPU of a machine reports the same features).
+static CLAC_OK: AtomicBool = AtomicBool::new(false);
+
+/// Lets the trap entry use `clac` (call when CPUID reports SMAP). Without this call it
+/// clears AC with `pushfq`/`popfq`, which works on every CPU.
+pub fn use_clac() {
+    CLAC_OK.store(true, Ordering::Relaxed);
+}
 
 unsafe extern "C" {
     static trap_stubs: u8;

@@ -358,40 +358,28 @@ fn finish(boot: &BootInfo, outcome: power::Outcome) -> ! {
 const WATCHDOG_DEFAULT_MS: u64 = 5_000;
 
 /// Starts the watchdog with `watchdog=SECONDS` (decimals allowed, at least 0.5) or
-/// the default; `watchdog=off` leaves it off.
+/// the default; `watchdog=off` leaves it off. A value that is not a number, too small
+/// or too large (`boot::watchdog_limit_ns`) gets one warning and the default.
 fn start_watchdog(option: Option<&str>) {
-    let limit_ms = match option {
-        None => Some(WATCHDOG_DEFAULT_MS),
+    let limit_ns = match option {
+        None => Some(WATCHDOG_DEFAULT_MS * 1_000_000),
         Some("off") => None,
-        Some(text) => match parse_seconds_as_ms(text) {
-            Some(ms) if ms >= 500 => Some(ms),
-            _ => {
-                log::warn!(target: "watchdog", "watchdog={text} is not SECONDS (at least 0.5) or off: using {} s", WATCHDOG_DEFAULT_MS / 1000);
-                Some(WATCHDOG_DEFAULT_MS)
+        Some(text) => match boot::watchdog_limit_ns(text) {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                log::warn!(target: "watchdog", "watchdog={text} is {} (want SECONDS from 0.5 to {}, or off): using {} s", e.describe(), u64::MAX / 1_000_000_000, WATCHDOG_DEFAULT_MS / 1000);
+                Some(WATCHDOG_DEFAULT_MS * 1_000_000)
             }
         },
     };
-    match limit_ms {
-        Some(ms) => {
-            panda_arch::watchdog::start(ms * 1_000_000);
+    match limit_ns {
+        Some(ns) => {
+            panda_arch::watchdog::start(ns);
+            let ms = ns / 1_000_000;
             info!(target: "watchdog", "a CPU without a timer tick for {}.{} s stops the machine with a report from every CPU (watchdog=SECONDS|off)", ms / 1000, ms / 100 % 10);
         }
         None => info!(target: "watchdog", "off (watchdog=off)"),
     }
-}
-
-/// `"3"` or `"2.5"` seconds in milliseconds.
-fn parse_seconds_as_ms(text: &str) -> Option<u64> {
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let whole: u64 = whole.parse().ok()?;
-    let mut ms = 0;
-    for (i, digit) in fraction.bytes().enumerate() {
-        ms += u64::from(digit - b'0') * [100, 10, 1][i];
-    }
-    whole.checked_mul(1000)?.checked_add(ms)
 }
 
 /// Runs the initrd's `init` (or the program `init=PATH` names) as the first process,
@@ -411,10 +399,7 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
         }
     }
     let path = boot.option("init").unwrap_or("init");
-    let arg = boot
-        .option("init.arg")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(0);
+    let arg = boot.number_option("init.arg").unwrap_or(0);
     // The words after a lone `--` are init's arguments (argv[1..]), as a block.
     let mut block = alloc::string::String::new();
     for word in boot.init_args() {

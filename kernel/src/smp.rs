@@ -20,7 +20,7 @@ use panda_arch::apic::{self, Mode};
 use panda_arch::percpu::{self, MAX_CPUS};
 use panda_arch::smp::{ApStarter, How, StartError};
 
-use crate::boot::BootInfo;
+use crate::boot::{BootInfo, CommandLine};
 
 /// How long an AP may take to check in after its start-up IPIs (TCG is slow, and with
 /// more vCPUs than host cores an AP may wait for a host core).
@@ -63,12 +63,8 @@ pub fn init_bsp_apic(platform: &Platform) -> Result<Mode, &'static str> {
 /// it is set up (the executor loop); it never returns.
 pub fn start_aps(boot: &mut BootInfo, platform: &Platform, ap_main: fn(usize) -> !) -> SmpReport {
     let start = panda_arch::time::now_ns();
-    let silent = boot
-        .option("smp.silent")
-        .and_then(|id| id.parse::<u32>().ok());
-    let late = boot
-        .option("smp.late")
-        .and_then(|id| id.parse::<u32>().ok());
+    let silent = boot.number_option::<u32>("smp.silent");
+    let late = boot.number_option::<u32>("smp.late");
     AP_MAIN.call_once(|| ap_main);
     let bsp_apic = apic::id();
     // Enabled CPUs listed past MAX_CPUS count too: the summary says `N of M` for every

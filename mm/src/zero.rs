@@ -58,7 +58,11 @@ pub const HELP_EVERY: u32 = 16;
 
 struct Pool {
     frames: Vec<PhysFrame>,
-    waiters: Vec<Waker>,
+    /// Waiting takes, by key: a take that is dropped while waiting (its fault's process
+    /// ended) removes its own waker, so the list holds only takes that still exist.
+    waiters: Vec<(u64, Waker)>,
+    /// The key the next waiting take gets.
+    next_key: u64,
     /// The CPU's zeroing task, parked until a taker has to wait (`demand`).
     zeroer: Option<Waker>,
 }
@@ -140,6 +144,7 @@ impl ZeroPools {
                         pool: spin::Mutex::new(Pool {
                             frames: Vec::with_capacity(max),
                             waiters: Vec::new(),
+                            next_key: 0,
                             zeroer: None,
                         }),
                         starved: AtomicBool::new(false),
@@ -214,6 +219,7 @@ impl ZeroPools {
             cpu,
             counted: false,
             seen_wakes: 0,
+            key: None,
         }
     }
 
@@ -281,7 +287,7 @@ impl ZeroPools {
         if added > 0 || starved {
             c.wakes.fetch_add(1, Ordering::SeqCst);
             let waiters = core::mem::take(&mut c.pool.lock().waiters);
-            for w in waiters {
+            for (_, w) in waiters {
                 w.wake();
             }
         }
@@ -311,7 +317,7 @@ impl ZeroPools {
         c.starved.store(true, Ordering::SeqCst);
         c.wakes.fetch_add(1, Ordering::SeqCst);
         let waiters = core::mem::take(&mut c.pool.lock().waiters);
-        for w in waiters {
+        for (_, w) in waiters {
             w.wake();
         }
     }
@@ -387,6 +393,9 @@ pub struct TakeZeroed<'a> {
     counted: bool,
     /// The pool's wake count when this take last registered as a waiter.
     seen_wakes: u64,
+    /// The key of this take's entry in the pool's waiters, once it registered (the
+    /// entry may since have gone with a wake).
+    key: Option<u64>,
 }
 
 impl Future for TakeZeroed<'_> {
@@ -410,13 +419,29 @@ impl Future for TakeZeroed<'_> {
             return Poll::Ready(None);
         }
         self.seen_wakes = c.wakes.load(Ordering::SeqCst);
-        // Register under the pool lock: a refill after this point sees the waker.
-        if !pool.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            pool.waiters.push(cx.waker().clone());
+        // Register under the pool lock: a refill after this point sees the waker. A
+        // take polled again while still registered swaps its waker in place.
+        let key = self.key;
+        let mut replaced = None;
+        match pool.waiters.iter_mut().find(|(k, _)| Some(*k) == key) {
+            Some((_, w)) => {
+                if !w.will_wake(cx.waker()) {
+                    replaced = Some(core::mem::replace(w, cx.waker().clone()));
+                }
+            }
+            None => {
+                let key = pool.next_key;
+                pool.next_key += 1;
+                pool.waiters.push((key, cx.waker().clone()));
+                self.key = Some(key);
+            }
         }
         // And call the CPU's zeroing task, if it is parked.
         let zeroer = pool.zeroer.take();
         drop(pool);
+        // Dropped with the lock released: dropping a waker may free a task whose
+        // future holds another take of this pool.
+        drop(replaced);
         if let Some(z) = zeroer {
             z.wake();
         }
@@ -425,6 +450,30 @@ impl Future for TakeZeroed<'_> {
             c.misses.fetch_add(1, Ordering::Relaxed);
         }
         Poll::Pending
+    }
+}
+
+impl Drop for TakeZeroed<'_> {
+    /// A take dropped while waiting (its task was cancelled: the fault's process ended)
+    /// takes its waker out of the pool's list; the list would otherwise keep it, and
+    /// the task it names, until the next wake.
+    fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
+        let removed = {
+            let mut pool = self.pools.cpu(self.cpu).pool.lock();
+            let removed = pool
+                .waiters
+                .iter()
+                .position(|(k, _)| *k == key)
+                .map(|i| pool.waiters.swap_remove(i));
+            if pool.waiters.is_empty() {
+                pool.waiters = Vec::new();
+            }
+            removed
+        };
+        drop(removed);
     }
 }
 
@@ -552,6 +601,71 @@ mod tests {
             Poll::Ready(Some(_))
         ));
         assert_eq!(pools.stats(0).misses, 1, "a waiting take counts one miss");
+    }
+
+    #[test]
+    fn a_take_dropped_while_waiting_leaves_no_waiter() {
+        let pools = ZeroPools::new(1);
+        let count = Arc::new(CountWake(AtomicUsize::new(0)));
+        let other = Arc::new(CountWake(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let other_waker = Waker::from(other.clone());
+        // Many takes waiting, each polled twice (the second time with another waker,
+        // as after a task moved), then dropped without a refill: a cancelled fault.
+        for _ in 0..100 {
+            let mut fut = pools.take(0);
+            assert!(Pin::new(&mut fut)
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+            assert!(Pin::new(&mut fut)
+                .poll(&mut Context::from_waker(&other_waker))
+                .is_pending());
+            assert!(pools.has_waiters(0));
+            assert_eq!(
+                pools.cpu(0).pool.lock().waiters.len(),
+                1,
+                "one entry per take"
+            );
+            drop(fut);
+            assert!(!pools.has_waiters(0), "a dropped take left its waker");
+        }
+        assert_eq!(
+            Arc::strong_count(&count),
+            2,
+            "a waker kept alive (the test's own)"
+        );
+        assert_eq!(
+            Arc::strong_count(&other),
+            2,
+            "a waker kept alive (the test's own)"
+        );
+        // Dropping one of two waiting takes leaves the other's entry.
+        let (mut a, mut b) = (pools.take(0), pools.take(0));
+        assert!(Pin::new(&mut a)
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        assert!(Pin::new(&mut b)
+            .poll(&mut Context::from_waker(&other_waker))
+            .is_pending());
+        drop(a);
+        let left = pools.cpu(0).pool.lock().waiters.len();
+        assert_eq!(left, 1);
+        let frames = frames(4);
+        pools.refill(0, &frames, 1, |_| {});
+        assert_eq!(
+            other.0.load(Ordering::SeqCst),
+            1,
+            "the remaining take was woken"
+        );
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            0,
+            "the dropped take was woken"
+        );
+        assert!(matches!(
+            Pin::new(&mut b).poll(&mut Context::from_waker(&other_waker)),
+            Poll::Ready(Some(_))
+        ));
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub(crate) const TESTS: &[Test] = tests![
     boot_info_hhdm_and_rsdp,
     boot_info_kernel_claimed,
     memory_map_claim_splits,
-    memory_map_usable_never_covers_reserved
+    memory_map_usable_never_covers_reserved,
+    boot_command_line_numbers_never_wrap
 ];
 
 pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![];
@@ -123,5 +124,51 @@ fn memory_map_usable_never_covers_reserved(_: &Context<'_>) -> Outcome {
         "usable total {:#x}",
         map.total(MemoryKind::Usable)
     );
+    Ok(())
+}
+
+/// Numbers on the command line are parsed with checked arithmetic: a value too large
+/// for what it sets is refused (the caller logs it and keeps its default), never
+/// wrapped. `watchdog=18446744074` (seconds) used to wrap in the multiplication to
+/// nanoseconds, to a limit of 0.29 s.
+fn boot_command_line_numbers_never_wrap(_: &Context<'_>) -> Outcome {
+    use crate::boot::{number, watchdog_limit_ns, BadNumber::*};
+    let s = 1_000_000_000u64;
+    for (text, want) in [
+        ("5", Ok(5 * s)),
+        ("2.5", Ok(2_500_000_000)),
+        ("0.5", Ok(500_000_000)),
+        ("0.499", Err(TooSmall)),
+        ("0", Err(TooSmall)),
+        // The most a u64 of nanoseconds holds, in whole milliseconds, and past it.
+        ("18446744073.709", Ok(18_446_744_073_709_000_000)),
+        ("18446744073.710", Err(TooLarge)),
+        ("18446744074", Err(TooLarge)),
+        ("20000000000", Err(TooLarge)),
+        // Past u64 in milliseconds, and in the parse itself.
+        ("18446744073709552", Err(TooLarge)),
+        ("99999999999999999999999", Err(TooLarge)),
+        ("", Err(NotANumber)),
+        ("-1", Err(NotANumber)),
+        ("1.2345", Err(NotANumber)),
+        ("1.x", Err(NotANumber)),
+        ("ten", Err(NotANumber)),
+    ] {
+        let got = watchdog_limit_ns(text);
+        ensure!(got == want, "watchdog={text}: {got:?}, want {want:?}");
+    }
+    ensure!(
+        number::<u64>("18446744073709551615") == Ok(u64::MAX),
+        "u64::MAX"
+    );
+    ensure!(
+        number::<u64>("18446744073709551616") == Err(TooLarge),
+        "u64::MAX + 1 taken"
+    );
+    ensure!(
+        number::<u32>("4294967296") == Err(TooLarge),
+        "u32::MAX + 1 taken"
+    );
+    ensure!(number::<u32>("0x10") == Err(NotANumber), "hex taken");
     Ok(())
 }

@@ -17,13 +17,14 @@ use crate::ktest::{
 };
 use panda_mm::region::Rights;
 
-pub(crate) const TESTS: &[Test] = tests![];
+pub(crate) const TESTS: &[Test] = tests![process_abandoned_event_waits_leave_no_waker];
 
 pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     user_mode_round_trips,
     user_sse_state_is_per_thread,
     user_process_syscalls_faults_and_exit,
-    user_fault_awaits_the_zeroing_task
+    user_fault_awaits_the_zeroing_task,
+    user_alignment_check_flag_never_reaches_the_kernel
 ];
 
 /// Runs user code until a syscall or an exception: interrupts that end a run early
@@ -234,12 +235,11 @@ async fn user_process_syscalls_faults_and_exit() -> Outcome {
     let bad = start(process_from_code(&WRITES_ITS_CODE)?).await;
     // A finished task's own allocation (its future, a frame run when it exceeds the
     // slab sizes) is released by its CPU just after the join handle is completed:
-    // give that CPU a moment before comparing.
+    // wait for that (up to 10 s: that CPU's vCPU may be off the host for a while)
+    // before comparing.
     let mut now = crate::memory::frames_not_in_use();
-    for _ in 0..100 {
-        if now == baseline {
-            break;
-        }
+    let deadline = panda_arch::time::now_ns() + 10_000_000_000;
+    while now != baseline && panda_arch::time::now_ns() < deadline {
         exec.sleep(1_000_000).await;
         now = crate::memory::frames_not_in_use();
     }
@@ -326,5 +326,173 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
         SPINS.load(Ordering::Relaxed) > 0,
         "the other task did not run"
     );
+    Ok(())
+}
+
+/// RFLAGS.AC set by user code (`popfq`) must not survive into the kernel on a page
+/// fault, an exception or an interrupt: with AC set, SMAP lets the kernel reach user
+/// pages. A program sets AC before each of the three traps; after each, the kernel's
+/// own RFLAGS must have AC clear (checked right where `run` returns, on the stack the
+/// trap came back on), and the saved user RFLAGS must show AC was set (else the test
+/// proves nothing). Without the entry stub's `clac` it fails at the first trap.
+async fn user_alignment_check_flag_never_reaches_the_kernel() -> Outcome {
+    use panda_arch::user::{self, Exit, UserContext};
+    use x86_64::registers::rflags::{self, RFlags};
+    let base = panda_abi::ELF_LOAD_BASE as u64;
+    // pushfq; or dword ptr [rsp], 0x40000; popfq: sets AC.
+    const SET_AC: [u8; 9] = [0x9c, 0x81, 0x0c, 0x24, 0x00, 0x00, 0x04, 0x00, 0x9d];
+    let mut code = alloc::vec::Vec::new();
+    code.extend_from_slice(&SET_AC); // 0x00
+    code.extend_from_slice(&[0x48, 0x8b, 0x1c, 0x25, 0, 0, 0, 0]); // 0x09: mov rbx, [0]
+    code.extend_from_slice(&SET_AC); // 0x11
+    code.extend_from_slice(&[0x0f, 0x0b]); // 0x1a: ud2
+    code.extend_from_slice(&SET_AC); // 0x1c
+    code.extend_from_slice(&[0xeb, 0xfe]); // 0x25: jmp $
+    let space = space_from_code(&code)?;
+    space.activate();
+    let mut ctx = UserContext {
+        rip: base,
+        rsp: panda_abi::INITIAL_STACK_POINTER as u64,
+        ..UserContext::default()
+    };
+    let stack = panda_abi::STACK_BASE as u64..panda_abi::INITIAL_STACK_POINTER as u64;
+    let (mut fault, mut ud, mut irq) = (false, false, false);
+    let mut result = Ok(());
+    for _ in 0..100_000 {
+        let exit = user::run(&mut ctx);
+        let kernel_ac = rflags::read().contains(RFlags::ALIGNMENT_CHECK);
+        let user_ac = ctx.rflags & RFlags::ALIGNMENT_CHECK.bits() != 0;
+        if kernel_ac {
+            result = Err(fail(format_args!(
+                "AC set in the kernel after {exit:?} at rip {:#x} (user RFLAGS {:#x})",
+                ctx.rip, ctx.rflags
+            )));
+            break;
+        }
+        match exit {
+            // The first push of the stack (AC not yet set).
+            Exit::PageFault { addr, .. } if stack.contains(&addr) => {
+                if let Err(e) = space
+                    .handle_fault_async(addr, panda_mm::region::Access::Write)
+                    .await
+                {
+                    result = Err(fail(format_args!("stack fault: {e:?}")));
+                    break;
+                }
+            }
+            Exit::PageFault { addr: 0, .. } if ctx.rip == base + 0x09 && user_ac => {
+                fault = true;
+                ctx.rip += 8;
+            }
+            Exit::Exception { vector: 6, .. } if ctx.rip == base + 0x1a && user_ac => {
+                ud = true;
+                ctx.rip += 2;
+            }
+            Exit::Interrupt { .. } if ctx.rip == base + 0x25 && user_ac => {
+                irq = true;
+                break;
+            }
+            // A tick or an IPI elsewhere in the program: go on.
+            Exit::Interrupt { .. } => {}
+            other => {
+                result = Err(fail(format_args!(
+                    "unexpected exit {other:?} at rip {:#x} (user RFLAGS {:#x})",
+                    ctx.rip, ctx.rflags
+                )));
+                break;
+            }
+        }
+    }
+    space.deactivate();
+    result?;
+    ensure!(
+        fault && ud && irq,
+        "not every trap was seen with AC set in user mode: page fault {fault}, #UD {ud}, interrupt {irq}"
+    );
+    Ok(())
+}
+
+/// An `Event` wait that is dropped before the event fires (it lost a race against a
+/// time-out or a kill) takes its waker out of the event: 1,000 abandoned waits, each
+/// polled with two wakers, leave none and keep no waker's task alive; a fire after
+/// that wakes only the waits still there.
+fn process_abandoned_event_waits_leave_no_waker(_: &crate::ktest::Context<'_>) -> Outcome {
+    use alloc::sync::Arc;
+    use alloc::task::Wake;
+    use core::future::Future;
+    use core::task::{Context, Poll, Waker};
+    struct Count(AtomicU64);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let (a, b) = (
+        Arc::new(Count(AtomicU64::new(0))),
+        Arc::new(Count(AtomicU64::new(0))),
+    );
+    let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+    let event = crate::process::Event::default();
+    for _ in 0..1000 {
+        let mut wait = core::pin::pin!(event.wait());
+        ensure!(
+            wait.as_mut()
+                .poll(&mut Context::from_waker(&wa))
+                .is_pending(),
+            "an unfired event's wait completed"
+        );
+        ensure!(
+            wait.as_mut()
+                .poll(&mut Context::from_waker(&wb))
+                .is_pending(),
+            "an unfired event's wait completed"
+        );
+        ensure!(
+            event.waiters() == 1,
+            "{} wakers for one wait",
+            event.waiters()
+        );
+    }
+    ensure!(
+        event.waiters() == 0,
+        "{} wakers left by 1,000 dropped waits",
+        event.waiters()
+    );
+    ensure!(
+        Arc::strong_count(&a) == 2 && Arc::strong_count(&b) == 2,
+        "dropped waits keep their wakers alive ({} and {} references)",
+        Arc::strong_count(&a),
+        Arc::strong_count(&b)
+    );
+    // One wait stays, one goes: the fire wakes the one that stays.
+    let mut stays = alloc::boxed::Box::pin(event.wait());
+    let mut goes = alloc::boxed::Box::pin(event.wait());
+    ensure!(
+        stays
+            .as_mut()
+            .poll(&mut Context::from_waker(&wa))
+            .is_pending(),
+        "stays"
+    );
+    ensure!(
+        goes.as_mut()
+            .poll(&mut Context::from_waker(&wb))
+            .is_pending(),
+        "goes"
+    );
+    drop(goes);
+    event.fire();
+    ensure!(
+        a.0.load(Ordering::SeqCst) == 1 && b.0.load(Ordering::SeqCst) == 0,
+        "the fire woke {} remaining and {} dropped waits",
+        a.0.load(Ordering::SeqCst),
+        b.0.load(Ordering::SeqCst)
+    );
+    ensure!(
+        stays.as_mut().poll(&mut Context::from_waker(&wa)) == Poll::Ready(()),
+        "a fired event's wait is still pending"
+    );
+    drop(stays);
+    ensure!(event.waiters() == 0, "wakers after the fire");
     Ok(())
 }

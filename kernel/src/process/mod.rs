@@ -17,6 +17,7 @@
 
 use core::hash::{BuildHasherDefault, Hasher};
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
@@ -58,18 +59,111 @@ static NEXT_TID: AtomicU64 = AtomicU64::new(1);
 pub const MAX_THREADS: usize = 1024;
 /// Most children one process may have that are running or ended but not yet waited for.
 pub const MAX_CHILDREN: usize = 1024;
+/// Most processes one tree (a process the kernel started and all its descendants) may
+/// hold, running or ended but not yet reaped (`panda_abi::syscall::MAX_TREE_PROCESSES`).
+pub const MAX_TREE_PROCESSES: usize = syscall::MAX_TREE_PROCESSES;
+
+/// The processes of one tree: counted from a spawn's start (before its first await, so
+/// concurrent spawns cannot overshoot) until the process is reaped.
+struct Tree {
+    processes: AtomicUsize,
+    /// A refusal was logged (once per tree: a fork bomb is refused thousands of times).
+    refusal_logged: AtomicBool,
+}
+
+/// One process's place in its tree's count, given back when dropped: held by the
+/// spawn until the process exists, then by its `Entry` in the pid table, so it goes
+/// when the process is reaped (or, as an orphan, when it is gone).
+struct TreeSlot(Arc<Tree>);
+
+impl TreeSlot {
+    /// The first process of a new tree.
+    fn root() -> Self {
+        TreeSlot(Arc::new(Tree {
+            processes: AtomicUsize::new(1),
+            refusal_logged: AtomicBool::new(false),
+        }))
+    }
+
+    /// A place in `tree`, unless it holds `MAX_TREE_PROCESSES` already.
+    fn reserve(tree: &Arc<Tree>) -> Option<Self> {
+        tree.processes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_TREE_PROCESSES).then_some(n + 1)
+            })
+            .ok()?;
+        Some(TreeSlot(tree.clone()))
+    }
+}
+
+impl Drop for TreeSlot {
+    fn drop(&mut self) {
+        self.0.processes.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A place in a parent's list of children, taken before the spawn's first await (so
+/// concurrent spawns from the parent's threads cannot overshoot `MAX_CHILDREN`, the
+/// check and the insert being one step under the lock) and given back if the spawn
+/// fails.
+struct ChildSlot<'a> {
+    parent: &'a Process,
+    pid: u64,
+    kept: bool,
+}
+
+impl<'a> ChildSlot<'a> {
+    fn reserve(parent: &'a Process, pid: u64) -> Option<Self> {
+        let mut children = parent.children.lock();
+        if children.len() >= MAX_CHILDREN {
+            return None;
+        }
+        children.push(pid);
+        Some(ChildSlot {
+            parent,
+            pid,
+            kept: false,
+        })
+    }
+}
+
+impl Drop for ChildSlot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            let pid = self.pid;
+            self.parent.children.lock().retain(|&c| c != pid);
+        }
+    }
+}
 
 /// A one-shot event many tasks can await.
+///
+/// Each waiting future owns its registration: `wait` returns an `EventWait` that
+/// registers its waker under a key of its own on its first pending poll, swaps the
+/// waker in place when polled with another, and removes it when dropped. A wait that
+/// loses a race (a timed-out wait for a child, a sleep that ends before the kill event)
+/// therefore leaves nothing behind: the list only ever holds wakers of futures that
+/// still exist. (It used to be a `Vec` that only `fire` emptied: every abandoned wait
+/// left its waker, and with it the waiting task's structure, until the event fired —
+/// for a long-running child, until the end of the process.)
 pub struct Event {
     fired: AtomicBool,
-    waiters: Mutex<Vec<Waker>>,
+    waiters: Mutex<Waiters>,
+}
+
+/// An event's registered wakers by key. A B-tree frees its nodes as entries leave, and
+/// an emptied map is replaced, so no capacity outlives the waits.
+#[derive(Default)]
+struct Waiters {
+    next_key: u64,
+    wakers: BTreeMap<u64, Waker>,
 }
 
 impl Default for Event {
     fn default() -> Self {
         Self {
             fired: AtomicBool::new(false),
-            waiters: Mutex::new(&locks::EVENT, Vec::new()),
+            waiters: Mutex::new(&locks::EVENT, Waiters::default()),
         }
     }
 }
@@ -77,33 +171,91 @@ impl Default for Event {
 impl Event {
     pub fn fire(&self) {
         self.fired.store(true, Ordering::SeqCst);
-        let waiters = core::mem::take(&mut *self.waiters.lock());
-        waiters.into_iter().for_each(Waker::wake);
+        // Woken (and dropped) with the lock released: dropping a waker can free a task
+        // whose future holds a wait on this very event, whose drop takes the lock.
+        let waiters = core::mem::take(&mut self.waiters.lock().wakers);
+        waiters.into_values().for_each(Waker::wake);
     }
 
     pub fn is_fired(&self) -> bool {
         self.fired.load(Ordering::SeqCst)
     }
 
-    /// Completes once the event has fired.
-    pub async fn wait(&self) {
-        core::future::poll_fn(|cx| {
-            if self.is_fired() {
-                return Poll::Ready(());
+    /// Completes once the event has fired. Dropping the future before then removes
+    /// its waker.
+    pub fn wait(&self) -> EventWait<'_> {
+        EventWait {
+            event: self,
+            key: None,
+        }
+    }
+
+    /// Wakers registered now (the in-kernel tests check that abandoned waits leave
+    /// none).
+    pub fn waiters(&self) -> usize {
+        self.waiters.lock().wakers.len()
+    }
+}
+
+/// See `Event::wait`.
+pub struct EventWait<'a> {
+    event: &'a Event,
+    /// The key of this future's registered waker, once it has one.
+    key: Option<u64>,
+}
+
+impl Future for EventWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: core::pin::Pin<&mut Self>, cx: &mut core::task::Context<'_>) -> Poll<()> {
+        if self.event.is_fired() {
+            return Poll::Ready(());
+        }
+        let mut replaced = None;
+        {
+            let mut waiters = self.event.waiters.lock();
+            match self.key.and_then(|k| waiters.wakers.get_mut(&k)) {
+                Some(w) => {
+                    if !w.will_wake(cx.waker()) {
+                        replaced = Some(core::mem::replace(w, cx.waker().clone()));
+                    }
+                }
+                // First poll, or the entry went with a `fire` (then the check below
+                // sees the event fired).
+                None => {
+                    let key = waiters.next_key;
+                    waiters.next_key += 1;
+                    waiters.wakers.insert(key, cx.waker().clone());
+                    self.key = Some(key);
+                }
             }
-            let mut waiters = self.waiters.lock();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
+        }
+        drop(replaced);
+        // Fired between the check and the registration: do not sleep on it.
+        if self.event.is_fired() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for EventWait<'_> {
+    fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
+        let removed = {
+            let mut waiters = self.event.waiters.lock();
+            let removed = waiters.wakers.remove(&key);
+            if waiters.wakers.is_empty() {
+                // An emptied B-tree keeps its root node: give it back.
+                waiters.wakers = BTreeMap::new();
             }
-            drop(waiters);
-            // Fired between the check and the registration: do not sleep on it.
-            if self.is_fired() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+            removed
+        };
+        // Dropped with the lock released (see `fire`).
+        drop(removed);
     }
 }
 
@@ -125,6 +277,8 @@ struct Entry {
     orphan: bool,
     /// A thread of the parent is waiting for it (only one may).
     waited: bool,
+    /// Its place in its tree's count, given back with the entry.
+    _tree_slot: TreeSlot,
 }
 
 /// Hashes pids and tids, which are small sequential numbers: one multiplication by a
@@ -204,8 +358,10 @@ pub struct Process {
     live_threads: AtomicUsize,
     /// Threads not yet joined: tid -> their task's handle (`None` while one is joining).
     threads: Mutex<IdMap<Option<JoinHandle<u64>>>>,
-    /// Children not yet reaped, killed when this process ends.
+    /// Children not yet reaped (and spawns under way), killed when this process ends.
     children: Mutex<Vec<u64>>,
+    /// The tree it belongs to, whose count its children join.
+    tree: Arc<Tree>,
     reaper: Reaper,
     /// The process's scheduling group: its threads share each CPU as one (docs/
     /// SCHEDULING.md), and it accounts their CPU time. `None` only before the executor
@@ -216,11 +372,24 @@ pub struct Process {
 impl Process {
     /// A process around `space`, registered so it can be waited for.
     pub fn new(space: Arc<AddressSpace>) -> Arc<Self> {
-        Self::named(space, String::from("(kernel-built)"), 0)
+        let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
+        Self::named(
+            space,
+            String::from("(kernel-built)"),
+            0,
+            pid,
+            TreeSlot::root(),
+        )
     }
 
-    fn named(space: Arc<AddressSpace>, name: String, parent: u64) -> Arc<Self> {
-        let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
+    fn named(
+        space: Arc<AddressSpace>,
+        name: String,
+        parent: u64,
+        pid: u64,
+        tree_slot: TreeSlot,
+    ) -> Arc<Self> {
+        let tree = tree_slot.0.clone();
         let record = Arc::new(ExitRecord {
             status: AtomicU64::new(0),
             gone: Event::default(),
@@ -232,6 +401,7 @@ impl Process {
                 parent,
                 orphan: false,
                 waited: false,
+                _tree_slot: tree_slot,
             };
             PROCESSES.lock().insert(pid, entry);
             Self {
@@ -243,6 +413,7 @@ impl Process {
                 live_threads: AtomicUsize::new(0),
                 threads: Mutex::new(&locks::THREADS, id_map()),
                 children: Mutex::new(&locks::CHILDREN, Vec::new()),
+                tree,
                 reaper: Reaper { pid, record },
                 sched: crate::executor::get().map(|e| e.new_group()),
             }
@@ -375,6 +546,8 @@ pub enum SpawnError {
     NotFound,
     BadElf(ElfError),
     OutOfMemory,
+    /// The parent's tree holds `MAX_TREE_PROCESSES` processes.
+    LimitReached,
 }
 
 impl SpawnError {
@@ -383,6 +556,7 @@ impl SpawnError {
             SpawnError::NotFound => Error::NotFound,
             SpawnError::BadElf(_) => Error::InvalidArgument,
             SpawnError::OutOfMemory => Error::OutOfMemory,
+            SpawnError::LimitReached => Error::LimitReached,
         }
     }
 }
@@ -451,16 +625,36 @@ pub async fn spawn(
     if !crate::memory::above_reserve() {
         return Err(SpawnError::OutOfMemory);
     }
-    if parent.is_some_and(|p| p.children.lock().len() >= MAX_CHILDREN) {
-        return Err(SpawnError::OutOfMemory);
-    }
+    // Both limits are taken before the first await (loading and placing the arguments
+    // may wait): a check there and an insert after it let concurrent spawns from the
+    // parent's threads overshoot.
+    let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
+    let tree_slot = match parent {
+        None => TreeSlot::root(),
+        Some(p) => TreeSlot::reserve(&p.tree).ok_or_else(|| {
+            if !p.tree.refusal_logged.swap(true, Ordering::Relaxed) {
+                warn!(target: "user", "pid {} ({}) cannot start {path:?}: its process tree holds {MAX_TREE_PROCESSES} processes (LimitReached; logged once per tree)", p.pid, p.name);
+            }
+            SpawnError::LimitReached
+        })?,
+    };
+    let mut child_slot = match parent {
+        None => None,
+        Some(p) => Some(ChildSlot::reserve(p, pid).ok_or(SpawnError::OutOfMemory)?),
+    };
     let (space, entry) = load(file).inspect_err(|e| {
         if let SpawnError::BadElf(why) = e {
             warn!(target: "user", "cannot start {path:?}: {}", why.describe());
         }
     })?;
     let (argc, argv) = place_args(&space, path, args).await?;
-    let process = Process::named(space, String::from(path), parent.map_or(0, |p| p.pid));
+    let process = Process::named(
+        space,
+        String::from(path),
+        parent.map_or(0, |p| p.pid),
+        pid,
+        tree_slot,
+    );
     let ctx = UserContext {
         rip: entry,
         rsp: argv,
@@ -479,10 +673,13 @@ pub async fn spawn(
         }
         return Err(SpawnError::OutOfMemory);
     }
+    if let Some(slot) = child_slot.as_mut() {
+        slot.kept = true;
+    }
     if let Some(parent) = parent {
-        parent.children.lock().push(process.pid);
-        // The parent began ending meanwhile and may have missed this child: end it
-        // as the parent's end would have (doing it twice is harmless).
+        // The parent began ending meanwhile and may have missed this child (it takes
+        // its list of children once): end it as the parent's end would have (doing it
+        // twice is harmless).
         if parent.is_ending() {
             if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
                 entry.orphan = true;

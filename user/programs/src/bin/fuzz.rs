@@ -394,7 +394,8 @@ const BIG_FLOOD: u64 = 100_000;
 
 static CALLS: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
 /// Per error code (index = code, 0 unused).
-static ERRORS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static ERRORS: [AtomicU64; Error::ALL.len() + 1] =
+    [const { AtomicU64::new(0) }; Error::ALL.len() + 1];
 static LAST_OP: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
 static LAST_A0: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
 static LAST_A1: [AtomicU64; MAX_WORKERS] = [const { AtomicU64::new(0) }; MAX_WORKERS];
@@ -660,7 +661,10 @@ fn spawn_child(rng: &mut Rng, limit: usize) -> bool {
 fn reap(c: Child) {
     WAITING_SINCE.store(now(), SeqCst);
     WAITING_PID.store(c.pid, SeqCst);
-    let r = sys::wait(c.pid);
+    let r = match timed_out_waits(c.pid) {
+        Some(r) => r,
+        None => sys::wait(c.pid),
+    };
     WAITING_PID.store(0, SeqCst);
     if c.hog {
         HOG_ACTIVE.store(false, SeqCst);
@@ -703,6 +707,23 @@ fn reap(c: Child) {
             }
         ));
     }
+}
+
+/// Many timed-out waits: before its blocking wait the reaper looks at the child a few
+/// hundred times (`OP_PROCESS_WAIT_TIMEOUT` with 0 and with short time-outs), each of
+/// which must time out or return the status (the child ended meanwhile: the wait's
+/// registration races the child's end). Every abandoned wait must leave nothing in the
+/// kernel; the closing heap check of the run says whether they did. Returns the
+/// status once a look got it.
+fn timed_out_waits(pid: u64) -> Option<Result<usize, Error>> {
+    for i in 0..256u64 {
+        let timeout = if i % 8 == 7 { 10_000 * (i % 5) } else { 0 };
+        match sys::wait_timeout(pid, timeout) {
+            Err(Error::TimedOut) => {}
+            r => return Some(r),
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------
@@ -1572,7 +1593,7 @@ fn progress(t: u64) {
     let e = |err: Error| ERRORS[err as usize].load(Relaxed);
     let errors: u64 = ERRORS.iter().map(|c| c.load(Relaxed)).sum();
     say!(
-        "fuzz: t={}s calls={} children={} killed={} errors={} (inval {} oom {} notfound {} badaddr {} unknownop {} notperm {}) violations={}",
+        "fuzz: t={}s calls={} children={} killed={} errors={} (inval {} oom {} notfound {} badaddr {} unknownop {} notperm {} timedout {} limit {}) violations={}",
         (t - START_NS.load(Relaxed)) / 1_000_000_000,
         total_calls(),
         CHILDREN_SPAWNED.load(Relaxed),
@@ -1584,6 +1605,8 @@ fn progress(t: u64) {
         e(Error::BadAddress),
         e(Error::UnknownOperation),
         e(Error::NotPermitted),
+        e(Error::TimedOut),
+        e(Error::LimitReached),
         VIOLATIONS.load(Relaxed)
     );
 }

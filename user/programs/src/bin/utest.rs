@@ -580,10 +580,10 @@ const CHILD_THREADS_THEN_HOLD: u64 = 11;
 const CHILD_EXIT_WHILE_THREADS_SLEEP: u64 = 12;
 /// Sleeps for ever in two threads and the main one (its parent kills it).
 const CHILD_SLEEP_FOREVER: u64 = 13;
-/// Sleeps 300 ms, then exits with 7.
-const CHILD_SLEEP_THEN_EXIT_7: u64 = 14;
-/// `CHILD_WAIT_FOR_SIBLING + (pid << 16)`: waits for `pid` (a sibling, not its child);
-/// exits with the error code it got, or 99 if the wait succeeded.
+// 14 was a child that slept 300 ms and exited 7: a wait test relied on that time.
+/// `CHILD_WAIT_FOR_SIBLING + (pid << 16)`: looks at `pid` (a sibling, not its child)
+/// with `OP_PROCESS_WAIT_TIMEOUT(pid, 0)`; exits with the error code it got, or 99 if
+/// the wait succeeded.
 const CHILD_WAIT_FOR_SIBLING: u64 = 15;
 /// Arguments from here on select one test of the main run.
 /// Compares its own `args()` with what `args_sent` passes; exits 0 if they match,
@@ -591,6 +591,11 @@ const CHILD_WAIT_FOR_SIBLING: u64 = 15;
 const CHILD_CHECK_ARGS: u64 = 16;
 /// Exits with its argument count, after checking argument 0 is "utest" (else 99).
 const CHILD_COUNT_ARGS: u64 = 17;
+/// Sleeps for ever in its one thread (its parent kills it): the cheapest live child.
+const CHILD_PAUSE: u64 = 18;
+/// A fork bomb: spawns children like itself until it has 4 or is refused, then sleeps
+/// for ever (the test kills the first one, which ends them all).
+const CHILD_FORK_BOMB: u64 = 19;
 const ONLY_TEST: u64 = 1000;
 
 static RODATA: [u64; 4] = [1, 2, 3, 4];
@@ -622,7 +627,9 @@ fn spawn_sleepers_until_refused(limit: usize) -> (usize, Option<Error>) {
 
 fn child(scenario: u64) -> u64 {
     if scenario & 0xffff == CHILD_WAIT_FOR_SIBLING {
-        return match sys::wait(scenario >> 16) {
+        // A look, not a blocking wait: the sibling never ends by itself, so a kernel
+        // that let this wait through would hang the test instead of failing it.
+        return match sys::wait_timeout(scenario >> 16, 0) {
             Ok(_) => 99,
             Err(e) => -e.to_result() as u64,
         };
@@ -651,11 +658,20 @@ fn child(scenario: u64) -> u64 {
             }
             sleep_forever_entry(0)
         }
-        CHILD_SLEEP_THEN_EXIT_7 => {
-            sys::sleep_ns(300_000_000);
-            7
-        }
         CHILD_EXIT_42 => 42,
+        CHILD_PAUSE => loop {
+            sys::sleep_ns(u64::MAX);
+        },
+        CHILD_FORK_BOMB => {
+            for _ in 0..4 {
+                if sys::spawn("utest", CHILD_FORK_BOMB).is_err() {
+                    break;
+                }
+            }
+            loop {
+                sys::sleep_ns(u64::MAX);
+            }
+        }
         CHILD_CHECK_ARGS => {
             let want = args_sent();
             let got: Vec<&str> = panda_rt::args().collect();
@@ -716,7 +732,9 @@ fn child(scenario: u64) -> u64 {
                 .collect();
             sys::sleep_ns(20_000_000);
             let bad = thread::spawn(|| read(0x10));
-            sys::sleep_ns(1_000_000_000);
+            // The fault ends the process, this sleep with it; 60 s is only a bound (a
+            // busy host may take a while to run the faulting thread).
+            sys::sleep_ns(60_000_000_000);
             drop((spinning, bad));
             5 // never reached: the fault ends the process
         }
@@ -948,8 +966,25 @@ fn kernel_memory_exhaustion_by_threads_is_refused() -> Outcome {
                 break;
             }
         }
-        // Let the child spawn its threads before the next one starts.
-        sys::sleep_ns(20_000_000);
+    }
+    // The children spawn their threads meanwhile, each until refused; how fast
+    // depends on the host (each used to get 20 ms, which a busy host did not give
+    // them). Wait for the outcome instead: until a spawn here is refused too, trying
+    // every 10 ms for at most 120 s. A probe child that starts may be killed for lack
+    // of memory.
+    let deadline = sys::time_ns() + 120_000_000_000;
+    while refused.is_none() && sys::time_ns() < deadline {
+        match sys::spawn("utest", CHILD_EXIT_42) {
+            Ok(pid) => {
+                let status = sys::wait(pid as u64);
+                ensure!(
+                    status == Ok(42) || status == Ok(EXIT_KILLED),
+                    "a probe child ended with {status:?}"
+                );
+            }
+            Err(e) => refused = Some(e),
+        }
+        sys::sleep_ns(10_000_000);
     }
     let free = sys::info().map(|i| i.memory_free).unwrap_or(0);
     for &pid in &pids {
@@ -964,7 +999,7 @@ fn kernel_memory_exhaustion_by_threads_is_refused() -> Outcome {
     }
     ensure!(
         refused == Some(Error::OutOfMemory),
-        "{} children with 1023 threads each ran without a refusal ({refused:?}, {} MiB free)",
+        "{} children with 1023 threads each ran for 120 s without a refusal ({refused:?}, {} MiB free)",
         pids.len(),
         free >> 20
     );
@@ -1006,7 +1041,7 @@ fn sleeping_threads_of_ended_processes_leave_nothing() -> Outcome {
 
 /// Only a process's parent may wait for it, one thread at a time; a wait can time out.
 fn waits_are_the_parents_alone() -> Outcome {
-    let a = sys::spawn("utest", CHILD_SLEEP_THEN_EXIT_7).map_err(|e| format!("{e:?}"))? as u64;
+    let a = sys::spawn("utest", CHILD_PAUSE).map_err(|e| format!("{e:?}"))? as u64;
     // A sibling cannot wait for it.
     let sibling = run_child(CHILD_WAIT_FOR_SIBLING + (a << 16))?;
     ensure!(
@@ -1022,17 +1057,38 @@ fn waits_are_the_parents_alone() -> Outcome {
         sys::wait_timeout(a, 1_000_000) == Err(Error::TimedOut),
         "a 1 ms wait did not time out"
     );
-    // Two threads of the parent: one waits, the other is refused meanwhile.
-    let waiter = thread::spawn(move || sys::wait(a).map_or(1000, |s| s as u64))
-        .map_err(|e| format!("{e:?}"))?;
-    sys::sleep_ns(50_000_000);
+    // Two threads of the parent: one waits, the other is refused meanwhile. Looks
+    // time out until the waiter holds the wait (at most 30 s: the thread may take a
+    // while to start on a busy host), then are refused.
+    // (A thread's exit code is 32 bits: it returns 1 for the kill status.)
+    let waiter = thread::spawn(move || match sys::wait(a) {
+        Ok(EXIT_KILLED) => 1,
+        Ok(s) => 2 + s as u64,
+        Err(_) => 1000,
+    })
+    .map_err(|e| format!("{e:?}"))?;
+    let deadline = sys::time_ns() + 30_000_000_000;
+    let look = loop {
+        match sys::wait_timeout(a, 0) {
+            Err(Error::TimedOut) if sys::time_ns() < deadline => sys::sleep_ns(1_000_000),
+            r => break r,
+        }
+    };
     let second = sys::wait(a);
+    ensure!(sys::kill(a) == Ok(0), "kill the child");
+    let first = waiter.join().map_err(|e| format!("join: {e:?}"))?;
+    ensure!(
+        look == Err(Error::NotPermitted),
+        "a look while another thread waits got {look:?}"
+    );
     ensure!(
         second == Err(Error::NotPermitted),
         "a second concurrent waiter got {second:?}"
     );
-    let first = waiter.join().map_err(|e| format!("join: {e:?}"))?;
-    ensure!(first == 7, "the waiting thread got {first}");
+    ensure!(
+        first == 1,
+        "the waiting thread got {first} (1: the kill status, 2 + another status, 1000: an error)"
+    );
     ensure!(sys::wait(a) == Err(Error::NotFound), "waited twice");
     ensure!(
         sys::kill(a) == Err(Error::NotFound),
@@ -1042,6 +1098,207 @@ fn waits_are_the_parents_alone() -> Outcome {
         sys::kill(sys::pid()) == Err(Error::NotFound),
         "killed itself through OP_PROCESS_KILL"
     );
+    Ok(())
+}
+
+/// Waits that time out on a running child must leave no kernel memory behind: each
+/// abandoned wait takes its registration on the child's exit record with it. 20,000
+/// looks (`OP_PROCESS_WAIT_TIMEOUT` with 0) from this thread, then 2,000 threads that
+/// each look once (one at a time: only one thread may wait for a child), must leave
+/// the kernel heap where it was. Before waits removed their wakers, each thread left
+/// one on the child's exit record, and with it its finished task (about 105 bytes
+/// each, freed only when the child ended).
+fn timed_out_waits_leave_no_kernel_memory() -> Outcome {
+    let pid = sys::spawn("utest", CHILD_PAUSE).map_err(|e| format!("spawn: {e:?}"))? as u64;
+    let looks = |n: usize| -> Outcome {
+        for _ in 0..n {
+            let r = sys::wait_timeout(pid, 0);
+            ensure!(
+                r == Err(Error::TimedOut),
+                "a look at a running child got {r:?}"
+            );
+        }
+        Ok(())
+    };
+    let threads = |n: usize| -> Outcome {
+        for _ in 0..n {
+            let t = thread::spawn(move || match sys::wait_timeout(pid, 0) {
+                Err(Error::TimedOut) => 0,
+                Err(e) => 1000 + (-e.to_result()) as u64,
+                Ok(s) => 2000 + s as u64,
+            })
+            .map_err(|e| format!("thread: {e:?}"))?;
+            let code = t.join().map_err(|e| format!("join: {e:?}"))?;
+            ensure!(
+                code == 0,
+                "a thread's look got {code} (1000 + error, 2000 + status)"
+            );
+        }
+        Ok(())
+    };
+    let result = (|| -> Outcome {
+        // Warm-up: the thread table and the allocator's slabs reach their working size.
+        looks(100)?;
+        threads(100)?;
+        let before = heap_bytes();
+        looks(20_000)?;
+        let after_looks = heap_bytes();
+        threads(2_000)?;
+        let after = heap_bytes();
+        ensure!(
+            after_looks <= before + 4 * 1024,
+            "20,000 timed-out looks grew the kernel heap by {} bytes ({before} -> {after_looks})",
+            after_looks as i64 - before as i64
+        );
+        ensure!(
+            after <= before + 8 * 1024,
+            "2,000 threads that each looked once grew the kernel heap by {} bytes ({before} -> {after})",
+            after as i64 - before as i64
+        );
+        Ok(())
+    })();
+    ensure!(sys::kill(pid) == Ok(0), "kill");
+    let status = sys::wait(pid);
+    ensure!(status == Ok(EXIT_KILLED), "the child ended with {status:?}");
+    result
+}
+
+/// Pids of the children `concurrent_spawns_never_exceed_the_child_limit` started.
+static SPAWNED: [AtomicU64; 2048] = [const { AtomicU64::new(0) }; 2048];
+static SPAWNED_N: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads of one process that all spawn children at once, until refused, never get it
+/// past its limit of 1024 children (the kernel takes the place before it loads the
+/// program, so two spawns cannot both pass the check). Each is refused with
+/// `OutOfMemory`; the children are killed and every frame comes back.
+fn concurrent_spawns_never_exceed_the_child_limit() -> Outcome {
+    const MAX_CHILDREN: usize = 1024;
+    let free_before = sys::info().map_err(|e| format!("{e:?}"))?.memory_free;
+    SPAWNED_N.store(0, Ordering::SeqCst);
+    let mut spawners = Vec::new();
+    let mut thread_error = None;
+    for _ in 0..(2 * sys::cpu_count()).clamp(4, 16) {
+        let t = thread::spawn(|| loop {
+            match sys::spawn("utest", CHILD_PAUSE) {
+                Ok(pid) => {
+                    let i = SPAWNED_N.fetch_add(1, Ordering::SeqCst);
+                    if let Some(slot) = SPAWNED.get(i) {
+                        slot.store(pid as u64, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => return -e.to_result() as u64,
+            }
+        });
+        match t {
+            Ok(t) => spawners.push(t),
+            Err(e) => thread_error = Some(e),
+        }
+    }
+    let codes: Vec<Result<u64, Error>> = spawners.into_iter().map(|t| t.join()).collect();
+    let n = SPAWNED_N.load(Ordering::SeqCst);
+    for slot in &SPAWNED[..n.min(SPAWNED.len())] {
+        let pid = slot.load(Ordering::SeqCst);
+        ensure!(sys::kill(pid) == Ok(0), "kill {pid}");
+        let status = sys::wait(pid);
+        ensure!(
+            status == Ok(EXIT_KILLED),
+            "child {pid} ended with {status:?}"
+        );
+    }
+    let free_after = sys::info().map_err(|e| format!("{e:?}"))?.memory_free;
+    ensure!(thread_error.is_none(), "a spawner thread: {thread_error:?}");
+    ensure!(
+        n <= MAX_CHILDREN,
+        "{n} children ran at once, past the limit of {MAX_CHILDREN}"
+    );
+    ensure!(
+        n == MAX_CHILDREN,
+        "only {n} children started before the first refusal (memory too small?)"
+    );
+    let oom = -Error::OutOfMemory.to_result() as u64;
+    ensure!(
+        !codes.is_empty() && codes.iter().all(|c| *c == Ok(oom)),
+        "the spawners were refused with {codes:?} (want {oom}, OutOfMemory, for each)"
+    );
+    ensure!(
+        free_after + (1 << 20) >= free_before,
+        "memory not returned: {free_before} free before, {free_after} after"
+    );
+    Ok(())
+}
+
+/// One fork bomb, from its start until it is killed and every frame it held is back
+/// (at most 60 s after the kill; `free_before` is the baseline). Returns how this
+/// process's own spawn was refused once the bomb filled the tree.
+fn fork_bomb_round(free_before: u64) -> Result<Error, String> {
+    let bomb = sys::spawn("utest", CHILD_FORK_BOMB).map_err(|e| format!("spawn: {e:?}"))? as u64;
+    // The bomb fills the tree: wait (at most 120 s) until a spawn here is refused.
+    let deadline = sys::time_ns() + 120_000_000_000;
+    let refusal = loop {
+        match sys::spawn("utest", CHILD_EXIT_42) {
+            Ok(pid) => {
+                let status = sys::wait(pid as u64);
+                if status != Ok(42) {
+                    break Err(format!("a probe child ended with {status:?}"));
+                }
+            }
+            Err(e) => break Ok(e),
+        }
+        if sys::time_ns() > deadline {
+            break Err(String::from("no spawn was refused in 120 s"));
+        }
+        sys::sleep_ns(5_000_000);
+    };
+    ensure!(sys::kill(bomb) == Ok(0), "kill the bomb");
+    let status = sys::wait(bomb);
+    ensure!(status == Ok(EXIT_KILLED), "the bomb ended with {status:?}");
+    let refusal = refusal?;
+    // Its descendants, orphans now, end on their own: wait for their memory.
+    let deadline = sys::time_ns() + 60_000_000_000;
+    loop {
+        let free = sys::info().map_err(|e| format!("{e:?}"))?.memory_free;
+        if free + (1 << 20) >= free_before {
+            return Ok(refusal);
+        }
+        ensure!(
+            sys::time_ns() < deadline,
+            "memory not returned within 60 s of the kill: {free_before} free before, {free} after ({refusal:?})"
+        );
+        sys::sleep_ns(5_000_000);
+    }
+}
+
+/// A fork bomb — children that each spawn children like themselves — is refused
+/// once its process tree (this process and all its descendants) holds
+/// `MAX_TREE_PROCESSES`: then even this process's own spawns get `LimitReached`. The
+/// kernel survives; killing the bomb's first process ends the whole tree below it, and
+/// every frame comes back. Twice: the second bomb must leave the kernel heap within
+/// 64 KiB of where the first left it, so a leak of 32 bytes per process shows. (Not
+/// closer: the frame allocator's bookkeeping lives on the heap, 48 bytes per fragment
+/// of free memory, and 2,048 processes ending in any order fragment it; a second bomb
+/// grew it by up to 37 KiB more under QEMU TCG at -smp 2.)
+fn a_fork_bomb_is_refused_at_the_tree_limit() -> Outcome {
+    let free_before = sys::info().map_err(|e| format!("{e:?}"))?.memory_free;
+    let first = fork_bomb_round(free_before)?;
+    ensure!(
+        first == Error::LimitReached,
+        "the full tree refused a spawn with {first:?}, not LimitReached"
+    );
+    let heap_before = heap_bytes();
+    let second = fork_bomb_round(free_before)?;
+    let heap_after = heap_bytes();
+    ensure!(
+        second == Error::LimitReached,
+        "the second time, the full tree refused a spawn with {second:?}"
+    );
+    ensure!(
+        heap_after <= heap_before + 64 * 1024,
+        "a fork bomb of {} processes left {} bytes of kernel heap ({heap_before} -> {heap_after})",
+        panda_rt::abi::syscall::MAX_TREE_PROCESSES,
+        heap_after as i64 - heap_before as i64
+    );
+    let again = run_child(CHILD_EXIT_42)?;
+    ensure!(again == 42, "a child after the bombs exited with {again}");
     Ok(())
 }
 
@@ -1598,7 +1855,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 36] = [
+    let tests: [(&str, Test); 39] = [
         (
             "back_to_back_calls_let_other_threads_run",
             back_to_back_calls_let_other_threads_run,
@@ -1708,6 +1965,18 @@ fn main(arg: u64) -> u64 {
         (
             "bad_argument_blocks_get_errors",
             bad_argument_blocks_get_errors,
+        ),
+        (
+            "timed_out_waits_leave_no_kernel_memory",
+            timed_out_waits_leave_no_kernel_memory,
+        ),
+        (
+            "concurrent_spawns_never_exceed_the_child_limit",
+            concurrent_spawns_never_exceed_the_child_limit,
+        ),
+        (
+            "a_fork_bomb_is_refused_at_the_tree_limit",
+            a_fork_bomb_is_refused_at_the_tree_limit,
         ),
         (
             "heap_still_works_after_everything",
