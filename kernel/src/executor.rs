@@ -58,7 +58,6 @@ pub fn init(cpus: usize) -> &'static Executor<Machine> {
     executor
 }
 
-/// The executor (after `init`).
 /// A time slice's mark: which timer tick of which CPU it started at. A task that runs
 /// long stretches without blocking (a user thread of back-to-back system calls, a long
 /// copy to user memory) yields when the mark has changed, so its CPU's other tasks wait
@@ -69,6 +68,48 @@ pub fn slice_mark() -> (usize, u64) {
     (percpu::current_index(), ticks)
 }
 
+/// The one place that decides when a long kernel operation (a system call that works in
+/// bounded pieces: a log, an unmap in batches, a long copy to or from user memory)
+/// gives its CPU's other tasks a turn. Start one per operation and call `maybe_yield`
+/// between two pieces; it yields when
+/// - the time slice is over (this CPU's timer ticked since the operation started or
+///   last yielded), so a CPU-bound neighbour gets its turn at each tick as it would
+///   against a thread in user mode; or
+/// - a timer of this CPU is due: a sleeper (a thread whose sleep ended, a timed wait)
+///   runs within one piece instead of waiting for the next tick. Timers fire in the
+///   executor's turns, so the first yield lets the turn fire it (its task is queued
+///   behind this one) and a second puts this task behind it.
+///
+/// The scheduler's own `should_yield()`, once it has one, replaces the two checks here
+/// (and nothing else needs to change).
+pub struct Slice {
+    mark: (usize, u64),
+}
+
+impl Slice {
+    /// A slice starting now.
+    pub fn start() -> Self {
+        Self { mark: slice_mark() }
+    }
+
+    /// Yields if this CPU's other tasks should have a turn now (see the type's doc).
+    pub async fn maybe_yield(&mut self) {
+        let Some(exec) = get() else { return };
+        let slice_over = slice_mark() != self.mark;
+        let timer_due = exec
+            .next_deadline(percpu::current_index())
+            .is_some_and(|deadline| deadline <= time::now_ns());
+        if slice_over || timer_due {
+            exec.yield_now().await;
+            if timer_due {
+                exec.yield_now().await;
+            }
+            self.mark = slice_mark();
+        }
+    }
+}
+
+/// The executor (after `init`).
 pub fn get() -> Option<&'static Executor<Machine>> {
     EXECUTOR.get()
 }

@@ -30,11 +30,13 @@
 extern crate alloc;
 
 mod executor;
+mod lock;
 mod queue;
 mod task;
 mod timer;
 
 pub use executor::{CpuStats, Executor, JoinHandle, MoveTo, Platform, MAX_CPUS};
+pub use lock::{Acquire, AsyncLock, AsyncLockGuard};
 pub use timer::Sleep;
 
 #[cfg(test)]
