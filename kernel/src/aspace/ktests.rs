@@ -80,13 +80,20 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
         // shrink yield there (`executor::Slice`), and the future is dropped.
         grow_and_fill().await?;
         let mut cx = Context::from_waker(Waker::noop());
-        let mut timer = core::pin::pin!(exec.sleep(50_000));
-        let armed = panda_arch::time::now_ns();
-        ensure!(
-            timer.as_mut().poll(&mut cx).is_pending(),
-            "a 50 us sleep was over at once"
-        );
-        while panda_arch::time::now_ns() <= armed + 100_000 {
+        // A 1 ms timer armed on this CPU (again if the host held this vCPU up for that
+        // long between making and polling it), then waited out without a turn of the
+        // executor, so it is due and not yet fired.
+        let mut tries = 0;
+        let (_timer, armed) = loop {
+            let mut timer = alloc::boxed::Box::pin(exec.sleep(1_000_000));
+            let armed = panda_arch::time::now_ns();
+            if timer.as_mut().poll(&mut cx).is_pending() {
+                break (timer, armed);
+            }
+            tries += 1;
+            ensure!(tries < 100, "a 1 ms sleep was over at once 100 times");
+        };
+        while panda_arch::time::now_ns() <= armed + 1_100_000 {
             core::hint::spin_loop();
         }
         {
