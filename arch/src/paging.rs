@@ -299,70 +299,85 @@ impl TableBuilder {
         path
     }
 
-    /// Removes every 4 KiB mapping in `[from, to)` (user half) in one walk of the
-    /// tree: each removed leaf goes to `on_leaf(virt, frame)`, and every table the
-    /// walk leaves empty is unlinked and handed to `free_table` (never the PML4). Each
-    /// table is scanned for emptiness once, after its part of the range, so the cost
-    /// is linear in the range — unmapping page by page rescans a table per page. The
-    /// caller flushes TLBs before reusing the frames and tables.
+    /// Removes the 4 KiB mappings in `[from, to)` (user half) in one walk of the tree,
+    /// stopping after `budget` page slots of the last level were looked at (mapped or
+    /// not): each removed leaf goes to `on_leaf(virt, frame)`, and every table the walk
+    /// leaves empty is unlinked and handed to `free_table` (never the PML4). Absent
+    /// upper-level entries are skipped whole, so a sparse range costs no more than its
+    /// tables. Returns `None` when the whole range is done, or the address to continue
+    /// from. Each table is scanned for emptiness once, after its part of the range, so
+    /// the cost is linear in the range — unmapping page by page rescans a table per
+    /// page. The caller flushes TLBs before reusing the frames and tables.
     pub fn unmap_range(
         &mut self,
         from: u64,
         to: u64,
+        budget: usize,
         on_leaf: &mut dyn FnMut(u64, u64),
         free_table: &mut dyn FnMut(u64),
-    ) {
-        #[allow(clippy::too_many_arguments)]
+    ) -> Option<u64> {
+        struct Walk<'a> {
+            b: &'a TableBuilder,
+            budget: usize,
+            on_leaf: &'a mut dyn FnMut(u64, u64),
+            free_table: &'a mut dyn FnMut(u64),
+        }
+        /// `Some(va)`: out of budget, continue at `va`.
         fn walk(
-            b: &TableBuilder,
+            w: &mut Walk<'_>,
             table: u64,
             level: u32,
             base: u64,
             from: u64,
             to: u64,
-            on_leaf: &mut dyn FnMut(u64, u64),
-            free_table: &mut dyn FnMut(u64),
-        ) {
+        ) -> Option<u64> {
             let shift = 39 - 9 * level;
             let span = 1u64 << shift;
             let first = ((from - base) >> shift) as usize;
             let last = (((to - 1 - base) >> shift) as usize).min(511);
             for i in first..=last {
-                let entry = b.read(table, i);
+                let va = base + i as u64 * span;
+                if level == 3 {
+                    if w.budget == 0 {
+                        return Some(va.max(from));
+                    }
+                    w.budget -= 1;
+                }
+                let entry = w.b.read(table, i);
                 if entry & flags::PRESENT == 0 {
                     continue;
                 }
-                let va = base + i as u64 * span;
                 if level == 3 {
-                    b.write(table, i, 0);
-                    on_leaf(va, entry & ADDR_MASK);
+                    w.b.write(table, i, 0);
+                    (w.on_leaf)(va, entry & ADDR_MASK);
                     continue;
                 }
                 if entry & flags::HUGE != 0 {
                     continue; // user mappings are 4 KiB; nothing else is expected here
                 }
                 let child = entry & ADDR_MASK;
-                walk(
-                    b,
-                    child,
-                    level + 1,
-                    va,
-                    from.max(va),
-                    to.min(va + span),
-                    on_leaf,
-                    free_table,
-                );
-                if (0..512).all(|j| b.read(child, j) & flags::PRESENT == 0) {
-                    b.write(table, i, 0);
-                    free_table(child);
+                let stopped = walk(w, child, level + 1, va, from.max(va), to.min(va + span));
+                if (0..512).all(|j| w.b.read(child, j) & flags::PRESENT == 0) {
+                    w.b.write(table, i, 0);
+                    (w.free_table)(child);
+                }
+                if stopped.is_some() {
+                    return stopped;
                 }
             }
+            None
         }
         let to = to.min(1 << 47);
         if from >= to {
-            return;
+            return None;
         }
-        walk(self, self.root, 0, 0, from, to, on_leaf, free_table);
+        let mut w = Walk {
+            b: self,
+            budget,
+            on_leaf,
+            free_table,
+        };
+        walk(&mut w, self.root, 0, 0, from, to)
     }
 
     /// Replaces the rights of `virt`'s 4 KiB mapping (the frame stays). Returns false if

@@ -40,6 +40,10 @@ pub static SCOPE: Rank = Rank::new(65, "vm::SCOPES[cpu]");
 /// The space each CPU last activated.
 pub static CURRENT: Rank = Rank::new(70, "vm::CURRENT");
 
+/// Most page slots one unmap batch looks at (so at most as many frames it frees): the
+/// table lock is held, and the shootdown waited for, one batch at a time.
+pub const UNMAP_BATCH: usize = 512;
+
 /// End of the user half (the lower canonical half): nothing at or above it is ever
 /// mapped into a user space by this module.
 pub const USER_END: u64 = 1 << 47;
@@ -274,16 +278,35 @@ impl VmSpace {
 
     /// Unmaps every mapped page in `[from, to)` and shoots their translations down;
     /// the frames and emptied tables are freed once every CPU that may cache them has
-    /// flushed.
+    /// flushed. In batches (`unmap_batch`) without a break: for ranges the caller knows
+    /// to be small (a segment); large ones go batch by batch with yields between.
     pub fn unmap_range(&self, from: u64, to: u64) {
-        let mut batch: FlushBatch<Frame> = FlushBatch::default();
-        let mut tables_freed = Vec::new();
-        {
+        let mut at = from;
+        while let Some(next) = self.unmap_batch(at, to) {
+            at = next;
+        }
+    }
+
+    /// Unmaps the first batch of `[from, to)`: at most `UNMAP_BATCH` page slots, so at
+    /// most that many frames. With the table lock held only for the unmap, the batch's
+    /// frames go into a batch of fixed capacity (allocated before the lock is taken),
+    /// are shot down, and are freed once every CPU that may cache them has flushed.
+    /// Returns where the next batch starts, or `None` when the range is done. Each
+    /// batch is complete in itself: a caller that stops between two leaves the rest
+    /// mapped (and owned by the tables, which free it when the space is dropped).
+    pub fn unmap_batch(&self, from: u64, to: u64) -> Option<u64> {
+        let mut batch: FlushBatch<Frame> = FlushBatch::with_capacity(UNMAP_BATCH);
+        // Emptied tables: at most one last-level table per batch, plus the upper ones
+        // it may leave empty.
+        let mut tables_freed: [Option<Frame>; 8] = Default::default();
+        let mut freed = 0;
+        let next = {
             let mut guard = self.tables.lock();
-            let Some(t) = guard.as_mut() else { return };
+            let t = guard.as_mut()?;
             t.tables.unmap_range(
                 from,
                 to.min(USER_END),
+                UNMAP_BATCH,
                 &mut |page, phys| {
                     // SAFETY: the walk has just unlinked the frame from this hierarchy,
                     // which owned it: it is ours alone again.
@@ -292,16 +315,23 @@ impl VmSpace {
                 &mut |table| {
                     // SAFETY: the walk has just unlinked this emptied table from the
                     // hierarchy, which owned it.
-                    tables_freed.push(unsafe { Frame::from_raw(table) })
+                    let table = unsafe { Frame::from_raw(table) };
+                    match tables_freed.get_mut(freed) {
+                        Some(slot) => *slot = Some(table),
+                        // More than the walk can empty in one batch; never freeing
+                        // it early is the safe outcome.
+                        None => core::mem::forget(table),
+                    }
+                    freed += 1;
                 },
-            );
-        }
+            )
+        };
         self.shoot_down(batch);
         // Table pages too could be cached (paging-structure caches): freed only after
         // the flush as well.
         drop(tables_freed);
+        next
     }
-
     /// Gives the mapped pages of `[from, to)` the user `rights`; every CPU running the
     /// space flushes them before this returns.
     pub fn protect_range(&self, from: u64, to: u64, rights: Rights) {

@@ -329,8 +329,9 @@ impl AddressSpace {
     }
 
     /// Moves the break; shrinking unmaps the released pages and shoots down their TLB
-    /// entries before freeing the frames. Returns the new break. Growing over a range
-    /// another thread's shrink is still shooting down waits (yields) until it is done.
+    /// entries before freeing the frames, in batches with yields between (`retire`).
+    /// Returns the new break. Growing over a range another thread's shrink is still
+    /// shooting down waits (yields) until it is done.
     pub async fn set_brk(&self, new: u64) -> Result<u64, MmError> {
         loop {
             match self.change_layout(|r| r.set_brk(new)) {
@@ -338,19 +339,34 @@ impl AddressSpace {
                 Err(e) => return Err(e),
                 Ok(None) => return Ok(new),
                 Ok(Some(retiring)) => {
-                    self.retire(retiring);
+                    self.retire(retiring).await;
                     return Ok(new);
                 }
             }
         }
     }
 
-    /// Unmaps a range taken out of the layout, shoots it down (frames freed after every
-    /// acknowledgement), then lets the bookkeeping hand it out again. No lock is held
-    /// across the shootdown's wait.
-    fn retire(&self, retiring: Retiring) {
+    /// Unmaps a range taken out of the layout, in batches of at most
+    /// `panda_arch::vm::UNMAP_BATCH` pages: each batch takes the table lock, unmaps,
+    /// shoots down and frees its frames, and lets go of the lock; between batches the
+    /// CPU's other tasks get their turn (`executor::Slice`). Then the bookkeeping may
+    /// hand the range out again. No lock is held across a shootdown's wait or a yield.
+    ///
+    /// The range left the layout before the first batch (the caller's layout change),
+    /// so no fault maps a page there meanwhile: one that classified its address
+    /// before the change finds the layout generation changed when it takes the table
+    /// lock, classifies again and is refused (its frame is freed). If this future is
+    /// dropped between batches (its process ended), the range simply stays retiring:
+    /// nothing is placed there again, and the pages not yet unmapped stay owned by the
+    /// tables, which free them with the space.
+    async fn retire(&self, retiring: Retiring) {
         let (from, to) = retiring.range();
-        self.vm.unmap_range(from, to);
+        let mut slice = crate::executor::Slice::start();
+        let mut at = from;
+        while let Some(next) = self.vm.unmap_batch(at, to) {
+            at = next;
+            slice.maybe_yield().await;
+        }
         self.regions.write().retired(retiring);
     }
 
@@ -370,10 +386,10 @@ impl AddressSpace {
     }
 
     /// Frees the buffer starting at `start`: unmaps its pages, shoots down their TLB
-    /// entries, then frees the frames.
-    pub fn free_buffer(&self, start: u64) -> Result<(), MmError> {
+    /// entries, then frees the frames (in batches, as `retire` says).
+    pub async fn free_buffer(&self, start: u64) -> Result<(), MmError> {
         let retiring = self.change_layout(|r| r.free_buffer(start))?;
-        self.retire(retiring);
+        self.retire(retiring).await;
         Ok(())
     }
 
@@ -427,7 +443,7 @@ impl AddressSpace {
     /// Runs `copy(tables, offset, n)` on `[addr, addr + len)` piece by piece (at most a
     /// page each), with the table lock held, so the frames cannot be unmapped and freed
     /// while it copies; a page not yet accessible is faulted in first. Between pieces it
-    /// yields once its time slice is over (`executor::yield_if_due`).
+    /// gives its CPU's other tasks a turn when `executor::Slice` says so.
     async fn copy_user(
         &self,
         addr: u64,
@@ -443,10 +459,11 @@ impl AddressSpace {
         let access = if write { Access::Write } else { Access::Read };
         let mut at = addr;
         let mut tries = 0;
+        let mut slice = crate::executor::Slice::start();
         while at < end {
-            // A long copy (up to megabytes) yields when the scheduler says its slice is
-            // over, like a user thread, so the CPU's other tasks are not held up by it.
-            crate::executor::yield_if_due().await;
+            // A long copy (up to megabytes) gives the CPU's other tasks their turn
+            // between pages (`executor::Slice`), so they are not held up by it.
+            slice.maybe_yield().await;
             let chunk = (end - at).min(4096 - (at & 0xfff));
             let copied = {
                 // `copy` checks the page's user rights itself (the tables' `read` and

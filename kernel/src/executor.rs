@@ -75,6 +75,25 @@ pub async fn yield_if_due() {
     }
 }
 
+/// The one place a long kernel operation (a system call that works in bounded pieces:
+/// a log, an unmap in batches, a long copy to or from user memory) gives its CPU's
+/// other tasks a turn: start one per operation and call `maybe_yield` between two
+/// pieces. It yields when the scheduler says so (`should_yield`: the slice is over, or
+/// a thread woken by its timer, which `should_yield` fires, is due to run first).
+pub struct Slice;
+
+impl Slice {
+    /// A slice starting now.
+    pub fn start() -> Self {
+        Self
+    }
+
+    /// Yields if this CPU's other tasks should have a turn now.
+    pub async fn maybe_yield(&mut self) {
+        yield_if_due().await;
+    }
+}
+
 /// The executor (after `init`).
 pub fn get() -> Option<&'static Executor<Machine>> {
     EXECUTOR.get()

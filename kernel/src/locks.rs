@@ -8,8 +8,8 @@
 
 use panda_arch::sync::Rank;
 
-/// Serialises user console output (one write call is one piece).
-pub static USER_OUTPUT: Rank = Rank::new(10, "process::USER_OUTPUT");
+// 10: was user console output; now an async lock (`panda_sched::AsyncLock`), outside
+// the ranked order: it is held across yields and its waiters wait as futures.
 /// Live and not yet reaped processes, by pid.
 pub static PROCESSES: Rank = Rank::new(20, "process::PROCESSES");
 /// One process's thread table.

@@ -188,6 +188,16 @@ impl FlushBatch {
 }
 
 impl<F> FlushBatch<F> {
+    /// An empty batch with room for `frames` frames (allocated now, so that filling it
+    /// under a lock allocates nothing; more still fit, by growing).
+    pub fn with_capacity(frames: usize) -> Self {
+        Self {
+            pages: Vec::with_capacity(FULL_FLUSH_THRESHOLD + 1),
+            full: false,
+            frames: Vec::with_capacity(frames),
+        }
+    }
+
     /// Records an unmapped page and the frame it mapped (to free after the flush).
     pub fn add(&mut self, page: u64, frame: Option<F>) {
         if !self.full {

@@ -31,12 +31,14 @@ extern crate alloc;
 
 mod executor;
 mod fair;
+mod lock;
 mod queue;
 mod task;
 mod timer;
 
 pub use executor::{CpuStats, Executor, JoinHandle, MoveTo, Platform, MAX_CPUS};
 pub use fair::{slice_ns, Group, MIN_GRANULARITY_NS, TARGET_LATENCY_NS};
+pub use lock::{Acquire, AsyncLock, AsyncLockGuard};
 pub use timer::Sleep;
 
 #[cfg(test)]

@@ -27,8 +27,109 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_shootdowns_of_one_space_run_in_parallel,
     mm_switching_spaces_leaves_the_old_active_set,
     mm_fault_under_exhaustion_fails_cleanly,
-    mm_mapping_a_mapped_page_is_refused_and_frees_the_frame
+    mm_mapping_a_mapped_page_is_refused_and_frees_the_frame,
+    mm_a_large_unmap_goes_in_batches_and_can_stop_between_them
 ];
+
+/// A large shrink unmaps in batches of at most `UNMAP_BATCH` pages, one shootdown (and
+/// one hold of the table lock) each, with a chance to yield between them. Dropped
+/// between two batches (its process ended), it leaves everything consistent: the
+/// released range is refused to faults, the break stays where the call put it, the
+/// pages not yet unmapped stay the tables', and every frame comes back with the space.
+/// (Before batching: one shootdown for the whole range, and no point to stop at.)
+async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome {
+    use crate::aspace::{stat, Stat};
+    use core::future::Future;
+    use core::task::{Context, Poll, Waker};
+    let exec = executor()?;
+    let _paused = crate::memory::pause_zeroing();
+    let baseline = crate::memory::frames_not_in_use();
+    const BATCH: u64 = panda_arch::vm::UNMAP_BATCH as u64;
+    const PAGES: u64 = 3 * BATCH + 100;
+    let heap = panda_abi::HEAP_BASE as u64;
+    let outcome: Outcome = async {
+        let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+        let grow_and_fill = async || -> Outcome {
+            space
+                .set_brk(heap + PAGES * 0x1000)
+                .await
+                .map_err(|e| fail(format_args!("grow: {e:?}")))?;
+            for i in 0..PAGES {
+                space
+                    .handle_fault(heap + i * 0x1000, Access::Write)
+                    .map_err(|e| fail(format_args!("fault: {e:?}")))?;
+            }
+            Ok(())
+        };
+        grow_and_fill().await?;
+        let before = stat(Stat::Shootdowns);
+        space
+            .set_brk(heap)
+            .await
+            .map_err(|e| fail(format_args!("shrink: {e:?}")))?;
+        let batches = stat(Stat::Shootdowns) - before;
+        ensure!(
+            batches >= PAGES.div_ceil(BATCH),
+            "{PAGES} pages unmapped with {batches} shootdowns: not in batches of {BATCH}"
+        );
+        ensure!(
+            (0..PAGES).all(|i| space.translate(heap + i * 0x1000).is_none()),
+            "a page is still mapped after the shrink"
+        );
+        // Again, stopped after its first batch: a timer due on this CPU makes the
+        // shrink yield there (`executor::Slice`), and the future is dropped.
+        grow_and_fill().await?;
+        let mut cx = Context::from_waker(Waker::noop());
+        // A 1 ms timer armed on this CPU (again if the host held this vCPU up for that
+        // long between making and polling it), then waited out without a turn of the
+        // executor, so it is due and not yet fired.
+        let mut tries = 0;
+        let (_timer, armed) = loop {
+            let mut timer = alloc::boxed::Box::pin(exec.sleep(1_000_000));
+            let armed = panda_arch::time::now_ns();
+            if timer.as_mut().poll(&mut cx).is_pending() {
+                break (timer, armed);
+            }
+            tries += 1;
+            ensure!(tries < 100, "a 1 ms sleep was over at once 100 times");
+        };
+        while panda_arch::time::now_ns() <= armed + 1_100_000 {
+            core::hint::spin_loop();
+        }
+        {
+            let mut shrink = core::pin::pin!(space.set_brk(heap));
+            ensure!(
+                matches!(shrink.as_mut().poll(&mut cx), Poll::Pending),
+                "the shrink did not stop between batches for a due timer"
+            );
+        }
+        let mapped = (0..PAGES)
+            .filter(|&i| space.translate(heap + i * 0x1000).is_some())
+            .count() as u64;
+        ensure!(
+            (PAGES - BATCH..PAGES).contains(&mapped),
+            "{mapped} of {PAGES} pages still mapped after one batch"
+        );
+        ensure!(space.brk() == heap, "the break is {:#x}", space.brk());
+        let last = heap + (PAGES - 1) * 0x1000;
+        ensure!(
+            matches!(
+                space.handle_fault(last, Access::Write),
+                Err(FaultError::Denied(_))
+            ),
+            "a fault in the range being released was resolved"
+        );
+        Ok(())
+    }
+    .await;
+    outcome?;
+    let after = crate::memory::frames_not_in_use();
+    ensure!(
+        after == baseline,
+        "frames not in use: {baseline} before, {after} after the space was dropped"
+    );
+    Ok(())
+}
 
 /// Mapping a frame at a page that is mapped already is refused in the one walk of the
 /// tables (no second walk checks first): the mapping stays the first frame's, and the
@@ -418,7 +519,7 @@ async fn unmap_eight_pages(space: &AddressSpace, buffer: bool) -> Result<(), &'s
         user_write(space, base + page * 0x1000, page).map_err(|_| "fault")?;
     }
     if buffer {
-        space.free_buffer(base).map_err(|_| "free")
+        space.free_buffer(base).await.map_err(|_| "free")
     } else {
         space.set_brk(base).await.map(|_| ()).map_err(|_| "shrink")
     }

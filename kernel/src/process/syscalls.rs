@@ -4,6 +4,7 @@
 
 use super::thread::{yield_once, After};
 use super::*;
+use panda_sched::AsyncLock;
 
 pub(super) fn user_error(e: FaultError) -> Error {
     match e {
@@ -96,11 +97,11 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
                     _ => Error::InvalidArgument,
                 })
         }
-        syscall::OP_BUFFER_FREE => process
-            .space
-            .free_buffer(a0)
-            .map(|()| 0)
-            .map_err(|_| Error::NotFound),
+        syscall::OP_BUFFER_FREE => match process.unless_killed(process.space.free_buffer(a0)).await
+        {
+            Some(result) => result.map(|()| 0).map_err(|_| Error::NotFound),
+            None => Ok(0), // the caller is ending; the result is never seen
+        },
         syscall::OP_BUFFER_LOG => buffer_log(process, a0, a1).await,
         syscall::OP_FILE_READ_BUFFER => read_file(process, a0, a1, a2, a3).await,
         _ => Err(Error::UnknownOperation),
@@ -113,12 +114,14 @@ async fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
     if new_end == 0 {
         return Ok(process.space.brk() as usize);
     }
-    process
-        .space
-        .set_brk(new_end)
-        .await
-        .map(|b| b as usize)
-        .map_err(|_| Error::InvalidArgument)
+    // A shrink unmaps in batches and yields between them; a process that ends
+    // meanwhile stops there (the rest goes with its space).
+    match process.unless_killed(process.space.set_brk(new_end)).await {
+        Some(result) => result
+            .map(|b| b as usize)
+            .map_err(|_| Error::InvalidArgument),
+        None => Ok(0), // the caller is ending; the result is never seen
+    }
 }
 
 /// Copies `len` bytes of user memory at `ptr` into `out` (faulting pages in).
@@ -279,16 +282,24 @@ fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
     }
 }
 
-/// Serialises user output: one write call is one piece on the console.
-static USER_OUTPUT: Mutex<()> = Mutex::new(&locks::USER_OUTPUT, ());
+/// Serialises user output: one write call is one piece on the console. An async lock:
+/// a call that finds it held waits as a future (racing its process's end), so it
+/// spins no CPU however long the holder writes; the holder keeps it across the yields
+/// between its pieces. Kernel lines do not take it (they take only the console's spin
+/// lock, per line), so they still get out while a user call holds it; they come out
+/// between two pieces of the user's text, on a line of their own.
+static USER_OUTPUT: AsyncLock = AsyncLock::new();
 
 /// Writes `[addr, addr + len)` of user memory to the console as one piece: concurrent
 /// user writers never split it. The range is first faulted in as a user read would;
-/// then, holding the user-output lock, it is copied out and printed a piece at a time,
-/// each piece under the console lock (interrupts off for one piece only) and the
-/// page-table lock. User memory is copied, never borrowed: another thread may write it
-/// meanwhile, which only changes the output. If another thread unmapped a page
-/// meanwhile, the output stops there and the call reports `BadAddress`.
+/// then, holding the user-output lock, it is copied out and printed `PRINT_PIECE`
+/// bytes at a time, each piece under the console's spin lock (interrupts off for one
+/// piece only) and the page-table lock, with a turn for the CPU's other tasks between
+/// pieces when `executor::Slice` says so. User memory is copied, never borrowed:
+/// another thread may write it meanwhile, which only changes the output. If another
+/// thread unmapped a page meanwhile, the output stops there and the call reports
+/// `BadAddress`. If the process ends meanwhile (killed), the output stops at the next
+/// piece and the lock goes to the next writer.
 async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
     if len > MAX_LOG {
         return Err(Error::InvalidArgument);
@@ -298,13 +309,19 @@ async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Err
         .fault_in(addr, len, false)
         .await
         .map_err(user_error)?;
-    let _one_writer = USER_OUTPUT.lock();
+    let Some(_one_writer) = process.unless_killed(USER_OUTPUT.lock()).await else {
+        return Ok(0); // the caller is ending; the result is never seen
+    };
+    let mut slice = crate::executor::Slice::start();
     let mut piece = [0u8; PRINT_PIECE + 3];
     // Bytes of a character cut at the end of the last piece, moved to the front.
     let mut carried = 0;
     let end = addr + len;
     let mut at = addr;
     while at < end {
+        if process.is_ending() {
+            return Ok(0); // killed mid-call: the result is never seen
+        }
         let n = ((end - at) as usize).min(PRINT_PIECE);
         if !process
             .space
@@ -322,12 +339,15 @@ async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Err
         panda_arch::serial::with_console(|w| console_bytes(w, &piece[..filled - keep]));
         piece.copy_within(filled - keep..filled, 0);
         carried = keep;
+        slice.maybe_yield().await;
     }
     Ok(len as usize)
 }
 
-/// Bytes of user output copied and printed at a time.
-const PRINT_PIECE: usize = 512;
+/// Bytes of user output copied and printed at a time: at most 256 bytes on the UART
+/// (a newline is two), about 22 ms with interrupts off at 115,200 baud; the screen
+/// console scrolls at most a few times per piece.
+const PRINT_PIECE: usize = 128;
 
 /// How many bytes at the end of `bytes` are the start of a UTF-8 character that
 /// continues after them (0 to 3), so a piece boundary never splits one.

@@ -1845,7 +1845,7 @@ fn exiter(arg: u64) -> u64 {
 /// Something that keeps this thread in or near the kernel.
 fn blocker(slot: usize, arg: u64) -> u64 {
     let mut rng = Rng::new(arg, slot as u64);
-    match rng.below(7) {
+    match rng.below(9) {
         0 => sys::sleep_ns(10_000_000_000),
         1 => {
             let t = sys::thread_spawn(stub(fuzz_stub_sleep_forever) as usize, 0, 0);
@@ -1873,6 +1873,35 @@ fn blocker(slot: usize, arg: u64) -> u64 {
             let _ = sys::log(&DOTS[..0]);
             let _ = sys::info();
         },
+        // Long calls the process ends in the middle of (the exiter's delay is at most
+        // 20 ms): a brk shrink of 16 MiB of touched heap (eight unmap batches), and a
+        // 1 MiB log (the console must go to the next writer at once).
+        7 => loop {
+            const SIZE: usize = 16 << 20;
+            let plenty = sys::info().is_ok_and(|i| i.memory_free > 4 * SIZE as u64);
+            if plenty && sys::brk(HEAP_BASE + SIZE).is_ok() {
+                for page in (HEAP_BASE..HEAP_BASE + SIZE).step_by(PAGE_SIZE) {
+                    // SAFETY: the heap just grown; nothing else of this process uses it.
+                    unsafe { core::ptr::write_volatile(page as *mut u8, 1) };
+                }
+            }
+            let _ = sys::brk(HEAP_BASE);
+        },
+        8 => {
+            const LEN: usize = 1 << 20;
+            if let Ok(b) = sys::buffer_alloc(LEN) {
+                // SAFETY: this thread's own live buffer of LEN bytes.
+                unsafe {
+                    core::ptr::write_bytes(b as *mut u8, b'.', LEN);
+                    for line in (b + 127..b + LEN).step_by(128) {
+                        core::ptr::write_volatile(line as *mut u8, b'\n');
+                    }
+                }
+                loop {
+                    let _ = sys::buffer_log(b, LEN);
+                }
+            }
+        }
         _ => loop {
             core::hint::spin_loop();
         },
