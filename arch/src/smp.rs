@@ -281,12 +281,9 @@ impl Trampoline {
     }
 }
 
+/// Waits `us` microseconds on the reference counter (`time::wait_us`), not the TSC.
 fn delay_us(us: u64) {
-    let hz = crate::time::tsc_hz().max(1_000_000);
-    let start = crate::cpu::rdtsc();
-    while crate::cpu::rdtsc() - start < hz / 1_000_000 * us {
-        core::hint::spin_loop();
-    }
+    crate::time::wait_us(us, || false);
 }
 
 /// Each slot's stacks (mapped when the slot is offered).
@@ -490,17 +487,18 @@ impl ApStarter {
         // `timeout_us` after the others is given up (at most ten time-outs in all).
         let claims = || normal().filter(|&&(n, _, _)| Self::claimed(n)).count();
         let total = normal().count();
-        let now_us = || crate::time::now_ns() / 1000;
-        let (begin, mut last, mut seen) = (now_us(), now_us(), 0);
+        // Measured on the reference counter, not the TSC (`time::Stopwatch`).
+        let mut clock = crate::time::Stopwatch::start();
+        let (begin, mut last, mut seen) = (0, 0, 0);
         loop {
             let claimed = claims();
-            let now = now_us();
+            let now = clock.elapsed_us();
             if claimed > seen {
                 (seen, last) = (claimed, now);
             }
             let quiet = now - last > timeout_us;
             let too_long = now - begin > timeout_us.saturating_mul(10);
-            if claimed == total || quiet || too_long {
+            if claimed == total || quiet || too_long || clock.stuck() {
                 break;
             }
             core::hint::spin_loop();
@@ -577,17 +575,10 @@ extern "C" fn ap_landing(slot: u64) -> ! {
     }
 }
 
-/// Waits up to `timeout_us` for `done()`.
+/// Waits up to `timeout_us` for `done()`, measured on the reference counter
+/// (`time::wait_us`), not the TSC.
 pub fn wait_for(timeout_us: u64, done: impl Fn() -> bool) -> bool {
-    let hz = crate::time::tsc_hz().max(1_000_000);
-    let start = crate::cpu::rdtsc();
-    while crate::cpu::rdtsc() - start < hz / 1_000_000 * timeout_us {
-        if done() {
-            return true;
-        }
-        core::hint::spin_loop();
-    }
-    done()
+    crate::time::wait_us(timeout_us, done)
 }
 
 /// Set while the machine is being stopped: NMIs then halt their CPU (`STOP_HALT`), or
