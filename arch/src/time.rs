@@ -241,6 +241,9 @@ fn measure(c: &Counter, want: u64) -> Window {
     let mut end = (last, ticks);
     for _ in 0..2 {
         let s = c.stamp();
+        if s.before.wrapping_sub(last.after) > gap {
+            break;
+        }
         ticks += c.since(last.value, s.value);
         last = s;
         if s.cost() < end.0.cost() {
@@ -310,8 +313,15 @@ pub fn calibrate(refs: References, mut report: impl FnMut(&Round)) -> Result<Cho
                 reference: 0,
                 read_cost: 0,
             }; WINDOWS];
+            // A reference that twice could not give a window (it does not count, or
+            // the CPU is held up longer than its wraps) is not waited on again.
+            let mut given_up = 0;
             for w in windows.iter_mut() {
                 *w = measure(&c, want);
+                given_up += usize::from(w.reference == 0);
+                if given_up == 2 {
+                    break;
+                }
             }
             *slot = Some(estimate(c.source(), &mut windows, c.hz));
         }
@@ -417,10 +427,20 @@ pub struct Stopwatch {
     ticks: u64,
     last_tsc: u64,
     tsc_still: u64,
+    /// Microseconds between counter reads.
+    poll_us: u64,
 }
 
 impl Stopwatch {
+    /// A stopwatch that reads its counter about every millisecond.
     pub fn start() -> Stopwatch {
+        Stopwatch::polling_every(1000)
+    }
+
+    /// A stopwatch that reads its counter about every `poll_us` microseconds (by the
+    /// TSC; every call before calibration). Reference reads are slow, and under an
+    /// emulator each takes its global lock, which APs being started need as well.
+    pub fn polling_every(poll_us: u64) -> Stopwatch {
         let counter = wait_counter();
         Stopwatch {
             counter,
@@ -428,16 +448,15 @@ impl Stopwatch {
             ticks: 0,
             last_tsc: rdtsc(),
             tsc_still: 0,
+            poll_us,
         }
     }
 
-    /// Microseconds since `start`. Reads the counter at most every 20 us or so of the
-    /// TSC (reference reads are slow, and under an emulator serialised), every call
-    /// before calibration.
+    /// Microseconds since `start`, as of the last counter read.
     pub fn elapsed_us(&mut self) -> u64 {
         let now_tsc = rdtsc();
         let since = now_tsc.wrapping_sub(self.last_tsc);
-        if since >= tsc_hz() / 50_000 {
+        if since >= tsc_hz() / 1_000_000 * self.poll_us {
             self.last_tsc = now_tsc;
             let value = self.counter.read();
             let moved = self.counter.since(self.last, value);
@@ -462,7 +481,7 @@ impl Stopwatch {
 /// Waits up to `us` microseconds, measured on the reference counter (`wait_counter`),
 /// for `done`; returns its last value. Also ends if the counter is stuck.
 pub fn wait_us(us: u64, mut done: impl FnMut() -> bool) -> bool {
-    let mut clock = Stopwatch::start();
+    let mut clock = Stopwatch::polling_every((us / 16).clamp(1, 1000));
     while clock.elapsed_us() < us && !clock.stuck() {
         if done() {
             return true;

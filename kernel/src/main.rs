@@ -264,8 +264,11 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     };
     panda_arch::percpu::set_online();
-    let per_ms = panda_arch::apic::calibrate_timer(10);
-    info!(target: "smp", "local APIC in {} mode; timer {} ticks/ms at divide 16 (measured against the TSC)", mode.name(), per_ms);
+    let Some(per_ms) = panda_arch::apic::calibrate_timer(5) else {
+        error!(target: "smp", "cannot measure the local APIC timer against the TSC (no 3 of 5 windows usable, up to 80 ms long): stopping, as the scheduler's tick would be wrong");
+        power::exit(false)
+    };
+    info!(target: "smp", "local APIC in {} mode; timer {} ticks/ms at divide 16 (median of 5 windows against the TSC)", mode.name(), per_ms);
     panda_arch::apic::start_periodic_timer(smp::TICK_US);
     x86_64::instructions::interrupts::enable();
     let report = smp::start_aps(&mut boot, &platform, ap_main);
