@@ -13,8 +13,9 @@
 //! A window's two ends are reference reads bracketed by TSC reads (the tightest of
 //! three at each end); a CPU held up between them does not skew it, since the TSC and
 //! the reference both keep counting. The reference is polled throughout, so its wraps
-//! are counted, and a window in which two polls were further apart than the counter's
-//! wrap period could be at the lowest plausible TSC rate starts afresh (a PIT wraps
+//! are counted, and a window in which two polls (from the start of one read to the end
+//! of the next, in TSC ticks) were further apart than the counter's wrap period could
+//! be at the lowest plausible TSC rate starts afresh (a PIT wraps
 //! every 55 ms, a 24-bit PM timer every 4.7 s).
 //!
 //! `Stopwatch` and `wait_us` measure time on a reference counter, never the TSC: the
@@ -206,7 +207,8 @@ impl Stamp {
     }
 }
 
-/// One window of at least `want` reference ticks (see the module doc). A window that
+/// One window of `want` reference ticks, or at least half that if the CPU was held up
+/// for longer than a wrap after that (see the module doc). A window that
 /// cannot be had (the counter does not move, or the CPU keeps being held up longer
 /// than a wrap) comes back with `reference: 0`, which no estimate uses.
 fn measure(c: &Counter, want: u64) -> Window {
@@ -220,6 +222,7 @@ fn measure(c: &Counter, want: u64) -> Window {
     let began = rdtsc();
     let mut start = tightest([c.stamp(), c.stamp(), c.stamp()]);
     let (mut last, mut ticks) = (start, 0u64);
+    let mut cut = false;
     while ticks < want {
         let s = c.stamp();
         if s.after.wrapping_sub(began) > give_up {
@@ -229,8 +232,15 @@ fn measure(c: &Counter, want: u64) -> Window {
                 read_cost: 0,
             };
         }
-        if s.before.wrapping_sub(last.after) > gap {
-            // Held up for longer than a wrap might take: start again from here.
+        if s.after.wrapping_sub(last.before) > gap {
+            // Held up for longer than a wrap might take, between the reads or in one of
+            // them (the span runs from the start of one read to the end of the next):
+            // end the window before it if it has half its length, else start again
+            // from here. (A PIT, wrapping every 55 ms, meets this often on a busy host.)
+            if ticks >= want / 2 {
+                cut = true;
+                break;
+            }
             (start, last, ticks) = (s, s, 0);
             continue;
         }
@@ -239,9 +249,9 @@ fn measure(c: &Counter, want: u64) -> Window {
     }
     // The end: the tightest of this read and two more (counting their ticks too).
     let mut end = (last, ticks);
-    for _ in 0..2 {
+    for _ in 0..if cut { 0 } else { 2 } {
         let s = c.stamp();
-        if s.before.wrapping_sub(last.after) > gap {
+        if s.after.wrapping_sub(last.before) > gap {
             break;
         }
         ticks += c.since(last.value, s.value);
