@@ -208,32 +208,68 @@ pub fn send_startup(apic_id: u32, page: u8) {
     });
 }
 
-/// Measures the timer's rate against the TSC (already calibrated) over `ms`
-/// milliseconds, on the calling CPU; all CPUs share the result.
-pub fn calibrate_timer(ms: u64) -> u64 {
+/// Measures the timer's rate (ticks per ms at divide 16) against the TSC, calibrated
+/// already, on the calling CPU; all CPUs share the result. Five windows of `ms`
+/// milliseconds, each end a timer read bracketed by TSC reads: a CPU held up between
+/// the ends does not skew a window (both clocks keep counting), one held up in a read
+/// does, and the window is dropped if its reads took over 1/200 of it. The median of
+/// the rest is kept once 3 windows are usable; otherwise it measures again with windows
+/// 4 and 16 times longer, then gives up (`None`). (Before, one window whose end the CPU
+/// was held up at gave 1367329 ticks/ms for 62500 under TCG on an overloaded host.)
+pub fn calibrate_timer(ms: u64) -> Option<u64> {
+    const WINDOWS: usize = 5;
     let hz = crate::time::tsc_hz();
-    let ticks = with_local(|a| {
-        // SAFETY: programs this CPU's timer, masked, for counting only.
-        unsafe {
-            a.set_timer_divide(TimerDivide::Div16);
-            a.set_timer_mode(TimerMode::OneShot);
-            a.disable_timer();
-            a.set_timer_initial(u32::MAX);
+    if hz == 0 {
+        return None;
+    }
+    let rdtsc = crate::cpu::rdtsc;
+    for scale in [1, 4, 16] {
+        let span = hz / 1000 * ms * scale;
+        let mut rates = [0u64; WINDOWS];
+        let mut used = 0;
+        with_local(|a| {
+            // SAFETY: programs this CPU's timer, masked, for counting only.
+            unsafe {
+                a.set_timer_divide(TimerDivide::Div16);
+                a.set_timer_mode(TimerMode::OneShot);
+                a.disable_timer();
+            }
+            let stamp = |a: &mut LocalApic| {
+                let before = rdtsc();
+                // SAFETY: reads this CPU's timer count.
+                let count = unsafe { a.timer_current() };
+                (count, before, rdtsc())
+            };
+            for _ in 0..WINDOWS {
+                // SAFETY: as above: (re)starts the masked count from the top.
+                unsafe { a.set_timer_initial(u32::MAX) };
+                let (c0, b0, a0) = stamp(a);
+                while rdtsc() - b0 < span {
+                    core::hint::spin_loop();
+                }
+                let (c1, b1, a1) = stamp(a);
+                let tsc = (b1 + (a1 - b1) / 2) - (b0 + (a0 - b0) / 2);
+                let cost = (a0 - b0) + (a1 - b1);
+                // A count that reached 0 ran out while the CPU was held up.
+                if c1 == 0 || c1 > c0 || tsc == 0 || cost.saturating_mul(200) > tsc {
+                    continue;
+                }
+                let per_ms = u128::from(c0 - c1) * u128::from(hz) / u128::from(tsc) / 1000;
+                rates[used] = per_ms as u64;
+                used += 1;
+            }
+            // SAFETY: stops the timer (this CPU's APIC).
+            unsafe { a.set_timer_initial(0) };
+        });
+        if used >= 3 {
+            let rates = &mut rates[..used];
+            rates.sort_unstable();
+            let per_ms = rates[used / 2].max(1);
+            TIMER_TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
+            return Some(per_ms);
         }
-        let start = crate::cpu::rdtsc();
-        while crate::cpu::rdtsc() - start < hz / 1000 * ms {
-            core::hint::spin_loop();
-        }
-        // SAFETY: reads the current count, then stops the timer (this CPU's APIC).
-        let left = unsafe { a.timer_current() };
-        // SAFETY: as above.
-        unsafe { a.set_timer_initial(0) };
-        (u32::MAX - left) as u64
-    })
-    .unwrap_or(0);
-    let per_ms = (ticks / ms).max(1);
-    TIMER_TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
-    per_ms
+    }
+    None
 }
 
 /// Starts this CPU's periodic timer tick every `period_us` microseconds.

@@ -151,16 +151,11 @@ fn inb(port: u16) -> u8 {
     unsafe { Port::new(port).read() }
 }
 
-/// Busy-waits up to `ms` milliseconds or until `done` holds.
-fn wait_ms(ms: u64, mut done: impl FnMut() -> bool) -> bool {
-    let end = crate::time::now_ns() + ms * 1_000_000;
-    while crate::time::now_ns() < end {
-        if done() {
-            return true;
-        }
-        core::hint::spin_loop();
-    }
-    done()
+/// Busy-waits up to `ms` milliseconds or until `done` holds, on the reference counter
+/// (`time::wait_us`: it works before and without a calibrated TSC, as the fatal path
+/// of a failed calibration needs).
+fn wait_ms(ms: u64, done: impl FnMut() -> bool) -> bool {
+    crate::time::wait_us(ms * 1000, done)
 }
 
 const SCI_EN: u16 = 1;

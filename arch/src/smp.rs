@@ -281,12 +281,9 @@ impl Trampoline {
     }
 }
 
+/// Waits `us` microseconds on the reference counter (`time::wait_us`), not the TSC.
 fn delay_us(us: u64) {
-    let hz = crate::time::tsc_hz().max(1_000_000);
-    let start = crate::cpu::rdtsc();
-    while crate::cpu::rdtsc() - start < hz / 1_000_000 * us {
-        core::hint::spin_loop();
-    }
+    crate::time::wait_us(us, || false);
 }
 
 /// Each slot's stacks (mapped when the slot is offered).
@@ -434,8 +431,9 @@ impl ApStarter {
     /// Starts every AP in `aps` at once: offers each a start slot with stacks of its
     /// own, sends INIT to all, waits the SDM's 10 ms once, sends the start-up IPIs to
     /// all (a second one to those that have not claimed their slot after 200 us), and
-    /// waits for all to claim their slots until none has for `timeout_us` (ten such
-    /// waits at most). Slots not claimed by then
+    /// waits for all to claim their slots until none has for `timeout_us` since the
+    /// last claim (ten such waits at most, and as long for the first claim). All these
+    /// times are measured on the reference counter (`time::Stopwatch`), not the TSC. Slots not claimed by then
     /// are withdrawn (their APs are sent INIT; if one arrives anyway, it halts in the
     /// trampoline); APs that claimed theirs get ten times as long to check in (they are
     /// alive, only slow: an overcommitted host). Each AP takes the next dense CPU index
@@ -487,20 +485,24 @@ impl ApStarter {
         let normal = || started.iter().filter(|&&(_, _, how)| how == How::Normal);
         // The time-out counts from the last AP that claimed its slot: on an
         // overcommitted host APs keep arriving slowly, and only one that stays away for
-        // `timeout_us` after the others is given up (at most ten time-outs in all).
+        // `timeout_us` after the others is given up (at most ten time-outs in all, which
+        // is also how long the first claim is waited for).
         let claims = || normal().filter(|&&(n, _, _)| Self::claimed(n)).count();
         let total = normal().count();
-        let now_us = || crate::time::now_ns() / 1000;
-        let (begin, mut last, mut seen) = (now_us(), now_us(), 0);
+        // Measured on the reference counter, not the TSC (`time::Stopwatch`).
+        let mut clock = crate::time::Stopwatch::start();
+        let (begin, mut last, mut seen) = (0, 0, 0);
         loop {
             let claimed = claims();
-            let now = now_us();
+            let now = clock.elapsed_us();
             if claimed > seen {
                 (seen, last) = (claimed, now);
             }
-            let quiet = now - last > timeout_us;
+            // Until the first AP claims its slot the host may simply not have run any
+            // of them yet: only the overall limit applies then.
+            let quiet = seen > 0 && now - last > timeout_us;
             let too_long = now - begin > timeout_us.saturating_mul(10);
-            if claimed == total || quiet || too_long {
+            if claimed == total || quiet || too_long || clock.stuck() {
                 break;
             }
             core::hint::spin_loop();
@@ -577,17 +579,10 @@ extern "C" fn ap_landing(slot: u64) -> ! {
     }
 }
 
-/// Waits up to `timeout_us` for `done()`.
+/// Waits up to `timeout_us` for `done()`, measured on the reference counter
+/// (`time::wait_us`), not the TSC.
 pub fn wait_for(timeout_us: u64, done: impl Fn() -> bool) -> bool {
-    let hz = crate::time::tsc_hz().max(1_000_000);
-    let start = crate::cpu::rdtsc();
-    while crate::cpu::rdtsc() - start < hz / 1_000_000 * timeout_us {
-        if done() {
-            return true;
-        }
-        core::hint::spin_loop();
-    }
-    done()
+    crate::time::wait_us(timeout_us, done)
 }
 
 /// Set while the machine is being stopped: NMIs then halt their CPU (`STOP_HALT`), or

@@ -55,6 +55,65 @@ impl panda_arch::boot::Kernel for Panda {
     }
 }
 
+/// Calibrates the TSC against the reference timers ACPI names (HPET, PM timer) and the
+/// PIT, logging each round. A kernel that cannot trust its clock stops here: every
+/// time-out, the scheduler's tick and the log's timestamps depend on it.
+fn calibrate_clock(platform: &panda_arch::acpi::Platform) {
+    use panda_arch::time::{self, Counter, References};
+    let hpet = platform.hpet.and_then(Counter::hpet);
+    if platform.hpet.is_some() && hpet.is_none() {
+        warn!(target: "time", "the HPET at {:#x} cannot be used (unmappable, or a tick period over 100 ns)", platform.hpet.unwrap_or(0));
+    }
+    let pm_timer = match platform.pm_timer {
+        Some(pm) if pm.io_port => Some(Counter::pm_timer(pm.address as u16, pm.bits32)),
+        Some(_) => {
+            info!(target: "time", "the ACPI PM timer is in memory space: not used");
+            None
+        }
+        None => None,
+    };
+    let refs = References {
+        hpet,
+        pm_timer,
+        pit: Some(Counter::pit()),
+    };
+    let outcome = time::calibrate(refs, |round| {
+        let mut line = alloc::string::String::new();
+        for e in round.estimates.iter().flatten() {
+            let _ = core::fmt::Write::write_fmt(&mut line, format_args!("; {e}"));
+        }
+        match round.outcome {
+            Ok(_) => {
+                info!(target: "time", "calibration round {} ({} windows of {} ms){line}", round.number, time::WINDOWS, round.window_ms)
+            }
+            Err(why) => {
+                warn!(target: "time", "calibration round {} ({} windows of {} ms){line}: no rate accepted ({why})", round.number, time::WINDOWS, round.window_ms)
+            }
+        }
+    });
+    match outcome {
+        Ok(c) => {
+            let confirmed = match c.confirmed_by {
+                Some(by) if by.source.nominal() => alloc::format!("confirmed by {by}"),
+                Some(by) => alloc::format!(
+                    "confirmed by the {} ({} MHz)",
+                    by.source.name(),
+                    by.hz / 1_000_000
+                ),
+                None => alloc::format!(
+                    "no other reference confirmed it: trusted on {} agreeing windows",
+                    c.winner.agreeing
+                ),
+            };
+            info!(target: "time", "TSC {}.{:03} MHz from the {} (spread {} ppm), {confirmed}; waits use the {}", c.winner.hz / 1_000_000, c.winner.hz / 1000 % 1000, c.winner.source.name(), c.winner.spread_ppm, time::wait_counter().source().name());
+        }
+        Err(why) => {
+            error!(target: "time", "cannot calibrate the TSC ({why}) after {} rounds up to {} ms windows: stopping, as every time-out would be wrong", time::ROUND_MS.len(), time::ROUND_MS[time::ROUND_MS.len() - 1]);
+            power::exit(false)
+        }
+    }
+}
+
 /// The boot entry: naming `entry::<Panda>` here makes the compiler emit it, into the
 /// section where the linker script finds it for the assembly entries (PVH and Limine,
 /// in `panda_arch::boot`), which call it on the boot stack. It sets up the boot CPU
@@ -66,7 +125,6 @@ static ENTRY: panda_arch::boot::Entry = panda_arch::boot::entry::<Panda>;
 
 fn kmain(mut boot: BootInfo) -> ! {
     logger::init(boot.option("log"));
-    let (tsc_hz, calibration) = panda_arch::time::calibrate();
     info!(target: "boot", "booted via {} ({}), command line {:?}", boot.protocol.name(), boot.loader.as_str(), boot.cmdline.as_str());
 
     let features = cpu::features();
@@ -118,7 +176,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     );
     info!(
         target: "boot",
-        "cpu: nx={} smep={} smap={} umip={} pcid={} x2apic={} invariant-tsc={}; TSC {} MHz ({:?}); boot took {} us",
+        "cpu: nx={} smep={} smap={} umip={} pcid={} x2apic={} invariant-tsc={} (TSC not calibrated yet: times read 0 until the ACPI tables name the reference timers)",
         features.nx,
         features.smep,
         features.smap,
@@ -126,9 +184,6 @@ fn kmain(mut boot: BootInfo) -> ! {
         features.pcid,
         features.x2apic,
         features.invariant_tsc,
-        tsc_hz / 1_000_000,
-        calibration,
-        panda_arch::time::now_ns() / 1000
     );
 
     let ram_mib = boot.memory_map.total(MemoryKind::Usable) >> 20;
@@ -177,19 +232,7 @@ fn kmain(mut boot: BootInfo) -> ! {
             warn!(target: "power", "no FADT: power-off will not work; reset through the 8042 or a triple fault")
         }
     }
-    match platform.pm_timer {
-        Some(pm) if pm.io_port => {
-            let c = panda_arch::time::calibrate_with_pm_timer(pm.address as u16, pm.bits32);
-            if c.accepted {
-                info!(target: "time", "TSC {} MHz, calibrated against the ACPI PM timer (median of {} of {} windows, spread {} ppm)", c.hz / 1_000_000, c.windows_used, c.windows, c.spread_ppm);
-            } else {
-                warn!(target: "time", "TSC calibration against the ACPI PM timer gave no plausible window: keeping {} MHz ({:?})", c.hz / 1_000_000, calibration);
-            }
-        }
-        _ => {
-            info!(target: "time", "TSC {} MHz ({:?}); no ACPI PM timer in I/O space", tsc_hz / 1_000_000, calibration)
-        }
-    }
+    calibrate_clock(&platform);
     let numa = &platform.numa;
     if numa.nodes().is_empty() {
         info!(target: "numa", "no SRAT: one memory node");
@@ -221,11 +264,24 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     };
     panda_arch::percpu::set_online();
-    let per_ms = panda_arch::apic::calibrate_timer(10);
-    info!(target: "smp", "local APIC in {} mode; timer {} ticks/ms at divide 16 (measured against the TSC)", mode.name(), per_ms);
+    let Some(per_ms) = panda_arch::apic::calibrate_timer(5) else {
+        error!(target: "smp", "cannot measure the local APIC timer against the TSC (no 3 of 5 windows usable, up to 80 ms long): stopping, as the scheduler's tick would be wrong");
+        power::exit(false)
+    };
+    info!(target: "smp", "local APIC in {} mode; timer {} ticks/ms at divide 16 (median of 5 windows against the TSC)", mode.name(), per_ms);
     panda_arch::apic::start_periodic_timer(smp::TICK_US);
     x86_64::instructions::interrupts::enable();
     let report = smp::start_aps(&mut boot, &platform, ap_main);
+    if report.online < report.enabled {
+        warn!(
+            target: "smp",
+            "only {} of the {} CPUs ACPI lists came online: {} missing (see the lines above); running on {}",
+            report.online,
+            report.enabled,
+            report.enabled - report.online,
+            report.online
+        );
+    }
     info!(
         target: "smp",
         "{} of {} CPUs online ({}) in {} ms{}",

@@ -21,6 +21,7 @@ pub(crate) const TESTS: &[Test] = tests![
     trap_invalid_opcode_reported,
     trap_tss_loaded,
     clock_monotonic_and_calibrated,
+    clock_reference_waits_take_their_time,
     smp_all_cpus_online,
     smp_ids_unique_and_dense,
     smp_ipi_ping_every_cpu,
@@ -88,7 +89,7 @@ fn trap_tss_loaded(_: &Context<'_>) -> Outcome {
 fn clock_monotonic_and_calibrated(_: &Context<'_>) -> Outcome {
     let hz = panda_arch::time::tsc_hz();
     ensure!(
-        (100_000_000..20_000_000_000).contains(&hz),
+        panda_arch::time::PLAUSIBLE_HZ.contains(&hz),
         "TSC frequency {hz} Hz is implausible"
     );
     let a = panda_arch::time::now_ns();
@@ -98,6 +99,37 @@ fn clock_monotonic_and_calibrated(_: &Context<'_>) -> Outcome {
     }
     let b = panda_arch::time::now_ns();
     ensure!(b > a, "clock did not advance ({a} -> {b})");
+    Ok(())
+}
+
+/// `time::wait_us` and `Stopwatch` (AP bring-up's time-outs) run on a reference
+/// counter, not the TSC: a wait of 20 ms must take at least that long by the calibrated
+/// TSC (both count real time), and the stopwatch must agree. Only lower bounds (and a
+/// generous upper one): a busy host only makes waits longer.
+fn clock_reference_waits_take_their_time(_: &Context<'_>) -> Outcome {
+    const US: u64 = 20_000;
+    let start = panda_arch::time::now_ns();
+    let ended_early = panda_arch::time::wait_us(US, || false);
+    let took_us = (panda_arch::time::now_ns() - start) / 1000;
+    ensure!(
+        !ended_early,
+        "a wait for a condition that never holds reported it held"
+    );
+    ensure!(
+        (US * 99 / 100..US * 1000).contains(&took_us),
+        "wait_us({US}) took {took_us} us by the TSC ({:?})",
+        panda_arch::time::wait_counter().source()
+    );
+    let mut clock = panda_arch::time::Stopwatch::polling_every(100);
+    let start = panda_arch::time::now_ns();
+    while clock.elapsed_us() < US {
+        core::hint::spin_loop();
+    }
+    let took_us = (panda_arch::time::now_ns() - start) / 1000;
+    ensure!(
+        (US * 99 / 100..US * 1000).contains(&took_us),
+        "a stopwatch said {US} us after {took_us} us by the TSC"
+    );
     Ok(())
 }
 
