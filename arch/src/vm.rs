@@ -153,6 +153,21 @@ impl UserTables {
         })
     }
 
+    /// How many page tables a `map` of `virt` would have to add (0 to 3): with the
+    /// leaf, the frames the mapping would newly hold.
+    pub fn tables_missing(&self, virt: u64) -> u64 {
+        self.tables.path(virt)[1..]
+            .iter()
+            .filter(|t| t.is_none())
+            .count() as u64
+    }
+
+    /// Frames the hierarchy holds: mapped user pages, their tables and the PML4 (one
+    /// walk of the user half; for checks, not for hot paths).
+    pub fn frames_held(&self) -> u64 {
+        self.tables.count_user_frames()
+    }
+
     /// Copies user memory at `virt` into `out`, as a user read would see it. Stops at
     /// the first page not mapped user-readable: `Err(bytes copied)`.
     pub fn read(&self, virt: u64, out: &mut [u8]) -> Result<(), usize> {
@@ -222,6 +237,14 @@ impl VmSpace {
         self.tables.lock()
     }
 
+    /// Frames the hierarchy holds (`UserTables::frames_held`; 0 once torn down).
+    pub fn frames_held(&self) -> u64 {
+        self.tables
+            .lock()
+            .as_ref()
+            .map_or(0, UserTables::frames_held)
+    }
+
     /// Whether this space is the calling CPU's current one.
     pub fn is_current(&self) -> bool {
         crate::paging::active_root() == self.root
@@ -274,19 +297,21 @@ impl VmSpace {
 
     /// Unmaps every mapped page in `[from, to)` and shoots their translations down;
     /// the frames and emptied tables are freed once every CPU that may cache them has
-    /// flushed.
-    pub fn unmap_range(&self, from: u64, to: u64) {
+    /// flushed. Returns how many frames the hierarchy gave up (pages and tables).
+    pub fn unmap_range(&self, from: u64, to: u64) -> u64 {
         let mut batch: FlushBatch<Frame> = FlushBatch::default();
         let mut tables_freed = Vec::new();
+        let mut pages = 0u64;
         {
             let mut guard = self.tables.lock();
-            let Some(t) = guard.as_mut() else { return };
+            let Some(t) = guard.as_mut() else { return 0 };
             t.tables.unmap_range(
                 from,
                 to.min(USER_END),
                 &mut |page, phys| {
                     // SAFETY: the walk has just unlinked the frame from this hierarchy,
                     // which owned it: it is ours alone again.
+                    pages += 1;
                     batch.add(page, Some(unsafe { Frame::from_raw(phys) }))
                 },
                 &mut |table| {
@@ -299,7 +324,9 @@ impl VmSpace {
         self.shoot_down(batch);
         // Table pages too could be cached (paging-structure caches): freed only after
         // the flush as well.
+        let freed = pages + tables_freed.len() as u64;
         drop(tables_freed);
+        freed
     }
 
     /// Gives the mapped pages of `[from, to)` the user `rights`; every CPU running the
