@@ -385,15 +385,14 @@ impl AddressSpace {
             FaultError::OutOfMemory => Miss::NoFrame,
         })?;
         add(Stat::ProfClassify, tsc() - t0);
-        // The page is charged before a frame is taken: past the limit, none is.
+        // The page is charged before a frame is taken: past the limit, none is. The
+        // charge is held by a guard across the wait for a frame: a thread whose process
+        // ends meanwhile drops this future there, and the charge must go back with it.
         self.charge(PAGE).map_err(Miss::OverLimit)?;
-        let frame = match self.fault_frame().await {
-            Some(frame) => frame,
-            None => {
-                self.uncharge(PAGE);
-                return Err(Miss::NoFrame);
-            }
-        };
+        let pending = PendingPage(self);
+        let frame = self.fault_frame().await.ok_or(Miss::NoFrame)?;
+        // `install` owns the charge from here.
+        core::mem::forget(pending);
         let t0 = tsc();
         let result = self.install(addr, frame, rights, generation);
         add(Stat::ProfMap, tsc() - t0);
@@ -695,6 +694,16 @@ impl AddressSpace {
     /// Physical frame and flags `virt` maps to, if any.
     pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
         self.vm.lock().as_ref().and_then(|t| t.translate(virt))
+    }
+}
+
+/// A page charged for a fault that has no frame yet: given back if the fault ends
+/// (or its future is dropped) before `install` takes it over.
+struct PendingPage<'a>(&'a AddressSpace);
+
+impl Drop for PendingPage<'_> {
+    fn drop(&mut self) {
+        self.0.uncharge(PAGE);
     }
 }
 

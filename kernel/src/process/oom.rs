@@ -12,7 +12,7 @@
 //! back, then tries again. The wait is bounded (`OOM_WAIT_NS`), and so are the tries
 //! (`aspace::MAX_RECLAIMS`): a fault that still finds nothing ends its process as out of
 //! memory. A process that is already ending and is the largest is waited for, not
-//! ended again. docs/MEMORY.md, "Limits and running out", has the reasons.
+//! ended again; so is one being torn down (its frames on their way back). docs/MEMORY.md, "Limits and running out", has the reasons.
 
 use super::*;
 use panda_mm::account::OverLimit;
@@ -103,13 +103,28 @@ pub async fn out_of_frames(pid: u64) -> Reclaim {
 fn choose_and_end(pid: u64) -> Option<Arc<ExitRecord>> {
     // Taken out of the table first: a process handle dropped with the table locked
     // could be the last one, and its reaper takes the table's lock.
+    let mut dying = None;
     let all: Vec<(Arc<Process>, bool)> = {
         let table = PROCESSES.lock();
         table
             .values()
-            .filter_map(|e| e.process.upgrade().map(|p| (p, e.parent == 0)))
+            .filter_map(|e| {
+                let p = e.process.upgrade();
+                if p.is_none() && !e.record.gone.is_fired() {
+                    dying = Some(e.record.clone());
+                }
+                p.map(|p| (p, e.parent == 0))
+            })
             .collect()
     };
+    // A process being torn down right now (its last handle dropped, its frames on
+    // their way back) no longer shows a footprint, but its memory is coming: wait for
+    // it rather than end another (seen in the fuzzer: init ended as "the largest of 1"
+    // while the hog it had chosen was still freeing 400 MiB).
+    if dying.is_some() {
+        drop(all);
+        return dying;
+    }
     let holding = || all.iter().filter(|(p, _)| p.account().own() > 0);
     let considered = holding().count();
     // Processes the kernel started (init) only if nothing else holds memory.
