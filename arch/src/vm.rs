@@ -309,9 +309,9 @@ impl VmSpace {
                 from,
                 to.min(USER_END),
                 &mut |page, phys| {
+                    pages += 1;
                     // SAFETY: the walk has just unlinked the frame from this hierarchy,
                     // which owned it: it is ours alone again.
-                    pages += 1;
                     batch.add(page, Some(unsafe { Frame::from_raw(phys) }))
                 },
                 &mut |table| {

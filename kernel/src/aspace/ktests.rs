@@ -41,8 +41,8 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
     const PAGE: u64 = crate::aspace::PAGE;
     let errors = crate::aspace::account_errors();
     let account = Account::root(48 * PAGE);
-    let space = AddressSpace::with_account(account.clone())
-        .map_err(|e| fail(format_args!("{e:?}")))?;
+    let space =
+        AddressSpace::with_account(account.clone()).map_err(|e| fail(format_args!("{e:?}")))?;
     let check = |what: &str| -> Outcome {
         let (charged, held) = (space.charged(), space.frames_held() * PAGE);
         ensure!(

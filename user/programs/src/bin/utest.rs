@@ -699,7 +699,7 @@ fn grandparent() -> u64 {
     if me.usage < me.own + them.own || them.limit != me.limit {
         return 3;
     }
-    if sys::kill(g) != Ok(0) || sys::wait(g) != Ok(EXIT_KILLED as usize) {
+    if sys::kill(g) != Ok(0) || sys::wait(g) != Ok(EXIT_KILLED) {
         return 4;
     }
     // Reaped: its charge is gone to the byte.
@@ -717,7 +717,7 @@ fn grandparent() -> u64 {
     let Ok(g) = sys::spawn_limited("utest", &[], CHILD_RESERVE_TWICE_AND_TOUCH, 0) else {
         return 7;
     };
-    if sys::wait(g as u64) != Ok(EXIT_KILLED as usize) {
+    if sys::wait(g as u64) != Ok(EXIT_KILLED) {
         return 8;
     }
     let me = memory();
@@ -1462,7 +1462,7 @@ fn the_memory_hog_is_ended_not_the_bystanders() -> Outcome {
             }
         };
         ensure!(
-            hog_status == Ok(EXIT_KILLED as usize),
+            hog_status == Ok(EXIT_KILLED),
             "round {round}: the hog ended with {hog_status:?}"
         );
         let by_status = sys::wait(by);
@@ -1512,7 +1512,7 @@ fn a_child_is_held_to_its_memory_limit() -> Outcome {
         .map_err(|e| format!("{e:?}"))?;
     let status = sys::wait(pid as u64);
     ensure!(
-        status == Ok(EXIT_KILLED as usize),
+        status == Ok(EXIT_KILLED),
         "over its limit: status {status:?}"
     );
     let scenario = CHILD_REFUSED_PAST_LIMIT | (LIMIT >> 10) << 16;
