@@ -26,7 +26,7 @@ pub const OP_PROCESS_KILL: usize = 0x2_0006;
 pub const OP_PROCESS_WAIT_TIMEOUT: usize = 0x2_0007;
 /// CPU time used so far, in ns, by the threads of process `pid` (rdi): 0 for the
 /// caller's own process, else one of its children still running.
-pub const OP_PROCESS_CPU_TIME: usize = 0x2_0008;
+pub const OP_PROCESS_CPU_TIME: usize = 0x2_0009;
 
 /// Most processes one process tree may hold at once, running or ended and not yet
 /// waited for: a process the kernel started (init) and all its descendants, itself
@@ -34,6 +34,10 @@ pub const OP_PROCESS_CPU_TIME: usize = 0x2_0008;
 /// fork bomb (children spawning children) can take, where the per-process limit on
 /// children (1024) bounds only one level.
 pub const MAX_TREE_PROCESSES: usize = 2048;
+/// Copies the [`MemoryInfo`] of process `pid` (rdi; 0: the caller; otherwise one of
+/// its unreaped children that has not ended yet, `NotFound` else) to `ptr, len` (rsi,
+/// rdx); returns the bytes written.
+pub const OP_PROCESS_MEMORY: usize = 0x2_0008;
 
 /// Starts the initrd program at `path_ptr, path_len` (rdi, rsi) with `arg` (rdx); its
 /// only argument (argv\[0\]) is the path.
@@ -48,6 +52,11 @@ pub const OP_ENVIRONMENT_INFO: usize = 0x3_0003;
 /// an argument block `args_ptr, args_len` (rdx, r10; see [`crate::args`]) and the
 /// number argument `arg` (r8). The new process finds argc and argv in `rsi`, `rdx`.
 pub const OP_ENVIRONMENT_SPAWN_ARGS: usize = 0x3_0004;
+/// Like `OP_ENVIRONMENT_SPAWN_ARGS` (the same registers), with the child's memory
+/// limit in bytes in `r9`: 0 means the caller's own limit (what the other spawns give);
+/// a limit above the caller's is `InvalidArgument`. The child's usage counts against
+/// the caller's limit too (and every ancestor's): see [`MemoryInfo`].
+pub const OP_ENVIRONMENT_SPAWN_LIMITED: usize = 0x3_0005;
 
 /// Allocates a buffer of `size` (rdi) bytes in the buffer region; returns its address.
 pub const OP_BUFFER_ALLOC: usize = 0x4_0000;
@@ -79,7 +88,7 @@ pub const OP_THREAD_CPU_TIME: usize = 0x5_0008;
 pub const OP_FILE_READ_BUFFER: usize = 0x6_0000;
 
 /// Every operation, for tests and dispatch tables.
-pub const OPERATIONS: [usize; 27] = [
+pub const OPERATIONS: [usize; 29] = [
     OP_PROCESS_YIELD,
     OP_PROCESS_CPU_TIME,
     OP_THREAD_CPU_TIME,
@@ -90,11 +99,13 @@ pub const OPERATIONS: [usize; 27] = [
     OP_PROCESS_SLEEP,
     OP_PROCESS_KILL,
     OP_PROCESS_WAIT_TIMEOUT,
+    OP_PROCESS_MEMORY,
     OP_ENVIRONMENT_SPAWN,
     OP_ENVIRONMENT_LOG,
     OP_ENVIRONMENT_TIME,
     OP_ENVIRONMENT_INFO,
     OP_ENVIRONMENT_SPAWN_ARGS,
+    OP_ENVIRONMENT_SPAWN_LIMITED,
     OP_BUFFER_ALLOC,
     OP_BUFFER_FREE,
     OP_BUFFER_LOG,
@@ -157,11 +168,17 @@ pub struct SystemInfo {
     /// TSC cycles all CPUs together spent zeroing the `zeroed_ahead` frames: what the
     /// pools cost, in CPU time that faults did not spend (`fault_zero_cycles`).
     pub zero_ahead_cycles: u64,
+    /// Memory-accounting errors since boot: a process whose charge was not exactly
+    /// what it held when it ended, or more given back than charged. 0 unless the
+    /// kernel has a bug.
+    pub memory_account_errors: u64,
+    /// Processes ended because the machine ran out of memory (the largest each time).
+    pub oom_kills: u64,
 }
 
 impl SystemInfo {
     /// Number of u64 fields (the struct is exactly these, in order).
-    pub const WORDS: usize = 20;
+    pub const WORDS: usize = 22;
 
     /// The fields in declaration order.
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -186,6 +203,8 @@ impl SystemInfo {
             self.zeroed_ahead,
             self.zeroed_for_other_cpus,
             self.zero_ahead_cycles,
+            self.memory_account_errors,
+            self.oom_kills,
         ]
     }
 
@@ -213,6 +232,53 @@ impl SystemInfo {
             zeroed_ahead: w(17),
             zeroed_for_other_cpus: w(18),
             zero_ahead_cycles: w(19),
+            memory_account_errors: w(20),
+            oom_kills: w(21),
+        }
+    }
+}
+
+/// No memory limit of its own (`MemoryInfo::limit`): bounded by its ancestors' and the
+/// machine's memory.
+pub const NO_LIMIT: u64 = u64::MAX;
+
+/// What `OP_PROCESS_MEMORY` reports of one process, in bytes. A process is charged for
+/// every frame it maps (pages and page tables) and a fixed amount of kernel memory per
+/// thread; a process's charge counts against its own limit and every ancestor's.
+/// Fields are only ever appended; a caller passing a shorter length gets a prefix.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct MemoryInfo {
+    /// The most its tree (it and its descendants) may hold; [`NO_LIMIT`] for none.
+    pub limit: u64,
+    /// What its tree holds now (what the limit bounds).
+    pub usage: u64,
+    /// What it holds itself (its footprint, which the out-of-memory choice compares).
+    pub own: u64,
+    /// The highest `usage` so far.
+    pub peak: u64,
+    /// What it can still be charged before its limit or an ancestor's refuses.
+    pub available: u64,
+}
+
+impl MemoryInfo {
+    /// Number of u64 fields.
+    pub const WORDS: usize = 5;
+
+    /// The fields in declaration order.
+    pub fn to_words(&self) -> [u64; Self::WORDS] {
+        [self.limit, self.usage, self.own, self.peak, self.available]
+    }
+
+    /// From words in declaration order; missing trailing fields are 0.
+    pub fn from_words(words: &[u64]) -> Self {
+        let w = |i: usize| words.get(i).copied().unwrap_or(0);
+        Self {
+            limit: w(0),
+            usage: w(1),
+            own: w(2),
+            peak: w(3),
+            available: w(4),
         }
     }
 }
@@ -335,10 +401,25 @@ mod tests {
             zeroed_ahead: 18,
             zeroed_for_other_cpus: 19,
             zero_ahead_cycles: 20,
+            memory_account_errors: 21,
+            oom_kills: 22,
         };
         assert_eq!(SystemInfo::from_words(&info.to_words()), info);
         assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);
         assert_eq!(SystemInfo::from_words(&[7]).cpus, 7);
+    }
+
+    #[test]
+    fn memory_info_words_round_trip() {
+        let m = MemoryInfo {
+            limit: 1,
+            usage: 2,
+            own: 3,
+            peak: 4,
+            available: 5,
+        };
+        assert_eq!(MemoryInfo::from_words(&m.to_words()), m);
+        assert_eq!(core::mem::size_of::<MemoryInfo>(), MemoryInfo::WORDS * 8);
     }
 
     #[test]

@@ -285,7 +285,7 @@ impl TableBuilder {
 
     /// The tables on the path to `virt`'s 4 KiB leaf: (PML4, PDPT, PD, PT) frames, as
     /// far as they exist.
-    fn path(&self, virt: u64) -> [Option<u64>; 4] {
+    pub(crate) fn path(&self, virt: u64) -> [Option<u64>; 4] {
         let mut path = [Some(self.root), None, None, None];
         for level in 0..3 {
             let Some(table) = path[level] else { break };
@@ -393,6 +393,27 @@ impl TableBuilder {
         }
         self.write(pt, index, (entry & ADDR_MASK) | leaf_flags | flags::PRESENT);
         true
+    }
+
+    /// Frames the user half holds: every mapped leaf and every table under the PML4
+    /// slots 0..256, plus the PML4 itself (what `tear_down` would free).
+    pub fn count_user_frames(&self) -> u64 {
+        fn walk(b: &TableBuilder, table: u64, level: u32) -> u64 {
+            let slots = if level == 3 { 0..256 } else { 0..512 };
+            let mut n = 0;
+            for i in slots {
+                let entry = b.read(table, i);
+                if entry & flags::PRESENT == 0 {
+                    continue;
+                }
+                n += 1;
+                if level != 0 && entry & flags::HUGE == 0 {
+                    n += walk(b, entry & ADDR_MASK, level - 1);
+                }
+            }
+            n
+        }
+        walk(self, self.root, 3) + 1
     }
 
     /// Frees every mapping and table of the user half (PML4 slots 0..256): leaf frames

@@ -157,6 +157,21 @@ impl UserTables {
         })
     }
 
+    /// How many page tables a `map` of `virt` would have to add (0 to 3): with the
+    /// leaf, the frames the mapping would newly hold.
+    pub fn tables_missing(&self, virt: u64) -> u64 {
+        self.tables.path(virt)[1..]
+            .iter()
+            .filter(|t| t.is_none())
+            .count() as u64
+    }
+
+    /// Frames the hierarchy holds: mapped user pages, their tables and the PML4 (one
+    /// walk of the user half; for checks, not for hot paths).
+    pub fn frames_held(&self) -> u64 {
+        self.tables.count_user_frames()
+    }
+
     /// Copies user memory at `virt` into `out`, as a user read would see it. Stops at
     /// the first page not mapped user-readable: `Err(bytes copied)`.
     pub fn read(&self, virt: u64, out: &mut [u8]) -> Result<(), usize> {
@@ -226,6 +241,14 @@ impl VmSpace {
         self.tables.lock()
     }
 
+    /// Frames the hierarchy holds (`UserTables::frames_held`; 0 once torn down).
+    pub fn frames_held(&self) -> u64 {
+        self.tables
+            .lock()
+            .as_ref()
+            .map_or(0, UserTables::frames_held)
+    }
+
     /// Whether this space is the calling CPU's current one.
     pub fn is_current(&self) -> bool {
         crate::paging::active_root() == self.root
@@ -280,10 +303,17 @@ impl VmSpace {
     /// the frames and emptied tables are freed once every CPU that may cache them has
     /// flushed. In batches (`unmap_batch`) without a break: for ranges the caller knows
     /// to be small (a segment); large ones go batch by batch with yields between.
-    pub fn unmap_range(&self, from: u64, to: u64) {
+    /// Returns how many frames the hierarchy gave up (pages and tables).
+    pub fn unmap_range(&self, from: u64, to: u64) -> u64 {
         let mut at = from;
-        while let Some(next) = self.unmap_batch(at, to) {
-            at = next;
+        let mut freed = 0;
+        loop {
+            let (next, n) = self.unmap_batch(at, to);
+            freed += n;
+            match next {
+                Some(next) => at = next,
+                None => return freed,
+            }
         }
     }
 
@@ -291,23 +321,28 @@ impl VmSpace {
     /// most that many frames. With the table lock held only for the unmap, the batch's
     /// frames go into a batch of fixed capacity (allocated before the lock is taken),
     /// are shot down, and are freed once every CPU that may cache them has flushed.
-    /// Returns where the next batch starts, or `None` when the range is done. Each
-    /// batch is complete in itself: a caller that stops between two leaves the rest
-    /// mapped (and owned by the tables, which free it when the space is dropped).
-    pub fn unmap_batch(&self, from: u64, to: u64) -> Option<u64> {
+    /// Returns where the next batch starts (`None` when the range is done) and how many
+    /// frames the hierarchy gave up (pages and tables). Each batch is complete in
+    /// itself: a caller that stops between two leaves the rest mapped (and owned by the
+    /// tables, which free it when the space is dropped).
+    pub fn unmap_batch(&self, from: u64, to: u64) -> (Option<u64>, u64) {
         let mut batch: FlushBatch<Frame> = FlushBatch::with_capacity(UNMAP_BATCH);
         // Emptied tables: at most one last-level table per batch, plus the upper ones
         // it may leave empty.
         let mut tables_freed: [Option<Frame>; 8] = Default::default();
         let mut freed = 0;
+        let mut pages = 0u64;
         let next = {
             let mut guard = self.tables.lock();
-            let t = guard.as_mut()?;
+            let Some(t) = guard.as_mut() else {
+                return (None, 0);
+            };
             t.tables.unmap_range(
                 from,
                 to.min(USER_END),
                 UNMAP_BATCH,
                 &mut |page, phys| {
+                    pages += 1;
                     // SAFETY: the walk has just unlinked the frame from this hierarchy,
                     // which owned it: it is ours alone again.
                     batch.add(page, Some(unsafe { Frame::from_raw(phys) }))
@@ -330,7 +365,7 @@ impl VmSpace {
         // Table pages too could be cached (paging-structure caches): freed only after
         // the flush as well.
         drop(tables_freed);
-        next
+        (next, pages + freed as u64)
     }
     /// Gives the mapped pages of `[from, to)` the user `rights`; every CPU running the
     /// space flushes them before this returns.

@@ -12,6 +12,16 @@
 //! process freeing buffers on two CPUs shoot down in parallel.
 //! Dropping the space frees every frame and table page. User threads reach it through
 //! `process` (faults from ring 3, brk, buffers); the in-kernel tests drive it directly.
+//!
+//! **Accounting.** Every frame the hierarchy holds (mapped pages, page tables, the
+//! PML4) is charged to the space's memory account (`panda_mm::account`, charged up the
+//! process tree) at the one place it is mapped (`map_charged`: the page and the tables
+//! the walk will add, counted under the table lock before the map) and given back where
+//! it is unmapped (`retire`, from the count `unmap_range` returns) and at drop, which
+//! checks first that what was charged is exactly what the tables hold. A fault past the
+//! limit ends the process (`process::end_over_limit`); a fault that finds the machine
+//! out of frames asks `process::out_of_frames` to end the largest process and waits
+//! for its memory (docs/MEMORY.md, "Limits and running out").
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +32,7 @@ use panda_arch::frame::{self, Frame};
 use panda_arch::paging::MapError;
 use panda_arch::percpu;
 use panda_arch::vm::VmSpace;
+use panda_mm::account::{Account, OverLimit, UNLIMITED};
 use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
 use panda_mm::MmError;
@@ -125,6 +136,51 @@ async fn yield_once() {
     }
 }
 
+/// Bytes charged per frame.
+pub const PAGE: u64 = 4096;
+
+/// Spaces whose charge did not match the frames they held at drop, and uncharges of
+/// more than was charged: both 0 unless the accounting has a bug (`SystemInfo`).
+static ACCOUNT_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// See `ACCOUNT_ERRORS`.
+pub fn account_errors() -> u64 {
+    ACCOUNT_ERRORS.load(Ordering::Relaxed)
+}
+
+/// Counts an accounting error (also the process layer's: a process whose charge is not
+/// zero when it is gone).
+pub fn note_account_error() {
+    ACCOUNT_ERRORS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many times a fault that found no frame lets the out-of-memory policy end a
+/// process and wait for its memory before it gives up.
+const MAX_RECLAIMS: u32 = 4;
+
+/// Why the fault path could not map a page (inside this module: the public
+/// `FaultError` folds the last two into `OutOfMemory`).
+#[derive(Clone, Copy, Debug)]
+enum Miss {
+    Denied(FaultDecision),
+    /// The machine is out of frames (down to the kernel's reserve).
+    NoFrame,
+    /// The page would take the space's account (or an ancestor's) past its limit.
+    OverLimit(OverLimit),
+    /// Another fault mapped the page first.
+    AlreadyMapped,
+}
+
+impl From<Miss> for FaultError {
+    fn from(m: Miss) -> Self {
+        match m {
+            Miss::Denied(d) => FaultError::Denied(d),
+            Miss::NoFrame | Miss::OverLimit(_) => FaultError::OutOfMemory,
+            Miss::AlreadyMapped => FaultError::Denied(FaultDecision::OutsideRegions),
+        }
+    }
+}
+
 /// Why a fault was not resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultError {
@@ -147,18 +203,64 @@ pub struct AddressSpace {
     /// segment's mapped rights end as its bookkeeping says. Brk and buffers do not take
     /// it: their released ranges retire in the bookkeeping instead.
     layout: Mutex<()>,
+    /// What the space's frames are charged to.
+    account: Arc<Account>,
+    /// Bytes this space has charged to `account` now (its frames): always what the
+    /// tables hold, given back at drop.
+    charged: AtomicU64,
 }
 
 impl AddressSpace {
-    /// An empty space sharing the kernel half.
+    /// An empty space sharing the kernel half, charged to an account of its own with
+    /// no limit (kernel-built spaces, tests).
     pub fn new() -> Result<Arc<Self>, MmError> {
-        let vm = VmSpace::new().ok_or(MmError::OutOfMemory)?;
+        Self::with_account(Account::root(UNLIMITED))
+    }
+
+    /// An empty space whose frames are charged to `account` (its PML4 at once).
+    pub fn with_account(account: Arc<Account>) -> Result<Arc<Self>, MmError> {
+        account.try_charge(PAGE).map_err(|_| MmError::OutOfMemory)?;
+        let Some(vm) = VmSpace::new() else {
+            let _ = account.uncharge(PAGE);
+            return Err(MmError::OutOfMemory);
+        };
         Ok(Arc::new(Self {
             vm,
             regions: RwLock::new(&locks::REGIONS, Regions::new()),
             layout_gen: AtomicU64::new(0),
             layout: Mutex::new(&locks::LAYOUT, ()),
+            account,
+            charged: AtomicU64::new(PAGE),
         }))
+    }
+
+    /// The account this space's frames are charged to.
+    pub fn account(&self) -> &Arc<Account> {
+        &self.account
+    }
+
+    /// Bytes of frames this space holds (and has charged).
+    pub fn charged(&self) -> u64 {
+        self.charged.load(Ordering::Relaxed)
+    }
+
+    /// Frames the page tables hold now, counted by walking them (for checks).
+    pub fn frames_held(&self) -> u64 {
+        self.vm.frames_held()
+    }
+
+    fn charge(&self, bytes: u64) -> Result<(), OverLimit> {
+        self.account.try_charge(bytes)?;
+        self.charged.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn uncharge(&self, bytes: u64) {
+        self.charged.fetch_sub(bytes, Ordering::Relaxed);
+        if self.account.uncharge(bytes).is_err() {
+            note_account_error();
+            log::error!(target: "mm", "memory account of pid {}: {bytes} bytes given back that were not charged", self.account.id());
+        }
     }
 
     /// Adds an ELF segment `[start, end)` with `rights` (the loader, before the first
@@ -203,15 +305,24 @@ impl AddressSpace {
 
     /// Resolves a fault at `addr`: maps a zeroed frame if the address is valid for the
     /// access and not yet backed; otherwise says why not.
+    /// (Past the account's limit or with no frame to be had: `OutOfMemory`; this path
+    /// ends no process.)
     pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultError> {
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
+        self.charge(PAGE).map_err(Miss::OverLimit)?;
         let cpu = percpu::current_index();
         let frame = match pooled_frame(cpu) {
             Some(frame) => frame,
-            None => zero_now()?,
+            None => match zero_now() {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.uncharge(PAGE);
+                    return Err(e);
+                }
+            },
         };
-        self.install(addr, frame, rights, generation)
+        Ok(self.install(addr, frame, rights, generation)?)
     }
 
     /// `handle_fault` for the fault path of user threads: when this CPU's zeroed pool
@@ -221,23 +332,76 @@ impl AddressSpace {
     /// With nothing else to run, waiting would only add two task switches around the
     /// same zeroing, so the fault zeroes a frame on the spot (docs/MEMORY.md has the
     /// measurements). If memory is exhausted (the refill found no frame), the fault
-    /// tries once itself and otherwise reports `OutOfMemory`. With zeroing paused
-    /// (tests counting frames) it zeroes on the spot.
+    /// tries once itself, and then the out-of-memory policy ends the process with the
+    /// largest footprint and the fault waits for its frames and tries again (a few
+    /// times, each wait bounded). With zeroing paused (tests counting frames) it zeroes
+    /// on the spot.
+    ///
+    /// A fault past the account's limit ends the process, as does being chosen by the
+    /// out-of-memory policy: both log why, and the fault then returns `Ok` for a process
+    /// that is ending, so the thread loop (which checks for that before it runs the
+    /// thread again) logs nothing more.
     pub async fn handle_fault_async(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+        self.resolve_fault(addr, access, true).await
+    }
+
+    /// A fault in the kernel's copies for a system call (`copy_user`): like a user
+    /// fault, but past the limit the call fails with `OutOfMemory` instead.
+    async fn resolve_fault(&self, addr: u64, access: Access, user: bool) -> Result<(), FaultError> {
         let t0 = tsc();
-        let result = self.handle_fault_inner(addr, access).await;
-        if result.is_ok() {
-            add(Stat::ProfHandler, tsc() - t0);
-            count(Stat::ProfFaults);
+        let mut reclaims = 0;
+        loop {
+            match self.handle_fault_inner(addr, access).await {
+                Ok(()) => {
+                    add(Stat::ProfHandler, tsc() - t0);
+                    count(Stat::ProfFaults);
+                    return Ok(());
+                }
+                Err(Miss::OverLimit(over)) => {
+                    let pid = self.account.id();
+                    if user && crate::process::end_over_limit(pid, addr, access, over) {
+                        return Ok(());
+                    }
+                    return Err(FaultError::OutOfMemory);
+                }
+                Err(Miss::NoFrame) if reclaims < MAX_RECLAIMS => {
+                    reclaims += 1;
+                    match crate::process::out_of_frames(self.account.id()).await {
+                        crate::process::Reclaim::Retry => {}
+                        crate::process::Reclaim::Ended if user => return Ok(()),
+                        _ => return Err(FaultError::OutOfMemory),
+                    }
+                }
+                Err(miss) => return Err(miss.into()),
+            }
         }
+    }
+
+    async fn handle_fault_inner(&self, addr: u64, access: Access) -> Result<(), Miss> {
+        let t0 = tsc();
+        let generation = self.layout_gen.load(Ordering::Acquire);
+        let rights = self.demand_zero_rights(addr, access).map_err(|e| match e {
+            FaultError::Denied(d) => Miss::Denied(d),
+            FaultError::OutOfMemory => Miss::NoFrame,
+        })?;
+        add(Stat::ProfClassify, tsc() - t0);
+        // The page is charged before a frame is taken: past the limit, none is. The
+        // charge is held by a guard across the wait for a frame: a thread whose process
+        // ends meanwhile drops this future there, and the charge must go back with it.
+        self.charge(PAGE).map_err(Miss::OverLimit)?;
+        let pending = PendingPage(self);
+        let frame = self.fault_frame().await.ok_or(Miss::NoFrame)?;
+        // `install` owns the charge from here.
+        core::mem::forget(pending);
+        let t0 = tsc();
+        let result = self.install(addr, frame, rights, generation);
+        add(Stat::ProfMap, tsc() - t0);
         result
     }
 
-    async fn handle_fault_inner(&self, addr: u64, access: Access) -> Result<(), FaultError> {
-        let t0 = tsc();
-        let generation = self.layout_gen.load(Ordering::Acquire);
-        let rights = self.demand_zero_rights(addr, access)?;
-        add(Stat::ProfClassify, tsc() - t0);
+    /// A zeroed frame for a fault: from the pool, awaited from the zeroing task, or
+    /// zeroed on the spot; `None` if the machine is out of frames.
+    async fn fault_frame(&self) -> Option<Frame> {
         let cpu = percpu::current_index();
         let frame = match pooled_frame(cpu) {
             Some(frame) => frame,
@@ -252,16 +416,13 @@ impl AddressSpace {
                             count(Stat::PoolWaits);
                             z.into_frame()
                         }
-                        None => zero_now()?,
+                        None => zero_now().ok()?,
                     }
                 }
-                _ => zero_now()?,
+                _ => zero_now().ok()?,
             },
         };
-        let t0 = tsc();
-        let result = self.install(addr, frame, rights, generation);
-        add(Stat::ProfMap, tsc() - t0);
-        result
+        Some(frame)
     }
 
     /// The rights of a demand-zero page at `addr`, or why there is none.
@@ -273,14 +434,15 @@ impl AddressSpace {
     }
 
     /// Maps a zeroed `frame` at `addr`'s page unless another fault mapped it first (then
-    /// the frame goes back and both faults resume on the one mapping).
+    /// the frame goes back and both faults resume on the one mapping). The page is
+    /// charged already (by the caller); given back unless it is mapped here.
     fn install(
         &self,
         addr: u64,
         frame: Frame,
         rights: Rights,
         generation: u64,
-    ) -> Result<(), FaultError> {
+    ) -> Result<(), Miss> {
         let mut guard = self.vm.lock();
         // The region may have shrunk or been freed since the fault was classified (by
         // another thread): if the layout changed since, classify again with the tables
@@ -296,36 +458,78 @@ impl AddressSpace {
             };
             match self.regions.read().classify(addr, access) {
                 FaultDecision::DemandZero(current) => current,
-                other => return Err(FaultError::Denied(other)),
+                other => {
+                    self.uncharge(PAGE);
+                    return Err(Miss::Denied(other));
+                }
             }
         };
         // Being torn down.
         let Some(tables) = guard.as_mut() else {
-            return Err(FaultError::Denied(FaultDecision::OutsideRegions));
+            self.uncharge(PAGE);
+            return Err(Miss::Denied(FaultDecision::OutsideRegions));
         };
-        match tables.map(addr, frame, rights) {
+        match self.map_charged(tables, addr, frame, rights) {
             Ok(()) => {
                 count(Stat::Faults);
                 Ok(())
             }
             // Another fault mapped it first: the frame went back; both resume on the
             // one mapping.
-            Err(MapError::AlreadyMapped { .. }) => Ok(()),
-            // The only other way `map` fails for a user page is a page-table frame.
-            Err(_) => Err(FaultError::OutOfMemory),
+            Err(Miss::AlreadyMapped) => Ok(()),
+            Err(miss) => Err(miss),
         }
+    }
+
+    /// Maps `frame` at `virt` in `tables` (locked), the one place a frame joins a
+    /// space: the page is charged already; the page tables the walk will add are
+    /// charged here first (refused past the limit), and whatever the map did not end
+    /// up holding is given back. Errors: `OverLimit`; `NoFrame` (a table frame could not
+    /// be had); `AlreadyMapped` (the frame went back); `Denied(OutsideRegions)` for an
+    /// address the tables refuse.
+    fn map_charged(
+        &self,
+        tables: &mut panda_arch::vm::UserTables,
+        virt: u64,
+        frame: Frame,
+        rights: Rights,
+    ) -> Result<(), Miss> {
+        let missing = tables.tables_missing(virt);
+        if let Err(over) = self.charge(missing * PAGE) {
+            self.uncharge(PAGE);
+            drop(frame);
+            return Err(Miss::OverLimit(over));
+        }
+        let result = tables.map(virt, frame, rights);
+        if result.is_err() {
+            // Tables a failed map added stay (empty; an unmap or the drop frees them):
+            // only the page and the tables not added go back.
+            let added = missing - tables.tables_missing(virt);
+            self.uncharge(PAGE + (missing - added) * PAGE);
+        }
+        result.map_err(|e| match e {
+            MapError::AlreadyMapped { .. } => Miss::AlreadyMapped,
+            MapError::OutOfFrames => Miss::NoFrame,
+            _ => Miss::Denied(FaultDecision::OutsideRegions),
+        })
     }
 
     /// Maps `frame` at the page `virt` with `rights` (e.g. an ELF segment's page with
     /// its contents), taking ownership of the frame: tear-down frees it. The page must
     /// lie in a region that allows `rights` (the fault path would refuse it otherwise).
+    /// Charged like a fault's page: past the account's limit, `OutOfMemory`.
     pub fn map_frame(&self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MmError> {
+        self.charge(PAGE).map_err(|_| MmError::OutOfMemory)?;
         let mut guard = self.vm.lock();
-        let tables = guard.as_mut().ok_or(MmError::Invalid)?;
-        tables.map(virt, frame, rights).map_err(|e| match e {
-            MapError::OutOfFrames => MmError::OutOfMemory,
-            _ => MmError::Invalid,
-        })
+        let Some(tables) = guard.as_mut() else {
+            self.uncharge(PAGE);
+            return Err(MmError::Invalid);
+        };
+        self.map_charged(tables, virt, frame, rights)
+            .map_err(|e| match e {
+                Miss::NoFrame | Miss::OverLimit(_) => MmError::OutOfMemory,
+                Miss::Denied(_) | Miss::AlreadyMapped => MmError::Invalid,
+            })
     }
 
     /// Moves the break; shrinking unmaps the released pages and shoots down their TLB
@@ -363,7 +567,12 @@ impl AddressSpace {
         let (from, to) = retiring.range();
         let mut slice = crate::executor::Slice::start();
         let mut at = from;
-        while let Some(next) = self.vm.unmap_batch(at, to) {
+        loop {
+            // Each batch's frames are uncharged as they go, so a retire stopped between
+            // batches leaves the charge equal to what the tables still hold.
+            let (next, freed) = self.vm.unmap_batch(at, to);
+            self.uncharge(freed * PAGE);
+            let Some(next) = next else { break };
             at = next;
             slice.maybe_yield().await;
         }
@@ -484,7 +693,7 @@ impl AddressSpace {
             if tries > 4 {
                 return Err(denied);
             }
-            self.handle_fault_async(at, access).await?;
+            self.resolve_fault(at, access, false).await?;
         }
         Ok(())
     }
@@ -502,6 +711,30 @@ impl AddressSpace {
     /// Physical frame and flags `virt` maps to, if any.
     pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
         self.vm.lock().as_ref().and_then(|t| t.translate(virt))
+    }
+}
+
+/// A page charged for a fault that has no frame yet: given back if the fault ends
+/// (or its future is dropped) before `install` takes it over.
+struct PendingPage<'a>(&'a AddressSpace);
+
+impl Drop for PendingPage<'_> {
+    fn drop(&mut self) {
+        self.0.uncharge(PAGE);
+    }
+}
+
+impl Drop for AddressSpace {
+    /// Gives the space's charge back, after checking that it is exactly the frames the
+    /// tables hold (which the page tables' own drop frees right after).
+    fn drop(&mut self) {
+        let charged = self.charged.load(Ordering::Relaxed);
+        let held = self.vm.frames_held() * PAGE;
+        if held != charged {
+            note_account_error();
+            log::error!(target: "mm", "memory account of pid {}: {charged} bytes charged at exit for {held} bytes of frames held", self.account.id());
+        }
+        self.uncharge(charged);
     }
 }
 

@@ -564,8 +564,15 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
             misuse.double_allocs
         );
     }
+    // Every process's memory charge matched the frames it held and came back to zero.
+    let account_errors = aspace::account_errors();
+    if account_errors != 0 {
+        console!("FAIL memory_accounts_balanced: {account_errors} memory-accounting errors (logged as they happened)");
+    }
     match status {
-        _ if now != baseline || !heap_ok || !owned_once => power::Outcome::KernelFailure,
+        _ if now != baseline || !heap_ok || !owned_once || account_errors != 0 => {
+            power::Outcome::KernelFailure
+        }
         0 => power::Outcome::Success,
         process::KILLED => power::Outcome::ProgramKilled,
         _ => power::Outcome::ProgramFailed,

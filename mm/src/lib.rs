@@ -1,5 +1,7 @@
 //! `panda-mm`: physical memory policy, host-testable.
 //!
+//! - `account`: per-process memory accounts, charged up the process tree, with
+//!   limits;
 //! - `buddy`: the global allocator of physical frames, single frames and contiguous
 //!   power-of-two runs, with coalescing;
 //! - `cache`: a per-CPU cache of single frames in front of it, refilled and drained in
@@ -23,6 +25,7 @@
 
 extern crate alloc;
 
+pub mod account;
 pub mod buddy;
 pub mod cache;
 pub mod elf;

@@ -28,7 +28,8 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_switching_spaces_leaves_the_old_active_set,
     mm_fault_under_exhaustion_fails_cleanly,
     mm_mapping_a_mapped_page_is_refused_and_frees_the_frame,
-    mm_a_large_unmap_goes_in_batches_and_can_stop_between_them
+    mm_a_large_unmap_goes_in_batches_and_can_stop_between_them,
+    mm_the_charge_is_what_the_tables_hold
 ];
 
 /// A large shrink unmaps in batches of at most `UNMAP_BATCH` pages, one shootdown (and
@@ -127,6 +128,90 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
     ensure!(
         after == baseline,
         "frames not in use: {baseline} before, {after} after the space was dropped"
+    );
+    Ok(())
+}
+
+/// A space's charge is exactly the frames its tables hold (pages, tables, the PML4)
+/// after faults that add tables, a shrink that frees pages and tables, and faults
+/// refused at the account's limit (which leave the usage at or under it); after the
+/// drop the account is back to zero. Fails if an unmap's tables are not given back, or
+/// a refused fault keeps its charge.
+async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
+    use panda_mm::account::Account;
+    const PAGE: u64 = crate::aspace::PAGE;
+    let errors = crate::aspace::account_errors();
+    let account = Account::root(48 * PAGE);
+    let space =
+        AddressSpace::with_account(account.clone()).map_err(|e| fail(format_args!("{e:?}")))?;
+    let check = |what: &str| -> Outcome {
+        let (charged, held) = (space.charged(), space.frames_held() * PAGE);
+        ensure!(
+            charged == held && account.usage() == held,
+            "{what}: {charged} bytes charged, {held} held, account {}",
+            account.usage()
+        );
+        Ok(())
+    };
+    let heap = panda_abi::HEAP_BASE as u64;
+    space
+        .set_brk(heap + 0x10_0000)
+        .await
+        .map_err(|e| fail(format_args!("brk: {e:?}")))?;
+    for page in 0..8 {
+        space
+            .handle_fault(heap + page * PAGE, Access::Write)
+            .map_err(|e| fail(format_args!("fault {page}: {e:?}")))?;
+    }
+    // A buffer far from the heap needs tables of its own.
+    let buffer = space
+        .alloc_buffer(4 * PAGE)
+        .map_err(|e| fail(format_args!("buffer: {e:?}")))?;
+    space
+        .handle_fault(buffer, Access::Write)
+        .map_err(|e| fail(format_args!("buffer fault: {e:?}")))?;
+    check("after faults")?;
+    space
+        .free_buffer(buffer)
+        .await
+        .map_err(|e| fail(format_args!("free: {e:?}")))?;
+    space
+        .set_brk(heap + PAGE)
+        .await
+        .map_err(|e| fail(format_args!("shrink: {e:?}")))?;
+    check("after unmaps")?;
+    // Up to the limit and past it.
+    space
+        .set_brk(heap + 0x10_0000)
+        .await
+        .map_err(|e| fail(format_args!("brk: {e:?}")))?;
+    let mut refused = None;
+    for page in 1..256 {
+        if let Err(e) = space.handle_fault(heap + page * PAGE, Access::Write) {
+            refused = Some((page, e));
+            break;
+        }
+    }
+    ensure!(
+        matches!(refused, Some((_, FaultError::OutOfMemory))),
+        "faults past a 48-page limit gave {refused:?}"
+    );
+    ensure!(
+        account.usage() <= 48 * PAGE && account.usage() > 40 * PAGE,
+        "usage {} at a limit of {}",
+        account.usage(),
+        48 * PAGE
+    );
+    check("after refusals")?;
+    drop(space);
+    ensure!(
+        account.usage() == 0 && account.own() == 0,
+        "{} bytes still charged after the drop",
+        account.usage()
+    );
+    ensure!(
+        crate::aspace::account_errors() == errors,
+        "accounting errors counted"
     );
     Ok(())
 }

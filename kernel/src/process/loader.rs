@@ -4,10 +4,14 @@
 use super::*;
 
 /// Loads `file` into a new address space: each segment's file bytes are copied into
-/// zeroed frames mapped with the segment's rights; the rest (BSS) is demand-zero.
-pub fn load(file: &[u8]) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
+/// zeroed frames mapped with the segment's rights; the rest (BSS) is demand-zero. The
+/// space's frames are charged to `account`.
+pub fn load(
+    file: &[u8],
+    account: Arc<panda_mm::account::Account>,
+) -> Result<(Arc<AddressSpace>, u64), SpawnError> {
     let plan = elf::plan(file).map_err(SpawnError::BadElf)?;
-    let space = AddressSpace::new().map_err(|_| SpawnError::OutOfMemory)?;
+    let space = AddressSpace::with_account(account).map_err(|_| SpawnError::OutOfMemory)?;
     for seg in &plan.segments {
         let (start, end) = seg.pages();
         space

@@ -33,6 +33,7 @@ use log::{info, warn};
 use panda_abi::syscall::{self, Error, SystemInfo};
 use panda_arch::sync::Mutex;
 use panda_arch::user::{self, Exit, FaultAccess, UserContext};
+use panda_mm::account::{Account, UNLIMITED};
 use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
 use panda_mm::MmError;
@@ -42,10 +43,12 @@ use crate::aspace::{AddressSpace, FaultError};
 use crate::locks;
 
 mod loader;
+mod oom;
 mod syscalls;
 mod thread;
 
 pub use loader::load;
+pub use oom::{end_over_limit, oom_kills, out_of_frames, Reclaim};
 pub use thread::run_thread;
 use thread::start_thread;
 
@@ -135,6 +138,9 @@ impl Drop for ChildSlot<'_> {
         }
     }
 }
+/// Kernel bytes a thread is charged to its process's memory account for (its task,
+/// future and saved registers: an estimate, docs/MEMORY.md).
+pub const THREAD_BYTES: u64 = 2048;
 
 /// A one-shot event many tasks can await.
 ///
@@ -331,10 +337,17 @@ static PROCESSES: Mutex<IdMap<Entry>> = Mutex::new(&locks::PROCESSES, id_map());
 struct Reaper {
     pid: u64,
     record: Arc<ExitRecord>,
+    /// The process's memory account: nothing may be left charged to it by now.
+    account: Arc<Account>,
 }
 
 impl Drop for Reaper {
     fn drop(&mut self) {
+        let left = self.account.own();
+        if left != 0 {
+            crate::aspace::note_account_error();
+            log::error!(target: "mm", "memory account of pid {}: {left} bytes still charged when it is gone", self.pid);
+        }
         let removed = {
             let mut table = PROCESSES.lock();
             self.record.gone.fire();
@@ -362,6 +375,8 @@ pub struct Process {
     children: Mutex<Vec<u64>>,
     /// The tree it belongs to, whose count its children join.
     tree: Arc<Tree>,
+    /// Threads charged to the memory account (`THREAD_BYTES` each), not yet ended.
+    thread_charges: AtomicU64,
     reaper: Reaper,
     /// The process's scheduling group: its threads share each CPU as one (docs/
     /// SCHEDULING.md), and it accounts their CPU time. `None` only before the executor
@@ -394,6 +409,8 @@ impl Process {
             status: AtomicU64::new(0),
             gone: Event::default(),
         });
+        space.account().set_id(pid);
+        let account = space.account().clone();
         Arc::new_cyclic(|me| {
             let entry = Entry {
                 record: record.clone(),
@@ -414,7 +431,12 @@ impl Process {
                 threads: Mutex::new(&locks::THREADS, id_map()),
                 children: Mutex::new(&locks::CHILDREN, Vec::new()),
                 tree,
-                reaper: Reaper { pid, record },
+                thread_charges: AtomicU64::new(0),
+                reaper: Reaper {
+                    pid,
+                    record,
+                    account,
+                },
                 sched: crate::executor::get().map(|e| e.new_group()),
             }
         })
@@ -465,7 +487,36 @@ impl Process {
         self.ending.load(Ordering::SeqCst)
     }
 
+    /// Charges a thread about to start to the memory account (`OutOfMemory` past the
+    /// limit). Given back when a thread ends (`thread_ended`) or by the caller if the
+    /// thread does not start.
+    fn charge_thread(&self) -> Result<(), Error> {
+        self.space
+            .account()
+            .try_charge(THREAD_BYTES)
+            .map_err(|_| Error::OutOfMemory)?;
+        self.thread_charges.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Gives a thread's charge back (if threads are charged: the in-kernel tests run
+    /// threads they did not charge).
+    fn uncharge_thread(&self) {
+        let charged = self
+            .thread_charges
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if charged.is_ok() && self.space.account().uncharge(THREAD_BYTES).is_err() {
+            crate::aspace::note_account_error();
+        }
+    }
+
+    /// The process's memory account.
+    pub fn account(&self) -> &Arc<Account> {
+        self.space.account()
+    }
+
     fn thread_ended(&self, code: u64) {
+        self.uncharge_thread();
         if self.live_threads.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.end(code);
         }
@@ -548,6 +599,8 @@ pub enum SpawnError {
     OutOfMemory,
     /// The parent's tree holds `MAX_TREE_PROCESSES` processes.
     LimitReached,
+    /// A memory limit above the parent's.
+    LimitAboveParent,
 }
 
 impl SpawnError {
@@ -557,6 +610,7 @@ impl SpawnError {
             SpawnError::BadElf(_) => Error::InvalidArgument,
             SpawnError::OutOfMemory => Error::OutOfMemory,
             SpawnError::LimitReached => Error::LimitReached,
+            SpawnError::LimitAboveParent => Error::InvalidArgument,
         }
     }
 }
@@ -615,13 +669,24 @@ async fn place_args(
 /// the kernel's). Its first thread starts with `rdi` = `arg`, `rsi` = argc, `rdx` =
 /// argv and `rsp` = argv: the argument image (the path, then `args`) sits at the top
 /// of its stack region. Returns the process.
+///
+/// Its memory account is a child of the parent's with `limit` bytes (`None`: the
+/// parent's limit; above it: `LimitAboveParent`), or for init a root with `limit`
+/// (`None`: unlimited, bounded by the machine). Everything the load, the argument
+/// image and the first thread take is charged to it: a limit too small for them is
+/// `OutOfMemory`.
 pub async fn spawn(
     path: &str,
     arg: u64,
     args: &Args<'_>,
     parent: Option<&Process>,
+    limit: Option<u64>,
 ) -> Result<Arc<Process>, SpawnError> {
     let file = crate::initrd::find(path).ok_or(SpawnError::NotFound)?;
+    let account = match parent {
+        Some(p) => Account::child(p.account(), limit).map_err(|_| SpawnError::LimitAboveParent)?,
+        None => Account::root(limit.unwrap_or(UNLIMITED)),
+    };
     if !crate::memory::above_reserve() {
         return Err(SpawnError::OutOfMemory);
     }
@@ -642,7 +707,7 @@ pub async fn spawn(
         None => None,
         Some(p) => Some(ChildSlot::reserve(p, pid).ok_or(SpawnError::OutOfMemory)?),
     };
-    let (space, entry) = load(file).inspect_err(|e| {
+    let (space, entry) = load(file, account).inspect_err(|e| {
         if let SpawnError::BadElf(why) = e {
             warn!(target: "user", "cannot start {path:?}: {}", why.describe());
         }
@@ -666,7 +731,10 @@ pub async fn spawn(
     let exec = crate::executor::get().ok_or(SpawnError::OutOfMemory)?;
     // `start_thread` refuses only for lack of memory (or a full thread table, which a
     // new process cannot have).
-    if start_thread(exec, &process, ctx, None).is_err() {
+    let started = process.charge_thread().and_then(|()| {
+        start_thread(exec, &process, ctx, None).inspect_err(|_| process.uncharge_thread())
+    });
+    if started.is_err() {
         // Nobody will wait for a process that never ran: reap it with its last handle.
         if let Some(entry) = PROCESSES.lock().get_mut(&process.pid) {
             entry.orphan = true;
@@ -692,7 +760,7 @@ pub async fn spawn(
 
 /// Runs `path` as the first process and waits for it; logs and returns its status.
 pub async fn run_init(path: &str, arg: u64, args: &Args<'_>) -> Option<u64> {
-    let process = match spawn(path, arg, args, None).await {
+    let process = match spawn(path, arg, args, None, None).await {
         Ok(p) => p,
         Err(SpawnError::NotFound) => {
             let mut names = String::new();

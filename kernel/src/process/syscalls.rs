@@ -40,9 +40,13 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
             Some(exec) => Ok(exec.current_cpu_time_ns() as usize),
             None => Err(Error::NotPermitted),
         },
+        syscall::OP_PROCESS_MEMORY => memory_to_user(process, a0, a1, a2).await,
         syscall::OP_ENVIRONMENT_SPAWN => spawn_from_user(process, a0, a1, a2).await,
         syscall::OP_ENVIRONMENT_SPAWN_ARGS => {
-            spawn_args_from_user(process, [a0, a1, a2, a3], ctx.r8).await
+            spawn_args_from_user(process, [a0, a1, a2, a3], ctx.r8, 0).await
+        }
+        syscall::OP_ENVIRONMENT_SPAWN_LIMITED => {
+            spawn_args_from_user(process, [a0, a1, a2, a3], ctx.r8, ctx.r9).await
         }
         syscall::OP_ENVIRONMENT_LOG => log_user(process, a0, a1).await,
         syscall::OP_ENVIRONMENT_TIME => Ok(panda_arch::time::now_ns() as usize),
@@ -63,7 +67,11 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
                         rdi: a2,
                         ..Default::default()
                     };
-                    start_thread(exec, process, child, None).map(|tid| tid as usize)
+                    process.charge_thread().and_then(|()| {
+                        start_thread(exec, process, child, None)
+                            .map(|tid| tid as usize)
+                            .inspect_err(|_| process.uncharge_thread())
+                    })
                 }
             }
             None => Err(Error::NotPermitted),
@@ -85,18 +93,7 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
             }
             _ => Err(Error::InvalidArgument),
         },
-        // A buffer's bookkeeping is kernel memory: refused below the reserve.
-        syscall::OP_BUFFER_ALLOC if !crate::memory::above_reserve() => Err(Error::OutOfMemory),
-        syscall::OP_BUFFER_ALLOC => {
-            process
-                .space
-                .alloc_buffer(a0)
-                .map(|a| a as usize)
-                .map_err(|e| match e {
-                    MmError::OutOfMemory => Error::OutOfMemory,
-                    _ => Error::InvalidArgument,
-                })
-        }
+        syscall::OP_BUFFER_ALLOC => buffer_alloc(process, a0).await,
         syscall::OP_BUFFER_FREE => match process.unless_killed(process.space.free_buffer(a0)).await
         {
             Some(result) => result.map(|()| 0).map_err(|_| Error::NotFound),
@@ -114,6 +111,17 @@ async fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
     if new_end == 0 {
         return Ok(process.space.brk() as usize);
     }
+    // Growth the memory limit could never back is refused (the pages are charged only
+    // when touched; this catches the request that cannot fit at all). Not the first
+    // growth from the heap's base: that is how a runtime reserves its allocator's range
+    // (the user runtime takes 64 GiB of address space at once, docs/PROGRAMS.md), and
+    // only what it touches costs anything.
+    let pages = |b: u64| b.div_ceil(4096);
+    let old = process.space.brk();
+    let growth = pages(new_end).saturating_sub(pages(old)) * 4096;
+    if old > panda_abi::HEAP_BASE as u64 && growth > process.account().available() {
+        return Err(Error::OutOfMemory);
+    }
     // A shrink unmaps in batches and yields between them; a process that ends
     // meanwhile stops there (the rest goes with its space).
     match process.unless_killed(process.space.set_brk(new_end)).await {
@@ -122,6 +130,64 @@ async fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
             .map_err(|_| Error::InvalidArgument),
         None => Ok(0), // the caller is ending; the result is never seen
     }
+}
+
+/// `OP_BUFFER_ALLOC`. A buffer's bookkeeping is kernel memory: refused below the
+/// reserve — after the out-of-memory policy had its chance to end the largest process,
+/// as a fault would. A buffer larger than the memory limit leaves room for is refused
+/// too (its pages are charged only when touched).
+async fn buffer_alloc(process: &Process, size: u64) -> Result<usize, Error> {
+    if !crate::memory::above_reserve() {
+        let _ = super::out_of_frames(process.pid).await;
+        if !crate::memory::above_reserve() {
+            return Err(Error::OutOfMemory);
+        }
+    }
+    if size.div_ceil(4096).saturating_mul(4096) > process.account().available() {
+        return Err(Error::OutOfMemory);
+    }
+    process
+        .space
+        .alloc_buffer(size)
+        .map(|a| a as usize)
+        .map_err(|e| match e {
+            MmError::OutOfMemory => Error::OutOfMemory,
+            _ => Error::InvalidArgument,
+        })
+}
+
+/// `OP_PROCESS_MEMORY`: the memory account of the caller (`pid` 0) or of one of its
+/// children (unreaped and not yet gone).
+async fn memory_to_user(process: &Process, pid: u64, ptr: u64, len: u64) -> Result<usize, Error> {
+    let usage = if pid == 0 || pid == process.pid {
+        process.account().snapshot()
+    } else {
+        let child = {
+            let table = PROCESSES.lock();
+            table
+                .get(&pid)
+                .filter(|e| e.parent == process.pid && !e.orphan)
+                .and_then(|e| e.process.upgrade())
+        };
+        let child = child.ok_or(Error::NotFound)?;
+        let usage = child.account().snapshot();
+        drop(child);
+        usage
+    };
+    let info = syscall::MemoryInfo {
+        limit: usage.limit,
+        usage: usage.usage,
+        own: usage.own,
+        peak: usage.peak,
+        available: usage.available,
+    };
+    let mut bytes = [0u8; syscall::MemoryInfo::WORDS * 8];
+    for (i, w) in info.to_words().iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let n = (len as usize).min(bytes.len());
+    write_user(process, ptr, &bytes[..n]).await?;
+    Ok(n)
 }
 
 /// Copies `len` bytes of user memory at `ptr` into `out` (faulting pages in).
@@ -155,19 +221,22 @@ async fn user_path(process: &Process, ptr: u64, len: u64) -> Result<String, Erro
 
 async fn spawn_from_user(process: &Process, ptr: u64, len: u64, arg: u64) -> Result<usize, Error> {
     let path = user_path(process, ptr, len).await?;
-    spawn(&path, arg, &Args::NONE, Some(process))
+    spawn(&path, arg, &Args::NONE, Some(process), None)
         .await
         .map(|p| p.pid as usize)
         .map_err(SpawnError::to_error)
 }
 
-/// `OP_ENVIRONMENT_SPAWN_ARGS`: path, argument block (`panda_abi::args`), number. The
+/// `OP_ENVIRONMENT_SPAWN_ARGS`: path, argument block (`panda_abi::args`), number; and
+/// `OP_ENVIRONMENT_SPAWN_LIMITED`: the same with a memory limit (0: the caller's). The
 /// checks go lengths first (path, then block: `InvalidArgument`), then addresses
-/// (`BadAddress`), then the block's contents (`InvalidArgument`), then the program.
+/// (`BadAddress`), then the block's contents (`InvalidArgument`), then the program, then
+/// the limit (`InvalidArgument` above the caller's).
 async fn spawn_args_from_user(
     process: &Process,
     [path_ptr, path_len, args_ptr, args_len]: [u64; 4],
     arg: u64,
+    limit: u64,
 ) -> Result<usize, Error> {
     if path_len == 0 || path_len > crate::initrd::MAX_PATH as u64 {
         return Err(Error::InvalidArgument);
@@ -179,7 +248,8 @@ async fn spawn_args_from_user(
     let mut block = super::try_zeroed(args_len as usize).ok_or(Error::OutOfMemory)?;
     read_user(process, args_ptr, &mut block).await?;
     let args = Args::new(&block)?;
-    spawn(&path, arg, &args, Some(process))
+    let limit = (limit != 0).then_some(limit);
+    spawn(&path, arg, &args, Some(process), limit)
         .await
         .map(|p| p.pid as usize)
         .map_err(SpawnError::to_error)
@@ -425,6 +495,8 @@ fn system_info() -> SystemInfo {
             .map(|s| s.from_others)
             .sum(),
         zero_ahead_cycles: panda_arch::frame::zero_ahead_cycles(),
+        memory_account_errors: crate::aspace::account_errors(),
+        oom_kills: super::oom_kills(),
     }
 }
 

@@ -1,8 +1,8 @@
 //! One wrapper per system call. `syscall` takes the operation in `rax` and arguments
-//! in `rdi, rsi, rdx, r10, r8`; the result comes back in `rax`, and only `rcx` and `r11`
+//! in `rdi, rsi, rdx, r10, r8, r9`; the result comes back in `rax`, and only `rcx` and `r11`
 //! are clobbered.
 
-use panda_abi::syscall::{self as abi, decode, Error, SystemInfo};
+use panda_abi::syscall::{self as abi, decode, Error, MemoryInfo, SystemInfo};
 
 type R = Result<usize, Error>;
 
@@ -49,6 +49,35 @@ fn call5(op: usize, a: [u64; 5]) -> isize {
         );
     }
     result
+}
+
+/// A call with a fifth and sixth argument in `r8`, `r9` (`OP_ENVIRONMENT_SPAWN_LIMITED`).
+#[inline(always)]
+fn call6(op: usize, a: [u64; 6]) -> isize {
+    let result: isize;
+    // SAFETY: as for `call`: only rax, rcx and r11 change; user memory is touched only
+    // as the operation documents.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") op as isize => result,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    result
+}
+
+/// A raw six-argument call, for tests of the kernel's argument checks.
+pub fn raw6(op: usize, a: [u64; 6]) -> isize {
+    call6(op, a)
 }
 
 /// A raw five-argument call, for tests of the kernel's argument checks.
@@ -149,6 +178,45 @@ pub fn spawn_block(path: &str, block: &[u8], arg: u64) -> R {
             arg,
         ],
     ))
+}
+
+/// Like [`spawn_args`], with the child's memory limit in bytes (0: the caller's own;
+/// above it: `InvalidArgument`). The child's usage counts against the caller's limit
+/// too. A limit too small for the program to load is `OutOfMemory`.
+pub fn spawn_limited(path: &str, args: &[&str], arg: u64, limit: u64) -> R {
+    if args.iter().any(|a| a.as_bytes().contains(&0)) {
+        return Err(Error::InvalidArgument);
+    }
+    let mut block = alloc::vec::Vec::new();
+    for a in args {
+        block.extend_from_slice(a.as_bytes());
+        block.push(0);
+    }
+    decode(call6(
+        abi::OP_ENVIRONMENT_SPAWN_LIMITED,
+        [
+            path.as_ptr() as u64,
+            path.len() as u64,
+            block.as_ptr() as u64,
+            block.len() as u64,
+            arg,
+            limit,
+        ],
+    ))
+}
+
+/// The memory account of process `pid` (0: the caller; else one of its children that
+/// has not ended): limit, usage (its tree), own footprint, peak, what is left.
+pub fn memory(pid: u64) -> Result<MemoryInfo, Error> {
+    let mut words = [0u64; MemoryInfo::WORDS];
+    let n = decode(call(
+        abi::OP_PROCESS_MEMORY,
+        pid,
+        words.as_mut_ptr() as u64,
+        (MemoryInfo::WORDS * 8) as u64,
+        0,
+    ))?;
+    Ok(MemoryInfo::from_words(&words[..n / 8]))
 }
 
 pub fn log(bytes: &[u8]) -> R {

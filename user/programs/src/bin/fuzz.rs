@@ -69,6 +69,7 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const STACK_TOP: u64 = INITIAL_STACK_POINTER as u64;
 const MAX_LOG: u64 = 1 << 20;
 const INFO_BYTES: u64 = (abi::SystemInfo::WORDS * 8) as u64;
+const MEMORY_BYTES: u64 = (abi::MemoryInfo::WORDS * 8) as u64;
 
 // ---------------------------------------------------------------------------------
 // Static memory: thread stacks and per-worker scratch, in .bss (demand-zero, and out of
@@ -689,13 +690,17 @@ fn reap(c: Child) {
     }
     let ok = match c.expect {
         Expect::Killed => killed,
-        Expect::Code(code) => status == code || (killed && near_hog),
+        // Children beside a memory hog fault too (exit-mid-call allocates, brk's and
+        // reads files): when memory runs out the kernel must end the hog (the largest
+        // process) and let them wait for its frames, never end them instead. A nested
+        // fuzzer may still end killed near a hog (its own hog's tree is its own).
+        Expect::Code(code) => status == code || (killed && near_hog && c.mode == MODE_NESTED),
         Expect::CodeOrKilled(code) => status == code || killed,
         Expect::Refused => false,
     };
     if !ok {
         violation(format_args!(
-            "child pid {} (mode {}) ended with status {:#x}, expected {}",
+            "child pid {} (mode {}) ended with status {:#x}, expected {}{}",
             c.pid,
             MODE_NAMES[c.mode as usize],
             status,
@@ -704,6 +709,11 @@ fn reap(c: Child) {
                 Expect::Code(_) => "its exit code",
                 Expect::CodeOrKilled(_) => "0 or killed",
                 Expect::Refused => "no process at all (the executable should be refused)",
+            },
+            if near_hog {
+                " (beside a memory hog)"
+            } else {
+                ""
             }
         ));
     }
@@ -1189,7 +1199,9 @@ impl Worker {
                 let r = self.call(op as u64, a);
                 self.expect(r == 0, op as u64, a, r, "sleep returns 0");
             }
-            abi::OP_ENVIRONMENT_SPAWN | abi::OP_ENVIRONMENT_SPAWN_ARGS => self.spawn_op(),
+            abi::OP_ENVIRONMENT_SPAWN
+            | abi::OP_ENVIRONMENT_SPAWN_ARGS
+            | abi::OP_ENVIRONMENT_SPAWN_LIMITED => self.spawn_op(),
             abi::OP_ENVIRONMENT_LOG => {
                 let p = if self.rng.chance(3) {
                     DOTS.as_ptr() as u64
@@ -1214,6 +1226,29 @@ impl Worker {
                     r < 0 || r as u64 <= len
                 };
                 self.expect(ok, op as u64, a, r, "log result");
+            }
+            abi::OP_PROCESS_MEMORY => {
+                let len = match self.rng.below(4) {
+                    0 => MEMORY_BYTES,
+                    1 => self.rng.below(MEMORY_BYTES + 16),
+                    _ => self.any(),
+                };
+                let pid = match self.rng.below(3) {
+                    0 => 0,
+                    1 => sys::pid(),
+                    _ => self.any(),
+                };
+                let d = self.dest(len.min(MEMORY_BYTES));
+                let a = [pid, d, len, 0];
+                let r = self.call(op as u64, a);
+                let ok = r < 0 || (r as u64 <= len && r as u64 <= MEMORY_BYTES);
+                self.expect(
+                    ok,
+                    op as u64,
+                    a,
+                    r,
+                    "memory info wrote more than asked or than exists",
+                );
             }
             abi::OP_ENVIRONMENT_INFO => {
                 let len = match self.rng.below(4) {
@@ -1365,12 +1400,18 @@ impl Worker {
     }
 
     fn spawn_op(&mut self) {
-        // Half the time with an argument block: any pointer, any length.
+        // Half the time with an argument block: any pointer, any length (and a third
+        // of those with a memory limit: the random r9).
         let (op, a3) = if self.rng.chance(2) {
             (abi::OP_ENVIRONMENT_SPAWN as u64, 0)
         } else {
             let len = self.rng.pick(&[0, 1, 4, 4096, 65536, 65537, u64::MAX]);
-            (abi::OP_ENVIRONMENT_SPAWN_ARGS as u64, len)
+            let op = if self.rng.chance(3) {
+                abi::OP_ENVIRONMENT_SPAWN_LIMITED
+            } else {
+                abi::OP_ENVIRONMENT_SPAWN_ARGS
+            };
+            (op as u64, len)
         };
         let (p, len, which) = path_args(&mut self.rng, &self.edges, true);
         let a = [p, len, self.any(), a3];

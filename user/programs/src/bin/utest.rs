@@ -596,6 +596,22 @@ const CHILD_PAUSE: u64 = 18;
 /// A fork bomb: spawns children like itself until it has 4 or is refused, then sleeps
 /// for ever (the test kills the first one, which ends them all).
 const CHILD_FORK_BOMB: u64 = 19;
+/// Touches 256 KiB buffers every 2 ms until `oom_kills` (in `SystemInfo`) passes the
+/// value above bit 16, then 20 more times; exits 0, or 2 if a buffer read back wrong, 3
+/// if a buffer could not be had, 4 if no out-of-memory kill came in 120 s.
+const CHILD_BYSTANDER: u64 = 20;
+/// Reserves three quarters of what its memory account has left twice (brk, untouched),
+/// then touches it all: past the limit (its own or an ancestor's), the fault ends it.
+const CHILD_RESERVE_TWICE_AND_TOUCH: u64 = 21;
+/// Checks that brk and buffer allocation past what the memory limit leaves are refused
+/// with `OutOfMemory`, and that its limit is the one its parent set (above bit 16, in
+/// KiB); exits 0, or the number of the first check that failed.
+const CHILD_REFUSED_PAST_LIMIT: u64 = 22;
+/// Touches 1 MiB of heap, then sleeps for ever.
+const CHILD_TOUCH_1M_AND_HOLD: u64 = 23;
+/// Spawns grandchildren under its own limit and checks that their usage counts against
+/// it (see `grandchild_usage_counts_against_the_tree`); exits 0 or a failure code.
+const CHILD_GRANDPARENT: u64 = 24;
 const ONLY_TEST: u64 = 1000;
 
 static RODATA: [u64; 4] = [1, 2, 3, 4];
@@ -625,6 +641,97 @@ fn spawn_sleepers_until_refused(limit: usize) -> (usize, Option<Error>) {
     (limit, None)
 }
 
+/// Touches every page of `[base, base + len)`.
+fn touch(base: usize, len: usize, value: u64) {
+    let mut p = base;
+    while p < base + len {
+        write(p, value);
+        p += PAGE;
+    }
+}
+
+fn bystander(oom_kills_before: u64) -> u64 {
+    const BUF: usize = 256 * 1024;
+    let start = sys::time_ns();
+    let mut after = None;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let Ok(b) = sys::buffer_alloc(BUF) else {
+            return 3;
+        };
+        touch(b, BUF, round);
+        let mut p = b;
+        while p < b + BUF {
+            if read(p) != round {
+                return 2;
+            }
+            p += PAGE;
+        }
+        let _ = sys::buffer_free(b);
+        sys::sleep_ns(2_000_000);
+        let kills = sys::info().map_or(0, |i| i.oom_kills);
+        match after {
+            None if kills > oom_kills_before => after = Some(20),
+            Some(0) => return 0,
+            Some(n) => after = Some(n - 1),
+            None if sys::time_ns() - start > 120_000_000_000 => return 4,
+            None => {}
+        }
+    }
+}
+
+/// What this process's memory account says (all zero if the call fails).
+fn memory() -> abi::MemoryInfo {
+    sys::memory(0).unwrap_or_default()
+}
+
+fn grandparent() -> u64 {
+    // A grandchild holding 1 MiB counts against this process's tree.
+    let Ok(g) = sys::spawn_limited("utest", &[], CHILD_TOUCH_1M_AND_HOLD, 0) else {
+        return 1;
+    };
+    let g = g as u64;
+    let start = sys::time_ns();
+    loop {
+        match sys::memory(g) {
+            Ok(m) if m.own >= 1 << 20 => break,
+            Ok(_) if sys::time_ns() - start < 60_000_000_000 => sys::yield_now(),
+            _ => return 2,
+        }
+    }
+    let (me, them) = (memory(), sys::memory(g).unwrap_or_default());
+    if me.usage < me.own + them.own || them.limit != me.limit {
+        return 3;
+    }
+    if sys::kill(g) != Ok(0) || sys::wait(g) != Ok(EXIT_KILLED) {
+        return 4;
+    }
+    // Reaped: its charge is gone to the byte.
+    let me = memory();
+    if me.usage != me.own {
+        return 5;
+    }
+    // A grandchild may not have more than this process.
+    if sys::spawn_limited("utest", &[], CHILD_EXIT_42, me.limit + PAGE as u64)
+        != Err(Error::InvalidArgument)
+    {
+        return 6;
+    }
+    // One that touches past what the tree has left is ended, and this process goes on.
+    let Ok(g) = sys::spawn_limited("utest", &[], CHILD_RESERVE_TWICE_AND_TOUCH, 0) else {
+        return 7;
+    };
+    if sys::wait(g as u64) != Ok(EXIT_KILLED) {
+        return 8;
+    }
+    let me = memory();
+    if me.usage != me.own {
+        return 9;
+    }
+    0
+}
+
 fn child(scenario: u64) -> u64 {
     if scenario & 0xffff == CHILD_WAIT_FOR_SIBLING {
         // A look, not a blocking wait: the sibling never ends by itself, so a kernel
@@ -634,7 +741,51 @@ fn child(scenario: u64) -> u64 {
             Err(e) => -e.to_result() as u64,
         };
     }
+    if scenario & 0xffff == CHILD_BYSTANDER {
+        return bystander(scenario >> 16);
+    }
+    if scenario & 0xffff == CHILD_REFUSED_PAST_LIMIT {
+        let m = memory();
+        if m.limit != (scenario >> 16) << 10 {
+            return 1;
+        }
+        let base = brk_now().next_multiple_of(PAGE);
+        let past = m.available as usize + 2 * PAGE;
+        if sys::brk(base + past) != Err(Error::OutOfMemory) {
+            return 2;
+        }
+        if brk_now() > base {
+            return 3;
+        }
+        if sys::buffer_alloc(past) != Err(Error::OutOfMemory) {
+            return 4;
+        }
+        // Within the limit both work.
+        if sys::brk(base + 4 * PAGE).is_err() || sys::buffer_alloc(4 * PAGE).is_err() {
+            return 5;
+        }
+        touch(base, 4 * PAGE, 1);
+        return 0;
+    }
     match scenario {
+        CHILD_RESERVE_TWICE_AND_TOUCH => {
+            let base = brk_now().next_multiple_of(PAGE);
+            let step = (memory().available as usize * 3 / 4).next_multiple_of(PAGE);
+            if sys::brk(base + step).is_err() || sys::brk(base + 2 * step).is_err() {
+                return 3;
+            }
+            touch(base, 2 * step, 1);
+            4 // the limit did not stop it
+        }
+        CHILD_TOUCH_1M_AND_HOLD => {
+            let base = brk_now().next_multiple_of(PAGE);
+            if sys::brk(base + (1 << 20)).is_err() {
+                return 3;
+            }
+            touch(base, 1 << 20, 1);
+            sleep_forever_entry(0)
+        }
+        CHILD_GRANDPARENT => grandparent(),
         CHILD_THREADS_UNTIL_REFUSED => {
             let (n, e) = spawn_sleepers_until_refused(100_000);
             ((n as u64) << 8) | e.map_or(0, |e| -e.to_result() as u64)
@@ -1534,6 +1685,127 @@ fn memory_exhaustion_ends_only_the_process() -> Outcome {
     Ok(())
 }
 
+/// The machine runs out of memory five times over: each round a child touches heap
+/// until nothing is left, beside a child touching 256 KiB buffers every 2 ms and this
+/// process (init) touching 128 KiB buffers likewise. The hog must be the one ended, each
+/// time; the bystander must finish its rounds (exit 0), and every frame and heap byte
+/// come back after each round.
+fn the_memory_hog_is_ended_not_the_bystanders() -> Outcome {
+    let info = || sys::info().map_err(|e| format!("{e:?}"));
+    let base = info()?;
+    for round in 1..=5 {
+        let kills = info()?.oom_kills;
+        let by = sys::spawn("utest", CHILD_BYSTANDER | kills << 16)
+            .map_err(|e| format!("round {round}: bystander: {e:?}"))? as u64;
+        // The bystander is under way (it has touched a buffer) before the hog starts.
+        while sys::memory(by).map_or(0, |m| m.peak) < 256 * 1024 {
+            sys::yield_now();
+        }
+        let hog = sys::spawn("utest", CHILD_EXHAUST_MEMORY)
+            .map_err(|e| format!("round {round}: hog: {e:?}"))? as u64;
+        let mut refused = 0;
+        let hog_status = loop {
+            match sys::wait_timeout(hog, 2_000_000) {
+                Err(Error::TimedOut) => {}
+                other => break other,
+            }
+            match sys::buffer_alloc(128 * 1024) {
+                Ok(b) => {
+                    touch(b, 128 * 1024, round);
+                    ensure!(read(b + 64 * 1024) == round, "round {round}: init's buffer");
+                    let _ = sys::buffer_free(b);
+                }
+                Err(_) => refused += 1,
+            }
+        };
+        ensure!(
+            hog_status == Ok(EXIT_KILLED),
+            "round {round}: the hog ended with {hog_status:?}"
+        );
+        let by_status = sys::wait(by);
+        ensure!(
+            by_status == Ok(0),
+            "round {round}: the bystander ended with {by_status:?} (init's buffers refused {refused} times)"
+        );
+        let now = info()?;
+        ensure!(
+            now.oom_kills == kills + 1,
+            "round {round}: {} out-of-memory kills, want 1",
+            now.oom_kills - kills
+        );
+        ensure!(
+            now.memory_free + (1 << 20) >= base.memory_free,
+            "round {round}: memory not back: {} KiB free before, {} KiB after",
+            base.memory_free >> 10,
+            now.memory_free >> 10
+        );
+        ensure!(
+            now.kernel_heap_bytes <= base.kernel_heap_bytes + 64 * 1024,
+            "round {round}: kernel heap {} -> {} bytes",
+            base.kernel_heap_bytes,
+            now.kernel_heap_bytes
+        );
+        ensure!(
+            now.memory_account_errors == 0,
+            "{} memory-accounting errors",
+            now.memory_account_errors
+        );
+    }
+    Ok(())
+}
+
+/// A child spawned with a 2 MiB limit is ended when it faults past it (its parent goes
+/// on); brk and buffers past the limit are refused with `OutOfMemory`; its usage is
+/// reported, and its charge is back to zero when it is gone.
+fn a_child_is_held_to_its_memory_limit() -> Outcome {
+    const LIMIT: u64 = 2 << 20;
+    let before = memory();
+    ensure!(
+        before.limit == abi::NO_LIMIT,
+        "init's limit is {:#x}, want none",
+        before.limit
+    );
+    let pid = sys::spawn_limited("utest", &[], CHILD_RESERVE_TWICE_AND_TOUCH, LIMIT)
+        .map_err(|e| format!("{e:?}"))?;
+    let status = sys::wait(pid as u64);
+    ensure!(
+        status == Ok(EXIT_KILLED),
+        "over its limit: status {status:?}"
+    );
+    let scenario = CHILD_REFUSED_PAST_LIMIT | (LIMIT >> 10) << 16;
+    let pid = sys::spawn_limited("utest", &[], scenario, LIMIT).map_err(|e| format!("{e:?}"))?;
+    let status = sys::wait(pid as u64);
+    ensure!(
+        status == Ok(0),
+        "refusals past the limit: status {status:?}"
+    );
+    // Too small a limit for the program to load at all.
+    let tiny = sys::spawn_limited("utest", &[], CHILD_EXIT_42, 16 * 1024);
+    ensure!(tiny == Err(Error::OutOfMemory), "a 16 KiB limit: {tiny:?}");
+    // Everything the children held is given back to the byte.
+    let after = memory();
+    ensure!(
+        after.usage == after.own,
+        "usage {} with no children, own {}",
+        after.usage,
+        after.own
+    );
+    ensure!(
+        sys::info().map_or(1, |i| i.memory_account_errors) == 0,
+        "memory-accounting errors"
+    );
+    Ok(())
+}
+
+/// A grandchild's usage counts against its grandparent's limit (the tree's).
+fn grandchild_usage_counts_against_the_tree() -> Outcome {
+    let pid = sys::spawn_limited("utest", &[], CHILD_GRANDPARENT, 4 << 20)
+        .map_err(|e| format!("{e:?}"))?;
+    let status = sys::wait(pid as u64);
+    ensure!(status == Ok(0), "the grandparent child failed: {status:?}");
+    Ok(())
+}
+
 fn many_processes_at_once() -> Outcome {
     let pids: Vec<usize> = (0..8)
         .map(|_| sys::spawn("utest", CHILD_EXIT_42))
@@ -2086,7 +2358,7 @@ fn main(arg: u64) -> u64 {
     if arg != 0 && !(ONLY_TEST..1 << 16).contains(&arg) {
         return child(arg);
     }
-    let tests: [(&str, Test); 41] = [
+    let tests: [(&str, Test); 44] = [
         (
             "back_to_back_calls_let_other_threads_run",
             back_to_back_calls_let_other_threads_run,
@@ -2154,6 +2426,18 @@ fn main(arg: u64) -> u64 {
         (
             "memory_exhaustion_ends_only_the_process",
             memory_exhaustion_ends_only_the_process,
+        ),
+        (
+            "the_memory_hog_is_ended_not_the_bystanders",
+            the_memory_hog_is_ended_not_the_bystanders,
+        ),
+        (
+            "a_child_is_held_to_its_memory_limit",
+            a_child_is_held_to_its_memory_limit,
+        ),
+        (
+            "grandchild_usage_counts_against_the_tree",
+            grandchild_usage_counts_against_the_tree,
         ),
         (
             "thread_spawn_is_refused_not_fatal",
