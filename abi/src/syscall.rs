@@ -174,11 +174,15 @@ pub struct SystemInfo {
     pub memory_account_errors: u64,
     /// Processes ended because the machine ran out of memory (the largest each time).
     pub oom_kills: u64,
+    /// Of `kernel_heap_bytes`, at most this much is the frame allocator's own
+    /// bookkeeping (its free runs, a B-tree on the heap), which grows with fragmentation
+    /// rather than with any workload: leak checks subtract it.
+    pub frame_bookkeeping_bytes: u64,
 }
 
 impl SystemInfo {
     /// Number of u64 fields (the struct is exactly these, in order).
-    pub const WORDS: usize = 22;
+    pub const WORDS: usize = 23;
 
     /// The fields in declaration order.
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -205,6 +209,7 @@ impl SystemInfo {
             self.zero_ahead_cycles,
             self.memory_account_errors,
             self.oom_kills,
+            self.frame_bookkeeping_bytes,
         ]
     }
 
@@ -234,6 +239,7 @@ impl SystemInfo {
             zero_ahead_cycles: w(19),
             memory_account_errors: w(20),
             oom_kills: w(21),
+            frame_bookkeeping_bytes: w(22),
         }
     }
 }
@@ -403,6 +409,7 @@ mod tests {
             zero_ahead_cycles: 20,
             memory_account_errors: 21,
             oom_kills: 22,
+            frame_bookkeeping_bytes: 23,
         };
         assert_eq!(SystemInfo::from_words(&info.to_words()), info);
         assert_eq!(core::mem::size_of::<SystemInfo>(), SystemInfo::WORDS * 8);

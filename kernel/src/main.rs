@@ -586,7 +586,7 @@ const HEAP_SLACK: u64 = 64 * 1024;
 
 /// Heap bytes one frame-allocator bookkeeping entry may cost (a B-tree entry of 16-24
 /// bytes with its share of node overhead, rounded up).
-const BOOKKEEPING_ENTRY_BYTES: u64 = 48;
+pub(crate) const BOOKKEEPING_ENTRY_BYTES: u64 = 48;
 
 static BOOT: spin::Once<BootInfo> = spin::Once::new();
 static TABLES: spin::Once<kernel_tables::KernelTables> = spin::Once::new();

@@ -604,13 +604,14 @@ impl<P: Platform> Executor<P> {
         let cpu = self.current();
         let state = &self.cpus[cpu];
         let now = self.platform.now_ns();
-        if now >= state.earliest_timer.load(Ordering::Relaxed) {
-            self.fire_timers(cpu);
-        }
+        // A timer that fired here woke a sleeper (or a timed wait) that should run
+        // now, not at the end of this slice: yield to it.
+        let fired =
+            now >= state.earliest_timer.load(Ordering::Relaxed) && self.fire_timers(cpu) > 0;
         // A CPU whose one thread never blocks must still take its share of a busier
         // CPU's threads: balancing is checked here too, not only between polls.
         self.balance(cpu);
-        let yield_now = state.preempt.load(Ordering::Relaxed) || {
+        let yield_now = fired || state.preempt.load(Ordering::Relaxed) || {
             let runnable = state.fair_len.load(Ordering::Relaxed)
                 + usize::from(state.kernel_waiting.load(Ordering::Relaxed));
             runnable > 0 && {
@@ -810,7 +811,9 @@ impl<P: Platform> Executor<P> {
         })
     }
 
-    fn fire_timers(&self, cpu: usize) {
+    /// Fires CPU `cpu`'s due timers; returns how many.
+    fn fire_timers(&self, cpu: usize) -> u64 {
+        let mut fired = 0;
         loop {
             let now = self.platform.now_ns();
             let mut due: [Option<Waker>; 16] = [const { None }; 16];
@@ -835,8 +838,9 @@ impl<P: Platform> Executor<P> {
             self.cpus[cpu]
                 .timers_fired
                 .fetch_add(count as u64, Ordering::Relaxed);
+            fired += count as u64;
             if count < due.len() {
-                return;
+                return fired;
             }
         }
     }

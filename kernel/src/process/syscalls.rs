@@ -497,6 +497,8 @@ fn system_info() -> SystemInfo {
         zero_ahead_cycles: panda_arch::frame::zero_ahead_cycles(),
         memory_account_errors: crate::aspace::account_errors(),
         oom_kills: super::oom_kills(),
+        frame_bookkeeping_bytes: panda_arch::frame::bookkeeping_entries() as u64
+            * crate::BOOKKEEPING_ENTRY_BYTES,
     }
 }
 
