@@ -549,12 +549,10 @@ impl<P: Platform> Executor<P> {
     /// Moves a fair task's virtual runtime from CPU `from`'s scale to CPU `to`'s: it
     /// keeps its lag behind (or lead over) the smallest virtual runtime.
     fn renormalize(&self, task: &Task, from: usize, to: usize) {
-        let (from_min, to_min) = self.with_interrupts_off(|| {
-            (
-                self.cpus[from].fair.lock().min_vruntime,
-                self.cpus[to].fair.lock().min_vruntime,
-            )
-        });
+        // One lock at a time: holding both (as one expression's temporaries would)
+        // deadlocks two CPUs moving tasks towards each other.
+        let from_min = self.with_interrupts_off(|| self.cpus[from].fair.lock().min_vruntime);
+        let to_min = self.with_interrupts_off(|| self.cpus[to].fair.lock().min_vruntime);
         let v = task.vruntime.load(Ordering::Relaxed);
         let v = if v >= from_min {
             to_min.saturating_add(v - from_min)

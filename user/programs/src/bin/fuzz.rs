@@ -252,6 +252,14 @@ core::arch::global_asm!(
     pause
     jmp fuzz_stub_spin
 
+    .global fuzz_stub_pin_spin
+    fuzz_stub_pin_spin:
+    mov eax, {affinity}
+    syscall
+    2:
+    pause
+    jmp 2b
+
     .global fuzz_rust_entry
     fuzz_rust_entry:
     xor ebp, ebp
@@ -263,6 +271,7 @@ core::arch::global_asm!(
     yield_ = const abi::OP_PROCESS_YIELD,
     time = const abi::OP_ENVIRONMENT_TIME,
     sleep = const abi::OP_PROCESS_SLEEP,
+    affinity = const abi::OP_THREAD_SET_AFFINITY,
     start = sym rust_thread_start,
 );
 
@@ -272,6 +281,7 @@ extern "C" {
     fn fuzz_stub_nap();
     fn fuzz_stub_sleep_forever();
     fn fuzz_stub_spin();
+    fn fuzz_stub_pin_spin();
     fn fuzz_rust_entry();
 }
 
@@ -1831,7 +1841,22 @@ fn child(arg: u64) -> u64 {
             sys::exit(param)
         }
         MODE_THREAD_FLOOD => {
-            flood(param.min(BIG_FLOOD), rng.chance(2));
+            if rng.chance(3) {
+                // Threads that pin themselves to one CPU and spin in user mode, for up
+                // to 2 s: the scheduler must keep that CPU's other threads, timers and
+                // the watchdog's idea of progress going (a pinned flood once stopped
+                // the machine).
+                let cpu = rng.below(cpus as u64);
+                let mut n = 0;
+                while n < param.min(BIG_FLOOD)
+                    && sys::thread_spawn(stub(fuzz_stub_pin_spin) as usize, 0, cpu).is_ok()
+                {
+                    n += 1;
+                }
+                sys::sleep_ns(rng.below(2_000_000_000));
+            } else {
+                flood(param.min(BIG_FLOOD), rng.chance(2));
+            }
             0
         }
         MODE_MEMORY => memory_hog(&mut rng, param),

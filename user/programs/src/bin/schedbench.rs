@@ -28,7 +28,7 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use panda_rt::{entry, println, sys, thread};
 
 entry!(main);
@@ -41,7 +41,6 @@ const MAX_SPINNERS: usize = 1024;
 static LOOPS: [AtomicU64; MAX_SPINNERS * 8] = [const { AtomicU64::new(0) }; MAX_SPINNERS * 8];
 static CPU_NS: [AtomicU64; MAX_SPINNERS] = [const { AtomicU64::new(0) }; MAX_SPINNERS];
 static STOP: AtomicBool = AtomicBool::new(false);
-static STARTED: AtomicUsize = AtomicUsize::new(0);
 
 struct Config {
     procs: u64,
@@ -104,7 +103,7 @@ fn child(arg: u64) -> u64 {
         });
         match started {
             // Never joined: the parent kills the whole process.
-            Ok(t) => core::mem::forget(t),
+            Ok(_) => {}
             Err(_) => break,
         }
     }
@@ -156,7 +155,6 @@ fn main(arg: u64) -> u64 {
         let cpu = c.cpu as usize;
         match thread::spawn_with_stack(16 * 1024, move || {
             let _ = sys::set_affinity(cpu);
-            STARTED.fetch_add(1, Ordering::SeqCst);
             let mine = &LOOPS[i * 8];
             while !STOP.load(Ordering::Relaxed) {
                 mine.fetch_add(1, Ordering::Relaxed);
