@@ -335,6 +335,26 @@ fuzz_boot() {
 fuzz_boot 2 15
 [ "$quick" = 1 ] || fuzz_boot 8 15
 
+section "scheduler"
+# Two processes of 300 threads pinned to CPU 0, spinning in user mode, beside a thread
+# there that sleeps 10 ms in a loop (schedbench, docs/SCHEDULING.md). Loose checks that
+# hold on a busy host: the sleeper wakes at least a quarter of the times it asks (the
+# old executor's turn of every queued thread woke it about once in 6 s), each process
+# gets CPU time, and no watchdog stops the machine; the figures are printed.
+sched_boot() {
+    local n=$1 log="$logs/schedbench-smp$1.log" status=0
+    scripts/run.sh --timeout "$timeout_s" -smp "$n" --cmdline "init=schedbench log=warn" \
+        --args "procs=2 threads=300 warmup=2 secs=5 report=5 check" >"$log" 2>&1 || status=$?
+    if [ "$status" = 0 ] && grep -aq '^schedbench: done' "$log" && grep -aq '^ok frames_back_to_baseline' "$log"; then
+        pass "schedbench-smp$n ($(grep -a 'whole run' "$log" | tr -d '\r' | sed 's/.*sleeper: //'))"
+    else
+        fail "schedbench-smp$n" "exit $status (see $log)"
+        grep -aE 'schedbench:|watchdog:|PANIC' "$log" | head -n 8 | tr -d '\r' | cut -c1-240 | sed 's/^/    /' || true
+    fi
+}
+sched_boot 2
+[ "$quick" = 1 ] || sched_boot 1
+
 section "benchmark smoke runs"
 # bench.sh end to end, short: one boot, faultbench's JSON, the report and its plots.
 bench_out="$logs/bench-smoke" status=0

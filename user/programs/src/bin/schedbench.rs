@@ -14,6 +14,7 @@
 //! - `cpu=C`: the CPU everything is pinned to (default 0);
 //! - `secs=S`: how long to measure (default 10); `report=R`: a progress line every R
 //!   seconds (default 10);
+//! - `warmup=W`: seconds to let the spinners start before measuring (default 5);
 //! - `sleep-ms=M`: the sleeper's period (default 10);
 //! - `check`: exit 1 unless the sleeper woke at least a quarter of the times it asked
 //!   to and every spinner ran (loose bounds that hold on a busy host; the figures are
@@ -49,6 +50,7 @@ struct Config {
     cpu: u64,
     secs: u64,
     report: u64,
+    warmup: u64,
     sleep_ms: u64,
     check: bool,
 }
@@ -61,6 +63,7 @@ fn config() -> Config {
         cpu: 0,
         secs: 10,
         report: 10,
+        warmup: 5,
         sleep_ms: 10,
         check: false,
     };
@@ -74,6 +77,7 @@ fn config() -> Config {
             ("cpu", Some(n)) => c.cpu = n,
             ("secs", Some(n)) => c.secs = n.max(1),
             ("report", Some(n)) => c.report = n.max(1),
+            ("warmup", Some(n)) => c.warmup = n,
             ("sleep-ms", Some(n)) => c.sleep_ms = n.max(1),
             ("check", _) => c.check = true,
             _ => {
@@ -166,6 +170,13 @@ fn main(arg: u64) -> u64 {
             Err(e) => println!("schedbench: spinner {i} not started: {e:?}"),
         }
     }
+    // Let the children start their threads (each spawn is a system call of a thread
+    // that gets only its share of the CPU), then measure from here.
+    sys::sleep_ns(c.warmup * 1_000_000_000);
+    let at_start: Vec<u64> = children
+        .iter()
+        .map(|&pid| sys::process_cpu_time_ns(pid).unwrap_or(0) as u64)
+        .collect();
     // The sleeper, pinned to the same CPU.
     let period_ns = c.sleep_ms * 1_000_000;
     let (cpu, secs, report) = (c.cpu as usize, c.secs, c.report);
@@ -203,10 +214,14 @@ fn main(arg: u64) -> u64 {
     // What each child process got.
     let times: Vec<u64> = children
         .iter()
-        .map(|&pid| sys::process_cpu_time_ns(pid).unwrap_or(0) as u64)
+        .zip(&at_start)
+        .map(|(&pid, &t0)| (sys::process_cpu_time_ns(pid).unwrap_or(0) as u64).saturating_sub(t0))
         .collect();
     for (pid, t) in children.iter().zip(&times) {
-        println!("schedbench: child pid {pid}: {} ms of CPU", t / 1_000_000);
+        println!(
+            "schedbench: child pid {pid}: {} ms of CPU while measured",
+            t / 1_000_000
+        );
         ok &= *t > 0;
     }
     if let (Some(min), Some(max)) = (times.iter().min(), times.iter().max()) {
