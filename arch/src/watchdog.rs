@@ -1,7 +1,7 @@
 //! The watchdog: turns a CPU that makes no progress into an all-CPU report and a failed
 //! run, instead of a silent hang that only a time-out ends.
 //!
-//! Progress is the per-CPU timer tick (`PerCpu::ticks`, every 10 ms, also in `hlt`). At
+//! Progress is the per-CPU timer tick (`PerCpu::ticks`, every 4 ms, also in `hlt`). At
 //! most every `CHECK_EVERY_NS`, one CPU (whichever takes `CHECKING` on its tick) looks
 //! at every other online CPU's count; a CPU whose count has not moved for the limit
 //! (`watchdog=SECONDS`, measured with the TSC) has its interrupts off or its timer
@@ -77,9 +77,13 @@ static TURNS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static SEEN_TURNS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static TURN_CHANGED_NS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
-/// Counts a turn of the calling CPU's executor loop. A CPU whose timer still ticks but
-/// whose executor makes no turn for twice the limit is running one poll that never
-/// returns (a task that never yields): the watchdog reports it like a hang.
+/// Counts scheduling progress of the calling CPU: the executor calls it at the start of
+/// every poll and at every preemption check (`should_yield`, which every user thread
+/// makes at each trap). A CPU whose timer still ticks but which shows no such progress
+/// for twice the limit is running one kernel poll that never returns and never checks
+/// (a kernel task that never yields): the watchdog reports it like a hang. A CPU that
+/// switches between thousands of spinning threads is progressing, however long one
+/// round of them lasts.
 pub fn executor_turn() {
     if let Some(t) = TURNS.get(percpu::current_index()) {
         t.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +139,7 @@ pub(crate) fn tick(frame: &TrapFrame) {
         if claim() {
             crate::serial::emergency(|w| {
                 let why = if in_a_poll {
-                    "its executor ran one task without coming round (a task that never yields?)"
+                    "its executor ran one kernel task that never yielded or checked for preemption"
                 } else {
                     "(interrupts off?)"
                 };

@@ -2,7 +2,7 @@
 //! sleeps in a loop, and what each of them gets (docs/SCHEDULING.md shows the results).
 //!
 //! ```text
-//! scripts/run.sh -smp 2 --init schedbench --args "procs=2 threads=1023 secs=60"
+//! scripts/run.sh -smp 2 --cmdline init=schedbench --args "procs=2 threads=1023 secs=60"
 //! ```
 //!
 //! Words (all optional):
