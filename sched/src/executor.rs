@@ -553,12 +553,7 @@ impl<P: Platform> Executor<P> {
         // deadlocks two CPUs moving tasks towards each other.
         let from_min = self.with_interrupts_off(|| self.cpus[from].fair.lock().min_vruntime);
         let to_min = self.with_interrupts_off(|| self.cpus[to].fair.lock().min_vruntime);
-        let v = task.vruntime.load(Ordering::Relaxed);
-        let v = if v >= from_min {
-            to_min.saturating_add(v - from_min)
-        } else {
-            to_min.saturating_sub(from_min - v)
-        };
+        let v = fair::rescale(task.vruntime.load(Ordering::Relaxed), from_min, to_min);
         task.vruntime.store(v, Ordering::Relaxed);
     }
 
@@ -704,12 +699,7 @@ impl<P: Platform> Executor<P> {
             let mut queue = state.fair.lock();
             let to_min = queue.min_vruntime;
             for task in batch.iter_mut().filter_map(Option::take) {
-                let v = task.vruntime.load(Ordering::Relaxed);
-                let v = if v >= from_min {
-                    to_min.saturating_add(v - from_min)
-                } else {
-                    to_min.saturating_sub(from_min - v)
-                };
+                let v = fair::rescale(task.vruntime.load(Ordering::Relaxed), from_min, to_min);
                 task.cpu.store(to, Ordering::Relaxed);
                 task.count_on(to);
                 let v = v.min(fair::max_vruntime(&queue, &task, to));

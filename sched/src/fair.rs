@@ -58,6 +58,17 @@ pub(crate) fn max_vruntime(queue: &FairQueue, task: &Task, cpu: usize) -> u64 {
         .saturating_add(TARGET_LATENCY_NS.saturating_mul(weight))
 }
 
+/// Virtual runtime `v` from a CPU whose smallest is `from_min` to one whose smallest is
+/// `to_min`: the same distance ahead of (or behind) the smallest. The CPUs' scales are
+/// unrelated, so a task moving between them keeps only its lag.
+pub(crate) fn rescale(v: u64, from_min: u64, to_min: u64) -> u64 {
+    if v >= from_min {
+        to_min.saturating_add(v - from_min)
+    } else {
+        to_min.saturating_sub(from_min - v)
+    }
+}
+
 /// A scheduling group: the tasks of one process. Groups share a CPU equally; a group's
 /// tasks share its part. It also accounts the CPU time its tasks used.
 pub struct Group {

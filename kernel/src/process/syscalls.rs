@@ -162,14 +162,7 @@ async fn memory_to_user(process: &Process, pid: u64, ptr: u64, len: u64) -> Resu
     let usage = if pid == 0 || pid == process.pid {
         process.account().snapshot()
     } else {
-        let child = {
-            let table = PROCESSES.lock();
-            table
-                .get(&pid)
-                .filter(|e| e.parent == process.pid && !e.orphan)
-                .and_then(|e| e.process.upgrade())
-        };
-        let child = child.ok_or(Error::NotFound)?;
+        let child = unreaped_child(process, pid)?.ok_or(Error::NotFound)?;
         let usage = child.account().snapshot();
         drop(child);
         usage
@@ -277,18 +270,21 @@ async fn wait_for_child(
     }
 }
 
+/// Child `pid` of `process`, if it is an unreaped child (`NotFound` otherwise): the
+/// process while it still exists, `None` once it is gone (ended, not yet waited for).
+fn unreaped_child(process: &Process, pid: u64) -> Result<Option<Arc<Process>>, Error> {
+    let table = PROCESSES.lock();
+    let entry = table
+        .get(&pid)
+        .filter(|e| e.parent == process.pid && !e.orphan)
+        .ok_or(Error::NotFound)?;
+    Ok(entry.process.upgrade())
+}
+
 /// Ends child `pid` of `process` as killed. `NotFound` if it is not an unreaped
 /// child; killing a child that already ended (not yet waited for) does nothing.
 fn kill_child(process: &Process, pid: u64) -> Result<usize, Error> {
-    let child = {
-        let table = PROCESSES.lock();
-        let entry = table
-            .get(&pid)
-            .filter(|e| e.parent == process.pid && !e.orphan)
-            .ok_or(Error::NotFound)?;
-        entry.process.upgrade()
-    };
-    if let Some(child) = child {
+    if let Some(child) = unreaped_child(process, pid)? {
         info!(target: "user", "pid {} ({}) killed by its parent, pid {}", child.pid, child.name, process.pid);
         child.end(KILLED);
     }
@@ -302,15 +298,7 @@ fn process_cpu_time(process: &Process, pid: u64) -> Result<usize, Error> {
         let group = process.sched.as_ref().ok_or(Error::NotFound)?;
         return Ok(exec.group_cpu_time_ns(group) as usize);
     }
-    let child = {
-        let table = PROCESSES.lock();
-        let entry = table
-            .get(&pid)
-            .filter(|e| e.parent == process.pid && !e.orphan)
-            .ok_or(Error::NotFound)?;
-        entry.process.upgrade()
-    };
-    child
+    unreaped_child(process, pid)?
         .and_then(|c| c.sched.as_ref().map(|g| g.cpu_time_ns() as usize))
         .ok_or(Error::NotFound)
 }
