@@ -511,7 +511,7 @@ if [ "$quick" = 0 ]; then
         'spinning for lock "crash::HELD", held by cpu [0-9]+, last taken at kernel/src/crash.rs:[0-9]+' 'CPUs reported'
     # A task that never yields: ticks go on, the executor never comes round.
     expect_failure busy-task "crash=busytask" \
-        'watchdog: cpu [0-9]+ made no progress for [0-9.]+ s its executor ran one task' 'CPUs reported'
+        'watchdog: cpu [0-9]+ made no progress for [0-9.]+ s its executor ran one kernel task' 'CPUs reported'
     log="$logs/unknown-word.log" status=0
     scripts/run.sh --timeout "$timeout_s" -smp 1 --cmdline "init.agr=3" >"$log" 2>&1 || status=$?
     if [ "$status" = 0 ] && grep -q 'unknown command-line word "init.agr=3" ignored' "$log"; then
