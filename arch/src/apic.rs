@@ -241,7 +241,8 @@ pub fn calibrate_timer(ms: u64) -> Option<u64> {
                 (count, before, rdtsc())
             };
             for _ in 0..WINDOWS {
-                // SAFETY: as above: (re)starts the masked count from the top.
+                // SAFETY: reloads this CPU's own timer count, which is masked (no
+                // interrupt can come of it) and used only for this measurement.
                 unsafe { a.set_timer_initial(u32::MAX) };
                 let (c0, b0, a0) = stamp(a);
                 while rdtsc() - b0 < span {
