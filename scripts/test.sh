@@ -42,7 +42,7 @@ done
 
 # Crates whose logic is tested on the host, and those that must also lint for the kernel target.
 HOST_CRATES=(panda-abi)
-KERNEL_CRATES=(panda-arch panda-kernel panda-rt panda-programs)
+KERNEL_CRATES=(panda-arch panda-platform panda-kernel panda-rt panda-programs)
 for extra in sched:panda-sched mm:panda-mm firmware:panda-firmware; do
     if [ -f "$PANDA_ROOT/${extra%%:*}/Cargo.toml" ]; then
         HOST_CRATES+=("${extra#*:}"); KERNEL_CRATES+=("${extra#*:}")

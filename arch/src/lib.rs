@@ -22,11 +22,8 @@ pub mod apic;
 pub mod backtrace;
 pub mod boot;
 pub mod cpu;
-pub mod frame;
 pub mod gdt;
-pub mod heap;
 pub mod idt;
-pub mod ipi;
 pub mod kernel_tables;
 pub mod paging;
 pub mod percpu;
@@ -37,12 +34,9 @@ pub mod screen;
 pub mod serial;
 pub mod smp;
 pub mod stacks;
-pub mod sync;
 pub mod time;
 pub mod trap;
 pub mod user;
-pub mod vm;
-pub mod watchdog;
 
 /// Base of the kernel image's virtual addresses: the top 2 GiB, as the kernel code
 /// model requires. The image's physical address is its virtual address minus this on

@@ -140,7 +140,7 @@ pub enum MapError {
 }
 
 /// A 4-level hierarchy being built, rooted at a PML4 frame.
-pub(crate) struct TableBuilder {
+pub struct TableBuilder {
     root: u64,
     hhdm: u64,
 }
@@ -285,7 +285,7 @@ impl TableBuilder {
 
     /// The tables on the path to `virt`'s 4 KiB leaf: (PML4, PDPT, PD, PT) frames, as
     /// far as they exist.
-    pub(crate) fn path(&self, virt: u64) -> [Option<u64>; 4] {
+    pub fn path(&self, virt: u64) -> [Option<u64>; 4] {
         let mut path = [Some(self.root), None, None, None];
         for level in 0..3 {
             let Some(table) = path[level] else { break };
@@ -624,7 +624,7 @@ macro_rules! sse_zero_loop {
 /// # Safety
 /// The caller must own the page (a frame it owns, reached through the HHDM): nothing
 /// else may read or write it during the call.
-pub(crate) unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
+pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
     debug_assert!(virt.is_multiple_of(4096));
     // The SSE arms keep xmm0 here while they use the register.
     let mut xmm0 = [0u64; 2];

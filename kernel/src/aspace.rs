@@ -28,16 +28,16 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
-use panda_arch::frame::{self, Frame};
 use panda_arch::paging::MapError;
 use panda_arch::percpu;
-use panda_arch::vm::VmSpace;
 use panda_mm::account::{Account, OverLimit, UNLIMITED};
 use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
 use panda_mm::MmError;
+use panda_platform::frame::{self, Frame};
+use panda_platform::vm::VmSpace;
 
-use panda_arch::sync::{Mutex, RwLock};
+use panda_platform::sync::{Mutex, RwLock};
 
 use crate::locks;
 
@@ -83,8 +83,8 @@ fn count(stat: Stat) {
 /// A counter's total over every CPU.
 pub fn stat(stat: Stat) -> u64 {
     match stat {
-        Stat::Shootdowns => return panda_arch::vm::shootdown_counts().0,
-        Stat::ShootdownIpis => return panda_arch::vm::shootdown_counts().1,
+        Stat::Shootdowns => return panda_platform::vm::shootdown_counts().0,
+        Stat::ShootdownIpis => return panda_platform::vm::shootdown_counts().1,
         _ => {}
     }
     STAT.iter()
@@ -489,7 +489,7 @@ impl AddressSpace {
     /// address the tables refuse.
     fn map_charged(
         &self,
-        tables: &mut panda_arch::vm::UserTables,
+        tables: &mut panda_platform::vm::UserTables,
         virt: u64,
         frame: Frame,
         rights: Rights,
@@ -551,7 +551,7 @@ impl AddressSpace {
     }
 
     /// Unmaps a range taken out of the layout, in batches of at most
-    /// `panda_arch::vm::UNMAP_BATCH` pages: each batch takes the table lock, unmaps,
+    /// `panda_platform::vm::UNMAP_BATCH` pages: each batch takes the table lock, unmaps,
     /// shoots down and frees its frames, and lets go of the lock; between batches the
     /// CPU's other tasks get their turn (`executor::Slice`). Then the bookkeeping may
     /// hand the range out again. No lock is held across a shootdown's wait or a yield.
@@ -658,7 +658,7 @@ impl AddressSpace {
         addr: u64,
         len: u64,
         write: bool,
-        mut copy: impl FnMut(&panda_arch::vm::UserTables, usize, usize) -> Result<(), usize>,
+        mut copy: impl FnMut(&panda_platform::vm::UserTables, usize, usize) -> Result<(), usize>,
     ) -> Result<(), FaultError> {
         let denied = FaultError::Denied(FaultDecision::OutsideRegions);
         let end = addr.checked_add(len).ok_or(denied)?;
@@ -738,7 +738,7 @@ impl Drop for AddressSpace {
     }
 }
 
-pub use panda_arch::vm::{
+pub use panda_platform::vm::{
     most_shootdowns_in_flight, set_flush_probe, take_most_shootdowns_in_flight,
 };
 

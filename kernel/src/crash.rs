@@ -16,7 +16,7 @@ pub async fn trigger(what: &str) {
                 .find(|&i| i != panda_arch::percpu::current_index());
             match target {
                 Some(cpu) => {
-                    let _ = panda_arch::ipi::call_on(cpu, panic_here, 0);
+                    let _ = panda_platform::ipi::call_on(cpu, panic_here, 0);
                     error!(target: "crash", "cpu{cpu} returned from a panic");
                 }
                 None => error!(target: "crash", "crash=ap-panic needs at least 2 CPUs"),
@@ -44,8 +44,8 @@ pub async fn trigger(what: &str) {
 }
 
 /// A lock whose holder never lets go (`crash=lockheld`).
-static HELD: panda_arch::sync::Mutex<()> =
-    panda_arch::sync::Mutex::new(&crate::locks::CRASH_HELD, ());
+static HELD: panda_platform::sync::Mutex<()> =
+    panda_platform::sync::Mutex::new(&crate::locks::CRASH_HELD, ());
 
 /// Another CPU takes `HELD` and keeps it for ever; this one then waits for it. The
 /// watchdog's report must name the lock, the holder's CPU and the line that took it.
@@ -124,7 +124,7 @@ async fn deadlock() -> ! {
 fn spin_with_interrupts_off() -> ! {
     let guard = panda_arch::percpu::CpuGuard::new();
     warn!(target: "crash", "cpu{} spins with interrupts off, waiting for a flag nobody sets", guard.index());
-    panda_arch::watchdog::spin_until("crash=deadlock waits for a flag nobody sets", || {
+    panda_platform::watchdog::spin_until("crash=deadlock waits for a flag nobody sets", || {
         NEVER_SET.load(Ordering::Acquire)
     });
     error!(target: "crash", "the flag nobody sets was set");

@@ -5,7 +5,8 @@
 //! IPI or the periodic timer tick ends the halt, and the tick is what fires timers on an
 //! otherwise idle CPU).
 
-use panda_arch::{ipi, percpu, time};
+use panda_arch::{percpu, time};
+use panda_platform::ipi;
 use panda_sched::{Executor, Platform};
 use x86_64::instructions::interrupts;
 
@@ -42,7 +43,7 @@ impl Platform for Machine {
     }
 
     fn on_turn(&self) {
-        panda_arch::watchdog::executor_turn();
+        panda_platform::watchdog::executor_turn();
     }
 }
 

@@ -209,8 +209,8 @@ pub async fn run_all(boot: &BootInfo, tables: &KernelTables, cpus_expected: usiz
 /// The watchdog ran through the tests (unless `watchdog=off`) without firing, and how
 /// close a CPU came to its limit is in the log, to judge the limit's margin.
 fn watchdog_watched_the_whole_run(ctx: &Context<'_>) -> Outcome {
-    let limit = panda_arch::watchdog::limit_ns();
-    let quiet = panda_arch::watchdog::longest_quiet_ns();
+    let limit = panda_platform::watchdog::limit_ns();
+    let quiet = panda_platform::watchdog::longest_quiet_ns();
     log::info!(target: "watchdog", "longest a CPU went without a timer tick while watched: {} ms (limit {} ms)", quiet / 1_000_000, limit / 1_000_000);
     if ctx.boot.option("watchdog") == Some("off") {
         ensure!(limit == 0, "watchdog=off, yet the watchdog runs");
@@ -228,14 +228,14 @@ fn watchdog_watched_the_whole_run(ctx: &Context<'_>) -> Outcome {
 /// that was not out and skipped no listed frame that was (and, with `mm.poison=on`, no
 /// free or pooled frame was written): every test's frames had one owner at a time.
 fn mm_no_frame_was_freed_twice() -> Outcome {
-    let misuse = panda_arch::frame::misuse();
+    let misuse = panda_platform::frame::misuse();
     ensure!(
         misuse == Default::default(),
         "{} frees of frames not out, {} listed frames still out (the first are logged)",
         misuse.double_frees,
         misuse.double_allocs
     );
-    let poisoned = panda_arch::frame::poison::hits();
+    let poisoned = panda_platform::frame::poison::hits();
     ensure!(
         poisoned == 0,
         "{poisoned} free or pooled frames were written"
@@ -273,7 +273,7 @@ pub(crate) fn keep_busy(
 
 /// Empties CPU `cpu`'s zeroed pool (the frames go back to the allocator).
 pub(crate) fn empty_pool(cpu: usize) {
-    while let Some(z) = panda_arch::frame::try_take_zeroed(cpu) {
+    while let Some(z) = panda_platform::frame::try_take_zeroed(cpu) {
         drop(z);
     }
 }

@@ -1,12 +1,12 @@
 //! The kernel's lock order: every ranked lock's rank, in one place (the three that
-//! `panda_arch::vm` takes are defined there and named here in their place).
+//! `panda_platform::vm` takes are defined there and named here in their place).
 //!
 //! A CPU may take a lock only while every lock it holds has a lower rank
-//! (`panda_arch::sync` checks it and panics with both names otherwise). Gaps leave room
+//! (`panda_platform::sync` checks it and panics with both names otherwise). Gaps leave room
 //! for new locks. docs/LOCKING.md says what each lock protects and why the order is
 //! what it is; keep the two in step.
 
-use panda_arch::sync::Rank;
+use panda_platform::sync::Rank;
 
 // 10: was user console output; now an async lock (`panda_sched::AsyncLock`), outside
 // the ranked order: it is held across yields and its waiters wait as futures.
@@ -19,12 +19,12 @@ pub static CHILDREN: Rank = Rank::new(26, "Process::children");
 /// One address space's segment changes (loader, protect), held across protect's
 /// shootdown. Brk and buffer frees do not take it (their ranges retire instead).
 pub static LAYOUT: Rank = Rank::new(30, "AddressSpace::layout");
-// 50: one address space's page tables, `panda_arch::vm::TABLES`.
+// 50: one address space's page tables, `panda_platform::vm::TABLES`.
 /// One address space's region bookkeeping (read by faults, written by layout changes;
 /// a fault that finds the layout changed re-reads it with the tables locked).
 pub static REGIONS: Rank = Rank::new(55, "AddressSpace::regions");
-// 65: one initiating CPU's shootdown request, `panda_arch::vm::SCOPE`.
-// 70: the space each CPU last activated, `panda_arch::vm::CURRENT`.
+// 65: one initiating CPU's shootdown request, `panda_platform::vm::SCOPE`.
+// 70: the space each CPU last activated, `panda_platform::vm::CURRENT`.
 /// An event's waiters.
 pub static EVENT: Rank = Rank::new(80, "process::Event::waiters");
 /// The lock `crash=lockheld` never lets go of.

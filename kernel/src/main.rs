@@ -298,7 +298,7 @@ fn kmain(mut boot: BootInfo) -> ! {
 
     let frames = memory::init(&mut boot, report.online);
     info!(target: "mm", "frame allocator: {} MiB in 4 KiB frames, per-CPU caches on {} CPUs; kernel reserve {} KiB (user memory and system calls stop there)", frames >> 8, report.online, memory::reserve_frames() * 4);
-    if let Some((method, times)) = panda_arch::frame::choose_zero_method() {
+    if let Some((method, times)) = panda_platform::frame::choose_zero_method() {
         let mut all = alloc::string::String::new();
         for (m, ns) in times {
             let _ = core::fmt::Write::write_fmt(&mut all, format_args!("{} {} ns, ", m.name(), ns));
@@ -320,7 +320,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     }
     match boot.option("mm.poison") {
         Some("on") => {
-            panda_arch::frame::poison::enable();
+            panda_platform::frame::poison::enable();
             info!(target: "mm", "frame poisoning on (mm.poison=on): freed frames are filled and checked when reused, pooled frames checked for zeros (a debugging mode: slower)");
         }
         None | Some("off") => {}
@@ -430,7 +430,7 @@ fn start_watchdog(option: Option<&str>) {
     };
     match limit_ns {
         Some(ns) => {
-            panda_arch::watchdog::start(ns);
+            panda_platform::watchdog::start(ns);
             let ms = ns / 1_000_000;
             info!(target: "watchdog", "a CPU without a timer tick for {}.{} s stops the machine with a report from every CPU (watchdog=SECONDS|off)", ms / 1000, ms / 100 % 10);
         }
@@ -479,13 +479,13 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
             heap::live_bytes(),
         )
     };
-    let buddy_before = panda_arch::frame::bookkeeping_entries();
+    let buddy_before = panda_platform::frame::bookkeeping_entries();
     let status = process::run_init(path, arg, &args).await;
-    let resends = panda_arch::ipi::resends();
+    let resends = panda_platform::ipi::resends();
     if resends > 0 {
         info!(target: "smp", "{resends} cross-CPU calls were not taken within 50 ms and got their IPI again");
     }
-    let halted = panda_arch::ipi::halted_waits();
+    let halted = panda_platform::ipi::halted_waits();
     if halted > 0 {
         info!(target: "smp", "{halted} waits for cross-CPU calls' answers went on halted (not answered within 20 us)");
     }
@@ -513,7 +513,7 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
     let allowed = |buddy_now: usize| {
         HEAP_SLACK + BOOKKEEPING_ENTRY_BYTES * buddy_now.saturating_sub(buddy_before) as u64
     };
-    let buddy_now = || panda_arch::frame::bookkeeping_entries();
+    let buddy_now = || panda_platform::frame::bookkeeping_entries();
     let mut heap_after = heap::live_bytes();
     for _ in 0..200 {
         if heap_after.saturating_sub(heap_before) <= allowed(buddy_now()) {
@@ -551,8 +551,8 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
     }
     // The frame allocator's ownership bits: a frame freed twice (refused) or found in
     // the free lists while still out (skipped) is a kernel bug even when nothing leaked.
-    let misuse = panda_arch::frame::misuse();
-    let poisoned = panda_arch::frame::poison::hits();
+    let misuse = panda_platform::frame::misuse();
+    let poisoned = panda_platform::frame::poison::hits();
     let owned_once = misuse == Default::default() && poisoned == 0;
     if poisoned > 0 {
         console!("FAIL frames_untouched_while_free: {poisoned} frames were written while free or pooled (mm.poison=on; the first are logged)");

@@ -3,7 +3,7 @@
 //! idle-time top-up, pausing it for tests that count frames).
 //!
 //! The allocator itself, its per-CPU caches and zeroed pools, and the owned `Frame`
-//! type live in `panda_arch::frame` (frames are memory: only the platform layer may turn
+//! type live in `panda_platform::frame` (frames are memory: only the platform layer may turn
 //! a number into one). `init` runs once on the boot CPU after bring-up, when every
 //! boot-time claim is recorded in the memory map: every usable and
 //! bootloader-reclaimable range above 1 MiB becomes free frames, and from then on the
@@ -16,10 +16,10 @@
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use panda_arch::frame;
 use panda_arch::percpu;
+use panda_platform::frame;
 
-pub use panda_arch::frame::{above_reserve, alloc_user as alloc_user_frame, reserve_frames};
+pub use panda_platform::frame::{above_reserve, alloc_user as alloc_user_frame, reserve_frames};
 
 use crate::boot::BootInfo;
 

@@ -55,7 +55,7 @@ pub fn init_bsp_apic(platform: &Platform) -> Result<Mode, &'static str> {
         warn!(target: "smp", "the MADT puts the local APIC at {:#x}, the CPU at {msr_base:#x}: using the CPU's", platform.local_apic_address);
     }
     panda_arch::cpu::disable_legacy_pic();
-    panda_arch::ipi::init();
+    panda_platform::ipi::init();
     apic::init_cpu()
 }
 

@@ -7,9 +7,9 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use panda_arch::frame;
 use panda_arch::percpu;
 use panda_arch::probe::{self};
+use panda_platform::frame;
 
 use crate::aspace::{AddressSpace, FaultError};
 use crate::ktest::{
@@ -45,7 +45,7 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
     let exec = executor()?;
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
-    const BATCH: u64 = panda_arch::vm::UNMAP_BATCH as u64;
+    const BATCH: u64 = panda_platform::vm::UNMAP_BATCH as u64;
     const PAGES: u64 = 3 * BATCH + 100;
     let heap = panda_abi::HEAP_BASE as u64;
     let outcome: Outcome = async {
@@ -498,7 +498,7 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
             .map_err(|e| fail(format_args!("{e:?}")))?;
         user_write(&space, heap, 0x5eed).map_err(|d| fail(format_args!("{d:?}")))?;
         // CPU 1 enters the space and reads the page: its TLB now holds the translation.
-        let seen = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+        let seen = panda_platform::ipi::call_on(1, read_on_this_cpu, heap)
             .map_err(|e| fail(format_args!("{e:?}")))?;
         ensure!(seen == 0x5eed, "cpu1 read {seen:#x}");
         // Unmap here while CPU 1 still runs the space.
@@ -506,7 +506,7 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
             .set_brk(heap)
             .await
             .map_err(|e| fail(format_args!("{e:?}")))?;
-        let after = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+        let after = panda_platform::ipi::call_on(1, read_on_this_cpu, heap)
             .map_err(|e| fail(format_args!("{e:?}")))?;
         ensure!(
             after == u64::MAX,
@@ -515,7 +515,7 @@ async fn mm_unmap_is_seen_by_another_cpu() -> Outcome {
         Ok(())
     }
     .await;
-    let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
+    let _ = panda_platform::ipi::call_on(1, leave_shared_space, 0);
     space.deactivate();
     *SHARED_SPACE.lock() = None;
     result
@@ -660,7 +660,7 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
             slot.store(phys & !0xfff, Ordering::SeqCst);
         }
         // CPU 1 runs the space and caches a translation: it is a shootdown target.
-        let seen = panda_arch::ipi::call_on(1, read_on_this_cpu, heap)
+        let seen = panda_platform::ipi::call_on(1, read_on_this_cpu, heap)
             .map_err(|e| fail(format_args!("{e:?}")))?;
         ensure!(seen == 0x5eed, "cpu1 read {seen:#x}");
         PROBE_CPUS.store(0, Ordering::SeqCst);
@@ -691,7 +691,7 @@ async fn mm_unmapped_frames_stay_in_use_until_every_cpu_flushed() -> Outcome {
         Ok(())
     }
     .await;
-    let _ = panda_arch::ipi::call_on(1, leave_shared_space, 0);
+    let _ = panda_platform::ipi::call_on(1, leave_shared_space, 0);
     space.deactivate();
     *SHARED_SPACE.lock() = None;
     PROBED.iter().for_each(|f| f.store(0, Ordering::SeqCst));

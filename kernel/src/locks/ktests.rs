@@ -13,7 +13,7 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![locks_a_waiter_is_not_
 /// The lock-order checker: with a rank-60 lock held, taking a rank-30 one is an
 /// inversion (named), a rank-65 one is not; a call served meanwhile starts afresh.
 fn locks_out_of_order_are_named(_: &Context<'_>) -> Outcome {
-    use panda_arch::sync::{nested, order_violation, Mutex, Rank};
+    use panda_platform::sync::{nested, order_violation, Mutex, Rank};
     static OUTER: Rank = Rank::new(60, "test outer");
     static INNER: Rank = Rank::new(30, "test inner");
     static LATER: Rank = Rank::new(65, "test later");
@@ -47,7 +47,7 @@ fn locks_out_of_order_are_named(_: &Context<'_>) -> Outcome {
 /// claim a waiter gets the lock only if its compare-exchange lands in the few
 /// instructions between the holder's release and its next attempt.
 async fn locks_a_waiter_is_not_starved() -> Outcome {
-    use panda_arch::sync::{Mutex, Rank};
+    use panda_platform::sync::{Mutex, Rank};
     static RANK: Rank = Rank::new(60, "test contended");
     static LOCK: Mutex<u64> = Mutex::new(&RANK, 0);
     let exec = executor()?;

@@ -6,8 +6,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use panda_arch::frame;
 use panda_arch::percpu;
+use panda_platform::frame;
 
 use crate::ktest::{
     async_tests, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests, AsyncTest,
@@ -270,7 +270,7 @@ async fn mm_measure() -> Outcome {
             let chosen = |c: usize| c != cpu && c <= targets;
             let ns = median(&mut || {
                 let t = tsc();
-                panda_arch::ipi::call_on_set(chosen, invlpg_here, page);
+                panda_platform::ipi::call_on_set(chosen, invlpg_here, page);
                 tsc() - t
             });
             crate::console!("   (shootdown round trip to {targets} CPU(s), in parallel: {ns} ns)");

@@ -7,8 +7,8 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use panda_arch::frame;
 use panda_arch::percpu;
+use panda_platform::frame;
 
 use crate::aspace::AddressSpace;
 use crate::ktest::{

@@ -31,12 +31,12 @@ use futures_util::future::Either;
 
 use log::{info, warn};
 use panda_abi::syscall::{self, Error, SystemInfo};
-use panda_arch::sync::Mutex;
 use panda_arch::user::{self, Exit, FaultAccess, UserContext};
 use panda_mm::account::{Account, UNLIMITED};
 use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
 use panda_mm::MmError;
+use panda_platform::sync::Mutex;
 use panda_sched::JoinHandle;
 
 use crate::aspace::{AddressSpace, FaultError};

@@ -458,7 +458,7 @@ fn system_info() -> SystemInfo {
     use crate::aspace::{self as a, Stat};
     SystemInfo {
         cpus: panda_arch::percpu::online_count() as u64,
-        memory_total: panda_arch::frame::total_frames() * 4096,
+        memory_total: panda_platform::frame::total_frames() * 4096,
         memory_free: crate::memory::frames_not_in_use() * 4096,
         faults: a::stat(Stat::Faults),
         zero_pool_hits: a::stat(Stat::PoolHits),
@@ -475,17 +475,17 @@ fn system_info() -> SystemInfo {
         kernel_heap_bytes: crate::heap::live_bytes(),
         zero_pools_on: crate::memory::prezero() as u64,
         zeroed_ahead: (0..panda_arch::percpu::online_count())
-            .filter_map(panda_arch::frame::pool_stats)
+            .filter_map(panda_platform::frame::pool_stats)
             .map(|s| s.zeroed)
             .sum(),
         zeroed_for_other_cpus: (0..panda_arch::percpu::online_count())
-            .filter_map(panda_arch::frame::pool_stats)
+            .filter_map(panda_platform::frame::pool_stats)
             .map(|s| s.from_others)
             .sum(),
-        zero_ahead_cycles: panda_arch::frame::zero_ahead_cycles(),
+        zero_ahead_cycles: panda_platform::frame::zero_ahead_cycles(),
         memory_account_errors: crate::aspace::account_errors(),
         oom_kills: super::oom_kills(),
-        frame_bookkeeping_bytes: panda_arch::frame::bookkeeping_entries() as u64
+        frame_bookkeeping_bytes: panda_platform::frame::bookkeeping_entries() as u64
             * crate::BOOKKEEPING_ENTRY_BYTES,
     }
 }

@@ -168,7 +168,7 @@ fn smp_ipi_ping_every_cpu(_: &Context<'_>) -> Outcome {
     let me = percpu::current_index();
     for cpu in percpu::online().filter(|c| c.index() != me) {
         let before = cpu.wake_ipis.load(Ordering::Relaxed);
-        panda_arch::ipi::wake(cpu.index());
+        panda_platform::ipi::wake(cpu.index());
         let answered = wait_for(1000, || cpu.wake_ipis.load(Ordering::Relaxed) > before);
         ensure!(
             answered,
@@ -186,7 +186,7 @@ fn report_self(_: u64) -> u64 {
 
 fn smp_cross_cpu_call(_: &Context<'_>) -> Outcome {
     for cpu in percpu::online() {
-        let answer = panda_arch::ipi::call_on(cpu.index(), report_self, 0)
+        let answer = panda_platform::ipi::call_on(cpu.index(), report_self, 0)
             .map_err(|e| fail(format_args!("call on cpu{}: {e:?}", cpu.index())))?;
         let (index, apic) = ((answer >> 32) as usize, answer as u32);
         ensure!(
@@ -216,7 +216,7 @@ fn smp_cross_cpu_call_on_a_set(_: &Context<'_>) -> Outcome {
     let n = percpu::online_count().min(64);
     SET_CALLS.store(0, Ordering::SeqCst);
     // Every other CPU, the caller included.
-    let ran = panda_arch::ipi::call_on_set(|c| c < n && c % 2 == 0, count_set_call, 0);
+    let ran = panda_platform::ipi::call_on_set(|c| c < n && c % 2 == 0, count_set_call, 0);
     let want: u64 = (0..n).filter(|c| c % 2 == 0).map(|c| 1u64 << c).sum();
     let got = SET_CALLS.load(Ordering::SeqCst);
     ensure!(got == want, "set call ran on {got:#b}, wanted {want:#b}");
@@ -289,7 +289,7 @@ async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
             let mut wrong = 0u64;
             for i in 0..rounds {
                 let target = (cpu + 1 + (i as usize % (n - 1))) % n;
-                match panda_arch::ipi::call_on(target, slow_call, i) {
+                match panda_platform::ipi::call_on(target, slow_call, i) {
                     Ok(r) if r == i + 1 => {}
                     _ => wrong += 1,
                 }
@@ -313,7 +313,7 @@ async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
     ensure!(ran == want, "{ran} calls finished, expected {want}");
     let runs = SLOW_CALLS_RUN.load(Ordering::SeqCst) - runs_before;
     ensure!(runs == want, "{want} calls ran {runs} times");
-    let busy = (0..n).find(|&c| !panda_arch::ipi::calls_idle(c));
+    let busy = (0..n).find(|&c| !panda_platform::ipi::calls_idle(c));
     ensure!(
         busy.is_none(),
         "cpu{} has a call in flight or posted after every call returned",

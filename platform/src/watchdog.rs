@@ -26,8 +26,8 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use crate::percpu::{self, MAX_CPUS};
-use crate::trap::TrapFrame;
+use panda_arch::percpu::{self, MAX_CPUS};
+use panda_arch::trap::TrapFrame;
 
 /// How often the tick check runs (on whichever CPU's tick comes first).
 const CHECK_EVERY_NS: u64 = 100_000_000;
@@ -96,7 +96,7 @@ pub(crate) fn tick(frame: &TrapFrame) {
     if limit == 0 || FIRED.load(Ordering::Relaxed) {
         return;
     }
-    let now = crate::time::now_ns();
+    let now = panda_arch::time::now_ns();
     if now.saturating_sub(LAST_CHECK_NS.load(Ordering::Relaxed)) < CHECK_EVERY_NS {
         return;
     }
@@ -137,7 +137,7 @@ pub(crate) fn tick(frame: &TrapFrame) {
     CHECKING.store(false, Ordering::Release);
     if let Some((cpu, quiet, in_a_poll)) = hung {
         if claim() {
-            crate::serial::emergency(|w| {
+            panda_arch::serial::emergency(|w| {
                 let why = if in_a_poll {
                     "its executor ran one kernel task that never yielded or checked for preemption"
                 } else {
@@ -167,10 +167,10 @@ pub fn stuck(what: &str) -> ! {
 /// (never, when the watchdog is off). For locks and waits that may spin with
 /// interrupts off.
 pub fn spin_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = crate::time::now_ns();
+    let start = panda_arch::time::now_ns();
     while !done() {
         let limit = limit_ns().saturating_mul(2);
-        let spun = crate::time::now_ns().saturating_sub(start);
+        let spun = panda_arch::time::now_ns().saturating_sub(start);
         if limit != 0 && spun >= limit {
             stuck_for(what, Some(spun));
         }
@@ -183,7 +183,7 @@ fn stuck_for(what: &str, spun_ns: Option<u64>) -> ! {
     let frame = here();
     if claim() {
         let cpu = percpu::checked_index().unwrap_or(usize::MAX);
-        crate::serial::emergency(|w| {
+        panda_arch::serial::emergency(|w| {
             let _ = write!(w, "watchdog: cpu {cpu} is stuck: {what}");
             let _ = match spun_ns {
                 Some(ns) => writeln!(
@@ -199,7 +199,7 @@ fn stuck_for(what: &str, spun_ns: Option<u64>) -> ! {
     }
     // Another CPU is already stopping the machine; its NMI will ask for this CPU's
     // report.
-    crate::power::halt_forever()
+    panda_arch::power::halt_forever()
 }
 
 /// Whether this caller is the one to report the hang (the first of the tick check and
@@ -215,8 +215,8 @@ fn report_all(frame: &TrapFrame, role: &str) -> ! {
     x86_64::instructions::interrupts::disable();
     // The lock first, so that this CPU's report comes before those the NMIs ask for.
     let locked = lock_reports();
-    if !crate::smp::stop_others_reporting() {
-        crate::power::halt_forever()
+    if !panda_arch::smp::stop_others_reporting() {
+        panda_arch::power::halt_forever()
     }
     let me = percpu::checked_index().unwrap_or(0);
     write_report(frame, role);
@@ -225,14 +225,14 @@ fn report_all(frame: &TrapFrame, role: &str) -> ! {
     }
     let expected: usize = percpu::online().filter(|c| c.index() != me).count();
     // Wait while reports keep coming; a CPU that takes no NMI must not hold the exit.
-    let mut last_progress = crate::time::now_ns();
+    let mut last_progress = panda_arch::time::now_ns();
     let mut seen = 0;
     loop {
         let done = others_reported(me);
         if done >= expected {
             break;
         }
-        let now = crate::time::now_ns();
+        let now = panda_arch::time::now_ns();
         if done != seen {
             seen = done;
             last_progress = now;
@@ -242,7 +242,7 @@ fn report_all(frame: &TrapFrame, role: &str) -> ! {
         core::hint::spin_loop();
     }
     let done = others_reported(me);
-    crate::serial::emergency(|w| {
+    panda_arch::serial::emergency(|w| {
         for cpu in percpu::online().filter(|c| c.index() != me) {
             if !REPORTED[cpu.index()].load(Ordering::Acquire) {
                 let _ = writeln!(w, "watchdog: cpu {} did not report", cpu.index());
@@ -255,7 +255,7 @@ fn report_all(frame: &TrapFrame, role: &str) -> ! {
             expected + 1
         );
     });
-    crate::power::exit(false)
+    panda_arch::power::exit(false)
 }
 
 fn others_reported(me: usize) -> usize {
@@ -282,8 +282,8 @@ fn report(frame: &TrapFrame, role: &str) {
 /// that a CPU which never lets go cannot silence the rest.
 fn lock_reports() -> bool {
     let owner = percpu::checked_index().map_or(usize::MAX, |i| i + 1);
-    let start = crate::time::now_ns();
-    while crate::time::now_ns().saturating_sub(start) < REPORT_LOCK_WAIT_NS {
+    let start = panda_arch::time::now_ns();
+    while panda_arch::time::now_ns().saturating_sub(start) < REPORT_LOCK_WAIT_NS {
         if REPORT_LOCK
             .compare_exchange(0, owner, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
@@ -299,7 +299,7 @@ fn lock_reports() -> bool {
 /// reported.
 fn write_report(frame: &TrapFrame, role: &str) {
     let me = percpu::checked_index();
-    crate::serial::emergency(|w| {
+    panda_arch::serial::emergency(|w| {
         let _ = writeln!(
             w,
             "watchdog: cpu {} report ({role}): {} mode, interrupts {}",
@@ -316,12 +316,12 @@ fn write_report(frame: &TrapFrame, role: &str) {
             "  rip={:016x} rsp={:016x} rflags={:016x} cs={:x} ss={:x}",
             frame.rip, frame.rsp, frame.rflags, frame.cs, frame.ss
         );
-        let _ = crate::trap::write_registers(w, frame);
+        let _ = panda_arch::trap::write_registers(w, frame);
         if let Some(i) = me {
             let _ = crate::sync::write_waiting(w, i);
             let _ = crate::ipi::write_state(w, i);
         }
-        let _ = crate::backtrace::write(w, frame.rip, frame.rbp);
+        let _ = panda_arch::backtrace::write(w, frame.rip, frame.rbp);
     });
     if let Some(i) = me {
         REPORTED[i].store(true, Ordering::Release);

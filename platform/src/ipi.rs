@@ -23,9 +23,11 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use crate::apic::{self, CALL_VECTOR, ERROR_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
-use crate::percpu::{self, MAX_CPUS};
-use crate::trap::{self, TrapFrame};
+use panda_arch::apic::{
+    self, CALL_VECTOR, ERROR_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR,
+};
+use panda_arch::percpu::{self, MAX_CPUS};
+use panda_arch::trap::{self, TrapFrame};
 use panda_mm::tlb::{CpuMask, CpuSet};
 
 /// A function run on another CPU: takes an argument, returns a value.
@@ -163,23 +165,23 @@ fn on_call(_: &mut TrapFrame) {
 }
 
 fn on_error(_: &mut TrapFrame) {
-    crate::serial::emergency(|w| {
+    panda_arch::serial::emergency(|w| {
         let _ = writeln!(w, "apic: error interrupt on cpu{}", percpu::current_index());
     });
     apic::eoi();
 }
 
 fn on_nmi(frame: &mut TrapFrame) {
-    if crate::smp::stopping() {
-        if crate::smp::stopping_with_reports() {
+    if panda_arch::smp::stopping() {
+        if panda_arch::smp::stopping_with_reports() {
             crate::watchdog::report_from_nmi(frame);
         }
-        crate::power::halt_forever();
+        panda_arch::power::halt_forever();
     }
-    crate::serial::emergency(|w| {
-        let _ = crate::trap::write_report(w, frame, 0);
+    panda_arch::serial::emergency(|w| {
+        let _ = panda_arch::trap::write_report(w, frame, 0);
     });
-    crate::power::exit(false)
+    panda_arch::power::exit(false)
 }
 
 /// Whether CPU `cpu` has no call in flight and none posted to it waits to run.
@@ -308,14 +310,14 @@ pub fn halted_waits() -> u64 {
 /// harmless: an IPI that finds no posted call does nothing.
 fn wait(request: &Request) {
     let me = percpu::current_index();
-    let start = crate::time::now_ns();
+    let start = panda_arch::time::now_ns();
     let mut resend_at = start + RESEND_AFTER_NS;
     crate::watchdog::spin_until("waiting for other CPUs to answer a call", || {
         if request.remaining.load(Ordering::Acquire) == 0 {
             return true;
         }
         serve_calls();
-        let now = crate::time::now_ns();
+        let now = panda_arch::time::now_ns();
         if now >= resend_at {
             for cpu in request.pending.snapshot().iter() {
                 if INBOX[cpu][me / 64].load(Ordering::Acquire) & (1 << (me % 64)) != 0 {

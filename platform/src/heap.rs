@@ -38,12 +38,12 @@ impl PageSource for FramePages {
 /// Bytes handed out and not yet freed, per CPU (a block freed on another CPU than the
 /// one that allocated it makes one counter go down and another up; the sum is exact).
 static LIVE_BYTES: [crossbeam_utils::CachePadded<core::sync::atomic::AtomicI64>;
-    crate::percpu::MAX_CPUS] =
+    panda_arch::percpu::MAX_CPUS] =
     [const { crossbeam_utils::CachePadded::new(core::sync::atomic::AtomicI64::new(0)) };
-        crate::percpu::MAX_CPUS];
+        panda_arch::percpu::MAX_CPUS];
 
 fn count_bytes(delta: i64) {
-    if let Some(c) = LIVE_BYTES.get(crate::percpu::current_index()) {
+    if let Some(c) = LIVE_BYTES.get(panda_arch::percpu::current_index()) {
         c.fetch_add(delta, Ordering::Relaxed);
     }
 }
@@ -115,7 +115,7 @@ impl KernelHeap {
     unsafe fn alloc_inner(&self, layout: Layout) -> *mut u8 {
         interrupts::without_interrupts(|| {
             if self.slabs_on.load(Ordering::Acquire) {
-                let cpu = crate::percpu::current_index();
+                let cpu = panda_arch::percpu::current_index();
                 match class_of(layout.size(), layout.align()) {
                     Some(class) => {
                         // SAFETY: interrupts are off and we are CPU `cpu`: its lists
@@ -152,7 +152,7 @@ impl KernelHeap {
             }
             match class_of(layout.size(), layout.align()) {
                 Some(class) => {
-                    let cpu = crate::percpu::current_index();
+                    let cpu = panda_arch::percpu::current_index();
                     // SAFETY: `ptr` came from the slabs with this class (same layout);
                     // interrupts are off on CPU `cpu`.
                     unsafe { self.slabs.free(cpu, class, ptr) };
@@ -180,7 +180,7 @@ static HEAP: KernelHeap = KernelHeap {
 /// Takes `bytes` of usable memory above 1 MiB from the boot memory map (claimed there
 /// for the heap alone) and makes it the early heap. Returns the size, or 0 if none fit
 /// or the early heap exists already.
-pub fn init_early(map: &mut crate::boot::BootMemoryMap, bytes: u64) -> u64 {
+pub fn init_early(map: &mut panda_arch::boot::BootMemoryMap, bytes: u64) -> u64 {
     if HEAP.early_range.1.load(Ordering::Relaxed) != 0 {
         return 0;
     }
@@ -188,11 +188,11 @@ pub fn init_early(map: &mut crate::boot::BootMemoryMap, bytes: u64) -> u64 {
         bytes,
         0x10_0000,
         u64::MAX,
-        crate::boot::MemoryKind::KernelEarly,
+        panda_arch::boot::MemoryKind::KernelEarly,
     ) else {
         return 0;
     };
-    let start = crate::HHDM_BASE + phys;
+    let start = panda_arch::HHDM_BASE + phys;
     HEAP.early_range.0.store(start, Ordering::Relaxed);
     HEAP.early_range.1.store(start + bytes, Ordering::Relaxed);
     // SAFETY: the range was usable RAM and `take` claimed it for the heap alone (the map

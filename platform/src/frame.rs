@@ -23,8 +23,8 @@ use panda_mm::cache::{CacheStats, Frames};
 use panda_mm::zero::{Demand, PoolStats, ZeroPools};
 use panda_mm::PhysFrame;
 
-use crate::paging::ZeroMethod;
-use crate::{percpu, HHDM_BASE, PAGE_SIZE};
+use panda_arch::paging::ZeroMethod;
+use panda_arch::{percpu, HHDM_BASE, PAGE_SIZE};
 
 static FRAMES: spin::Once<Frames> = spin::Once::new();
 static ZERO: spin::Once<ZeroPools> = spin::Once::new();
@@ -50,14 +50,14 @@ impl Frame {
 
     /// Writes zeros over the whole frame, with the method chosen at boot.
     pub fn zero(&mut self) {
-        self.zero_with(crate::paging::zero_method());
+        self.zero_with(panda_arch::paging::zero_method());
     }
 
     /// `zero` with a given method (tests check every method; boot times them).
     pub fn zero_with(&mut self, method: ZeroMethod) {
         // SAFETY: `self` owns the frame (made only from the allocator, never shared),
         // and the HHDM maps all usable RAM writable.
-        unsafe { crate::paging::zero_page_with(method, self.ptr() as u64) };
+        unsafe { panda_arch::paging::zero_page_with(method, self.ptr() as u64) };
     }
 
     /// Zeroes the frame and vouches for it.
@@ -187,7 +187,7 @@ impl FrameRun {
         assert!(index < 1 << self.order, "frame past the run");
         // SAFETY: `self` owns the run, and frame `index` lies inside it.
         unsafe {
-            crate::paging::zero_page_with(method, self.ptr() as u64 + index as u64 * PAGE_SIZE)
+            panda_arch::paging::zero_page_with(method, self.ptr() as u64 + index as u64 * PAGE_SIZE)
         };
     }
 }
@@ -241,7 +241,7 @@ pub fn alloc_run(order: usize) -> Option<FrameRun> {
 /// 1 MiB (`BootMemoryMap::hand_over_free`: they exist once, after every boot-time claim,
 /// so owning them is proof that nothing else uses them). Sizes the zeroed pools and the
 /// kernel's reserve. Returns the frames it manages.
-pub fn init(cpus: usize, free: crate::boot::FreeRanges) -> u64 {
+pub fn init(cpus: usize, free: panda_arch::boot::FreeRanges) -> u64 {
     // One ownership bit per frame of the span (a 4 GiB span costs 128 KiB of heap).
     let span = free
         .span()
@@ -374,7 +374,7 @@ fn report_misuse(what: core::fmt::Arguments) {
         return;
     }
     let mut trace = alloc::string::String::new();
-    let _ = crate::backtrace::write(&mut trace, 0, crate::backtrace::current_rbp());
+    let _ = panda_arch::backtrace::write(&mut trace, 0, panda_arch::backtrace::current_rbp());
     log::error!(target: "mm", "{what} on cpu{}; {trace}", percpu::current_index());
 }
 
@@ -458,9 +458,9 @@ pub fn zero_ahead_cycles() -> u64 {
 fn zero_for_pool(f: PhysFrame) {
     let mut frame = Frame(f);
     poison::check(&frame);
-    let t0 = crate::cpu::rdtsc();
+    let t0 = panda_arch::cpu::rdtsc();
     frame.zero();
-    ZERO_AHEAD_CYCLES.fetch_add(crate::cpu::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+    ZERO_AHEAD_CYCLES.fetch_add(panda_arch::cpu::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
     // The pool holds it as a number from here on (and hands it out as a `ZeroedFrame`
     // again).
     let _ = frame.into_raw();
@@ -545,16 +545,19 @@ pub fn choose_zero_method() -> Option<(ZeroMethod, [(ZeroMethod, u64); 5])> {
     for (slot, method) in times.iter_mut().zip(ZeroMethod::ALL) {
         let mut best = u64::MAX;
         for _ in 0..3 {
-            let t0 = crate::cpu::rdtsc();
+            let t0 = panda_arch::cpu::rdtsc();
             for f in taken.iter_mut() {
                 f.zero_with(method);
             }
-            best = best.min(crate::cpu::rdtsc() - t0);
+            best = best.min(panda_arch::cpu::rdtsc() - t0);
         }
-        *slot = (method, crate::time::ticks_to_ns(best / taken.len() as u64));
+        *slot = (
+            method,
+            panda_arch::time::ticks_to_ns(best / taken.len() as u64),
+        );
     }
     let fastest = times.iter().min_by_key(|(_, ns)| *ns)?.0;
-    crate::paging::set_zero_method(fastest);
+    panda_arch::paging::set_zero_method(fastest);
     Some((fastest, times))
 }
 
@@ -572,7 +575,7 @@ pub mod poison {
     use panda_mm::cache::FrameBits;
 
     use super::{Frame, ZeroedFrame, FRAMES};
-    use crate::PAGE_SIZE;
+    use panda_arch::PAGE_SIZE;
 
     /// The fill (Linux's `POISON_FREE` byte).
     pub const POISON: u64 = 0x6b6b_6b6b_6b6b_6b6b;
@@ -680,7 +683,7 @@ pub mod poison {
             at,
             bytes,
             core::str::from_utf8(&text).unwrap_or("?"),
-            crate::percpu::current_index(),
+            panda_arch::percpu::current_index(),
         );
     }
 }

@@ -28,7 +28,7 @@ use core::ops::{Deref, DerefMut};
 use core::panic::Location;
 use core::sync::atomic::{AtomicPtr, AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
-use crate::percpu::{self, MAX_CPUS};
+use panda_arch::percpu::{self, MAX_CPUS};
 
 /// Most locks one CPU holds at once that the order check tracks.
 const DEPTH: usize = 16;
@@ -274,7 +274,7 @@ fn spin_until<G>(
 }
 
 fn spin_until_inner<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> G {
-    let start = crate::time::now_ns();
+    let start = panda_arch::time::now_ns();
     let mut spins = 0u32;
     loop {
         crate::ipi::serve_calls();
@@ -285,7 +285,7 @@ fn spin_until_inner<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G
         spins = spins.wrapping_add(1);
         if spins.is_multiple_of(4096) {
             let limit = crate::watchdog::limit_ns().saturating_mul(2);
-            if limit != 0 && crate::time::now_ns().saturating_sub(start) > limit {
+            if limit != 0 && panda_arch::time::now_ns().saturating_sub(start) > limit {
                 crate::watchdog::stuck(name);
             }
         }
@@ -347,12 +347,12 @@ impl<T> Mutex<T> {
     /// `STARVING_AFTER_NS`.
     #[cold]
     fn wait_for_turn(&self, me: u32) {
-        let start = crate::time::now_ns();
+        let start = panda_arch::time::now_ns();
         spin_until(self.rank, Some(&self.owner), || {
             if self.owner.try_take(me) {
                 return Some(());
             }
-            if crate::time::now_ns().saturating_sub(start) >= STARVING_AFTER_NS {
+            if panda_arch::time::now_ns().saturating_sub(start) >= STARVING_AFTER_NS {
                 // Claim the next turn (if no other waiter has it already).
                 let _ = self.owner.favoured.compare_exchange(
                     0,

@@ -28,9 +28,10 @@ use panda_mm::region::Rights;
 use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
 
 use crate::frame::{self, Frame};
-use crate::paging::{flags, FrameSource, MapError, PageSize, TableBuilder};
+use crate::ipi;
 use crate::sync::{Mutex, MutexGuard, Rank};
-use crate::{ipi, percpu, HHDM_BASE, PAGE_SIZE};
+use panda_arch::paging::{flags, FrameSource, MapError, PageSize, TableBuilder};
+use panda_arch::{percpu, HHDM_BASE, PAGE_SIZE};
 
 /// Lock ranks of this module (the kernel's others are in `kernel/src/locks.rs`;
 /// docs/LOCKING.md has the whole order).
@@ -65,7 +66,7 @@ fn leaf_bits(rights: Rights) -> u64 {
         bits |= flags::WRITABLE;
     }
     if !rights.execute {
-        bits |= crate::paging::nx_bit();
+        bits |= panda_arch::paging::nx_bit();
     }
     bits
 }
@@ -228,7 +229,7 @@ impl VmSpace {
     /// An empty space sharing the kernel half (`None` if no frame could be had).
     pub fn new() -> Option<Arc<Self>> {
         let mut tables = TableBuilder::new(&mut TableFrames, HHDM_BASE).ok()?;
-        tables.share_kernel_half(crate::kernel_tables::kernel_root());
+        tables.share_kernel_half(panda_arch::kernel_tables::kernel_root());
         Some(Arc::new(Self {
             root: tables.root(),
             tables: Mutex::new(&TABLES, Some(UserTables { tables })),
@@ -251,7 +252,7 @@ impl VmSpace {
 
     /// Whether this space is the calling CPU's current one.
     pub fn is_current(&self) -> bool {
-        crate::paging::active_root() == self.root
+        panda_arch::paging::active_root() == self.root
     }
 
     /// The CPUs that may hold this space's translations now (its shootdown targets).
@@ -268,9 +269,9 @@ impl VmSpace {
         // stays mapped; it stays alive while loaded (dropping it first moves every CPU
         // that may have it loaded away). Without PCID the CR3 load flushes this CPU's
         // user entries, which also covers a `Flush` decision.
-        unsafe { crate::paging::switch_to(self.root) };
+        unsafe { panda_arch::paging::switch_to(self.root) };
         if decision == SwitchFlush::Flush {
-            crate::paging::flush_user();
+            panda_arch::paging::flush_user();
         }
         // After the CR3 load: this CPU can no longer use the previous space's entries.
         let previous = CURRENT_SPACE
@@ -285,7 +286,7 @@ impl VmSpace {
 
     /// Returns the calling CPU to the kernel's own tables.
     pub fn deactivate(&self) {
-        crate::kernel_tables::load();
+        panda_arch::kernel_tables::load();
         let cpu = percpu::current_index();
         self.tlb.on_switch_out(cpu);
         if let Some(slot) = CURRENT_SPACE.get(cpu) {
@@ -519,12 +520,14 @@ fn flush_scope(initiator: u64) -> u64 {
         }
     }
     let Some(slot) = SCOPES.get(initiator as usize) else {
-        crate::paging::flush_user();
+        panda_arch::paging::flush_user();
         return 0;
     };
     match slot.lock().as_ref() {
-        Some(pages) => pages.iter().for_each(|&p| crate::paging::flush_page(p)),
-        None => crate::paging::flush_user(),
+        Some(pages) => pages
+            .iter()
+            .for_each(|&p| panda_arch::paging::flush_page(p)),
+        None => panda_arch::paging::flush_user(),
     }
     0
 }
@@ -532,8 +535,8 @@ fn flush_scope(initiator: u64) -> u64 {
 /// Runs on a CPU that may still have the dying space `root` loaded (a thread ran there
 /// and moved on): switches it to the kernel's tables.
 fn leave_space(root: u64) -> u64 {
-    if crate::paging::active_root() == root {
-        crate::kernel_tables::load();
+    if panda_arch::paging::active_root() == root {
+        panda_arch::kernel_tables::load();
     }
     0
 }

@@ -1,0 +1,28 @@
+//! `panda-platform`: what the kernel owns and shares between CPUs, built on `arch`.
+//!
+//! `arch` knows the x86 machine (boot, descriptor tables, traps, the APIC, paging
+//! formats, time); it holds no memory policy and does not depend on `mm`. This crate
+//! turns those mechanisms into the kernel's trusted services:
+//!
+//! - `frame`: physical frames as owned values (`Frame`, `ZeroedFrame`), the per-CPU
+//!   caches, the pools of frames zeroed ahead of demand and the zeroing method;
+//! - `heap`: the kernel heap (the global allocator: per-CPU slabs over frames);
+//! - `vm`: a user address space (`VmSpace`): its page tables, which CPUs run it, and
+//!   the TLB shootdowns that keep them true;
+//! - `sync`: the ranked spinlocks every other module uses, with lock-order checks;
+//! - `ipi`: cross-CPU calls, wake-ups and the timer tick, served while a CPU waits;
+//! - `watchdog`: the per-CPU progress check that turns a hang into a report.
+//!
+//! The kernel crate above builds under `#![forbid(unsafe_code)]`; every `unsafe` block
+//! here carries a `// SAFETY:` line, and a safe function here must be sound whatever
+//! its caller passes.
+#![no_std]
+
+extern crate alloc;
+
+pub mod frame;
+pub mod heap;
+pub mod ipi;
+pub mod sync;
+pub mod vm;
+pub mod watchdog;
