@@ -2,9 +2,10 @@
 //! and shootdown bookkeeping.
 //!
 //! Each space owns a PML4 whose kernel half (slots 256..511) is copied from the kernel's
-//! and therefore shared. Faults in demand-zero regions map a frame from the zeroed pool
-//! (or a freshly zeroed one), under the page-table lock, so two faults on one page end
-//! with one mapping. Shrinking the heap unmaps pages and runs the shootdown protocol:
+//! and therefore shared. Faults in demand-zero regions map a `ZeroedFrame` that
+//! `panda_platform::zero::fault_frame` chose (from the pool, awaited, or zeroed on the
+//! spot) with `UserTables::map_zeroed`, under the page-table lock, so two faults on one
+//! page end with one mapping. Shrinking the heap unmaps pages and runs the shootdown protocol:
 //! CPUs running the space now flush (cross-CPU calls), the others catch up at their
 //! next switch, and the frames are freed only after every target acknowledged. The
 //! released range stays *retiring* in the region bookkeeping meanwhile (nothing new is
@@ -34,8 +35,9 @@ use panda_mm::account::{Account, OverLimit, UNLIMITED};
 use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
 use panda_mm::MmError;
-use panda_platform::frame::{self, Frame};
-use panda_platform::vm::VmSpace;
+use panda_platform::frame::{FilledFrame, ZeroedFrame};
+use panda_platform::vm::{UserTables, VmSpace};
+use panda_platform::zero::Source;
 
 use panda_platform::sync::{Mutex, RwLock};
 
@@ -97,35 +99,16 @@ fn tsc() -> u64 {
     panda_arch::cpu::rdtsc()
 }
 
-/// A frame zeroed on the spot (the pool had none); refused below the kernel's reserve.
-fn zero_now() -> Result<Frame, FaultError> {
-    let t0 = tsc();
-    let frame = frame::alloc_user()
-        .ok_or(FaultError::OutOfMemory)?
-        .into_zeroed();
-    count(Stat::ZeroedInline);
-    add(Stat::ProfZero, tsc() - t0);
-    Ok(frame.into_frame())
-}
-
-/// A frame from CPU `cpu`'s zeroed pool, if it has one (counted as a pool hit); never
-/// with the pools off (`mm.prezero=off`). A pool that runs low wakes the nearest idle
-/// CPU to top it up: this CPU never idles while it faults, and an idle CPU would
-/// otherwise sleep until its next timer tick (10 ms, thousands of faults) while the
-/// pool runs dry.
-fn pooled_frame(cpu: usize) -> Option<Frame> {
-    if !crate::memory::prezero() {
-        return None;
-    }
-    let taken = frame::try_take_zeroed(cpu);
-    if frame::pool_wants_helper(cpu) {
-        if let Some(exec) = crate::executor::get() {
-            exec.wake_idle_near(cpu);
+/// Counts where a fault's frame came from.
+fn count_source(source: Source) {
+    match source {
+        Source::PoolHit => count(Stat::PoolHits),
+        Source::PoolWait => count(Stat::PoolWaits),
+        Source::ZeroedInline { cycles } => {
+            count(Stat::ZeroedInline);
+            add(Stat::ProfZero, cycles);
         }
     }
-    let frame = taken?.into_frame();
-    count(Stat::PoolHits);
-    Some(frame)
 }
 
 /// Yields once to the executor (a spin hint where there is none yet).
@@ -311,17 +294,11 @@ impl AddressSpace {
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
         self.charge(PAGE).map_err(Miss::OverLimit)?;
-        let cpu = percpu::current_index();
-        let frame = match pooled_frame(cpu) {
-            Some(frame) => frame,
-            None => match zero_now() {
-                Ok(frame) => frame,
-                Err(e) => {
-                    self.uncharge(PAGE);
-                    return Err(e);
-                }
-            },
+        let Some((frame, source)) = panda_platform::zero::fault_frame_now() else {
+            self.uncharge(PAGE);
+            return Err(FaultError::OutOfMemory);
         };
+        count_source(source);
         Ok(self.install(addr, frame, rights, generation)?)
     }
 
@@ -390,39 +367,16 @@ impl AddressSpace {
         // ends meanwhile drops this future there, and the charge must go back with it.
         self.charge(PAGE).map_err(Miss::OverLimit)?;
         let pending = PendingPage(self);
-        let frame = self.fault_frame().await.ok_or(Miss::NoFrame)?;
+        let (frame, source) = panda_platform::zero::fault_frame()
+            .await
+            .ok_or(Miss::NoFrame)?;
+        count_source(source);
         // `install` owns the charge from here.
         core::mem::forget(pending);
         let t0 = tsc();
         let result = self.install(addr, frame, rights, generation);
         add(Stat::ProfMap, tsc() - t0);
         result
-    }
-
-    /// A zeroed frame for a fault: from the pool, awaited from the zeroing task, or
-    /// zeroed on the spot; `None` if the machine is out of frames.
-    async fn fault_frame(&self) -> Option<Frame> {
-        let cpu = percpu::current_index();
-        let frame = match pooled_frame(cpu) {
-            Some(frame) => frame,
-            None => match (frame::take_zeroed(cpu), crate::executor::get()) {
-                (Some(take), Some(exec))
-                    if crate::memory::prezero()
-                        && !crate::memory::zeroing_paused()
-                        && exec.has_queued_work(cpu) =>
-                {
-                    match take.await {
-                        Some(z) => {
-                            count(Stat::PoolWaits);
-                            z.into_frame()
-                        }
-                        None => zero_now().ok()?,
-                    }
-                }
-                _ => zero_now().ok()?,
-            },
-        };
-        Some(frame)
     }
 
     /// The rights of a demand-zero page at `addr`, or why there is none.
@@ -439,7 +393,7 @@ impl AddressSpace {
     fn install(
         &self,
         addr: u64,
-        frame: Frame,
+        frame: ZeroedFrame,
         rights: Rights,
         generation: u64,
     ) -> Result<(), Miss> {
@@ -469,7 +423,7 @@ impl AddressSpace {
             self.uncharge(PAGE);
             return Err(Miss::Denied(FaultDecision::OutsideRegions));
         };
-        match self.map_charged(tables, addr, frame, rights) {
+        match self.map_charged(tables, addr, |t| t.map_zeroed(addr, frame, rights)) {
             Ok(()) => {
                 count(Stat::Faults);
                 Ok(())
@@ -481,26 +435,26 @@ impl AddressSpace {
         }
     }
 
-    /// Maps `frame` at `virt` in `tables` (locked), the one place a frame joins a
-    /// space: the page is charged already; the page tables the walk will add are
-    /// charged here first (refused past the limit), and whatever the map did not end
-    /// up holding is given back. Errors: `OverLimit`; `NoFrame` (a table frame could not
-    /// be had); `AlreadyMapped` (the frame went back); `Denied(OutsideRegions)` for an
-    /// address the tables refuse.
+    /// Runs `map` (one `UserTables::map_zeroed` or `map_filled` of the page `virt`, which
+    /// owns the frame) in `tables` (locked), the one place a frame joins a space: the
+    /// page is charged already; the page tables the walk will add are charged here
+    /// first (refused past the limit: `map` is dropped unrun, with its frame), and
+    /// whatever the map did not end up holding is given back. Errors: `OverLimit`;
+    /// `NoFrame` (a table frame could not be had); `AlreadyMapped` (the frame went
+    /// back); `Denied(OutsideRegions)` for an address the tables refuse.
     fn map_charged(
         &self,
-        tables: &mut panda_platform::vm::UserTables,
+        tables: &mut UserTables,
         virt: u64,
-        frame: Frame,
-        rights: Rights,
+        map: impl FnOnce(&mut UserTables) -> Result<(), MapError>,
     ) -> Result<(), Miss> {
         let missing = tables.tables_missing(virt);
         if let Err(over) = self.charge(missing * PAGE) {
             self.uncharge(PAGE);
-            drop(frame);
+            drop(map);
             return Err(Miss::OverLimit(over));
         }
-        let result = tables.map(virt, frame, rights);
+        let result = map(tables);
         if result.is_err() {
             // Tables a failed map added stay (empty; an unmap or the drop frees them):
             // only the page and the tables not added go back.
@@ -514,18 +468,18 @@ impl AddressSpace {
         })
     }
 
-    /// Maps `frame` at the page `virt` with `rights` (e.g. an ELF segment's page with
-    /// its contents), taking ownership of the frame: tear-down frees it. The page must
-    /// lie in a region that allows `rights` (the fault path would refuse it otherwise).
-    /// Charged like a fault's page: past the account's limit, `OutOfMemory`.
-    pub fn map_frame(&self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MmError> {
+    /// Maps the filled `frame` at the page `virt` with `rights` (an ELF segment's page
+    /// with its file bytes), taking ownership of the frame: tear-down frees it. The page
+    /// must lie in a region that allows `rights` (the fault path would refuse it
+    /// otherwise). Charged like a fault's page: past the account's limit, `OutOfMemory`.
+    pub fn map_filled(&self, virt: u64, frame: FilledFrame, rights: Rights) -> Result<(), MmError> {
         self.charge(PAGE).map_err(|_| MmError::OutOfMemory)?;
         let mut guard = self.vm.lock();
         let Some(tables) = guard.as_mut() else {
             self.uncharge(PAGE);
             return Err(MmError::Invalid);
         };
-        self.map_charged(tables, virt, frame, rights)
+        self.map_charged(tables, virt, |t| t.map_filled(virt, frame, rights))
             .map_err(|e| match e {
                 Miss::NoFrame | Miss::OverLimit(_) => MmError::OutOfMemory,
                 Miss::Denied(_) | Miss::AlreadyMapped => MmError::Invalid,
@@ -570,7 +524,7 @@ impl AddressSpace {
         loop {
             // Each batch's frames are uncharged as they go, so a retire stopped between
             // batches leaves the charge equal to what the tables still hold.
-            let (next, freed) = self.vm.unmap_batch(at, to);
+            let (next, freed) = self.vm.unmap(at, to).finish();
             self.uncharge(freed * PAGE);
             let Some(next) = next else { break };
             at = next;
@@ -658,7 +612,7 @@ impl AddressSpace {
         addr: u64,
         len: u64,
         write: bool,
-        mut copy: impl FnMut(&panda_platform::vm::UserTables, usize, usize) -> Result<(), usize>,
+        mut copy: impl FnMut(&UserTables, usize, usize) -> Result<(), usize>,
     ) -> Result<(), FaultError> {
         let denied = FaultError::Denied(FaultDecision::OutsideRegions);
         let end = addr.checked_add(len).ok_or(denied)?;

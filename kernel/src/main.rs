@@ -340,11 +340,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     }
     heap::enable_slabs();
     let executor = executor::init(report.online);
-    executor.set_idle_work(memory::zero_when_idle);
-    for cpu in 0..executor.cpu_count() {
-        // Detached: the zeroing tasks run as long as the kernel.
-        drop(executor.spawn_pinned(cpu, memory::zeroing_task(cpu)));
-    }
+    memory::start_zeroing(executor, executor.cpu_count());
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());
     start_watchdog(boot.option("watchdog"));
     for word in boot.unknown_words() {

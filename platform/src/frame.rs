@@ -4,15 +4,25 @@
 //!
 //! A `Frame` is 4 KiB of RAM that its holder alone may read and write: it is not
 //! `Copy` or `Clone`, it is made only here (from the allocator), and dropping it gives
-//! it back. Mapping it into a user space moves it into the page table
-//! (`vm::UserTables::map`); unmapping moves it into the shootdown batch, which drops it
-//! only after every CPU that may cache the translation has flushed. So no code above
-//! this crate can free a frame twice, keep using one it gave back, or map memory it
-//! does not own. A `ZeroedFrame` is a `Frame` known to hold only zeros: the pools
-//! hand them out, and `Frame::into_zeroed` makes one.
+//! it back. So no code above this crate can free a frame twice, keep using one it gave
+//! back, or map memory it does not own.
 //!
-//! Frames are numbers in `panda-mm` (host-tested); this module turns them into owned
-//! values and is the one place that converts back and forth.
+//! What a user page may show is a type, up to the page-table entry:
+//! - a `ZeroedFrame` holds only zeros. Only this crate makes one: the pools hand them
+//!   out (zeroed ahead by idle CPUs), `alloc_user_zeroed` zeroes one on the spot, and
+//!   nothing else can vouch for a frame (there is no public "this is zero");
+//! - a `FilledFrame` is a `ZeroedFrame` the kernel then wrote (`ZeroedFrame::fill`: an
+//!   ELF segment's file bytes);
+//! - a plain `Frame` (kernel memory, or a frame that has lost its promise) can never be
+//!   mapped into a user space: `vm::UserTables::map_zeroed` takes a `ZeroedFrame` (the
+//!   fault path) and `map_filled` a `FilledFrame` (the loader). So no user page ever
+//!   shows bytes a previous owner left behind.
+//!
+//! Mapping moves the frame into the page table (`tables`, the one place a frame becomes
+//! a number in an entry and comes back out); unmapping moves it into the shootdown
+//! batch, which drops it only after every CPU that may cache the translation has
+//! flushed. Frames are numbers in `panda-mm` (host-tested); this module turns them into
+//! owned values.
 
 use core::future::Future;
 use core::pin::Pin;
@@ -60,8 +70,9 @@ impl Frame {
         unsafe { panda_arch::paging::zero_page_with(method, self.ptr() as u64) };
     }
 
-    /// Zeroes the frame and vouches for it.
-    pub fn into_zeroed(mut self) -> ZeroedFrame {
+    /// Zeroes the frame and vouches for it (private: only a frame zeroed here, now,
+    /// becomes a `ZeroedFrame`).
+    fn into_zeroed(mut self) -> ZeroedFrame {
         self.zero();
         ZeroedFrame(self)
     }
@@ -87,8 +98,9 @@ impl Frame {
         })
     }
 
-    /// Gives up ownership as a number (the frame then belongs to a page table or the
-    /// allocator: whoever takes it must turn it back with `from_raw` exactly once).
+    /// Gives up ownership as a number (the frame then belongs to a page table, a pool,
+    /// the heap or the allocator: whoever takes it turns it back with `from_raw` at
+    /// most once — for page tables, only `tables` does).
     pub(crate) fn into_raw(self) -> u64 {
         let phys = self.phys();
         core::mem::forget(self);
@@ -137,8 +149,36 @@ impl ZeroedFrame {
         self.0.phys()
     }
 
-    /// The frame, without the promise (e.g. to map it: the user may then write it).
+    /// The frame, without the promise (it can then no longer be mapped into a user
+    /// space; for kernel use and tests).
     pub fn into_frame(self) -> Frame {
+        self.0
+    }
+
+    /// Writes `bytes` at `offset` over the zeros (e.g. an ELF segment's file bytes):
+    /// every byte is now zero or the kernel's. Panics past the end.
+    pub fn fill(self, offset: usize, bytes: &[u8]) -> FilledFrame {
+        let mut frame = self.0;
+        frame.write(offset, bytes);
+        FilledFrame(frame)
+    }
+
+    pub(crate) fn into_inner(self) -> Frame {
+        self.0
+    }
+}
+
+/// A frame whose every byte is zero or was written by the kernel (`ZeroedFrame::fill`):
+/// what the loader maps (`vm::UserTables::map_filled`).
+#[derive(Debug)]
+pub struct FilledFrame(Frame);
+
+impl FilledFrame {
+    pub fn phys(&self) -> u64 {
+        self.0.phys()
+    }
+
+    pub(crate) fn into_inner(self) -> Frame {
         self.0
     }
 }
@@ -302,13 +342,14 @@ pub fn alloc() -> Option<Frame> {
     Some(frame)
 }
 
-/// A frame for user memory or a user page table (not zeroed): `None` below the
-/// kernel's reserve.
-pub fn alloc_user() -> Option<Frame> {
+/// A frame for user memory or a user page table, zeroed now: `None` below the kernel's
+/// reserve. The fault path's "zero on demand" (`zero::fault_frame`), the loader's
+/// segment pages and every page-table frame (`tables`) come from here.
+pub fn alloc_user_zeroed() -> Option<ZeroedFrame> {
     if !above_reserve() {
         return None;
     }
-    alloc()
+    Some(alloc()?.into_zeroed())
 }
 
 /// A frame only if the calling CPU's cache or the global allocator has one without
@@ -419,12 +460,12 @@ pub fn try_take_zeroed(cpu: usize) -> Option<ZeroedFrame> {
 
 /// A future for a zeroed frame from CPU `cpu`'s pool: ready at once on a hit, else
 /// woken by the pool's next refill; `None` when a refill found memory exhausted.
-pub fn take_zeroed(cpu: usize) -> Option<TakeZeroed> {
+pub(crate) fn take_zeroed(cpu: usize) -> Option<TakeZeroed> {
     Some(TakeZeroed(ZERO.get()?.take(cpu)))
 }
 
 /// See `take_zeroed`.
-pub struct TakeZeroed(panda_mm::zero::TakeZeroed<'static>);
+pub(crate) struct TakeZeroed(panda_mm::zero::TakeZeroed<'static>);
 
 impl Future for TakeZeroed {
     type Output = Option<ZeroedFrame>;
@@ -438,7 +479,7 @@ impl Future for TakeZeroed {
 
 /// Tops CPU `cpu`'s pool up by at most `budget` frames zeroed now; wakes the tasks
 /// waiting for one. Returns how many were added.
-pub fn refill_pool(cpu: usize, budget: usize) -> usize {
+pub(crate) fn refill_pool(cpu: usize, budget: usize) -> usize {
     let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
         return 0;
     };
@@ -469,7 +510,7 @@ fn zero_for_pool(f: PhysFrame) {
 /// Zeroes at most `budget` frames from the calling CPU's frame cache into CPU
 /// `cpu`'s pool (an idle CPU helping a busy one); wakes `cpu`'s waiters. Returns how
 /// many were added.
-pub fn refill_pool_for(cpu: usize, budget: usize) -> usize {
+pub(crate) fn refill_pool_for(cpu: usize, budget: usize) -> usize {
     let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
         return 0;
     };
@@ -478,34 +519,34 @@ pub fn refill_pool_for(cpu: usize, budget: usize) -> usize {
 
 /// Whether CPU `cpu`'s pool ran low and asks for a helper now (see
 /// `ZeroPools::wants_helper`; answered once).
-pub fn pool_wants_helper(cpu: usize) -> bool {
+pub(crate) fn pool_wants_helper(cpu: usize) -> bool {
     ZERO.get().is_some_and(|z| z.wants_helper(cpu))
 }
 
 /// The CPU nearest to `cpu` whose pool has room (see `ZeroPools::nearest_wanting`).
-pub fn pool_nearest_wanting(cpu: usize) -> Option<usize> {
+pub(crate) fn pool_nearest_wanting(cpu: usize) -> Option<usize> {
     ZERO.get()?.nearest_wanting(cpu)
 }
 
 /// A future for CPU `cpu`'s zeroing task: resolves when a take waits on the empty pool.
-pub fn pool_demand(cpu: usize) -> Option<Demand<'static>> {
+pub(crate) fn pool_demand(cpu: usize) -> Option<Demand<'static>> {
     Some(ZERO.get()?.demand(cpu))
 }
 
 /// Whether a take waits on CPU `cpu`'s pool.
-pub fn pool_has_waiters(cpu: usize) -> bool {
+pub(crate) fn pool_has_waiters(cpu: usize) -> bool {
     ZERO.get().is_some_and(|p| p.has_waiters(cpu))
 }
 
 /// Tells CPU `cpu`'s waiters that no frame is coming (memory is short).
-pub fn pool_wake_starved(cpu: usize) {
+pub(crate) fn pool_wake_starved(cpu: usize) {
     if let Some(p) = ZERO.get() {
         p.wake_starved(cpu);
     }
 }
 
 /// Whether CPU `cpu`'s pool has room.
-pub fn pool_wants_frames(cpu: usize) -> bool {
+pub(crate) fn pool_wants_frames(cpu: usize) -> bool {
     ZERO.get().is_some_and(|p| p.wants_frames(cpu))
 }
 

@@ -4,11 +4,15 @@
 //! formats, time); it holds no memory policy and does not depend on `mm`. This crate
 //! turns those mechanisms into the kernel's trusted services:
 //!
-//! - `frame`: physical frames as owned values (`Frame`, `ZeroedFrame`), the per-CPU
-//!   caches, the pools of frames zeroed ahead of demand and the zeroing method;
+//! - `frame`: physical frames as owned values (`Frame`, `ZeroedFrame`, `FilledFrame`),
+//!   the per-CPU caches, the pools of frames zeroed ahead of demand and the zeroing
+//!   method;
+//! - `zero`: the zeroing policy: where a fault's zeroed frame comes from (pool hit,
+//!   awaited refill, zeroed on the spot), the zeroing task and idle-time top-up;
 //! - `heap`: the kernel heap (the global allocator: per-CPU slabs over frames);
-//! - `vm`: a user address space (`VmSpace`): its page tables, which CPUs run it, and
-//!   the TLB shootdowns that keep them true;
+//! - `vm`: a user address space (`VmSpace`): its page tables (owning what they map,
+//!   through the private `tables`), which CPUs run it, and the TLB shootdowns that keep
+//!   them true;
 //! - `sync`: the ranked spinlocks every other module uses, with lock-order checks;
 //! - `ipi`: cross-CPU calls, wake-ups and the timer tick, served while a CPU waits;
 //! - `watchdog`: the per-CPU progress check that turns a hang into a report.
@@ -24,5 +28,7 @@ pub mod frame;
 pub mod heap;
 pub mod ipi;
 pub mod sync;
+mod tables;
 pub mod vm;
 pub mod watchdog;
+pub mod zero;

@@ -4,12 +4,17 @@
 //!
 //! `VmSpace` is the only way code above this crate changes a user page table, and every
 //! way it offers is safe whatever the caller does:
-//! - `UserTables::map` takes an owned `Frame` (the table owns it from then on) and
-//!   user rights only: no physical address can be mapped that the caller does not own,
-//!   and nothing is mapped into the kernel half;
-//! - unmapping and protecting exist only on `VmSpace` (`unmap_range`, `protect_range`),
-//!   which flush every CPU that may hold the old translation before they return; the
-//!   unmapped frames and emptied tables are dropped (freed) only after that;
+//! - with the tables locked (`VmSpace::lock`, a cursor over them), a page is mapped
+//!   from an owned frame whose contents the type states: `UserTables::map_zeroed` takes
+//!   a `ZeroedFrame` (the fault path), `map_filled` a `FilledFrame` (the loader's
+//!   segment pages); a plain `Frame` cannot be mapped. The tables own the frame from
+//!   then on (`tables::OwnedTables`, the one place a frame becomes an entry's number
+//!   and back). User rights only: no physical address can be mapped that the caller
+//!   does not own, and nothing is mapped into the kernel half;
+//! - unmapping and protecting exist only on `VmSpace`: `unmap` hands back the frames in
+//!   an `Unmapped` batch that frees them only after every CPU that may hold the old
+//!   translation has flushed (`Unmapped::finish`, or its drop); `unmap_range` and
+//!   `protect_range` flush before they return;
 //! - user memory is copied (`UserTables::read`/`write`), never borrowed: another user
 //!   thread may write the same bytes at any moment, and a Rust reference over them
 //!   would be undefined behaviour. The copy runs with the table lock held, so the
@@ -24,13 +29,15 @@ use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use panda_mm::region::Rights;
+pub use panda_mm::region::{Access, Rights};
 use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
 
-use crate::frame::{self, Frame};
+use crate::frame::{self, FilledFrame, Frame, ZeroedFrame};
 use crate::ipi;
 use crate::sync::{Mutex, MutexGuard, Rank};
-use panda_arch::paging::{flags, FrameSource, MapError, PageSize, TableBuilder};
+use crate::tables::OwnedTables;
+use panda_arch::paging::{flags, MapError};
+use panda_arch::user::FaultAccess;
 use panda_arch::{percpu, HHDM_BASE, PAGE_SIZE};
 
 /// Lock ranks of this module (the kernel's others are in `kernel/src/locks.rs`;
@@ -49,13 +56,16 @@ pub const UNMAP_BATCH: usize = 512;
 /// mapped into a user space by this module.
 pub const USER_END: u64 = 1 << 47;
 
-/// Page-table frames: user frames (refused below the kernel's reserve), zeroed, owned
-/// by the hierarchy from then on.
-struct TableFrames;
-
-impl FrameSource for TableFrames {
-    fn zeroed_frame(&mut self) -> Option<u64> {
-        Some(frame::alloc_user()?.into_zeroed().into_frame().into_raw())
+/// The access a user page fault made, as the region bookkeeping checks it: the one
+/// conversion from what `arch` decodes of the error code (`FaultAccess`: arch does not
+/// depend on `mm`, and `mm`'s host-tested `Access` must not depend on arch) to the
+/// `Access` every check above uses. Exhaustive: a new kind of fault does not build
+/// until it is mapped here.
+pub fn fault_access(access: FaultAccess) -> Access {
+    match access {
+        FaultAccess::Read => Access::Read,
+        FaultAccess::Write => Access::Write,
+        FaultAccess::Execute => Access::Execute,
     }
 }
 
@@ -95,7 +105,7 @@ unsafe fn copy_bytes(dst: *mut u8, src: *const u8, n: usize) {
 
 /// The page tables of one user space, reached only with its lock held (`VmSpace::lock`).
 pub struct UserTables {
-    tables: TableBuilder,
+    tables: OwnedTables,
 }
 
 impl UserTables {
@@ -126,11 +136,32 @@ impl UserTables {
             .map(|(phys, _)| phys)
     }
 
-    /// Maps `frame` at the page `virt` with user `rights`; the tables own it from now
-    /// on (unmapping or tearing the space down frees it). On failure the frame is
-    /// freed: `AlreadyMapped` if the page is mapped, `OutOfFrames` if a page-table
-    /// frame could not be had, `Misaligned` for an address outside the user half.
-    pub fn map(&mut self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MapError> {
+    /// Maps the zeroed `frame` at the page `virt` with user `rights` (a demand-zero
+    /// fault: the user sees only zeros); the tables own it from now on (unmapping or
+    /// tearing the space down frees it). On failure the frame is freed:
+    /// `AlreadyMapped` if the page is mapped, `OutOfFrames` if a page-table frame could
+    /// not be had, `Misaligned` for an address outside the user half.
+    pub fn map_zeroed(
+        &mut self,
+        virt: u64,
+        frame: ZeroedFrame,
+        rights: Rights,
+    ) -> Result<(), MapError> {
+        self.map(virt, frame.into_inner(), rights)
+    }
+
+    /// `map_zeroed` for a frame the kernel filled (an ELF segment's page with the
+    /// file's bytes over zeros).
+    pub fn map_filled(
+        &mut self,
+        virt: u64,
+        frame: FilledFrame,
+        rights: Rights,
+    ) -> Result<(), MapError> {
+        self.map(virt, frame.into_inner(), rights)
+    }
+
+    fn map(&mut self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MapError> {
         let page = virt & !(PAGE_SIZE - 1);
         if page >= USER_END {
             return Err(MapError::Misaligned {
@@ -140,18 +171,7 @@ impl UserTables {
         }
         // One walk: `map` itself refuses a page that is mapped already (a 4 KiB entry,
         // or a huge one on the way), without changing any table.
-        let phys = frame.into_raw();
-        let result = self.tables.map(
-            page,
-            phys,
-            PageSize::Size4K,
-            leaf_bits(rights),
-            &mut TableFrames,
-        );
-        if result.is_err() {
-            // SAFETY: the map failed, so `phys` is in no table: still ours alone.
-            drop(unsafe { Frame::from_raw(phys) });
-        }
+        let result = self.tables.map(page, frame, leaf_bits(rights));
         result.map_err(|e| match e {
             MapError::AlreadyMapped { .. } => MapError::AlreadyMapped { virt: page },
             other => other,
@@ -228,7 +248,7 @@ pub type TablesGuard<'a> = MutexGuard<'a, Option<UserTables>>;
 impl VmSpace {
     /// An empty space sharing the kernel half (`None` if no frame could be had).
     pub fn new() -> Option<Arc<Self>> {
-        let mut tables = TableBuilder::new(&mut TableFrames, HHDM_BASE).ok()?;
+        let mut tables = OwnedTables::new()?;
         tables.share_kernel_half(panda_arch::kernel_tables::kernel_root());
         Some(Arc::new(Self {
             root: tables.root(),
@@ -302,14 +322,14 @@ impl VmSpace {
 
     /// Unmaps every mapped page in `[from, to)` and shoots their translations down;
     /// the frames and emptied tables are freed once every CPU that may cache them has
-    /// flushed. In batches (`unmap_batch`) without a break: for ranges the caller knows
-    /// to be small (a segment); large ones go batch by batch with yields between.
+    /// flushed. In batches (`unmap`) without a break: for ranges the caller knows to be
+    /// small (a segment); large ones go batch by batch with yields between.
     /// Returns how many frames the hierarchy gave up (pages and tables).
     pub fn unmap_range(&self, from: u64, to: u64) -> u64 {
         let mut at = from;
         let mut freed = 0;
         loop {
-            let (next, n) = self.unmap_batch(at, to);
+            let (next, n) = self.unmap(at, to).finish();
             freed += n;
             match next {
                 Some(next) => at = next,
@@ -319,55 +339,58 @@ impl VmSpace {
     }
 
     /// Unmaps the first batch of `[from, to)`: at most `UNMAP_BATCH` page slots, so at
-    /// most that many frames. With the table lock held only for the unmap, the batch's
-    /// frames go into a batch of fixed capacity (allocated before the lock is taken),
-    /// are shot down, and are freed once every CPU that may cache them has flushed.
-    /// Returns where the next batch starts (`None` when the range is done) and how many
-    /// frames the hierarchy gave up (pages and tables). Each batch is complete in
+    /// most that many frames, with the table lock held only for the unmap. The batch's
+    /// frames (in a `FlushBatch` of fixed capacity, allocated before the lock is taken)
+    /// and emptied tables come back in `Unmapped`, which shoots the pages down and
+    /// frees them only then (`finish`, or when it is dropped). Each batch is complete in
     /// itself: a caller that stops between two leaves the rest mapped (and owned by the
     /// tables, which free it when the space is dropped).
-    pub fn unmap_batch(&self, from: u64, to: u64) -> (Option<u64>, u64) {
+    pub fn unmap(&self, from: u64, to: u64) -> Unmapped<'_> {
         let mut batch: FlushBatch<Frame> = FlushBatch::with_capacity(UNMAP_BATCH);
         // Emptied tables: at most one last-level table per batch, plus the upper ones
         // it may leave empty.
-        let mut tables_freed: [Option<Frame>; 8] = Default::default();
-        let mut freed = 0;
+        let mut tables: [Option<Frame>; 8] = Default::default();
+        let mut emptied = 0;
         let mut pages = 0u64;
         let next = {
             let mut guard = self.tables.lock();
             let Some(t) = guard.as_mut() else {
-                return (None, 0);
+                return Unmapped {
+                    space: self,
+                    batch: None,
+                    tables,
+                    next: None,
+                    frames: 0,
+                };
             };
             t.tables.unmap_range(
                 from,
                 to.min(USER_END),
                 UNMAP_BATCH,
-                &mut |page, phys| {
+                &mut |page, frame| {
                     pages += 1;
-                    // SAFETY: the walk has just unlinked the frame from this hierarchy,
-                    // which owned it: it is ours alone again.
-                    batch.add(page, Some(unsafe { Frame::from_raw(phys) }))
+                    batch.add(page, Some(frame))
                 },
                 &mut |table| {
-                    // SAFETY: the walk has just unlinked this emptied table from the
-                    // hierarchy, which owned it.
-                    let table = unsafe { Frame::from_raw(table) };
-                    match tables_freed.get_mut(freed) {
+                    match tables.get_mut(emptied) {
                         Some(slot) => *slot = Some(table),
                         // More than the walk can empty in one batch; never freeing
                         // it early is the safe outcome.
                         None => core::mem::forget(table),
                     }
-                    freed += 1;
+                    emptied += 1;
                 },
             )
         };
-        self.shoot_down(batch);
-        // Table pages too could be cached (paging-structure caches): freed only after
-        // the flush as well.
-        drop(tables_freed);
-        (next, pages + freed as u64)
+        Unmapped {
+            space: self,
+            batch: Some(batch),
+            tables,
+            next,
+            frames: pages + emptied as u64,
+        }
     }
+
     /// Gives the mapped pages of `[from, to)` the user `rights`; every CPU running the
     /// space flushes them before this returns.
     pub fn protect_range(&self, from: u64, to: u64, rights: Rights) {
@@ -449,19 +472,57 @@ impl Drop for VmSpace {
         let active = self.tlb.active();
         ipi::call_on_set(|c| active.contains(c), leave_space, self.root);
         leave_space(self.root);
+        // No CPU has the hierarchy loaded any more.
         if let Some(t) = self.tables.lock().take() {
-            t.tables.tear_down(
-                &mut |leaf| {
-                    // SAFETY: tear-down hands over each frame the hierarchy owned, once,
-                    // and no CPU has the hierarchy loaded any more.
-                    drop(unsafe { Frame::from_raw(leaf) })
-                },
-                &mut |table| {
-                    // SAFETY: as for the leaves: each table frame, once, unloaded.
-                    drop(unsafe { Frame::from_raw(table) })
-                },
-            );
+            t.tables.tear_down();
         }
+    }
+}
+
+/// One batch `VmSpace::unmap` took out of the tables: its pages' frames (with the pages
+/// to flush) and the tables it emptied, still owned here. They are freed only after the
+/// shootdown, which `finish` runs (and the drop, if `finish` was not called: a batch is
+/// never freed early, and never kept mapped in a TLB).
+#[must_use = "the frames are freed only after the shootdown: call `finish`"]
+pub struct Unmapped<'a> {
+    space: &'a VmSpace,
+    batch: Option<FlushBatch<Frame>>,
+    tables: [Option<Frame>; 8],
+    next: Option<u64>,
+    frames: u64,
+}
+
+impl Unmapped<'_> {
+    /// Where the next batch of the range starts (`None`: the range is done).
+    pub fn next(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// Frames the hierarchy gave up in this batch (pages and tables).
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Shoots the batch's pages down on every CPU that may cache them, then frees the
+    /// frames and tables. Returns `(next, frames)`.
+    pub fn finish(mut self) -> (Option<u64>, u64) {
+        self.flush();
+        (self.next, self.frames)
+    }
+
+    fn flush(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.space.shoot_down(batch);
+        }
+        // Table pages too could be cached (paging-structure caches): freed only after
+        // the flush as well.
+        self.tables = Default::default();
+    }
+}
+
+impl Drop for Unmapped<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -233,13 +233,17 @@ async fn mm_mapping_a_mapped_page_is_refused_and_frees_the_frame() -> Outcome {
         space
             .add_segment(page, page + 0x1000, rights)
             .map_err(|e| fail(format_args!("segment: {e:?}")))?;
-        let first = frame::alloc().ok_or_else(|| fail(format_args!("no frame")))?;
-        let second = frame::alloc().ok_or_else(|| fail(format_args!("no frame")))?;
+        let filled = || {
+            frame::alloc_user_zeroed()
+                .map(|z| z.fill(0, b"segment bytes"))
+                .ok_or_else(|| fail(format_args!("no frame")))
+        };
+        let (first, second) = (filled()?, filled()?);
         let (first_phys, second_phys) = (first.phys(), second.phys());
         space
-            .map_frame(page, first, rights)
+            .map_filled(page, first, rights)
             .map_err(|e| fail(format_args!("first map: {e:?}")))?;
-        let again = space.map_frame(page + 0x10, second, rights);
+        let again = space.map_filled(page + 0x10, second, rights);
         let now = space.translate(page).map(|(phys, _)| phys);
         ensure!(again.is_err(), "a second frame was mapped over the first");
         ensure!(

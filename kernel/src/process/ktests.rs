@@ -176,11 +176,9 @@ const PROGRAM: [u8; 142] = [
 /// `code`; the rest of its regions are as every space's.
 fn space_from_code(code: &[u8]) -> Result<alloc::sync::Arc<AddressSpace>, Failure> {
     let base = panda_abi::ELF_LOAD_BASE as u64;
-    let mut frame = frame::alloc()
+    let frame = frame::alloc_user_zeroed()
         .ok_or_else(|| fail(format_args!("no frame")))?
-        .into_zeroed()
-        .into_frame();
-    frame.write(0, code);
+        .fill(0, code);
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     let rx = Rights {
         write: false,
@@ -190,7 +188,7 @@ fn space_from_code(code: &[u8]) -> Result<alloc::sync::Arc<AddressSpace>, Failur
         .add_segment(base, base + 0x1000, rx)
         .map_err(|e| fail(format_args!("{e:?}")))?;
     space
-        .map_frame(base, frame, rx)
+        .map_filled(base, frame, rx)
         .map_err(|e| fail(format_args!("{e:?}")))?;
     Ok(space)
 }

@@ -20,19 +20,19 @@ pub fn load(
         let (file_start, file_end) = (seg.vaddr, seg.vaddr + seg.file_size);
         let mut page = start;
         while page < file_end {
-            let mut frame = crate::memory::alloc_user_frame()
-                .ok_or(SpawnError::OutOfMemory)?
-                .into_zeroed()
-                .into_frame();
+            let zeroed =
+                panda_platform::frame::alloc_user_zeroed().ok_or(SpawnError::OutOfMemory)?;
             // The part of [file_start, file_end) on this page.
             let from = file_start.max(page);
             let to = file_end.min(page + 4096);
-            if from < to {
+            let bytes = if from < to {
                 let at = (seg.file_offset + (from - seg.vaddr)) as usize;
-                let bytes = &file[at..at + (to - from) as usize];
-                frame.write((from - page) as usize, bytes);
-            }
-            if let Err(e) = space.map_frame(page, frame, seg.rights) {
+                &file[at..at + (to - from) as usize]
+            } else {
+                &[]
+            };
+            let frame = zeroed.fill((from.min(to) - page) as usize, bytes);
+            if let Err(e) = space.map_filled(page, frame, seg.rights) {
                 return Err(match e {
                     MmError::OutOfMemory => SpawnError::OutOfMemory,
                     _ => SpawnError::BadElf(ElfError::BadSegment("segment refused")),

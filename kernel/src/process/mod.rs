@@ -31,7 +31,7 @@ use futures_util::future::Either;
 
 use log::{info, warn};
 use panda_abi::syscall::{self, Error, SystemInfo};
-use panda_arch::user::{self, Exit, FaultAccess, UserContext};
+use panda_arch::user::{self, Exit, UserContext};
 use panda_mm::account::{Account, UNLIMITED};
 use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
