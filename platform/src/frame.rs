@@ -29,7 +29,7 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::task::{Context, Poll};
 
-use panda_mm::cache::{CacheStats, Frames};
+use panda_mm::cache::Frames;
 use panda_mm::zero::{Demand, PoolStats, ZeroPools};
 use panda_mm::PhysFrame;
 
@@ -63,8 +63,8 @@ impl Frame {
         self.zero_with(panda_arch::paging::zero_method());
     }
 
-    /// `zero` with a given method (tests check every method; boot times them).
-    pub fn zero_with(&mut self, method: ZeroMethod) {
+    /// `zero` with a given method (boot times them: `choose_zero_method`).
+    fn zero_with(&mut self, method: ZeroMethod) {
         // SAFETY: `self` owns the frame (made only from the allocator, never shared),
         // and the HHDM maps all usable RAM writable.
         unsafe { panda_arch::paging::zero_page_with(method, self.ptr() as u64) };
@@ -383,7 +383,7 @@ pub(crate) unsafe fn free_heap_run(ptr: *mut u8) -> bool {
 
 /// Gives many frames back in one go (a large unmap): to the global allocator, not
 /// through the CPU's cache.
-pub fn free_many(frames: alloc::vec::Vec<Frame>) {
+pub(crate) fn free_many(frames: alloc::vec::Vec<Frame>) {
     let Some(all) = FRAMES.get() else { return };
     let mut addrs: alloc::vec::Vec<u64> = frames
         .into_iter()
@@ -424,11 +424,6 @@ pub fn total_free() -> u64 {
     FRAMES.get().map_or(0, |f| f.total_free())
 }
 
-/// Frames free in the global allocator (not counting CPU caches).
-pub fn global_free() -> u64 {
-    FRAMES.get().map_or(0, |f| f.global_free())
-}
-
 /// Frames the allocator manages.
 pub fn total_frames() -> u64 {
     FRAMES.get().map_or(0, |f| f.total_frames())
@@ -445,11 +440,6 @@ pub fn is_in_use(phys: u64) -> bool {
         (Some(f), Some(frame)) => f.is_in_use(frame),
         _ => false,
     }
-}
-
-/// CPU `cpu`'s cache counters.
-pub fn cache_stats(cpu: usize) -> Option<CacheStats> {
-    Some(FRAMES.get()?.stats(cpu))
 }
 
 /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
@@ -558,14 +548,6 @@ pub fn pool_stats(cpu: usize) -> Option<PoolStats> {
 /// Frames each pool holds at most.
 pub fn pool_capacity() -> usize {
     ZERO.get().map_or(0, |p| p.capacity())
-}
-
-/// Returns every pooled frame of every CPU to the allocator. Returns how many.
-pub fn drain_pools() -> usize {
-    match (FRAMES.get(), ZERO.get()) {
-        (Some(frames), Some(pools)) => pools.drain(frames).unwrap_or(0),
-        _ => 0,
-    }
 }
 
 /// Frames held zeroed in the pools of the first `cpus` CPUs.
