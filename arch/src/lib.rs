@@ -24,7 +24,9 @@ pub mod boot;
 pub mod cpu;
 pub mod gdt;
 pub mod idt;
+pub mod image;
 pub mod kernel_tables;
+pub mod memory_map;
 pub mod paging;
 pub mod percpu;
 pub mod power;
@@ -46,6 +48,10 @@ pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
 /// The higher-half direct map: physical address `p` is at `HHDM_BASE + p`.
 /// It equals Limine's default with 4-level paging, so both boot paths agree.
 pub const HHDM_BASE: u64 = 0xffff_8000_0000_0000;
+
+/// Physical addresses the HHDM may cover: PML4 slots 256..383 (64 TiB), well clear of
+/// the kernel tables' windows (`kernel_tables`), which start at slot 506.
+pub const HHDM_LIMIT: u64 = 1 << 46;
 
 /// Size of a small page.
 pub const PAGE_SIZE: u64 = 4096;

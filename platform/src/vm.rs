@@ -53,7 +53,9 @@ pub const USER_END: u64 = 1 << 47;
 /// by the hierarchy from then on.
 struct TableFrames;
 
-impl FrameSource for TableFrames {
+// SAFETY: each frame is a user frame taken from the allocator (so RAM, mapped through
+// the HHDM), zeroed, and given up by `into_raw`: the hierarchy alone owns it.
+unsafe impl FrameSource for TableFrames {
     fn zeroed_frame(&mut self) -> Option<u64> {
         Some(frame::alloc_user()?.into_zeroed().into_frame().into_raw())
     }
@@ -228,8 +230,7 @@ pub type TablesGuard<'a> = MutexGuard<'a, Option<UserTables>>;
 impl VmSpace {
     /// An empty space sharing the kernel half (`None` if no frame could be had).
     pub fn new() -> Option<Arc<Self>> {
-        let mut tables = TableBuilder::new(&mut TableFrames, HHDM_BASE).ok()?;
-        tables.share_kernel_half(panda_arch::kernel_tables::kernel_root());
+        let tables = panda_arch::kernel_tables::user_tables(&mut TableFrames)?;
         Some(Arc::new(Self {
             root: tables.root(),
             tables: Mutex::new(&TABLES, Some(UserTables { tables })),
