@@ -116,16 +116,18 @@ pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
     let mut page = phys & !0xfff;
     while page < end {
         if space.tables.translate(HHDM_BASE + page).is_none() {
-            space
-                .tables
-                .map(
+            // SAFETY: `page` is RAM (or the legacy BIOS area), checked above, mapped at
+            // its HHDM address like all RAM; the HHDM is where the kernel reaches RAM.
+            unsafe {
+                space.tables.map(
                     HHDM_BASE + page,
                     page,
                     PageSize::Size4K,
                     flags::WRITABLE | nx | flags::GLOBAL,
                     &mut space.frames,
                 )
-                .ok()?;
+            }
+            .ok()?;
         }
         page += 4096;
     }
@@ -162,16 +164,18 @@ pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
     space.mmio_next = virt + pages * 4096;
     for i in 0..pages {
         let bits = flags::WRITABLE | flags::NO_CACHE | flags::WRITE_THROUGH | nx | flags::GLOBAL;
-        space
-            .tables
-            .map(
+        // SAFETY: the range is not RAM (checked above): device registers, mapped
+        // uncached at fresh addresses of the MMIO window, for the caller to use.
+        unsafe {
+            space.tables.map(
                 virt + i * 4096,
                 first + i * 4096,
                 PageSize::Size4K,
                 bits,
                 &mut space.frames,
             )
-            .ok()?;
+        }
+        .ok()?;
     }
     Some(virt + (phys - first))
 }
@@ -208,16 +212,18 @@ pub(crate) fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<Cp
         let guard_page = virt;
         virt += 4096;
         for off in (0..size).step_by(4096) {
-            space
-                .tables
-                .map(
+            // SAFETY: the stacks' memory was just taken from the boot memory map for
+            // this CPU's stacks alone.
+            unsafe {
+                space.tables.map(
                     virt + off,
                     phys + off,
                     PageSize::Size4K,
                     flags::WRITABLE | nx | flags::GLOBAL,
                     &mut space.frames,
                 )
-                .ok()?;
+            }
+            .ok()?;
         }
         *slot = guarded(guard_page, virt + size);
         virt += size;
@@ -239,6 +245,7 @@ pub fn user_tables(frames: &mut dyn FrameSource) -> Option<TableBuilder> {
     // once made, the kernel tables stay.
     SPACE.lock().as_ref()?;
     let mut tables = TableBuilder::new(frames).ok()?;
+    tables.confine_to_user_half();
     let guard = SPACE.lock();
     tables.share_kernel_half(&guard.as_ref()?.tables);
     Some(tables)
@@ -265,9 +272,9 @@ pub(crate) fn trampoline_root() -> Option<u64> {
     let mut guard = SPACE.lock();
     let space = guard.as_mut()?;
     let mut tables = TableBuilder::new(&mut space.frames).ok()?;
-    tables
-        .map(0, 0, PageSize::Size2M, flags::WRITABLE, &mut space.frames)
-        .ok()?;
+    // SAFETY: the identity map of the low 2 MiB is used only by the AP trampoline while
+    // paging comes on (the trampoline page and the real-mode area lie there).
+    unsafe { tables.map(0, 0, PageSize::Size2M, flags::WRITABLE, &mut space.frames) }.ok()?;
     tables.share_kernel_half(&space.tables);
     (tables.root() < 1 << 32).then_some(tables.root())
 }
@@ -337,13 +344,17 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
             continue;
         }
         let end = r.end.min(HHDM_LIMIT);
-        tables.map_range(
-            HHDM_BASE + r.start,
-            r.start,
-            end - r.start,
-            flags::WRITABLE | nx | global,
-            &mut frames,
-        )?;
+        // SAFETY: the HHDM is where the kernel reaches RAM (and the low reserved
+        // area); the range is RAM of the boot memory map, or below 1 MiB.
+        unsafe {
+            tables.map_range(
+                HHDM_BASE + r.start,
+                r.start,
+                end - r.start,
+                flags::WRITABLE | nx | global,
+                &mut frames,
+            )?
+        };
         hhdm_bytes += end - r.start;
     }
 
@@ -359,7 +370,9 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
         while page < end {
             if !guards.contains(&page) {
                 let phys = page - image.start + kernel_phys;
-                tables.map(page, phys, PageSize::Size4K, bits, &mut frames)?;
+                // SAFETY: the kernel image's own page, at the physical address the
+                // boot protocol loaded it, mapped at its link address.
+                unsafe { tables.map(page, phys, PageSize::Size4K, bits, &mut frames)? };
             }
             page += 4096;
         }

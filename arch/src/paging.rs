@@ -153,13 +153,27 @@ pub enum MapError {
 /// it come from a `FrameSource`, so every table it reads or writes is one it owns.
 pub struct TableBuilder {
     root: u64,
+    /// A user hierarchy (`kernel_tables::user_tables`): `map` and `protect` stay in
+    /// the user half, whose tables are its own (the kernel half's are shared).
+    user_only: bool,
 }
+
+/// End of the user half (the lower canonical half).
+const USER_END: u64 = 1 << 47;
 
 impl TableBuilder {
     /// Starts a hierarchy with a fresh, zeroed PML4.
     pub(crate) fn new(frames: &mut dyn FrameSource) -> Result<Self, MapError> {
         let root = frames.zeroed_frame().ok_or(MapError::OutOfFrames)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            user_only: false,
+        })
+    }
+
+    /// Keeps `map` and `protect` to the user half from now on.
+    pub(crate) fn confine_to_user_half(&mut self) {
+        self.user_only = true;
     }
 
     /// Physical address of the PML4.
@@ -239,8 +253,15 @@ impl TableBuilder {
         self.next(self.root, index, false, frames).map(|_| ())
     }
 
-    /// Maps one page.
-    pub fn map(
+    /// Maps one page. In a user hierarchy, `virt` must lie in the user half
+    /// (`Misaligned` otherwise). Address bits in `leaf_flags` are ignored.
+    ///
+    /// # Safety
+    /// `[phys, phys + size)` must be memory that whoever the mapping serves may access
+    /// with `leaf_flags`' rights: a frame the caller owns and gives to this hierarchy
+    /// (or, for the kernel's tables, RAM or device registers the kernel uses through
+    /// this mapping), never memory Rust code owns elsewhere.
+    pub unsafe fn map(
         &mut self,
         virt: u64,
         phys: u64,
@@ -248,9 +269,14 @@ impl TableBuilder {
         leaf_flags: u64,
         frames: &mut dyn FrameSource,
     ) -> Result<(), MapError> {
-        if !virt.is_multiple_of(size.bytes()) || !phys.is_multiple_of(size.bytes()) {
+        if !virt.is_multiple_of(size.bytes())
+            || !phys.is_multiple_of(size.bytes())
+            || phys & !ADDR_MASK != 0
+            || (self.user_only && virt >= USER_END)
+        {
             return Err(MapError::Misaligned { virt, phys });
         }
+        let leaf_flags = leaf_flags & !ADDR_MASK;
         let idx = |level: u32| ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
         let user = leaf_flags & flags::USER != 0;
         let pdpt = self.next(self.root, idx(3), user, frames)?;
@@ -267,7 +293,10 @@ impl TableBuilder {
     }
 
     /// Maps `[virt, virt + len)` to `[phys, ...)` with the largest pages alignment allows.
-    pub fn map_range(
+    ///
+    /// # Safety
+    /// As for `map`, for the whole range.
+    pub(crate) unsafe fn map_range(
         &mut self,
         virt: u64,
         phys: u64,
@@ -284,7 +313,8 @@ impl TableBuilder {
             } else {
                 PageSize::Size4K
             };
-            self.map(v, p, size, leaf_flags, frames)?;
+            // SAFETY: the caller vouches for the whole range.
+            unsafe { self.map(v, p, size, leaf_flags, frames)? };
             off += size.bytes();
         }
         Ok(())
@@ -394,7 +424,7 @@ impl TableBuilder {
             }
             None
         }
-        let to = to.min(1 << 47);
+        let to = to.min(USER_END);
         if from >= to {
             return None;
         }
@@ -407,9 +437,15 @@ impl TableBuilder {
         walk(&mut w, self.root, 0, 0, from, to)
     }
 
-    /// Replaces the rights of `virt`'s 4 KiB mapping (the frame stays). Returns false if
-    /// it is not mapped. The caller flushes TLBs: until then CPUs may use the old rights.
+    /// Replaces the rights of `virt`'s 4 KiB mapping in the user half (the frame stays;
+    /// address bits in `leaf_flags` are ignored). Returns false if it is not mapped or
+    /// lies in the kernel half, whose tables every space shares. The caller flushes TLBs:
+    /// until then CPUs may use the old rights.
     pub fn protect(&mut self, virt: u64, leaf_flags: u64) -> bool {
+        if virt >= USER_END {
+            return false;
+        }
+        let leaf_flags = leaf_flags & !ADDR_MASK;
         let Some(pt) = self.path(virt)[3] else {
             return false;
         };

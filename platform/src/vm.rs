@@ -143,13 +143,17 @@ impl UserTables {
         // One walk: `map` itself refuses a page that is mapped already (a 4 KiB entry,
         // or a huge one on the way), without changing any table.
         let phys = frame.into_raw();
-        let result = self.tables.map(
-            page,
-            phys,
-            PageSize::Size4K,
-            leaf_bits(rights),
-            &mut TableFrames,
-        );
+        // SAFETY: `phys` is the frame just given up by `into_raw`: it goes to the tables,
+        // which own it from now on (freed on unmap or tear-down).
+        let result = unsafe {
+            self.tables.map(
+                page,
+                phys,
+                PageSize::Size4K,
+                leaf_bits(rights),
+                &mut TableFrames,
+            )
+        };
         if result.is_err() {
             // SAFETY: the map failed, so `phys` is in no table: still ours alone.
             drop(unsafe { Frame::from_raw(phys) });
