@@ -13,6 +13,18 @@
 //! it at all (they are host-tested), and `kernel` builds under `#![forbid(unsafe_code)]`. Each `unsafe` block carries
 //! a `// SAFETY:` line that names the invariant it relies on; a safe function here must
 //! be sound whatever its caller passes.
+//!
+//! Modules import only modules below them, ground first:
+//! - `cpu`, `image`, `memory_map`, and the layout constants here;
+//! - `probe`, `paging`, `stacks`; then `percpu`, `backtrace`, `pvh` (PVH's structures);
+//! - `gdt`, `kernel_tables`;
+//! - `screen`, `time`, then `serial`, `apic`, `power`, `acpi`;
+//! - `trap` (the dispatcher; `user` registers its exit with it), then `idt`, `user`;
+//! - `smp` and `boot` (the entry, the front-ends and `BootInfo`) at the top.
+//!
+//! Where a lower layer needs a higher one at run time, the higher one registers a typed
+//! function with it (`trap::set_user_exit`, `trap::set_handler`) or passes what it
+//! needs as an argument (`percpu::install` takes the TSS.RSP0 address from `gdt`).
 #![no_std]
 
 extern crate alloc;
