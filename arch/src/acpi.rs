@@ -14,6 +14,8 @@ use acpi::sdt::{SdtHeader, Signature};
 use acpi::{AcpiHandler, AcpiTable, AcpiTables, HpetInfo, PhysicalMapping};
 use panda_firmware::srat::{self, Affinity};
 
+use crate::percpu::MAX_CPUS;
+
 /// The SRAT as the `acpi` crate finds it: its header (the body is decoded from bytes).
 #[repr(C, packed)]
 struct Srat {
@@ -154,8 +156,6 @@ fn numa(tables: &AcpiTables<Handler>) -> Numa {
     numa
 }
 
-/// The most CPUs Panda keeps track of (`panda_abi::MAX_CPUS`).
-pub use panda_abi::MAX_CPUS;
 /// The most I/O APICs and interrupt source overrides kept.
 pub const MAX_IOAPICS: usize = 8;
 pub const MAX_OVERRIDES: usize = 16;

@@ -1,5 +1,6 @@
 //! Boot: the two entries, in assembly; the boot front-ends, which turn either protocol
-//! into one `BootInfo`; the hand-over to the kernel; and the kernel image's boundaries.
+//! into one `BootInfo`; and the hand-over to the kernel. (The kernel image's
+//! boundaries are `crate::image`'s.)
 //!
 //! * PVH (QEMU `-kernel`): a Xen ELF note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY) names
 //!   `pvh_start32`'s physical address. QEMU enters it in 32-bit protected mode, paging
@@ -26,14 +27,13 @@
 
 mod info;
 mod limine;
-pub mod memory_map;
 mod pvh;
 
+pub use crate::memory_map::{BootMemoryMap, FreeRanges, MapError, MemoryKind, MemoryMap, Region};
 pub use info::{BootInfo, Module, Protocol, Text, MAX_MODULES};
-pub use memory_map::{BootMemoryMap, FreeRanges, MapError, MemoryKind, MemoryMap, Region};
 
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 global_asm!(
     r#"
@@ -290,7 +290,12 @@ fn early_cpu() {
     let stacks = crate::stacks::boot_stacks();
     crate::gdt::init_cpu(0, &stacks);
     crate::idt::load();
-    crate::percpu::install(0, crate::cpu::apic_id(), &stacks);
+    crate::percpu::install(
+        0,
+        crate::cpu::apic_id(),
+        crate::gdt::tss_rsp0_address(0),
+        &stacks,
+    );
     crate::user::init_cpu();
 }
 
@@ -299,56 +304,4 @@ fn boot_failed(why: &str) -> ! {
         let _ = writeln!(w, "panda: boot failed: {why}");
     });
     crate::power::exit(false)
-}
-
-/// The kernel image's physical base, as the front-end found it (0 before).
-static KERNEL_PHYS: AtomicU64 = AtomicU64::new(0);
-
-fn set_kernel_phys(phys: u64) {
-    KERNEL_PHYS.store(phys, Ordering::Release);
-}
-
-/// The kernel image's physical base, as the boot protocol reported it; kept here, where
-/// the kernel cannot edit it, for the kernel page tables' image mapping.
-pub(crate) fn kernel_phys() -> u64 {
-    KERNEL_PHYS.load(Ordering::Acquire)
-}
-
-unsafe extern "C" {
-    static __kernel_start: u8;
-    static __text_start: u8;
-    static __text_end: u8;
-    static __rodata_start: u8;
-    static __rodata_end: u8;
-    static __data_start: u8;
-    static __kernel_end: u8;
-}
-
-/// The kernel image's sections, as virtual address ranges (page-aligned by the linker
-/// script).
-#[derive(Clone, Copy, Debug)]
-pub struct KernelImage {
-    pub start: u64,
-    pub text: (u64, u64),
-    pub rodata: (u64, u64),
-    /// .data and .bss (including the boot stacks): read-write, no-execute.
-    pub data: (u64, u64),
-    pub end: u64,
-}
-
-/// Where the linker put the kernel's sections.
-pub fn kernel_image() -> KernelImage {
-    KernelImage {
-        start: &raw const __kernel_start as u64,
-        text: (&raw const __text_start as u64, &raw const __text_end as u64),
-        rodata: (
-            &raw const __rodata_start as u64,
-            &raw const __rodata_end as u64,
-        ),
-        data: (
-            &raw const __data_start as u64,
-            &raw const __kernel_end as u64,
-        ),
-        end: &raw const __kernel_end as u64,
-    }
 }

@@ -6,6 +6,8 @@
 //! where it exists (never required: TCG lacks it).
 
 use core::arch::x86_64::{__cpuid, __cpuid_count, CpuidResult};
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr3, Cr4, Cr4Flags};
 use x86_64::registers::model_specific::{Efer, EferFlags};
 
@@ -146,7 +148,7 @@ pub fn enable_features(f: &Features) {
             }
             if f.smap {
                 c.insert(Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION);
-                crate::trap::use_clac();
+                CLAC_OK.store(true, Ordering::Relaxed);
             }
             if f.umip {
                 c.insert(Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION);
@@ -160,6 +162,12 @@ pub fn enable_features(f: &Features) {
         });
     }
 }
+
+/// Whether this machine has SMAP, so the trap entry (`trap.rs`) may use `clac` to clear
+/// RFLAGS.AC; without SMAP it clears AC with `pushfq`/`popfq`, which works on every CPU.
+/// Set once at boot by `init`, before any user code runs; every CPU of a machine reports
+/// the same features.
+pub(crate) static CLAC_OK: AtomicBool = AtomicBool::new(false);
 
 /// Whether CR4.SMAP is on (then kernel access to user pages needs stac/clac).
 pub fn smap_enabled() -> bool {

@@ -23,19 +23,15 @@
 //! addresses are chosen here (the HHDM below `HHDM_LIMIT`, the MMIO window, the stack
 //! window), so no mapping in use ever changes.
 
-use crate::boot::{BootMemoryMap, MemoryKind, MemoryMap};
-use crate::paging::{flags, EarlyFrames, MapError, PageSize, TableBuilder};
+use crate::memory_map::{BootMemoryMap, MemoryKind, MemoryMap};
+use crate::paging::{flags, EarlyFrames, FrameSource, MapError, PageSize, TableBuilder};
 use crate::percpu::MAX_CPUS;
 use crate::stacks::{guarded, CpuStacks, BOOT_STACK_SIZE, IST_STACK_SIZE};
-use crate::HHDM_BASE;
+use crate::{HHDM_BASE, HHDM_LIMIT};
 
 /// Page-table frames kept for mappings made after boot and before the frame allocator
 /// exists (firmware tables in reserved RAM, device registers, AP stacks).
 const RESERVE_BYTES: u64 = 512 * 1024;
-
-/// Physical addresses the HHDM may cover: PML4 slots 256..383 (64 TiB), well clear of
-/// the windows below, which start at slot 506.
-pub const HHDM_LIMIT: u64 = 1 << 46;
 
 /// Virtual window for uncached device mappings (PML4 slot 508).
 pub const MMIO_BASE: u64 = 0xffff_fe00_0000_0000;
@@ -120,16 +116,18 @@ pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
     let mut page = phys & !0xfff;
     while page < end {
         if space.tables.translate(HHDM_BASE + page).is_none() {
-            space
-                .tables
-                .map(
+            // SAFETY: `page` is RAM (or the legacy BIOS area), checked above, mapped at
+            // its HHDM address like all RAM; the HHDM is where the kernel reaches RAM.
+            unsafe {
+                space.tables.map(
                     HHDM_BASE + page,
                     page,
                     PageSize::Size4K,
                     flags::WRITABLE | nx | flags::GLOBAL,
                     &mut space.frames,
                 )
-                .ok()?;
+            }
+            .ok()?;
         }
         page += 4096;
     }
@@ -166,16 +164,18 @@ pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
     space.mmio_next = virt + pages * 4096;
     for i in 0..pages {
         let bits = flags::WRITABLE | flags::NO_CACHE | flags::WRITE_THROUGH | nx | flags::GLOBAL;
-        space
-            .tables
-            .map(
+        // SAFETY: the range is not RAM (checked above): device registers, mapped
+        // uncached at fresh addresses of the MMIO window, for the caller to use.
+        unsafe {
+            space.tables.map(
                 virt + i * 4096,
                 first + i * 4096,
                 PageSize::Size4K,
                 bits,
                 &mut space.frames,
             )
-            .ok()?;
+        }
+        .ok()?;
     }
     Some(virt + (phys - first))
 }
@@ -212,16 +212,18 @@ pub(crate) fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<Cp
         let guard_page = virt;
         virt += 4096;
         for off in (0..size).step_by(4096) {
-            space
-                .tables
-                .map(
+            // SAFETY: the stacks' memory was just taken from the boot memory map for
+            // this CPU's stacks alone.
+            unsafe {
+                space.tables.map(
                     virt + off,
                     phys + off,
                     PageSize::Size4K,
                     flags::WRITABLE | nx | flags::GLOBAL,
                     &mut space.frames,
                 )
-                .ok()?;
+            }
+            .ok()?;
         }
         *slot = guarded(guard_page, virt + size);
         virt += size;
@@ -235,17 +237,45 @@ pub(crate) fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<Cp
     })
 }
 
+/// A new, empty hierarchy for a user address space: a fresh PML4 from `frames` that
+/// shares the kernel half of these tables. `None` before the kernel tables exist or if
+/// `frames` has no frame.
+pub fn user_tables(frames: &mut dyn FrameSource) -> Option<TableBuilder> {
+    // Take the frame without the lock held (the source may take locks of its own);
+    // once made, the kernel tables stay.
+    SPACE.lock().as_ref()?;
+    let mut tables = TableBuilder::new(frames).ok()?;
+    tables.confine_to_user_half();
+    let guard = SPACE.lock();
+    tables.share_kernel_half(&guard.as_ref()?.tables);
+    Some(tables)
+}
+
+/// What the kernel tables map `virt` to: (physical address, leaf entry bits). `None`
+/// if nothing is mapped there or before the tables exist.
+pub fn translate(virt: u64) -> Option<(u64, u64)> {
+    SPACE.lock().as_ref()?.tables.translate(virt)
+}
+
+/// Entry `slot` (0..512) of the kernel PML4 (0 before the tables exist).
+pub fn root_entry(slot: usize) -> u64 {
+    SPACE
+        .lock()
+        .as_ref()
+        .map_or(0, |space| space.tables.root_entry(slot))
+}
+
 /// A PML4 for the AP trampoline: the low 2 MiB identity-mapped (where the trampoline
 /// runs when paging comes on) and the kernel half shared. It lives below 4 GiB, as the
 /// trampoline loads it from 32-bit code (`None` if the reserve is not there).
 pub(crate) fn trampoline_root() -> Option<u64> {
     let mut guard = SPACE.lock();
     let space = guard.as_mut()?;
-    let mut tables = TableBuilder::new(&mut space.frames, HHDM_BASE).ok()?;
-    tables
-        .map(0, 0, PageSize::Size2M, flags::WRITABLE, &mut space.frames)
-        .ok()?;
-    tables.share_kernel_half(space.tables.root());
+    let mut tables = TableBuilder::new(&mut space.frames).ok()?;
+    // SAFETY: the identity map of the low 2 MiB is used only by the AP trampoline while
+    // paging comes on (the trampoline page and the real-mode area lie there).
+    unsafe { tables.map(0, 0, PageSize::Size2M, flags::WRITABLE, &mut space.frames) }.ok()?;
+    tables.share_kernel_half(&space.tables);
     (tables.root() < 1 << 32).then_some(tables.root())
 }
 
@@ -282,7 +312,7 @@ impl From<MapError> for BuildError {
 pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildError> {
     const LOW: u64 = 0x10_0000;
     const HIGH: u64 = 0x1_0000_0000;
-    let kernel_phys = crate::boot::kernel_phys();
+    let kernel_phys = crate::image::kernel_phys();
     if kernel_phys == 0 {
         return Err(BuildError::NoKernelImage);
     }
@@ -298,8 +328,8 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
     // every later user claims what it takes), and below 4 GiB both boot paths map them
     // writable through the HHDM. Nothing takes from the map while this runs (it is
     // borrowed mutably), and what the frames handed out is claimed below.
-    let mut frames = unsafe { EarlyFrames::new(HHDM_BASE, free) };
-    let mut tables = TableBuilder::new(&mut frames, HHDM_BASE)?;
+    let mut frames = unsafe { EarlyFrames::new(free) };
+    let mut tables = TableBuilder::new(&mut frames)?;
     let nx = crate::paging::nx_bit();
     let global = flags::GLOBAL;
 
@@ -314,17 +344,21 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
             continue;
         }
         let end = r.end.min(HHDM_LIMIT);
-        tables.map_range(
-            HHDM_BASE + r.start,
-            r.start,
-            end - r.start,
-            flags::WRITABLE | nx | global,
-            &mut frames,
-        )?;
+        // SAFETY: the HHDM is where the kernel reaches RAM (and the low reserved
+        // area); the range is RAM of the boot memory map, or below 1 MiB.
+        unsafe {
+            tables.map_range(
+                HHDM_BASE + r.start,
+                r.start,
+                end - r.start,
+                flags::WRITABLE | nx | global,
+                &mut frames,
+            )?
+        };
         hhdm_bytes += end - r.start;
     }
 
-    let image = crate::boot::kernel_image();
+    let image = crate::image::kernel_image();
     let guards = crate::stacks::boot_stacks().guards();
     let sections = [
         (image.text, global),
@@ -336,7 +370,9 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
         while page < end {
             if !guards.contains(&page) {
                 let phys = page - image.start + kernel_phys;
-                tables.map(page, phys, PageSize::Size4K, bits, &mut frames)?;
+                // SAFETY: the kernel image's own page, at the physical address the
+                // boot protocol loaded it, mapped at its link address.
+                unsafe { tables.map(page, phys, PageSize::Size4K, bits, &mut frames)? };
             }
             page += 4096;
         }
@@ -350,6 +386,7 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
     unsafe { crate::paging::switch_to(root) };
     crate::paging::flush_all();
     ROOT.store(root, core::sync::atomic::Ordering::Release);
+    map.tables_switched();
 
     let table_bytes = frames.used_bytes();
     for (start, end) in frames.used() {
@@ -364,7 +401,7 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
     let reserve_range = reserve.map_or((0, 0), |start| (start, start + RESERVE_BYTES));
     // SAFETY: the range (if any) was usable and is now claimed for this pool alone; it
     // lies below 4 GiB, inside the HHDM just built.
-    let frames = unsafe { EarlyFrames::new(HHDM_BASE, core::iter::once(reserve_range)) };
+    let frames = unsafe { EarlyFrames::new(core::iter::once(reserve_range)) };
     let ram = (**map).clone();
     *SPACE.lock() = Some(KernelSpace {
         tables,

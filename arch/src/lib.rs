@@ -13,6 +13,18 @@
 //! it at all (they are host-tested), and `kernel` builds under `#![forbid(unsafe_code)]`. Each `unsafe` block carries
 //! a `// SAFETY:` line that names the invariant it relies on; a safe function here must
 //! be sound whatever its caller passes.
+//!
+//! Modules import only modules below them, ground first:
+//! - `cpu`, `image`, `memory_map`, and the layout constants here;
+//! - `probe`, `paging`, `stacks`; then `percpu`, `backtrace`, `pvh` (PVH's structures);
+//! - `gdt`, `kernel_tables`;
+//! - `screen`, `time`, then `serial`, `apic`, `power`, `acpi`;
+//! - `trap` (the dispatcher; `user` registers its exit with it), then `idt`, `user`;
+//! - `smp` and `boot` (the entry, the front-ends and `BootInfo`) at the top.
+//!
+//! Where a lower layer needs a higher one at run time, the higher one registers a typed
+//! function with it (`trap::set_user_exit`, `trap::set_handler`) or passes what it
+//! needs as an argument (`percpu::install` takes the TSS.RSP0 address from `gdt`).
 #![no_std]
 
 extern crate alloc;
@@ -24,7 +36,9 @@ pub mod boot;
 pub mod cpu;
 pub mod gdt;
 pub mod idt;
+pub mod image;
 pub mod kernel_tables;
+pub mod memory_map;
 pub mod paging;
 pub mod percpu;
 pub mod power;
@@ -46,6 +60,10 @@ pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
 /// The higher-half direct map: physical address `p` is at `HHDM_BASE + p`.
 /// It equals Limine's default with 4-level paging, so both boot paths agree.
 pub const HHDM_BASE: u64 = 0xffff_8000_0000_0000;
+
+/// Physical addresses the HHDM may cover: PML4 slots 256..383 (64 TiB), well clear of
+/// the kernel tables' windows (`kernel_tables`), which start at slot 506.
+pub const HHDM_LIMIT: u64 = 1 << 46;
 
 /// Size of a small page.
 pub const PAGE_SIZE: u64 = 4096;

@@ -54,7 +54,13 @@ impl PageSize {
 }
 
 /// Where page-table frames come from.
-pub trait FrameSource {
+///
+/// # Safety
+/// `zeroed_frame` must return only the physical address of a 4 KiB frame of RAM that
+/// is zeroed, mapped writable at `HHDM_BASE + phys`, and nobody else's from then on:
+/// the hierarchy it is given to reads and writes it as a page table for as long as it
+/// lives (a `TableBuilder` writes wherever these addresses point).
+pub unsafe trait FrameSource {
     /// A zeroed 4 KiB frame's physical address, reachable through the HHDM.
     fn zeroed_frame(&mut self) -> Option<u64>;
 }
@@ -63,7 +69,6 @@ pub trait FrameSource {
 /// remembers what it handed out so the caller can mark it used. For the kernel's first
 /// page tables, before the frame allocator exists.
 pub struct EarlyFrames {
-    hhdm: u64,
     ranges: [(u64, u64); 16],
     count: usize,
     current: usize,
@@ -74,8 +79,8 @@ pub struct EarlyFrames {
 impl EarlyFrames {
     /// # Safety
     /// Every range must be free RAM that nothing else uses while the frames are in use,
-    /// mapped writable at `hhdm + phys`.
-    pub unsafe fn new(hhdm: u64, free: impl Iterator<Item = (u64, u64)>) -> Self {
+    /// mapped writable at `HHDM_BASE + phys`.
+    pub unsafe fn new(free: impl Iterator<Item = (u64, u64)>) -> Self {
         let mut ranges = [(0, 0); 16];
         let mut count = 0;
         for (slot, (start, end)) in ranges.iter_mut().zip(free) {
@@ -83,7 +88,6 @@ impl EarlyFrames {
             count += 1;
         }
         Self {
-            hhdm,
             ranges,
             count,
             current: 0,
@@ -103,7 +107,10 @@ impl EarlyFrames {
     }
 }
 
-impl FrameSource for EarlyFrames {
+// SAFETY: the frames come from the ranges `new`'s caller vouched for (free RAM, mapped
+// writable through the HHDM, which is `HHDM_BASE` wherever tables are built), each
+// handed out once and zeroed first.
+unsafe impl FrameSource for EarlyFrames {
     fn zeroed_frame(&mut self) -> Option<u64> {
         while self.current < self.count {
             let (start, end) = self.ranges[self.current];
@@ -116,7 +123,7 @@ impl FrameSource for EarlyFrames {
                     *used = (frame, frame);
                 }
                 used.1 = frame + 4096;
-                let page = (self.hhdm + frame) as *mut u64;
+                let page = (crate::HHDM_BASE + frame) as *mut u64;
                 // SAFETY: the frame is free RAM mapped writable through the HHDM (the
                 // contract of `new`), and handed out once.
                 unsafe { core::ptr::write_bytes(page, 0, 512) };
@@ -140,16 +147,33 @@ pub enum MapError {
 }
 
 /// A 4-level hierarchy being built, rooted at a PML4 frame.
+///
+/// Only this crate makes one (`kernel_tables` builds the kernel's, and hands out user
+/// hierarchies through `kernel_tables::user_tables`): its root and every table under
+/// it come from a `FrameSource`, so every table it reads or writes is one it owns.
 pub struct TableBuilder {
     root: u64,
-    hhdm: u64,
+    /// A user hierarchy (`kernel_tables::user_tables`): `map` and `protect` stay in
+    /// the user half, whose tables are its own (the kernel half's are shared).
+    user_only: bool,
 }
+
+/// End of the user half (the lower canonical half).
+const USER_END: u64 = 1 << 47;
 
 impl TableBuilder {
     /// Starts a hierarchy with a fresh, zeroed PML4.
-    pub fn new(frames: &mut dyn FrameSource, hhdm: u64) -> Result<Self, MapError> {
+    pub(crate) fn new(frames: &mut dyn FrameSource) -> Result<Self, MapError> {
         let root = frames.zeroed_frame().ok_or(MapError::OutOfFrames)?;
-        Ok(Self { root, hhdm })
+        Ok(Self {
+            root,
+            user_only: false,
+        })
+    }
+
+    /// Keeps `map` and `protect` to the user half from now on.
+    pub(crate) fn confine_to_user_half(&mut self) {
+        self.user_only = true;
     }
 
     /// Physical address of the PML4.
@@ -158,7 +182,7 @@ impl TableBuilder {
     }
 
     fn table(&self, phys: u64) -> *mut u64 {
-        (self.hhdm + phys) as *mut u64
+        (crate::HHDM_BASE + phys) as *mut u64
     }
 
     fn read(&self, table: u64, index: usize) -> u64 {
@@ -203,23 +227,25 @@ impl TableBuilder {
         Ok(frame)
     }
 
-    /// Copies PML4 entries 256..511 (the kernel half) from the hierarchy at `from`, so
+    /// Copies PML4 entries 256..511 (the kernel half) from the hierarchy `from`, so
     /// this one shares every kernel mapping.
-    pub fn share_kernel_half(&mut self, from: u64) {
+    pub(crate) fn share_kernel_half(&mut self, from: &TableBuilder) {
         for index in 256..512 {
-            // SAFETY: `from` is a live PML4 reachable through the HHDM; reading it has
-            // no side effects.
-            let entry = unsafe {
-                ((self.hhdm + from) as *const u64)
-                    .add(index)
-                    .read_volatile()
-            };
-            self.write(self.root, index, entry);
+            self.write(self.root, index, from.read(from.root, index));
+        }
+    }
+
+    /// Entry `index` (0..512) of the PML4; 0 for an index past the table.
+    pub fn root_entry(&self, index: usize) -> u64 {
+        if index < 512 {
+            self.read(self.root, index)
+        } else {
+            0
         }
     }
 
     /// Makes sure PML4 slot `index` points at a table (for sharing the kernel half).
-    pub fn ensure_pml4_slot(
+    pub(crate) fn ensure_pml4_slot(
         &mut self,
         index: usize,
         frames: &mut dyn FrameSource,
@@ -227,8 +253,15 @@ impl TableBuilder {
         self.next(self.root, index, false, frames).map(|_| ())
     }
 
-    /// Maps one page.
-    pub fn map(
+    /// Maps one page. In a user hierarchy, `virt` must lie in the user half
+    /// (`Misaligned` otherwise). Address bits in `leaf_flags` are ignored.
+    ///
+    /// # Safety
+    /// `[phys, phys + size)` must be memory that whoever the mapping serves may access
+    /// with `leaf_flags`' rights: a frame the caller owns and gives to this hierarchy
+    /// (or, for the kernel's tables, RAM or device registers the kernel uses through
+    /// this mapping), never memory Rust code owns elsewhere.
+    pub unsafe fn map(
         &mut self,
         virt: u64,
         phys: u64,
@@ -236,9 +269,14 @@ impl TableBuilder {
         leaf_flags: u64,
         frames: &mut dyn FrameSource,
     ) -> Result<(), MapError> {
-        if !virt.is_multiple_of(size.bytes()) || !phys.is_multiple_of(size.bytes()) {
+        if !virt.is_multiple_of(size.bytes())
+            || !phys.is_multiple_of(size.bytes())
+            || phys & !ADDR_MASK != 0
+            || (self.user_only && virt >= USER_END)
+        {
             return Err(MapError::Misaligned { virt, phys });
         }
+        let leaf_flags = leaf_flags & !ADDR_MASK;
         let idx = |level: u32| ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
         let user = leaf_flags & flags::USER != 0;
         let pdpt = self.next(self.root, idx(3), user, frames)?;
@@ -255,7 +293,10 @@ impl TableBuilder {
     }
 
     /// Maps `[virt, virt + len)` to `[phys, ...)` with the largest pages alignment allows.
-    pub fn map_range(
+    ///
+    /// # Safety
+    /// As for `map`, for the whole range.
+    pub(crate) unsafe fn map_range(
         &mut self,
         virt: u64,
         phys: u64,
@@ -272,7 +313,8 @@ impl TableBuilder {
             } else {
                 PageSize::Size4K
             };
-            self.map(v, p, size, leaf_flags, frames)?;
+            // SAFETY: the caller vouches for the whole range.
+            unsafe { self.map(v, p, size, leaf_flags, frames)? };
             off += size.bytes();
         }
         Ok(())
@@ -280,7 +322,22 @@ impl TableBuilder {
 
     /// Walks the hierarchy: the physical address and leaf flags `virt` maps to.
     pub fn translate(&self, virt: u64) -> Option<(u64, u64)> {
-        translate_in(self.root, self.hhdm, virt)
+        let mut table = self.root;
+        for level in (0..4u32).rev() {
+            let index = ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
+            let entry = self.read(table, index);
+            if entry & flags::PRESENT == 0 {
+                return None;
+            }
+            let leaf = level == 0 || (level <= 2 && entry & flags::HUGE != 0);
+            if leaf {
+                let page = 1u64 << (12 + 9 * level);
+                let base = entry & ADDR_MASK & !(page - 1);
+                return Some((base + (virt & (page - 1)), entry & !ADDR_MASK));
+            }
+            table = entry & ADDR_MASK;
+        }
+        None
     }
 
     /// The tables on the path to `virt`'s 4 KiB leaf: (PML4, PDPT, PD, PT) frames, as
@@ -367,7 +424,7 @@ impl TableBuilder {
             }
             None
         }
-        let to = to.min(1 << 47);
+        let to = to.min(USER_END);
         if from >= to {
             return None;
         }
@@ -380,9 +437,15 @@ impl TableBuilder {
         walk(&mut w, self.root, 0, 0, from, to)
     }
 
-    /// Replaces the rights of `virt`'s 4 KiB mapping (the frame stays). Returns false if
-    /// it is not mapped. The caller flushes TLBs: until then CPUs may use the old rights.
+    /// Replaces the rights of `virt`'s 4 KiB mapping in the user half (the frame stays;
+    /// address bits in `leaf_flags` are ignored). Returns false if it is not mapped or
+    /// lies in the kernel half, whose tables every space shares. The caller flushes TLBs:
+    /// until then CPUs may use the old rights.
     pub fn protect(&mut self, virt: u64, leaf_flags: u64) -> bool {
+        if virt >= USER_END {
+            return false;
+        }
+        let leaf_flags = leaf_flags & !ADDR_MASK;
         let Some(pt) = self.path(virt)[3] else {
             return false;
         };
@@ -447,28 +510,6 @@ impl TableBuilder {
     }
 }
 
-/// Walks the hierarchy rooted at `root` for `virt`: (physical address, leaf entry bits).
-pub fn translate_in(root: u64, hhdm: u64, virt: u64) -> Option<(u64, u64)> {
-    let mut table = root;
-    for level in (0..4u32).rev() {
-        let index = ((virt >> (12 + 9 * level)) & 0x1ff) as usize;
-        // SAFETY: `table` is a page-table frame of a live hierarchy, reachable through
-        // the HHDM; the read has no side effects.
-        let entry = unsafe { ((hhdm + table) as *const u64).add(index).read_volatile() };
-        if entry & flags::PRESENT == 0 {
-            return None;
-        }
-        let leaf = level == 0 || (level <= 2 && entry & flags::HUGE != 0);
-        if leaf {
-            let page = 1u64 << (12 + 9 * level);
-            let base = entry & ADDR_MASK & !(page - 1);
-            return Some((base + (virt & (page - 1)), entry & !ADDR_MASK));
-        }
-        table = entry & ADDR_MASK;
-    }
-    None
-}
-
 /// The active PML4's physical address.
 pub fn active_root() -> u64 {
     Cr3::read().0.start_address().as_u64()
@@ -516,11 +557,6 @@ pub fn flush_all() {
     } else {
         x86_64::instructions::tlb::flush_all();
     }
-}
-
-/// Reads a physical u64 through the HHDM (for tests and boot-time table parsing).
-pub fn read_phys_u64(hhdm: u64, phys: u64) -> Option<u64> {
-    crate::probe::read_u64(hhdm + phys).ok()
 }
 
 /// Ways to fill a 4 KiB page with zeros. The kernel times each at boot and keeps the
@@ -675,16 +711,4 @@ pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
             ZeroMethod::SseStore => sse_zero_loop!(virt, xmm0, "movdqa", ""),
         }
     }
-}
-
-/// Physical memory `[phys, phys + len)` as a byte slice, through the HHDM.
-///
-/// # Safety
-/// The range must be RAM that nobody writes while the slice lives: boot modules (never
-/// reused), or a user page kept mapped (table lock held) while the slice is used — a
-/// user thread may still write it concurrently, which the caller must tolerate (the
-/// bytes are only copied out or printed).
-pub unsafe fn phys_bytes<'a>(phys: u64, len: usize) -> &'a [u8] {
-    // SAFETY: the HHDM maps all RAM; the caller vouches for the range's lifetime.
-    unsafe { core::slice::from_raw_parts((crate::HHDM_BASE + phys) as *const u8, len) }
 }

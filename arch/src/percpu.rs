@@ -26,8 +26,9 @@ const _: () = assert!(core::mem::offset_of!(PerCpu, user_context) == OFFSET_USER
 const _: () = assert!(core::mem::offset_of!(PerCpu, user_scratch) == OFFSET_USER_SCRATCH);
 const _: () = assert!(core::mem::offset_of!(PerCpu, tss_rsp0) == OFFSET_TSS_RSP0);
 
-/// Most CPUs supported.
-pub const MAX_CPUS: usize = crate::acpi::MAX_CPUS;
+/// The most CPUs Panda keeps track of (a per-CPU block, stacks, TSS and GDT each).
+/// The ABI (`panda_abi::MAX_CPUS`) promises user code the same figure.
+pub const MAX_CPUS: usize = 512;
 
 /// One CPU's block. `repr(C)`: `current` reads `self_addr` at offset 0.
 #[repr(C, align(128))]
@@ -116,8 +117,14 @@ static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
 static READY: AtomicBool = AtomicBool::new(false);
 
 /// Installs block `index` for the calling CPU in GS base. Each index is installed once,
-/// by the CPU it belongs to.
-pub(crate) fn install(index: usize, apic_id: u32, stacks: &crate::stacks::CpuStacks) {
+/// by the CPU it belongs to. `tss_rsp0` is the address of that CPU's TSS.RSP0
+/// (`gdt::tss_rsp0_address(index)`), which the user-mode entry writes through.
+pub(crate) fn install(
+    index: usize,
+    apic_id: u32,
+    tss_rsp0: u64,
+    stacks: &crate::stacks::CpuStacks,
+) {
     let block = &CPUS[index];
     for (slot, guard) in block.stack_guards.iter().zip(stacks.guards()) {
         slot.store(guard, Ordering::Relaxed);
@@ -127,9 +134,7 @@ pub(crate) fn install(index: usize, apic_id: u32, stacks: &crate::stacks::CpuSta
     block
         .self_addr
         .store(block as *const PerCpu as u64, Ordering::Relaxed);
-    block
-        .tss_rsp0
-        .store(crate::gdt::tss_rsp0_address(index), Ordering::Relaxed);
+    block.tss_rsp0.store(tss_rsp0, Ordering::Relaxed);
     GsBase::write(VirtAddr::from_ptr(block));
     READY.store(true, Ordering::Release);
 }

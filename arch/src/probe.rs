@@ -13,8 +13,6 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::trap::TrapFrame;
-
 /// What a faulting probe observed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -172,33 +170,41 @@ fn extable() -> &'static [[u64; 2]] {
     }
 }
 
-/// Called by the trap dispatcher for exceptions: if the trap hit a probe, redirect the
-/// frame to its fixup and return true.
-pub(crate) fn fixup(frame: &mut TrapFrame) -> bool {
-    let cr2 = if frame.vector == 14 {
+/// Where a trapped probe resumes: the trap dispatcher sets the frame's RIP to `rip`,
+/// pops `pop` bytes off the trapped stack, and puts `rax`, `r8` and `r9` (the vector,
+/// error code and CR2 that the fixup stores) in those registers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resume {
+    pub rip: u64,
+    pub pop: u64,
+    pub rax: u64,
+    pub r8: u64,
+    pub r9: u64,
+}
+
+/// Called by the trap dispatcher for exceptions: if the trap (`vector`, `error_code`,
+/// at `rip`) hit a probe, where the probe resumes.
+pub(crate) fn fixup(vector: u64, error_code: u64, rip: u64) -> Option<Resume> {
+    let cr2 = if vector == 14 {
         x86_64::registers::control::Cr2::read_raw()
     } else {
         0
     };
     let target = EXEC_TARGET.load(Ordering::Acquire);
-    let resume = if target != 0 && frame.vector == 14 && frame.rip == target {
+    let (resume, pop) = if target != 0 && vector == 14 && rip == target {
         // The `call rdi` pushed a return address; drop it and land in the fixup.
-        frame.rsp += 8;
-        Some(&raw const panda_probe_exec_fixup as u64)
+        (&raw const panda_probe_exec_fixup as u64, 8)
     } else {
-        extable()
-            .iter()
-            .find(|entry| entry[0] == frame.rip)
-            .map(|entry| entry[1])
+        let entry = extable().iter().find(|entry| entry[0] == rip)?;
+        (entry[1], 0)
     };
-    let Some(resume) = resume else {
-        return false;
-    };
-    frame.rip = resume;
-    frame.rax = frame.vector;
-    frame.r8 = frame.error_code;
-    frame.r9 = cr2;
-    true
+    Some(Resume {
+        rip: resume,
+        pop,
+        rax: vector,
+        r8: error_code,
+        r9: cr2,
+    })
 }
 
 /// A probe's return value (0: done, 1: faulted) as a result.
@@ -222,15 +228,23 @@ pub fn read_u64(addr: u64) -> Result<u64, Fault> {
 
 /// Whether the byte at `addr` can be written: reads it and writes the same value back
 /// in two instructions, reporting a fault (of the read or the write) instead of taking
-/// it. Memory keeps its contents either way (a byte another CPU changes between the two
-/// instructions could be set back: probe only bytes nothing else writes, such as the
-/// kernel image's sections).
-pub fn rewrite_u8(addr: u64) -> Result<(), Fault> {
+/// it. Only for bytes nothing else writes, so that memory keeps its contents either way
+/// (a byte another CPU changed between the two instructions would be set back): the
+/// kernel image's text and read-only data, and the `ret` kept in data
+/// (`ret_address(RetIn::Data)`). `None`, touching nothing, for any other address.
+pub fn rewrite_image_byte(addr: u64) -> Option<Result<(), Fault>> {
+    let image = crate::image::kernel_image();
+    let read_only = (image.text.0..image.rodata.1).contains(&addr);
+    if !read_only && addr != ret_address(RetIn::Data) {
+        return None;
+    }
     let mut fault = Fault::default();
-    // SAFETY: as in `read_u64`: both accesses are covered by the exception table, and
-    // the write stores the value just read, so no memory changes.
+    // SAFETY: both accesses are covered by the exception table, and the write stores
+    // the value just read to a byte no other code writes (checked above: the image's
+    // text and rodata, which Rust never writes, or `RET_IN_DATA`, which only this
+    // module names and never stores to), so no memory changes.
     let faulted = unsafe { panda_probe_rewrite_u8(addr, &mut fault) };
-    outcome(faulted, fault)
+    Some(outcome(faulted, fault))
 }
 
 /// Executes `ud2` under the exception table: returns the #UD it raised.

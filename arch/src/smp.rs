@@ -30,7 +30,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use alloc::vec::Vec;
 
-use crate::boot::{BootMemoryMap, MemoryKind};
+use crate::memory_map::{BootMemoryMap, MemoryKind};
 use crate::percpu::MAX_CPUS;
 use crate::stacks::CpuStacks;
 
@@ -571,7 +571,12 @@ extern "C" fn ap_landing(slot: u64) -> ! {
     INDEX_OF_SLOT[slot].store(index, Ordering::Release);
     crate::gdt::init_cpu(index, stacks);
     crate::idt::load();
-    crate::percpu::install(index, crate::cpu::apic_id(), stacks);
+    crate::percpu::install(
+        index,
+        crate::cpu::apic_id(),
+        crate::gdt::tss_rsp0_address(index),
+        stacks,
+    );
     crate::user::init_cpu();
     match AP_MAIN.get() {
         Some(main) => main(index),

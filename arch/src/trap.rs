@@ -6,7 +6,7 @@
 //! and which would turn SMAP off in the kernel) when the trap came from ring 3, saves all general
 //! registers so the stack holds a complete `TrapFrame`, calls `panda_trap_dispatch`
 //! with it, restores it (including any change the handler made) and returns with
-//! `iretq`. Later issues reuse the same frame for user traps and syscalls.
+//! `iretq`. A trap from ring 3 ends in the exit that `user` registers (`set_user_exit`).
 //!
 //! Dispatch order for a vector: an exception-table fixup (a probe in `probe` that was
 //! allowed to fault), then a handler registered with `set_handler`, and otherwise the
@@ -15,7 +15,8 @@
 
 use core::arch::global_asm;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crossbeam_utils::atomic::AtomicCell;
 
 use x86_64::registers::control::Cr2;
 
@@ -130,18 +131,8 @@ global_asm!(
     add rsp, 16
     iretq
     "#,
-    clac_ok = sym CLAC_OK,
+    clac_ok = sym crate::cpu::CLAC_OK,
 );
-
-/// Whether this machine has SMAP, so `clac` may be used (set once at boot, before any
-/// user code runs; every CPU of a machine reports the same features).
-static CLAC_OK: AtomicBool = AtomicBool::new(false);
-
-/// Lets the trap entry use `clac` (call when CPUID reports SMAP). Without this call it
-/// clears AC with `pushfq`/`popfq`, which works on every CPU.
-pub fn use_clac() {
-    CLAC_OK.store(true, Ordering::Relaxed);
-}
 
 unsafe extern "C" {
     static trap_stubs: u8;
@@ -156,23 +147,46 @@ pub fn stub_address(vector: u8) -> u64 {
 /// A handler for one vector. It may change the frame (e.g. RIP) before it is restored.
 pub type Handler = fn(&mut TrapFrame);
 
-static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
-static FATAL_HOOK: AtomicUsize = AtomicUsize::new(0);
+/// What the fatal path calls after its report; it must not return.
+pub type FatalHook = fn() -> !;
+
+// The handlers are read in trap and NMI context, where a lock could be held by the
+// interrupted code: `AtomicCell` must be a plain atomic for these types (an
+// `Option<fn>` is one pointer, null for `None`), never its lock-striped fallback.
+const _: () = assert!(AtomicCell::<Option<Handler>>::is_lock_free());
+const _: () = assert!(AtomicCell::<Option<FatalHook>>::is_lock_free());
+
+static HANDLERS: [AtomicCell<Option<Handler>>; 256] = [const { AtomicCell::new(None) }; 256];
+static FATAL_HOOK: AtomicCell<Option<FatalHook>> = AtomicCell::new(None);
+
+/// Ends a trap from ring 3 once the vector's handler (if any) ran: saves the user
+/// registers and returns from `user::run`. Never returns.
+pub(crate) type UserExit = fn(&TrapFrame) -> !;
+
+/// The one `UserExit`, registered by `user` (the layer above this one) before any user
+/// code runs. `Once::get` is one atomic load: fine in trap and NMI context.
+static USER_EXIT: spin::Once<UserExit> = spin::Once::new();
+
+/// Registers what ends traps from ring 3 (`user::init_cpu` does, on every CPU; the
+/// first registration stays).
+pub(crate) fn set_user_exit(exit: UserExit) {
+    USER_EXIT.call_once(|| exit);
+}
 
 /// Routes `vector` to `handler` on every CPU.
 pub fn set_handler(vector: u8, handler: Handler) {
-    HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
+    HANDLERS[vector as usize].store(Some(handler));
 }
 
 /// Removes the handler of `vector`; the vector becomes fatal again.
 pub fn clear_handler(vector: u8) {
-    HANDLERS[vector as usize].store(0, Ordering::Release);
+    HANDLERS[vector as usize].store(None);
 }
 
 /// Called after an unexpected trap has been reported; it must not return. The kernel
 /// installs one that stops every CPU and exits with failure.
-pub fn set_fatal_hook(hook: fn() -> !) {
-    FATAL_HOOK.store(hook as usize, Ordering::Release);
+pub fn set_fatal_hook(hook: FatalHook) {
+    FATAL_HOOK.store(Some(hook));
 }
 
 /// Short mnemonic and name of an exception vector.
@@ -212,22 +226,27 @@ extern "C" fn panda_trap_dispatch(frame: &mut TrapFrame) {
         // Interrupts (and NMIs) still get their handler, which acknowledges them;
         // exceptions belong to the thread. Either way the thread's `run` returns.
         if frame.vector >= 32 || frame.vector == 2 {
-            let handler = HANDLERS[frame.vector as usize].load(Ordering::Acquire);
-            if handler != 0 {
-                // SAFETY: only `set_handler` stores non-zero values, and it stores `Handler`s.
-                let handler: Handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
+            if let Some(handler) = HANDLERS[frame.vector as usize].load() {
                 handler(frame);
             }
         }
-        crate::user::exit_from_trap(frame);
+        match USER_EXIT.get() {
+            Some(exit) => exit(frame),
+            // No user code can run before `user` registered its exit.
+            None => fatal(frame),
+        }
     }
-    if frame.vector < 32 && crate::probe::fixup(frame) {
-        return;
+    if frame.vector < 32 {
+        if let Some(resume) = crate::probe::fixup(frame.vector, frame.error_code, frame.rip) {
+            frame.rip = resume.rip;
+            frame.rsp += resume.pop;
+            frame.rax = resume.rax;
+            frame.r8 = resume.r8;
+            frame.r9 = resume.r9;
+            return;
+        }
     }
-    let handler = HANDLERS[frame.vector as usize].load(Ordering::Acquire);
-    if handler != 0 {
-        // SAFETY: only `set_handler` stores non-zero values, and it stores `Handler`s.
-        let handler: Handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
+    if let Some(handler) = HANDLERS[frame.vector as usize].load() {
         handler(frame);
         return;
     }
@@ -320,10 +339,7 @@ fn fatal(frame: &TrapFrame) -> ! {
     crate::serial::emergency(|w| {
         let _ = write_report(w, frame, cr2);
     });
-    let hook = FATAL_HOOK.load(Ordering::Acquire);
-    if hook != 0 {
-        // SAFETY: only `set_fatal_hook` stores non-zero values, and it stores `fn() -> !`.
-        let hook: fn() -> ! = unsafe { core::mem::transmute::<usize, fn() -> !>(hook) };
+    if let Some(hook) = FATAL_HOOK.load() {
         hook()
     }
     crate::power::exit(false)

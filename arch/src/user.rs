@@ -12,7 +12,8 @@
 //! user registers into the context and returns from `panda_run_user` with 0. A trap
 //! from ring 3 arrives through the normal trap stubs on the TSS.RSP0 stack (so below the
 //! saved frame); the dispatcher runs the vector's handler if it has one (interrupts are
-//! acknowledged), copies the frame into the context and calls `exit_from_trap`, which
+//! acknowledged), copies the frame into the context and calls `exit_from_trap` (registered with
+//! `trap::set_user_exit`, as `trap` lies below this module), which
 //! returns from `panda_run_user` with 1 + vector. Both exits re-enable interrupts.
 //!
 //! Nothing of the kernel leaks to user mode: every general register is loaded from the
@@ -241,8 +242,10 @@ unsafe extern "C" {
 }
 
 /// Enables `syscall` on the calling CPU: EFER.SCE, STAR, LSTAR and SFMASK (interrupts,
-/// traps, direction and alignment check are cleared on entry).
+/// traps, direction and alignment check are cleared on entry), and registers
+/// `exit_from_trap` with the trap dispatcher (the first CPU's registration stays).
 pub fn init_cpu() {
+    crate::trap::set_user_exit(exit_from_trap);
     // SAFETY: the selectors are this GDT's (kernel code/data, user data/code in the
     // order sysret expects) and the entry is `panda_syscall_entry`, which switches to
     // the kernel stack before touching memory.
@@ -325,10 +328,10 @@ fn load_fs_base(base: u64) {
     unsafe { x86_64::registers::model_specific::Msr::new(0xc000_0100).write(base) };
 }
 
-/// Called by the trap dispatcher for a trap from ring 3, after the vector's handler
+/// Called by the trap dispatcher (registered by `init_cpu`) for a trap from ring 3, after the vector's handler
 /// (if any) ran: saves the user registers into the running context and returns from
 /// `run` with the vector. Never returns here.
-pub(crate) fn exit_from_trap(frame: &TrapFrame) -> ! {
+fn exit_from_trap(frame: &TrapFrame) -> ! {
     let cpu = crate::percpu::checked_index().map(crate::percpu::cpu);
     let ctx = cpu.map_or(0, |c| c.user_context_ptr());
     if ctx != 0 {

@@ -9,7 +9,6 @@
 //! every page-table frame comes from one typed source (`frame::alloc_user_zeroed`).
 
 use panda_arch::paging::{FrameSource, MapError, PageSize, TableBuilder};
-use panda_arch::HHDM_BASE;
 
 use crate::frame::{self, Frame};
 
@@ -17,7 +16,9 @@ use crate::frame::{self, Frame};
 /// owned by the hierarchy from then on.
 struct TableFrames;
 
-impl FrameSource for TableFrames {
+// SAFETY: each frame is a user frame from the allocator (RAM, reached through the
+// HHDM), zeroed by type, and given up by `into_raw`: the hierarchy alone owns it.
+unsafe impl FrameSource for TableFrames {
     fn zeroed_frame(&mut self) -> Option<u64> {
         Some(frame::alloc_user_zeroed()?.into_inner().into_raw())
     }
@@ -38,19 +39,14 @@ unsafe fn take(phys: u64) -> Frame {
 pub(crate) struct OwnedTables(TableBuilder);
 
 impl OwnedTables {
-    /// An empty hierarchy (its PML4 a zeroed user frame); `None` without a frame.
+    /// An empty hierarchy for a user space (its PML4 a zeroed user frame, sharing the
+    /// kernel half); `None` without a frame or before the kernel tables exist.
     pub(crate) fn new() -> Option<Self> {
-        TableBuilder::new(&mut TableFrames, HHDM_BASE)
-            .ok()
-            .map(Self)
+        panda_arch::kernel_tables::user_tables(&mut TableFrames).map(Self)
     }
 
     pub(crate) fn root(&self) -> u64 {
         self.0.root()
-    }
-
-    pub(crate) fn share_kernel_half(&mut self, kernel_root: u64) {
-        self.0.share_kernel_half(kernel_root);
     }
 
     pub(crate) fn translate(&self, virt: u64) -> Option<(u64, u64)> {
@@ -74,9 +70,12 @@ impl OwnedTables {
     /// from now on. On failure the frame is freed (it is in no table).
     pub(crate) fn map(&mut self, page: u64, frame: Frame, bits: u64) -> Result<(), MapError> {
         let phys = frame.into_raw();
-        let result = self
-            .0
-            .map(page, phys, PageSize::Size4K, bits, &mut TableFrames);
+        // SAFETY: `phys` is the frame just given up by `into_raw` (RAM this hierarchy
+        // owns from now on, freed on unmap or tear-down), and one 4 KiB page long.
+        let result = unsafe {
+            self.0
+                .map(page, phys, PageSize::Size4K, bits, &mut TableFrames)
+        };
         if result.is_err() {
             // SAFETY: the map failed, so no entry holds `phys`: still ours alone.
             drop(unsafe { take(phys) });

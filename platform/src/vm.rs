@@ -248,8 +248,7 @@ pub type TablesGuard<'a> = MutexGuard<'a, Option<UserTables>>;
 impl VmSpace {
     /// An empty space sharing the kernel half (`None` if no frame could be had).
     pub fn new() -> Option<Arc<Self>> {
-        let mut tables = OwnedTables::new()?;
-        tables.share_kernel_half(panda_arch::kernel_tables::kernel_root());
+        let tables = OwnedTables::new()?;
         Some(Arc::new(Self {
             root: tables.root(),
             tables: Mutex::new(&TABLES, Some(UserTables { tables })),

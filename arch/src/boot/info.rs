@@ -10,7 +10,7 @@
 //! what carries authority cannot be forged: the memory map (`BootMemoryMap`) and the
 //! modules' bytes (`Module::bytes`).
 
-use super::memory_map::BootMemoryMap;
+use crate::memory_map::BootMemoryMap;
 
 /// Which protocol booted the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl Module {
     /// HHDM.
     pub(crate) fn new(phys: u64, len: u64, name: Text<64>) -> Option<Module> {
         let size = usize::try_from(len).ok()?;
-        if phys.checked_add(len)? > crate::kernel_tables::HHDM_LIMIT {
+        if phys.checked_add(len)? > crate::HHDM_LIMIT {
             return None;
         }
         Some(Module {

@@ -18,7 +18,8 @@ use limine::request::{
 };
 use limine::BaseRevision;
 
-use super::{BootInfo, BootMemoryMap, MemoryKind, MemoryMap, Module, Protocol, Text, MAX_MODULES};
+use super::info::{BootInfo, Module, Protocol, Text, MAX_MODULES};
+use crate::memory_map::{BootMemoryMap, MemoryKind, MemoryMap};
 
 // SAFETY (each `link_section` below): the request types of the `limine` crate, in the
 // sections where the linker script gathers what Limine scans (see the module comment).
@@ -140,7 +141,7 @@ pub(crate) fn boot_info() -> Result<BootInfo, &'static str> {
         .ok_or("Limine gave no kernel address")?;
 
     let kernel_phys = address.physical_base();
-    let image = super::kernel_image();
+    let image = crate::image::kernel_image();
     if address.virtual_base() != image.start {
         return Err("Limine loaded the kernel at another virtual address than it is linked at");
     }
@@ -173,7 +174,7 @@ pub(crate) fn boot_info() -> Result<BootInfo, &'static str> {
             );
         }
     }
-    super::set_kernel_phys(kernel_phys);
+    crate::image::set_kernel_phys(kernel_phys);
     record_framebuffer(hhdm);
 
     let cmdline = match (CMDLINE.get_response(), EXECUTABLE_FILE.get_response()) {

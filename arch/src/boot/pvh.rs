@@ -6,7 +6,8 @@
 
 use crate::pvh::{self, MemmapEntry};
 
-use super::{BootInfo, BootMemoryMap, MemoryKind, MemoryMap, Module, Protocol, Text, MAX_MODULES};
+use super::info::{BootInfo, Module, Protocol, Text, MAX_MODULES};
+use crate::memory_map::{BootMemoryMap, MemoryKind, MemoryMap};
 
 fn kind_of(e820: u32) -> MemoryKind {
     match e820 {
@@ -35,7 +36,7 @@ pub(crate) fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
             .map_err(|_| "memory map too large")?;
     }
 
-    let image = super::kernel_image();
+    let image = crate::image::kernel_image();
     let kernel_virt = image.start;
     let kernel_phys = image.start - crate::KERNEL_VMA;
     let claim = |map: &mut MemoryMap, start: u64, len: u64, kind| {
@@ -95,7 +96,7 @@ pub(crate) fn boot_info(start_info: u64) -> Result<BootInfo, &'static str> {
     for m in modules.iter().flatten() {
         claim(&mut map, m.phys, m.len, MemoryKind::KernelAndModules)?;
     }
-    super::set_kernel_phys(kernel_phys);
+    crate::image::set_kernel_phys(kernel_phys);
 
     Ok(BootInfo {
         protocol: Protocol::Pvh,

@@ -59,7 +59,7 @@ fn boot_info_hhdm_and_rsdp(ctx: &Context<'_>) -> Outcome {
 }
 
 fn boot_info_kernel_claimed(ctx: &Context<'_>) -> Outcome {
-    let image = panda_arch::boot::kernel_image();
+    let image = panda_arch::image::kernel_image();
     let (start, end) = (
         ctx.boot.kernel_virt_to_phys(image.start),
         ctx.boot.kernel_virt_to_phys(image.end),

@@ -4,8 +4,6 @@
 // Failures carry their message inline (see `crate::ktest::Failure`).
 #![allow(clippy::result_large_err)]
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
 use panda_arch::probe::{self, RetIn};
 
 use crate::boot::MemoryKind;
@@ -57,7 +55,12 @@ fn expect_write_fault(what: &str, addr: u64) -> Outcome {
     let mut current = [0u8; 1];
     probe::read_bytes(addr, &mut current)
         .map_err(|f| fail(format_args!("{what} at {addr:#x} unreadable: {f:?}")))?;
-    match probe::rewrite_u8(addr) {
+    let rewrite = probe::rewrite_image_byte(addr).ok_or_else(|| {
+        fail(format_args!(
+            "{what} at {addr:#x} is not in the kernel image"
+        ))
+    })?;
+    match rewrite {
         Ok(()) => Err(fail(format_args!(
             "writing {what} at {addr:#x} did not fault"
         ))),
@@ -77,26 +80,32 @@ fn expect_write_fault(what: &str, addr: u64) -> Outcome {
 }
 
 fn paging_text_is_read_only(_: &Context<'_>) -> Outcome {
-    let image = panda_arch::boot::kernel_image();
+    let image = panda_arch::image::kernel_image();
     expect_write_fault(".text", probe::ret_address(RetIn::Text))?;
     expect_write_fault(".text start", image.text.0)
 }
 
 fn paging_rodata_is_read_only(_: &Context<'_>) -> Outcome {
     expect_write_fault(".rodata", probe::ret_address(RetIn::Rodata))?;
-    let image = panda_arch::boot::kernel_image();
+    let image = panda_arch::image::kernel_image();
     expect_write_fault(".rodata end", image.rodata.1 - 1)
 }
 
-static DATA_CELL: AtomicU64 = AtomicU64::new(7);
-
 fn paging_data_is_writable(_: &Context<'_>) -> Outcome {
-    let addr = DATA_CELL.as_ptr() as u64;
-    // The probe writes the low byte's own value back: the write must not fault, and
-    // the cell keeps its value.
-    probe::rewrite_u8(addr).map_err(|f| fail(format_args!("write to .data faulted: {f:?}")))?;
-    let now = DATA_CELL.load(Ordering::SeqCst);
-    ensure!(now == 7, "the probe changed .data: read back {now:#x}");
+    let addr = probe::ret_address(RetIn::Data);
+    // The probe writes the byte's own value back: the write must not fault, and the
+    // byte keeps its value.
+    probe::rewrite_image_byte(addr)
+        .ok_or_else(|| fail(format_args!("the ret in .data at {addr:#x} was refused")))?
+        .map_err(|f| fail(format_args!("write to .data faulted: {f:?}")))?;
+    let mut now = [0u8; 1];
+    probe::read_bytes(addr, &mut now)
+        .map_err(|f| fail(format_args!(".data at {addr:#x} unreadable: {f:?}")))?;
+    ensure!(
+        now[0] == 0xc3,
+        "the probe changed .data: read back {:#x}",
+        now[0]
+    );
     Ok(())
 }
 
@@ -147,7 +156,6 @@ fn paging_lower_half_empty(_: &Context<'_>) -> Outcome {
 }
 
 fn paging_hhdm_covers_usable_ram(ctx: &Context<'_>) -> Outcome {
-    let root = panda_arch::paging::active_root();
     for r in ctx
         .boot
         .memory_map
@@ -157,7 +165,7 @@ fn paging_hhdm_covers_usable_ram(ctx: &Context<'_>) -> Outcome {
     {
         for phys in [r.start, r.end - 8] {
             let virt = ctx.boot.hhdm_offset + phys;
-            let (p, bits) = panda_arch::paging::translate_in(root, ctx.boot.hhdm_offset, virt)
+            let (p, bits) = panda_arch::kernel_tables::translate(virt)
                 .ok_or_else(|| fail(format_args!("HHDM misses {phys:#x} ({:?})", r.kind)))?;
             ensure!(p == phys, "HHDM maps {virt:#x} to {p:#x}");
             ensure!(
@@ -170,18 +178,19 @@ fn paging_hhdm_covers_usable_ram(ctx: &Context<'_>) -> Outcome {
 }
 
 fn paging_kernel_half_shared_slots(ctx: &Context<'_>) -> Outcome {
-    let root = ctx.tables.root;
-    for slot in 256..512u64 {
-        let entry = panda_arch::paging::read_phys_u64(ctx.boot.hhdm_offset, root + slot * 8)
-            .ok_or_else(|| fail(format_args!("PML4 unreadable")))?;
+    ensure!(
+        panda_arch::kernel_tables::kernel_root() == ctx.tables.root,
+        "the kernel tables are not the ones built at boot"
+    );
+    for slot in 256..512 {
+        let entry = panda_arch::kernel_tables::root_entry(slot);
         ensure!(
             entry & 1 != 0,
             "PML4 slot {slot} is empty: the kernel half would not be shared"
         );
     }
-    for slot in 0..256u64 {
-        let entry =
-            panda_arch::paging::read_phys_u64(ctx.boot.hhdm_offset, root + slot * 8).unwrap_or(1);
+    for slot in 0..256 {
+        let entry = panda_arch::kernel_tables::root_entry(slot);
         ensure!(entry == 0, "PML4 slot {slot} (lower half) is {entry:#x}");
     }
     Ok(())

@@ -336,6 +336,9 @@ pub struct BootMemoryMap {
     /// Set once the free ranges went to their manager (`hand_over_free`): from then on
     /// the map is a record and nothing more can be taken.
     handed_over: bool,
+    /// Set by `kernel_tables::build_and_switch` once the kernel runs on its own page
+    /// tables (`tables_switched`): from then on bootloader data is no longer needed.
+    tables_switched: bool,
 }
 
 impl BootMemoryMap {
@@ -344,7 +347,14 @@ impl BootMemoryMap {
         Self {
             map,
             handed_over: false,
+            tables_switched: false,
         }
+    }
+
+    /// Records that the kernel now runs on its own page tables, built from this map
+    /// (`kernel_tables::build_and_switch` calls it, once they are loaded for good).
+    pub(crate) fn tables_switched(&mut self) {
+        self.tables_switched = true;
     }
 
     /// Marks `[start, end)` as `kind` (page-rounded outward). For the front-ends and
@@ -373,7 +383,7 @@ impl BootMemoryMap {
     /// after the first; `take` gives nothing afterwards either, so the ranges have one
     /// owner, the frame allocator they are meant for.
     pub fn hand_over_free(&mut self) -> Option<FreeRanges> {
-        if self.handed_over || crate::kernel_tables::kernel_root() == 0 {
+        if self.handed_over || !self.tables_switched {
             return None;
         }
         self.handed_over = true;
