@@ -39,6 +39,7 @@ use panda_platform::vm::VmSpace;
 
 use panda_platform::sync::{Mutex, RwLock};
 
+use crate::executor::yield_once;
 use crate::locks;
 
 /// Counters of the fault and shootdown paths.
@@ -126,14 +127,6 @@ fn pooled_frame(cpu: usize) -> Option<Frame> {
     let frame = taken?.into_frame();
     count(Stat::PoolHits);
     Some(frame)
-}
-
-/// Yields once to the executor (a spin hint where there is none yet).
-async fn yield_once() {
-    match crate::executor::get() {
-        Some(exec) => exec.yield_now().await,
-        None => core::hint::spin_loop(),
-    }
 }
 
 /// Bytes charged per frame.
