@@ -343,6 +343,7 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     }
     heap::enable_slabs();
+    process::init();
     let executor = executor::init(report.online);
     executor.set_idle_work(memory::zero_when_idle);
     for cpu in 0..executor.cpu_count() {

@@ -48,8 +48,14 @@ mod syscalls;
 mod thread;
 
 pub use loader::load;
-pub use oom::{end_over_limit, oom_kills, out_of_frames, Reclaim};
+pub use oom::{oom_kills, out_of_frames};
 pub use thread::run_thread;
+
+/// Gives the address spaces the process side of their memory limits and of running
+/// out of frames (`oom`): called once at boot, before any process or test faults.
+pub fn init() {
+    crate::aspace::set_limit_policy(oom::limit_policy());
+}
 
 /// The status of a process the kernel ended.
 pub const KILLED: u64 = syscall::EXIT_KILLED as u64;
