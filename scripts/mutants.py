@@ -7,6 +7,12 @@ default), and print `caught NAME` if the suite failed or `SURVIVED NAME` if it p
 A mutation whose text is no longer in the source is `STALE` (the list must follow the
 code), one that no longer compiles is `UNBUILT`, and a run whose tests could not start
 (exit 64 or 69) is `ERROR`; all three count as failures. Closes with `N passed, M failed` (passed = caught).
+
+`--check-applies` runs no test: in a second it checks that every mutation's text occurs
+exactly once in its file (so each applies, and to the one place meant), prints one
+`STALE` or `AMBIGUOUS` line per mutation that does not, and exits 1 if any
+(scripts/test.sh runs it as `mutants-apply`). A refactor that moves a mutation's code
+must move the mutation with it, to the code that now carries the same logic.
 """
 import argparse
 import os
@@ -18,16 +24,16 @@ import time
 # (name, file, text to find, replacement, the test expected to catch it)
 MUTATIONS = [
     ("free-before-flush", "platform/src/vm.rs",
-     "batch.add(page, Some(unsafe { Frame::from_raw(phys) }))",
-     "{ drop(unsafe { Frame::from_raw(phys) }); batch.add(page, None) }",
+     "batch.add(page, Some(frame))",
+     "{ drop(frame); batch.add(page, None) }",
      "mm_unmapped_frames_stay_in_use_until_every_cpu_flushed"),
-    ("unmap-frees-twice", "platform/src/vm.rs",
-     "batch.add(page, Some(unsafe { Frame::from_raw(phys) }))",
-     "{ drop(unsafe { Frame::from_raw(phys) }); batch.add(page, Some(unsafe { Frame::from_raw(phys) })) }",
+    ("unmap-frees-twice", "platform/src/tables.rs",
+     "&mut |page, phys| on_page(page, unsafe { take(phys) }),",
+     "&mut |page, phys| { drop(unsafe { take(phys) }); on_page(page, unsafe { take(phys) }) },",
      "mm_no_frame_was_freed_twice"),
     ("refill-zeroes-half", "platform/src/frame.rs",
-     "    let mut frame = Frame(f);\n    frame.zero();",
-     "    let mut frame = Frame(f);\n    frame.zero();\n    frame.write(2048, &[0xff; 2048]);",
+     "    frame.zero();\n    ZERO_AHEAD_CYCLES.fetch_add(",
+     "    frame.zero();\n    frame.write(2048, &[0xff; 2048]);\n    ZERO_AHEAD_CYCLES.fetch_add(",
      "user_reused_frames_are_zero_in_every_byte"),
     ("pool-hands-out-dirty-frames", "platform/src/frame.rs",
      "    Some(poison::checked_zero(ZeroedFrame(Frame(z.into_frame()))))",
@@ -86,14 +92,14 @@ MUTATIONS = [
      "let mut callers = word.load(Ordering::Acquire);",
      "smp_cross_cpu_calls_both_ways_under_load"),
     ("lock-never-favours", "platform/src/sync.rs",
-     "if crate::time::now_ns().saturating_sub(start) >= STARVING_AFTER_NS {",
-     "if crate::time::now_ns().saturating_sub(start) >= u64::MAX {",
+     "if panda_arch::time::now_ns().saturating_sub(start) >= STARVING_AFTER_NS {",
+     "if panda_arch::time::now_ns().saturating_sub(start) >= u64::MAX {",
      "locks_a_waiter_is_not_starved"),
     ("sleep-keeps-its-timer", "sched/src/timer.rs",
      "        self.disarm();\n    }\n}",
      "        let _ = &self.timers;\n    }\n}",
      "sleep host tests, user_sleeping_threads_of_ended_processes_leave_nothing"),
-    ("no-thread-limit", "kernel/src/process/thread.rs",
+    ("no-thread-limit", "kernel/src/process/mod.rs",
      "if threads.len() >= MAX_THREADS {",
      "if threads.len() >= usize::MAX {",
      "user_thread_spawn_is_refused_not_fatal"),
@@ -137,19 +143,55 @@ MUTATIONS = [
      "            self.resolve_fault(at, access, false).await?;\n        }\n        Ok(())",
      "            let _ = access;\n            return Err(denied);\n        }\n        Ok(())",
      "user_syscall_writes_into_an_untouched_heap_page"),
-    ("idle-cpus-never-help", "kernel/src/memory.rs",
+    ("idle-cpus-never-help", "platform/src/zero.rs",
      "            frame::pool_nearest_wanting(cpu)\n                .is_some_and(|other| frame::refill_pool_for(other, ZERO_BATCH) > 0)",
      "            false",
      "mm_idle_cpus_top_up_busy_cpus_pools"),
-    ("prezero-switch-ignored", "kernel/src/memory.rs",
+    ("prezero-switch-ignored", "platform/src/zero.rs",
      "    PREZERO.store(on, Ordering::SeqCst);",
      "    let _ = on;",
      "faultlat-prezero-off, bench-prezero-smoke (test.sh)"),
     ("pool-overfilled", "mm/src/zero.rs",
-     "if pool.frames.len() >= self.capacity {",
-     "if false && pool.frames.len() >= self.capacity {",
+     "if pool.frames.len() >= limit {\n                drop(pool);",
+     "if false && pool.frames.len() >= limit {\n                drop(pool);",
      "concurrent_refills_never_overfill_a_pool (host)"),
 ]
+
+
+def why_not_applicable(root, path, find):
+    """None if `find` occurs exactly once in `path` (relative to `root`), else why not."""
+    try:
+        with open(os.path.join(root, path)) as f:
+            text = f.read()
+    except OSError as e:
+        return f"STALE: {path} cannot be read ({e.strerror})"
+    n = text.count(find)
+    if n == 0:
+        return f"STALE: its text is no longer in {path}"
+    if n > 1:
+        return f"AMBIGUOUS: its text occurs {n} times in {path} (only the first would change)"
+    return None
+
+
+def check_applies(root, mutations):
+    """Prints a line per mutation that does not apply; 0 if all do, 1 otherwise."""
+    bad = 0
+    for name, path, find, _, _ in mutations:
+        why = why_not_applicable(root, path, find)
+        if why:
+            bad += 1
+            kind, _, rest = why.partition(": ")
+            print(f"{kind} {name}: {rest} (update scripts/mutants.py)")
+    names = [m[0] for m in mutations]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    for name in dups:
+        bad += 1
+        print(f"DUPLICATE {name}: two mutations have this name")
+    if bad:
+        print(f"mutants: {bad} of {len(mutations)} curated mutations do not apply")
+        return 1
+    print(f"mutants: all {len(mutations)} curated mutations apply (each text once in its file)")
+    return 0
 
 
 def tracked_files(root):
@@ -189,6 +231,9 @@ def main():
     ap.add_argument("--only", default="",
                     help="comma-separated mutation names (default: all)")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--check-applies", "--check", action="store_true",
+                    help="run no test: check that every mutation's text occurs exactly once "
+                         "in its file; one line per one that does not, exit 1 if any")
     ap.add_argument("--out", default="", help="work directory (default build/mutants)")
     args = ap.parse_args()
 
@@ -198,6 +243,8 @@ def main():
         for name, path, _, _, catcher in MUTATIONS:
             print(f"{name:28} {path:24} expected: {catcher}")
         return 0
+    if args.check_applies:
+        return check_applies(root, MUTATIONS)
     chosen = [m for m in MUTATIONS
               if not args.only or m[0] in args.only.split(",")]
     if not chosen:
@@ -222,12 +269,14 @@ def main():
                 shutil.rmtree(link)
             os.symlink(shared_target, link)
         target = os.path.join(scratch, path)
-        with open(target) as f:
-            text = f.read()
-        if find not in text:
-            print(f"STALE {name}: its text is no longer in {path} (update scripts/mutants.py)")
+        why = why_not_applicable(scratch, path, find)
+        if why:
+            kind, _, rest = why.partition(": ")
+            print(f"{kind} {name}: {rest} (update scripts/mutants.py)", flush=True)
             failed += 1
             continue
+        with open(target) as f:
+            text = f.read()
         with open(target, "w") as f:
             f.write(text.replace(find, replace, 1))
         log = os.path.join(work, f"{name}.log")

@@ -71,6 +71,10 @@ if [ "$quick" = 0 ]; then
     else
         echo "   (shellcheck unavailable: scripts not linted)"
     fi
+    # Every curated mutation (scripts/mutants.py) must still apply, exactly once: a
+    # refactor that moves its code must move the mutation too. Seconds, no test run.
+    if python3 scripts/mutants.py --check-applies >"$logs/mutants-apply.log" 2>&1; then pass mutants-apply
+    else fail mutants-apply "$(grep -Ec '^(STALE|AMBIGUOUS|DUPLICATE) ' "$logs/mutants-apply.log") stale curated mutation(s): $(grep -Eo '^(STALE|AMBIGUOUS|DUPLICATE) [^:]+' "$logs/mutants-apply.log" | awk '{print $2}' | paste -sd, -) (see $logs/mutants-apply.log)"; cat "$logs/mutants-apply.log"; fi
     pkg_args=(); for c in "${HOST_CRATES[@]}"; do pkg_args+=(-p "$c"); done
     if cargo clippy --quiet "${pkg_args[@]}" --all-targets -- -D warnings >"$logs/clippy-host.log" 2>&1; then
         pass clippy-host; else fail clippy-host "see $logs/clippy-host.log"; fi

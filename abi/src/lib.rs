@@ -25,27 +25,6 @@ pub mod syscall;
 /// Size of a page (the unit of every region).
 pub const PAGE_SIZE: usize = 0x1000;
 
-/// The most CPUs Panda runs on: `OP_CPU_COUNT` never returns more, and CPU numbers
-/// (`OP_THREAD_SET_AFFINITY`, `OP_THREAD_CURRENT_CPU`) are below it. The kernel's
-/// per-CPU tables (executor, frame caches, shootdown sets, per-CPU blocks) are all
-/// sized by this one constant.
-pub const MAX_CPUS: usize = 512;
-
-/// The CPUs of `0..n` other than `cpu`, nearest first by number: `cpu + 1`, `cpu - 1`,
-/// `cpu + 2`, `cpu - 2`, ..., wrapping round, each exactly once. Until the kernel
-/// knows the machine's topology this is its one notion of "near": an idle CPU zeroes
-/// frames for the nearest CPU whose pool has room, and a CPU whose pool runs low wakes
-/// the nearest idle CPU to do it. `cpu` must be below `n`.
-pub fn cpus_nearest_first(cpu: usize, n: usize) -> impl Iterator<Item = usize> {
-    (1..=n / 2).flat_map(move |d| {
-        let up = (cpu + d) % n;
-        let down = (cpu + n - d) % n;
-        [Some(up), (down != up).then_some(down)]
-            .into_iter()
-            .flatten()
-    })
-}
-
 /// Lowest user address. The first page stays unmapped so null pointers fault.
 pub const USER_SPACE_START: usize = 0x0000_0000_0000_1000;
 /// End (exclusive) of the lower canonical half: user space is below it.
@@ -300,32 +279,5 @@ mod tests {
             Region::new(0x20_0000, 0x20_1000),
             Region::new(0x10_0000, 0x10_1000),
         ]));
-    }
-
-    #[test]
-    fn other_cpus_come_nearest_first_each_once() {
-        let order = |cpu, n| cpus_nearest_first(cpu, n).collect::<Vec<_>>();
-        assert_eq!(order(0, 1), Vec::<usize>::new());
-        assert_eq!(order(0, 2), vec![1]);
-        assert_eq!(order(1, 2), vec![0]);
-        assert_eq!(order(0, 4), vec![1, 3, 2]);
-        assert_eq!(order(2, 5), vec![3, 1, 4, 0]);
-        for n in 1..40 {
-            for cpu in 0..n {
-                let mut seen = order(cpu, n);
-                // Nearest first: the wrapped distance never shrinks along the order.
-                let dist = |c: usize| ((c + n - cpu) % n).min((cpu + n - c) % n);
-                assert!(
-                    seen.windows(2).all(|w| dist(w[0]) <= dist(w[1])),
-                    "cpu {cpu} of {n}: {seen:?}"
-                );
-                seen.sort_unstable();
-                assert_eq!(
-                    seen,
-                    (0..n).filter(|&c| c != cpu).collect::<Vec<_>>(),
-                    "cpu {cpu} of {n}"
-                );
-            }
-        }
     }
 }

@@ -27,7 +27,8 @@ const _: () = assert!(core::mem::offset_of!(PerCpu, user_scratch) == OFFSET_USER
 const _: () = assert!(core::mem::offset_of!(PerCpu, tss_rsp0) == OFFSET_TSS_RSP0);
 
 /// The most CPUs Panda keeps track of (a per-CPU block, stacks, TSS and GDT each).
-/// The ABI (`panda_abi::MAX_CPUS`) promises user code the same figure.
+/// Memory's per-CPU tables (`panda_mm::MAX_CPUS`) hold at least as many; the kernel
+/// checks that at build time. Not part of the ABI: programs ask `OP_CPU_COUNT`.
 pub const MAX_CPUS: usize = 512;
 
 /// One CPU's block. `repr(C)`: `current` reads `self_addr` at offset 0.

@@ -20,9 +20,10 @@
 //! the walk will add, counted under the table lock before the map) and given back where
 //! it is unmapped (`retire`, from the count `unmap_range` returns) and at drop, which
 //! checks first that what was charged is exactly what the tables hold. A fault past the
-//! limit ends the process (`process::end_over_limit`); a fault that finds the machine
-//! out of frames asks `process::out_of_frames` to end the largest process and waits
-//! for its memory (docs/MEMORY.md, "Limits and running out").
+//! limit ends the process; a fault that finds the machine out of frames asks the
+//! out-of-memory policy to end the largest process and waits for its memory: both
+//! answers are the process side's, installed in `limits` at boot (docs/MEMORY.md,
+//! "Limits and running out").
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +42,11 @@ use panda_platform::zero::Source;
 
 use panda_platform::sync::{Mutex, RwLock};
 
+use crate::executor::yield_once;
 use crate::locks;
+
+mod limits;
+pub use limits::{set_limit_policy, LimitPolicy, Reclaim};
 
 /// Counters of the fault and shootdown paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,14 +113,6 @@ fn count_source(source: Source) {
             count(Stat::ZeroedInline);
             add(Stat::ProfZero, cycles);
         }
-    }
-}
-
-/// Yields once to the executor (a spin hint where there is none yet).
-async fn yield_once() {
-    match crate::executor::get() {
-        Some(exec) => exec.yield_now().await,
-        None => core::hint::spin_loop(),
     }
 }
 
@@ -336,16 +333,16 @@ impl AddressSpace {
                 }
                 Err(Miss::OverLimit(over)) => {
                     let pid = self.account.id();
-                    if user && crate::process::end_over_limit(pid, addr, access, over) {
+                    if user && limits::end_over_limit(pid, addr, access, over) {
                         return Ok(());
                     }
                     return Err(FaultError::OutOfMemory);
                 }
                 Err(Miss::NoFrame) if reclaims < MAX_RECLAIMS => {
                     reclaims += 1;
-                    match crate::process::out_of_frames(self.account.id()).await {
-                        crate::process::Reclaim::Retry => {}
-                        crate::process::Reclaim::Ended if user => return Ok(()),
+                    match limits::out_of_frames(self.account.id()).await {
+                        Reclaim::Retry => {}
+                        Reclaim::Ended if user => return Ok(()),
                         _ => return Err(FaultError::OutOfMemory),
                     }
                 }

@@ -66,6 +66,17 @@ pub fn should_yield() -> bool {
     get().is_some_and(|e| e.should_yield())
 }
 
+/// Yields once to the executor: the CPU's other ready tasks run before this one
+/// continues (a spin hint before the executor exists). The one yield of the system
+/// call `OP_PROCESS_YIELD`, of a thread whose slice is over, and of a fault that found
+/// its page table busy.
+pub async fn yield_once() {
+    match get() {
+        Some(exec) => exec.yield_now().await,
+        None => core::hint::spin_loop(),
+    }
+}
+
 /// Yields to the executor if `should_yield` says so: the bounded-work point of long
 /// system calls (between pieces of a long log, copy or unmap).
 pub async fn yield_if_due() {

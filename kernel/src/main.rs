@@ -44,6 +44,10 @@ use panda_arch::{cpu, power};
 
 use boot::{BootInfo, CommandLine, MemoryKind};
 
+// Every CPU index `panda-arch` hands out (below its `percpu::MAX_CPUS`) must fit the
+// per-CPU tables of the executor and the memory layers (`panda_mm::MAX_CPUS`).
+const _: () = assert!(panda_arch::percpu::MAX_CPUS <= panda_mm::MAX_CPUS);
+
 /// The kernel, as the platform layer knows it.
 struct Panda;
 
@@ -249,8 +253,8 @@ fn kmain(mut boot: BootInfo) -> ! {
             "{} processors ({} enabled) listed past the first {}: Panda runs at most {} CPUs, so they stay off",
             platform.processors_dropped,
             platform.enabled_dropped,
-            panda_abi::MAX_CPUS,
-            panda_abi::MAX_CPUS
+            panda_arch::percpu::MAX_CPUS,
+            panda_arch::percpu::MAX_CPUS
         );
     }
     if !features.invariant_tsc {
@@ -339,6 +343,7 @@ fn kmain(mut boot: BootInfo) -> ! {
         }
     }
     heap::enable_slabs();
+    process::init();
     let executor = executor::init(report.online);
     memory::start_zeroing(executor, executor.cpu_count());
     info!(target: "sched", "executor running on {} CPUs", executor.cpu_count());

@@ -4,6 +4,8 @@
 //!   limits;
 //! - `buddy`: the global allocator of physical frames, single frames and contiguous
 //!   power-of-two runs, with coalescing;
+//! - `cpus`: `MAX_CPUS`, the size of every per-CPU table, and `cpus_nearest_first`,
+//!   the one notion of a near CPU;
 //! - `cache`: a per-CPU cache of single frames in front of it, refilled and drained in
 //!   batches, so the common allocation and free take no shared lock;
 //! - `elf`: the checked load plan of a user executable (goblin parses, this checks);
@@ -28,11 +30,14 @@ extern crate alloc;
 pub mod account;
 pub mod buddy;
 pub mod cache;
+pub mod cpus;
 pub mod elf;
 pub mod region;
 pub mod slab;
 pub mod tlb;
 pub mod zero;
+
+pub use cpus::{cpus_nearest_first, MAX_CPUS};
 
 /// Size of a frame.
 pub const FRAME_SIZE: u64 = 4096;

@@ -25,8 +25,8 @@ pub const MAX_SMALL: usize = 2048;
 pub const CLASSES: usize = 8;
 /// Objects moved between a CPU and the global list at once.
 pub const BATCH: usize = 32;
-/// CPUs served (`panda_abi::MAX_CPUS`).
-pub use panda_abi::MAX_CPUS;
+/// CPUs served (`crate::MAX_CPUS`).
+pub use crate::MAX_CPUS;
 
 const PAGE: usize = panda_abi::PAGE_SIZE;
 

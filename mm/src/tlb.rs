@@ -21,8 +21,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::PhysFrame;
 
-/// CPUs tracked (`panda_abi::MAX_CPUS`).
-pub use panda_abi::MAX_CPUS;
+/// CPUs tracked (`crate::MAX_CPUS`).
+pub use crate::MAX_CPUS;
 /// Above this many pages, flush the whole TLB instead of page by page.
 pub const FULL_FLUSH_THRESHOLD: usize = 32;
 

@@ -370,7 +370,7 @@ impl ZeroPools {
     pub fn nearest_wanting(&self, cpu: usize) -> Option<usize> {
         let n = self.cpus.len();
         assert!(cpu < n, "cpu {cpu} has no zeroed pool (there are {n})");
-        panda_abi::cpus_nearest_first(cpu, n).find(|&c| self.wants_frames(c))
+        crate::cpus_nearest_first(cpu, n).find(|&c| self.wants_frames(c))
     }
 
     pub fn stats(&self, cpu: usize) -> PoolStats {

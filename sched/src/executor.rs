@@ -15,8 +15,8 @@ use crate::queue::TaskQueue;
 use crate::task::{Scheduler, Task, DONE, IDLE, RUNNING, SCHEDULED, WOKEN};
 use crate::timer::{Sleep, TimerKey, TimerList, Timers};
 
-/// Most CPUs an executor serves (`panda_abi::MAX_CPUS`).
-pub use panda_abi::MAX_CPUS;
+/// Most CPUs an executor serves (`panda_mm::MAX_CPUS`).
+pub use panda_mm::MAX_CPUS;
 
 /// What the executor needs from the machine. The kernel implements it with GS-based
 /// CPU ids, wake-up IPIs, the TSC and `sti; hlt`; the host tests with threads.
@@ -915,12 +915,12 @@ impl<P: Platform> Executor<P> {
         self.cpus[cpu].idle.load(Ordering::SeqCst)
     }
 
-    /// Wakes the idle CPU nearest to `cpu` (`panda_abi::cpus_nearest_first`), so that
+    /// Wakes the idle CPU nearest to `cpu` (`panda_mm::cpus_nearest_first`), so that
     /// its idle work (zeroing frames for `cpu`'s pool) runs now rather than at its next
     /// timer tick. Returns the CPU woken, or `None` when no other CPU is idle.
     pub fn wake_idle_near(&self, cpu: usize) -> Option<usize> {
         let cpu = self.served(cpu, "wake_idle_near's CPU");
-        let idle = panda_abi::cpus_nearest_first(cpu, self.cpus.len())
+        let idle = panda_mm::cpus_nearest_first(cpu, self.cpus.len())
             .find(|&c| self.cpus[c].idle.load(Ordering::SeqCst))?;
         self.send_wakeup(idle);
         Some(idle)

@@ -48,9 +48,14 @@ mod syscalls;
 mod thread;
 
 pub use loader::load;
-pub use oom::{end_over_limit, oom_kills, out_of_frames, Reclaim};
+pub use oom::{oom_kills, out_of_frames};
 pub use thread::run_thread;
-use thread::start_thread;
+
+/// Gives the address spaces the process side of their memory limits and of running
+/// out of frames (`oom`): called once at boot, before any process or test faults.
+pub fn init() {
+    crate::aspace::set_limit_policy(oom::limit_policy());
+}
 
 /// The status of a process the kernel ended.
 pub const KILLED: u64 = syscall::EXIT_KILLED as u64;
@@ -663,6 +668,41 @@ async fn place_args(
         .await
         .map_err(|_| SpawnError::OutOfMemory)?;
     Ok((argc, argv))
+}
+
+/// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
+/// Returns its thread id, or `OutOfMemory` when the process has `MAX_THREADS` threads
+/// not yet joined or memory is down to the kernel's reserve.
+fn start_thread(
+    exec: &'static panda_sched::Executor<crate::executor::Machine>,
+    process: &Arc<Process>,
+    ctx: UserContext,
+    cpu: Option<usize>,
+) -> Result<u64, Error> {
+    if !crate::memory::above_reserve() {
+        return Err(Error::OutOfMemory);
+    }
+    // The slot is taken before the task exists, so concurrent spawns cannot overshoot
+    // the limit; the handle fills it once the task is spawned.
+    let tid = {
+        let mut threads = process.threads.lock();
+        if threads.len() >= MAX_THREADS {
+            return Err(Error::OutOfMemory);
+        }
+        let tid = NEXT_TID.fetch_add(1, Ordering::Relaxed);
+        threads.insert(tid, None);
+        tid
+    };
+    let future = thread::run_thread_with_id(process.clone(), ctx, tid);
+    let handle = match (&process.sched, cpu) {
+        (Some(group), cpu) => exec.spawn_in(group, cpu, cpu.is_some(), future),
+        (None, Some(cpu)) => exec.spawn_pinned(cpu, future),
+        (None, None) => exec.spawn(future),
+    };
+    if let Some(slot) = process.threads.lock().get_mut(&tid) {
+        *slot = Some(handle);
+    }
+    Ok(tid)
 }
 
 /// Starts the initrd program `path` as a new process, a child of `parent` (`None`:

@@ -2,7 +2,9 @@
 //! fault would pass its memory limit, and choosing whom to end when the machine itself
 //! runs out of frames.
 //!
-//! The address space (`crate::aspace`) finds both situations and calls in here.
+//! The address space (`crate::aspace`) finds both situations and calls in here, through
+//! the two functions `limit_policy` installs in it at boot (`process::init`): the
+//! address space names nothing of `process`.
 //! **Over the limit**: the faulting process ends, with one log line naming the limit
 //! (its own, or the ancestor's whose tree limit it hit). **Out of frames** (the frame
 //! pool is down to the kernel's reserve): the process with the largest footprint (the
@@ -15,6 +17,8 @@
 //! ended again; so is one being torn down (its frames on their way back). docs/MEMORY.md, "Limits and running out", has the reasons.
 
 use super::*;
+use crate::aspace::{LimitPolicy, Reclaim};
+use alloc::boxed::Box;
 use panda_mm::account::OverLimit;
 
 /// Longest a fault waits for the chosen process to be gone before it looks again.
@@ -31,15 +35,13 @@ pub fn oom_kills() -> u64 {
     OOM_KILLS.load(Ordering::Relaxed)
 }
 
-/// What a fault that found no frame should do next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reclaim {
-    /// Memory was (or is being) given back: try again.
-    Retry,
-    /// The faulting process itself is ending (chosen, or ended meanwhile).
-    Ended,
-    /// Nothing to end (or nobody to charge it to): fail the fault.
-    Fail,
+/// This module's answers to the address space's fault path (`aspace::limits`),
+/// installed by `process::init`.
+pub(super) fn limit_policy() -> LimitPolicy {
+    LimitPolicy {
+        end_over_limit,
+        out_of_frames: |pid| Box::pin(out_of_frames(pid)),
+    }
 }
 
 fn find(pid: u64) -> Option<Arc<Process>> {

@@ -2,8 +2,8 @@
 //! User memory is reached only through `AddressSpace::read_user`/`write_user` (copies,
 //! faulting pages in as the user's own access would).
 
-use super::thread::{yield_once, After};
 use super::*;
+use crate::executor::yield_once;
 use panda_sched::AsyncLock;
 
 pub(super) fn user_error(e: FaultError) -> Error {
@@ -11,6 +11,13 @@ pub(super) fn user_error(e: FaultError) -> Error {
         FaultError::OutOfMemory => Error::OutOfMemory,
         FaultError::Denied(_) => Error::BadAddress,
     }
+}
+
+/// What a system call asks of the thread loop (`thread`), which calls in here.
+pub(super) enum After {
+    Resume,
+    ExitThread(u64),
+    ExitProcess(u64),
 }
 
 pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut UserContext) -> After {

@@ -1,44 +1,12 @@
-//! A thread as a task: the loop that enters user mode and handles each trap, and the
-//! time slice that gives the CPU's other tasks their turn.
+//! A thread as a task: the loop that enters user mode and handles each trap (a system
+//! call goes to `syscalls`, which says what the loop does next), and the time slice
+//! that gives the CPU's other tasks their turn. Starting a thread as a task is
+//! `process::start_thread`'s (the process's thread table is there).
 
-use super::syscalls::system_call;
+use super::syscalls::{system_call, After};
 use super::*;
+use crate::executor::yield_once;
 use core::task::Poll;
-
-/// Spawns a thread of `process` from `ctx` as a task (on `cpu`, pinned, if given).
-/// Returns its thread id, or `OutOfMemory` when the process has `MAX_THREADS` threads
-/// not yet joined or memory is down to the kernel's reserve.
-pub(super) fn start_thread(
-    exec: &'static panda_sched::Executor<crate::executor::Machine>,
-    process: &Arc<Process>,
-    ctx: UserContext,
-    cpu: Option<usize>,
-) -> Result<u64, Error> {
-    if !crate::memory::above_reserve() {
-        return Err(Error::OutOfMemory);
-    }
-    // The slot is taken before the task exists, so concurrent spawns cannot overshoot
-    // the limit; the handle fills it once the task is spawned.
-    let tid = {
-        let mut threads = process.threads.lock();
-        if threads.len() >= MAX_THREADS {
-            return Err(Error::OutOfMemory);
-        }
-        let tid = NEXT_TID.fetch_add(1, Ordering::Relaxed);
-        threads.insert(tid, None);
-        tid
-    };
-    let future = run_thread_with_id(process.clone(), ctx, tid);
-    let handle = match (&process.sched, cpu) {
-        (Some(group), cpu) => exec.spawn_in(group, cpu, cpu.is_some(), future),
-        (None, Some(cpu)) => exec.spawn_pinned(cpu, future),
-        (None, None) => exec.spawn(future),
-    };
-    if let Some(slot) = process.threads.lock().get_mut(&tid) {
-        *slot = Some(handle);
-    }
-    Ok(tid)
-}
 
 /// A thread of `process` starting from `ctx`, as a future that completes with the
 /// thread's status (its exit code, the process's status if the process ended first).
@@ -47,7 +15,7 @@ pub fn run_thread(process: Arc<Process>, ctx: UserContext) -> impl Future<Output
     run_thread_with_id(process, ctx, tid)
 }
 
-fn run_thread_with_id(
+pub(super) fn run_thread_with_id(
     process: Arc<Process>,
     ctx: UserContext,
     tid: u64,
@@ -56,13 +24,6 @@ fn run_thread_with_id(
     // see the process as threadless.
     process.live_threads.fetch_add(1, Ordering::SeqCst);
     thread_loop(process, ctx, tid)
-}
-
-/// What a system call asks of the thread loop.
-pub(super) enum After {
-    Resume,
-    ExitThread(u64),
-    ExitProcess(u64),
 }
 
 async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u64 {
@@ -154,12 +115,5 @@ pub(super) fn describe(e: FaultError) -> &'static str {
         FaultError::Denied(StackOverflow) => "stack overflow (past 16 MiB)",
         FaultError::Denied(OutsideRegions) => "outside every region",
         FaultError::Denied(DemandZero(_)) => "unexpected",
-    }
-}
-
-/// Yields once to the executor.
-pub(super) async fn yield_once() {
-    if let Some(exec) = crate::executor::get() {
-        exec.yield_now().await;
     }
 }
