@@ -23,6 +23,7 @@ extern crate alloc;
 pub mod frame;
 pub mod heap;
 pub mod ipi;
+pub mod order;
 pub mod sync;
 pub mod vm;
 pub mod watchdog;
