@@ -20,6 +20,11 @@
 //! deadlock; after a short spin it waits halted, and the target that finishes last
 //! wakes it (on an overcommitted host a spinning caller takes host time from the very
 //! virtual CPUs it waits for).
+//!
+//! `spin_until` is the crate's one waiting loop: call waits and lock waits (`sync`)
+//! spin there, serving this CPU's inbox between attempts and reporting to the watchdog
+//! after twice its limit. This module imports `order` (a served call's fresh lock
+//! order) and `watchdog` (tick, NMI report, stuck), never `sync`.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
