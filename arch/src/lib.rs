@@ -73,28 +73,9 @@ pub const HHDM_LIMIT: u64 = 1 << 46;
 /// Size of a small page (`panda_abi::PAGE_SIZE`).
 pub const PAGE_SIZE: u64 = panda_abi::PAGE_SIZE as u64;
 
-/// The offset-in-page bits of an address: `addr & PAGE_MASK` is the offset,
-/// `addr & !PAGE_MASK` the page.
-pub const PAGE_MASK: u64 = PAGE_SIZE - 1;
-
 /// End (exclusive) of the user half, the lower canonical half
 /// (`panda_abi::USER_SPACE_END`): user addresses are below it.
 pub const USER_END: u64 = panda_abi::USER_SPACE_END as u64;
 
-const _: () = assert!(PAGE_SIZE.is_power_of_two());
-
-/// The start of the page holding `addr`.
-pub const fn page_floor(addr: u64) -> u64 {
-    addr & !PAGE_MASK
-}
-
-/// `addr` rounded up to a page boundary; an address in the last page of the address
-/// space, which has no boundary above it, rounds down to that page's start.
-pub const fn page_ceil(addr: u64) -> u64 {
-    page_floor(addr.saturating_add(PAGE_MASK))
-}
-
-/// `addr`'s offset within its page.
-pub const fn page_offset(addr: u64) -> u64 {
-    addr & PAGE_MASK
-}
+/// Page rounding, defined with the page size in `panda_abi` (re-exported, not copied).
+pub use panda_abi::{page_ceil, page_floor, page_offset};
