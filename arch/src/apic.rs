@@ -84,6 +84,7 @@ fn xapic_registers() -> Result<u64, &'static str> {
     }
     match XAPIC_VIRT.load(Ordering::Acquire) {
         0 => {
+            // The xAPIC register block is 4 KiB (SDM vol. 3, 11.4.1), whatever the page size.
             let virt = crate::kernel_tables::map_mmio(xapic_phys_base(), 4096)
                 .ok_or("cannot map the xAPIC registers")?;
             XAPIC_VIRT.store(virt, Ordering::Release);

@@ -314,7 +314,7 @@ pub fn read_bytes(addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
 
 /// Whether `addr` is a user (lower-half) address.
 fn is_user(addr: u64) -> bool {
-    addr < 0x0000_8000_0000_0000
+    addr < crate::USER_END
 }
 
 /// Reads a u64 of user memory in the current address space (SMAP lifted for that one

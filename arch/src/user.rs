@@ -312,7 +312,7 @@ pub fn run(ctx: &mut UserContext) -> Exit {
 
 /// Whether `base` may be a thread's FS base: canonical and in the lower half.
 pub fn valid_fs_base(base: u64) -> bool {
-    base < 0x0000_8000_0000_0000
+    base < crate::USER_END
 }
 
 /// Loads the thread's FS base, on every entry to user mode. It is not skipped when the

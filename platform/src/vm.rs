@@ -38,7 +38,9 @@ use crate::sync::{Mutex, MutexGuard, Rank};
 use crate::tables::OwnedTables;
 use panda_arch::paging::{flags, MapError};
 use panda_arch::user::FaultAccess;
-use panda_arch::{percpu, HHDM_BASE, PAGE_SIZE};
+// Nothing at or above `USER_END` (the user half's end) is ever mapped into a user
+// space by this module.
+use panda_arch::{page_floor, page_offset, percpu, HHDM_BASE, PAGE_SIZE, USER_END};
 
 /// Lock ranks of this module (the kernel's others are in `kernel/src/locks.rs`;
 /// docs/LOCKING.md has the whole order).
@@ -51,10 +53,6 @@ pub static CURRENT: Rank = Rank::new(70, "vm::CURRENT");
 /// Most page slots one unmap batch looks at (so at most as many frames it frees): the
 /// table lock is held, and the shootdown waited for, one batch at a time.
 pub const UNMAP_BATCH: usize = 512;
-
-/// End of the user half (the lower canonical half): nothing at or above it is ever
-/// mapped into a user space by this module.
-pub const USER_END: u64 = 1 << 47;
 
 /// The access a user page fault made, as the region bookkeeping checks it: the one
 /// conversion from what `arch` decodes of the error code (`FaultAccess`: arch does not
@@ -162,7 +160,7 @@ impl UserTables {
     }
 
     fn map(&mut self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MapError> {
-        let page = virt & !(PAGE_SIZE - 1);
+        let page = page_floor(virt);
         if page >= USER_END {
             return Err(MapError::Misaligned {
                 virt,
@@ -226,7 +224,7 @@ impl UserTables {
         let mut done = 0;
         while done < len {
             let at = virt.checked_add(done as u64).ok_or(done)?;
-            let n = (len - done).min((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize);
+            let n = (len - done).min((PAGE_SIZE - page_offset(at)) as usize);
             let phys = self.user_frame(at, write).ok_or(done)?;
             f(phys, done, n);
             done += n;
@@ -398,7 +396,7 @@ impl VmSpace {
         {
             let mut guard = self.tables.lock();
             let Some(t) = guard.as_mut() else { return };
-            let mut page = from & !(PAGE_SIZE - 1);
+            let mut page = page_floor(from);
             while page < to.min(USER_END) {
                 if t.tables.protect(page, bits) {
                     batch.add(page, None);
