@@ -117,7 +117,6 @@ fn count_source(source: Source) {
     }
 }
 
-
 /// Spaces whose charge did not match the frames they held at drop, and uncharges of
 /// more than was charged: both 0 unless the accounting has a bug (`SystemInfo`).
 static ACCOUNT_ERRORS: AtomicU64 = AtomicU64::new(0);
