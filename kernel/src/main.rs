@@ -194,14 +194,14 @@ fn kmain(mut boot: BootInfo) -> ! {
     let heap_bytes = heap::init(&mut boot, (ram_mib / 8).clamp(4, 64) << 20);
     info!(target: "mm", "early heap: {} MiB", heap_bytes >> 20);
 
-    let platform = match boot.rsdp.map(panda_arch::acpi::discover) {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            error!(target: "acpi", "cannot read the ACPI tables: {e:?}");
+    let platform = match panda_arch::acpi::discover() {
+        Ok(p) => p,
+        Err(panda_arch::acpi::Error::NoRsdp) => {
+            error!(target: "acpi", "the bootloader gave no RSDP: cannot find the processors");
             power::exit(false)
         }
-        None => {
-            error!(target: "acpi", "the bootloader gave no RSDP: cannot find the processors");
+        Err(e) => {
+            error!(target: "acpi", "cannot read the ACPI tables: {e:?}");
             power::exit(false)
         }
     };
