@@ -41,6 +41,8 @@ const MMIO_WINDOW: u64 = 1 << 39;
 /// `STACKS_BASE + i * STACK_STRIDE`, each behind an unmapped guard page.
 pub const STACKS_BASE: u64 = 0xffff_fd00_0000_0000;
 const STACK_STRIDE: u64 = 256 * 1024;
+/// Bytes of the stack window that CPU stacks can occupy (one stride per possible CPU).
+pub(crate) const STACK_WINDOW: u64 = MAX_CPUS as u64 * STACK_STRIDE;
 /// Physical bytes one CPU's stacks need.
 pub const CPU_STACK_BYTES: u64 = BOOT_STACK_SIZE + 3 * IST_STACK_SIZE;
 
