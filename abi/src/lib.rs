@@ -47,6 +47,18 @@ pub const fn page_offset(addr: u64) -> u64 {
     addr & PAGE_MASK
 }
 
+/// The kind of memory access a fault made: decoded from the page-fault error code
+/// (`panda_arch::user::Exit::PageFault`), checked against a region's rights
+/// (`panda_mm::region`), and named in a fault's report. One type from the trap to the
+/// check, so no layer maps one kind onto another by hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
 /// Lowest user address. The first page stays unmapped so null pointers fault.
 pub const USER_SPACE_START: usize = 0x0000_0000_0000_1000;
 /// End (exclusive) of the lower canonical half: user space is below it.

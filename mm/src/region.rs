@@ -31,13 +31,8 @@ pub struct Rights {
     pub execute: bool,
 }
 
-/// What a fault asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-    Execute,
-}
+/// What a fault asked for (the ABI's one `Access`, from trap decoding to this check).
+pub use panda_abi::Access;
 
 /// What the fault path must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -37,7 +37,6 @@ use crate::ipi;
 use crate::sync::{Mutex, MutexGuard, Rank};
 use crate::tables::OwnedTables;
 use panda_arch::paging::{flags, MapError};
-use panda_arch::user::FaultAccess;
 // Nothing at or above `USER_END` (the user half's end) is ever mapped into a user
 // space by this module.
 use panda_arch::{page_floor, page_offset, percpu, HHDM_BASE, PAGE_SIZE, USER_END};
@@ -53,19 +52,6 @@ pub static CURRENT: Rank = Rank::new(70, "vm::CURRENT");
 /// Most page slots one unmap batch looks at (so at most as many frames it frees): the
 /// table lock is held, and the shootdown waited for, one batch at a time.
 pub const UNMAP_BATCH: usize = 512;
-
-/// The access a user page fault made, as the region bookkeeping checks it: the one
-/// conversion from what `arch` decodes of the error code (`FaultAccess`: arch does not
-/// depend on `mm`, and `mm`'s host-tested `Access` must not depend on arch) to the
-/// `Access` every check above uses. Exhaustive: a new kind of fault does not build
-/// until it is mapped here.
-pub fn fault_access(access: FaultAccess) -> Access {
-    match access {
-        FaultAccess::Read => Access::Read,
-        FaultAccess::Write => Access::Write,
-        FaultAccess::Execute => Access::Execute,
-    }
-}
 
 /// Page-table bits of a user page with `rights`.
 fn leaf_bits(rights: Rights) -> u64 {
