@@ -272,7 +272,7 @@ pub(crate) fn keep_busy(
 }
 
 /// Empties CPU `cpu`'s zeroed pool (the frames go back to the allocator).
-pub(crate) fn empty_pool(cpu: usize) {
+pub(crate) fn empty_pool(cpu: panda_mm::CpuId) {
     while let Some(z) = panda_platform::frame::try_take_zeroed(cpu) {
         drop(z);
     }

@@ -44,9 +44,8 @@ use panda_arch::{cpu, power};
 
 use boot::{BootInfo, CommandLine, MemoryKind};
 
-// Every CPU index `panda-arch` hands out (below its `percpu::MAX_CPUS`) must fit the
-// per-CPU tables of the executor and the memory layers (`panda_mm::MAX_CPUS`).
-const _: () = assert!(panda_arch::percpu::MAX_CPUS <= panda_mm::MAX_CPUS);
+// That every CPU index `panda-arch` hands out fits the per-CPU tables of the executor
+// and the memory layers is asserted where the two meet: `panda_platform::cpu`.
 
 /// The kernel, as the platform layer knows it.
 struct Panda;

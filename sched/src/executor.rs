@@ -920,7 +920,10 @@ impl<P: Platform> Executor<P> {
     /// timer tick. Returns the CPU woken, or `None` when no other CPU is idle.
     pub fn wake_idle_near(&self, cpu: usize) -> Option<usize> {
         let cpu = self.served(cpu, "wake_idle_near's CPU");
-        let idle = panda_mm::cpus_nearest_first(cpu, self.cpus.len())
+        // A served CPU is below `self.cpus.len()` <= MAX_CPUS: `new` never fails here.
+        let near = panda_mm::CpuId::new(cpu)?;
+        let idle = panda_mm::cpus_nearest_first(near, self.cpus.len())
+            .map(panda_mm::CpuId::index)
             .find(|&c| self.cpus[c].idle.load(Ordering::SeqCst))?;
         self.send_wakeup(idle);
         Some(idle)

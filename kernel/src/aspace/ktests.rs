@@ -294,7 +294,7 @@ async fn mm_switching_spaces_leaves_the_old_active_set() -> Outcome {
 async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
-    let cpu = percpu::current_index();
+    let cpu = panda_platform::cpu::current();
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     space.activate();
     let heap = panda_abi::HEAP_BASE as u64;

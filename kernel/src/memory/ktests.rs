@@ -7,6 +7,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use panda_arch::percpu;
+use panda_mm::CpuId;
 use panda_platform::frame;
 
 use crate::ktest::{
@@ -55,12 +56,12 @@ async fn mm_zero_pools_fill_when_idle() -> Outcome {
     let exec = executor()?;
     let deadline = panda_arch::time::now_ns() + 10_000_000_000;
     let want = frame::pool_capacity().min(64);
-    let available = |c: usize| frame::pool_stats(c).map_or(0, |s| s.available);
-    let full = |c: usize| available(c) >= want;
-    while !(0..exec.cpu_count()).all(full) && panda_arch::time::now_ns() < deadline {
+    let available = |c: CpuId| frame::pool_stats(c).map_or(0, |s| s.available);
+    let full = |c: CpuId| available(c) >= want;
+    while !CpuId::all(exec.cpu_count()).all(full) && panda_arch::time::now_ns() < deadline {
         exec.sleep(5_000_000).await;
     }
-    for cpu in 0..exec.cpu_count() {
+    for cpu in CpuId::all(exec.cpu_count()) {
         ensure!(
             full(cpu),
             "cpu{cpu}'s pool has {} zeroed frames after 10 s of idle",
@@ -69,7 +70,7 @@ async fn mm_zero_pools_fill_when_idle() -> Outcome {
     }
     // The frames really are zero: dirty a frame, free it, and check every frame the
     // pools hand out reads zero in full.
-    let cpu = percpu::current_index();
+    let cpu = panda_platform::cpu::current();
     for _ in 0..8 {
         let mut f = frame::try_take_zeroed(cpu)
             .ok_or_else(|| fail(format_args!("pool emptied under the test")))?
@@ -114,17 +115,19 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     while SPINS.load(Ordering::Relaxed) == 0 && panda_arch::time::now_ns() < deadline {
         exec.sleep(1_000_000).await;
     }
-    empty_pool(busy_cpu);
-    let stats = |c: usize| frame::pool_stats(c).unwrap_or_default();
-    let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_cpu).from_others);
+    // The executor numbers CPUs with plain indices; the pools by `CpuId`.
+    let busy_id = CpuId::new(busy_cpu).ok_or_else(|| fail(format_args!("cpu{busy_cpu}")))?;
+    empty_pool(busy_id);
+    let stats = |c: CpuId| frame::pool_stats(c).unwrap_or_default();
+    let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_id).from_others);
     let want = frame::pool_capacity().min(32);
     let deadline = panda_arch::time::now_ns() + 10_000_000_000;
-    while stats(busy_cpu).available < want && panda_arch::time::now_ns() < deadline {
+    while stats(busy_id).available < want && panda_arch::time::now_ns() < deadline {
         exec.sleep(5_000_000).await;
     }
     let (available, helped) = (
-        stats(busy_cpu).available,
-        stats(busy_cpu).from_others - from_others,
+        stats(busy_id).available,
+        stats(busy_id).from_others - from_others,
     );
     // The busy task still runs after the pool filled: the CPU was kept from idling
     // (its own idle loop did not do the filling; `helped` counts frames from others).
@@ -134,7 +137,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     }
     let still_busy = SPINS.load(Ordering::Relaxed) > spins;
     // The frames other CPUs put there read zero.
-    let zeroed = frame::try_take_zeroed(busy_cpu)
+    let zeroed = frame::try_take_zeroed(busy_id)
         .map(|z| z.into_frame().is_zero())
         .unwrap_or(true);
     STOP.store(true, Ordering::SeqCst);

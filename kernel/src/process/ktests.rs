@@ -264,7 +264,9 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     static STOP: AtomicBool = AtomicBool::new(false);
     static SPINS: AtomicU64 = AtomicU64::new(0);
     let exec = executor()?;
-    let cpu = percpu::current_index();
+    let me = panda_platform::cpu::current();
+    // The executor numbers CPUs with plain indices.
+    let cpu = me.index();
     let before = crate::aspace::stat(crate::aspace::Stat::PoolWaits);
     let process = process_from_code(&PROGRAM)?;
     // Other work for this CPU: a task that yields until told to stop (so the CPU never
@@ -293,10 +295,10 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     // Empty it twice: a top-up that was under way when the others got busy lands
     // within a tick.
     for _ in 0..2 {
-        empty_pool(cpu);
+        empty_pool(me);
         exec.sleep(20_000_000).await;
     }
-    empty_pool(cpu);
+    empty_pool(me);
     let ctx = panda_arch::user::UserContext {
         rip: panda_abi::ELF_LOAD_BASE as u64,
         rsp: panda_abi::INITIAL_STACK_POINTER as u64,
