@@ -38,20 +38,17 @@ pub fn init(boot: &mut BootInfo, cpus: usize) -> u64 {
 pub fn start_zeroing(exec: &'static panda_sched::Executor<crate::executor::Machine>, cpus: usize) {
     exec.set_idle_work(zero_when_idle);
     panda_platform::zero::connect(panda_platform::zero::Scheduler {
-        // The executor numbers CPUs with plain indices (`panda-sched` keeps `usize`).
         wake_idle_near: |cpu| {
             if let Some(exec) = crate::executor::get() {
-                exec.wake_idle_near(cpu.index());
+                exec.wake_idle_near(cpu);
             }
         },
-        has_queued_work: |cpu| {
-            crate::executor::get().is_some_and(|e| e.has_queued_work(cpu.index()))
-        },
+        has_queued_work: |cpu| crate::executor::get().is_some_and(|e| e.has_queued_work(cpu)),
     });
     for cpu in panda_mm::CpuId::all(cpus) {
         // Detached: the zeroing tasks run as long as the kernel.
         drop(exec.spawn_pinned(
-            cpu.index(),
+            cpu,
             panda_platform::zero::zeroing_task(cpu, || exec.yield_now()),
         ));
     }

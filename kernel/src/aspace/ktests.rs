@@ -556,7 +556,7 @@ async fn shootdowns_run_in_parallel(shared: bool) -> Outcome {
     crate::aspace::take_most_shootdowns_in_flight();
     DONE.store(false, Ordering::SeqCst);
     let mut handles = Vec::new();
-    for cpu in 0..2 {
+    for cpu in panda_mm::CpuId::all(2) {
         let one = one.clone();
         handles.push(exec.spawn_pinned(cpu, async move {
             let space = match one {

@@ -11,8 +11,8 @@ use panda_mm::CpuId;
 use panda_platform::frame;
 
 use crate::ktest::{
-    async_tests, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests, AsyncTest,
-    Outcome, Test,
+    async_tests, cpu_id, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests,
+    AsyncTest, Outcome, Test,
 };
 
 pub(crate) const TESTS: &[Test] = tests![];
@@ -104,7 +104,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     if n < 2 {
         return Ok(()); // no other CPU to help
     }
-    let busy_cpu = (percpu::current_index() + 1) % n;
+    let busy_cpu = cpu_id((percpu::current_index() + 1) % n)?;
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
     let busy = keep_busy(busy_cpu, &STOP, &SPINS)?;
@@ -115,19 +115,17 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     while SPINS.load(Ordering::Relaxed) == 0 && panda_arch::time::now_ns() < deadline {
         exec.sleep(1_000_000).await;
     }
-    // The executor numbers CPUs with plain indices; the pools by `CpuId`.
-    let busy_id = CpuId::new(busy_cpu).ok_or_else(|| fail(format_args!("cpu{busy_cpu}")))?;
-    empty_pool(busy_id);
+    empty_pool(busy_cpu);
     let stats = |c: CpuId| frame::pool_stats(c).unwrap_or_default();
-    let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_id).from_others);
+    let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_cpu).from_others);
     let want = frame::pool_capacity().min(32);
     let deadline = panda_arch::time::now_ns() + 10_000_000_000;
-    while stats(busy_id).available < want && panda_arch::time::now_ns() < deadline {
+    while stats(busy_cpu).available < want && panda_arch::time::now_ns() < deadline {
         exec.sleep(5_000_000).await;
     }
     let (available, helped) = (
-        stats(busy_id).available,
-        stats(busy_id).from_others - from_others,
+        stats(busy_cpu).available,
+        stats(busy_cpu).from_others - from_others,
     );
     // The busy task still runs after the pool filled: the CPU was kept from idling
     // (its own idle loop did not do the filling; `helped` counts frames from others).
@@ -137,7 +135,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     }
     let still_busy = SPINS.load(Ordering::Relaxed) > spins;
     // The frames other CPUs put there read zero.
-    let zeroed = frame::try_take_zeroed(busy_id)
+    let zeroed = frame::try_take_zeroed(busy_cpu)
         .map(|z| z.into_frame().is_zero())
         .unwrap_or(true);
     STOP.store(true, Ordering::SeqCst);
@@ -163,7 +161,7 @@ async fn mm_frames_return_to_baseline() -> Outcome {
     let n = exec.cpu_count();
     let per_cpu = (frame::total_free() as usize / 2 / n).min(2000);
     let mut handles = alloc::vec::Vec::new();
-    for cpu in 0..n {
+    for cpu in CpuId::all(n) {
         handles.push(exec.spawn_pinned(cpu, async move {
             let mut taken = alloc::vec::Vec::new();
             for _ in 0..per_cpu {
@@ -190,7 +188,7 @@ async fn mm_frames_return_to_baseline() -> Outcome {
     let total = all.len();
     for (cpu, list) in lists.into_iter().enumerate() {
         // Dropped (freed) on the next CPU.
-        exec.spawn_pinned((cpu + 1) % n, async move { drop(list) })
+        exec.spawn_pinned(cpu_id((cpu + 1) % n)?, async move { drop(list) })
             .await;
     }
     ensure!(
