@@ -4,6 +4,7 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use log::{error, warn};
+use panda_mm::CpuId;
 
 /// Triggers the named failure; returns only for an unknown name (after logging it).
 pub async fn trigger(what: &str) {
@@ -50,8 +51,8 @@ static HELD: panda_platform::sync::Mutex<()> =
 /// Another CPU takes `HELD` and keeps it for ever; this one then waits for it. The
 /// watchdog's report must name the lock, the holder's CPU and the line that took it.
 async fn lock_held() -> ! {
-    let me = panda_arch::percpu::current_index();
-    let Some(holder) = (0..panda_arch::percpu::online_count())
+    let me = panda_platform::cpu::current();
+    let Some(holder) = CpuId::all(panda_arch::percpu::online_count())
         .rev()
         .find(|&i| i != me)
     else {
@@ -78,8 +79,8 @@ async fn lock_held() -> ! {
 /// its CPU still ticks, but its executor never comes round; the watchdog's executor
 /// check must report it.
 async fn busy_task() -> ! {
-    let me = panda_arch::percpu::current_index();
-    let target = (0..panda_arch::percpu::online_count())
+    let me = panda_platform::cpu::current();
+    let target = CpuId::all(panda_arch::percpu::online_count())
         .rev()
         .find(|&i| i != me)
         .unwrap_or(me);
@@ -103,8 +104,8 @@ static NEVER_SET: AtomicBool = AtomicBool::new(false);
 /// catches it; alone, the wait (the lock waiters' loop, `ipi::spin_until`) calls the
 /// watchdog's `stuck_after` after twice the limit. Either way every CPU reports and the run fails.
 async fn deadlock() -> ! {
-    let me = panda_arch::percpu::current_index();
-    let target = (0..panda_arch::percpu::online_count())
+    let me = panda_platform::cpu::current();
+    let target = CpuId::all(panda_arch::percpu::online_count())
         .rev()
         .find(|&i| i != me);
     let exec = crate::executor::get().expect("crash= runs as an executor task");

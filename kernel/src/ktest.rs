@@ -258,7 +258,7 @@ pub(crate) fn wait_for(ms: u64, done: impl Fn() -> bool) -> bool {
 /// Keeps CPU `cpu` busy, so it never idles (and never zeroes frames ahead): a task
 /// pinned there yields until `stop` is set, counting its turns in `spins`.
 pub(crate) fn keep_busy(
-    cpu: usize,
+    cpu: panda_mm::CpuId,
     stop: &'static core::sync::atomic::AtomicBool,
     spins: &'static core::sync::atomic::AtomicU64,
 ) -> Result<panda_sched::JoinHandle<()>, Failure> {
@@ -272,7 +272,7 @@ pub(crate) fn keep_busy(
 }
 
 /// Empties CPU `cpu`'s zeroed pool (the frames go back to the allocator).
-pub(crate) fn empty_pool(cpu: usize) {
+pub(crate) fn empty_pool(cpu: panda_mm::CpuId) {
     while let Some(z) = panda_platform::frame::try_take_zeroed(cpu) {
         drop(z);
     }
@@ -282,6 +282,12 @@ pub(crate) fn empty_pool(cpu: usize) {
 pub(crate) fn executor() -> Result<&'static panda_sched::Executor<crate::executor::Machine>, Failure>
 {
     crate::executor::get().ok_or_else(|| fail(format_args!("no executor")))
+}
+
+/// CPU `index` (a test counting CPUs by number: `0..exec.cpu_count()`) as the
+/// `CpuId` the executor and the memory layers take; a failure past `MAX_CPUS`.
+pub(crate) fn cpu_id(index: usize) -> Result<panda_mm::CpuId, Failure> {
+    panda_mm::CpuId::new(index).ok_or_else(|| fail(format_args!("cpu{index} is past MAX_CPUS")))
 }
 
 /// The calling CPU's index (a cross-CPU call's body).

@@ -44,9 +44,8 @@ use panda_arch::{cpu, power};
 
 use boot::{BootInfo, CommandLine, MemoryKind};
 
-// Every CPU index `panda-arch` hands out (below its `percpu::MAX_CPUS`) must fit the
-// per-CPU tables of the executor and the memory layers (`panda_mm::MAX_CPUS`).
-const _: () = assert!(panda_arch::percpu::MAX_CPUS <= panda_mm::MAX_CPUS);
+// That every CPU index `panda-arch` hands out fits the per-CPU tables of the executor
+// and the memory layers is asserted where the two meet: `panda_platform::cpu`.
 
 /// The kernel, as the platform layer knows it.
 struct Panda;
@@ -359,7 +358,7 @@ fn kmain(mut boot: BootInfo) -> ! {
     let boot: &'static BootInfo = BOOT.call_once(|| boot);
     let tables: &'static kernel_tables::KernelTables = TABLES.call_once(|| tables);
     let expected = report.enabled;
-    executor.spawn_pinned(0, async move {
+    executor.spawn_pinned(panda_mm::CpuId::BOOT, async move {
         if let Some(what) = boot.option("crash") {
             crash::trigger(what).await;
         }
@@ -536,7 +535,9 @@ async fn run_init(boot: &BootInfo) -> power::Outcome {
             allowed(buddy_after),
             exec.live_tasks(),
             exec.task_structs(),
-            (0..exec.cpu_count()).map(|c| exec.armed_timers(c)).sum::<usize>()
+            panda_mm::CpuId::all(exec.cpu_count())
+                .map(|c| exec.armed_timers(c))
+                .sum::<usize>()
         );
     }
     if now == baseline {

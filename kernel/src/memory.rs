@@ -45,7 +45,7 @@ pub fn start_zeroing(exec: &'static panda_sched::Executor<crate::executor::Machi
         },
         has_queued_work: |cpu| crate::executor::get().is_some_and(|e| e.has_queued_work(cpu)),
     });
-    for cpu in 0..cpus {
+    for cpu in panda_mm::CpuId::all(cpus) {
         // Detached: the zeroing tasks run as long as the kernel.
         drop(exec.spawn_pinned(
             cpu,

@@ -25,7 +25,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 
 use crate::buddy::BuddyAllocator;
-use crate::{MmError, PhysFrame};
+use crate::{CpuId, MmError, PhysFrame, MAX_CPUS};
 
 /// Frames one CPU's cache holds at most.
 pub const CACHE_CAPACITY: usize = 64;
@@ -175,7 +175,7 @@ impl Frames {
             double_allocs: AtomicU64::new(0),
             global: spin::Mutex::new(BuddyAllocator::new()),
             global_free_hint: CachePadded::new(AtomicU64::new(0)),
-            cpus: (0..cpus.max(1))
+            cpus: (0..cpus.clamp(1, MAX_CPUS))
                 .map(|_| {
                     CachePadded::new(CpuCache {
                         cache: spin::Mutex::new(FrameCache {
@@ -219,8 +219,8 @@ impl Frames {
     /// CPU `cpu`'s cache. The kernel builds the caches for every CPU it runs, so an
     /// index past them is a kernel bug: it panics (indexing), never borrows another
     /// CPU's cache.
-    fn cpu(&self, cpu: usize) -> &CpuCache {
-        &self.cpus[cpu]
+    fn cpu(&self, cpu: CpuId) -> &CpuCache {
+        &self.cpus[cpu.index()]
     }
 
     /// Marks a frame the lists gave up as out; false (counted) if it already was.
@@ -264,7 +264,7 @@ impl Frames {
     /// One frame, from CPU `cpu`'s cache (refilled from the global allocator if empty).
     /// A frame the lists hold while it is out (a bug the ownership bits catch) is
     /// skipped: it stays with whoever has it.
-    pub fn alloc(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+    pub fn alloc(&self, cpu: CpuId) -> Result<PhysFrame, MmError> {
         loop {
             let frame = self.alloc_listed(cpu)?;
             if self.hand_out(frame.0) {
@@ -273,7 +273,7 @@ impl Frames {
         }
     }
 
-    fn alloc_listed(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+    fn alloc_listed(&self, cpu: CpuId) -> Result<PhysFrame, MmError> {
         let c = self.cpu(cpu);
         let mut cache = c.cache.lock();
         if cache.len == 0 {
@@ -313,7 +313,7 @@ impl Frames {
     /// the global allocator is busy — including busy with this very CPU further up
     /// the stack. For callers that may run inside the allocator (the kernel heap's
     /// slab refill, reached from allocations the allocator itself makes).
-    pub fn try_alloc(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+    pub fn try_alloc(&self, cpu: CpuId) -> Result<PhysFrame, MmError> {
         loop {
             let frame = self.try_alloc_listed(cpu)?;
             if self.hand_out(frame.0) {
@@ -322,7 +322,7 @@ impl Frames {
         }
     }
 
-    fn try_alloc_listed(&self, cpu: usize) -> Result<PhysFrame, MmError> {
+    fn try_alloc_listed(&self, cpu: CpuId) -> Result<PhysFrame, MmError> {
         let c = self.cpu(cpu);
         let mut cache = c.cache.try_lock().ok_or(MmError::OutOfMemory)?;
         if cache.len == 0 {
@@ -338,7 +338,7 @@ impl Frames {
     /// Returns a frame to CPU `cpu`'s cache (draining a batch to the global allocator if
     /// full). A frame that is not out (a double free, with ownership bits; without
     /// them, one already in this cache) is rejected.
-    pub fn free(&self, cpu: usize, frame: PhysFrame) -> Result<(), MmError> {
+    pub fn free(&self, cpu: CpuId, frame: PhysFrame) -> Result<(), MmError> {
         if !self.take_back(frame.addr()) {
             return Err(MmError::NotAllocated);
         }
@@ -436,7 +436,7 @@ impl Frames {
     }
 
     /// CPU `cpu`'s cache statistics.
-    pub fn stats(&self, cpu: usize) -> CacheStats {
+    pub fn stats(&self, cpu: CpuId) -> CacheStats {
         let c = self.cpu(cpu);
         CacheStats {
             cached: c.cache.lock().len,
@@ -450,6 +450,10 @@ impl Frames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cpu_id(i: usize) -> CpuId {
+        CpuId::new(i).unwrap()
+    }
     use std::collections::HashSet;
     use std::sync::Arc;
 
@@ -463,30 +467,30 @@ mod tests {
     fn the_lock_free_estimate_follows_the_global_allocator() {
         let f = frames(2, 256);
         assert_eq!(f.global_free_estimate(), 256);
-        let a = f.alloc(0).unwrap(); // refills CPU 0's cache with a batch
+        let a = f.alloc(cpu_id(0)).unwrap(); // refills CPU 0's cache with a batch
         assert_eq!(f.global_free_estimate(), f.global_free());
         assert!(f.global_free_estimate() < 256);
         let big = f.alloc_contiguous(4).unwrap();
         assert_eq!(f.global_free_estimate(), f.global_free());
         f.free_contiguous(big).unwrap();
-        f.free(0, a).unwrap();
+        f.free(cpu_id(0), a).unwrap();
         assert_eq!(f.global_free_estimate(), f.global_free());
     }
 
     #[test]
     fn in_use_means_handed_out_and_not_cached() {
         let f = frames(2, 256);
-        let a = f.alloc(0).unwrap();
+        let a = f.alloc(cpu_id(0)).unwrap();
         let b = f.alloc_contiguous(2).unwrap();
         assert!(f.is_in_use(a));
         assert!(f.is_in_use(b) && f.is_in_use(PhysFrame(b.0 + 3 * 4096)));
-        f.free(1, a).unwrap(); // into CPU 1's cache: free, though the buddy lends it out
+        f.free(cpu_id(1), a).unwrap(); // into CPU 1's cache: free, though the buddy lends it out
         assert!(!f.is_in_use(a));
         f.free_contiguous(b).unwrap();
         assert!(!f.is_in_use(b));
         // Of every frame, exactly the one handed out is in use: those still in CPU 0's
         // cache after its refill are not.
-        let c = f.alloc(0).unwrap();
+        let c = f.alloc(cpu_id(0)).unwrap();
         let in_use: Vec<u64> = (0..256)
             .map(|i| 0x100_0000 + i * 4096)
             .filter(|&a| f.is_in_use(PhysFrame(a)))
@@ -497,49 +501,53 @@ mod tests {
     #[test]
     fn refills_and_drains_in_batches() {
         let f = frames(1, 1000);
-        let a = f.alloc(0).unwrap();
+        let a = f.alloc(cpu_id(0)).unwrap();
         // The first allocation refilled one batch and took one frame of it.
-        assert_eq!(f.stats(0).refills, 1);
-        assert_eq!(f.stats(0).cached, BATCH - 1);
+        assert_eq!(f.stats(cpu_id(0)).refills, 1);
+        assert_eq!(f.stats(cpu_id(0)).cached, BATCH - 1);
         assert_eq!(f.global_free(), 1000 - BATCH as u64);
         let mut taken = vec![a];
         for _ in 0..BATCH - 1 {
-            taken.push(f.alloc(0).unwrap());
+            taken.push(f.alloc(cpu_id(0)).unwrap());
         }
-        assert_eq!(f.stats(0).hits, BATCH as u64 - 1, "served from the cache");
-        assert_eq!(f.stats(0).refills, 1);
+        assert_eq!(
+            f.stats(cpu_id(0)).hits,
+            BATCH as u64 - 1,
+            "served from the cache"
+        );
+        assert_eq!(f.stats(cpu_id(0)).refills, 1);
         // Free more than the capacity: one drain of BATCH frames.
         for _ in 0..CACHE_CAPACITY - BATCH + 1 {
-            taken.push(f.alloc(0).unwrap());
+            taken.push(f.alloc(cpu_id(0)).unwrap());
         }
         for t in taken {
-            f.free(0, t).unwrap();
+            f.free(cpu_id(0), t).unwrap();
         }
-        assert_eq!(f.stats(0).drains, 1);
+        assert_eq!(f.stats(cpu_id(0)).drains, 1);
         assert_eq!(f.total_free(), 1000);
     }
 
     #[test]
     fn try_alloc_fails_instead_of_waiting_for_a_held_lock() {
         let f = frames(1, 100);
-        let a = f.alloc(0).unwrap();
+        let a = f.alloc(cpu_id(0)).unwrap();
         {
             let _held = f.cpus[0].cache.lock();
-            assert_eq!(f.try_alloc(0), Err(MmError::OutOfMemory));
+            assert_eq!(f.try_alloc(cpu_id(0)), Err(MmError::OutOfMemory));
         }
-        let b = f.try_alloc(0).unwrap();
+        let b = f.try_alloc(cpu_id(0)).unwrap();
         assert_ne!(a, b);
-        f.free(0, a).unwrap();
-        f.free(0, b).unwrap();
+        f.free(cpu_id(0), a).unwrap();
+        f.free(cpu_id(0), b).unwrap();
         assert_eq!(f.total_free(), 100);
     }
 
     #[test]
     fn a_double_free_into_the_cache_is_rejected() {
         for f in [frames(1, 100), untracked(1, 100)] {
-            let a = f.alloc(0).unwrap();
-            f.free(0, a).unwrap();
-            assert_eq!(f.free(0, a), Err(MmError::NotAllocated));
+            let a = f.alloc(cpu_id(0)).unwrap();
+            f.free(cpu_id(0), a).unwrap();
+            assert_eq!(f.free(cpu_id(0), a), Err(MmError::NotAllocated));
             assert_eq!(f.total_free(), 100);
         }
     }
@@ -556,21 +564,21 @@ mod tests {
     #[test]
     fn a_double_free_into_another_cpus_cache_is_refused_and_counted() {
         let f = frames(2, 200);
-        let a = f.alloc(0).unwrap();
-        f.free(0, a).unwrap();
-        assert_eq!(f.free(1, a), Err(MmError::NotAllocated));
+        let a = f.alloc(cpu_id(0)).unwrap();
+        f.free(cpu_id(0), a).unwrap();
+        assert_eq!(f.free(cpu_id(1), a), Err(MmError::NotAllocated));
         let mut many = [a.0];
         assert_eq!(f.free_many(&mut many), 1);
         assert_eq!(f.misuse().double_frees, 2);
         // Every frame is handed out exactly once, whoever asks.
         let mut seen = HashSet::new();
-        while let Ok(fr) = f.alloc(seen.len() % 2) {
+        while let Ok(fr) = f.alloc(cpu_id(seen.len() % 2)) {
             assert!(seen.insert(fr), "{fr:?} handed out twice");
             assert_eq!(f.is_out(fr.0), Some(true));
         }
         assert_eq!(f.misuse().double_allocs, 0);
         for (i, fr) in seen.into_iter().enumerate() {
-            f.free(i % 2, fr).unwrap();
+            f.free(cpu_id(i % 2), fr).unwrap();
         }
         assert_eq!(f.total_free(), 200);
         assert_eq!(f.is_out(a.0), Some(false));
@@ -599,7 +607,7 @@ mod tests {
         let f = frames(2, 100);
         let mut taken = HashSet::new();
         loop {
-            match f.alloc(taken.len() % 2) {
+            match f.alloc(cpu_id(taken.len() % 2)) {
                 Ok(fr) => assert!(taken.insert(fr), "handed out twice"),
                 Err(e) => {
                     assert_eq!(e, MmError::OutOfMemory);
@@ -610,7 +618,7 @@ mod tests {
         // Frames may sit in the other CPU's cache; at most a batch short.
         assert!(taken.len() as u64 >= 100 - BATCH as u64);
         for (i, fr) in taken.into_iter().enumerate() {
-            f.free(i % 2, fr).unwrap();
+            f.free(cpu_id(i % 2), fr).unwrap();
         }
         assert_eq!(f.total_free(), 100);
     }
@@ -625,12 +633,12 @@ mod tests {
                     let mut mine = Vec::new();
                     for round in 0..200 {
                         for _ in 0..7 {
-                            mine.push(f.alloc(cpu).unwrap());
+                            mine.push(f.alloc(cpu_id(cpu)).unwrap());
                         }
                         if round % 3 == 0 {
                             for fr in mine.drain(..) {
                                 // Free on the "next" CPU: cross-CPU frees.
-                                f.free((cpu + 1) % 4, fr).unwrap();
+                                f.free(cpu_id((cpu + 1) % 4), fr).unwrap();
                             }
                         }
                     }
@@ -647,7 +655,7 @@ mod tests {
             }
         }
         for fr in held {
-            f.free(0, fr).unwrap();
+            f.free(cpu_id(0), fr).unwrap();
         }
         assert_eq!(f.total_free(), 4096);
     }
@@ -667,21 +675,21 @@ mod tests {
     #[test]
     fn each_cpu_has_its_own_cache() {
         let f = frames(2, 256);
-        let a = f.alloc(1).unwrap();
-        assert_eq!(f.stats(1).refills, 1);
-        assert_eq!(f.stats(0).refills, 0);
-        let b = f.try_alloc(1).unwrap();
-        f.free(1, a).unwrap();
-        f.free(1, b).unwrap();
-        assert_eq!(f.stats(1).cached, BATCH);
-        assert_eq!(f.stats(0).cached, 0);
+        let a = f.alloc(cpu_id(1)).unwrap();
+        assert_eq!(f.stats(cpu_id(1)).refills, 1);
+        assert_eq!(f.stats(cpu_id(0)).refills, 0);
+        let b = f.try_alloc(cpu_id(1)).unwrap();
+        f.free(cpu_id(1), a).unwrap();
+        f.free(cpu_id(1), b).unwrap();
+        assert_eq!(f.stats(cpu_id(1)).cached, BATCH);
+        assert_eq!(f.stats(cpu_id(0)).cached, 0);
         assert_eq!(f.total_free(), 256);
     }
 
     #[test]
     #[should_panic]
     fn a_cpu_number_past_the_last_panics() {
-        let _ = frames(2, 256).alloc(2);
+        let _ = frames(2, 256).alloc(cpu_id(2));
     }
 
     /// With an empty cache, `try_alloc` takes one frame from the global allocator (no
@@ -691,17 +699,21 @@ mod tests {
         let f = frames(1, 100);
         {
             let _held = f.global.lock();
-            assert_eq!(f.try_alloc(0), Err(MmError::OutOfMemory));
+            assert_eq!(f.try_alloc(cpu_id(0)), Err(MmError::OutOfMemory));
         }
-        let a = f.try_alloc(0).unwrap();
+        let a = f.try_alloc(cpu_id(0)).unwrap();
         assert!(f.is_in_use(a));
-        assert_eq!(f.stats(0), CacheStats::default(), "no refill, no hit");
+        assert_eq!(
+            f.stats(cpu_id(0)),
+            CacheStats::default(),
+            "no refill, no hit"
+        );
         assert_eq!(f.global_free(), 99);
         // From a cache with frames: a hit, the last frame cached first.
-        f.free(0, a).unwrap();
-        assert_eq!(f.try_alloc(0), Ok(a));
-        assert_eq!((f.stats(0).hits, f.stats(0).cached), (1, 0));
-        f.free(0, a).unwrap();
+        f.free(cpu_id(0), a).unwrap();
+        assert_eq!(f.try_alloc(cpu_id(0)), Ok(a));
+        assert_eq!((f.stats(cpu_id(0)).hits, f.stats(cpu_id(0)).cached), (1, 0));
+        f.free(cpu_id(0), a).unwrap();
         assert_eq!(f.total_free(), 100);
     }
 
@@ -723,23 +735,23 @@ mod tests {
             }
         }
         assert_eq!(f.global_free(), 20);
-        let first = f.alloc(0).unwrap();
-        assert_eq!(f.stats(0).refills, 1);
+        let first = f.alloc(cpu_id(0)).unwrap();
+        assert_eq!(f.stats(cpu_id(0)).refills, 1);
         assert_eq!(
-            f.stats(0).cached,
+            f.stats(cpu_id(0)).cached,
             19,
             "all 20 single frames, one handed out"
         );
         assert_eq!(f.global_free(), 0);
         let mut got = vec![first];
         for _ in 0..19 {
-            got.push(f.alloc(0).unwrap());
+            got.push(f.alloc(cpu_id(0)).unwrap());
         }
-        assert_eq!(f.alloc(0), Err(MmError::OutOfMemory));
+        assert_eq!(f.alloc(cpu_id(0)), Err(MmError::OutOfMemory));
         let distinct: HashSet<_> = got.iter().chain(&held).collect();
         assert_eq!(distinct.len(), 40);
         for fr in got.into_iter().chain(held) {
-            f.free(0, fr).unwrap();
+            f.free(cpu_id(0), fr).unwrap();
         }
         assert_eq!(f.total_free(), 40);
     }

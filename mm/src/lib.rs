@@ -4,7 +4,8 @@
 //!   limits;
 //! - `buddy`: the global allocator of physical frames, single frames and contiguous
 //!   power-of-two runs, with coalescing;
-//! - `cpus`: `MAX_CPUS`, the size of every per-CPU table, and `cpus_nearest_first`,
+//! - `cpus`: `MAX_CPUS`, the size of every per-CPU table, `CpuId` (a CPU number
+//!   below it) and `PerCpu` (a table indexed only by one), and `cpus_nearest_first`,
 //!   the one notion of a near CPU;
 //! - `cache`: a per-CPU cache of single frames in front of it, refilled and drained in
 //!   batches, so the common allocation and free take no shared lock;
@@ -37,7 +38,7 @@ pub mod slab;
 pub mod tlb;
 pub mod zero;
 
-pub use cpus::{cpus_nearest_first, MAX_CPUS};
+pub use cpus::{cpus_nearest_first, CpuId, IntoCpuId, PerCpu, MAX_CPUS};
 
 /// Size of a frame.
 pub const FRAME_SIZE: u64 = panda_abi::PAGE_SIZE as u64;

@@ -27,6 +27,7 @@ pub const CLASSES: usize = 8;
 pub const BATCH: usize = 32;
 /// CPUs served (`crate::MAX_CPUS`).
 pub use crate::MAX_CPUS;
+use crate::{CpuId, PerCpu};
 
 const PAGE: usize = panda_abi::PAGE_SIZE;
 
@@ -115,7 +116,7 @@ unsafe impl Send for FreeList {}
 /// The slab heap.
 pub struct SlabHeap<S: PageSource> {
     source: S,
-    cpus: [CpuLists; MAX_CPUS],
+    cpus: PerCpu<CpuLists>,
     global: [GlobalList; CLASSES],
     pages: core::sync::atomic::AtomicUsize,
 }
@@ -124,7 +125,9 @@ impl<S: PageSource> SlabHeap<S> {
     pub const fn new(source: S) -> Self {
         Self {
             source,
-            cpus: [const { CpuLists(UnsafeCell::new([FreeList::EMPTY; CLASSES])) }; MAX_CPUS],
+            cpus: PerCpu::new(
+                [const { CpuLists(UnsafeCell::new([FreeList::EMPTY; CLASSES])) }; MAX_CPUS],
+            ),
             global: [const { GlobalList(spin::Mutex::new(FreeList::EMPTY)) }; CLASSES],
             pages: core::sync::atomic::AtomicUsize::new(0),
         }
@@ -139,7 +142,7 @@ impl<S: PageSource> SlabHeap<S> {
     ///
     /// # Safety
     /// The caller is CPU `cpu` and nothing else uses `cpu`'s lists during the call.
-    pub unsafe fn alloc(&self, cpu: usize, class: usize) -> Option<*mut u8> {
+    pub unsafe fn alloc(&self, cpu: CpuId, class: usize) -> Option<*mut u8> {
         // SAFETY: the caller has CPU `cpu`'s lists to itself.
         let lists = unsafe { &mut *self.cpus[cpu].0.get() };
         // SAFETY: objects in the list were pushed by `free`/`refill`.
@@ -164,7 +167,7 @@ impl<S: PageSource> SlabHeap<S> {
     /// # Safety
     /// `obj` came from `alloc` with the same class and is not used any more; the caller
     /// is CPU `cpu` with its lists to itself.
-    pub unsafe fn free(&self, cpu: usize, class: usize, obj: *mut u8) {
+    pub unsafe fn free(&self, cpu: CpuId, class: usize, obj: *mut u8) {
         // SAFETY: the caller has CPU `cpu`'s lists to itself.
         let lists = unsafe { &mut *self.cpus[cpu].0.get() };
         // SAFETY: `obj` is a free object of this class (the contract).
@@ -210,6 +213,10 @@ impl<S: PageSource> SlabHeap<S> {
 #[allow(clippy::undocumented_unsafe_blocks)]
 mod tests {
     use super::*;
+
+    fn cpu_id(i: usize) -> CpuId {
+        CpuId::new(i).unwrap()
+    }
     use std::alloc::{alloc, Layout};
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -253,7 +260,7 @@ mod tests {
         let mut objs = Vec::new();
         for _ in 0..1000 {
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            let o = unsafe { h.alloc(0, 2) }.unwrap();
+            let o = unsafe { h.alloc(cpu_id(0), 2) }.unwrap();
             assert_eq!(o as usize % 64, 0);
             assert!(seen.insert(o as usize), "object handed out twice");
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
@@ -263,11 +270,11 @@ mod tests {
         let pages = h.pages();
         for o in objs.drain(..) {
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            unsafe { h.free(0, 2, o) };
+            unsafe { h.free(cpu_id(0), 2, o) };
         }
         for _ in 0..1000 {
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            objs.push(unsafe { h.alloc(0, 2) }.unwrap());
+            objs.push(unsafe { h.alloc(cpu_id(0), 2) }.unwrap());
         }
         assert_eq!(h.pages(), pages, "freed objects were not reused");
     }
@@ -278,10 +285,10 @@ mod tests {
         let per_page = PAGE / class_size(7);
         for _ in 0..per_page {
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            assert!(unsafe { h.alloc(0, 7) }.is_some());
+            assert!(unsafe { h.alloc(cpu_id(0), 7) }.is_some());
         }
         // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-        assert!(unsafe { h.alloc(0, 7) }.is_none());
+        assert!(unsafe { h.alloc(cpu_id(0), 7) }.is_none());
     }
 
     #[test]
@@ -290,16 +297,16 @@ mod tests {
         // CPU 0 allocates, CPU 1 frees (overflowing to global), CPU 2 reuses them.
         let objs: Vec<usize> = (0..200)
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            .map(|_| unsafe { h.alloc(0, 3) }.unwrap() as usize)
+            .map(|_| unsafe { h.alloc(cpu_id(0), 3) }.unwrap() as usize)
             .collect();
         let pages = h.pages();
         for &o in &objs {
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            unsafe { h.free(1, 3, o as *mut u8) };
+            unsafe { h.free(cpu_id(1), 3, o as *mut u8) };
         }
         let reused: HashSet<usize> = (0..100)
             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-            .map(|_| unsafe { h.alloc(2, 3) }.unwrap() as usize)
+            .map(|_| unsafe { h.alloc(cpu_id(2), 3) }.unwrap() as usize)
             .collect();
         assert_eq!(
             h.pages(),
@@ -318,13 +325,13 @@ mod tests {
                     let mut mine = Vec::new();
                     for round in 0..2000 {
                         // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-                        let o = unsafe { h.alloc(cpu, round % CLASSES) }.unwrap();
+                        let o = unsafe { h.alloc(cpu_id(cpu), round % CLASSES) }.unwrap();
                         unsafe { o.write_bytes(cpu as u8, class_size(round % CLASSES)) };
                         mine.push((o as usize, round % CLASSES));
                         if round % 3 == 0 {
                             let (o, c) = mine.swap_remove(0);
                             // SAFETY: test code on one CPU index per thread, freeing with the class it allocated.
-                            unsafe { h.free(cpu, c, o as *mut u8) };
+                            unsafe { h.free(cpu_id(cpu), c, o as *mut u8) };
                         }
                     }
                     for &(o, c) in &mine {
@@ -360,33 +367,33 @@ mod tests {
         // SAFETY: `h` is this test's own heap and `class` one of its size classes; the
         // objects are only counted, never dereferenced.
         let objs: Vec<*mut u8> = (0..2 * BATCH + 1)
-            .map(|_| unsafe { h.alloc(0, class) }.unwrap())
+            .map(|_| unsafe { h.alloc(cpu_id(0), class) }.unwrap())
             .collect();
         assert_eq!(h.pages(), (2 * BATCH + 1).div_ceil(per_page));
         let pages = h.pages();
         for &o in &objs[..2 * BATCH] {
             // SAFETY: `o` came from `h.alloc` with this `class` and is freed once.
-            unsafe { h.free(1, class, o) };
+            unsafe { h.free(cpu_id(1), class, o) };
         }
         // CPU 1 holds exactly 2 * BATCH: none went global, so CPU 2 carves.
         // SAFETY: this test's heap and size class; the object is never dereferenced.
-        let _ = unsafe { h.alloc(2, class) }.unwrap();
+        let _ = unsafe { h.alloc(cpu_id(2), class) }.unwrap();
         assert_eq!(h.pages(), pages + 1, "objects went global at 2 * BATCH");
         // One more: BATCH of them go global, and CPU 3 takes them all at once ...
         // SAFETY: the last of `objs`, allocated with `class` and not yet freed.
-        unsafe { h.free(1, class, objs[2 * BATCH]) };
+        unsafe { h.free(cpu_id(1), class, objs[2 * BATCH]) };
         // SAFETY: this test's heap and size class; `o` is only compared, never read.
-        let o = unsafe { h.alloc(3, class) }.unwrap();
+        let o = unsafe { h.alloc(cpu_id(3), class) }.unwrap();
         assert!(objs.contains(&o), "CPU 3 did not reuse a freed object");
         assert_eq!(h.pages(), pages + 1);
         // ... so CPU 4 finds the global list empty and carves.
         // SAFETY: this test's heap and size class; the object is never dereferenced.
-        let _ = unsafe { h.alloc(4, class) }.unwrap();
+        let _ = unsafe { h.alloc(cpu_id(4), class) }.unwrap();
         assert_eq!(h.pages(), pages + 2, "CPU 3 took fewer than a batch");
         // CPU 3 has the rest of the batch locally: BATCH - 1 more without a page.
         for _ in 0..BATCH - 1 {
             // SAFETY: this test's heap and size class; the object is only compared.
-            assert!(objs.contains(&unsafe { h.alloc(3, class) }.unwrap()));
+            assert!(objs.contains(&unsafe { h.alloc(cpu_id(3), class) }.unwrap()));
         }
         assert_eq!(h.pages(), pages + 2);
     }

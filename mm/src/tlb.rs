@@ -19,14 +19,14 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::PhysFrame;
+use crate::{CpuId, IntoCpuId, PerCpu, PhysFrame};
 
 /// CPUs tracked (`crate::MAX_CPUS`).
 pub use crate::MAX_CPUS;
 /// Above this many pages, flush the whole TLB instead of page by page.
 pub const FULL_FLUSH_THRESHOLD: usize = 32;
 
-/// A set of CPU indices, updated atomically.
+/// A set of CPUs, updated atomically.
 pub struct CpuSet([AtomicU64; MAX_CPUS / 64]);
 
 impl Default for CpuSet {
@@ -40,16 +40,16 @@ impl CpuSet {
         Self([const { AtomicU64::new(0) }; MAX_CPUS / 64])
     }
 
-    pub fn insert(&self, cpu: usize) {
-        self.0[cpu / 64].fetch_or(1 << (cpu % 64), Ordering::SeqCst);
+    pub fn insert(&self, cpu: CpuId) {
+        self.0[cpu.index() / 64].fetch_or(1 << (cpu.index() % 64), Ordering::SeqCst);
     }
 
-    pub fn remove(&self, cpu: usize) {
-        self.0[cpu / 64].fetch_and(!(1 << (cpu % 64)), Ordering::SeqCst);
+    pub fn remove(&self, cpu: CpuId) {
+        self.0[cpu.index() / 64].fetch_and(!(1 << (cpu.index() % 64)), Ordering::SeqCst);
     }
 
-    pub fn contains(&self, cpu: usize) -> bool {
-        self.0[cpu / 64].load(Ordering::SeqCst) & (1 << (cpu % 64)) != 0
+    pub fn contains(&self, cpu: CpuId) -> bool {
+        self.0[cpu.index() / 64].load(Ordering::SeqCst) & (1 << (cpu.index() % 64)) != 0
     }
 
     /// The members now, as a plain bitmap.
@@ -63,16 +63,18 @@ impl CpuSet {
 pub struct CpuMask([u64; MAX_CPUS / 64]);
 
 impl CpuMask {
-    pub fn insert(&mut self, cpu: usize) {
-        self.0[cpu / 64] |= 1 << (cpu % 64);
+    pub fn insert(&mut self, cpu: CpuId) {
+        self.0[cpu.index() / 64] |= 1 << (cpu.index() % 64);
     }
 
-    pub fn remove(&mut self, cpu: usize) {
-        self.0[cpu / 64] &= !(1 << (cpu % 64));
+    pub fn remove(&mut self, cpu: CpuId) {
+        self.0[cpu.index() / 64] &= !(1 << (cpu.index() % 64));
     }
 
-    pub fn contains(&self, cpu: usize) -> bool {
-        self.0[cpu / 64] & (1 << (cpu % 64)) != 0
+    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
+    pub fn contains(&self, cpu: impl IntoCpuId) -> bool {
+        let cpu = cpu.into_cpu_id();
+        self.0[cpu.index() / 64] & (1 << (cpu.index() % 64)) != 0
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,8 +86,8 @@ impl CpuMask {
         self.0.iter().zip(other.0.iter()).all(|(a, b)| a & b == *b)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..MAX_CPUS).filter(|&c| self.contains(c))
+    pub fn iter(&self) -> impl Iterator<Item = CpuId> + '_ {
+        CpuId::all(MAX_CPUS).filter(|&c| self.contains(c))
     }
 }
 
@@ -93,7 +95,7 @@ impl CpuMask {
 pub struct TlbState {
     active: CpuSet,
     generation: AtomicU64,
-    flushed: [AtomicU64; MAX_CPUS],
+    flushed: PerCpu<AtomicU64>,
 }
 
 impl Default for TlbState {
@@ -116,7 +118,7 @@ impl TlbState {
         Self {
             active: CpuSet::new(),
             generation: AtomicU64::new(1),
-            flushed: [const { AtomicU64::new(0) }; MAX_CPUS],
+            flushed: PerCpu::new([const { AtomicU64::new(0) }; MAX_CPUS]),
         }
     }
 
@@ -127,7 +129,9 @@ impl TlbState {
 
     /// CPU `cpu` switches to this space. Returns whether it must flush, and records
     /// that after this switch it is current.
-    pub fn on_switch_in(&self, cpu: usize) -> SwitchFlush {
+    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
+    pub fn on_switch_in(&self, cpu: impl IntoCpuId) -> SwitchFlush {
+        let cpu = cpu.into_cpu_id();
         self.active.insert(cpu);
         let now = self.generation.load(Ordering::SeqCst);
         let seen = self.flushed[cpu].swap(now, Ordering::SeqCst);
@@ -139,7 +143,9 @@ impl TlbState {
     }
 
     /// CPU `cpu` switches away from this space.
-    pub fn on_switch_out(&self, cpu: usize) {
+    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
+    pub fn on_switch_out(&self, cpu: impl IntoCpuId) {
+        let cpu = cpu.into_cpu_id();
         self.active.remove(cpu);
     }
 
@@ -149,7 +155,7 @@ impl TlbState {
     }
 
     /// A target acknowledges a flush of generation `generation`.
-    pub fn acknowledge(&self, cpu: usize, generation: u64) {
+    pub fn acknowledge(&self, cpu: CpuId, generation: u64) {
         self.flushed[cpu].fetch_max(generation, Ordering::SeqCst);
     }
 }
@@ -214,7 +220,9 @@ impl<F> FlushBatch<F> {
 
     /// Raises the space's generation and decides who flushes what. `me` is the calling
     /// CPU (it flushes locally if it runs the space; it is never a target).
-    pub fn commit(self, state: &TlbState, me: usize) -> PendingFlush<F> {
+    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
+    pub fn commit(self, state: &TlbState, me: impl IntoCpuId) -> PendingFlush<F> {
+        let me = me.into_cpu_id();
         let generation = state.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let mut targets = state.active();
         let local = targets.contains(me);
@@ -281,6 +289,10 @@ impl<F> PendingFlush<F> {
 mod tests {
     use super::*;
 
+    fn cpu_id(i: usize) -> CpuId {
+        CpuId::new(i).unwrap()
+    }
+
     fn frame(n: u64) -> PhysFrame {
         PhysFrame(n * 4096)
     }
@@ -288,15 +300,15 @@ mod tests {
     #[test]
     fn only_cpus_running_the_space_are_interrupted() {
         let s = TlbState::new();
-        s.on_switch_in(1);
-        s.on_switch_in(2);
-        s.on_switch_in(5);
-        s.on_switch_out(2);
+        s.on_switch_in(cpu_id(1));
+        s.on_switch_in(cpu_id(2));
+        s.on_switch_in(cpu_id(5));
+        s.on_switch_out(cpu_id(2));
         let mut b = FlushBatch::new();
         b.add(0x40_0000, Some(frame(7)));
-        let p = b.commit(&s, 1);
+        let p = b.commit(&s, cpu_id(1));
         assert_eq!(
-            p.targets().iter().collect::<Vec<_>>(),
+            p.targets().iter().map(CpuId::index).collect::<Vec<_>>(),
             vec![5],
             "cpu1 flushes itself, cpu2 left"
         );
@@ -308,19 +320,19 @@ mod tests {
     fn frames_are_held_until_every_target_acknowledges() {
         let s = TlbState::new();
         for cpu in [0, 3, 4] {
-            s.on_switch_in(cpu);
+            s.on_switch_in(cpu_id(cpu));
         }
         let mut b = FlushBatch::new();
         b.add(0x1000, Some(frame(1)));
         b.add(0x2000, Some(frame(2)));
-        let p = b.commit(&s, 0);
+        let p = b.commit(&s, cpu_id(0));
         let mut acked = CpuMask::default();
-        acked.insert(3);
+        acked.insert(cpu_id(3));
         let p = match p.complete(&acked) {
             Ok(_) => panic!("frames released before cpu4 flushed"),
             Err(p) => p,
         };
-        acked.insert(4);
+        acked.insert(cpu_id(4));
         let frames = p.complete(&acked).ok().expect("all targets acknowledged");
         assert_eq!(frames, vec![frame(1), frame(2)]);
     }
@@ -332,7 +344,7 @@ mod tests {
         for i in 0..=FULL_FLUSH_THRESHOLD as u64 {
             b.add(i * 4096, Some(frame(i)));
         }
-        let p = b.commit(&s, 0);
+        let p = b.commit(&s, cpu_id(0));
         assert_eq!(p.scope(), &FlushScope::Everything);
         assert!(p.targets().is_empty());
         assert_eq!(
@@ -344,30 +356,30 @@ mod tests {
     #[test]
     fn a_cpu_that_ran_the_space_earlier_flushes_when_it_returns() {
         let s = TlbState::new();
-        assert_eq!(s.on_switch_in(2), SwitchFlush::Flush, "first entry");
-        s.on_switch_out(2);
+        assert_eq!(s.on_switch_in(cpu_id(2)), SwitchFlush::Flush, "first entry");
+        s.on_switch_out(cpu_id(2));
         assert_eq!(
-            s.on_switch_in(2),
+            s.on_switch_in(cpu_id(2)),
             SwitchFlush::Keep,
             "nothing changed meanwhile"
         );
-        s.on_switch_out(2);
+        s.on_switch_out(cpu_id(2));
         // An unmap while cpu2 is away: cpu2 is not interrupted ...
-        let p = FlushBatch::new().commit(&s, 0);
-        assert!(!p.targets().contains(2));
+        let p = FlushBatch::new().commit(&s, cpu_id(0));
+        assert!(!p.targets().contains(cpu_id(2)));
         // ... but must flush when it comes back.
-        assert_eq!(s.on_switch_in(2), SwitchFlush::Flush);
-        assert_eq!(s.on_switch_in(2), SwitchFlush::Keep);
+        assert_eq!(s.on_switch_in(cpu_id(2)), SwitchFlush::Flush);
+        assert_eq!(s.on_switch_in(cpu_id(2)), SwitchFlush::Keep);
     }
 
     #[test]
     fn acknowledged_targets_do_not_flush_again_on_switch() {
         let s = TlbState::new();
-        s.on_switch_in(1);
-        let p = FlushBatch::new().commit(&s, 0);
-        s.acknowledge(1, p.generation());
-        s.on_switch_out(1);
-        assert_eq!(s.on_switch_in(1), SwitchFlush::Keep);
+        s.on_switch_in(cpu_id(1));
+        let p = FlushBatch::new().commit(&s, cpu_id(0));
+        s.acknowledge(cpu_id(1), p.generation());
+        s.on_switch_out(cpu_id(1));
+        assert_eq!(s.on_switch_in(cpu_id(1)), SwitchFlush::Keep);
     }
 
     /// `CpuSet` and `CpuMask` against a plain set, over all 256 CPUs (every word and
@@ -383,7 +395,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let cpu = (x % MAX_CPUS as u64) as usize;
+            let cpu = cpu_id((x % MAX_CPUS as u64) as usize);
             if x >> 40 & 1 == 0 {
                 set.insert(cpu);
                 mask.insert(cpu);
@@ -396,21 +408,25 @@ mod tests {
             assert_eq!(set.contains(cpu), model.contains(&cpu), "step {step}");
             assert_eq!(mask.contains(cpu), model.contains(&cpu), "step {step}");
             if step % 100 == 0 {
-                let members: Vec<usize> = model.iter().copied().collect();
-                assert_eq!(mask.iter().collect::<Vec<_>>(), members, "step {step}");
+                let members: Vec<usize> = model.iter().map(|c: &CpuId| c.index()).collect();
+                assert_eq!(
+                    mask.iter().map(CpuId::index).collect::<Vec<_>>(),
+                    members,
+                    "step {step}"
+                );
                 assert_eq!(set.snapshot(), mask, "step {step}");
                 assert_eq!(mask.is_empty(), model.is_empty());
-                for c in 0..MAX_CPUS {
+                for c in CpuId::all(MAX_CPUS) {
                     assert_eq!(set.contains(c), model.contains(&c), "step {step} cpu {c}");
                 }
             }
         }
         for cpu in [0, 63, 64, 127, 128, 255] {
             let mut one = CpuMask::default();
-            one.insert(cpu);
-            assert_eq!(one.iter().collect::<Vec<_>>(), vec![cpu]);
+            one.insert(cpu_id(cpu));
+            assert_eq!(one.iter().map(CpuId::index).collect::<Vec<_>>(), vec![cpu]);
             assert!(!one.is_empty());
-            one.remove(cpu);
+            one.remove(cpu_id(cpu));
             assert!(one.is_empty());
         }
     }
@@ -420,7 +436,7 @@ mod tests {
         let mask = |cpus: &[usize]| {
             let mut m = CpuMask::default();
             for &c in cpus {
-                m.insert(c);
+                m.insert(cpu_id(c));
             }
             m
         };
@@ -443,7 +459,7 @@ mod tests {
             for (i, &p) in pages.iter().enumerate() {
                 b.add(p, (i % 2 == 0).then(|| frame(i as u64)));
             }
-            let p = b.commit(&s, 0);
+            let p = b.commit(&s, cpu_id(0));
             if n > FULL_FLUSH_THRESHOLD {
                 assert_eq!(p.scope(), &FlushScope::Everything, "{n} pages");
             } else {
@@ -462,24 +478,30 @@ mod tests {
         let s = TlbState::new();
         let g0 = s.generation();
         assert_eq!(g0, 1);
-        s.on_switch_in(3);
-        let p = FlushBatch::new().commit(&s, 3);
+        s.on_switch_in(cpu_id(3));
+        let p = FlushBatch::new().commit(&s, cpu_id(3));
         assert_eq!((p.generation(), s.generation()), (g0 + 1, g0 + 1));
         assert!(p.flush_locally() && p.targets().is_empty());
-        let q = FlushBatch::new().commit(&s, 4);
+        let q = FlushBatch::new().commit(&s, cpu_id(4));
         assert_eq!(q.generation(), g0 + 2);
         assert!(!q.flush_locally());
-        assert_eq!(q.targets().iter().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            q.targets().iter().map(CpuId::index).collect::<Vec<_>>(),
+            vec![3]
+        );
         // CPU 3 acknowledges the first commit only: it is still stale.
-        s.acknowledge(3, p.generation());
-        s.on_switch_out(3);
-        assert_eq!(s.on_switch_in(3), SwitchFlush::Flush);
-        s.on_switch_out(3);
+        s.acknowledge(cpu_id(3), p.generation());
+        s.on_switch_out(cpu_id(3));
+        assert_eq!(s.on_switch_in(cpu_id(3)), SwitchFlush::Flush);
+        s.on_switch_out(cpu_id(3));
         // An older acknowledgement never lowers what a CPU flushed.
-        s.acknowledge(3, g0);
-        assert_eq!(s.on_switch_in(3), SwitchFlush::Keep);
-        assert_eq!(s.active().iter().collect::<Vec<_>>(), vec![3]);
-        s.on_switch_out(3);
+        s.acknowledge(cpu_id(3), g0);
+        assert_eq!(s.on_switch_in(cpu_id(3)), SwitchFlush::Keep);
+        assert_eq!(
+            s.active().iter().map(CpuId::index).collect::<Vec<_>>(),
+            vec![3]
+        );
+        s.on_switch_out(cpu_id(3));
         assert!(s.active().is_empty());
     }
 }

@@ -22,7 +22,7 @@ use core::task::{Context, Poll, Waker};
 use crossbeam_utils::CachePadded;
 
 use crate::cache::Frames;
-use crate::{MmError, PhysFrame};
+use crate::{CpuId, MmError, PhysFrame, MAX_CPUS};
 
 /// A frame known to hold only zeros.
 #[derive(Debug, PartialEq, Eq)]
@@ -138,7 +138,7 @@ impl ZeroPools {
         Self {
             capacity,
             max,
-            cpus: (0..cpus.max(1))
+            cpus: (0..cpus.clamp(1, MAX_CPUS))
                 .map(|_| {
                     CachePadded::new(CpuPool {
                         pool: spin::Mutex::new(Pool {
@@ -170,18 +170,18 @@ impl ZeroPools {
     }
 
     /// CPU `cpu`'s limit now: how many frames its pool may hold.
-    pub fn limit(&self, cpu: usize) -> usize {
+    pub fn limit(&self, cpu: CpuId) -> usize {
         self.cpu(cpu).limit.load(Ordering::Relaxed)
     }
 
     /// CPU `cpu`'s pool (an index past the pools is a kernel bug: it panics, never
     /// borrows another CPU's pool).
-    fn cpu(&self, cpu: usize) -> &CpuPool {
-        &self.cpus[cpu]
+    fn cpu(&self, cpu: CpuId) -> &CpuPool {
+        &self.cpus[cpu.index()]
     }
 
     /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
-    pub fn try_take(&self, cpu: usize) -> Option<ZeroedFrame> {
+    pub fn try_take(&self, cpu: CpuId) -> Option<ZeroedFrame> {
         let c = self.cpu(cpu);
         let (frame, left) = {
             let mut pool = c.pool.lock();
@@ -213,7 +213,7 @@ impl ZeroPools {
     /// A future for a zeroed frame from CPU `cpu`'s pool: ready at once on a hit,
     /// otherwise woken by the next `refill` of that pool. Resolves to `None` when a
     /// refill found memory exhausted.
-    pub fn take(&self, cpu: usize) -> TakeZeroed<'_> {
+    pub fn take(&self, cpu: CpuId) -> TakeZeroed<'_> {
         TakeZeroed {
             pools: self,
             cpu,
@@ -228,7 +228,7 @@ impl ZeroPools {
     /// were added; wakes the tasks waiting for one.
     pub fn refill(
         &self,
-        cpu: usize,
+        cpu: CpuId,
         frames: &Frames,
         budget: usize,
         zero: impl FnMut(PhysFrame),
@@ -242,8 +242,8 @@ impl ZeroPools {
     /// waiters.
     pub fn refill_from(
         &self,
-        cpu: usize,
-        source: usize,
+        cpu: CpuId,
+        source: CpuId,
         frames: &Frames,
         budget: usize,
         mut zero: impl FnMut(PhysFrame),
@@ -312,7 +312,7 @@ impl ZeroPools {
     /// Tells CPU `cpu`'s waiters that no frame is coming (the caller decided not to
     /// refill, e.g. memory is down to the kernel's reserve): they wake and look again,
     /// finding the pool starved.
-    pub fn wake_starved(&self, cpu: usize) {
+    pub fn wake_starved(&self, cpu: CpuId) {
         let c = self.cpu(cpu);
         c.starved.store(true, Ordering::SeqCst);
         c.wakes.fetch_add(1, Ordering::SeqCst);
@@ -325,19 +325,20 @@ impl ZeroPools {
     /// A future for CPU `cpu`'s zeroing task: resolves when a `take` is waiting on the
     /// empty pool (at once if one already is). The task then refills the pool, which
     /// wakes the waiters, and yields between batches so the CPU's other work runs.
-    pub fn demand(&self, cpu: usize) -> Demand<'_> {
+    pub fn demand(&self, cpu: CpuId) -> Demand<'_> {
         Demand { pools: self, cpu }
     }
 
     /// Whether a `take` waits on CPU `cpu`'s pool.
-    pub fn has_waiters(&self, cpu: usize) -> bool {
+    pub fn has_waiters(&self, cpu: CpuId) -> bool {
         !self.cpu(cpu).pool.lock().waiters.is_empty()
     }
 
     /// Returns every pooled frame of every CPU to `frames` (e.g. before counting).
     pub fn drain(&self, frames: &Frames) -> Result<usize, MmError> {
         let mut n = 0;
-        for (cpu, c) in self.cpus.iter().enumerate() {
+        // The pools are built for at most MAX_CPUS CPUs: the zip covers them all.
+        for (cpu, c) in CpuId::all(MAX_CPUS).zip(self.cpus.iter()) {
             let taken = core::mem::take(&mut c.pool.lock().frames);
             n += taken.len();
             for f in taken {
@@ -353,13 +354,13 @@ impl ZeroPools {
     /// only by idle CPUs; it calls this after each take and, on true, wakes the nearest
     /// idle CPU, which would otherwise sleep until its next timer tick while the pool
     /// runs dry.
-    pub fn wants_helper(&self, cpu: usize) -> bool {
+    pub fn wants_helper(&self, cpu: CpuId) -> bool {
         let c = self.cpu(cpu);
         c.help.load(Ordering::Relaxed) && c.help.swap(false, Ordering::Relaxed)
     }
 
     /// Whether CPU `cpu`'s pool has room (the idle task uses it to decide to zero).
-    pub fn wants_frames(&self, cpu: usize) -> bool {
+    pub fn wants_frames(&self, cpu: CpuId) -> bool {
         let c = self.cpu(cpu);
         c.pool.lock().frames.len() < c.limit.load(Ordering::Relaxed)
     }
@@ -367,13 +368,16 @@ impl ZeroPools {
     /// The CPU nearest to `cpu` (by number: `cpu + 1`, `cpu - 1`, `cpu + 2`, ...,
     /// wrapping round) whose pool has room, other than `cpu` itself: whom an idle CPU
     /// with a full pool zeroes for. `None` if every other pool is full.
-    pub fn nearest_wanting(&self, cpu: usize) -> Option<usize> {
+    pub fn nearest_wanting(&self, cpu: CpuId) -> Option<CpuId> {
         let n = self.cpus.len();
-        assert!(cpu < n, "cpu {cpu} has no zeroed pool (there are {n})");
+        assert!(
+            cpu.index() < n,
+            "cpu {cpu} has no zeroed pool (there are {n})"
+        );
         crate::cpus_nearest_first(cpu, n).find(|&c| self.wants_frames(c))
     }
 
-    pub fn stats(&self, cpu: usize) -> PoolStats {
+    pub fn stats(&self, cpu: CpuId) -> PoolStats {
         let c = self.cpu(cpu);
         PoolStats {
             available: c.pool.lock().frames.len(),
@@ -389,7 +393,7 @@ impl ZeroPools {
 /// See `ZeroPools::take`.
 pub struct TakeZeroed<'a> {
     pools: &'a ZeroPools,
-    cpu: usize,
+    cpu: CpuId,
     counted: bool,
     /// The pool's wake count when this take last registered as a waiter.
     seen_wakes: u64,
@@ -480,7 +484,7 @@ impl Drop for TakeZeroed<'_> {
 /// See `ZeroPools::demand`.
 pub struct Demand<'a> {
     pools: &'a ZeroPools,
-    cpu: usize,
+    cpu: CpuId,
 }
 
 impl Future for Demand<'_> {
@@ -499,6 +503,10 @@ impl Future for Demand<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cpu_id(i: usize) -> CpuId {
+        CpuId::new(i).unwrap()
+    }
     use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
     use std::sync::{Arc, Mutex};
@@ -531,12 +539,12 @@ mod tests {
     /// they sit in CPU 0's cache, dirty), and the memory that records it.
     fn dirty_frames() -> (Frames, Memory) {
         let (frames, mem) = (frames(64), Memory::new());
-        let all: Vec<_> = (0..64).map(|_| frames.alloc(0).unwrap()).collect();
+        let all: Vec<_> = (0..64).map(|_| frames.alloc(cpu_id(0)).unwrap()).collect();
         for &f in &all {
             mem.dirty(f);
         }
         for f in all {
-            frames.free(0, f).unwrap();
+            frames.free(cpu_id(0), f).unwrap();
         }
         (frames, mem)
     }
@@ -544,31 +552,37 @@ mod tests {
     #[test]
     fn refilled_frames_are_zero_even_after_reuse() {
         let ((frames, mem), pools) = (dirty_frames(), ZeroPools::new(2));
-        assert_eq!(pools.refill(0, &frames, 16, |f| mem.zero(f)), 16);
+        assert_eq!(pools.refill(cpu_id(0), &frames, 16, |f| mem.zero(f)), 16);
         for _ in 0..16 {
-            let z = pools.try_take(0).expect("pool has frames");
+            let z = pools.try_take(cpu_id(0)).expect("pool has frames");
             assert!(mem.is_zero(z.frame()), "pool handed out a dirty frame");
         }
-        assert!(pools.try_take(0).is_none());
-        let s = pools.stats(0);
+        assert!(pools.try_take(cpu_id(0)).is_none());
+        let s = pools.stats(cpu_id(0));
         assert_eq!((s.hits, s.misses, s.zeroed), (16, 1, 16));
     }
 
     #[test]
     fn pools_are_per_cpu_and_bounded() {
         let (frames, pools) = (frames(1024), ZeroPools::new(2));
-        assert_eq!(pools.refill(1, &frames, 10_000, |_| {}), POOL_CAPACITY);
-        assert!(!pools.wants_frames(1));
-        assert!(pools.try_take(0).is_none(), "CPU 0 took from CPU 1's pool");
-        assert!(pools.try_take(1).is_some());
+        assert_eq!(
+            pools.refill(cpu_id(1), &frames, 10_000, |_| {}),
+            POOL_CAPACITY
+        );
+        assert!(!pools.wants_frames(cpu_id(1)));
+        assert!(
+            pools.try_take(cpu_id(0)).is_none(),
+            "CPU 0 took from CPU 1's pool"
+        );
+        assert!(pools.try_take(cpu_id(1)).is_some());
         assert_eq!(pools.drain(&frames).unwrap(), POOL_CAPACITY - 1);
     }
 
     #[test]
     fn refill_stops_cleanly_when_memory_runs_out() {
         let (frames, pools) = (frames(10), ZeroPools::new(1));
-        assert_eq!(pools.refill(0, &frames, 100, |_| {}), 10);
-        assert_eq!(pools.refill(0, &frames, 100, |_| {}), 0);
+        assert_eq!(pools.refill(cpu_id(0), &frames, 100, |_| {}), 10);
+        assert_eq!(pools.refill(cpu_id(0), &frames, 100, |_| {}), 0);
         pools.drain(&frames).unwrap();
         assert_eq!(frames.total_free(), 10);
     }
@@ -586,11 +600,11 @@ mod tests {
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut fut = pools.take(0);
+        let mut fut = pools.take(cpu_id(0));
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        pools.refill(0, &frames, 1, |_| {});
+        pools.refill(cpu_id(0), &frames, 1, |_| {});
         assert_eq!(
             count.0.load(Ordering::SeqCst),
             1,
@@ -600,7 +614,11 @@ mod tests {
             Pin::new(&mut fut).poll(&mut cx),
             Poll::Ready(Some(_))
         ));
-        assert_eq!(pools.stats(0).misses, 1, "a waiting take counts one miss");
+        assert_eq!(
+            pools.stats(cpu_id(0)).misses,
+            1,
+            "a waiting take counts one miss"
+        );
     }
 
     #[test]
@@ -613,21 +631,24 @@ mod tests {
         // Many takes waiting, each polled twice (the second time with another waker,
         // as after a task moved), then dropped without a refill: a cancelled fault.
         for _ in 0..100 {
-            let mut fut = pools.take(0);
+            let mut fut = pools.take(cpu_id(0));
             assert!(Pin::new(&mut fut)
                 .poll(&mut Context::from_waker(&waker))
                 .is_pending());
             assert!(Pin::new(&mut fut)
                 .poll(&mut Context::from_waker(&other_waker))
                 .is_pending());
-            assert!(pools.has_waiters(0));
+            assert!(pools.has_waiters(cpu_id(0)));
             assert_eq!(
-                pools.cpu(0).pool.lock().waiters.len(),
+                pools.cpu(cpu_id(0)).pool.lock().waiters.len(),
                 1,
                 "one entry per take"
             );
             drop(fut);
-            assert!(!pools.has_waiters(0), "a dropped take left its waker");
+            assert!(
+                !pools.has_waiters(cpu_id(0)),
+                "a dropped take left its waker"
+            );
         }
         assert_eq!(
             Arc::strong_count(&count),
@@ -640,7 +661,7 @@ mod tests {
             "a waker kept alive (the test's own)"
         );
         // Dropping one of two waiting takes leaves the other's entry.
-        let (mut a, mut b) = (pools.take(0), pools.take(0));
+        let (mut a, mut b) = (pools.take(cpu_id(0)), pools.take(cpu_id(0)));
         assert!(Pin::new(&mut a)
             .poll(&mut Context::from_waker(&waker))
             .is_pending());
@@ -648,10 +669,10 @@ mod tests {
             .poll(&mut Context::from_waker(&other_waker))
             .is_pending());
         drop(a);
-        let left = pools.cpu(0).pool.lock().waiters.len();
+        let left = pools.cpu(cpu_id(0)).pool.lock().waiters.len();
         assert_eq!(left, 1);
         let frames = frames(4);
-        pools.refill(0, &frames, 1, |_| {});
+        pools.refill(cpu_id(0), &frames, 1, |_| {});
         assert_eq!(
             other.0.load(Ordering::SeqCst),
             1,
@@ -674,16 +695,16 @@ mod tests {
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut fut = pools.take(0);
+        let mut fut = pools.take(cpu_id(0));
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
-        pools.refill(0, &frames, 1, |_| {});
+        pools.refill(cpu_id(0), &frames, 1, |_| {});
         assert_eq!(
             count.0.load(Ordering::SeqCst),
             1,
             "the refill woke the waiter"
         );
         // Another fault on this CPU takes the new frame before the waiter runs.
-        let stolen = pools.try_take(0).expect("the refilled frame");
+        let stolen = pools.try_take(cpu_id(0)).expect("the refilled frame");
         assert!(
             matches!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(None)),
             "a woken waiter must not wait again (it zeroes its own frame)"
@@ -694,20 +715,24 @@ mod tests {
     #[test]
     fn a_waiting_take_gives_up_when_memory_is_exhausted() {
         let (frames, pools) = (frames(1), ZeroPools::new(1));
-        let only = frames.alloc(0).unwrap();
+        let only = frames.alloc(cpu_id(0)).unwrap();
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut fut = pools.take(0);
+        let mut fut = pools.take(cpu_id(0));
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
-        assert_eq!(pools.refill(0, &frames, 4, |_| {}), 0);
+        assert_eq!(pools.refill(cpu_id(0), &frames, 4, |_| {}), 0);
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiter was not told");
         assert!(matches!(
             Pin::new(&mut fut).poll(&mut cx),
             Poll::Ready(None)
         ));
-        frames.free(0, only).unwrap();
-        assert_eq!(pools.refill(0, &frames, 4, |_| {}), 1, "memory is back");
+        frames.free(cpu_id(0), only).unwrap();
+        assert_eq!(
+            pools.refill(cpu_id(0), &frames, 4, |_| {}),
+            1,
+            "memory is back"
+        );
     }
 
     #[test]
@@ -716,7 +741,7 @@ mod tests {
         let zeroer = Arc::new(CountWake(AtomicUsize::new(0)));
         let zeroer_waker = Waker::from(zeroer.clone());
         let mut zcx = Context::from_waker(&zeroer_waker);
-        let mut demand = pools.demand(0);
+        let mut demand = pools.demand(cpu_id(0));
         assert!(
             Pin::new(&mut demand).poll(&mut zcx).is_pending(),
             "demand without a taker"
@@ -725,20 +750,20 @@ mod tests {
         let taker_waker = Waker::from(taker.clone());
         let mut tcx = Context::from_waker(&taker_waker);
         // A take on the other CPU's pool does not concern this zeroer.
-        let mut other = pools.take(1);
+        let mut other = pools.take(cpu_id(1));
         assert!(Pin::new(&mut other).poll(&mut tcx).is_pending());
         assert_eq!(zeroer.0.load(Ordering::SeqCst), 0, "woken for another CPU");
-        let mut take = pools.take(0);
+        let mut take = pools.take(cpu_id(0));
         assert!(Pin::new(&mut take).poll(&mut tcx).is_pending());
         assert_eq!(
             zeroer.0.load(Ordering::SeqCst),
             1,
             "the waiting take did not call the zeroer"
         );
-        assert!(pools.has_waiters(0));
+        assert!(pools.has_waiters(cpu_id(0)));
         assert!(Pin::new(&mut demand).poll(&mut zcx).is_ready());
-        pools.refill(0, &frames, 2, |_| {});
-        assert!(!pools.has_waiters(0));
+        pools.refill(cpu_id(0), &frames, 2, |_| {});
+        assert!(!pools.has_waiters(cpu_id(0)));
         assert!(matches!(
             Pin::new(&mut take).poll(&mut tcx),
             Poll::Ready(Some(_))
@@ -755,14 +780,18 @@ mod tests {
             "at least one frame"
         );
         assert_eq!(ZeroPools::new(1).capacity(), POOL_CAPACITY);
-        assert!(pools.wants_frames(0) && pools.wants_frames(1));
-        assert_eq!(pools.refill(1, &frames, 2, |_| {}), 2);
-        assert!(pools.wants_frames(1), "2 of 3");
-        assert_eq!(pools.refill(1, &frames, 10, |_| {}), 1, "up to capacity");
-        assert!(!pools.wants_frames(1) && pools.wants_frames(0));
-        assert_eq!(pools.stats(1).available, 3);
-        assert!(pools.try_take(1).is_some());
-        assert_eq!(pools.stats(1).available, 2);
+        assert!(pools.wants_frames(cpu_id(0)) && pools.wants_frames(cpu_id(1)));
+        assert_eq!(pools.refill(cpu_id(1), &frames, 2, |_| {}), 2);
+        assert!(pools.wants_frames(cpu_id(1)), "2 of 3");
+        assert_eq!(
+            pools.refill(cpu_id(1), &frames, 10, |_| {}),
+            1,
+            "up to capacity"
+        );
+        assert!(!pools.wants_frames(cpu_id(1)) && pools.wants_frames(cpu_id(0)));
+        assert_eq!(pools.stats(cpu_id(1)).available, 3);
+        assert!(pools.try_take(cpu_id(1)).is_some());
+        assert_eq!(pools.stats(cpu_id(1)).available, 2);
         assert_eq!(pools.drain(&frames).unwrap(), 2);
     }
 
@@ -775,12 +804,21 @@ mod tests {
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut fut = pools.take(1);
+        let mut fut = pools.take(cpu_id(1));
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
-        let cached_before = (frames.stats(0).cached, frames.stats(1).cached);
-        assert_eq!(pools.refill_from(1, 0, &frames, 8, |f| mem.zero(f)), 8);
+        let cached_before = (
+            frames.stats(cpu_id(0)).cached,
+            frames.stats(cpu_id(1)).cached,
+        );
         assert_eq!(
-            (frames.stats(0).cached, frames.stats(1).cached),
+            pools.refill_from(cpu_id(1), cpu_id(0), &frames, 8, |f| mem.zero(f)),
+            8
+        );
+        assert_eq!(
+            (
+                frames.stats(cpu_id(0)).cached,
+                frames.stats(cpu_id(1)).cached
+            ),
             (cached_before.0 - 8, cached_before.1),
             "the frames must come from the source CPU's cache"
         );
@@ -789,22 +827,26 @@ mod tests {
             1,
             "CPU 1's waiter not woken"
         );
-        assert_eq!(pools.stats(0).available, 0, "landed in the source's pool");
-        let s = pools.stats(1);
+        assert_eq!(
+            pools.stats(cpu_id(0)).available,
+            0,
+            "landed in the source's pool"
+        );
+        let s = pools.stats(cpu_id(1));
         assert_eq!((s.available, s.zeroed, s.from_others), (8, 8, 8));
-        while let Some(z) = pools.try_take(1) {
+        while let Some(z) = pools.try_take(cpu_id(1)) {
             assert!(
                 mem.is_zero(z.frame()),
                 "another CPU's refill left a dirty frame"
             );
         }
-        assert_eq!(pools.refill(0, &frames, 2, |_| {}), 2);
+        assert_eq!(pools.refill(cpu_id(0), &frames, 2, |_| {}), 2);
         assert_eq!(
-            pools.stats(0).from_others,
+            pools.stats(cpu_id(0)).from_others,
             0,
             "an own refill is not another's"
         );
-        assert_eq!(pools.stats(1).from_others, 8);
+        assert_eq!(pools.stats(cpu_id(1)).from_others, 8);
     }
 
     /// Two refills of one pool at once (its owner and an idle helper) never take it
@@ -814,14 +856,14 @@ mod tests {
         let (frames, pools) = (frames(64), ZeroPools::with_capacity(2, 3));
         let total = frames.total_free();
         let mut first = true;
-        let added = pools.refill_from(1, 0, &frames, 3, |_| {
+        let added = pools.refill_from(cpu_id(1), cpu_id(0), &frames, 3, |_| {
             if core::mem::take(&mut first) {
                 // Meanwhile CPU 1 fills its own pool.
-                assert_eq!(pools.refill(1, &frames, 3, |_| {}), 3);
+                assert_eq!(pools.refill(cpu_id(1), &frames, 3, |_| {}), 3);
             }
         });
         assert_eq!(added, 0, "the helper pushed into a full pool");
-        assert_eq!(pools.stats(1).available, 3, "past the capacity");
+        assert_eq!(pools.stats(cpu_id(1)).available, 3, "past the capacity");
         assert_eq!(
             frames.total_free() + 3,
             total,
@@ -836,22 +878,34 @@ mod tests {
         let frames = Frames::new(5);
         frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
         let pools = ZeroPools::with_capacity(5, 2);
-        assert_eq!(pools.nearest_wanting(2), Some(3));
-        pools.refill(3, &frames, 2, |_| {});
-        assert_eq!(pools.nearest_wanting(2), Some(1), "3 is full: 1 is as near");
-        pools.refill(1, &frames, 2, |_| {});
-        assert_eq!(pools.nearest_wanting(2), Some(4));
+        assert_eq!(pools.nearest_wanting(cpu_id(2)), Some(cpu_id(3)));
+        pools.refill(cpu_id(3), &frames, 2, |_| {});
         assert_eq!(
-            pools.nearest_wanting(0),
-            Some(4),
+            pools.nearest_wanting(cpu_id(2)),
+            Some(cpu_id(1)),
+            "3 is full: 1 is as near"
+        );
+        pools.refill(cpu_id(1), &frames, 2, |_| {});
+        assert_eq!(pools.nearest_wanting(cpu_id(2)), Some(cpu_id(4)));
+        assert_eq!(
+            pools.nearest_wanting(cpu_id(0)),
+            Some(cpu_id(4)),
             "wraps round: 4 is next to 0"
         );
-        pools.refill(4, &frames, 2, |_| {});
-        assert_eq!(pools.nearest_wanting(2), Some(0));
-        pools.refill(0, &frames, 2, |_| {});
-        assert_eq!(pools.nearest_wanting(2), None, "only cpu 2 itself has room");
-        assert_eq!(pools.nearest_wanting(0), Some(2));
-        assert_eq!(ZeroPools::new(1).nearest_wanting(0), None, "no other CPU");
+        pools.refill(cpu_id(4), &frames, 2, |_| {});
+        assert_eq!(pools.nearest_wanting(cpu_id(2)), Some(cpu_id(0)));
+        pools.refill(cpu_id(0), &frames, 2, |_| {});
+        assert_eq!(
+            pools.nearest_wanting(cpu_id(2)),
+            None,
+            "only cpu 2 itself has room"
+        );
+        assert_eq!(pools.nearest_wanting(cpu_id(0)), Some(cpu_id(2)));
+        assert_eq!(
+            ZeroPools::new(1).nearest_wanting(CpuId::BOOT),
+            None,
+            "no other CPU"
+        );
     }
 
     /// A pool asks for a helper only once it is below half full: at its first low take,
@@ -862,25 +916,31 @@ mod tests {
         let frames = Frames::new(1);
         frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
         let pools = ZeroPools::with_capacity(1, 8);
-        pools.refill(0, &frames, 8, |_| {});
+        pools.refill(cpu_id(0), &frames, 8, |_| {});
         for left in (4..8).rev() {
-            assert!(pools.try_take(0).is_some());
-            assert!(!pools.wants_helper(0), "{left} of 8 left: not low yet");
+            assert!(pools.try_take(cpu_id(0)).is_some());
+            assert!(
+                !pools.wants_helper(cpu_id(0)),
+                "{left} of 8 left: not low yet"
+            );
         }
-        assert!(pools.try_take(0).is_some());
-        assert!(pools.wants_helper(0), "3 of 8 left: low, first take asks");
-        assert!(!pools.wants_helper(0), "a request is answered once");
+        assert!(pools.try_take(cpu_id(0)).is_some());
+        assert!(
+            pools.wants_helper(cpu_id(0)),
+            "3 of 8 left: low, first take asks"
+        );
+        assert!(!pools.wants_helper(cpu_id(0)), "a request is answered once");
         let mut asked = 0;
         for _ in 0..HELP_EVERY * 3 {
-            let _ = pools.try_take(0);
-            asked += usize::from(pools.wants_helper(0));
+            let _ = pools.try_take(cpu_id(0));
+            asked += usize::from(pools.wants_helper(cpu_id(0)));
         }
         assert_eq!(asked, 3, "once every HELP_EVERY low takes, misses included");
-        assert_eq!(pools.stats(0).available, 0);
+        assert_eq!(pools.stats(cpu_id(0)).available, 0);
         // Refilled above half: quiet again.
-        pools.refill(0, &frames, 8, |_| {});
-        let _ = pools.try_take(0);
-        assert!(!pools.wants_helper(0));
+        pools.refill(cpu_id(0), &frames, 8, |_| {});
+        let _ = pools.try_take(cpu_id(0));
+        assert!(!pools.wants_helper(cpu_id(0)));
     }
 
     /// A pool's limit follows the demand: a pool found empty since it was last full
@@ -891,32 +951,32 @@ mod tests {
         let frames = Frames::new(1);
         frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
         let pools = ZeroPools::with_limits(1, 4, 16);
-        let fill = |pools: &ZeroPools| pools.refill(0, &frames, 64, |_| {});
+        let fill = |pools: &ZeroPools| pools.refill(cpu_id(0), &frames, 64, |_| {});
         // Takes one frame and gives it back to the allocator (the test runs many fills).
-        let take = |pools: &ZeroPools| match pools.try_take(0) {
-            Some(z) => frames.free(0, z.into_frame()).is_ok(),
+        let take = |pools: &ZeroPools| match pools.try_take(cpu_id(0)) {
+            Some(z) => frames.free(cpu_id(0), z.into_frame()).is_ok(),
             None => false,
         };
         let drain = |pools: &ZeroPools| while take(pools) {};
         assert_eq!(fill(&pools), 4);
-        assert_eq!(pools.limit(0), 4, "no take ran it dry yet");
+        assert_eq!(pools.limit(cpu_id(0)), 4, "no take ran it dry yet");
         // Emptied, but no take found it empty: no growth.
         for _ in 0..4 {
             assert!(take(&pools));
         }
         assert_eq!(fill(&pools), 4);
-        assert_eq!(pools.limit(0), 4);
+        assert_eq!(pools.limit(cpu_id(0)), 4);
         // Found empty: the next fill doubles the limit, each time, up to 16.
         for want in [8, 16, 16] {
             drain(&pools);
             fill(&pools);
-            assert_eq!(pools.limit(0), want);
+            assert_eq!(pools.limit(cpu_id(0)), want);
         }
         assert_eq!(fill(&pools), 0, "full at 16");
-        assert_eq!(pools.stats(0).available, 16);
+        assert_eq!(pools.stats(cpu_id(0)).available, 16);
         // Quiet fills (emptied without running dry) shrink it after enough of them.
         for i in 0..SHRINK_AFTER_QUIET_FILLS * 2 {
-            while pools.stats(0).available > 0 {
+            while pools.stats(cpu_id(0)).available > 0 {
                 assert!(take(&pools));
             }
             fill(&pools);
@@ -925,16 +985,16 @@ mod tests {
                 n if n < SHRINK_AFTER_QUIET_FILLS * 2 => 8,
                 _ => 4,
             };
-            assert_eq!(pools.limit(0), want, "after {} quiet fills", i + 1);
+            assert_eq!(pools.limit(cpu_id(0)), want, "after {} quiet fills", i + 1);
         }
         // A fixed-size pool never grows.
         let fixed = ZeroPools::with_capacity(1, 4);
-        fixed.refill(0, &frames, 64, |_| {});
-        while let Some(z) = fixed.try_take(0) {
-            frames.free(0, z.into_frame()).unwrap();
+        fixed.refill(cpu_id(0), &frames, 64, |_| {});
+        while let Some(z) = fixed.try_take(cpu_id(0)) {
+            frames.free(cpu_id(0), z.into_frame()).unwrap();
         }
-        fixed.refill(0, &frames, 64, |_| {});
-        assert_eq!(fixed.limit(0), 4);
+        fixed.refill(cpu_id(0), &frames, 64, |_| {});
+        assert_eq!(fixed.limit(cpu_id(0)), 4);
     }
 
     /// A CPU number past the last is a kernel bug: it panics, never borrows another
@@ -942,7 +1002,7 @@ mod tests {
     #[test]
     #[should_panic]
     fn a_cpu_number_past_the_last_panics() {
-        let _ = ZeroPools::new(2).try_take(2);
+        let _ = ZeroPools::new(2).try_take(cpu_id(2));
     }
 
     /// A take served at once counts a hit; one that had to wait counts a miss and no
@@ -953,21 +1013,27 @@ mod tests {
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        pools.refill(0, &frames, 1, |_| {});
-        let mut now = pools.take(0);
+        pools.refill(cpu_id(0), &frames, 1, |_| {});
+        let mut now = pools.take(cpu_id(0));
         assert!(matches!(
             Pin::new(&mut now).poll(&mut cx),
             Poll::Ready(Some(_))
         ));
-        assert_eq!((pools.stats(0).hits, pools.stats(0).misses), (1, 0));
-        let mut later = pools.take(0);
+        assert_eq!(
+            (pools.stats(cpu_id(0)).hits, pools.stats(cpu_id(0)).misses),
+            (1, 0)
+        );
+        let mut later = pools.take(cpu_id(0));
         assert!(Pin::new(&mut later).poll(&mut cx).is_pending());
-        pools.refill(0, &frames, 1, |_| {});
+        pools.refill(cpu_id(0), &frames, 1, |_| {});
         assert!(matches!(
             Pin::new(&mut later).poll(&mut cx),
             Poll::Ready(Some(_))
         ));
-        assert_eq!((pools.stats(0).hits, pools.stats(0).misses), (1, 1));
+        assert_eq!(
+            (pools.stats(cpu_id(0)).hits, pools.stats(cpu_id(0)).misses),
+            (1, 1)
+        );
     }
 
     /// A refill that adds nothing because it was given no budget (or the pool has no
@@ -979,19 +1045,19 @@ mod tests {
         let count = Arc::new(CountWake(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut fut = pools.take(0);
+        let mut fut = pools.take(cpu_id(0));
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
-        assert_eq!(pools.refill(0, &frames, 0, |_| {}), 0);
+        assert_eq!(pools.refill(cpu_id(0), &frames, 0, |_| {}), 0);
         assert_eq!(
             count.0.load(Ordering::SeqCst),
             0,
             "woken by an empty refill"
         );
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
-        assert!(pools.has_waiters(0));
-        pools.wake_starved(0);
+        assert!(pools.has_waiters(cpu_id(0)));
+        pools.wake_starved(cpu_id(0));
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "not woken as starved");
-        assert!(!pools.has_waiters(0));
+        assert!(!pools.has_waiters(cpu_id(0)));
         assert!(matches!(
             Pin::new(&mut fut).poll(&mut cx),
             Poll::Ready(None)

@@ -31,10 +31,10 @@ use core::task::{Context, Poll};
 
 use panda_mm::cache::Frames;
 use panda_mm::zero::{Demand, PoolStats, ZeroPools};
-use panda_mm::PhysFrame;
+use panda_mm::{CpuId, IntoCpuId, PhysFrame};
 
 use panda_arch::paging::ZeroMethod;
-use panda_arch::{percpu, HHDM_BASE, PAGE_SIZE};
+use panda_arch::{HHDM_BASE, PAGE_SIZE};
 
 static FRAMES: spin::Once<Frames> = spin::Once::new();
 static ZERO: spin::Once<ZeroPools> = spin::Once::new();
@@ -124,7 +124,7 @@ impl Drop for Frame {
             // A frame only this type owned cannot be refused. If the allocator's
             // ownership bits ever do (the frame is not out: freed twice), it is not
             // handed out again, which is safe; the report names where.
-            if frames.free(percpu::current_index(), self.0).is_err() {
+            if frames.free(crate::cpu::current(), self.0).is_err() {
                 report_misuse(format_args!(
                     "frame {:#x} freed twice (or never allocated)",
                     self.0.addr()
@@ -337,7 +337,7 @@ pub fn above_reserve() -> bool {
 
 /// A frame for the kernel (not zeroed).
 pub fn alloc() -> Option<Frame> {
-    let frame = Frame(FRAMES.get()?.alloc(percpu::current_index()).ok()?);
+    let frame = Frame(FRAMES.get()?.alloc(crate::cpu::current()).ok()?);
     poison::check(&frame);
     Some(frame)
 }
@@ -356,7 +356,7 @@ pub fn alloc_user_zeroed() -> Option<ZeroedFrame> {
 /// waiting for a lock (the heap's slab refill, which may run under the allocator's
 /// own lock). The frame is given up as its HHDM address: it becomes heap memory.
 pub(crate) fn try_alloc_heap_page() -> Option<*mut u8> {
-    let frame = Frame(FRAMES.get()?.try_alloc(percpu::current_index()).ok()?);
+    let frame = Frame(FRAMES.get()?.try_alloc(crate::cpu::current()).ok()?);
     poison::check(&frame);
     Some((HHDM_BASE + frame.into_raw()) as *mut u8)
 }
@@ -416,7 +416,7 @@ fn report_misuse(what: core::fmt::Arguments) {
     }
     let mut trace = alloc::string::String::new();
     let _ = panda_arch::backtrace::write(&mut trace, 0, panda_arch::backtrace::current_rbp());
-    log::error!(target: "mm", "{what} on cpu{}; {trace}", percpu::current_index());
+    log::error!(target: "mm", "{what} on cpu{}; {trace}", crate::cpu::current());
 }
 
 /// Frames free in the allocator (global and every CPU's cache).
@@ -443,14 +443,14 @@ pub fn is_in_use(phys: u64) -> bool {
 }
 
 /// A zeroed frame from CPU `cpu`'s pool, if it has one. O(1).
-pub fn try_take_zeroed(cpu: usize) -> Option<ZeroedFrame> {
+pub fn try_take_zeroed(cpu: CpuId) -> Option<ZeroedFrame> {
     let z = ZERO.get()?.try_take(cpu)?;
     Some(poison::checked_zero(ZeroedFrame(Frame(z.into_frame()))))
 }
 
 /// A future for a zeroed frame from CPU `cpu`'s pool: ready at once on a hit, else
 /// woken by the pool's next refill; `None` when a refill found memory exhausted.
-pub(crate) fn take_zeroed(cpu: usize) -> Option<TakeZeroed> {
+pub(crate) fn take_zeroed(cpu: CpuId) -> Option<TakeZeroed> {
     Some(TakeZeroed(ZERO.get()?.take(cpu)))
 }
 
@@ -469,7 +469,7 @@ impl Future for TakeZeroed {
 
 /// Tops CPU `cpu`'s pool up by at most `budget` frames zeroed now; wakes the tasks
 /// waiting for one. Returns how many were added.
-pub(crate) fn refill_pool(cpu: usize, budget: usize) -> usize {
+pub(crate) fn refill_pool(cpu: CpuId, budget: usize) -> usize {
     let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
         return 0;
     };
@@ -500,49 +500,54 @@ fn zero_for_pool(f: PhysFrame) {
 /// Zeroes at most `budget` frames from the calling CPU's frame cache into CPU
 /// `cpu`'s pool (an idle CPU helping a busy one); wakes `cpu`'s waiters. Returns how
 /// many were added.
-pub(crate) fn refill_pool_for(cpu: usize, budget: usize) -> usize {
+pub(crate) fn refill_pool_for(cpu: CpuId, budget: usize) -> usize {
     let (Some(frames), Some(pools)) = (FRAMES.get(), ZERO.get()) else {
         return 0;
     };
-    pools.refill_from(cpu, percpu::current_index(), frames, budget, zero_for_pool)
+    pools.refill_from(cpu, crate::cpu::current(), frames, budget, zero_for_pool)
 }
 
 /// Whether CPU `cpu`'s pool ran low and asks for a helper now (see
 /// `ZeroPools::wants_helper`; answered once).
-pub(crate) fn pool_wants_helper(cpu: usize) -> bool {
+pub(crate) fn pool_wants_helper(cpu: CpuId) -> bool {
     ZERO.get().is_some_and(|z| z.wants_helper(cpu))
 }
 
 /// The CPU nearest to `cpu` whose pool has room (see `ZeroPools::nearest_wanting`).
-pub(crate) fn pool_nearest_wanting(cpu: usize) -> Option<usize> {
+pub(crate) fn pool_nearest_wanting(cpu: CpuId) -> Option<CpuId> {
     ZERO.get()?.nearest_wanting(cpu)
 }
 
 /// A future for CPU `cpu`'s zeroing task: resolves when a take waits on the empty pool.
-pub(crate) fn pool_demand(cpu: usize) -> Option<Demand<'static>> {
+pub(crate) fn pool_demand(cpu: CpuId) -> Option<Demand<'static>> {
     Some(ZERO.get()?.demand(cpu))
 }
 
 /// Whether a take waits on CPU `cpu`'s pool.
-pub(crate) fn pool_has_waiters(cpu: usize) -> bool {
+pub(crate) fn pool_has_waiters(cpu: CpuId) -> bool {
     ZERO.get().is_some_and(|p| p.has_waiters(cpu))
 }
 
 /// Tells CPU `cpu`'s waiters that no frame is coming (memory is short).
-pub(crate) fn pool_wake_starved(cpu: usize) {
+pub(crate) fn pool_wake_starved(cpu: CpuId) {
     if let Some(p) = ZERO.get() {
         p.wake_starved(cpu);
     }
 }
 
 /// Whether CPU `cpu`'s pool has room.
-pub(crate) fn pool_wants_frames(cpu: usize) -> bool {
+pub(crate) fn pool_wants_frames(cpu: CpuId) -> bool {
     ZERO.get().is_some_and(|p| p.wants_frames(cpu))
 }
 
 /// CPU `cpu`'s pool counters.
-pub fn pool_stats(cpu: usize) -> Option<PoolStats> {
-    Some(ZERO.get()?.stats(cpu))
+///
+/// TODO(lead): takes `impl IntoCpuId` (a `CpuId`, or a bare index checked against
+/// `MAX_CPUS`) only because `kernel/src/process/syscalls.rs` (changed elsewhere) still
+/// passes `usize`s from `0..online_count()`; once it iterates `CpuId::all(n)`, make
+/// this take `CpuId`.
+pub fn pool_stats(cpu: impl IntoCpuId) -> Option<PoolStats> {
+    Some(ZERO.get()?.stats(cpu.into_cpu_id()))
 }
 
 /// Frames each pool holds at most.
@@ -552,8 +557,9 @@ pub fn pool_capacity() -> usize {
 
 /// Frames held zeroed in the pools of the first `cpus` CPUs.
 pub fn pooled(cpus: usize) -> u64 {
-    ZERO.get()
-        .map_or(0, |p| (0..cpus).map(|c| p.stats(c).available as u64).sum())
+    ZERO.get().map_or(0, |p| {
+        CpuId::all(cpus).map(|c| p.stats(c).available as u64).sum()
+    })
 }
 
 /// Times each way of zeroing a frame on 32 frames (best of three rounds) and makes
@@ -706,7 +712,7 @@ pub mod poison {
             at,
             bytes,
             core::str::from_utf8(&text).unwrap_or("?"),
-            panda_arch::percpu::current_index(),
+            crate::cpu::current(),
         );
     }
 }

@@ -38,15 +38,14 @@ impl PageSource for FramePages {
 
 /// Bytes handed out and not yet freed, per CPU (a block freed on another CPU than the
 /// one that allocated it makes one counter go down and another up; the sum is exact).
-static LIVE_BYTES: [crossbeam_utils::CachePadded<core::sync::atomic::AtomicI64>;
-    panda_arch::percpu::MAX_CPUS] =
-    [const { crossbeam_utils::CachePadded::new(core::sync::atomic::AtomicI64::new(0)) };
-        panda_arch::percpu::MAX_CPUS];
+static LIVE_BYTES: panda_mm::PerCpu<crossbeam_utils::CachePadded<core::sync::atomic::AtomicI64>> =
+    panda_mm::PerCpu::new(
+        [const { crossbeam_utils::CachePadded::new(core::sync::atomic::AtomicI64::new(0)) };
+            panda_mm::MAX_CPUS],
+    );
 
 fn count_bytes(delta: i64) {
-    if let Some(c) = LIVE_BYTES.get(panda_arch::percpu::current_index()) {
-        c.fetch_add(delta, Ordering::Relaxed);
-    }
+    LIVE_BYTES[crate::cpu::current()].fetch_add(delta, Ordering::Relaxed);
 }
 
 /// Bytes of kernel heap in use (allocated, not yet freed), over every CPU: what leak
@@ -119,7 +118,7 @@ impl KernelHeap {
     unsafe fn alloc_inner(&self, layout: Layout) -> *mut u8 {
         interrupts::without_interrupts(|| {
             if self.slabs_on.load(Ordering::Acquire) {
-                let cpu = panda_arch::percpu::current_index();
+                let cpu = crate::cpu::current();
                 match class_of(layout.size(), layout.align()) {
                     Some(class) => {
                         // SAFETY: interrupts are off and we are CPU `cpu`: its lists
@@ -156,7 +155,7 @@ impl KernelHeap {
             }
             match class_of(layout.size(), layout.align()) {
                 Some(class) => {
-                    let cpu = panda_arch::percpu::current_index();
+                    let cpu = crate::cpu::current();
                     // SAFETY: `ptr` came from the slabs with this class (same layout);
                     // interrupts are off on CPU `cpu`.
                     unsafe { self.slabs.free(cpu, class, ptr) };

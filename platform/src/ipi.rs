@@ -35,6 +35,7 @@ use panda_arch::apic::{
 use panda_arch::percpu::{self, MAX_CPUS};
 use panda_arch::trap::{self, TrapFrame};
 use panda_mm::tlb::{CpuMask, CpuSet};
+use panda_mm::CpuId;
 
 /// A function run on another CPU: takes an argument, returns a value.
 pub type CallFn = fn(u64) -> u64;
@@ -165,7 +166,7 @@ fn run_request(caller: usize) {
     // waiting for a lock): it starts a fresh lock order.
     let result = crate::order::nested(|| function(argument));
     request.result.store(result, Ordering::Relaxed);
-    request.pending.remove(percpu::current_index());
+    request.pending.remove(crate::cpu::current());
     // After this the caller may return and make its next call: nothing of the request
     // is read past it but `halted` (a stale read only sends a spare wake-up).
     if request.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -273,7 +274,9 @@ fn post_all(
     // Exactly the CPUs posted to are waited for, whatever comes online meanwhile.
     let mut posted = CpuMask::default();
     let mut count = 0;
-    for cpu in (0..MAX_CPUS).filter(|&c| c != me && targets(c) && percpu::cpu(c).online()) {
+    let wanted =
+        |c: CpuId| c.index() != me && targets(c.index()) && percpu::cpu(c.index()).online();
+    for cpu in CpuId::all(MAX_CPUS).filter(|&c| wanted(c)) {
         posted.insert(cpu);
         count += 1;
     }
@@ -289,8 +292,8 @@ fn post_all(
     for cpu in posted.iter() {
         // Release: the request's fields above are visible to the target that takes
         // this bit.
-        INBOX[cpu][me / 64].fetch_or(bit, Ordering::Release);
-        apic::send_ipi(percpu::cpu(cpu).apic_id(), CALL_VECTOR);
+        INBOX[cpu.index()][me / 64].fetch_or(bit, Ordering::Release);
+        apic::send_ipi(percpu::cpu(cpu.index()).apic_id(), CALL_VECTOR);
     }
     (request, count)
 }
@@ -343,6 +346,7 @@ fn wait(request: &Request) {
         let now = panda_arch::time::now_ns();
         if now >= resend_at {
             for cpu in request.pending.snapshot().iter() {
+                let cpu = cpu.index();
                 if INBOX[cpu][me / 64].load(Ordering::Acquire) & (1 << (me % 64)) != 0 {
                     RESENDS.fetch_add(1, Ordering::Relaxed);
                     apic::send_ipi(percpu::cpu(cpu).apic_id(), CALL_VECTOR);
@@ -442,7 +446,7 @@ pub fn write_state(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Resul
     list(w, &mut (0..MAX_CPUS).filter(|&c| !taken(c)))?;
     if request.busy.load(Ordering::Relaxed) {
         write!(w, "; waiting for the answers of ")?;
-        list(w, &mut request.pending.snapshot().iter())?;
+        list(w, &mut request.pending.snapshot().iter().map(CpuId::index))?;
     }
     writeln!(w)
 }

@@ -4,6 +4,8 @@
 //! formats, time); it holds no memory policy and does not depend on `mm`. This crate
 //! turns those mechanisms into the kernel's trusted services:
 //!
+//! - `cpu`: the running CPU as a `panda_mm::CpuId` (`cpu::current`), the index of
+//!   every per-CPU table of the memory layers;
 //! - `frame`: physical frames as owned values (`Frame`, `ZeroedFrame`, `FilledFrame`),
 //!   the per-CPU caches, the pools of frames zeroed ahead of demand and the zeroing
 //!   method;
@@ -30,6 +32,7 @@
 
 extern crate alloc;
 
+pub mod cpu;
 pub mod frame;
 pub mod heap;
 pub mod ipi;

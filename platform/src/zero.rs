@@ -21,7 +21,7 @@
 use core::future::Future;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use panda_arch::percpu;
+use panda_mm::CpuId;
 
 use crate::frame::{self, above_reserve, ZeroedFrame};
 
@@ -40,9 +40,9 @@ const DEMAND_BATCH: usize = 16;
 #[derive(Clone, Copy)]
 pub struct Scheduler {
     /// Wakes the idle CPU nearest to the given one (to top up its pool).
-    pub wake_idle_near: fn(usize),
+    pub wake_idle_near: fn(CpuId),
     /// Whether the given CPU has tasks queued besides the running one.
-    pub has_queued_work: fn(usize) -> bool,
+    pub has_queued_work: fn(CpuId) -> bool,
 }
 
 static SCHEDULER: spin::Once<Scheduler> = spin::Once::new();
@@ -67,7 +67,7 @@ pub enum Source {
 /// A zeroed frame for a fault on the calling CPU without waiting: a pool hit, or one
 /// zeroed on the spot; `None` if the machine is out of frames (down to the reserve).
 pub fn fault_frame_now() -> Option<(ZeroedFrame, Source)> {
-    match pooled(percpu::current_index()) {
+    match pooled(crate::cpu::current()) {
         Some(z) => Some((z, Source::PoolHit)),
         None => zero_now(),
     }
@@ -77,7 +77,7 @@ pub fn fault_frame_now() -> Option<(ZeroedFrame, Source)> {
 /// zeroing task, or zeroed on the spot (see the module's words); `None` if the machine
 /// is out of frames.
 pub async fn fault_frame() -> Option<(ZeroedFrame, Source)> {
-    let cpu = percpu::current_index();
+    let cpu = crate::cpu::current();
     if let Some(z) = pooled(cpu) {
         return Some((z, Source::PoolHit));
     }
@@ -96,7 +96,7 @@ pub async fn fault_frame() -> Option<(ZeroedFrame, Source)> {
 /// (`mm.prezero=off`). A pool that runs low wakes the nearest idle CPU to top it up:
 /// this CPU never idles while it faults, and an idle CPU would otherwise sleep until
 /// its next timer tick (10 ms, thousands of faults) while the pool runs dry.
-fn pooled(cpu: usize) -> Option<ZeroedFrame> {
+fn pooled(cpu: CpuId) -> Option<ZeroedFrame> {
     if !prezero() {
         return None;
     }
@@ -122,7 +122,7 @@ fn zero_now() -> Option<(ZeroedFrame, Source)> {
 /// pool, then zeroes frames into the pool in batches — each batch's refill wakes the
 /// waiting faults — yielding between batches so the CPU's other tasks run meanwhile,
 /// until no fault waits. The idle work tops pools up in the background.
-pub async fn zeroing_task<Y: Future<Output = ()>>(cpu: usize, mut yield_now: impl FnMut() -> Y) {
+pub async fn zeroing_task<Y: Future<Output = ()>>(cpu: CpuId, mut yield_now: impl FnMut() -> Y) {
     loop {
         let Some(demand) = frame::pool_demand(cpu) else {
             return;
@@ -176,7 +176,7 @@ pub fn zeroing_paused() -> bool {
 pub fn zero_when_idle() -> bool {
     IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
     let did = prezero() && !PAUSED.load(Ordering::SeqCst) && above_reserve() && {
-        let cpu = percpu::current_index();
+        let cpu = crate::cpu::current();
         if frame::pool_wants_frames(cpu) {
             frame::refill_pool(cpu, ZERO_BATCH) > 0
         } else {

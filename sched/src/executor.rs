@@ -17,6 +17,7 @@ use crate::timer::{Sleep, TimerKey, TimerList, Timers};
 
 /// Most CPUs an executor serves (`panda_mm::MAX_CPUS`).
 pub use panda_mm::MAX_CPUS;
+use panda_mm::{CpuId, IntoCpuId};
 
 /// What the executor needs from the machine. The kernel implements it with GS-based
 /// CPU ids, wake-up IPIs, the TSC and `sti; hlt`; the host tests with threads.
@@ -257,7 +258,7 @@ impl<P: Platform> Executor<P> {
     pub fn spawn_in<T, F>(
         &'static self,
         group: &Arc<Group>,
-        cpu: Option<usize>,
+        cpu: Option<CpuId>,
         pin: bool,
         future: F,
     ) -> JoinHandle<T>
@@ -266,29 +267,29 @@ impl<P: Platform> Executor<P> {
         T: Send + 'static,
     {
         let cpu = match cpu {
-            Some(cpu) => self.served(cpu, "spawn_in's target"),
+            Some(cpu) => self.served(cpu.index(), "spawn_in's target"),
             None => self.current(),
         };
         self.spawn_inner(cpu, pin, Some(group.clone()), future)
     }
 
     /// Spawns `future` on CPU `cpu`; idle CPUs may steal it.
-    pub fn spawn_on<T, F>(&'static self, cpu: usize, future: F) -> JoinHandle<T>
+    pub fn spawn_on<T, F>(&'static self, cpu: CpuId, future: F) -> JoinHandle<T>
     where
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        let cpu = self.served(cpu, "spawn_on's target");
+        let cpu = self.served(cpu.index(), "spawn_on's target");
         self.spawn_inner(cpu, false, None, future)
     }
 
     /// Spawns `future` on CPU `cpu`, which alone will ever poll it.
-    pub fn spawn_pinned<T, F>(&'static self, cpu: usize, future: F) -> JoinHandle<T>
+    pub fn spawn_pinned<T, F>(&'static self, cpu: CpuId, future: F) -> JoinHandle<T>
     where
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        let cpu = self.served(cpu, "spawn_pinned's target");
+        let cpu = self.served(cpu.index(), "spawn_pinned's target");
         self.spawn_inner(cpu, true, None, future)
     }
 
@@ -834,9 +835,9 @@ impl<P: Platform> Executor<P> {
     }
 
     /// The earliest timer deadline on CPU `cpu`, for programming a one-shot timer.
-    pub fn next_deadline(&self, cpu: usize) -> Option<u64> {
+    pub fn next_deadline(&self, cpu: CpuId) -> Option<u64> {
         self.with_interrupts_off(|| {
-            self.cpus[cpu]
+            self.cpus[cpu.index()]
                 .timers
                 .lock()
                 .first_key_value()
@@ -846,8 +847,8 @@ impl<P: Platform> Executor<P> {
 
     /// Timer entries armed on CPU `cpu` and not yet fired or cancelled (one per pending
     /// `Sleep` that was polled there first).
-    pub fn armed_timers(&self, cpu: usize) -> usize {
-        self.with_interrupts_off(|| self.cpus[cpu].timers.lock().len())
+    pub fn armed_timers(&self, cpu: CpuId) -> usize {
+        self.with_interrupts_off(|| self.cpus[cpu.index()].timers.lock().len())
     }
 
     /// A future that completes `ns` nanoseconds from now.
@@ -875,18 +876,22 @@ impl<P: Platform> Executor<P> {
     /// Moves the calling task to CPU `cpu` (one of the CPUs served): the future
     /// completes once the task is polled there. With `pin`, only that CPU will poll it
     /// from then on; without, it is shared (stealable) again.
-    pub fn move_to(&'static self, cpu: usize, pin: bool) -> MoveTo<P> {
+    ///
+    /// TODO(lead): takes `impl IntoCpuId` (a `CpuId`, or a bare index checked against
+    /// `MAX_CPUS`) only because `kernel/src/process/syscalls.rs` (changed elsewhere)
+    /// still passes the user's `usize`; once it passes a `CpuId`, take `CpuId`.
+    pub fn move_to(&'static self, cpu: impl IntoCpuId, pin: bool) -> MoveTo<P> {
         MoveTo {
             executor: self,
-            cpu: self.served(cpu, "move_to's target"),
+            cpu: self.served(cpu.into_cpu_id().index(), "move_to's target"),
             pin,
             asked: false,
         }
     }
 
     /// Whether CPU `cpu` has tasks queued (besides the one it may be polling now).
-    pub fn has_queued_work(&self, cpu: usize) -> bool {
-        self.queued(self.served(cpu, "has_queued_work's CPU")) > 0
+    pub fn has_queued_work(&self, cpu: CpuId) -> bool {
+        self.queued(self.served(cpu.index(), "has_queued_work's CPU")) > 0
     }
 
     /// The calling CPU's index (as the executor sees it).
@@ -895,8 +900,8 @@ impl<P: Platform> Executor<P> {
     }
 
     /// CPU `cpu`'s counters.
-    pub fn stats(&self, cpu: usize) -> CpuStats {
-        let s = &self.cpus[cpu];
+    pub fn stats(&self, cpu: CpuId) -> CpuStats {
+        let s = &self.cpus[cpu.index()];
         CpuStats {
             polls: s.polls.load(Ordering::Relaxed),
             stolen: s.stolen.load(Ordering::Relaxed),
@@ -911,18 +916,18 @@ impl<P: Platform> Executor<P> {
     }
 
     /// Whether CPU `cpu` is halted (or about to be) for lack of work.
-    pub fn is_idle(&self, cpu: usize) -> bool {
-        self.cpus[cpu].idle.load(Ordering::SeqCst)
+    pub fn is_idle(&self, cpu: CpuId) -> bool {
+        self.cpus[cpu.index()].idle.load(Ordering::SeqCst)
     }
 
     /// Wakes the idle CPU nearest to `cpu` (`panda_mm::cpus_nearest_first`), so that
     /// its idle work (zeroing frames for `cpu`'s pool) runs now rather than at its next
     /// timer tick. Returns the CPU woken, or `None` when no other CPU is idle.
-    pub fn wake_idle_near(&self, cpu: usize) -> Option<usize> {
-        let cpu = self.served(cpu, "wake_idle_near's CPU");
+    pub fn wake_idle_near(&self, cpu: CpuId) -> Option<CpuId> {
+        self.served(cpu.index(), "wake_idle_near's CPU");
         let idle = panda_mm::cpus_nearest_first(cpu, self.cpus.len())
-            .find(|&c| self.cpus[c].idle.load(Ordering::SeqCst))?;
-        self.send_wakeup(idle);
+            .find(|&c| self.cpus[c.index()].idle.load(Ordering::SeqCst))?;
+        self.send_wakeup(idle.index());
         Some(idle)
     }
 }

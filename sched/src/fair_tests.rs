@@ -10,6 +10,11 @@ use std::sync::Arc;
 
 use crate::fair::{MIN_GRANULARITY_NS, TARGET_LATENCY_NS};
 use crate::{Executor, Group, Platform};
+use panda_mm::CpuId;
+
+fn cpu_id(i: usize) -> CpuId {
+    CpuId::new(i).unwrap()
+}
 
 /// One timer tick of the kernel (the minimum slice).
 const TICK: u64 = MIN_GRANULARITY_NS;
@@ -66,7 +71,7 @@ fn spinner(
     ran: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) {
-    drop(exec.spawn_in(group, Some(0), true, async move {
+    drop(exec.spawn_in(group, Some(cpu_id(0)), true, async move {
         while !stop.load(Ordering::SeqCst) {
             advance(exec, TICK);
             ran.fetch_add(TICK, Ordering::SeqCst);
@@ -87,7 +92,7 @@ fn run_for(exec: &'static Executor<Virtual>, limit: u64, done: impl Fn() -> bool
             "not done after {} ms",
             limit / 1_000_000
         );
-        if let Some(d) = exec.next_deadline(0) {
+        if let Some(d) = exec.next_deadline(cpu_id(0)) {
             exec.platform().next.store(d, Ordering::SeqCst);
         }
         done()
@@ -175,7 +180,7 @@ fn slices_shrink_as_the_queue_grows_and_stop_at_the_minimum() {
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     for id in 0..2u64 {
         let (stop, log) = (stop.clone(), log.clone());
-        drop(exec.spawn_in(&group, Some(0), true, async move {
+        drop(exec.spawn_in(&group, Some(cpu_id(0)), true, async move {
             while !stop.load(Ordering::SeqCst) {
                 advance(exec, TICK);
                 log.lock().unwrap().push(id);
@@ -229,16 +234,18 @@ fn a_sleeper_beside_thousands_of_spinners_wakes_within_a_slice() {
     let wakes = Arc::new(AtomicUsize::new(0));
     {
         let (late, wakes) = (late.clone(), wakes.clone());
-        drop(exec.spawn_in(&sleeper_group, Some(0), true, async move {
-            loop {
-                let t0 = exec.platform().now_ns();
-                exec.sleep(10_000_000).await;
-                late.lock()
-                    .unwrap()
-                    .push(exec.platform().now_ns() - t0 - 10_000_000);
-                wakes.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
+        drop(
+            exec.spawn_in(&sleeper_group, Some(cpu_id(0)), true, async move {
+                loop {
+                    let t0 = exec.platform().now_ns();
+                    exec.sleep(10_000_000).await;
+                    late.lock()
+                        .unwrap()
+                        .push(exec.platform().now_ns() - t0 - 10_000_000);
+                    wakes.fetch_add(1, Ordering::SeqCst);
+                }
+            }),
+        );
     }
     run_for(exec, 120_000_000_000, || {
         wakes.load(Ordering::SeqCst) >= 500
@@ -293,7 +300,7 @@ fn a_task_that_yields_lets_the_next_one_run() {
     let done = Arc::new(AtomicUsize::new(0));
     for name in ['a', 'b'] {
         let (log, done) = (log.clone(), done.clone());
-        drop(exec.spawn_in(&group, Some(0), true, async move {
+        drop(exec.spawn_in(&group, Some(cpu_id(0)), true, async move {
             for _ in 0..20 {
                 log.lock().unwrap().push(name);
                 exec.yield_now().await;
@@ -318,7 +325,7 @@ fn a_busy_cpu_pulls_threads_from_a_busier_one() {
     let stop = Arc::new(AtomicBool::new(false));
     let on_cpu1 = Arc::new(AtomicUsize::new(0));
     let (s, c) = (stop.clone(), on_cpu1.clone());
-    drop(exec.spawn_in(&group, Some(1), true, async move {
+    drop(exec.spawn_in(&group, Some(cpu_id(1)), true, async move {
         // Alone on its CPU it is never told to yield unless threads are pulled there;
         // without balancing it would spin for ever, so it gives up after 10,000 ticks
         // (and the test fails on `balanced`).
@@ -336,7 +343,7 @@ fn a_busy_cpu_pulls_threads_from_a_busier_one() {
     let cpus_seen: Vec<Arc<AtomicUsize>> = (0..10).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     for seen in &cpus_seen {
         let (s, seen) = (stop.clone(), seen.clone());
-        drop(exec.spawn_in(&group, Some(0), false, async move {
+        drop(exec.spawn_in(&group, Some(cpu_id(0)), false, async move {
             while !s.load(Ordering::SeqCst) {
                 advance(exec, TICK);
                 seen.fetch_or(1 << exec.current_cpu(), Ordering::SeqCst);
@@ -360,9 +367,9 @@ fn a_busy_cpu_pulls_threads_from_a_busier_one() {
         .filter(|s| s.load(Ordering::SeqCst) & 2 != 0)
         .count();
     assert!(
-        exec.stats(1).balanced > 0 && moved >= 3,
+        exec.stats(cpu_id(1)).balanced > 0 && moved >= 3,
         "CPU 1 pulled {} threads ({} of 10 ran there)",
-        exec.stats(1).balanced,
+        exec.stats(cpu_id(1)).balanced,
         moved
     );
     stop.store(true, Ordering::SeqCst);

@@ -10,6 +10,11 @@ use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use crate::{Executor, Platform};
+use panda_mm::CpuId;
+
+fn cpu_id(i: usize) -> CpuId {
+    CpuId::new(i).unwrap()
+}
 
 thread_local! {
     static CPU: Cell<usize> = const { Cell::new(0) };
@@ -133,7 +138,7 @@ fn ten_thousand_tasks_complete_and_work_is_stolen() {
     stop_cpus(stop, exec, handles);
     assert_eq!(done.load(Ordering::SeqCst), 10_000);
     assert_eq!(exec.live_tasks(), 0);
-    let stolen: u64 = (1..4).map(|c| exec.stats(c).stolen).sum();
+    let stolen: u64 = (1..4).map(|c| exec.stats(cpu_id(c)).stolen).sum();
     assert!(stolen > 0, "no task was stolen by CPUs 1..3");
 }
 
@@ -200,17 +205,17 @@ fn many_wakes_from_another_cpu_requeue_once() {
     })
     .join()
     .unwrap();
-    let before = exec.stats(0).polls;
+    let before = exec.stats(cpu_id(0)).polls;
     // One pass: the task must be queued exactly once.
     let deadline = Instant::now() + Duration::from_secs(5);
-    exec.run_until(|| exec.stats(0).polls > before || Instant::now() > deadline);
+    exec.run_until(|| exec.stats(cpu_id(0)).polls > before || Instant::now() > deadline);
     assert_eq!(polls.load(Ordering::SeqCst), 2);
     // Nothing else queued: another turn polls nothing.
-    let now = exec.stats(0).polls;
+    let now = exec.stats(cpu_id(0)).polls;
     ready.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_millis(50);
     exec.run_until(|| Instant::now() > deadline);
-    assert_eq!(exec.stats(0).polls, now, "a task was queued twice");
+    assert_eq!(exec.stats(cpu_id(0)).polls, now, "a task was queued twice");
 }
 
 #[test]
@@ -225,7 +230,7 @@ fn wakes_while_running_do_not_double_poll() {
         Arc::new(AtomicU64::new(0)),
     );
     exec.spawn_pinned(
-        1,
+        cpu_id(1),
         Gate {
             ready: ready.clone(),
             waker: waker.clone(),
@@ -294,7 +299,7 @@ fn pinned_tasks_never_migrate() {
     let done = Arc::new(AtomicUsize::new(0));
     for i in 0..400 {
         let cpu = 1 + i % 3;
-        exec.spawn_pinned(cpu, stay_on(cpu, wrong.clone(), done.clone()));
+        exec.spawn_pinned(cpu_id(cpu), stay_on(cpu, wrong.clone(), done.clone()));
     }
     run_until_done(exec, stop, handles, &done, 400);
     assert_eq!(done.load(Ordering::SeqCst), 400);
@@ -304,7 +309,7 @@ fn pinned_tasks_never_migrate() {
         "a pinned task ran on another CPU"
     );
     assert_eq!(
-        exec.stats(0).polls,
+        exec.stats(cpu_id(0)).polls,
         0,
         "CPU 0 polled a task pinned elsewhere"
     );
@@ -323,7 +328,7 @@ fn move_to_pins_a_running_task_to_its_new_cpu() {
         // Spawned shared (stealable) on CPU 0, then each moves itself to its CPU.
         exec.spawn(async move {
             let target = 1 + i % 3;
-            exec.move_to(target, true).await;
+            exec.move_to(cpu_id(target), true).await;
             stay_on(target, wrong, done).await;
         });
     }
@@ -413,14 +418,14 @@ fn waking_an_idle_cpu_sends_a_wakeup_and_a_busy_one_does_not() {
     CPU.with(|c| c.set(0));
     // Let CPU 1 go idle.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !exec.is_idle(1) && Instant::now() < deadline {
+    while !exec.is_idle(cpu_id(1)) && Instant::now() < deadline {
         thread::yield_now();
     }
-    assert!(exec.is_idle(1));
+    assert!(exec.is_idle(cpu_id(1)));
     let before = exec.platform().wakes[1].load(Ordering::SeqCst);
     let ran = Arc::new(AtomicBool::new(false));
     let r = ran.clone();
-    exec.spawn_pinned(1, async move { r.store(true, Ordering::SeqCst) });
+    exec.spawn_pinned(cpu_id(1), async move { r.store(true, Ordering::SeqCst) });
     assert!(
         exec.platform().wakes[1].load(Ordering::SeqCst) > before,
         "idle CPU 1 got no wake-up"
@@ -436,7 +441,7 @@ fn waking_an_idle_cpu_sends_a_wakeup_and_a_busy_one_does_not() {
     let b = busy.clone();
     let inside = Arc::new(AtomicBool::new(false));
     let i = inside.clone();
-    exec.spawn_pinned(1, async move {
+    exec.spawn_pinned(cpu_id(1), async move {
         i.store(true, Ordering::SeqCst);
         while b.load(Ordering::SeqCst) {
             std::hint::spin_loop();
@@ -448,7 +453,7 @@ fn waking_an_idle_cpu_sends_a_wakeup_and_a_busy_one_does_not() {
     }
     assert!(inside.load(Ordering::SeqCst), "CPU 1 never ran its task");
     let before = exec.platform().wakes[1].load(Ordering::SeqCst);
-    exec.spawn_pinned(1, async {});
+    exec.spawn_pinned(cpu_id(1), async {});
     let after = exec.platform().wakes[1].load(Ordering::SeqCst);
     busy.store(false, Ordering::SeqCst);
     stop_cpus(stop, exec, handles);
@@ -461,7 +466,7 @@ fn a_pinned_self_waking_task_cannot_starve_shared_ones() {
     CPU.with(|c| c.set(0));
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
-    exec.spawn_pinned(0, async move {
+    exec.spawn_pinned(cpu_id(0), async move {
         while !st.load(Ordering::SeqCst) {
             Spin(1).await;
         }
@@ -498,7 +503,9 @@ fn count_waker() -> (Arc<CountWake>, Waker) {
 }
 
 fn armed_total<P: Platform>(exec: &Executor<P>) -> usize {
-    (0..exec.cpu_count()).map(|c| exec.armed_timers(c)).sum()
+    (0..exec.cpu_count())
+        .map(|c| exec.armed_timers(cpu_id(c)))
+        .sum()
 }
 
 #[test]
@@ -509,10 +516,10 @@ fn a_dropped_sleep_leaves_no_timer_and_no_waker() {
     let mut sleep = Box::pin(exec.sleep(u64::MAX));
     let mut cx = Context::from_waker(&waker);
     assert!(sleep.as_mut().poll(&mut cx).is_pending());
-    assert_eq!(exec.armed_timers(0), 1);
+    assert_eq!(exec.armed_timers(cpu_id(0)), 1);
     drop(sleep);
     assert_eq!(
-        exec.armed_timers(0),
+        exec.armed_timers(cpu_id(0)),
         0,
         "a dropped sleep left its timer armed"
     );
@@ -522,7 +529,7 @@ fn a_dropped_sleep_leaves_no_timer_and_no_waker() {
         1,
         "the timer list still holds the dropped sleep's waker"
     );
-    assert_eq!(exec.next_deadline(0), None);
+    assert_eq!(exec.next_deadline(cpu_id(0)), None);
 }
 
 /// The kernel's case: tasks sleeping "forever" while racing a kill event (as
@@ -550,8 +557,8 @@ fn tasks_killed_while_sleeping_forever_leave_no_timer() {
         });
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    exec.run_until(|| exec.armed_timers(0) == 100 || Instant::now() > deadline);
-    assert_eq!(exec.armed_timers(0), 100);
+    exec.run_until(|| exec.armed_timers(cpu_id(0)) == 100 || Instant::now() > deadline);
+    assert_eq!(exec.armed_timers(cpu_id(0)), 100);
     killed.store(true, Ordering::SeqCst);
     for w in kill_wakers.lock().unwrap().drain(..) {
         w.wake();
@@ -559,7 +566,11 @@ fn tasks_killed_while_sleeping_forever_leave_no_timer() {
     exec.run_until(|| done.load(Ordering::SeqCst) == 100 || Instant::now() > deadline);
     assert_eq!(done.load(Ordering::SeqCst), 100);
     assert_eq!(exec.live_tasks(), 0);
-    assert_eq!(exec.armed_timers(0), 0, "killed sleepers left timers armed");
+    assert_eq!(
+        exec.armed_timers(cpu_id(0)),
+        0,
+        "killed sleepers left timers armed"
+    );
 }
 
 #[test]
@@ -602,7 +613,7 @@ fn sleeps_dropped_on_another_cpu_leave_no_timer() {
     const TASKS: usize = 1000;
     for i in 0..TASKS {
         let (done, same_cpu) = (done.clone(), same_cpu.clone());
-        exec.spawn_pinned(i % 4, async move {
+        exec.spawn_pinned(cpu_id(i % 4), async move {
             let armed_on = CPU.with(Cell::get);
             let mut sleep = Box::pin(exec.sleep(u64::MAX));
             // Arm it here (one pending poll), then carry it to another CPU and drop it.
@@ -611,7 +622,8 @@ fn sleeps_dropped_on_another_cpu_leave_no_timer() {
                 Poll::Ready(())
             })
             .await;
-            exec.move_to((armed_on + 1 + i % 3) % 4, i % 2 == 0).await;
+            exec.move_to(cpu_id((armed_on + 1 + i % 3) % 4), i % 2 == 0)
+                .await;
             if CPU.with(Cell::get) == armed_on {
                 same_cpu.fetch_add(1, Ordering::SeqCst);
             }
@@ -626,7 +638,7 @@ fn sleeps_dropped_on_another_cpu_leave_no_timer() {
         0,
         "a sleep was dropped where it was armed"
     );
-    let left: Vec<usize> = (0..4).map(|c| exec.armed_timers(c)).collect();
+    let left: Vec<usize> = (0..4).map(|c| exec.armed_timers(cpu_id(c))).collect();
     assert_eq!(
         left, [0; 4],
         "sleeps dropped on other CPUs left timers armed"
@@ -738,14 +750,14 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
     for (a, b) in [(0, 1), (2, 3), (1, 2)] {
         let (ping, pong) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
         let (ping2, pong2, tx2) = (ping.clone(), pong.clone(), tx.clone());
-        exec.spawn_pinned(a, async move {
+        exec.spawn_pinned(cpu_id(a), async move {
             for _ in 0..ROUNDS {
                 pong.set();
                 ping.wait().await;
             }
             tx2.send("ping-pong").unwrap();
         });
-        exec.spawn_pinned(b, async move {
+        exec.spawn_pinned(cpu_id(b), async move {
             for _ in 0..ROUNDS {
                 pong2.wait().await;
                 ping2.set();
@@ -754,13 +766,13 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
     }
     // Spawns onto other CPUs, each awaited through its JoinHandle (a wake back).
     let tx2 = tx.clone();
-    exec.spawn_pinned(3, async move {
+    exec.spawn_pinned(cpu_id(3), async move {
         for i in 0..SPAWNS {
             let cpu = i % CPUS;
             let got = if i % 2 == 0 {
-                exec.spawn_pinned(cpu, async move { i }).await
+                exec.spawn_pinned(cpu_id(cpu), async move { i }).await
             } else {
-                exec.spawn_on(cpu, async move { i }).await
+                exec.spawn_on(cpu_id(cpu), async move { i }).await
             };
             assert_eq!(got, i);
         }
@@ -780,7 +792,7 @@ fn no_wake_up_is_lost_when_halt_waits_for_one() {
     for _ in 0..4 {
         let left = timeout.saturating_duration_since(Instant::now());
         if rx.recv_timeout(left).is_err() {
-            let idle: Vec<bool> = (0..CPUS).map(|c| exec.is_idle(c)).collect();
+            let idle: Vec<bool> = (0..CPUS).map(|c| exec.is_idle(cpu_id(c))).collect();
             // The CPU threads stay parked; the test binary exits without them.
             panic!(
                 "work unfinished after 10 s: a wake-up was lost (idle CPUs: {idle:?}, {} tasks live)",
@@ -836,7 +848,7 @@ fn idle_work_runs_only_when_there_is_nothing_to_run_or_steal() {
         "nothing to do: idle work"
     );
     assert_eq!(
-        exec.stats(1).idles,
+        exec.stats(cpu_id(1)).idles,
         0,
         "idle work that did something: no halt"
     );
@@ -857,12 +869,12 @@ fn idle_work_runs_only_when_there_is_nothing_to_run_or_steal() {
     // Two tasks queued on CPU 0, which runs no loop: CPU 1's turn steals one.
     for _ in 0..2 {
         let r = ran.clone();
-        exec.spawn_on(0, async move {
+        exec.spawn_on(cpu_id(0), async move {
             r.fetch_add(1, Ordering::SeqCst);
         });
     }
     turns(exec, 1);
-    assert_eq!(exec.stats(1).stolen, 1, "half of two, rounded up");
+    assert_eq!(exec.stats(cpu_id(1)).stolen, 1, "half of two, rounded up");
     assert_eq!(
         IDLE_WORK_CALLS.load(Ordering::SeqCst),
         1,
@@ -874,7 +886,7 @@ fn idle_work_runs_only_when_there_is_nothing_to_run_or_steal() {
         2,
         "the stolen task ran on CPU 1"
     );
-    assert!(exec.has_queued_work(0) && !exec.has_queued_work(1));
+    assert!(exec.has_queued_work(cpu_id(0)) && !exec.has_queued_work(cpu_id(1)));
     CPU.with(|c| c.set(0));
 }
 
@@ -928,16 +940,16 @@ fn out_of_range_cpus_panic_by_name() {
     let calls: [Call; 4] = [
         (
             "spawn_on(99)",
-            Box::new(|| drop(exec.spawn_on(99, async {}))),
+            Box::new(|| drop(exec.spawn_on(cpu_id(99), async {}))),
         ),
         (
-            "spawn_pinned(MAX)",
-            Box::new(|| drop(exec.spawn_pinned(usize::MAX, async {}))),
+            "spawn_pinned(MAX_CPUS - 1)",
+            Box::new(|| drop(exec.spawn_pinned(cpu_id(crate::MAX_CPUS - 1), async {}))),
         ),
         (
             "has_queued_work(5)",
             Box::new(|| {
-                let _ = exec.has_queued_work(5);
+                let _ = exec.has_queued_work(cpu_id(5));
             }),
         ),
         (
@@ -974,23 +986,27 @@ fn spawning_a_second_shared_task_wakes_one_idle_cpu_to_steal_it() {
         exec.run_until(|| stop.load(Ordering::SeqCst));
     });
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !exec.is_idle(2) && Instant::now() < deadline {
+    while !exec.is_idle(cpu_id(2)) && Instant::now() < deadline {
         thread::yield_now();
     }
-    assert!(exec.is_idle(2) && !exec.is_idle(1));
+    assert!(exec.is_idle(cpu_id(2)) && !exec.is_idle(cpu_id(1)));
     CPU.with(|c| c.set(0));
     let ran_on = Arc::new(Mutex::new(Vec::new()));
     let task = |ran_on: Arc<Mutex<Vec<usize>>>| async move {
         ran_on.lock().unwrap().push(CPU.with(Cell::get));
     };
-    exec.spawn_pinned(0, task(ran_on.clone()));
-    exec.spawn_pinned(0, task(ran_on.clone()));
-    exec.spawn(task(ran_on.clone()));
-    assert_eq!(exec.stats(0).wakeups_sent, 0, "one shared task: no wake-up");
-    assert!(exec.is_idle(2));
+    exec.spawn_pinned(cpu_id(0), task(ran_on.clone()));
+    exec.spawn_pinned(cpu_id(0), task(ran_on.clone()));
     exec.spawn(task(ran_on.clone()));
     assert_eq!(
-        exec.stats(0).wakeups_sent,
+        exec.stats(cpu_id(0)).wakeups_sent,
+        0,
+        "one shared task: no wake-up"
+    );
+    assert!(exec.is_idle(cpu_id(2)));
+    exec.spawn(task(ran_on.clone()));
+    assert_eq!(
+        exec.stats(cpu_id(0)).wakeups_sent,
         1,
         "the second shared task: one wake-up"
     );
@@ -1005,8 +1021,8 @@ fn spawning_a_second_shared_task_wakes_one_idle_cpu_to_steal_it() {
         [2, 2],
         "the idle CPU was not the one woken"
     );
-    assert_eq!(exec.stats(2).stolen, 2);
-    assert!(exec.has_queued_work(0), "pinned tasks were stolen");
+    assert_eq!(exec.stats(cpu_id(2)).stolen, 2);
+    assert!(exec.has_queued_work(cpu_id(0)), "pinned tasks were stolen");
     stop.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !cpu2.is_finished() && Instant::now() < deadline {
@@ -1037,23 +1053,25 @@ fn wake_idle_near_wakes_the_nearest_idle_cpu() {
         .collect();
     let halted = |cpu: usize, times: u64| {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !(exec.is_idle(cpu) && exec.stats(cpu).idles >= times) && Instant::now() < deadline {
+        while !(exec.is_idle(cpu_id(cpu)) && exec.stats(cpu_id(cpu)).idles >= times)
+            && Instant::now() < deadline
+        {
             thread::yield_now();
         }
-        exec.is_idle(cpu) && exec.stats(cpu).idles == times
+        exec.is_idle(cpu_id(cpu)) && exec.stats(cpu_id(cpu)).idles == times
     };
     assert!(halted(3, 1) && halted(4, 1));
     CPU.with(|c| c.set(0));
     // From 1 the order is 2, 0, 3, 4: the first idle one is 3.
-    assert_eq!(exec.wake_idle_near(1), Some(3));
+    assert_eq!(exec.wake_idle_near(cpu_id(1)), Some(cpu_id(3)));
     assert!(halted(3, 2), "CPU 3 was not woken (or woken twice)");
     assert!(halted(4, 1), "CPU 4 was woken too");
     // From 3 the nearest is 4; from 4 it is 3 (0 comes first but is busy).
-    assert_eq!(exec.wake_idle_near(3), Some(4));
+    assert_eq!(exec.wake_idle_near(cpu_id(3)), Some(cpu_id(4)));
     assert!(halted(4, 2));
-    assert_eq!(exec.wake_idle_near(4), Some(3));
+    assert_eq!(exec.wake_idle_near(cpu_id(4)), Some(cpu_id(3)));
     assert!(halted(3, 3));
-    assert_eq!(exec.stats(0).wakeups_sent, 3);
+    assert_eq!(exec.stats(cpu_id(0)).wakeups_sent, 3);
     stop.store(true, Ordering::SeqCst);
     for (cpu, handle) in [3, 4].into_iter().zip(cpus) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1067,8 +1085,8 @@ fn wake_idle_near_wakes_the_nearest_idle_cpu() {
     // No CPU idle (none runs its loop now): nobody to wake.
     let busy: &'static Executor<StrictHalt> =
         Box::leak(Box::new(Executor::new(StrictHalt::new(3), 3)));
-    assert_eq!(busy.wake_idle_near(0), None);
-    assert_eq!(busy.stats(0).wakeups_sent, 0);
+    assert_eq!(busy.wake_idle_near(cpu_id(0)), None);
+    assert_eq!(busy.stats(cpu_id(0)).wakeups_sent, 0);
 }
 
 /// `move_to` lands the task on its CPU and completes only there: pinned, no other CPU
@@ -1083,7 +1101,7 @@ fn move_to_lands_on_its_cpu_pinned_or_stealable() {
         let polled_on = Arc::new(Mutex::new(Vec::new()));
         let p = polled_on.clone();
         let handle = exec.spawn(async move {
-            exec.move_to(1, pin).await;
+            exec.move_to(cpu_id(1), pin).await;
             p.lock().unwrap().push(CPU.with(Cell::get));
             exec.yield_now().await;
             p.lock().unwrap().push(CPU.with(Cell::get));
@@ -1091,16 +1109,19 @@ fn move_to_lands_on_its_cpu_pinned_or_stealable() {
         // CPU 0 polls it: it asks to move and is queued on CPU 1 at once.
         turns(exec, 1);
         assert!(!handle.is_finished());
-        assert!(exec.has_queued_work(1), "not queued on CPU 1 (pin {pin})");
-        assert!(!exec.has_queued_work(0) && !exec.has_queued_work(2));
+        assert!(
+            exec.has_queued_work(cpu_id(1)),
+            "not queued on CPU 1 (pin {pin})"
+        );
+        assert!(!exec.has_queued_work(cpu_id(0)) && !exec.has_queued_work(cpu_id(2)));
         // CPU 0 steals it only if it is not pinned; polled on CPU 0, it asks again.
         turns(exec, 2);
-        assert_eq!(exec.stats(0).stolen, u64::from(!pin), "pin {pin}");
+        assert_eq!(exec.stats(cpu_id(0)).stolen, u64::from(!pin), "pin {pin}");
         assert!(
             polled_on.lock().unwrap().is_empty(),
             "moved, but not to CPU 1"
         );
-        assert!(exec.has_queued_work(1) && !exec.has_queued_work(0));
+        assert!(exec.has_queued_work(cpu_id(1)) && !exec.has_queued_work(cpu_id(0)));
         on(1);
         turns(exec, 1);
         assert_eq!(*polled_on.lock().unwrap(), [1]);
@@ -1114,7 +1135,9 @@ fn move_to_lands_on_its_cpu_pinned_or_stealable() {
         assert!(handle.is_finished());
     }
     // A CPU the executor does not serve is a bug of the caller: it panics by name.
-    let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.move_to(3, true)));
+    let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        exec.move_to(cpu_id(3), true)
+    }));
     assert!(past.is_err(), "move_to(3) on 3 CPUs was accepted");
     on(0);
 }
@@ -1126,7 +1149,7 @@ fn a_cpu_with_nothing_to_do_halts() {
     let exec = executor(2);
     CPU.with(|c| c.set(1));
     turns(exec, 1);
-    assert_eq!(exec.stats(1).idles, 1);
+    assert_eq!(exec.stats(cpu_id(1)).idles, 1);
     let mut later = Box::pin(exec.sleep(u64::MAX / 2));
     let waker = Waker::noop();
     assert!(later
@@ -1135,16 +1158,16 @@ fn a_cpu_with_nothing_to_do_halts() {
         .is_pending());
     turns(exec, 1);
     assert_eq!(
-        exec.stats(1).idles,
+        exec.stats(cpu_id(1)).idles,
         2,
         "a timer not due kept the CPU from halting"
     );
     assert_eq!(
-        exec.armed_timers(1),
+        exec.armed_timers(cpu_id(1)),
         1,
         "a timer not due was taken off the list"
     );
-    assert_eq!(exec.stats(1).timers_fired, 0);
+    assert_eq!(exec.stats(cpu_id(1)).timers_fired, 0);
     CPU.with(|c| c.set(0));
 }
 
@@ -1166,7 +1189,7 @@ fn wake_a_task() -> bool {
 
 fn spawn_on_cpu_0() -> bool {
     if !SPAWNED_IN_IDLE_WORK.swap(true, Ordering::SeqCst) {
-        SPAWNING_EXEC.get().unwrap().spawn_on(0, async {});
+        SPAWNING_EXEC.get().unwrap().spawn_on(CpuId::BOOT, async {});
     }
     false
 }
@@ -1212,8 +1235,8 @@ fn the_last_look_before_halting_sees_work_that_just_appeared() {
     }));
     turns(exec, 2);
     assert_eq!(polls.load(Ordering::SeqCst), 1);
-    assert!(exec.has_queued_work(0));
-    assert_eq!(exec.stats(0).idles, 0, "halted with a task queued");
+    assert!(exec.has_queued_work(cpu_id(0)));
+    assert_eq!(exec.stats(cpu_id(0)).idles, 0, "halted with a task queued");
     turns(exec, 1);
     assert_eq!((polls.load(Ordering::SeqCst), exec.live_tasks()), (2, 0));
 
@@ -1223,10 +1246,14 @@ fn the_last_look_before_halting_sees_work_that_just_appeared() {
     exec.set_idle_work(spawn_on_cpu_0);
     CPU.with(|c| c.set(1));
     turns(exec, 1);
-    assert!(exec.has_queued_work(0));
-    assert_eq!(exec.stats(1).idles, 0, "halted with a task to steal");
+    assert!(exec.has_queued_work(cpu_id(0)));
+    assert_eq!(
+        exec.stats(cpu_id(1)).idles,
+        0,
+        "halted with a task to steal"
+    );
     turns(exec, 2);
-    assert_eq!((exec.stats(1).stolen, exec.live_tasks()), (1, 0));
+    assert_eq!((exec.stats(cpu_id(1)).stolen, exec.live_tasks()), (1, 0));
 
     // A timer of this CPU that fell due.
     let exec = executor(1);
@@ -1234,10 +1261,16 @@ fn the_last_look_before_halting_sees_work_that_just_appeared() {
     exec.set_idle_work(arm_a_timer_and_let_it_fall_due);
     CPU.with(|c| c.set(0));
     turns(exec, 1);
-    assert_eq!(exec.armed_timers(0), 1);
-    assert_eq!(exec.stats(0).idles, 0, "halted with a timer due");
+    assert_eq!(exec.armed_timers(cpu_id(0)), 1);
+    assert_eq!(exec.stats(cpu_id(0)).idles, 0, "halted with a timer due");
     turns(exec, 1);
-    assert_eq!((exec.armed_timers(0), exec.stats(0).timers_fired), (0, 1));
+    assert_eq!(
+        (
+            exec.armed_timers(cpu_id(0)),
+            exec.stats(cpu_id(0)).timers_fired
+        ),
+        (0, 1)
+    );
     drop(SLEEP_IN_IDLE_WORK.lock().unwrap().take());
 }
 
@@ -1253,25 +1286,31 @@ fn every_due_timer_fires_in_one_turn() {
     for i in (0..40u64).rev() {
         let fired = fired.clone();
         // Pinned, so each wake lands on CPU 0's queue.
-        exec.spawn_pinned(0, async move {
+        exec.spawn_pinned(cpu_id(0), async move {
             exec.sleep_until(now + i).await;
             fired.lock().unwrap().push(i);
         });
     }
     turns(exec, 1);
-    assert_eq!(exec.armed_timers(0), 40);
-    assert_eq!(exec.next_deadline(0), Some(now));
+    assert_eq!(exec.armed_timers(cpu_id(0)), 40);
+    assert_eq!(exec.next_deadline(cpu_id(0)), Some(now));
     // A turn before the deadline fires none of them.
     turns(exec, 1);
-    assert_eq!((exec.armed_timers(0), exec.stats(0).timers_fired), (40, 0));
+    assert_eq!(
+        (
+            exec.armed_timers(cpu_id(0)),
+            exec.stats(cpu_id(0)).timers_fired
+        ),
+        (40, 0)
+    );
     assert_eq!(exec.sleep_until(12_345).deadline(), 12_345);
     while exec.platform().now_ns() < now + 40 {
         thread::sleep(Duration::from_millis(1));
     }
     turns(exec, 1);
-    assert_eq!(exec.stats(0).timers_fired, 40);
-    assert_eq!(exec.armed_timers(0), 0);
-    assert_eq!(exec.next_deadline(0), None);
+    assert_eq!(exec.stats(cpu_id(0)).timers_fired, 40);
+    assert_eq!(exec.armed_timers(cpu_id(0)), 0);
+    assert_eq!(exec.next_deadline(cpu_id(0)), None);
     turns(exec, 1);
     assert_eq!(*fired.lock().unwrap(), (0..40).collect::<Vec<_>>());
 }

@@ -294,7 +294,7 @@ async fn mm_switching_spaces_leaves_the_old_active_set() -> Outcome {
 async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
     let _paused = crate::memory::pause_zeroing();
     let baseline = crate::memory::frames_not_in_use();
-    let cpu = percpu::current_index();
+    let cpu = panda_platform::cpu::current();
     let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     space.activate();
     let heap = panda_abi::HEAP_BASE as u64;
@@ -556,7 +556,7 @@ async fn shootdowns_run_in_parallel(shared: bool) -> Outcome {
     crate::aspace::take_most_shootdowns_in_flight();
     DONE.store(false, Ordering::SeqCst);
     let mut handles = Vec::new();
-    for cpu in 0..2 {
+    for cpu in panda_mm::CpuId::all(2) {
         let one = one.clone();
         handles.push(exec.spawn_pinned(cpu, async move {
             let space = match one {

@@ -18,10 +18,13 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
 
 async fn sched_every_cpu_runs_pinned_tasks() -> Outcome {
     let exec = executor()?;
-    for cpu in 0..exec.cpu_count() {
+    for cpu in panda_mm::CpuId::all(exec.cpu_count()) {
         // A pinned task on an idle CPU runs only if the wake-up IPI reaches it.
         let ran_on = exec.spawn_pinned(cpu, async { report_cpu() }).await;
-        ensure!(ran_on == cpu, "task pinned to cpu{cpu} ran on cpu{ran_on}");
+        ensure!(
+            ran_on == cpu.index(),
+            "task pinned to cpu{cpu} ran on cpu{ran_on}"
+        );
     }
     Ok(())
 }
@@ -30,7 +33,9 @@ async fn sched_ten_thousand_tasks_with_stealing() -> Outcome {
     use core::sync::atomic::AtomicUsize;
     static DONE: AtomicUsize = AtomicUsize::new(0);
     let exec = executor()?;
-    let stolen_before: u64 = (0..exec.cpu_count()).map(|c| exec.stats(c).stolen).sum();
+    let stolen_before: u64 = panda_mm::CpuId::all(exec.cpu_count())
+        .map(|c| exec.stats(c).stolen)
+        .sum();
     let start_done = DONE.load(Ordering::SeqCst);
     const TASKS: usize = 10_000;
     for _ in 0..TASKS {
@@ -51,7 +56,7 @@ async fn sched_ten_thousand_tasks_with_stealing() -> Outcome {
         done == TASKS,
         "{done} of {TASKS} tasks completed within 60 s"
     );
-    let stolen: u64 = (0..exec.cpu_count())
+    let stolen: u64 = panda_mm::CpuId::all(exec.cpu_count())
         .map(|c| exec.stats(c).stolen)
         .sum::<u64>()
         - stolen_before;
@@ -83,7 +88,7 @@ async fn sched_sleep_wakes_no_earlier_than_asked() -> Outcome {
     }
     // Sleepers on other CPUs (idle ones wake on their timer tick to fire them).
     let mut handles = alloc::vec::Vec::new();
-    for cpu in 0..exec.cpu_count() {
+    for cpu in panda_mm::CpuId::all(exec.cpu_count()) {
         handles.push(exec.spawn_pinned(cpu, async move {
             let start = panda_arch::time::now_ns();
             exec.sleep(3_000_000).await;

@@ -4,7 +4,9 @@
 // Failures carry their message inline (see `crate::ktest::Failure`).
 #![allow(clippy::result_large_err)]
 
-use crate::ktest::{async_tests, ensure, executor, tests, AsyncTest, Context, Outcome, Test};
+use crate::ktest::{
+    async_tests, cpu_id, ensure, executor, tests, AsyncTest, Context, Outcome, Test,
+};
 
 pub(crate) const TESTS: &[Test] = tests![locks_out_of_order_are_named];
 
@@ -61,7 +63,7 @@ async fn locks_a_waiter_is_not_starved() -> Outcome {
     let me = panda_arch::percpu::current_index();
     let other = (me + 1) % n;
     let held = LOCK.lock();
-    let waiter = exec.spawn_pinned(other, async {
+    let waiter = exec.spawn_pinned(cpu_id(other)?, async {
         *LOCK.lock() += 1;
     });
     // The waiter claims the next turn after 200 us of spinning; with vCPUs that share
@@ -120,7 +122,7 @@ async fn locks_a_waiter_says_what_it_waits_for() -> Outcome {
     let me = panda_arch::percpu::current_index();
     let other = (me + 1) % n;
     let held = LOCK.lock();
-    let waiter = exec.spawn_pinned(other, async {
+    let waiter = exec.spawn_pinned(cpu_id(other)?, async {
         drop(LOCK.lock());
     });
     let want = alloc::format!(

@@ -7,11 +7,12 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use panda_arch::percpu;
+use panda_mm::CpuId;
 use panda_platform::frame;
 
 use crate::ktest::{
-    async_tests, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests, AsyncTest,
-    Outcome, Test,
+    async_tests, cpu_id, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests,
+    AsyncTest, Outcome, Test,
 };
 
 pub(crate) const TESTS: &[Test] = tests![];
@@ -55,12 +56,12 @@ async fn mm_zero_pools_fill_when_idle() -> Outcome {
     let exec = executor()?;
     let deadline = panda_arch::time::now_ns() + 10_000_000_000;
     let want = frame::pool_capacity().min(64);
-    let available = |c: usize| frame::pool_stats(c).map_or(0, |s| s.available);
-    let full = |c: usize| available(c) >= want;
-    while !(0..exec.cpu_count()).all(full) && panda_arch::time::now_ns() < deadline {
+    let available = |c: CpuId| frame::pool_stats(c).map_or(0, |s| s.available);
+    let full = |c: CpuId| available(c) >= want;
+    while !CpuId::all(exec.cpu_count()).all(full) && panda_arch::time::now_ns() < deadline {
         exec.sleep(5_000_000).await;
     }
-    for cpu in 0..exec.cpu_count() {
+    for cpu in CpuId::all(exec.cpu_count()) {
         ensure!(
             full(cpu),
             "cpu{cpu}'s pool has {} zeroed frames after 10 s of idle",
@@ -69,7 +70,7 @@ async fn mm_zero_pools_fill_when_idle() -> Outcome {
     }
     // The frames really are zero: dirty a frame, free it, and check every frame the
     // pools hand out reads zero in full.
-    let cpu = percpu::current_index();
+    let cpu = panda_platform::cpu::current();
     for _ in 0..8 {
         let mut f = frame::try_take_zeroed(cpu)
             .ok_or_else(|| fail(format_args!("pool emptied under the test")))?
@@ -103,7 +104,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
     if n < 2 {
         return Ok(()); // no other CPU to help
     }
-    let busy_cpu = (percpu::current_index() + 1) % n;
+    let busy_cpu = cpu_id((percpu::current_index() + 1) % n)?;
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
     let busy = keep_busy(busy_cpu, &STOP, &SPINS)?;
@@ -115,7 +116,7 @@ async fn mm_idle_cpus_top_up_busy_cpus_pools() -> Outcome {
         exec.sleep(1_000_000).await;
     }
     empty_pool(busy_cpu);
-    let stats = |c: usize| frame::pool_stats(c).unwrap_or_default();
+    let stats = |c: CpuId| frame::pool_stats(c).unwrap_or_default();
     let (spins, from_others) = (SPINS.load(Ordering::Relaxed), stats(busy_cpu).from_others);
     let want = frame::pool_capacity().min(32);
     let deadline = panda_arch::time::now_ns() + 10_000_000_000;
@@ -160,7 +161,7 @@ async fn mm_frames_return_to_baseline() -> Outcome {
     let n = exec.cpu_count();
     let per_cpu = (frame::total_free() as usize / 2 / n).min(2000);
     let mut handles = alloc::vec::Vec::new();
-    for cpu in 0..n {
+    for cpu in CpuId::all(n) {
         handles.push(exec.spawn_pinned(cpu, async move {
             let mut taken = alloc::vec::Vec::new();
             for _ in 0..per_cpu {
@@ -187,7 +188,7 @@ async fn mm_frames_return_to_baseline() -> Outcome {
     let total = all.len();
     for (cpu, list) in lists.into_iter().enumerate() {
         // Dropped (freed) on the next CPU.
-        exec.spawn_pinned((cpu + 1) % n, async move { drop(list) })
+        exec.spawn_pinned(cpu_id((cpu + 1) % n)?, async move { drop(list) })
             .await;
     }
     ensure!(

@@ -12,8 +12,8 @@ use panda_platform::frame;
 
 use crate::aspace::AddressSpace;
 use crate::ktest::{
-    async_tests, empty_pool, ensure, executor, fail, keep_busy, tests, AsyncTest, Failure, Outcome,
-    Test,
+    async_tests, cpu_id, empty_pool, ensure, executor, fail, keep_busy, tests, AsyncTest, Failure,
+    Outcome, Test,
 };
 use panda_mm::region::Rights;
 
@@ -264,7 +264,9 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     static STOP: AtomicBool = AtomicBool::new(false);
     static SPINS: AtomicU64 = AtomicU64::new(0);
     let exec = executor()?;
-    let cpu = percpu::current_index();
+    let me = panda_platform::cpu::current();
+    // The executor numbers CPUs with plain indices.
+    let cpu = me.index();
     let before = crate::aspace::stat(crate::aspace::Stat::PoolWaits);
     let process = process_from_code(&PROGRAM)?;
     // Other work for this CPU: a task that yields until told to stop (so the CPU never
@@ -272,14 +274,14 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     // the same on every other CPU: an idle CPU would top this CPU's pool up.
     STOP.store(false, Ordering::SeqCst);
     SPINS.store(0, Ordering::SeqCst);
-    let busy = keep_busy(cpu, &STOP, &SPINS)?;
+    let busy = keep_busy(me, &STOP, &SPINS)?;
     static OTHER_SPINS: [AtomicU64; percpu::MAX_CPUS] =
         [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
     let others = (0..exec.cpu_count())
         .filter(|&c| c != cpu)
         .map(|c| {
             OTHER_SPINS[c].store(0, Ordering::SeqCst);
-            keep_busy(c, &STOP, &OTHER_SPINS[c])
+            keep_busy(cpu_id(c)?, &STOP, &OTHER_SPINS[c])
         })
         .collect::<Result<Vec<_>, _>>()?;
     // Every other CPU is busy before the pool is emptied: at -smp 64 on a small host a
@@ -293,16 +295,16 @@ async fn user_fault_awaits_the_zeroing_task() -> Outcome {
     // Empty it twice: a top-up that was under way when the others got busy lands
     // within a tick.
     for _ in 0..2 {
-        empty_pool(cpu);
+        empty_pool(me);
         exec.sleep(20_000_000).await;
     }
-    empty_pool(cpu);
+    empty_pool(me);
     let ctx = panda_arch::user::UserContext {
         rip: panda_abi::ELF_LOAD_BASE as u64,
         rsp: panda_abi::INITIAL_STACK_POINTER as u64,
         ..Default::default()
     };
-    let thread = exec.spawn_pinned(cpu, crate::process::run_thread(process, ctx));
+    let thread = exec.spawn_pinned(me, crate::process::run_thread(process, ctx));
     let deadline = panda_arch::time::now_ns() + 20_000_000_000;
     while !thread.is_finished() && panda_arch::time::now_ns() < deadline {
         exec.sleep(1_000_000).await;

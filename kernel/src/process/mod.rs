@@ -677,7 +677,7 @@ fn start_thread(
     exec: &'static panda_sched::Executor<crate::executor::Machine>,
     process: &Arc<Process>,
     ctx: UserContext,
-    cpu: Option<usize>,
+    cpu: Option<panda_mm::CpuId>,
 ) -> Result<u64, Error> {
     if !crate::memory::above_reserve() {
         return Err(Error::OutOfMemory);

@@ -12,7 +12,7 @@ use panda_arch::probe::{self};
 use panda_arch::trap::TrapFrame;
 
 use crate::ktest::{
-    async_tests, ensure, executor, fail, tests, wait_for, AsyncTest, Context, Outcome, Test,
+    async_tests, cpu_id, ensure, executor, fail, tests, wait_for, AsyncTest, Context, Outcome, Test,
 };
 
 pub(crate) const TESTS: &[Test] = tests![
@@ -285,7 +285,7 @@ async fn smp_cross_cpu_calls_both_ways_under_load() -> Outcome {
     let runs_before = SLOW_CALLS_RUN.load(Ordering::SeqCst);
     let mut handles = Vec::new();
     for cpu in 0..n {
-        handles.push(exec.spawn_pinned(cpu, async move {
+        handles.push(exec.spawn_pinned(cpu_id(cpu)?, async move {
             let mut wrong = 0u64;
             for i in 0..rounds {
                 let target = (cpu + 1 + (i as usize % (n - 1))) % n;
