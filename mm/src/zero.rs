@@ -348,6 +348,14 @@ impl ZeroPools {
         Ok(n)
     }
 
+    /// A fault's take: `try_take` and `wants_helper` in one call, so the fault path
+    /// reaches the pool once: the frame, if the pool had one, and whether to wake a
+    /// helper now.
+    pub fn take_for_fault(&self, cpu: CpuId) -> (Option<ZeroedFrame>, bool) {
+        let frame = self.try_take(cpu);
+        (frame, self.wants_helper(cpu))
+    }
+
     /// Whether CPU `cpu`'s pool ran low (below half its limit) and asks for a helper
     /// now: true once at its first low take and then once every `HELP_EVERY` low takes
     /// (this call answers the request). A busy CPU never idles, so its pool is filled
@@ -941,6 +949,24 @@ mod tests {
         pools.refill(cpu_id(0), &frames, 8, |_| {});
         let _ = pools.try_take(cpu_id(0));
         assert!(!pools.wants_helper(cpu_id(0)));
+    }
+
+    /// A fault's one call (`take_for_fault`) answers both questions as the two calls
+    /// do: the frame, and the helper request at the first low take, once.
+    #[test]
+    fn a_faults_take_says_when_to_wake_a_helper() {
+        let frames = Frames::new(1);
+        frames.add_range(0x200_0000, 0x200_0000 + 1024 * 4096);
+        let pools = ZeroPools::with_capacity(1, 8);
+        pools.refill(cpu_id(0), &frames, 8, |_| {});
+        let asks: [bool; 5] = core::array::from_fn(|_| {
+            let (frame, help) = pools.take_for_fault(cpu_id(0));
+            assert!(frame.is_some());
+            help
+        });
+        assert_eq!(asks, [false, false, false, false, true]);
+        let (frame, help) = pools.take_for_fault(cpu_id(0));
+        assert!(frame.is_some() && !help, "a request is answered once");
     }
 
     /// A pool's limit follows the demand: a pool found empty since it was last full

@@ -507,10 +507,15 @@ pub(crate) fn refill_pool_for(cpu: CpuId, budget: usize) -> usize {
     pools.refill_from(cpu, crate::cpu::current(), frames, budget, zero_for_pool)
 }
 
-/// Whether CPU `cpu`'s pool ran low and asks for a helper now (see
-/// `ZeroPools::wants_helper`; answered once).
-pub(crate) fn pool_wants_helper(cpu: CpuId) -> bool {
-    ZERO.get().is_some_and(|z| z.wants_helper(cpu))
+/// A fault's take from CPU `cpu`'s pool: the frame if it had one, and whether the pool
+/// ran low and asks for a helper now (`ZeroPools::take_for_fault`; asked once).
+pub(crate) fn take_for_fault(cpu: CpuId) -> (Option<ZeroedFrame>, bool) {
+    let Some(pools) = ZERO.get() else {
+        return (None, false);
+    };
+    let (z, help) = pools.take_for_fault(cpu);
+    let frame = z.map(|z| poison::checked_zero(ZeroedFrame(Frame(z.into_frame()))));
+    (frame, help)
 }
 
 /// The CPU nearest to `cpu` whose pool has room (see `ZeroPools::nearest_wanting`).

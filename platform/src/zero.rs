@@ -100,8 +100,8 @@ fn pooled(cpu: CpuId) -> Option<ZeroedFrame> {
     if !prezero() {
         return None;
     }
-    let taken = frame::try_take_zeroed(cpu);
-    if frame::pool_wants_helper(cpu) {
+    let (taken, wants_helper) = frame::take_for_fault(cpu);
+    if wants_helper {
         if let Some(s) = SCHEDULER.get() {
             (s.wake_idle_near)(cpu);
         }
