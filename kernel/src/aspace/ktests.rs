@@ -13,7 +13,8 @@ use panda_platform::frame;
 
 use crate::aspace::{AddressSpace, FaultError};
 use crate::ktest::{
-    async_tests, ensure, executor, fail, tests, user_read, user_write, AsyncTest, Outcome, Test,
+    async_tests, ensure, executor, fail, tests, user_addr, user_read, user_write, AsyncTest,
+    Outcome, Test,
 };
 use panda_mm::region::{Access, FaultDecision, Rights};
 
@@ -57,7 +58,7 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
                 .map_err(|e| fail(format_args!("grow: {e:?}")))?;
             for i in 0..PAGES {
                 space
-                    .handle_fault(heap + i * 0x1000, Access::Write)
+                    .handle_fault(user_addr(heap + i * 0x1000), Access::Write)
                     .map_err(|e| fail(format_args!("fault: {e:?}")))?;
             }
             Ok(())
@@ -115,7 +116,7 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
         let last = heap + (PAGES - 1) * 0x1000;
         ensure!(
             matches!(
-                space.handle_fault(last, Access::Write),
+                space.handle_fault(user_addr(last), Access::Write),
                 Err(FaultError::Denied(_))
             ),
             "a fault in the range being released was resolved"
@@ -160,7 +161,7 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
         .map_err(|e| fail(format_args!("brk: {e:?}")))?;
     for page in 0..8 {
         space
-            .handle_fault(heap + page * PAGE, Access::Write)
+            .handle_fault(user_addr(heap + page * PAGE), Access::Write)
             .map_err(|e| fail(format_args!("fault {page}: {e:?}")))?;
     }
     // A buffer far from the heap needs tables of its own.
@@ -168,7 +169,7 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
         .alloc_buffer(4 * PAGE)
         .map_err(|e| fail(format_args!("buffer: {e:?}")))?;
     space
-        .handle_fault(buffer, Access::Write)
+        .handle_fault(user_addr(buffer), Access::Write)
         .map_err(|e| fail(format_args!("buffer fault: {e:?}")))?;
     check("after faults")?;
     space
@@ -187,7 +188,7 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
         .map_err(|e| fail(format_args!("brk: {e:?}")))?;
     let mut refused = None;
     for page in 1..256 {
-        if let Err(e) = space.handle_fault(heap + page * PAGE, Access::Write) {
+        if let Err(e) = space.handle_fault(user_addr(heap + page * PAGE), Access::Write) {
             refused = Some((page, e));
             break;
         }
@@ -307,9 +308,9 @@ async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
     while let Some(z) = frame::try_take_zeroed(cpu) {
         held.push(z.into_frame());
     }
-    let starved = space.handle_fault(heap + 0x8_0000, Access::Write);
+    let starved = space.handle_fault(user_addr(heap + 0x8_0000), Access::Write);
     drop(held);
-    let recovered = space.handle_fault(heap + 0x8_0000, Access::Write);
+    let recovered = space.handle_fault(user_addr(heap + 0x8_0000), Access::Write);
     space.deactivate();
     drop(space);
     let now = crate::memory::frames_not_in_use();
