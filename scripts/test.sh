@@ -75,6 +75,10 @@ if [ "$quick" = 0 ]; then
     # refactor that moves its code must move the mutation too. Seconds, no test run.
     if python3 scripts/mutants.py --check-applies >"$logs/mutants-apply.log" 2>&1; then pass mutants-apply
     else fail mutants-apply "$(grep -Ec '^(STALE|AMBIGUOUS|DUPLICATE) ' "$logs/mutants-apply.log") stale curated mutation(s): $(grep -Eo '^(STALE|AMBIGUOUS|DUPLICATE) [^:]+' "$logs/mutants-apply.log" | awk '{print $2}' | paste -sd, -) (see $logs/mutants-apply.log)"; cat "$logs/mutants-apply.log"; fi
+    # The trusted crates stay layered (docs/ARCHITECTURE.md): no import cycle of more
+    # than 3 files in arch or platform, fewer than 5 imports against the layering.
+    if python3 scripts/layers.py arch platform >"$logs/layers.log" 2>&1; then pass layers
+    else fail layers "$(grep -E '^FAIL' "$logs/layers.log" | paste -sd';' -) (see $logs/layers.log)"; cat "$logs/layers.log"; fi
     pkg_args=(); for c in "${HOST_CRATES[@]}"; do pkg_args+=(-p "$c"); done
     if cargo clippy --quiet "${pkg_args[@]}" --all-targets -- -D warnings >"$logs/clippy-host.log" 2>&1; then
         pass clippy-host; else fail clippy-host "see $logs/clippy-host.log"; fi

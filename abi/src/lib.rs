@@ -22,8 +22,42 @@
 pub mod args;
 pub mod syscall;
 
-/// Size of a page (the unit of every region).
+/// Size of a page (the unit of every region). The kernel's page size is this one
+/// (`panda_arch::PAGE_SIZE` is the same value as a `u64`).
 pub const PAGE_SIZE: usize = 0x1000;
+
+const _: () = assert!(PAGE_SIZE.is_power_of_two());
+
+/// The offset-in-page bits of an address, as the `u64` addresses are computed in.
+const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
+
+/// The start of the page holding `addr`.
+pub const fn page_floor(addr: u64) -> u64 {
+    addr & !PAGE_MASK
+}
+
+/// `addr` rounded up to a page boundary. An address in the last page of the address
+/// space has no boundary above it and rounds down to that page's start.
+pub const fn page_ceil(addr: u64) -> u64 {
+    page_floor(addr.saturating_add(PAGE_MASK))
+}
+
+/// `addr`'s offset within its page.
+pub const fn page_offset(addr: u64) -> u64 {
+    addr & PAGE_MASK
+}
+
+/// The kind of memory access a fault made: decoded from the page-fault error code
+/// (`panda_arch::user::Exit::PageFault`), checked against a region's rights
+/// (`panda_mm::region`), and named in a fault's report. One type from the trap to the
+/// check, so no layer maps one kind onto another by hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
 
 /// Lowest user address. The first page stays unmapped so null pointers fault.
 pub const USER_SPACE_START: usize = 0x0000_0000_0000_1000;
@@ -162,6 +196,17 @@ mod tests {
         assert_eq!(HEAP_BASE, 0x0000_0001_0000_0000);
         assert_eq!(HEAP_MAX_SIZE, 0x100_0000_0000);
         assert_eq!(ELF_LOAD_BASE, 0x40_0000);
+    }
+
+    #[test]
+    fn page_rounding() {
+        assert_eq!(page_floor(0x1fff), 0x1000);
+        assert_eq!(page_floor(0x2000), 0x2000);
+        assert_eq!(page_ceil(0), 0);
+        assert_eq!(page_ceil(0x1001), 0x2000);
+        assert_eq!(page_ceil(0x2000), 0x2000);
+        assert_eq!(page_ceil(u64::MAX), 0xffff_ffff_ffff_f000, "saturates");
+        assert_eq!(page_offset(0x1234), 0x234);
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! overrides, HPET, the PM timer and the NUMA affinity of CPUs and memory (SRAT,
 //! decoded by `panda_firmware::srat`), copied out into plain data.
 //!
-//! The crate maps tables through an `AcpiHandler`. Panda's handler asks the kernel (a
-//! function given to `discover`) for a virtual address of each physical range: RAM,
-//! including firmware tables in "reserved" RAM, is reached through the HHDM, which the
-//! kernel extends on demand. Nothing is unmapped: firmware tables stay readable.
+//! The crate maps tables through an `AcpiHandler`. Panda's handler asks the kernel
+//! tables (`kernel_tables::map_ram`) for a virtual address of each physical range: RAM,
+//! including firmware tables in "reserved" RAM, is reached through the HHDM, which is
+//! extended on demand. Nothing is unmapped: firmware tables stay readable. The tables
+//! are found from the RSDP the boot protocol reported, which the boot entry records
+//! here (`rsdp`); no caller names a physical address.
 
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use acpi::madt::{Madt, MadtEntry};
 use acpi::sdt::{SdtHeader, Signature};
@@ -15,6 +18,7 @@ use acpi::{AcpiHandler, AcpiTable, AcpiTables, HpetInfo, PhysicalMapping};
 use panda_firmware::srat::{self, Affinity};
 
 use crate::percpu::MAX_CPUS;
+use crate::probe::Fault;
 
 /// The SRAT as the `acpi` crate finds it: its header (the body is decoded from bytes).
 #[repr(C, packed)]
@@ -282,6 +286,8 @@ impl Platform {
 /// Why discovery failed.
 #[derive(Debug)]
 pub enum Error {
+    /// The boot protocol reported no RSDP.
+    NoRsdp,
     Tables(acpi::AcpiError),
     NoMadt,
 }
@@ -324,15 +330,69 @@ fn power_info(
     }
 }
 
-/// Parses the ACPI tables reachable from the RSDP at physical `rsdp` (the boot
-/// protocol's), mapping them with the kernel tables' `map_ram`. Tables are only read,
-/// and every one is checksummed by the `acpi` crate.
-pub fn discover(rsdp: u64) -> Result<Platform, Error> {
+/// The RSDP's physical address as the boot protocol reported it (0: none), recorded by
+/// the boot entry; kept here, where the kernel cannot change it, so that the tables are
+/// only ever parsed from the firmware's RSDP.
+static RSDP: AtomicU64 = AtomicU64::new(0);
+
+/// Records the boot protocol's RSDP (the boot entry calls it once, before the kernel
+/// runs).
+pub(crate) fn record_rsdp(rsdp: Option<u64>) {
+    RSDP.store(rsdp.unwrap_or(0), Ordering::Release);
+}
+
+/// The RSDP's physical address as the boot protocol reported it, if it did.
+pub fn rsdp() -> Option<u64> {
+    Some(RSDP.load(Ordering::Acquire)).filter(|&p| p != 0)
+}
+
+/// The HPET's register block (physical) as the HPET table names it, and the PM timer's
+/// I/O port (bits 0..16, bit 16: 32 bits wide, bit 17: present) as the FADT names it;
+/// recorded by `discover` (0: none) for `time::Counter`, which then touches only the
+/// registers the firmware's tables named, never an address or port a caller chose.
+static HPET_BASE: AtomicU64 = AtomicU64::new(0);
+static PM_TIMER_PORT: AtomicU64 = AtomicU64::new(0);
+
+/// The HPET's physical register block, once `discover` found one.
+pub(crate) fn hpet_base() -> Option<u64> {
+    Some(HPET_BASE.load(Ordering::Acquire)).filter(|&b| b != 0)
+}
+
+/// The PM timer's I/O port and whether it is 32 bits wide, once `discover` found one
+/// in I/O space.
+pub(crate) fn pm_timer_port() -> Option<(u16, bool)> {
+    let v = PM_TIMER_PORT.load(Ordering::Acquire);
+    (v & 1 << 17 != 0).then_some((v as u16, v & 1 << 16 != 0))
+}
+
+/// The first 8 bytes of the RSDP (`rsdp()`), read through the HHDM, which must be the
+/// signature `"RSD PTR "`; a fault reading them is reported. `None` without an RSDP.
+///
+/// Sound: no argument; the address is the firmware's RSDP, in RAM or the legacy BIOS
+/// area (both mapped in the HHDM as memory, never device registers), so the read has no
+/// side effect, and the exception-table probe forms no Rust reference to it.
+pub fn rsdp_signature() -> Option<Result<[u8; 8], Fault>> {
+    let rsdp = rsdp()?;
+    let mut sig = [0u8; 8];
+    Some(crate::probe::read_bytes(crate::HHDM_BASE + rsdp, &mut sig).map(|()| sig))
+}
+
+/// Parses the ACPI tables reachable from the boot protocol's RSDP (`rsdp()`), mapping
+/// them with the kernel tables' `map_ram`; `Error::NoRsdp` if the boot protocol gave
+/// none. Tables are only read, and every one is checksummed by the `acpi` crate.
+///
+/// Takes no address: the `acpi` crate forms references to what it parses, which is
+/// sound only for firmware tables, which nothing writes while the kernel runs.
+pub fn discover() -> Result<Platform, Error> {
+    // One function and a plain `Result`: a `Platform` is large, and the boot stack
+    // has room for few copies of it.
+    let rsdp = rsdp().ok_or(Error::NoRsdp)?;
     let handler = Handler {
         map: crate::kernel_tables::map_ram,
     };
-    // SAFETY: `rsdp` comes from the boot protocol, which got it from firmware; the
-    // handler maps every range the crate asks for before it is read.
+    // SAFETY: `rsdp` is the boot protocol's (recorded by the boot entry, see `RSDP`),
+    // which got it from firmware; the handler maps every range the crate asks for
+    // before it is read.
     let tables = unsafe { AcpiTables::from_rsdp(handler, rsdp as usize) }.map_err(Error::Tables)?;
     let madt = tables.find_table::<Madt>().map_err(|_| Error::NoMadt)?;
 
@@ -395,6 +455,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, Error> {
         }
     }
     platform.hpet = HpetInfo::new(&tables).ok().map(|h| h.base_address as u64);
+    HPET_BASE.store(platform.hpet.unwrap_or(0), Ordering::Release);
     platform.numa = numa(&tables);
     if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
         crate::power::set_acpi(power_info(
@@ -403,14 +464,21 @@ pub fn discover(rsdp: u64) -> Result<Platform, Error> {
             crate::kernel_tables::map_ram,
         ));
         if let Ok(Some(block)) = fadt.get().pm_timer_block() {
-            platform.pm_timer = Some(PmTimer {
+            let pm = PmTimer {
                 address: block.address,
                 io_port: block.address_space == acpi::address::AddressSpace::SystemIo,
                 bits32: {
                     let flags = fadt.get().flags;
                     flags.pm_timer_is_32_bit()
                 },
-            });
+            };
+            if pm.io_port && pm.address <= u64::from(u16::MAX) {
+                PM_TIMER_PORT.store(
+                    pm.address | u64::from(pm.bits32) << 16 | 1 << 17,
+                    Ordering::Release,
+                );
+            }
+            platform.pm_timer = Some(pm);
         }
     }
     Ok(platform)

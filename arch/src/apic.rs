@@ -84,6 +84,7 @@ fn xapic_registers() -> Result<u64, &'static str> {
     }
     match XAPIC_VIRT.load(Ordering::Acquire) {
         0 => {
+            // The xAPIC register block is 4 KiB (SDM vol. 3, 11.4.1), whatever the page size.
             let virt = crate::kernel_tables::map_mmio(xapic_phys_base(), 4096)
                 .ok_or("cannot map the xAPIC registers")?;
             XAPIC_VIRT.store(virt, Ordering::Release);
@@ -192,8 +193,9 @@ pub fn send_nmi(apic_id: u32) {
     });
 }
 
-/// Sends INIT to the CPU with `apic_id` (the first step of starting it).
-pub fn send_init(apic_id: u32) {
+/// Sends INIT to the CPU with `apic_id` (the first step of starting it). Crate-private:
+/// only the AP start (`smp`) may reset a CPU or point it at code.
+pub(crate) fn send_init(apic_id: u32) {
     with_local(|a| {
         // SAFETY: INIT resets only the target CPU, which is not yet running.
         unsafe { a.send_init_ipi(destination(apic_id)) }
@@ -201,7 +203,7 @@ pub fn send_init(apic_id: u32) {
 }
 
 /// Sends a start-up IPI: the target starts in real mode at `page * 4096`.
-pub fn send_startup(apic_id: u32, page: u8) {
+pub(crate) fn send_startup(apic_id: u32, page: u8) {
     with_local(|a| {
         // SAFETY: the target is in wait-for-SIPI and the page holds the trampoline.
         unsafe { a.send_sipi(page, destination(apic_id)) }

@@ -4,6 +4,11 @@
 //! the caller's RBP followed by the return address. The walk reads through
 //! `probe::read_u64`, which turns a bad pointer into an error instead of a nested fault,
 //! stops at a null or misaligned RBP, and is bounded in depth.
+//!
+//! `write` is safe for any `rbp` its caller passes (a trap frame's, possibly corrupt):
+//! it only reads frames in memory where kernel stacks live and a read has no side
+//! effect (`frame_readable`: the HHDM, the per-CPU stack window, the kernel image),
+//! never the MMIO window, where reading a device register can change the device.
 
 use core::fmt::{self, Write};
 
@@ -23,6 +28,10 @@ pub fn write(w: &mut dyn Write, rip: u64, rbp: u64) -> fmt::Result {
     let mut repeats = 0;
     for depth in 1..MAX_FRAMES {
         if rbp == 0 || !rbp.is_multiple_of(8) || rbp < crate::HHDM_BASE {
+            break;
+        }
+        if !frame_readable(rbp) {
+            writeln!(w, "  (frame pointer 0x{rbp:x} outside kernel memory)")?;
             break;
         }
         let (Ok(next), Ok(ret)) = (crate::probe::read_u64(rbp), crate::probe::read_u64(rbp + 8))
@@ -53,6 +62,26 @@ pub fn write(w: &mut dyn Write, rip: u64, rbp: u64) -> fmt::Result {
         writeln!(w, "  ... the same frame {repeats} more times")?;
     }
     Ok(())
+}
+
+/// Whether the 16-byte frame record at `rbp` lies wholly in memory that kernel stacks
+/// can occupy and that reads without side effects: the HHDM (RAM and the legacy BIOS
+/// area), the per-CPU stack window, or the kernel image (the boot stacks are in its
+/// .bss). Unmapped pages there (guard pages) fault, and the probe reports it.
+fn frame_readable(rbp: u64) -> bool {
+    let Some(end) = rbp.checked_add(16) else {
+        return false;
+    };
+    let image = crate::image::kernel_image();
+    let stacks = crate::kernel_tables::STACKS_BASE;
+    let stacks_end = stacks + crate::kernel_tables::STACK_WINDOW;
+    [
+        (crate::HHDM_BASE, crate::HHDM_BASE + crate::HHDM_LIMIT),
+        (stacks, stacks_end),
+        (image.start, image.end),
+    ]
+    .iter()
+    .any(|&(start, limit)| start <= rbp && end <= limit)
 }
 
 /// The current RBP, for a backtrace from the caller.

@@ -277,7 +277,10 @@ pub extern "C" fn entry<K: Kernel>(protocol: u64, arg: u64) -> ! {
         _ => Err("unknown boot entry"),
     };
     match info {
-        Ok(info) => K::main(info),
+        Ok(info) => {
+            crate::acpi::record_rsdp(info.rsdp);
+            K::main(info)
+        }
         Err(why) => boot_failed(why),
     }
 }

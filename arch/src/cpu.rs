@@ -213,11 +213,18 @@ pub fn invalid_opcode() {
 }
 
 /// Reads a u64 at `addr` with no exception-table cover, so a bad address is an
-/// unexpected page fault: for checking the fatal path only.
+/// unexpected page fault: for checking the fatal path only. `addr` must be in the user
+/// (lower) half, which the kernel's tables leave empty; a kernel-half address panics
+/// without being touched, so no kernel memory or device register is ever read.
 pub fn read_unchecked(addr: u64) -> u64 {
+    assert!(
+        addr < 0x0000_8000_0000_0000 - 7,
+        "read_unchecked: {addr:#x} is not a user-half address"
+    );
     let value: u64;
-    // SAFETY: a load cannot break memory safety by itself; if `addr` is unmapped the
-    // page fault is handled by the trap path (fatally).
+    // SAFETY: a load cannot break memory safety by itself, and `addr` is in the user
+    // half (checked above): no kernel data or device register. If it is unmapped (or
+    // SMAP forbids it) the page fault is handled by the trap path (fatally).
     unsafe {
         core::arch::asm!("mov {}, [{}]", out(reg) value, in(reg) addr, options(nostack, readonly))
     };

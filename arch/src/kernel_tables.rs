@@ -27,7 +27,7 @@ use crate::memory_map::{BootMemoryMap, MemoryKind, MemoryMap};
 use crate::paging::{flags, EarlyFrames, FrameSource, MapError, PageSize, TableBuilder};
 use crate::percpu::MAX_CPUS;
 use crate::stacks::{guarded, CpuStacks, BOOT_STACK_SIZE, IST_STACK_SIZE};
-use crate::{HHDM_BASE, HHDM_LIMIT};
+use crate::{page_floor, HHDM_BASE, HHDM_LIMIT, PAGE_SIZE};
 
 /// Page-table frames kept for mappings made after boot and before the frame allocator
 /// exists (firmware tables in reserved RAM, device registers, AP stacks).
@@ -41,6 +41,8 @@ const MMIO_WINDOW: u64 = 1 << 39;
 /// `STACKS_BASE + i * STACK_STRIDE`, each behind an unmapped guard page.
 pub const STACKS_BASE: u64 = 0xffff_fd00_0000_0000;
 const STACK_STRIDE: u64 = 256 * 1024;
+/// Bytes of the stack window that CPU stacks can occupy (one stride per possible CPU).
+pub(crate) const STACK_WINDOW: u64 = MAX_CPUS as u64 * STACK_STRIDE;
 /// Physical bytes one CPU's stacks need.
 pub const CPU_STACK_BYTES: u64 = BOOT_STACK_SIZE + 3 * IST_STACK_SIZE;
 
@@ -105,15 +107,15 @@ pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
                     && !matches!(r.kind, MemoryKind::BadMemory | MemoryKind::Framebuffer)
             })
     };
-    let mut page = phys & !0xfff;
+    let mut page = page_floor(phys);
     while page < end {
         if !memory(page) {
             return None;
         }
-        page += 4096;
+        page += PAGE_SIZE;
     }
     let nx = crate::paging::nx_bit();
-    let mut page = phys & !0xfff;
+    let mut page = page_floor(phys);
     while page < end {
         if space.tables.translate(HHDM_BASE + page).is_none() {
             // SAFETY: `page` is RAM (or the legacy BIOS area), checked above, mapped at
@@ -129,7 +131,7 @@ pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
             }
             .ok()?;
         }
-        page += 4096;
+        page += PAGE_SIZE;
     }
     Some(HHDM_BASE + phys)
 }
@@ -139,12 +141,12 @@ pub fn map_ram(phys: u64, len: u64) -> Option<u64> {
 /// uncached alias of cached memory is not allowed), when the window or the reserve of
 /// page-table frames is exhausted, or before the kernel tables exist.
 pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
-    let first = phys & !0xfff;
+    let first = page_floor(phys);
     let end = phys.checked_add(len.max(1))?;
     if end > 1 << 52 {
         return None;
     }
-    let pages = (end - first).div_ceil(4096);
+    let pages = (end - first).div_ceil(PAGE_SIZE);
     let mut guard = SPACE.lock();
     let space = guard.as_mut()?;
     let is_ram = space
@@ -157,19 +159,19 @@ pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
     }
     let nx = crate::paging::nx_bit();
     let virt = space.mmio_next;
-    if pages > (MMIO_BASE + MMIO_WINDOW - virt) / 4096 {
+    if pages > (MMIO_BASE + MMIO_WINDOW - virt) / PAGE_SIZE {
         return None;
     }
     // The window only grows, so these pages are fresh even if a mapping below fails.
-    space.mmio_next = virt + pages * 4096;
+    space.mmio_next = virt + pages * PAGE_SIZE;
     for i in 0..pages {
         let bits = flags::WRITABLE | flags::NO_CACHE | flags::WRITE_THROUGH | nx | flags::GLOBAL;
         // SAFETY: the range is not RAM (checked above): device registers, mapped
         // uncached at fresh addresses of the MMIO window, for the caller to use.
         unsafe {
             space.tables.map(
-                virt + i * 4096,
-                first + i * 4096,
+                virt + i * PAGE_SIZE,
+                first + i * PAGE_SIZE,
                 PageSize::Size4K,
                 bits,
                 &mut space.frames,
@@ -191,7 +193,7 @@ pub(crate) fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<Cp
     let mut guard = SPACE.lock();
     let space = guard.as_mut()?;
     let base = STACKS_BASE + index as u64 * STACK_STRIDE;
-    if space.tables.translate(base + 4096).is_some() {
+    if space.tables.translate(base + PAGE_SIZE).is_some() {
         return None;
     }
     let mut phys = map.take(
@@ -210,8 +212,8 @@ pub(crate) fn map_cpu_stacks(index: usize, map: &mut BootMemoryMap) -> Option<Cp
         IST_STACK_SIZE,
     ]) {
         let guard_page = virt;
-        virt += 4096;
-        for off in (0..size).step_by(4096) {
+        virt += PAGE_SIZE;
+        for off in (0..size).step_by(PAGE_SIZE as usize) {
             // SAFETY: the stacks' memory was just taken from the boot memory map for
             // this CPU's stacks alone.
             unsafe {
@@ -374,7 +376,7 @@ pub fn build_and_switch(map: &mut BootMemoryMap) -> Result<KernelTables, BuildEr
                 // boot protocol loaded it, mapped at its link address.
                 unsafe { tables.map(page, phys, PageSize::Size4K, bits, &mut frames)? };
             }
-            page += 4096;
+            page += PAGE_SIZE;
         }
     }
 

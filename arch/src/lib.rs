@@ -65,5 +65,17 @@ pub const HHDM_BASE: u64 = 0xffff_8000_0000_0000;
 /// the kernel tables' windows (`kernel_tables`), which start at slot 506.
 pub const HHDM_LIMIT: u64 = 1 << 46;
 
-/// Size of a small page.
-pub const PAGE_SIZE: u64 = 4096;
+// The page size and the end of the user half are part of the address-space contract
+// user programs see, so `panda_abi` defines them (`PAGE_SIZE`, `USER_SPACE_END`); these
+// are the same values typed as the `u64` addresses the kernel computes with. Nothing
+// else spells them.
+
+/// Size of a small page (`panda_abi::PAGE_SIZE`).
+pub const PAGE_SIZE: u64 = panda_abi::PAGE_SIZE as u64;
+
+/// End (exclusive) of the user half, the lower canonical half
+/// (`panda_abi::USER_SPACE_END`): user addresses are below it.
+pub const USER_END: u64 = panda_abi::USER_SPACE_END as u64;
+
+/// Page rounding, defined with the page size in `panda_abi` (re-exported, not copied).
+pub use panda_abi::{page_ceil, page_floor, page_offset};

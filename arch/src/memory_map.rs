@@ -16,6 +16,8 @@
 use core::fmt;
 use core::ops::Deref;
 
+use crate::{page_ceil, page_floor, PAGE_SIZE};
+
 /// What a physical range holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryKind {
@@ -145,9 +147,9 @@ impl MemoryMap {
     /// restrictive kind wins, so a usable range never covers a reserved one.
     pub fn add(&mut self, start: u64, end: u64, kind: MemoryKind) -> Result<(), MapError> {
         let (start, end) = if kind == MemoryKind::Usable {
-            (align_up(start), end & !0xfff)
+            (page_ceil(start), page_floor(end))
         } else {
-            (start & !0xfff, align_up(end))
+            (page_floor(start), page_ceil(end))
         };
         if start >= end {
             return Ok(());
@@ -200,7 +202,7 @@ impl MemoryMap {
     /// Marks `[start, end)` (page-rounded outward) as `kind`, splitting whatever it
     /// overlaps. The result stays sorted and non-overlapping.
     pub fn claim(&mut self, start: u64, end: u64, kind: MemoryKind) -> Result<(), MapError> {
-        let (start, end) = (start & !0xfff, align_up(end));
+        let (start, end) = (page_floor(start), page_ceil(end));
         if start >= end {
             return Ok(());
         }
@@ -244,7 +246,7 @@ impl MemoryMap {
     /// `max`, marks them `kind`, and returns their physical start. For boot-time
     /// allocations made before the frame allocator exists.
     pub fn take(&mut self, len: u64, min: u64, max: u64, kind: MemoryKind) -> Option<u64> {
-        let len = align_up(len);
+        let len = page_ceil(len);
         let start = self
             .regions()
             .iter()
@@ -294,7 +296,7 @@ impl MemoryMap {
             if r.is_empty() {
                 return Err("empty region");
             }
-            if r.start % 4096 != 0 || r.end % 4096 != 0 {
+            if !r.start.is_multiple_of(PAGE_SIZE) || !r.end.is_multiple_of(PAGE_SIZE) {
                 return Err("region not page-aligned");
             }
         }
@@ -311,10 +313,6 @@ impl fmt::Debug for MemoryMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.regions()).finish()
     }
-}
-
-fn align_up(x: u64) -> u64 {
-    x.saturating_add(0xfff) & !0xfff
 }
 
 /// The machine's memory map, as the boot front-end built it: the authority on which

@@ -11,6 +11,8 @@ use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::PhysAddr;
 
+use crate::{page_ceil, page_floor, PAGE_SIZE, USER_END};
+
 /// Entry bits.
 pub mod flags {
     pub const PRESENT: u64 = 1 << 0;
@@ -47,7 +49,7 @@ pub enum PageSize {
 impl PageSize {
     pub const fn bytes(self) -> u64 {
         match self {
-            PageSize::Size4K => 4096,
+            PageSize::Size4K => PAGE_SIZE,
             PageSize::Size2M => 2 * 1024 * 1024,
         }
     }
@@ -84,7 +86,7 @@ impl EarlyFrames {
         let mut ranges = [(0, 0); 16];
         let mut count = 0;
         for (slot, (start, end)) in ranges.iter_mut().zip(free) {
-            *slot = ((start + 0xfff) & !0xfff, end & !0xfff);
+            *slot = (page_ceil(start), page_floor(end));
             count += 1;
         }
         Self {
@@ -115,14 +117,14 @@ unsafe impl FrameSource for EarlyFrames {
         while self.current < self.count {
             let (start, end) = self.ranges[self.current];
             self.next = self.next.max(start);
-            if self.next + 4096 <= end {
+            if self.next + PAGE_SIZE <= end {
                 let frame = self.next;
-                self.next += 4096;
+                self.next += PAGE_SIZE;
                 let used = &mut self.used[self.current];
                 if used.0 == used.1 {
                     *used = (frame, frame);
                 }
-                used.1 = frame + 4096;
+                used.1 = frame + PAGE_SIZE;
                 let page = (crate::HHDM_BASE + frame) as *mut u64;
                 // SAFETY: the frame is free RAM mapped writable through the HHDM (the
                 // contract of `new`), and handed out once.
@@ -157,9 +159,6 @@ pub struct TableBuilder {
     /// the user half, whose tables are its own (the kernel half's are shared).
     user_only: bool,
 }
-
-/// End of the user half (the lower canonical half).
-const USER_END: u64 = 1 << 47;
 
 impl TableBuilder {
     /// Starts a hierarchy with a fresh, zeroed PML4.
@@ -568,7 +567,7 @@ pub fn flush_all() {
 pub enum ZeroMethod {
     /// `rep stosq`: 512 stores of 8 bytes.
     RepStosq = 0,
-    /// `rep stosb`: 4096 byte stores, fast-string microcode with ERMS.
+    /// `rep stosb`: a byte store per byte of the page, fast-string microcode with ERMS.
     RepStosb = 1,
     /// `movnti`: 512 non-temporal 8-byte stores (bypass the cache), then `sfence`.
     Movnti = 2,
@@ -626,7 +625,7 @@ pub fn zero_method() -> ZeroMethod {
         .unwrap_or(ZeroMethod::RepStosq)
 }
 
-/// 4096 bytes of zeros from `$virt` in 64 iterations of four 16-byte SSE stores
+/// A page of zeros from `$virt` in `PAGE_SIZE / 64` iterations of four 16-byte SSE stores
 /// (`$store`: `movntdq` or `movdqa`), then `$fence` (empty, or `sfence` after
 /// non-temporal stores). xmm0 is saved in `$save` (16 bytes) first and restored after:
 /// it may hold a user thread's value (its registers stay loaded between its runs, see
@@ -647,7 +646,7 @@ macro_rules! sse_zero_loop {
             $fence,
             "movdqu xmm0, [{s}]",
             p = inout(reg) $virt => _,
-            n = inout(reg) 64u64 => _,
+            n = inout(reg) PAGE_SIZE / 64 => _,
             s = in(reg) $save,
             options(nostack)
         )
@@ -661,11 +660,11 @@ macro_rules! sse_zero_loop {
 /// The caller must own the page (a frame it owns, reached through the HHDM): nothing
 /// else may read or write it during the call.
 pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
-    debug_assert!(virt.is_multiple_of(4096));
+    debug_assert!(virt.is_multiple_of(PAGE_SIZE));
     // The SSE arms keep xmm0 here while they use the register.
     let mut xmm0 = [0u64; 2];
     let xmm0 = xmm0.as_mut_ptr();
-    // SAFETY: (all arms) the caller owns the page; each loop writes exactly the 4096
+    // SAFETY: (all arms) the caller owns the page; each loop writes exactly the PAGE_SIZE
     // bytes from `virt` (DF is clear, as the ABI guarantees). The SSE arms use xmm0,
     // which no kernel code holds a value in (the kernel is built without SSE); it may
     // hold a user thread's value, so they save it in `xmm0` (16 bytes of this frame)
@@ -677,14 +676,14 @@ pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
             ZeroMethod::RepStosq => core::arch::asm!(
                 "rep stosq",
                 inout("rdi") virt => _,
-                inout("rcx") 512u64 => _,
+                inout("rcx") PAGE_SIZE / 8 => _,
                 in("rax") 0u64,
                 options(nostack, preserves_flags)
             ),
             ZeroMethod::RepStosb => core::arch::asm!(
                 "rep stosb",
                 inout("rdi") virt => _,
-                inout("rcx") 4096u64 => _,
+                inout("rcx") PAGE_SIZE => _,
                 in("al") 0u8,
                 options(nostack, preserves_flags)
             ),
@@ -703,7 +702,7 @@ pub unsafe fn zero_page_with(method: ZeroMethod, virt: u64) {
                 "jnz 2b",
                 "sfence",
                 p = inout(reg) virt => _,
-                n = inout(reg) 64u64 => _,
+                n = inout(reg) PAGE_SIZE / 64 => _,
                 z = in(reg) 0u64,
                 options(nostack)
             ),

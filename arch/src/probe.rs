@@ -217,7 +217,12 @@ fn outcome(faulted: u64, fault: Fault) -> Result<(), Fault> {
 }
 
 /// Reads a u64, reporting a fault instead of taking it.
-pub fn read_u64(addr: u64) -> Result<u64, Fault> {
+///
+/// Crate-private: it reads any address, device registers included (where a read can
+/// clear a status bit or pop a FIFO), so outside this crate only reads whose addresses
+/// arch chooses are offered (`read_image_bytes`, `stack_guards`,
+/// `acpi::rsdp_signature`, the user-half `read_user_u64`).
+pub(crate) fn read_u64(addr: u64) -> Result<u64, Fault> {
     let mut fault = Fault::default();
     let mut value = 0u64;
     // SAFETY: the read is covered by the exception table: a fault resumes in the probe's
@@ -299,7 +304,8 @@ fn exec(target: u64) -> Result<(), Fault> {
 }
 
 /// Copies `buf.len()` bytes from `addr`, reporting a fault instead of taking it.
-pub fn read_bytes(addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
+/// Crate-private for the reason `read_u64` is.
+pub(crate) fn read_bytes(addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
     let mut i = 0usize;
     while i < buf.len() {
         let at = addr + i as u64;
@@ -312,9 +318,64 @@ pub fn read_bytes(addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
     Ok(())
 }
 
+/// Copies `buf.len()` bytes of the kernel image (`image::kernel_image()`, from its
+/// start to its end: text, rodata, data and bss) starting at `addr`, reporting a fault
+/// instead of taking it (the guard pages under the boot stacks, in .bss, fault).
+/// `None`, touching nothing, unless all of `[addr, addr + buf.len())` lies in the image.
+///
+/// Sound for any arguments: the image is ordinary memory that the linker laid out, so
+/// a read has no side effect (no device register lies there); the accesses are the
+/// exception-table probes, which form no Rust reference to the bytes, and the range is
+/// checked before anything is touched.
+pub fn read_image_bytes(addr: u64, buf: &mut [u8]) -> Option<Result<(), Fault>> {
+    let image = crate::image::kernel_image();
+    let end = addr.checked_add(buf.len() as u64)?;
+    if addr < image.start || end > image.end {
+        return None;
+    }
+    Some(read_bytes(addr, buf))
+}
+
+/// What probing one stack's guard page found (see `stack_guards`).
+#[derive(Clone, Copy, Debug)]
+pub struct GuardProbe {
+    /// The guard page's address.
+    pub guard: u64,
+    /// Reading the u64 8 bytes into the guard page: a guard page must fault there
+    /// (not-present, CR2 that address).
+    pub inside: Result<u64, Fault>,
+    /// Reading the first u64 of the stack right above the guard page: must succeed.
+    pub above: Result<u64, Fault>,
+}
+
+/// Probes the guard pages under CPU `cpu`'s four stacks (kernel, #DF, NMI, #MC, in the
+/// order of `stacks::CpuStacks::guards`) and the first word of each stack above them.
+/// `None` for an index past `percpu::MAX_CPUS` or a CPU whose per-CPU block was never
+/// installed (its guards are not recorded).
+///
+/// Sound for any `cpu`: the caller picks a CPU, not an address. The addresses are the
+/// guards that `percpu::install` (crate-private) recorded from the stacks arch laid out
+/// (the boot stacks in .bss, the AP stacks in the stack window), so each read is either
+/// of an unmapped guard page, whose fault the exception table recovers, or of the
+/// bottom of a stack in RAM, which has no side effect; no Rust reference is formed.
+pub fn stack_guards(cpu: usize) -> Option<[GuardProbe; 4]> {
+    if cpu >= crate::percpu::MAX_CPUS {
+        return None;
+    }
+    let guards = crate::percpu::cpu(cpu).stack_guards();
+    if guards.contains(&0) {
+        return None;
+    }
+    Some(guards.map(|guard| GuardProbe {
+        guard,
+        inside: read_u64(guard + 8),
+        above: read_u64(guard + crate::PAGE_SIZE),
+    }))
+}
+
 /// Whether `addr` is a user (lower-half) address.
 fn is_user(addr: u64) -> bool {
-    addr < 0x0000_8000_0000_0000
+    addr < crate::USER_END
 }
 
 /// Reads a u64 of user memory in the current address space (SMAP lifted for that one

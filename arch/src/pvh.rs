@@ -2,6 +2,10 @@
 //!
 //! All structures are read through the HHDM with fault-checked probes, so a malformed
 //! pointer yields an error instead of a fault. Layouts are Xen's `arch-x86/hvm/start_info.h`.
+//!
+//! The readers take physical addresses (the start info's, and those in it), so they are
+//! crate-private: only the PVH boot front-end calls them, with what QEMU handed it,
+//! before the kernel tables exist.
 
 use crate::probe::{read_bytes, Fault};
 
@@ -63,7 +67,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Reads the start info at physical `phys`.
-pub fn start_info(hhdm: u64, phys: u64) -> Result<StartInfo, PvhError> {
+pub(crate) fn start_info(hhdm: u64, phys: u64) -> Result<StartInfo, PvhError> {
     let mut b = [0u8; 56];
     read_bytes(hhdm + phys, &mut b).map_err(PvhError::Unreadable)?;
     let magic = u32_at(&b, 0);
@@ -83,7 +87,7 @@ pub fn start_info(hhdm: u64, phys: u64) -> Result<StartInfo, PvhError> {
 }
 
 /// Memory map entry `i` (of `info.memmap_entries`).
-pub fn memmap_entry(hhdm: u64, info: &StartInfo, i: u32) -> Result<MemmapEntry, Fault> {
+pub(crate) fn memmap_entry(hhdm: u64, info: &StartInfo, i: u32) -> Result<MemmapEntry, Fault> {
     let mut b = [0u8; 24];
     read_bytes(hhdm + info.memmap_paddr + i as u64 * 24, &mut b)?;
     Ok(MemmapEntry {
@@ -94,7 +98,7 @@ pub fn memmap_entry(hhdm: u64, info: &StartInfo, i: u32) -> Result<MemmapEntry, 
 }
 
 /// Module entry `i` (of `info.nr_modules`).
-pub fn module(hhdm: u64, info: &StartInfo, i: u32) -> Result<ModuleEntry, Fault> {
+pub(crate) fn module(hhdm: u64, info: &StartInfo, i: u32) -> Result<ModuleEntry, Fault> {
     let mut b = [0u8; 32];
     read_bytes(hhdm + info.modlist_paddr + i as u64 * 32, &mut b)?;
     Ok(ModuleEntry {
@@ -106,7 +110,7 @@ pub fn module(hhdm: u64, info: &StartInfo, i: u32) -> Result<ModuleEntry, Fault>
 
 /// Copies the NUL-terminated string at physical `phys` into `buf` (truncating), and
 /// returns its length in `buf`.
-pub fn c_string(hhdm: u64, phys: u64, buf: &mut [u8]) -> Result<usize, Fault> {
+pub(crate) fn c_string(hhdm: u64, phys: u64, buf: &mut [u8]) -> Result<usize, Fault> {
     if phys == 0 {
         return Ok(0);
     }

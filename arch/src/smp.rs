@@ -33,6 +33,7 @@ use alloc::vec::Vec;
 use crate::memory_map::{BootMemoryMap, MemoryKind};
 use crate::percpu::MAX_CPUS;
 use crate::stacks::CpuStacks;
+use crate::PAGE_SIZE;
 
 global_asm!(
     r#"
@@ -229,10 +230,10 @@ impl Trampoline {
     /// `hhdm + phys`.
     unsafe fn prepare(phys: u64, hhdm: u64, cr3: u32, efer: u32) -> Trampoline {
         assert!(
-            phys < 0x10_0000 && phys.is_multiple_of(4096),
+            phys < 0x10_0000 && phys.is_multiple_of(PAGE_SIZE),
             "trampoline page must be below 1 MiB"
         );
-        assert!(Self::size() <= 4096, "trampoline larger than a page");
+        assert!(Self::size() <= PAGE_SIZE, "trampoline larger than a page");
         let virt = hhdm + phys;
         let src = &raw const ap_trampoline_start;
         // SAFETY: the destination page is reserved for the trampoline and mapped (the
@@ -339,7 +340,7 @@ impl ApStarter {
         let tables = crate::kernel_tables::trampoline_root()
             .ok_or("no page-table frames for the trampoline")?;
         let page = map
-            .take(4096, 0x1000, 0x10_0000, MemoryKind::KernelEarly)
+            .take(PAGE_SIZE, 0x1000, 0x10_0000, MemoryKind::KernelEarly)
             .ok_or("no free page below 1 MiB for the trampoline")?;
         let (_, _, efer) = crate::cpu::control_registers();
         // LME, and NXE (bit 11) and SCE (bit 0) as the boot CPU has them.

@@ -16,30 +16,31 @@ pub const IST_STACK_SIZE: u64 = 16 * 1024;
 global_asm!(
     r#"
     .section .bss.stacks, "aw", @nobits
-    .balign 4096
+    .balign {page}
     .global boot_stack_guard
-    boot_stack_guard: .skip 4096
+    boot_stack_guard: .skip {page}
     .skip {boot}
     .global boot_stack_top
     boot_stack_top:
     .global ist_df_guard
-    ist_df_guard: .skip 4096
+    ist_df_guard: .skip {page}
     .skip {ist}
     .global ist_df_top
     ist_df_top:
     .global ist_nmi_guard
-    ist_nmi_guard: .skip 4096
+    ist_nmi_guard: .skip {page}
     .skip {ist}
     .global ist_nmi_top
     ist_nmi_top:
     .global ist_mc_guard
-    ist_mc_guard: .skip 4096
+    ist_mc_guard: .skip {page}
     .skip {ist}
     .global ist_mc_top
     ist_mc_top:
     "#,
     boot = const BOOT_STACK_SIZE,
     ist = const IST_STACK_SIZE,
+    page = const crate::PAGE_SIZE,
 );
 
 unsafe extern "C" {

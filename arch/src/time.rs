@@ -94,20 +94,26 @@ impl Counter {
         }
     }
 
-    /// The ACPI PM timer at I/O `port` (from the FADT; 24 or 32 bits wide).
-    pub fn pm_timer(port: u16, bits32: bool) -> Counter {
-        Counter {
+    /// The ACPI PM timer at the I/O port the FADT names (24 or 32 bits wide), as
+    /// `acpi::discover` recorded it; `None` without one in I/O space. Takes no port: a
+    /// read of another device's port can change that device (pop a FIFO, clear a flag).
+    pub fn pm_timer() -> Option<Counter> {
+        let (port, bits32) = crate::acpi::pm_timer_port()?;
+        Some(Counter {
             kind: Kind::PmTimer(port),
             hz: PM_HZ,
             mask: if bits32 { 0xffff_ffff } else { 0x00ff_ffff },
-        }
+        })
     }
 
-    /// The HPET whose registers are at physical `base` (from the ACPI HPET table):
-    /// maps them, checks the tick period is one the specification allows (at most
-    /// 100 ns), and starts the main counter if the firmware left it stopped. `None` if
-    /// it cannot be mapped or its period is invalid.
-    pub fn hpet(base: u64) -> Option<Counter> {
+    /// The HPET whose registers the ACPI HPET table names (as `acpi::discover`
+    /// recorded it): maps them, checks the tick period is one the specification allows
+    /// (at most 100 ns), and starts the main counter if the firmware left it stopped.
+    /// `None` without an HPET, or if it cannot be mapped or its period is invalid.
+    /// Takes no address: it writes the configuration register, which at any other
+    /// device's address would be a write to that device.
+    pub fn hpet() -> Option<Counter> {
+        let base = crate::acpi::hpet_base()?;
         let virt = crate::kernel_tables::map_mmio(base, 1024)?;
         let reg = |off: u64| (virt + off) as *mut u64;
         // SAFETY: `virt` maps the HPET's 1 KiB register block uncached (just above);

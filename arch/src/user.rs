@@ -24,6 +24,7 @@
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 
+pub use panda_abi::Access;
 use x86_64::registers::model_specific::{Efer, EferFlags, LStar, SFMask, Star};
 use x86_64::registers::rflags::RFlags;
 use x86_64::VirtAddr;
@@ -103,20 +104,11 @@ pub enum Exit {
     /// The thread executed `syscall`; `rax` and the argument registers hold the call.
     Syscall,
     /// A page fault at `addr` (CR2) by an access of kind `access`.
-    PageFault { addr: u64, access: FaultAccess },
+    PageFault { addr: u64, access: Access },
     /// Any other exception (vector < 32): the thread did something it may not.
     Exception { vector: u8, error_code: u64 },
     /// An interrupt (vector >= 32: the timer tick, an IPI) ended the run early.
     Interrupt { vector: u8 },
-}
-
-/// What a faulting access was, from the page-fault error code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultAccess {
-    Read,
-    Write,
-    /// An instruction fetch (error-code bit 4).
-    Execute,
 }
 
 impl Exit {
@@ -126,11 +118,11 @@ impl Exit {
             14 => Exit::PageFault {
                 addr: cr2,
                 access: if error_code & 0x10 != 0 {
-                    FaultAccess::Execute
+                    Access::Execute
                 } else if error_code & 0x2 != 0 {
-                    FaultAccess::Write
+                    Access::Write
                 } else {
-                    FaultAccess::Read
+                    Access::Read
                 },
             },
             v if v >= 32 => Exit::Interrupt { vector: v },
@@ -312,7 +304,7 @@ pub fn run(ctx: &mut UserContext) -> Exit {
 
 /// Whether `base` may be a thread's FS base: canonical and in the lower half.
 pub fn valid_fs_base(base: u64) -> bool {
-    base < 0x0000_8000_0000_0000
+    base < crate::USER_END
 }
 
 /// Loads the thread's FS base, on every entry to user mode. It is not skipped when the

@@ -15,9 +15,10 @@
 //! `process` (faults from ring 3, brk, buffers); the in-kernel tests drive it directly.
 //!
 //! **Accounting.** Every frame the hierarchy holds (mapped pages, page tables, the
-//! PML4) is charged to the space's memory account (`panda_mm::account`, charged up the
-//! process tree) at the one place it is mapped (`map_charged`: the page and the tables
-//! the walk will add, counted under the table lock before the map) and given back where
+//! PML4) is charged, `PAGE_SIZE` bytes each, to the space's memory account
+//! (`panda_mm::account`, charged up the process tree) at the one place it is mapped
+//! (`map_charged`: the page and the tables the walk will add, counted under the table
+//! lock before the map) and given back where
 //! it is unmapped (`retire`, from the count `unmap_range` returns) and at drop, which
 //! checks first that what was charged is exactly what the tables hold. A fault past the
 //! limit ends the process; a fault that finds the machine out of frames asks the
@@ -31,7 +32,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 
 use panda_arch::paging::MapError;
-use panda_arch::percpu;
+use panda_arch::{percpu, PAGE_SIZE};
 use panda_mm::account::{Account, OverLimit, UNLIMITED};
 use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
@@ -116,9 +117,6 @@ fn count_source(source: Source) {
     }
 }
 
-/// Bytes charged per frame.
-pub const PAGE: u64 = 4096;
-
 /// Spaces whose charge did not match the frames they held at drop, and uncharges of
 /// more than was charged: both 0 unless the accounting has a bug (`SystemInfo`).
 static ACCOUNT_ERRORS: AtomicU64 = AtomicU64::new(0);
@@ -202,9 +200,11 @@ impl AddressSpace {
 
     /// An empty space whose frames are charged to `account` (its PML4 at once).
     pub fn with_account(account: Arc<Account>) -> Result<Arc<Self>, MmError> {
-        account.try_charge(PAGE).map_err(|_| MmError::OutOfMemory)?;
+        account
+            .try_charge(PAGE_SIZE)
+            .map_err(|_| MmError::OutOfMemory)?;
         let Some(vm) = VmSpace::new() else {
-            let _ = account.uncharge(PAGE);
+            let _ = account.uncharge(PAGE_SIZE);
             return Err(MmError::OutOfMemory);
         };
         Ok(Arc::new(Self {
@@ -213,7 +213,7 @@ impl AddressSpace {
             layout_gen: AtomicU64::new(0),
             layout: Mutex::new(&locks::LAYOUT, ()),
             account,
-            charged: AtomicU64::new(PAGE),
+            charged: AtomicU64::new(PAGE_SIZE),
         }))
     }
 
@@ -293,9 +293,9 @@ impl AddressSpace {
     pub fn handle_fault(&self, addr: UserAddr, access: Access) -> Result<(), FaultError> {
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
-        self.charge(PAGE).map_err(Miss::OverLimit)?;
+        self.charge(PAGE_SIZE).map_err(Miss::OverLimit)?;
         let Some((frame, source)) = panda_platform::zero::fault_frame_now() else {
-            self.uncharge(PAGE);
+            self.uncharge(PAGE_SIZE);
             return Err(FaultError::OutOfMemory);
         };
         count_source(source);
@@ -374,7 +374,7 @@ impl AddressSpace {
         // The page is charged before a frame is taken: past the limit, none is. The
         // charge is held by a guard across the wait for a frame: a thread whose process
         // ends meanwhile drops this future there, and the charge must go back with it.
-        self.charge(PAGE).map_err(Miss::OverLimit)?;
+        self.charge(PAGE_SIZE).map_err(Miss::OverLimit)?;
         let pending = PendingPage(self);
         let (frame, source) = panda_platform::zero::fault_frame()
             .await
@@ -422,14 +422,14 @@ impl AddressSpace {
             match self.regions.read().classify(addr.get(), access) {
                 FaultDecision::DemandZero(current) => current,
                 other => {
-                    self.uncharge(PAGE);
+                    self.uncharge(PAGE_SIZE);
                     return Err(Miss::Denied(other));
                 }
             }
         };
         // Being torn down.
         let Some(tables) = guard.as_mut() else {
-            self.uncharge(PAGE);
+            self.uncharge(PAGE_SIZE);
             return Err(Miss::Denied(FaultDecision::OutsideRegions));
         };
         match self.map_charged(tables, addr.get(), |t| {
@@ -460,8 +460,8 @@ impl AddressSpace {
         map: impl FnOnce(&mut UserTables) -> Result<(), MapError>,
     ) -> Result<(), Miss> {
         let missing = tables.tables_missing(virt);
-        if let Err(over) = self.charge(missing * PAGE) {
-            self.uncharge(PAGE);
+        if let Err(over) = self.charge(missing * PAGE_SIZE) {
+            self.uncharge(PAGE_SIZE);
             drop(map);
             return Err(Miss::OverLimit(over));
         }
@@ -470,7 +470,7 @@ impl AddressSpace {
             // Tables a failed map added stay (empty; an unmap or the drop frees them):
             // only the page and the tables not added go back.
             let added = missing - tables.tables_missing(virt);
-            self.uncharge(PAGE + (missing - added) * PAGE);
+            self.uncharge(PAGE_SIZE + (missing - added) * PAGE_SIZE);
         }
         result.map_err(|e| match e {
             MapError::AlreadyMapped { .. } => Miss::AlreadyMapped,
@@ -484,10 +484,10 @@ impl AddressSpace {
     /// must lie in a region that allows `rights` (the fault path would refuse it
     /// otherwise). Charged like a fault's page: past the account's limit, `OutOfMemory`.
     pub fn map_filled(&self, virt: u64, frame: FilledFrame, rights: Rights) -> Result<(), MmError> {
-        self.charge(PAGE).map_err(|_| MmError::OutOfMemory)?;
+        self.charge(PAGE_SIZE).map_err(|_| MmError::OutOfMemory)?;
         let mut guard = self.vm.lock();
         let Some(tables) = guard.as_mut() else {
-            self.uncharge(PAGE);
+            self.uncharge(PAGE_SIZE);
             return Err(MmError::Invalid);
         };
         self.map_charged(tables, virt, |t| t.map_filled(virt, frame, rights))
@@ -536,7 +536,7 @@ impl AddressSpace {
             // Each batch's frames are uncharged as they go, so a retire stopped between
             // batches leaves the charge equal to what the tables still hold.
             let (next, freed) = self.vm.unmap(at, to).finish();
-            self.uncharge(freed * PAGE);
+            self.uncharge(freed * PAGE_SIZE);
             let Some(next) = next else { break };
             at = next;
             slice.maybe_yield().await;
@@ -660,7 +660,7 @@ struct PendingPage<'a>(&'a AddressSpace);
 
 impl Drop for PendingPage<'_> {
     fn drop(&mut self) {
-        self.0.uncharge(PAGE);
+        self.0.uncharge(PAGE_SIZE);
     }
 }
 
@@ -669,7 +669,7 @@ impl Drop for AddressSpace {
     /// tables hold (which the page tables' own drop frees right after).
     fn drop(&mut self) {
         let charged = self.charged.load(Ordering::Relaxed);
-        let held = self.vm.frames_held() * PAGE;
+        let held = self.vm.frames_held() * PAGE_SIZE;
         if held != charged {
             note_account_error();
             log::error!(target: "mm", "memory account of pid {}: {charged} bytes charged at exit for {held} bytes of frames held", self.account.id());

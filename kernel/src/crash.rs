@@ -100,8 +100,8 @@ static NEVER_SET: AtomicBool = AtomicBool::new(false);
 
 /// One CPU (the last AP, or the only CPU) disables interrupts and waits for a flag
 /// nobody sets; the others go on. With another CPU running, the watchdog's tick check
-/// catches it; alone, the wait is a lock-style spin that calls the watchdog's `stuck`
-/// after twice the limit. Either way every CPU reports and the run fails.
+/// catches it; alone, the wait (the lock waiters' loop, `ipi::spin_until`) calls the
+/// watchdog's `stuck_after` after twice the limit. Either way every CPU reports and the run fails.
 async fn deadlock() -> ! {
     let me = panda_arch::percpu::current_index();
     let target = (0..panda_arch::percpu::online_count())
@@ -124,8 +124,8 @@ async fn deadlock() -> ! {
 fn spin_with_interrupts_off() -> ! {
     let guard = panda_arch::percpu::CpuGuard::new();
     warn!(target: "crash", "cpu{} spins with interrupts off, waiting for a flag nobody sets", guard.index());
-    panda_platform::watchdog::spin_until("crash=deadlock waits for a flag nobody sets", || {
-        NEVER_SET.load(Ordering::Acquire)
+    panda_platform::ipi::spin_until("crash=deadlock waits for a flag nobody sets", || {
+        NEVER_SET.load(Ordering::Acquire).then_some(())
     });
     error!(target: "crash", "the flag nobody sets was set");
     panda_arch::power::exit(false)

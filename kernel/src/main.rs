@@ -64,12 +64,12 @@ impl panda_arch::boot::Kernel for Panda {
 /// time-out, the scheduler's tick and the log's timestamps depend on it.
 fn calibrate_clock(platform: &panda_arch::acpi::Platform) {
     use panda_arch::time::{self, Counter, References};
-    let hpet = platform.hpet.and_then(Counter::hpet);
+    let hpet = Counter::hpet();
     if platform.hpet.is_some() && hpet.is_none() {
         warn!(target: "time", "the HPET at {:#x} cannot be used (unmappable, or a tick period over 100 ns)", platform.hpet.unwrap_or(0));
     }
     let pm_timer = match platform.pm_timer {
-        Some(pm) if pm.io_port => Some(Counter::pm_timer(pm.address as u16, pm.bits32)),
+        Some(pm) if pm.io_port => Counter::pm_timer(),
         Some(_) => {
             info!(target: "time", "the ACPI PM timer is in memory space: not used");
             None
@@ -194,14 +194,14 @@ fn kmain(mut boot: BootInfo) -> ! {
     let heap_bytes = heap::init(&mut boot, (ram_mib / 8).clamp(4, 64) << 20);
     info!(target: "mm", "early heap: {} MiB", heap_bytes >> 20);
 
-    let platform = match boot.rsdp.map(panda_arch::acpi::discover) {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            error!(target: "acpi", "cannot read the ACPI tables: {e:?}");
+    let platform = match panda_arch::acpi::discover() {
+        Ok(p) => p,
+        Err(panda_arch::acpi::Error::NoRsdp) => {
+            error!(target: "acpi", "the bootloader gave no RSDP: cannot find the processors");
             power::exit(false)
         }
-        None => {
-            error!(target: "acpi", "the bootloader gave no RSDP: cannot find the processors");
+        Err(e) => {
+            error!(target: "acpi", "cannot read the ACPI tables: {e:?}");
             power::exit(false)
         }
     };

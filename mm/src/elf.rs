@@ -18,9 +18,7 @@ use goblin::elf::program_header::{ProgramHeader, PT_DYNAMIC, PT_INTERP, PT_LOAD,
 use goblin::elf::Elf;
 
 use crate::region::Rights;
-use panda_abi::{ELF_REGION, PAGE_SIZE};
-
-const PAGE: u64 = PAGE_SIZE as u64;
+use panda_abi::{page_ceil, page_floor, ELF_REGION};
 
 /// The most program headers accepted (real executables have about ten).
 pub const MAX_PROGRAM_HEADERS: usize = 64;
@@ -42,8 +40,8 @@ impl LoadSegment {
     /// The pages the segment covers, `[start, end)`.
     pub fn pages(&self) -> (u64, u64) {
         (
-            self.vaddr & !(PAGE - 1),
-            (self.vaddr + self.mem_size).div_ceil(PAGE) * PAGE,
+            page_floor(self.vaddr),
+            page_ceil(self.vaddr + self.mem_size),
         )
     }
 }

@@ -40,7 +40,7 @@ pub mod zero;
 pub use cpus::{cpus_nearest_first, MAX_CPUS};
 
 /// Size of a frame.
-pub const FRAME_SIZE: u64 = 4096;
+pub const FRAME_SIZE: u64 = panda_abi::PAGE_SIZE as u64;
 
 /// A 4 KiB physical frame, by its physical address (always 4 KiB-aligned).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -18,21 +18,11 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use panda_abi::{
-    BUFFER_BASE, BUFFER_MAX_SIZE, ELF_LOAD_BASE, HEAP_BASE, HEAP_LIMIT, PAGE_SIZE, STACK_BASE,
-    STACK_GUARD, STACK_MAX_SIZE,
+    page_ceil, page_floor, BUFFER_BASE, BUFFER_MAX_SIZE, ELF_LOAD_BASE, HEAP_BASE, HEAP_LIMIT,
+    STACK_BASE, STACK_GUARD, STACK_MAX_SIZE,
 };
 
 use crate::MmError;
-
-const PAGE: u64 = PAGE_SIZE as u64;
-
-fn page_down(x: u64) -> u64 {
-    x & !(PAGE - 1)
-}
-
-fn page_up(x: u64) -> u64 {
-    x.div_ceil(PAGE) * PAGE
-}
 
 /// Access rights of a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,13 +31,8 @@ pub struct Rights {
     pub execute: bool,
 }
 
-/// What a fault asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-    Execute,
-}
+/// What a fault asked for (the ABI's one `Access`, from trap decoding to this check).
+pub use panda_abi::Access;
 
 /// What the fault path must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,7 +127,7 @@ impl Regions {
         if rights.write && rights.execute {
             return Err(MmError::Invalid);
         }
-        let (start, end) = (page_down(start), page_up(end));
+        let (start, end) = (page_floor(start), page_ceil(end));
         if start >= end || start < ELF_LOAD_BASE as u64 || end > HEAP_BASE as u64 {
             return Err(MmError::Invalid);
         }
@@ -183,7 +168,7 @@ impl Regions {
         if new < HEAP_BASE as u64 || new > HEAP_LIMIT as u64 {
             return Err(MmError::Invalid);
         }
-        let (new_end, old_end) = (page_up(new), page_up(self.brk));
+        let (new_end, old_end) = (page_ceil(new), page_ceil(self.brk));
         if self
             .heap_retiring
             .iter()
@@ -227,7 +212,7 @@ impl Regions {
         if self.buffers.len() >= MAX_BUFFERS {
             return Err(MmError::OutOfMemory);
         }
-        let size = page_up(size);
+        let size = page_ceil(size);
         let limit = (BUFFER_BASE + BUFFER_MAX_SIZE) as u64;
         // Every buffer below `packed_below` ends at or below it (they are packed).
         let mut cursor = self.packed_below;
@@ -298,7 +283,7 @@ impl Regions {
             .find(|s| s.start <= addr && addr < s.end)
         {
             Some(s.rights)
-        } else if (HEAP_BASE as u64..page_up(self.brk)).contains(&addr)
+        } else if (HEAP_BASE as u64..page_ceil(self.brk)).contains(&addr)
             || self
                 .buffers
                 .range(..=addr)
@@ -324,6 +309,8 @@ impl Regions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PAGE: u64 = panda_abi::PAGE_SIZE as u64;
 
     const RX: Rights = Rights {
         write: false,

@@ -79,13 +79,13 @@ impl Frame {
 
     /// Copies `bytes` into the frame at `offset`. Panics if it would run past the end.
     pub fn write(&mut self, offset: usize, bytes: &[u8]) {
-        // SAFETY: `&mut self` owns the frame's 4096 bytes alone.
+        // SAFETY: `&mut self` owns the frame's `PAGE_SIZE` bytes alone.
         unsafe { write_owned(self.ptr(), PAGE_SIZE as usize, offset, bytes) }
     }
 
     /// Copies bytes of the frame from `offset` into `out`. Panics past the end.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
-        // SAFETY: `self` owns the frame's 4096 bytes, so nobody writes them meanwhile.
+        // SAFETY: `self` owns the frame's `PAGE_SIZE` bytes, so nobody writes them meanwhile.
         unsafe { read_owned(self.ptr(), PAGE_SIZE as usize, offset, out) }
     }
 
@@ -140,7 +140,7 @@ impl core::fmt::Debug for Frame {
     }
 }
 
-/// A frame known to hold only zeros in all 4096 bytes.
+/// A frame known to hold only zeros in all its `PAGE_SIZE` bytes.
 #[derive(Debug)]
 pub struct ZeroedFrame(Frame);
 

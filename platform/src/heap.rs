@@ -23,6 +23,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use linked_list_allocator::Heap;
+use panda_arch::PAGE_SIZE;
 use panda_mm::slab::{class_of, PageSource, SlabHeap};
 use x86_64::instructions::interrupts;
 
@@ -81,7 +82,10 @@ impl KernelHeap {
 
     /// Order of the frame run that holds `layout`, for blocks too big for the slabs.
     fn large_order(layout: Layout) -> usize {
-        let pages = layout.size().max(layout.align()).div_ceil(4096);
+        let pages = layout
+            .size()
+            .max(layout.align())
+            .div_ceil(PAGE_SIZE as usize);
         pages.next_power_of_two().trailing_zeros() as usize
     }
 }

@@ -20,9 +20,15 @@
 //! deadlock; after a short spin it waits halted, and the target that finishes last
 //! wakes it (on an overcommitted host a spinning caller takes host time from the very
 //! virtual CPUs it waits for).
+//!
+//! `spin_until` is the crate's one waiting loop: call waits and lock waits (`sync`)
+//! spin there, serving this CPU's inbox between attempts and reporting to the watchdog
+//! after twice its limit. This module imports `order` (a served call's fresh lock
+//! order) and `watchdog` (tick, NMI report, stuck), never `sync`.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use crossbeam_utils::atomic::AtomicCell;
 use panda_arch::apic::{
     self, CALL_VECTOR, ERROR_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR,
 };
@@ -33,10 +39,23 @@ use panda_mm::tlb::{CpuMask, CpuSet};
 /// A function run on another CPU: takes an argument, returns a value.
 pub type CallFn = fn(u64) -> u64;
 
+// Function pointers are kept in `AtomicCell`s, read in interrupt context (the tick
+// hook, served calls): the cells must be plain atomic words, never `AtomicCell`'s
+// fallback lock, which an interrupted holder on the same CPU would never release.
+// A `fn` is one pointer (an `Option<fn>` too, `None` being null).
+const _: () = assert!(AtomicCell::<CallFn>::is_lock_free());
+const _: () = assert!(AtomicCell::<Option<fn()>>::is_lock_free());
+
+/// What an idle request record's function slot holds (never run: no bit is posted).
+fn no_call(_: u64) -> u64 {
+    0
+}
+
 /// A CPU's cross-CPU call in progress. A CPU makes one call (or one set call) at a
 /// time and waits for it, so one record per CPU suffices.
 struct Request {
-    function: AtomicUsize,
+    /// Written by the caller before it posts (see `post_all` for the ordering).
+    function: AtomicCell<CallFn>,
     argument: AtomicU64,
     /// The result (of a call to one CPU; a set call's targets each overwrite it).
     result: AtomicU64,
@@ -54,7 +73,7 @@ struct Request {
 
 static REQUESTS: [Request; MAX_CPUS] = [const {
     Request {
-        function: AtomicUsize::new(0),
+        function: AtomicCell::new(no_call),
         argument: AtomicU64::new(0),
         result: AtomicU64::new(0),
         remaining: AtomicUsize::new(0),
@@ -68,10 +87,15 @@ static REQUESTS: [Request; MAX_CPUS] = [const {
 static INBOX: [[AtomicU64; MAX_CPUS / 64]; MAX_CPUS] =
     [const { [const { AtomicU64::new(0) }; MAX_CPUS / 64] }; MAX_CPUS];
 
-static TICK_HOOK: AtomicUsize = AtomicUsize::new(0);
+/// Run on every tick (`set_tick_hook`); `None` until set.
+static TICK_HOOK: AtomicCell<Option<fn()>> = AtomicCell::new(None);
 
-/// Installs the handlers of every APIC vector and the NMI. Called once on the BSP.
+/// Installs the handlers of every APIC vector and the NMI, and adds two lines to each
+/// CPU's watchdog report: the lock it spins for (`order::write_waiting`) and its calls
+/// (`write_state`). Called once on the BSP.
 pub fn init() {
+    crate::watchdog::register_reporter(crate::order::write_waiting);
+    crate::watchdog::register_reporter(write_state);
     trap::set_handler(TIMER_VECTOR, on_timer);
     trap::set_handler(WAKE_VECTOR, on_wake);
     trap::set_handler(CALL_VECTOR, on_call);
@@ -82,7 +106,7 @@ pub fn init() {
 
 /// Runs `hook` on every timer tick, on the ticking CPU, with interrupts off.
 pub fn set_tick_hook(hook: fn()) {
-    TICK_HOOK.store(hook as usize, Ordering::Release);
+    TICK_HOOK.store(Some(hook));
 }
 
 fn on_timer(frame: &mut TrapFrame) {
@@ -90,10 +114,7 @@ fn on_timer(frame: &mut TrapFrame) {
         cpu.ticks.fetch_add(1, Ordering::Relaxed);
     }
     crate::watchdog::tick(frame);
-    let hook = TICK_HOOK.load(Ordering::Acquire);
-    if hook != 0 {
-        // SAFETY: only `set_tick_hook` stores non-zero values, and it stores `fn()`s.
-        let hook: fn() = unsafe { core::mem::transmute::<usize, fn()>(hook) };
+    if let Some(hook) = TICK_HOOK.load() {
         hook();
     }
     apic::eoi();
@@ -107,8 +128,8 @@ fn on_wake(_: &mut TrapFrame) {
 }
 
 /// Runs the calls posted to this CPU, if any. Called from the CALL_VECTOR handler and
-/// from every loop that waits on another CPU (`call_on`, kernel locks), so a waiting
-/// CPU still answers calls. The two can nest — the IPI for a call can arrive while the
+/// from the waiting loop (`spin_until`: lock waits and call waits), so a waiting CPU
+/// still answers calls. The two can nest — the IPI for a call can arrive while the
 /// waiting loop is already running that call — so the posted bits are taken with one
 /// swap: each posted call is run by exactly one of them, once. (A call that ran twice
 /// once marked a freed mailbox done again, and every later call to that CPU spun for
@@ -133,15 +154,16 @@ pub fn serve_calls() {
 /// Runs caller `caller`'s request on this CPU and counts it down.
 fn run_request(caller: usize) {
     let request = &REQUESTS[caller];
-    let raw = request.function.load(Ordering::Relaxed);
-    // SAFETY: only `post_all` stores `function`, always a `CallFn` cast to usize, and
-    // it did so before setting the caller's bit in this CPU's inbox (Release), which
-    // `serve_calls` took with Acquire: `raw` is that `CallFn`.
-    let function: CallFn = unsafe { core::mem::transmute::<usize, CallFn>(raw) };
+    // `post_all` wrote the function and argument before it set the caller's bit in
+    // this CPU's inbox (Release); `serve_calls` took the bit with an Acquire swap, so
+    // these loads see this call's values, not an earlier call's. The caller writes
+    // them again only for its next call, which it makes only after this CPU (and every
+    // other target) has counted this one down below.
+    let function = request.function.load();
     let argument = request.argument.load(Ordering::Relaxed);
     // A served call runs between two steps of whatever this CPU was doing (possibly
     // waiting for a lock): it starts a fresh lock order.
-    let result = crate::sync::nested(|| function(argument));
+    let result = crate::order::nested(|| function(argument));
     request.result.store(result, Ordering::Relaxed);
     request.pending.remove(percpu::current_index());
     // After this the caller may return and make its next call: nothing of the request
@@ -255,7 +277,8 @@ fn post_all(
         posted.insert(cpu);
         count += 1;
     }
-    request.function.store(function as usize, Ordering::Relaxed);
+    // Ordered before the inbox bits below by their Release (see `run_request`).
+    request.function.store(function);
     request.argument.store(argument, Ordering::Relaxed);
     request.remaining.store(count, Ordering::Relaxed);
     // Empty here: every target of the previous call left it before the count reached 0.
@@ -304,19 +327,19 @@ pub fn halted_waits() -> u64 {
     HALTED_WAITS.load(Ordering::Relaxed)
 }
 
-/// Waits until every target has run the caller's request. A call still not
-/// taken after `RESEND_AFTER_NS` gets its IPI again: a lost IPI must not hang the caller
-/// — and with it every CPU waiting for a lock the caller holds. Sending it again is
-/// harmless: an IPI that finds no posted call does nothing.
+/// Waits until every target has run the caller's request, in the waiting loop (which
+/// serves this CPU's own inbox meanwhile, so two CPUs calling each other cannot
+/// deadlock). A call still not taken after `RESEND_AFTER_NS` gets its IPI again: a lost
+/// IPI must not hang the caller — and with it every CPU waiting for a lock the caller
+/// holds. Sending it again is harmless: an IPI that finds no posted call does nothing.
 fn wait(request: &Request) {
     let me = percpu::current_index();
     let start = panda_arch::time::now_ns();
     let mut resend_at = start + RESEND_AFTER_NS;
-    crate::watchdog::spin_until("waiting for other CPUs to answer a call", || {
+    spin_until("waiting for other CPUs to answer a call", || {
         if request.remaining.load(Ordering::Acquire) == 0 {
-            return true;
+            return Some(());
         }
-        serve_calls();
         let now = panda_arch::time::now_ns();
         if now >= resend_at {
             for cpu in request.pending.snapshot().iter() {
@@ -328,10 +351,46 @@ fn wait(request: &Request) {
             resend_at = now + RESEND_AFTER_NS;
         }
         if now >= start + HALT_AFTER_NS {
+            // Halts only if nothing is posted to this CPU: the loop serves it first.
             halt_until_done(request);
         }
-        false
+        None
     });
+}
+
+/// How many turns of the waiting loop pass between two looks at the clock.
+const CLOCK_EVERY: u32 = 64;
+
+/// The crate's one waiting loop: every spin that waits on another CPU — for a lock
+/// (`sync`), for a call's answers (`call_on`, `call_on_set`), or any other wait — spins
+/// here, interrupts on or off. Between attempts it runs the calls posted to this CPU
+/// (`serve_calls`), so a CPU that this one waits for can itself wait for this one; and
+/// once it has spun for twice the watchdog's limit it reports `what` as stuck
+/// (`watchdog::stuck_after`: every CPU's report, then failure; never with the watchdog
+/// off). Returns what the first successful `attempt` returns.
+///
+/// What it waits for shows in the report through the registered reporters: a lock
+/// waiter records its lock (`order::waiting_for`), a caller its request (`write_state`).
+/// Must not be called from inside a served call that waits for a call (a CPU makes one
+/// call at a time).
+pub fn spin_until<G>(what: &str, mut attempt: impl FnMut() -> Option<G>) -> G {
+    let start = panda_arch::time::now_ns();
+    let mut spins = 0u32;
+    loop {
+        if let Some(g) = attempt() {
+            return g;
+        }
+        serve_calls();
+        core::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(CLOCK_EVERY) {
+            let limit = crate::watchdog::limit_ns().saturating_mul(2);
+            let spun = panda_arch::time::now_ns().saturating_sub(start);
+            if limit != 0 && spun >= limit {
+                crate::watchdog::stuck_after(what, spun);
+            }
+        }
+    }
 }
 
 /// Halts until the next interrupt unless the request is done: the target that finishes

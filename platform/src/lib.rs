@@ -15,9 +15,15 @@
 //! - `vm`: a user address space (`VmSpace`): its page tables (owning what they map,
 //!   through the private `tables`), which CPUs run it, and the TLB shootdowns that keep
 //!   them true;
-//! - `sync`: the ranked spinlocks every other module uses, with lock-order checks;
-//! - `ipi`: cross-CPU calls, wake-ups and the timer tick, served while a CPU waits;
-//! - `watchdog`: the per-CPU progress check that turns a hang into a report.
+//! - `sync`: the ranked spinlocks every other module uses;
+//! - `ipi`: cross-CPU calls, wake-ups and the timer tick, and the one waiting loop
+//!   (`ipi::spin_until`) that serves calls while a CPU waits and is watched;
+//! - `order`: lock-order state per CPU (held ranks, `nested`, the lock a CPU waits for);
+//! - `watchdog`: the per-CPU progress check that turns a hang into a report, with the
+//!   lines other modules register (`watchdog::register_reporter`).
+//!
+//! Among the lock modules imports run one way: `sync` -> `ipi` -> {`order`,
+//! `watchdog`}, `sync` -> `order`; `order` and `watchdog` import nothing of this crate.
 //!
 //! The kernel crate above builds under `#![forbid(unsafe_code)]`; every `unsafe` block
 //! here carries a `// SAFETY:` line, and a safe function here must be sound whatever
@@ -29,6 +35,7 @@ extern crate alloc;
 pub mod frame;
 pub mod heap;
 pub mod ipi;
+pub mod order;
 pub mod sync;
 mod tables;
 pub mod user;

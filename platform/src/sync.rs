@@ -3,21 +3,25 @@
 //!
 //! Three rules make a spinning CPU safe on a machine where CPUs call each other
 //! (docs/LOCKING.md has the whole list of locks):
-//! - **A waiting CPU answers calls.** While it spins for a lock, a CPU runs whatever
-//!   another CPU posted to it (`ipi::serve_calls`), interrupts on or
-//!   off. So a lock holder that waits for this CPU's answer (a TLB shootdown under an
-//!   address-space lock) gets it, and the two cannot deadlock.
+//! - **A waiting CPU answers calls.** A CPU waits for a lock in the crate's one waiting
+//!   loop, `ipi::spin_until`, which runs whatever another CPU posted to it
+//!   (`ipi::serve_calls`), interrupts on or off. So a lock holder that waits for this
+//!   CPU's answer (a TLB shootdown under an address-space lock) gets it, and the two
+//!   cannot deadlock.
 //! - **Locks are taken in rank order.** Every lock has a rank; a CPU may take a lock
 //!   only if every lock it already holds has a lower rank. Each CPU keeps the stack of
-//!   ranks it holds; taking a lock out of order panics with both locks named, so a test
-//!   that exercises the path finds the inversion the first time it runs, not the one
-//!   time in a thousand it deadlocks. A call served from a waiting loop or an interrupt
-//!   starts a fresh order (it runs on behalf of another CPU, between this CPU's steps).
-//! - **A lock that cannot be had is a report.** A CPU that spins for twice the
-//!   watchdog's limit (`watchdog=SECONDS`, 5 s by default) calls `watchdog::stuck`,
-//!   which stops every CPU and prints where each one is: a deadlock becomes a report,
-//!   not a silent hang, even when every CPU is spinning with interrupts on (so every
-//!   timer tick still arrives and the tick check sees nothing wrong).
+//!   ranks it holds (`order`, re-exported here: `Rank`, `order_violation`, `nested`);
+//!   taking a lock out of order panics with both locks named, so a test that exercises
+//!   the path finds the inversion the first time it runs, not the one time in a
+//!   thousand it deadlocks. A call served from a waiting loop or an interrupt starts a
+//!   fresh order (it runs on behalf of another CPU, between this CPU's steps).
+//! - **A lock that cannot be had is a report.** The waiting loop calls the watchdog's
+//!   `stuck_after` once it has spun for twice the watchdog's limit (`watchdog=SECONDS`,
+//!   5 s by default), which stops every CPU and prints where each one is, the lock each
+//!   waiter spins for included (`order::write_waiting`, from a copy of the lock's state
+//!   the waiter refreshes on every attempt): a deadlock becomes a report, not a silent
+//!   hang, even when every CPU is spinning with interrupts on (so every timer tick still
+//!   arrives and the tick check sees nothing wrong).
 //!
 //! Guards must not be held across `.await` (a task may resume on another CPU, whose
 //! rank stack would not know the lock): kernel code takes these locks only in
@@ -26,110 +30,13 @@
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
 use core::panic::Location;
-use core::sync::atomic::{AtomicPtr, AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
-use panda_arch::percpu::{self, MAX_CPUS};
+use crossbeam_utils::atomic::AtomicCell;
+use panda_arch::percpu;
 
-/// Most locks one CPU holds at once that the order check tracks.
-const DEPTH: usize = 16;
-
-/// Per CPU: the ranks of the locks it holds, in the order taken.
-struct Held {
-    ranks: [AtomicU16; DEPTH],
-    names: [AtomicUsize; DEPTH],
-    depth: AtomicUsize,
-    /// Entries below this index belong to the context a served call interrupted.
-    base: AtomicUsize,
-}
-
-static HELD: [Held; MAX_CPUS] = [const {
-    Held {
-        ranks: [const { AtomicU16::new(0) }; DEPTH],
-        names: [const { AtomicUsize::new(0) }; DEPTH],
-        depth: AtomicUsize::new(0),
-        base: AtomicUsize::new(0),
-    }
-}; MAX_CPUS];
-
-/// The calling CPU's stack of held ranks (`names` keeps a pointer to each `Rank`).
-fn held() -> Option<&'static Held> {
-    HELD.get(percpu::current_index())
-}
-
-/// A lock's place in the order: locks with lower `level` are taken first.
-#[derive(Debug)]
-pub struct Rank {
-    pub level: u16,
-    pub name: &'static str,
-}
-
-impl Rank {
-    pub const fn new(level: u16, name: &'static str) -> Self {
-        Self { level, name }
-    }
-}
-
-/// The held lock that taking `rank` now would violate the order against, if any.
-pub fn order_violation(rank: &Rank) -> Option<&'static Rank> {
-    let h = held()?;
-    let base = h.base.load(Ordering::Relaxed);
-    let depth = h.depth.load(Ordering::Relaxed).min(DEPTH);
-    (base..depth)
-        .find(|&i| h.ranks[i].load(Ordering::Relaxed) >= rank.level)
-        .map(|i| {
-            let other = h.names[i].load(Ordering::Relaxed) as *const Rank;
-            // SAFETY: `names` holds only pointers to `'static` `Rank`s (stored by
-            // `acquire` from a `&'static Rank`).
-            unsafe { &*other }
-        })
-}
-
-/// Checks that `rank` may be taken now and records it as held.
-fn acquire(rank: &'static Rank) {
-    let Some(h) = held() else { return };
-    if let Some(other) = order_violation(rank) {
-        panic!(
-            "lock order: taking {:?} (rank {}) while holding {:?} (rank {})",
-            rank.name, rank.level, other.name, other.level
-        );
-    }
-    let at = h.depth.fetch_add(1, Ordering::Relaxed);
-    if at < DEPTH {
-        h.ranks[at].store(rank.level, Ordering::Relaxed);
-        h.names[at].store(rank as *const Rank as usize, Ordering::Relaxed);
-    }
-}
-
-/// Forgets the most recent hold of `rank` (guards may be dropped out of order).
-fn release(rank: &'static Rank) {
-    let Some(h) = held() else { return };
-    let depth = h.depth.load(Ordering::Relaxed);
-    let base = h.base.load(Ordering::Relaxed);
-    let top = depth.min(DEPTH);
-    if let Some(i) = (base..top)
-        .rev()
-        .find(|&i| h.names[i].load(Ordering::Relaxed) == rank as *const Rank as usize)
-    {
-        for j in i..top - 1 {
-            h.ranks[j].store(h.ranks[j + 1].load(Ordering::Relaxed), Ordering::Relaxed);
-            h.names[j].store(h.names[j + 1].load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-    }
-    h.depth.store(depth.saturating_sub(1), Ordering::Relaxed);
-}
-
-/// Runs `f` (a served cross-CPU call or an interrupt handler) with a fresh lock order:
-/// the locks the interrupted context holds do not count, since `f` runs between its
-/// steps and finishes before it continues.
-pub fn nested<R>(f: impl FnOnce() -> R) -> R {
-    let Some(h) = held() else { return f() };
-    let saved = h.base.load(Ordering::Relaxed);
-    h.base
-        .store(h.depth.load(Ordering::Relaxed), Ordering::Relaxed);
-    let r = f();
-    h.base.store(saved, Ordering::Relaxed);
-    r
-}
+use crate::order::{self, acquire, release};
+pub use crate::order::{nested, order_violation, Rank};
 
 /// How long a `Mutex` waiter spins before it claims the next turn (see `Mutex`).
 const STARVING_AFTER_NS: u64 = 200_000;
@@ -139,7 +46,7 @@ const STARVING_AFTER_NS: u64 = 200_000;
 struct Owner {
     /// The lock word: the holder's CPU index + 1; 0 while free.
     cpu: AtomicU32,
-    site: AtomicPtr<Location<'static>>,
+    site: AtomicCell<Option<&'static Location<'static>>>,
     /// CPU index + 1 of a waiter that waited `STARVING_AFTER_NS` and has the next turn
     /// (no other CPU may take the lock while it is set); 0: none.
     favoured: AtomicU32,
@@ -149,7 +56,7 @@ impl Owner {
     const fn new() -> Self {
         Self {
             cpu: AtomicU32::new(0),
-            site: AtomicPtr::new(core::ptr::null_mut()),
+            site: AtomicCell::new(None),
             favoured: AtomicU32::new(0),
         }
     }
@@ -176,120 +83,29 @@ impl Owner {
     }
 
     fn set(&self, site: &'static Location<'static>) {
-        self.site.store(
-            site as *const Location<'static> as *mut Location<'static>,
-            Ordering::Relaxed,
+        self.site.store(Some(site));
+    }
+
+    /// Copies the lock's state into the calling CPU's wait record (for the watchdog's
+    /// report of a CPU stuck waiting for it).
+    fn note(&self) {
+        order::note_lock_state(
+            self.cpu.load(Ordering::Relaxed),
+            self.site.load(),
+            self.favoured.load(Ordering::Relaxed),
         );
     }
 }
 
-/// Per CPU: the lock it is spinning for now (its name, and its owner record if it is a
-/// `Mutex`), for the watchdog's report. Null while not spinning.
-struct Waiting {
-    name: AtomicPtr<&'static str>,
-    owner: AtomicPtr<Owner>,
-}
-
-static WAITING: [Waiting; MAX_CPUS] = [const {
-    Waiting {
-        name: AtomicPtr::new(core::ptr::null_mut()),
-        owner: AtomicPtr::new(core::ptr::null_mut()),
-    }
-}; MAX_CPUS];
-
-/// Writes which lock CPU `cpu` is spinning for, if any, and who holds it (a line of the
-/// watchdog's report). Runs while that CPU is stopped inside its spin, so the lock is
-/// still alive.
-pub fn write_waiting(w: &mut dyn core::fmt::Write, cpu: usize) -> core::fmt::Result {
-    let Some(slot) = WAITING.get(cpu) else {
-        return Ok(());
-    };
-    let name = slot.name.load(Ordering::Acquire);
-    if name.is_null() {
-        return Ok(());
-    }
-    // SAFETY: `name` points at a `&'static str` in a `Rank` (stored by `spin_until`
-    // from a `&'static Rank`).
-    let name = unsafe { *name };
-    write!(w, "  spinning for lock {name:?}")?;
-    let owner = slot.owner.load(Ordering::Acquire);
-    if !owner.is_null() {
-        // SAFETY: the owner record lives in the lock this CPU is stopped spinning for,
-        // which stays alive while a CPU waits for it.
-        let owner = unsafe { &*owner };
-        let holder = owner.cpu.load(Ordering::Relaxed);
-        let site = owner.site.load(Ordering::Relaxed);
-        match holder {
-            0 => write!(w, ", free now")?,
-            n => write!(w, ", held by cpu {}", n - 1)?,
-        }
-        if !site.is_null() {
-            // SAFETY: `site` comes from `Location::caller()`, which is `'static`.
-            let site = unsafe { &*site };
-            write!(w, ", last taken at {}:{}", site.file(), site.line())?;
-        }
-        match owner.favoured.load(Ordering::Relaxed) {
-            0 => {}
-            n if n as usize == cpu + 1 => write!(w, " (this CPU has the next turn)")?,
-            n => write!(w, " (cpu {} has the next turn)", n - 1)?,
-        }
-    }
-    writeln!(w)
-}
-
-/// Spins until `attempt` succeeds, answering cross-CPU calls meanwhile; reports the
-/// lock as stuck after twice the watchdog's limit (never, with the watchdog off).
-fn spin_until<G>(
-    rank: &'static Rank,
-    owner: Option<&Owner>,
-    mut attempt: impl FnMut() -> Option<G>,
-) -> G {
+/// Spins until `attempt` succeeds, recorded as waiting for the lock of rank `rank`,
+/// in the crate's one waiting loop (`ipi::spin_until`: it answers cross-CPU calls
+/// meanwhile and reports the lock as stuck after twice the watchdog's limit).
+fn spin_until<G>(rank: &'static Rank, mut attempt: impl FnMut() -> Option<G>) -> G {
+    // The uncontended path touches no wait record.
     if let Some(g) = attempt() {
         return g;
     }
-    let name = rank.name;
-    let slot = WAITING.get(percpu::current_index());
-    // A served call may spin for another lock meanwhile: restore what it replaces.
-    let saved = slot.map(|s| {
-        let before = (
-            s.name.load(Ordering::Relaxed),
-            s.owner.load(Ordering::Relaxed),
-        );
-        s.name.store(
-            &rank.name as *const &'static str as *mut &'static str,
-            Ordering::Release,
-        );
-        s.owner.store(
-            owner.map_or(core::ptr::null_mut(), |o| o as *const Owner as *mut Owner),
-            Ordering::Release,
-        );
-        before
-    });
-    let g = spin_until_inner(name, attempt);
-    if let (Some(s), Some((n, o))) = (slot, saved) {
-        s.name.store(n, Ordering::Release);
-        s.owner.store(o, Ordering::Release);
-    }
-    g
-}
-
-fn spin_until_inner<G>(name: &'static str, mut attempt: impl FnMut() -> Option<G>) -> G {
-    let start = panda_arch::time::now_ns();
-    let mut spins = 0u32;
-    loop {
-        crate::ipi::serve_calls();
-        core::hint::spin_loop();
-        if let Some(g) = attempt() {
-            return g;
-        }
-        spins = spins.wrapping_add(1);
-        if spins.is_multiple_of(4096) {
-            let limit = crate::watchdog::limit_ns().saturating_mul(2);
-            if limit != 0 && panda_arch::time::now_ns().saturating_sub(start) > limit {
-                crate::watchdog::stuck(name);
-            }
-        }
-    }
+    order::waiting_for(rank, || crate::ipi::spin_until(rank.name, attempt))
 }
 
 /// A ranked spin lock (see the module doc). Any waiter may take it when it is free, but
@@ -348,10 +164,11 @@ impl<T> Mutex<T> {
     #[cold]
     fn wait_for_turn(&self, me: u32) {
         let start = panda_arch::time::now_ns();
-        spin_until(self.rank, Some(&self.owner), || {
+        spin_until(self.rank, || {
             if self.owner.try_take(me) {
                 return Some(());
             }
+            self.owner.note();
             if panda_arch::time::now_ns().saturating_sub(start) >= STARVING_AFTER_NS {
                 // Claim the next turn (if no other waiter has it already).
                 let _ = self.owner.favoured.compare_exchange(
@@ -450,7 +267,7 @@ impl<T> RwLock<T> {
 
     pub fn read(&self) -> ReadGuard<'_, T> {
         acquire(self.rank);
-        let guard = spin_until(self.rank, None, || {
+        let guard = spin_until(self.rank, || {
             if self.writers_waiting.load(Ordering::Acquire) != 0 {
                 return None;
             }
@@ -465,7 +282,7 @@ impl<T> RwLock<T> {
     pub fn write(&self) -> WriteGuard<'_, T> {
         acquire(self.rank);
         self.writers_waiting.fetch_add(1, Ordering::AcqRel);
-        let guard = spin_until(self.rank, None, || self.inner.try_write());
+        let guard = spin_until(self.rank, || self.inner.try_write());
         self.writers_waiting.fetch_sub(1, Ordering::AcqRel);
         WriteGuard {
             rank: self.rank,

@@ -7,10 +7,10 @@
 //! `UserTables::read`/`write`, `UserCopy`) takes the typed value: the bounds are a
 //! property of the type, not a check each layer repeats or forgets.
 //!
-//! The user half is `[0, USER_SPACE_END)` (`panda_abi`, 2^47): the lower canonical
-//! half, so a `UserAddr` is always canonical and never a kernel address. The typed
-//! values say only *where*; whether the user may reach the bytes (mapped, the rights) is
-//! still the page tables' and the region bookkeeping's answer.
+//! The user half is `[0, USER_SPACE_END)` (`panda_abi`; arch's `USER_END`, 2^47): the
+//! lower canonical half, so a `UserAddr` is always canonical and never a kernel
+//! address. The typed values say only *where*; whether the user may reach the bytes
+//! (mapped, the rights) is still the page tables' and the region bookkeeping's answer.
 //!
 //! The invariants, which the constructors check and nothing else can break (the fields
 //! are private and every method keeps them):
@@ -28,10 +28,7 @@
 //! `UserRange::new(END, 0)` is `Some` and empty; `UserRange::new(END + 1, 0)` is `None`
 //! (a kernel or non-canonical pointer is refused even for zero bytes).
 
-use panda_arch::PAGE_SIZE;
-
-/// End of the user half (exclusive), as a `u64`.
-const END: u64 = panda_abi::USER_SPACE_END as u64;
+use panda_arch::{page_floor, page_offset, PAGE_SIZE, USER_END as END};
 
 /// An address in the user half: below `USER_SPACE_END`, so canonical and never a
 /// kernel address. (Not necessarily mapped.)
@@ -55,12 +52,12 @@ impl UserAddr {
 
     /// The start of the page holding this address (a user address too).
     pub const fn page(self) -> Self {
-        Self(self.0 & !(PAGE_SIZE - 1))
+        Self(page_floor(self.0))
     }
 
     /// Bytes from this address to the end of its page (1 to `PAGE_SIZE`).
     pub const fn to_page_end(self) -> u64 {
-        PAGE_SIZE - (self.0 & (PAGE_SIZE - 1))
+        PAGE_SIZE - page_offset(self.0)
     }
 }
 
@@ -136,7 +133,7 @@ impl UserRange {
 
     /// The first piece of the range that lies in one page (empty if the range is).
     pub const fn first_piece(self) -> Self {
-        let in_page = PAGE_SIZE - (self.start & (PAGE_SIZE - 1));
+        let in_page = PAGE_SIZE - page_offset(self.start);
         self.split_at(in_page).0
     }
 

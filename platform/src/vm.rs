@@ -39,8 +39,9 @@ use crate::sync::{Mutex, MutexGuard, Rank};
 use crate::tables::OwnedTables;
 pub use crate::user::{UserAddr, UserRange};
 use panda_arch::paging::{flags, MapError};
-use panda_arch::user::FaultAccess;
-use panda_arch::{percpu, HHDM_BASE, PAGE_SIZE};
+// Nothing at or above `USER_END` (the user half's end) is ever mapped into a user
+// space by this module.
+use panda_arch::{page_floor, percpu, HHDM_BASE, PAGE_SIZE, USER_END};
 
 /// Lock ranks of this module (the kernel's others are in `kernel/src/locks.rs`;
 /// docs/LOCKING.md has the whole order).
@@ -53,23 +54,6 @@ pub static CURRENT: Rank = Rank::new(70, "vm::CURRENT");
 /// Most page slots one unmap batch looks at (so at most as many frames it frees): the
 /// table lock is held, and the shootdown waited for, one batch at a time.
 pub const UNMAP_BATCH: usize = 512;
-
-/// End of the user half (the lower canonical half): nothing at or above it is ever
-/// mapped into a user space by this module.
-pub const USER_END: u64 = 1 << 47;
-
-/// The access a user page fault made, as the region bookkeeping checks it: the one
-/// conversion from what `arch` decodes of the error code (`FaultAccess`: arch does not
-/// depend on `mm`, and `mm`'s host-tested `Access` must not depend on arch) to the
-/// `Access` every check above uses. Exhaustive: a new kind of fault does not build
-/// until it is mapped here.
-pub fn fault_access(access: FaultAccess) -> Access {
-    match access {
-        FaultAccess::Read => Access::Read,
-        FaultAccess::Write => Access::Write,
-        FaultAccess::Execute => Access::Execute,
-    }
-}
 
 /// Page-table bits of a user page with `rights`.
 fn leaf_bits(rights: Rights) -> u64 {
@@ -162,7 +146,7 @@ impl UserTables {
     }
 
     fn map(&mut self, virt: u64, frame: Frame, rights: Rights) -> Result<(), MapError> {
-        let page = virt & !(PAGE_SIZE - 1);
+        let page = page_floor(virt);
         if page >= USER_END {
             return Err(MapError::Misaligned {
                 virt,
@@ -491,7 +475,7 @@ impl VmSpace {
         {
             let mut guard = self.tables.lock();
             let Some(t) = guard.as_mut() else { return };
-            let mut page = from & !(PAGE_SIZE - 1);
+            let mut page = page_floor(from);
             while page < to.min(USER_END) {
                 if t.tables.protect(page, bits) {
                     batch.add(page, None);

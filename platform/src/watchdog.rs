@@ -10,9 +10,10 @@
 //! its own registers and backtrace from its tick's frame, waits for the others' reports
 //! and exits with failure.
 //!
-//! The tick check cannot see a hang of every CPU (or of the only one): a spinning lock
-//! covers that by calling `stuck`, or by spinning through `spin_until`, which calls it
-//! after twice the limit. Both lead to the same report.
+//! The tick check cannot see a hang of every CPU (or of the only one): the crate's
+//! waiting loop (`ipi::spin_until`, which every lock and call wait spins in) covers
+//! that by calling `stuck_after` after twice the limit; `stuck` does the same for any
+//! other code that knows it cannot go on. Both lead to the same report.
 //!
 //! False alarms: a CPU is only declared stuck after checks ran continuously for the
 //! whole limit; if no check ran for half the limit (the whole guest was descheduled by
@@ -23,11 +24,47 @@
 //! Reports: each CPU's NMI handler takes `REPORT_LOCK` (bounded wait, so a CPU that
 //! never lets go cannot silence the rest), writes through `serial::emergency` (which
 //! gives up on a console lock held by a stopped CPU) and counts itself in `REPORTED`.
+//! After its registers come the lines of the registered reporters (`register_reporter`:
+//! `ipi::init` registers the lock a CPU spins for, `order::write_waiting`, and its
+//! calls, `ipi::write_state`); the watchdog imports no other module of this crate.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use crossbeam_utils::atomic::AtomicCell;
 use panda_arch::percpu::{self, MAX_CPUS};
 use panda_arch::trap::TrapFrame;
+
+/// A module's part of a CPU's report: writes lines about CPU `cpu` (each indented two
+/// spaces and ended with a newline; nothing if it has nothing to say). It runs on that
+/// CPU, stopped in its report (NMI or `stuck`), interrupts off: it must not take locks
+/// or allocate, and must be sound for any `cpu` it is passed.
+pub type Reporter = fn(&mut dyn core::fmt::Write, usize) -> core::fmt::Result;
+
+/// How many reporters may register.
+const MAX_REPORTERS: usize = 8;
+
+// Reporters are read in NMI context: the cells must be plain atomic words, never
+// `AtomicCell`'s fallback lock (an `Option<fn>` is one pointer, `None` being null).
+const _: () = assert!(AtomicCell::<Option<Reporter>>::is_lock_free());
+
+/// The registered reporters, in the order they registered (the order of their lines).
+static REPORTERS: [AtomicCell<Option<Reporter>>; MAX_REPORTERS] =
+    [const { AtomicCell::new(None) }; MAX_REPORTERS];
+/// Slots of `REPORTERS` handed out so far.
+static REPORTERS_TAKEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Adds `reporter` to every CPU's report, after the registers and before the backtrace
+/// (modules above the watchdog register theirs: it imports none of them). Panics if
+/// more than `MAX_REPORTERS` register (they register once, at start-up).
+pub fn register_reporter(reporter: Reporter) {
+    let slot = REPORTERS_TAKEN.fetch_add(1, Ordering::Relaxed);
+    assert!(
+        slot < MAX_REPORTERS,
+        "watchdog: more than {MAX_REPORTERS} reporters"
+    );
+    // A report running meanwhile sees the slot empty or filled: both are whole values.
+    REPORTERS[slot].store(Some(reporter));
+}
 
 /// How often the tick check runs (on whichever CPU's tick comes first).
 const CHECK_EVERY_NS: u64 = 100_000_000;
@@ -163,19 +200,11 @@ pub fn stuck(what: &str) -> ! {
     stuck_for(what, None)
 }
 
-/// Spins until `done()`; a spin that lasts twice the watchdog's limit calls `stuck`
-/// (never, when the watchdog is off). For locks and waits that may spin with
-/// interrupts off.
-pub fn spin_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = panda_arch::time::now_ns();
-    while !done() {
-        let limit = limit_ns().saturating_mul(2);
-        let spun = panda_arch::time::now_ns().saturating_sub(start);
-        if limit != 0 && spun >= limit {
-            stuck_for(what, Some(spun));
-        }
-        core::hint::spin_loop();
-    }
+/// For a wait that has spun for `spun_ns` (the waiting loop, `ipi::spin_until`, calls
+/// it after twice the limit): like `stuck`, and the first line says how long it spun.
+#[inline(never)]
+pub fn stuck_after(what: &str, spun_ns: u64) -> ! {
+    stuck_for(what, Some(spun_ns))
 }
 
 #[inline(never)]
@@ -318,8 +347,9 @@ fn write_report(frame: &TrapFrame, role: &str) {
         );
         let _ = panda_arch::trap::write_registers(w, frame);
         if let Some(i) = me {
-            let _ = crate::sync::write_waiting(w, i);
-            let _ = crate::ipi::write_state(w, i);
+            for reporter in REPORTERS.iter().filter_map(AtomicCell::load) {
+                let _ = reporter(w, i);
+            }
         }
         let _ = panda_arch::backtrace::write(w, frame.rip, frame.rbp);
     });

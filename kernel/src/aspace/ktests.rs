@@ -247,7 +247,7 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
 /// a refused fault keeps its charge.
 async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
     use panda_mm::account::Account;
-    const PAGE: u64 = crate::aspace::PAGE;
+    const PAGE: u64 = panda_arch::PAGE_SIZE;
     let errors = crate::aspace::account_errors();
     let account = Account::root(48 * PAGE);
     let space =

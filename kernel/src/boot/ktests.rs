@@ -4,8 +4,6 @@
 // Failures carry their message inline (see `crate::ktest::Failure`).
 #![allow(clippy::result_large_err)]
 
-use panda_arch::probe::{self};
-
 use crate::boot::{MemoryKind, MemoryMap};
 use crate::ktest::{async_tests, ensure, fail, tests, AsyncTest, Context, Outcome, Test};
 
@@ -43,12 +41,18 @@ fn boot_info_hhdm_and_rsdp(ctx: &Context<'_>) -> Outcome {
         .boot
         .rsdp
         .ok_or_else(|| fail(format_args!("no RSDP from the bootloader")))?;
-    let mut sig = [0u8; 8];
-    probe::read_bytes(ctx.boot.hhdm_offset + rsdp, &mut sig).map_err(|f| {
-        fail(format_args!(
-            "RSDP at {rsdp:#x} unreadable through the HHDM: {f:?}"
-        ))
-    })?;
+    ensure!(
+        panda_arch::acpi::rsdp() == Some(rsdp),
+        "arch recorded the RSDP at {:x?}, the boot info has {rsdp:#x}",
+        panda_arch::acpi::rsdp()
+    );
+    let sig = panda_arch::acpi::rsdp_signature()
+        .ok_or_else(|| fail(format_args!("arch recorded no RSDP")))?
+        .map_err(|f| {
+            fail(format_args!(
+                "RSDP at {rsdp:#x} unreadable through the HHDM: {f:?}"
+            ))
+        })?;
     ensure!(&sig == b"RSD PTR ", "RSDP signature is {sig:?}");
     ensure!(
         ctx.boot.has_flag("test"),

@@ -53,7 +53,8 @@ fn expect_write_fault(what: &str, addr: u64) -> Outcome {
     // The probe writes the byte's own value: if the write wrongly succeeds, nothing is
     // corrupted and the remaining tests still run.
     let mut current = [0u8; 1];
-    probe::read_bytes(addr, &mut current)
+    probe::read_image_bytes(addr, &mut current)
+        .ok_or_else(|| fail(format_args!("{what} at {addr:#x} is outside the image")))?
         .map_err(|f| fail(format_args!("{what} at {addr:#x} unreadable: {f:?}")))?;
     let rewrite = probe::rewrite_image_byte(addr).ok_or_else(|| {
         fail(format_args!(
@@ -99,7 +100,8 @@ fn paging_data_is_writable(_: &Context<'_>) -> Outcome {
         .ok_or_else(|| fail(format_args!("the ret in .data at {addr:#x} was refused")))?
         .map_err(|f| fail(format_args!("write to .data faulted: {f:?}")))?;
     let mut now = [0u8; 1];
-    probe::read_bytes(addr, &mut now)
+    probe::read_image_bytes(addr, &mut now)
+        .ok_or_else(|| fail(format_args!(".data at {addr:#x} is outside the image")))?
         .map_err(|f| fail(format_args!(".data at {addr:#x} unreadable: {f:?}")))?;
     ensure!(
         now[0] == 0xc3,
@@ -122,19 +124,43 @@ fn paging_only_text_executes(_: &Context<'_>) -> Outcome {
 }
 
 fn paging_stack_guard_pages_unmapped(_: &Context<'_>) -> Outcome {
-    let stacks = panda_arch::stacks::boot_stacks();
-    for guard in stacks.guards() {
-        match probe::read_u64(guard + 8) {
-            Ok(_) => return Err(fail(format_args!("guard page {guard:#x} is mapped"))),
-            Err(f) => ensure!(
-                f.vector == 14 && !f.protection() && f.address == guard + 8,
-                "wrong fault {f:?}"
-            ),
+    // The boot CPU's guards are the boot stacks' (in .bss); every online CPU's guard
+    // pages, the APs' in the stack window, must fault.
+    let boot = probe::stack_guards(0)
+        .ok_or_else(|| fail(format_args!("the boot CPU's stack guards are not recorded")))?;
+    let expected = panda_arch::stacks::boot_stacks().guards();
+    ensure!(
+        boot.map(|p| p.guard) == expected,
+        "CPU 0's guards {:x?} are not the boot stacks' {expected:x?}",
+        boot.map(|p| p.guard)
+    );
+    let mut cpus = 0;
+    for cpu in panda_arch::percpu::online().map(|c| c.index()) {
+        let probes = probe::stack_guards(cpu)
+            .ok_or_else(|| fail(format_args!("CPU {cpu}'s stack guards are not recorded")))?;
+        for p in probes {
+            let guard = p.guard;
+            match p.inside {
+                Ok(_) => {
+                    return Err(fail(format_args!(
+                        "CPU {cpu}: guard page {guard:#x} is mapped"
+                    )))
+                }
+                Err(f) => ensure!(
+                    f.vector == 14 && !f.protection() && f.address == guard + 8,
+                    "CPU {cpu}: wrong fault {f:?}"
+                ),
+            }
+            // The stack right above the guard is mapped.
+            p.above.map_err(|f| {
+                fail(format_args!(
+                    "CPU {cpu}: stack above {guard:#x} unmapped: {f:?}"
+                ))
+            })?;
         }
-        // The stack right above the guard is mapped.
-        probe::read_u64(guard + 4096)
-            .map_err(|f| fail(format_args!("stack above {guard:#x} unmapped: {f:?}")))?;
+        cpus += 1;
     }
+    ensure!(cpus > 0, "no CPU is online");
     Ok(())
 }
 
@@ -147,8 +173,9 @@ fn paging_lower_half_empty(_: &Context<'_>) -> Outcome {
         0x1_0000_0000,
         0x7fff_ffff_f000,
     ] {
+        // The user-half probe reads the current (kernel) tables' lower half.
         ensure!(
-            probe::read_u64(addr).is_err(),
+            probe::read_user_u64(addr).is_err(),
             "lower-half address {addr:#x} is mapped"
         );
     }

@@ -8,7 +8,10 @@ use crate::ktest::{async_tests, ensure, executor, tests, AsyncTest, Context, Out
 
 pub(crate) const TESTS: &[Test] = tests![locks_out_of_order_are_named];
 
-pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![locks_a_waiter_is_not_starved];
+pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
+    locks_a_waiter_is_not_starved,
+    locks_a_waiter_says_what_it_waits_for
+];
 
 /// The lock-order checker: with a rank-60 lock held, taking a rank-30 one is an
 /// inversion (named), a rank-65 one is not; a call served meanwhile starts afresh.
@@ -87,5 +90,58 @@ async fn locks_a_waiter_is_not_starved() -> Outcome {
         after.is_none(),
         "the claim outlived the waiter's turn: {after:?}"
     );
+    Ok(())
+}
+
+/// The watchdog report's line for a CPU spinning for a lock (`order::write_waiting`)
+/// names the lock, its holder, the line that took it and who has the next turn, read
+/// from the waiter's own copy while the waiter spins; once it has the lock the line is
+/// gone. Any CPU index is accepted (one past the last prints nothing).
+async fn locks_a_waiter_says_what_it_waits_for() -> Outcome {
+    use alloc::string::String;
+    use panda_platform::order::write_waiting;
+    use panda_platform::sync::{Mutex, Rank};
+    static RANK: Rank = Rank::new(60, "test reported");
+    static LOCK: Mutex<()> = Mutex::new(&RANK, ());
+    let line = |cpu: usize| {
+        let mut s = String::new();
+        let _ = write_waiting(&mut s, cpu);
+        s
+    };
+    ensure!(
+        line(usize::MAX).is_empty(),
+        "a line for a CPU that does not exist"
+    );
+    let exec = executor()?;
+    let n = exec.cpu_count();
+    if n < 2 {
+        return Ok(());
+    }
+    let me = panda_arch::percpu::current_index();
+    let other = (me + 1) % n;
+    let held = LOCK.lock();
+    let waiter = exec.spawn_pinned(other, async {
+        drop(LOCK.lock());
+    });
+    let want = alloc::format!(
+        "  spinning for lock \"test reported\", held by cpu {me}, last taken at kernel/src/locks/ktests.rs:"
+    );
+    // The waiter claims the next turn after 200 us; allow 2 s for vCPUs to run at all.
+    let deadline = panda_arch::time::now_ns() + 2_000_000_000;
+    let mut seen = line(other);
+    while !(seen.starts_with(&want) && seen.ends_with(" (this CPU has the next turn)\n"))
+        && panda_arch::time::now_ns() < deadline
+    {
+        core::hint::spin_loop();
+        seen = line(other);
+    }
+    drop(held);
+    waiter.await;
+    let after = line(other);
+    ensure!(
+        seen.starts_with(&want) && seen.ends_with(" (this CPU has the next turn)\n"),
+        "cpu{other}'s line while it waited: {seen:?}"
+    );
+    ensure!(after.is_empty(), "a line after the wait ended: {after:?}");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! space whose segment pages hold the file's bytes.
 
 use super::*;
+use panda_arch::PAGE_SIZE;
 
 /// Loads `file` into a new address space: each segment's file bytes are copied into
 /// zeroed frames mapped with the segment's rights; the rest (BSS) is demand-zero. The
@@ -24,7 +25,7 @@ pub fn load(
                 panda_platform::frame::alloc_user_zeroed().ok_or(SpawnError::OutOfMemory)?;
             // The part of [file_start, file_end) on this page.
             let from = file_start.max(page);
-            let to = file_end.min(page + 4096);
+            let to = file_end.min(page + PAGE_SIZE);
             let bytes = if from < to {
                 let at = (seg.file_offset + (from - seg.vaddr)) as usize;
                 &file[at..at + (to - from) as usize]
@@ -38,7 +39,7 @@ pub fn load(
                     _ => SpawnError::BadElf(ElfError::BadSegment("segment refused")),
                 });
             }
-            page += 4096;
+            page += PAGE_SIZE;
         }
     }
     Ok((space, plan.entry))

@@ -57,7 +57,6 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                 }
             },
             Exit::PageFault { addr, access } => {
-                let access = panda_platform::vm::fault_access(access);
                 // Almost every fault completes on its first poll (a pooled or freshly
                 // zeroed frame), so it is polled once directly; only one that must wait
                 // (for the zeroing task) races the end of its process. (Building the

@@ -38,7 +38,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use panda_abi::syscall::SystemInfo;
 
-pub const PAGE: usize = 4096;
+pub const PAGE: usize = panda_abi::PAGE_SIZE;
 /// Stack mode: each thread's stack, and how much of it is touched.
 pub const STACK_SIZE: usize = 16 << 20;
 pub const STACK_TOUCH: usize = 15 << 20;

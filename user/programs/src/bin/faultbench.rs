@@ -105,7 +105,7 @@ fn report_latency(phase: &str, hist: &bench_core::Histogram, tsc_hz: u64, hits_b
 /// same CPU (the fault awaits the zeroing task).
 fn latency_probe(tsc_hz: u64) -> u64 {
     use core::sync::atomic::{AtomicBool, Ordering};
-    const PAGE: usize = 4096;
+    const PAGE: usize = panda_abi::PAGE_SIZE;
     static STOP: AtomicBool = AtomicBool::new(false);
     if sys::set_affinity(0).is_err() {
         return 1;

@@ -33,7 +33,7 @@ macro_rules! ensure {
     };
 }
 
-const PAGE: usize = 4096;
+const PAGE: usize = panda_abi::PAGE_SIZE;
 
 fn read(addr: usize) -> u64 {
     // SAFETY: tests only read memory they mapped (or expect to fault on in a child).
