@@ -32,13 +32,13 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 
 use panda_arch::paging::MapError;
-use panda_arch::{page_offset, percpu, PAGE_SIZE};
+use panda_arch::{percpu, PAGE_SIZE};
 use panda_mm::account::{Account, OverLimit, UNLIMITED};
 use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
 use panda_mm::MmError;
 use panda_platform::frame::{FilledFrame, ZeroedFrame};
-use panda_platform::vm::{UserTables, VmSpace};
+use panda_platform::vm::{UserAddr, UserCopy, UserRange, UserTables, VmSpace};
 use panda_platform::zero::Source;
 
 use panda_platform::sync::{Mutex, RwLock};
@@ -158,6 +158,9 @@ impl From<Miss> for FaultError {
         }
     }
 }
+
+/// A user copy's answer for a page the user may not access that way.
+const DENIED: FaultError = FaultError::Denied(FaultDecision::OutsideRegions);
 
 /// Why a fault was not resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,7 +290,7 @@ impl AddressSpace {
     /// access and not yet backed; otherwise says why not.
     /// (Past the account's limit or with no frame to be had: `OutOfMemory`; this path
     /// ends no process.)
-    pub fn handle_fault(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+    pub fn handle_fault(&self, addr: UserAddr, access: Access) -> Result<(), FaultError> {
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access)?;
         self.charge(PAGE_SIZE).map_err(Miss::OverLimit)?;
@@ -315,13 +318,22 @@ impl AddressSpace {
     /// out-of-memory policy: both log why, and the fault then returns `Ok` for a process
     /// that is ending, so the thread loop (which checks for that before it runs the
     /// thread again) logs nothing more.
-    pub async fn handle_fault_async(&self, addr: u64, access: Access) -> Result<(), FaultError> {
+    pub async fn handle_fault_async(
+        &self,
+        addr: UserAddr,
+        access: Access,
+    ) -> Result<(), FaultError> {
         self.resolve_fault(addr, access, true).await
     }
 
     /// A fault in the kernel's copies for a system call (`copy_user`): like a user
     /// fault, but past the limit the call fails with `OutOfMemory` instead.
-    async fn resolve_fault(&self, addr: u64, access: Access, user: bool) -> Result<(), FaultError> {
+    async fn resolve_fault(
+        &self,
+        addr: UserAddr,
+        access: Access,
+        user: bool,
+    ) -> Result<(), FaultError> {
         let t0 = tsc();
         let mut reclaims = 0;
         loop {
@@ -333,7 +345,7 @@ impl AddressSpace {
                 }
                 Err(Miss::OverLimit(over)) => {
                     let pid = self.account.id();
-                    if user && limits::end_over_limit(pid, addr, access, over) {
+                    if user && limits::end_over_limit(pid, addr.get(), access, over) {
                         return Ok(());
                     }
                     return Err(FaultError::OutOfMemory);
@@ -351,7 +363,7 @@ impl AddressSpace {
         }
     }
 
-    async fn handle_fault_inner(&self, addr: u64, access: Access) -> Result<(), Miss> {
+    async fn handle_fault_inner(&self, addr: UserAddr, access: Access) -> Result<(), Miss> {
         let t0 = tsc();
         let generation = self.layout_gen.load(Ordering::Acquire);
         let rights = self.demand_zero_rights(addr, access).map_err(|e| match e {
@@ -377,8 +389,8 @@ impl AddressSpace {
     }
 
     /// The rights of a demand-zero page at `addr`, or why there is none.
-    fn demand_zero_rights(&self, addr: u64, access: Access) -> Result<Rights, FaultError> {
-        match self.regions.read().classify(addr, access) {
+    fn demand_zero_rights(&self, addr: UserAddr, access: Access) -> Result<Rights, FaultError> {
+        match self.regions.read().classify(addr.get(), access) {
             FaultDecision::DemandZero(rights) => Ok(rights),
             decision => Err(FaultError::Denied(decision)),
         }
@@ -389,7 +401,7 @@ impl AddressSpace {
     /// charged already (by the caller); given back unless it is mapped here.
     fn install(
         &self,
-        addr: u64,
+        addr: UserAddr,
         frame: ZeroedFrame,
         rights: Rights,
         generation: u64,
@@ -407,7 +419,7 @@ impl AddressSpace {
             } else {
                 Access::Read
             };
-            match self.regions.read().classify(addr, access) {
+            match self.regions.read().classify(addr.get(), access) {
                 FaultDecision::DemandZero(current) => current,
                 other => {
                     self.uncharge(PAGE_SIZE);
@@ -420,7 +432,9 @@ impl AddressSpace {
             self.uncharge(PAGE_SIZE);
             return Err(Miss::Denied(FaultDecision::OutsideRegions));
         };
-        match self.map_charged(tables, addr, |t| t.map_zeroed(addr, frame, rights)) {
+        match self.map_charged(tables, addr.get(), |t| {
+            t.map_zeroed(addr.get(), frame, rights)
+        }) {
             Ok(()) => {
                 count(Stat::Faults);
                 Ok(())
@@ -553,88 +567,63 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Whether `[addr, addr + len)` lies inside one live buffer.
-    pub fn in_buffer(&self, addr: u64, len: u64) -> bool {
-        let Some(end) = addr.checked_add(len) else {
-            return false;
-        };
+    /// Whether `range` lies inside one live buffer.
+    pub fn in_buffer(&self, range: UserRange) -> bool {
         self.regions
             .read()
             .buffers()
-            .any(|(s, e)| s <= addr && end <= e)
+            .any(|(s, e)| range.within(s, e))
     }
 
-    /// Makes `[addr, addr + len)` accessible as the user would access it (`write` or
-    /// read): a valid page not yet backed is faulted in — awaiting a zeroed frame like
-    /// a user fault. Anything the user could not access that way is an error.
-    pub async fn fault_in(&self, addr: u64, len: u64, write: bool) -> Result<(), FaultError> {
-        self.copy_user(addr, len, write, |t, at, _| {
-            if t.user_can(addr + at as u64, write) {
-                Ok(())
-            } else {
-                Err(0)
-            }
-        })
-        .await
+    /// Makes `range` accessible as the user would access it (`write` or read): a valid
+    /// page not yet backed is faulted in — awaiting a zeroed frame like a user fault.
+    /// Anything the user could not access that way is an error.
+    pub async fn fault_in(&self, range: UserRange, write: bool) -> Result<(), FaultError> {
+        self.copy_user(UserCopy::check(range, write)).await
     }
 
-    /// Copies `out.len()` bytes of user memory at `addr` into `out`, faulting pages in
-    /// as a user read would.
-    pub async fn read_user(&self, addr: u64, out: &mut [u8]) -> Result<(), FaultError> {
-        self.copy_user(addr, out.len() as u64, false, |t, at, n| {
-            t.read(addr + at as u64, &mut out[at..at + n])
-        })
-        .await
+    /// Copies the user memory `from` into `out` (as long as `from`), faulting pages in
+    /// as a user read would. (Lengths that differ: `Denied`, a caller's bug.)
+    pub async fn read_user(&self, from: UserRange, out: &mut [u8]) -> Result<(), FaultError> {
+        let copy = UserCopy::from_user(from, out).ok_or(DENIED)?;
+        self.copy_user(copy).await
     }
 
-    /// Copies `bytes` to user memory at `addr`, faulting pages in as a user write would.
-    /// The whole destination is checked (and faulted in) first, so a destination that
-    /// runs into memory the caller may not write gets an error and is left untouched.
-    /// (If another thread of the process frees part of it between the two passes, the
-    /// write stops there with an error.)
-    pub async fn write_user(&self, addr: u64, bytes: &[u8]) -> Result<(), FaultError> {
-        self.fault_in(addr, bytes.len() as u64, true).await?;
-        self.copy_user(addr, bytes.len() as u64, true, |t, at, n| {
-            t.write(addr + at as u64, &bytes[at..at + n])
-        })
-        .await
+    /// Copies `bytes` to the user memory `to` (as long as `bytes`), faulting pages in as
+    /// a user write would. The whole destination is checked (and faulted in) first, so
+    /// a destination that runs into memory the caller may not write gets an error and
+    /// is left untouched. (If another thread of the process frees part of it between
+    /// the two passes, the write stops there with an error.)
+    pub async fn write_user(&self, to: UserRange, bytes: &[u8]) -> Result<(), FaultError> {
+        let copy = UserCopy::to_user(to, bytes).ok_or(DENIED)?;
+        self.fault_in(to, true).await?;
+        self.copy_user(copy).await
     }
 
-    /// Runs `copy(tables, offset, n)` on `[addr, addr + len)` piece by piece (at most a
-    /// page each), with the table lock held, so the frames cannot be unmapped and freed
-    /// while it copies; a page not yet accessible is faulted in first. Between pieces it
-    /// gives its CPU's other tasks a turn when `executor::Slice` says so.
-    async fn copy_user(
-        &self,
-        addr: u64,
-        len: u64,
-        write: bool,
-        mut copy: impl FnMut(&UserTables, usize, usize) -> Result<(), usize>,
-    ) -> Result<(), FaultError> {
-        let denied = FaultError::Denied(FaultDecision::OutsideRegions);
-        let end = addr.checked_add(len).ok_or(denied)?;
-        if end > panda_arch::USER_END {
-            return Err(denied);
-        }
-        let access = if write { Access::Write } else { Access::Read };
-        let mut at = addr;
+    /// Runs `copy` (`UserCopy`: a copy to or from a user range, or a check of it) piece
+    /// by piece (at most a page each), with the table lock held for each, so the frames
+    /// cannot be unmapped and freed while it copies; a page not yet accessible is
+    /// faulted in first. Between pieces it gives its CPU's other tasks a turn when
+    /// `executor::Slice` says so. The range is a `UserRange`, checked at the system-call
+    /// boundary: it lies in the user half, so no bound is checked here.
+    async fn copy_user(&self, mut copy: UserCopy<'_>) -> Result<(), FaultError> {
+        let access = if copy.writes() {
+            Access::Write
+        } else {
+            Access::Read
+        };
         let mut tries = 0;
         let mut slice = crate::executor::Slice::start();
-        while at < end {
+        while let Some(at) = copy.next() {
             // A long copy (up to megabytes) gives the CPU's other tasks their turn
             // between pages (`executor::Slice`), so they are not held up by it.
             slice.maybe_yield().await;
-            let chunk = (end - at).min(PAGE_SIZE - page_offset(at));
             let copied = {
-                // `copy` checks the page's user rights itself (the tables' `read` and
-                // `write` do, `fault_in`'s does): one walk per piece.
+                // `step` checks the page's user rights itself: one walk per piece.
                 let guard = self.vm.lock();
-                guard
-                    .as_ref()
-                    .is_some_and(|t| copy(t, (at - addr) as usize, chunk as usize).is_ok())
+                guard.as_ref().is_some_and(|t| copy.step(t))
             };
             if copied {
-                at += chunk;
                 tries = 0;
                 continue;
             }
@@ -642,21 +631,21 @@ impl AddressSpace {
             // unmapped again by another thread right after the fault can, rarely.
             tries += 1;
             if tries > 4 {
-                return Err(denied);
+                return Err(DENIED);
             }
             self.resolve_fault(at, access, false).await?;
         }
         Ok(())
     }
 
-    /// Copies `[addr, addr + out.len())` of mapped user memory into `out` without
-    /// faulting anything in; stops at the first page not mapped user-readable. Returns
-    /// whether all of it was copied.
-    pub fn read_mapped(&self, addr: u64, out: &mut [u8]) -> bool {
+    /// Copies the user memory `from` into `out` (as long as `from`) from pages already
+    /// mapped, without faulting anything in; stops at the first page not mapped
+    /// user-readable. Returns whether all of it was copied.
+    pub fn read_mapped(&self, from: UserRange, out: &mut [u8]) -> bool {
         self.vm
             .lock()
             .as_ref()
-            .is_some_and(|t| t.read(addr, out).is_ok())
+            .is_some_and(|t| t.read(from, out).is_ok())
     }
 
     /// Physical frame and flags `virt` maps to, if any.

@@ -32,6 +32,7 @@ use crate::boot::BootInfo;
 use crate::console;
 use crate::kernel_tables::KernelTables;
 use panda_mm::region::{Access, FaultDecision, Rights};
+use panda_platform::vm::UserAddr;
 
 /// A failure message, formatted without a heap.
 pub struct Failure {
@@ -295,12 +296,19 @@ pub(crate) fn report_cpu() -> usize {
     percpu::current_index()
 }
 
+/// `addr` as a user address, for tests whose addresses are in the user half by
+/// construction (panics otherwise: a test's bug).
+pub(crate) fn user_addr(addr: u64) -> UserAddr {
+    UserAddr::new(addr).expect("a test's user address is in the user half")
+}
+
 /// Reads user memory in the current space, resolving demand faults like a user access.
 pub(crate) fn user_read(space: &AddressSpace, addr: u64) -> Result<u64, FaultDecision> {
     match probe::read_user_u64(addr) {
         Ok(v) => Ok(v),
         Err(_) => {
-            space.handle_fault(addr, Access::Read).map_err(denied)?;
+            let at = UserAddr::new(addr).ok_or(FaultDecision::OutsideRegions)?;
+            space.handle_fault(at, Access::Read).map_err(denied)?;
             probe::read_user_u64(addr).map_err(|_| FaultDecision::OutsideRegions)
         }
     }
@@ -311,7 +319,8 @@ pub(crate) fn user_write(space: &AddressSpace, addr: u64, value: u64) -> Result<
     match probe::write_user_u64(addr, value) {
         Ok(()) => Ok(()),
         Err(_) => {
-            space.handle_fault(addr, Access::Write).map_err(denied)?;
+            let at = UserAddr::new(addr).ok_or(FaultDecision::OutsideRegions)?;
+            space.handle_fault(at, Access::Write).map_err(denied)?;
             probe::write_user_u64(addr, value).map_err(|_| FaultDecision::ProtectionViolation)
         }
     }

@@ -12,6 +12,8 @@
 //! - `zero`: the zeroing policy: where a fault's zeroed frame comes from (pool hit,
 //!   awaited refill, zeroed on the spot), the zeroing task and idle-time top-up;
 //! - `heap`: the kernel heap (the global allocator: per-CPU slabs over frames);
+//! - `user`: user addresses as checked values (`UserAddr`, `UserRange`), made once
+//!   at the system-call boundary and taken by every user-memory copy below it;
 //! - `vm`: a user address space (`VmSpace`): its page tables (owning what they map,
 //!   through the private `tables`), which CPUs run it, and the TLB shootdowns that keep
 //!   them true;
@@ -39,6 +41,7 @@ pub mod ipi;
 pub mod order;
 pub mod sync;
 mod tables;
+pub mod user;
 pub mod vm;
 pub mod watchdog;
 pub mod zero;

@@ -15,10 +15,11 @@
 //!   an `Unmapped` batch that frees them only after every CPU that may hold the old
 //!   translation has flushed (`Unmapped::finish`, or its drop); `unmap_range` and
 //!   `protect_range` flush before they return;
-//! - user memory is copied (`UserTables::read`/`write`), never borrowed: another user
-//!   thread may write the same bytes at any moment, and a Rust reference over them
-//!   would be undefined behaviour. The copy runs with the table lock held, so the
-//!   frame cannot be unmapped and reused under it;
+//! - user memory is copied (`UserTables::read`/`write`, or `UserCopy` a page piece at
+//!   a time), never borrowed: another user thread may write the same bytes at any
+//!   moment, and a Rust reference over them would be undefined behaviour. The copy runs
+//!   with the table lock held, so the frame cannot be unmapped and reused under it; it
+//!   takes a `UserRange` (`crate::user`), so it reaches only the user half;
 //! - a CPU loads the space with `activate`; dropping the space first moves every CPU
 //!   that may still have it loaded back to the kernel's tables.
 //!
@@ -36,10 +37,11 @@ use crate::frame::{self, FilledFrame, Frame, ZeroedFrame};
 use crate::ipi;
 use crate::sync::{Mutex, MutexGuard, Rank};
 use crate::tables::OwnedTables;
+pub use crate::user::{UserAddr, UserRange};
 use panda_arch::paging::{flags, MapError};
 // Nothing at or above `USER_END` (the user half's end) is ever mapped into a user
 // space by this module.
-use panda_arch::{page_floor, page_offset, percpu, HHDM_BASE, PAGE_SIZE, USER_END};
+use panda_arch::{page_floor, percpu, HHDM_BASE, PAGE_SIZE, USER_END};
 
 /// Lock ranks of this module (the kernel's others are in `kernel/src/locks.rs`;
 /// docs/LOCKING.md has the whole order).
@@ -98,24 +100,22 @@ impl UserTables {
         self.tables.translate(virt)
     }
 
-    /// Whether `virt`'s page is mapped for user access (and writable, if `write`).
-    pub fn user_can(&self, virt: u64, write: bool) -> bool {
-        self.user_frame(virt, write).is_some()
+    /// Whether `addr`'s page is mapped for user access (and writable, if `write`).
+    pub fn user_can(&self, addr: UserAddr, write: bool) -> bool {
+        self.user_frame(addr, write).is_some()
     }
 
-    /// The physical address `virt` maps to, if its page is mapped for user access (and
-    /// writable, if `write`): one walk of the tables.
-    fn user_frame(&self, virt: u64, write: bool) -> Option<u64> {
+    /// The physical address `addr` maps to, if its page is mapped for user access (and
+    /// writable, if `write`): one walk of the tables. (`addr` is in the user half by
+    /// its type: a kernel address cannot be asked about.)
+    fn user_frame(&self, addr: UserAddr, write: bool) -> Option<u64> {
         let need = if write {
             flags::USER | flags::WRITABLE
         } else {
             flags::USER
         };
-        if virt >= USER_END {
-            return None;
-        }
         self.tables
-            .translate(virt)
+            .translate(addr.get())
             .filter(|&(_, bits)| bits & need == need)
             .map(|(phys, _)| phys)
     }
@@ -177,43 +177,136 @@ impl UserTables {
         self.tables.count_user_frames()
     }
 
-    /// Copies user memory at `virt` into `out`, as a user read would see it. Stops at
-    /// the first page not mapped user-readable: `Err(bytes copied)`.
-    pub fn read(&self, virt: u64, out: &mut [u8]) -> Result<(), usize> {
-        self.visit(virt, out.len(), false, |phys, at, n| {
-            // SAFETY: `phys..phys + n` lies in a frame this table owns and keeps
-            // mapped while `&self` (the table lock) is held; the HHDM maps it; `out`
-            // is kernel memory, which no user frame overlaps.
-            unsafe { copy_bytes(out[at..].as_mut_ptr(), (HHDM_BASE + phys) as *const u8, n) }
+    /// Copies the user memory `from` into `out` (as long as `from`), as a user read
+    /// would see it. Stops at the first page not mapped user-readable: `Err(bytes
+    /// copied)`; `Err(0)` if the lengths differ.
+    pub fn read(&self, from: UserRange, out: &mut [u8]) -> Result<(), usize> {
+        UserCopy::from_user(from, out).ok_or(0usize)?.run(self)
+    }
+
+    /// Copies `bytes` to the user memory `to` (as long as `bytes`), where the user may
+    /// write. Stops at the first page not mapped user-writable: `Err(bytes copied)`;
+    /// `Err(0)` if the lengths differ.
+    pub fn write(&self, to: UserRange, bytes: &[u8]) -> Result<(), usize> {
+        UserCopy::to_user(to, bytes).ok_or(0usize)?.run(self)
+    }
+}
+
+/// What a `UserCopy` does with each piece of its range.
+enum Transfer<'a> {
+    /// Nothing: only check that the user could access it (`write`: write it).
+    Check { write: bool },
+    /// User memory into this kernel buffer.
+    FromUser(&'a mut [u8]),
+    /// This kernel buffer into user memory.
+    ToUser(&'a [u8]),
+}
+
+/// A copy between kernel memory and a `UserRange` (or a check of the range's rights),
+/// made one page piece at a time by `step`, each with the tables locked by the caller:
+/// the kernel's copy loop (`AddressSpace::copy_user`) takes the lock per piece, and
+/// between pieces resolves a fault at `next()` or gives its CPU's other tasks a turn.
+/// Every piece is checked against the page's user rights (one walk), so no byte the
+/// user could not read (or write) that way is copied.
+pub struct UserCopy<'a> {
+    /// What is still to copy.
+    rest: UserRange,
+    /// Bytes copied so far (the offset into the kernel buffer).
+    done: usize,
+    transfer: Transfer<'a>,
+}
+
+impl<'a> UserCopy<'a> {
+    /// A check that the user could read (`write`: write) every byte of `range`.
+    pub fn check(range: UserRange, write: bool) -> Self {
+        Self {
+            rest: range,
+            done: 0,
+            transfer: Transfer::Check { write },
+        }
+    }
+
+    /// A copy of `from` into `out`; `None` unless they are as long.
+    pub fn from_user(from: UserRange, out: &'a mut [u8]) -> Option<Self> {
+        (out.len() as u64 == from.len()).then_some(Self {
+            rest: from,
+            done: 0,
+            transfer: Transfer::FromUser(out),
         })
     }
 
-    /// Copies `bytes` to user memory at `virt`, where the user may write. Stops at the
-    /// first page not mapped user-writable: `Err(bytes copied)`.
-    pub fn write(&self, virt: u64, bytes: &[u8]) -> Result<(), usize> {
-        self.visit(virt, bytes.len(), true, |phys, at, n| {
-            // SAFETY: as in `read`; the frame is a user-writable page of this space,
-            // so writing it touches nothing the kernel owns.
-            unsafe { copy_bytes((HHDM_BASE + phys) as *mut u8, bytes[at..].as_ptr(), n) }
+    /// A copy of `bytes` to `to`; `None` unless they are as long.
+    pub fn to_user(to: UserRange, bytes: &'a [u8]) -> Option<Self> {
+        (bytes.len() as u64 == to.len()).then_some(Self {
+            rest: to,
+            done: 0,
+            transfer: Transfer::ToUser(bytes),
         })
     }
 
-    /// Runs `f(phys, offset, n)` for each piece of `[virt, virt + len)` up to the first
-    /// page the user could not access that way.
-    fn visit(
-        &self,
-        virt: u64,
-        len: usize,
-        write: bool,
-        mut f: impl FnMut(u64, usize, usize),
-    ) -> Result<(), usize> {
-        let mut done = 0;
-        while done < len {
-            let at = virt.checked_add(done as u64).ok_or(done)?;
-            let n = (len - done).min((PAGE_SIZE - page_offset(at)) as usize);
-            let phys = self.user_frame(at, write).ok_or(done)?;
-            f(phys, done, n);
-            done += n;
+    /// Whether the user access each piece is checked against is a write.
+    pub fn writes(&self) -> bool {
+        match self.transfer {
+            Transfer::Check { write } => write,
+            Transfer::FromUser(_) => false,
+            Transfer::ToUser(_) => true,
+        }
+    }
+
+    /// The first byte not yet copied (where a fault must be resolved when `step` finds
+    /// its page inaccessible), or `None` when the copy is done.
+    pub fn next(&self) -> Option<UserAddr> {
+        self.rest.first()
+    }
+
+    /// Copies the next piece (at most to the end of `next()`'s page) if the user could
+    /// access its page that way, and says whether it did; if not, nothing is copied
+    /// and the copy stays where it was. `true` when the copy is done already.
+    pub fn step(&mut self, tables: &UserTables) -> bool {
+        let Some(at) = self.rest.first() else {
+            return true;
+        };
+        let (piece, rest) = self.rest.split_at(at.to_page_end());
+        let Some(phys) = tables.user_frame(at, self.writes()) else {
+            return false;
+        };
+        let (from, n) = (self.done, piece.len() as usize);
+        match &mut self.transfer {
+            Transfer::Check { .. } => {}
+            // SAFETY: `phys..phys + n` lies in one frame (the piece ends at its page's
+            // end) that `tables` owns and keeps mapped while the borrow (the table
+            // lock) lasts; the HHDM maps it; `out[from..from + n]` is in bounds (`out`
+            // is as long as the range) and is kernel memory, which no user frame
+            // overlaps.
+            Transfer::FromUser(out) => unsafe {
+                copy_bytes(
+                    out[from..from + n].as_mut_ptr(),
+                    (HHDM_BASE + phys) as *const u8,
+                    n,
+                )
+            },
+            // SAFETY: as above; the frame is a user-writable page of this space
+            // (`user_frame` checked), so writing it touches nothing the kernel owns.
+            Transfer::ToUser(bytes) => unsafe {
+                copy_bytes(
+                    (HHDM_BASE + phys) as *mut u8,
+                    bytes[from..from + n].as_ptr(),
+                    n,
+                )
+            },
+        }
+        self.done += n;
+        self.rest = rest;
+        true
+    }
+
+    /// Steps to the end in `tables` (one lock held throughout): `Err(bytes copied)` at
+    /// the first page the user could not access that way.
+    fn run(mut self, tables: &UserTables) -> Result<(), usize> {
+        while self.rest.first().is_some() {
+            if !self.step(tables) {
+                return Err(self.done);
+            }
         }
         Ok(())
     }

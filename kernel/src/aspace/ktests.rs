@@ -13,11 +13,12 @@ use panda_platform::frame;
 
 use crate::aspace::{AddressSpace, FaultError};
 use crate::ktest::{
-    async_tests, ensure, executor, fail, tests, user_read, user_write, AsyncTest, Outcome, Test,
+    async_tests, ensure, executor, fail, tests, user_addr, user_read, user_write, AsyncTest,
+    Outcome, Test,
 };
 use panda_mm::region::{Access, FaultDecision, Rights};
 
-pub(crate) const TESTS: &[Test] = tests![];
+pub(crate) const TESTS: &[Test] = tests![mm_user_ranges_hold_only_the_user_half];
 
 pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_address_space_regions_and_faults,
@@ -29,8 +30,115 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
     mm_fault_under_exhaustion_fails_cleanly,
     mm_mapping_a_mapped_page_is_refused_and_frees_the_frame,
     mm_a_large_unmap_goes_in_batches_and_can_stop_between_them,
-    mm_the_charge_is_what_the_tables_hold
+    mm_the_charge_is_what_the_tables_hold,
+    mm_user_copies_cross_pages_and_stop_at_the_region_end
 ];
+
+/// `UserAddr`/`UserRange` hold only the user half: the cases the system calls'
+/// `BadAddress` rule rests on (ending exactly at `USER_SPACE_END`, one byte past it,
+/// an overflowing sum, an empty range at and past the end), and the splits the copies
+/// walk by.
+fn mm_user_ranges_hold_only_the_user_half(_: &crate::ktest::Context<'_>) -> Outcome {
+    use panda_platform::vm::{UserAddr, UserRange};
+    let end = panda_abi::USER_SPACE_END as u64;
+    ensure!(
+        UserAddr::new(end - 1).is_some(),
+        "the last user byte refused"
+    );
+    ensure!(UserAddr::new(end).is_none(), "USER_SPACE_END taken as user");
+    ensure!(
+        UserAddr::new(u64::MAX).is_none(),
+        "a kernel address taken as user"
+    );
+    ensure!(
+        UserRange::new(end - 8, 8).is_some(),
+        "a range ending at the end refused"
+    );
+    ensure!(
+        UserRange::new(end - 8, 9).is_none(),
+        "a range past the end taken"
+    );
+    ensure!(
+        UserRange::new(u64::MAX, 2).is_none(),
+        "an overflowing range taken"
+    );
+    ensure!(
+        UserRange::new(8, u64::MAX).is_none(),
+        "an overflowing length taken"
+    );
+    let empty = UserRange::new(end, 0);
+    ensure!(
+        empty.is_some_and(|r| r.is_empty() && r.first().is_none()),
+        "the empty range at the end: {empty:?}"
+    );
+    ensure!(
+        UserRange::new(end + 1, 0).is_none(),
+        "an empty kernel range taken"
+    );
+    let r = UserRange::new(0x1ff8, 0x2010).ok_or_else(|| fail(format_args!("0x1ff8")))?;
+    let piece = r.first_piece();
+    ensure!(
+        piece.start() == 0x1ff8 && piece.len() == 8,
+        "first piece {piece:?}"
+    );
+    let (head, tail) = r.split_at(0x10);
+    ensure!(
+        head.len() == 0x10 && tail.start() == 0x2008 && tail.end() == r.end(),
+        "split {head:?} {tail:?}"
+    );
+    let (all, none) = r.split_at(u64::MAX);
+    ensure!(all == r && none.is_empty(), "split past the end");
+    ensure!(
+        r.within(0x1000, 0x4008) && !r.within(0x1000, 0x4007),
+        "within"
+    );
+    Ok(())
+}
+
+/// A copy to and from user memory across page boundaries gets back what it wrote
+/// (three pieces: the tail of one page, a whole page, the head of the next, each
+/// faulted in); a destination that runs past the heap's end is refused whole and
+/// left untouched.
+async fn mm_user_copies_cross_pages_and_stop_at_the_region_end() -> Outcome {
+    use panda_platform::vm::UserRange;
+    let space = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
+    let heap = panda_abi::HEAP_BASE as u64;
+    space
+        .set_brk(heap + 0x4000)
+        .await
+        .map_err(|e| fail(format_args!("brk: {e:?}")))?;
+    let range = |at: u64, len: usize| {
+        UserRange::new(at, len as u64).ok_or_else(|| fail(format_args!("{at:#x}")))
+    };
+    let bytes: Vec<u8> = (0..0x1010u32).map(|i| (i * 7) as u8).collect();
+    let at = heap + 0x0ff8;
+    space
+        .write_user(range(at, bytes.len())?, &bytes)
+        .await
+        .map_err(|e| fail(format_args!("write: {e:?}")))?;
+    let mut back = alloc::vec![0u8; bytes.len()];
+    space
+        .read_user(range(at, back.len())?, &mut back)
+        .await
+        .map_err(|e| fail(format_args!("read: {e:?}")))?;
+    ensure!(back == bytes, "read back differs");
+    // From the last heap page past the break: refused whole, the valid part untouched.
+    let past = heap + 0x3ff0;
+    let refused = space.write_user(range(past, 0x20)?, &[0xaa; 0x20]).await;
+    ensure!(refused.is_err(), "a write past the heap's end succeeded");
+    let mut tail = [0u8; 0x10];
+    space
+        .read_user(range(past, 0x10)?, &mut tail)
+        .await
+        .map_err(|e| fail(format_args!("read tail: {e:?}")))?;
+    ensure!(tail == [0; 0x10], "a refused write left bytes: {tail:?}");
+    // Lengths that differ are refused (a caller's bug), not half-copied.
+    ensure!(
+        space.read_user(range(at, 4)?, &mut [0u8; 3]).await.is_err(),
+        "a read into a buffer of another length succeeded"
+    );
+    Ok(())
+}
 
 /// A large shrink unmaps in batches of at most `UNMAP_BATCH` pages, one shootdown (and
 /// one hold of the table lock) each, with a chance to yield between them. Dropped
@@ -57,7 +165,7 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
                 .map_err(|e| fail(format_args!("grow: {e:?}")))?;
             for i in 0..PAGES {
                 space
-                    .handle_fault(heap + i * 0x1000, Access::Write)
+                    .handle_fault(user_addr(heap + i * 0x1000), Access::Write)
                     .map_err(|e| fail(format_args!("fault: {e:?}")))?;
             }
             Ok(())
@@ -115,7 +223,7 @@ async fn mm_a_large_unmap_goes_in_batches_and_can_stop_between_them() -> Outcome
         let last = heap + (PAGES - 1) * 0x1000;
         ensure!(
             matches!(
-                space.handle_fault(last, Access::Write),
+                space.handle_fault(user_addr(last), Access::Write),
                 Err(FaultError::Denied(_))
             ),
             "a fault in the range being released was resolved"
@@ -160,7 +268,7 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
         .map_err(|e| fail(format_args!("brk: {e:?}")))?;
     for page in 0..8 {
         space
-            .handle_fault(heap + page * PAGE, Access::Write)
+            .handle_fault(user_addr(heap + page * PAGE), Access::Write)
             .map_err(|e| fail(format_args!("fault {page}: {e:?}")))?;
     }
     // A buffer far from the heap needs tables of its own.
@@ -168,7 +276,7 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
         .alloc_buffer(4 * PAGE)
         .map_err(|e| fail(format_args!("buffer: {e:?}")))?;
     space
-        .handle_fault(buffer, Access::Write)
+        .handle_fault(user_addr(buffer), Access::Write)
         .map_err(|e| fail(format_args!("buffer fault: {e:?}")))?;
     check("after faults")?;
     space
@@ -187,7 +295,7 @@ async fn mm_the_charge_is_what_the_tables_hold() -> Outcome {
         .map_err(|e| fail(format_args!("brk: {e:?}")))?;
     let mut refused = None;
     for page in 1..256 {
-        if let Err(e) = space.handle_fault(heap + page * PAGE, Access::Write) {
+        if let Err(e) = space.handle_fault(user_addr(heap + page * PAGE), Access::Write) {
             refused = Some((page, e));
             break;
         }
@@ -307,9 +415,9 @@ async fn mm_fault_under_exhaustion_fails_cleanly() -> Outcome {
     while let Some(z) = frame::try_take_zeroed(cpu) {
         held.push(z.into_frame());
     }
-    let starved = space.handle_fault(heap + 0x8_0000, Access::Write);
+    let starved = space.handle_fault(user_addr(heap + 0x8_0000), Access::Write);
     drop(held);
-    let recovered = space.handle_fault(heap + 0x8_0000, Access::Write);
+    let recovered = space.handle_fault(user_addr(heap + 0x8_0000), Access::Write);
     space.deactivate();
     drop(space);
     let now = crate::memory::frames_not_in_use();

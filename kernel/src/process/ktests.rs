@@ -373,7 +373,10 @@ async fn user_alignment_check_flag_never_reaches_the_kernel() -> Outcome {
             // The first push of the stack (AC not yet set).
             Exit::PageFault { addr, .. } if stack.contains(&addr) => {
                 if let Err(e) = space
-                    .handle_fault_async(addr, panda_mm::region::Access::Write)
+                    .handle_fault_async(
+                        crate::ktest::user_addr(addr),
+                        panda_mm::region::Access::Write,
+                    )
                     .await
                 {
                     result = Err(fail(format_args!("stack fault: {e:?}")));

@@ -37,6 +37,7 @@ use panda_mm::elf::{self, ElfError};
 use panda_mm::region::Access;
 use panda_mm::MmError;
 use panda_platform::sync::Mutex;
+use panda_platform::vm::UserRange;
 use panda_sched::JoinHandle;
 
 use crate::aspace::{AddressSpace, FaultError};
@@ -663,8 +664,10 @@ async fn place_args(
     let (argc, argv) =
         panda_abi::args::write_image(top, path.as_bytes(), args.block, args.count, &mut image);
     // The stack region is demand-zero: this faults its top pages in, in the new space.
+    // (The image lies below the initial stack pointer, in the user half.)
+    let to = UserRange::new(argv, image.len() as u64).ok_or(SpawnError::OutOfMemory)?;
     space
-        .write_user(argv, &image)
+        .write_user(to, &image)
         .await
         .map_err(|_| SpawnError::OutOfMemory)?;
     Ok((argc, argv))

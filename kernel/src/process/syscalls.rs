@@ -1,9 +1,14 @@
 //! System calls: decoding `rax` and the arguments, and each operation's handler.
 //! User memory is reached only through `AddressSpace::read_user`/`write_user` (copies,
-//! faulting pages in as the user's own access would).
+//! faulting pages in as the user's own access would), over a `UserRange`: each user
+//! pointer argument is checked once here (`user_range`: `BadAddress` unless it lies in
+//! the user half), where the handler first uses it — after the checks that come before
+//! it (lengths: `InvalidArgument`; a child's id: `NotFound`) — and everything below
+//! takes the checked range.
 
 use super::*;
 use crate::executor::yield_once;
+use panda_platform::vm::UserRange;
 use panda_sched::AsyncLock;
 
 pub(super) fn user_error(e: FaultError) -> Error {
@@ -11,6 +16,13 @@ pub(super) fn user_error(e: FaultError) -> Error {
         FaultError::OutOfMemory => Error::OutOfMemory,
         FaultError::Denied(_) => Error::BadAddress,
     }
+}
+
+/// The one check of a user pointer argument: `[ptr, ptr + len)` must lie in the user
+/// half, without overflow (`BadAddress` otherwise, whatever `len`, zero included).
+/// Whether the user may access the bytes is the copy's question, later.
+fn user_range(ptr: u64, len: u64) -> Result<UserRange, Error> {
+    UserRange::new(ptr, len).ok_or(Error::BadAddress)
 }
 
 /// What a system call asks of the thread loop (`thread`), which calls in here.
@@ -186,24 +198,24 @@ async fn memory_to_user(process: &Process, pid: u64, ptr: u64, len: u64) -> Resu
         bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
     let n = (len as usize).min(bytes.len());
-    write_user(process, ptr, &bytes[..n]).await?;
+    write_user(process, user_range(ptr, n as u64)?, &bytes[..n]).await?;
     Ok(n)
 }
 
-/// Copies `len` bytes of user memory at `ptr` into `out` (faulting pages in).
-async fn read_user(process: &Process, ptr: u64, out: &mut [u8]) -> Result<(), Error> {
-    process.space.read_user(ptr, out).await.map_err(user_error)
+/// Copies the user memory `from` into `out` (as long as `from`; faulting pages in).
+async fn read_user(process: &Process, from: UserRange, out: &mut [u8]) -> Result<(), Error> {
+    process.space.read_user(from, out).await.map_err(user_error)
 }
 
-/// Writes `bytes` to user memory at `ptr`, faulting pages in as a user write would.
+/// Writes `bytes` to the user memory `to` (as long as `bytes`), faulting pages in as a user write would.
 /// The whole destination is checked (and faulted in) before any byte is written, so a
 /// destination that runs into memory the caller may not write gets `BadAddress` and is
 /// left untouched. (If another thread of the process frees part of it between the two
 /// passes, the write stops there with `BadAddress`.)
-async fn write_user(process: &Process, ptr: u64, bytes: &[u8]) -> Result<(), Error> {
+async fn write_user(process: &Process, to: UserRange, bytes: &[u8]) -> Result<(), Error> {
     process
         .space
-        .write_user(ptr, bytes)
+        .write_user(to, bytes)
         .await
         .map_err(user_error)
 }
@@ -212,8 +224,9 @@ async fn user_path(process: &Process, ptr: u64, len: u64) -> Result<String, Erro
     if len == 0 || len > crate::initrd::MAX_PATH as u64 {
         return Err(Error::InvalidArgument);
     }
+    let from = user_range(ptr, len)?;
     let mut buf = [0u8; crate::initrd::MAX_PATH];
-    read_user(process, ptr, &mut buf[..len as usize]).await?;
+    read_user(process, from, &mut buf[..len as usize]).await?;
     core::str::from_utf8(&buf[..len as usize])
         .map(String::from)
         .map_err(|_| Error::InvalidArgument)
@@ -246,7 +259,7 @@ async fn spawn_args_from_user(
     }
     let path = user_path(process, path_ptr, path_len).await?;
     let mut block = super::try_zeroed(args_len as usize).ok_or(Error::OutOfMemory)?;
-    read_user(process, args_ptr, &mut block).await?;
+    read_user(process, user_range(args_ptr, args_len)?, &mut block).await?;
     let args = Args::new(&block)?;
     let limit = (limit != 0).then_some(limit);
     spawn(&path, arg, &args, Some(process), limit)
@@ -332,7 +345,11 @@ async fn join(process: &Process, me: u64, tid: u64) -> Result<usize, Error> {
 pub const MAX_LOG: u64 = 1 << 20;
 
 async fn log_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Error> {
-    print_user(process, ptr, len).await
+    // The length first, then the address.
+    if len > MAX_LOG {
+        return Err(Error::InvalidArgument);
+    }
+    print_user(process, user_range(ptr, len)?).await
 }
 
 /// Writes user text to the console as it is (user output is the console's, not the
@@ -355,7 +372,7 @@ fn console_bytes(w: &mut dyn core::fmt::Write, bytes: &[u8]) {
 /// between two pieces of the user's text, on a line of their own.
 static USER_OUTPUT: AsyncLock = AsyncLock::new();
 
-/// Writes `[addr, addr + len)` of user memory to the console as one piece: concurrent
+/// Writes the user memory `range` (at most `MAX_LOG` bytes) to the console as one piece: concurrent
 /// user writers never split it. The range is first faulted in as a user read would;
 /// then, holding the user-output lock, it is copied out and printed `PRINT_PIECE`
 /// bytes at a time, each piece under the console's spin lock (interrupts off for one
@@ -365,13 +382,11 @@ static USER_OUTPUT: AsyncLock = AsyncLock::new();
 /// thread unmapped a page meanwhile, the output stops there and the call reports
 /// `BadAddress`. If the process ends meanwhile (killed), the output stops at the next
 /// piece and the lock goes to the next writer.
-async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Error> {
-    if len > MAX_LOG {
-        return Err(Error::InvalidArgument);
-    }
+async fn print_user(process: &Process, range: UserRange) -> Result<usize, Error> {
+    debug_assert!(range.len() <= MAX_LOG, "the callers check the length first");
     process
         .space
-        .fault_in(addr, len, false)
+        .fault_in(range, false)
         .await
         .map_err(user_error)?;
     let Some(_one_writer) = process.unless_killed(USER_OUTPUT.lock()).await else {
@@ -381,22 +396,22 @@ async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Err
     let mut piece = [0u8; PRINT_PIECE + 3];
     // Bytes of a character cut at the end of the last piece, moved to the front.
     let mut carried = 0;
-    let end = addr + len;
-    let mut at = addr;
-    while at < end {
+    let mut rest = range;
+    while !rest.is_empty() {
         if process.is_ending() {
             return Ok(0); // killed mid-call: the result is never seen
         }
-        let n = ((end - at) as usize).min(PRINT_PIECE);
+        let (head, tail) = rest.split_at(PRINT_PIECE as u64);
+        let n = head.len() as usize;
         if !process
             .space
-            .read_mapped(at, &mut piece[carried..carried + n])
+            .read_mapped(head, &mut piece[carried..carried + n])
         {
             return Err(Error::BadAddress);
         }
-        at += n as u64;
+        rest = tail;
         let filled = carried + n;
-        let keep = if at < end {
+        let keep = if !rest.is_empty() {
             cut_character(&piece[..filled])
         } else {
             0
@@ -406,7 +421,7 @@ async fn print_user(process: &Process, addr: u64, len: u64) -> Result<usize, Err
         carried = keep;
         slice.maybe_yield().await;
     }
-    Ok(len as usize)
+    Ok(range.len() as usize)
 }
 
 /// Bytes of user output copied and printed at a time: at most 256 bytes on the UART
@@ -440,10 +455,11 @@ async fn buffer_log(process: &Process, addr: u64, len: u64) -> Result<usize, Err
     if len > MAX_LOG {
         return Err(Error::InvalidArgument);
     }
-    if !process.space.in_buffer(addr, len) {
+    let range = user_range(addr, len)?;
+    if !process.space.in_buffer(range) {
         return Err(Error::BadAddress);
     }
-    print_user(process, addr, len).await
+    print_user(process, range).await
 }
 
 async fn read_file(
@@ -456,7 +472,7 @@ async fn read_file(
     let path = user_path(process, path_ptr, path_len).await?;
     let file = crate::initrd::find(&path).ok_or(Error::NotFound)?;
     let n = (len as usize).min(file.len());
-    write_user(process, buffer, &file[..n]).await?;
+    write_user(process, user_range(buffer, n as u64)?, &file[..n]).await?;
     Ok(n)
 }
 
@@ -503,6 +519,6 @@ async fn info_to_user(process: &Process, ptr: u64, len: u64) -> Result<usize, Er
         bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
     let n = (len as usize).min(bytes.len());
-    write_user(process, ptr, &bytes[..n]).await?;
+    write_user(process, user_range(ptr, n as u64)?, &bytes[..n]).await?;
     Ok(n)
 }

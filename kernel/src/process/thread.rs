@@ -7,6 +7,8 @@ use super::syscalls::{system_call, After};
 use super::*;
 use crate::executor::yield_once;
 use core::task::Poll;
+use panda_mm::region::FaultDecision;
+use panda_platform::vm::UserAddr;
 
 /// A thread of `process` starting from `ctx`, as a future that completes with the
 /// thread's status (its exit code, the process's status if the process ended first).
@@ -60,12 +62,19 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                 // (for the zeroing task) races the end of its process. (Building the
                 // race for every fault cost two 168-byte copies of the future and a
                 // second poll.)
-                let mut fault = pin!(process.space.handle_fault_async(addr, access));
-                let resolved =
-                    match core::future::poll_fn(|cx| Poll::Ready(fault.as_mut().poll(cx))).await {
-                        Poll::Ready(result) => Some(result),
-                        Poll::Pending => process.unless_killed(fault).await,
-                    };
+                // The trap reports CR2 as it is: a kernel-half address (a user access to
+                // kernel memory) is outside every region, as the bookkeeping would say.
+                let resolved = match UserAddr::new(addr) {
+                    None => Some(Err(FaultError::Denied(FaultDecision::OutsideRegions))),
+                    Some(at) => {
+                        let mut fault = pin!(process.space.handle_fault_async(at, access));
+                        match core::future::poll_fn(|cx| Poll::Ready(fault.as_mut().poll(cx))).await
+                        {
+                            Poll::Ready(result) => Some(result),
+                            Poll::Pending => process.unless_killed(fault).await,
+                        }
+                    }
+                };
                 match resolved {
                     Some(Ok(())) | None => {}
                     Some(Err(e)) => {
