@@ -346,25 +346,6 @@ pub fn rsdp() -> Option<u64> {
     Some(RSDP.load(Ordering::Acquire)).filter(|&p| p != 0)
 }
 
-/// The HPET's register block (physical) as the HPET table names it, and the PM timer's
-/// I/O port (bits 0..16, bit 16: 32 bits wide, bit 17: present) as the FADT names it;
-/// recorded by `discover` (0: none) for `time::Counter`, which then touches only the
-/// registers the firmware's tables named, never an address or port a caller chose.
-static HPET_BASE: AtomicU64 = AtomicU64::new(0);
-static PM_TIMER_PORT: AtomicU64 = AtomicU64::new(0);
-
-/// The HPET's physical register block, once `discover` found one.
-pub(crate) fn hpet_base() -> Option<u64> {
-    Some(HPET_BASE.load(Ordering::Acquire)).filter(|&b| b != 0)
-}
-
-/// The PM timer's I/O port and whether it is 32 bits wide, once `discover` found one
-/// in I/O space.
-pub(crate) fn pm_timer_port() -> Option<(u16, bool)> {
-    let v = PM_TIMER_PORT.load(Ordering::Acquire);
-    (v & 1 << 17 != 0).then_some((v as u16, v & 1 << 16 != 0))
-}
-
 /// The first 8 bytes of the RSDP (`rsdp()`), read through the HHDM, which must be the
 /// signature `"RSD PTR "`; a fault reading them is reported. `None` without an RSDP.
 ///
@@ -455,7 +436,7 @@ pub fn discover() -> Result<Platform, Error> {
         }
     }
     platform.hpet = HpetInfo::new(&tables).ok().map(|h| h.base_address as u64);
-    HPET_BASE.store(platform.hpet.unwrap_or(0), Ordering::Release);
+    crate::time::record_hpet(platform.hpet.unwrap_or(0));
     platform.numa = numa(&tables);
     if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
         crate::power::set_acpi(power_info(
@@ -473,10 +454,7 @@ pub fn discover() -> Result<Platform, Error> {
                 },
             };
             if pm.io_port && pm.address <= u64::from(u16::MAX) {
-                PM_TIMER_PORT.store(
-                    pm.address | u64::from(pm.bits32) << 16 | 1 << 17,
-                    Ordering::Release,
-                );
+                crate::time::record_pm_timer(pm.address as u16, pm.bits32);
             }
             platform.pm_timer = Some(pm);
         }

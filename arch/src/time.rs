@@ -29,6 +29,39 @@ use x86_64::instructions::port::Port;
 
 use crate::cpu::{cpuid, rdtsc};
 use panda_firmware::clock::{choose, estimate, Window};
+
+/// The HPET's register block (physical) as the ACPI HPET table names it, and the PM
+/// timer's I/O port (bits 0..16, bit 16: 32 bits wide, bit 17: present) as the FADT
+/// names it; recorded by `acpi::discover` (0: none), so `Counter` touches only the
+/// registers the firmware's tables named, never an address or port a caller chose.
+static HPET_BASE: AtomicU64 = AtomicU64::new(0);
+static PM_TIMER_PORT: AtomicU64 = AtomicU64::new(0);
+
+/// Records the HPET the ACPI tables name (`acpi::discover`; 0: none).
+pub(crate) fn record_hpet(base: u64) {
+    HPET_BASE.store(base, Ordering::Release);
+}
+
+/// Records the PM timer's I/O port the FADT names (`acpi::discover`).
+pub(crate) fn record_pm_timer(port: u16, bits32: bool) {
+    PM_TIMER_PORT.store(
+        u64::from(port) | u64::from(bits32) << 16 | 1 << 17,
+        Ordering::Release,
+    );
+}
+
+/// The HPET's physical register block, once `acpi::discover` found one.
+fn hpet_base() -> Option<u64> {
+    Some(HPET_BASE.load(Ordering::Acquire)).filter(|&b| b != 0)
+}
+
+/// The PM timer's I/O port and whether it is 32 bits wide, once `acpi::discover` found
+/// one in I/O space.
+fn pm_timer_port() -> Option<(u16, bool)> {
+    let v = PM_TIMER_PORT.load(Ordering::Acquire);
+    (v & 1 << 17 != 0).then_some((v as u16, v & 1 << 16 != 0))
+}
+
 pub use panda_firmware::clock::{Choice, Estimate, Refusal, Source, PLAUSIBLE_HZ};
 
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
@@ -98,7 +131,7 @@ impl Counter {
     /// `acpi::discover` recorded it; `None` without one in I/O space. Takes no port: a
     /// read of another device's port can change that device (pop a FIFO, clear a flag).
     pub fn pm_timer() -> Option<Counter> {
-        let (port, bits32) = crate::acpi::pm_timer_port()?;
+        let (port, bits32) = pm_timer_port()?;
         Some(Counter {
             kind: Kind::PmTimer(port),
             hz: PM_HZ,
@@ -113,7 +146,7 @@ impl Counter {
     /// Takes no address: it writes the configuration register, which at any other
     /// device's address would be a write to that device.
     pub fn hpet() -> Option<Counter> {
-        let base = crate::acpi::hpet_base()?;
+        let base = hpet_base()?;
         let virt = crate::kernel_tables::map_mmio(base, 1024)?;
         let reg = |off: u64| (virt + off) as *mut u64;
         // SAFETY: `virt` maps the HPET's 1 KiB register block uncached (just above);

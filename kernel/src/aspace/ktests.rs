@@ -1,7 +1,7 @@
 //! In-kernel tests of user address spaces: regions, demand-zero faults, unmaps seen by other CPUs, shootdowns and the frames they hold. They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use alloc::vec::Vec;
@@ -12,7 +12,7 @@ use panda_arch::probe::{self};
 use panda_platform::frame;
 
 use crate::aspace::{AddressSpace, FaultError};
-use crate::ktest::{
+use crate::ktest::support::{
     async_tests, ensure, executor, fail, tests, user_addr, user_read, user_write, AsyncTest,
     Outcome, Test,
 };
@@ -38,7 +38,7 @@ pub(crate) const ASYNC_TESTS: &[AsyncTest] = async_tests![
 /// `BadAddress` rule rests on (ending exactly at `USER_SPACE_END`, one byte past it,
 /// an overflowing sum, an empty range at and past the end), and the splits the copies
 /// walk by.
-fn mm_user_ranges_hold_only_the_user_half(_: &crate::ktest::Context<'_>) -> Outcome {
+fn mm_user_ranges_hold_only_the_user_half(_: &crate::ktest::support::Context<'_>) -> Outcome {
     use panda_platform::vm::{UserAddr, UserRange};
     let end = panda_abi::USER_SPACE_END as u64;
     ensure!(

@@ -1,11 +1,11 @@
 //! In-kernel tests of the boot information and the memory map. They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use crate::boot::{MemoryKind, MemoryMap};
-use crate::ktest::{async_tests, ensure, fail, tests, AsyncTest, Context, Outcome, Test};
+use crate::ktest::support::{async_tests, ensure, fail, tests, AsyncTest, Context, Outcome, Test};
 
 pub(crate) const TESTS: &[Test] = tests![
     boot_info_memory_map,

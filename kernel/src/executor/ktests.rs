@@ -1,12 +1,14 @@
 //! In-kernel tests of the executor on every CPU: pinned tasks, stealing, sleeps. They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use core::sync::atomic::Ordering;
 
-use crate::ktest::{async_tests, ensure, executor, report_cpu, tests, AsyncTest, Outcome, Test};
+use crate::ktest::support::{
+    async_tests, ensure, executor, report_cpu, tests, AsyncTest, Outcome, Test,
+};
 
 pub(crate) const TESTS: &[Test] = tests![];
 

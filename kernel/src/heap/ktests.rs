@@ -1,10 +1,10 @@
 //! In-kernel tests of the kernel heap. They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
-use crate::ktest::{async_tests, ensure, tests, AsyncTest, Context, Outcome, Test};
+use crate::ktest::support::{async_tests, ensure, tests, AsyncTest, Context, Outcome, Test};
 
 pub(crate) const TESTS: &[Test] = tests![heap_alloc_free_returns_memory];
 

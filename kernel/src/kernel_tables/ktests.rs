@@ -1,13 +1,13 @@
 //! In-kernel tests of the kernel's own page tables (probed: what faults and what does not). They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use panda_arch::probe::{self, RetIn};
 
 use crate::boot::MemoryKind;
-use crate::ktest::{async_tests, ensure, fail, tests, AsyncTest, Context, Outcome, Test};
+use crate::ktest::support::{async_tests, ensure, fail, tests, AsyncTest, Context, Outcome, Test};
 
 pub(crate) const TESTS: &[Test] = tests![
     paging_kernel_tables_active,

@@ -1,7 +1,7 @@
 //! In-kernel tests of frames and zeroing: every zeroing method, the zeroed pools, the frame count, exhaustion (and `mm_measure`, a measurement). They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +10,7 @@ use panda_arch::percpu;
 use panda_mm::CpuId;
 use panda_platform::frame;
 
-use crate::ktest::{
+use crate::ktest::support::{
     async_tests, cpu_id, empty_pool, ensure, executor, fail, invlpg_here, keep_busy, tests,
     AsyncTest, Outcome, Test,
 };

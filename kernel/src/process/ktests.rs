@@ -1,7 +1,7 @@
 //! In-kernel tests of ring 3 and processes: user-mode round trips, per-thread SSE state, system calls, faults awaiting the zeroing task. They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use alloc::vec::Vec;
@@ -11,7 +11,7 @@ use panda_arch::percpu;
 use panda_platform::frame;
 
 use crate::aspace::AddressSpace;
-use crate::ktest::{
+use crate::ktest::support::{
     async_tests, cpu_id, empty_pool, ensure, executor, fail, keep_busy, tests, AsyncTest, Failure,
     Outcome, Test,
 };
@@ -374,7 +374,7 @@ async fn user_alignment_check_flag_never_reaches_the_kernel() -> Outcome {
             Exit::PageFault { addr, .. } if stack.contains(&addr) => {
                 if let Err(e) = space
                     .handle_fault_async(
-                        crate::ktest::user_addr(addr),
+                        crate::ktest::support::user_addr(addr),
                         panda_mm::region::Access::Write,
                     )
                     .await
@@ -425,7 +425,7 @@ async fn user_alignment_check_flag_never_reaches_the_kernel() -> Outcome {
 /// time-out or a kill) takes its waker out of the event: 1,000 abandoned waits, each
 /// polled with two wakers, leave none and keep no waker's task alive; a fire after
 /// that wakes only the waits still there.
-fn process_abandoned_event_waits_leave_no_waker(_: &crate::ktest::Context<'_>) -> Outcome {
+fn process_abandoned_event_waits_leave_no_waker(_: &crate::ktest::support::Context<'_>) -> Outcome {
     use alloc::sync::Arc;
     use alloc::task::Wake;
     use core::future::Future;

@@ -1,7 +1,7 @@
 //! In-kernel tests of every CPU: protection bits, traps, the clock, bring-up, IPIs and cross-CPU calls. They run when the command line says `test`;
 //! the harness, its helpers and the list of test modules are in `crate::ktest`.
 
-// Failures carry their message inline (see `crate::ktest::Failure`).
+// Failures carry their message inline (see `crate::ktest::support::Failure`).
 #![allow(clippy::result_large_err)]
 
 use alloc::vec::Vec;
@@ -11,7 +11,7 @@ use panda_arch::percpu;
 use panda_arch::probe::{self};
 use panda_arch::trap::TrapFrame;
 
-use crate::ktest::{
+use crate::ktest::support::{
     async_tests, cpu_id, ensure, executor, fail, tests, wait_for, AsyncTest, Context, Outcome, Test,
 };
 
