@@ -15,7 +15,8 @@
 //! be sound whatever its caller passes.
 //!
 //! Modules import only modules below them, ground first:
-//! - `cpu`, `image`, `memory_map`, and the layout constants here;
+//! - `cpu`, `image`, `memory_map`, `addr` (user addresses as checked values), and the
+//!   layout constants here;
 //! - `probe`, `paging`, `stacks`; then `percpu`, `backtrace`, `pvh` (PVH's structures);
 //! - `gdt`, `kernel_tables`;
 //! - `screen`, `time`, then `serial`, `apic`, `power`, `acpi`;
@@ -30,6 +31,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod addr;
 pub mod apic;
 pub mod backtrace;
 pub mod boot;

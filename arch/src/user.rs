@@ -25,6 +25,8 @@ use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 
 pub use panda_abi::Access;
+
+use crate::addr::UserAddr;
 use x86_64::registers::model_specific::{Efer, EferFlags, LStar, SFMask, Star};
 use x86_64::registers::rflags::RFlags;
 use x86_64::VirtAddr;
@@ -103,8 +105,14 @@ pub struct UserContext {
 pub enum Exit {
     /// The thread executed `syscall`; `rax` and the argument registers hold the call.
     Syscall,
-    /// A page fault at `addr` (CR2) by an access of kind `access`.
-    PageFault { addr: u64, access: Access },
+    /// A page fault at `addr` (CR2, as the CPU reported it) by an access of kind
+    /// `access`; `at` is that address as a `UserAddr` when it lies in the user half
+    /// (`None`: the thread touched the kernel half or the non-canonical hole).
+    PageFault {
+        addr: u64,
+        at: Option<UserAddr>,
+        access: Access,
+    },
     /// Any other exception (vector < 32): the thread did something it may not.
     Exception { vector: u8, error_code: u64 },
     /// An interrupt (vector >= 32: the timer tick, an IPI) ended the run early.
@@ -117,6 +125,7 @@ impl Exit {
         match vector {
             14 => Exit::PageFault {
                 addr: cr2,
+                at: UserAddr::new(cr2),
                 access: if error_code & 0x10 != 0 {
                     Access::Execute
                 } else if error_code & 0x2 != 0 {

@@ -41,7 +41,6 @@ pub mod ipi;
 pub mod order;
 pub mod sync;
 mod tables;
-pub mod user;
 pub mod vm;
 pub mod watchdog;
 pub mod zero;

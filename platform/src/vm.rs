@@ -19,7 +19,7 @@
 //!   a time), never borrowed: another user thread may write the same bytes at any
 //!   moment, and a Rust reference over them would be undefined behaviour. The copy runs
 //!   with the table lock held, so the frame cannot be unmapped and reused under it; it
-//!   takes a `UserRange` (`crate::user`), so it reaches only the user half;
+//!   takes a `UserRange` (`panda_arch::addr`), so it reaches only the user half;
 //! - a CPU loads the space with `activate`; dropping the space first moves every CPU
 //!   that may still have it loaded back to the kernel's tables.
 //!
@@ -37,7 +37,7 @@ use crate::frame::{self, FilledFrame, Frame, ZeroedFrame};
 use crate::ipi;
 use crate::sync::{Mutex, MutexGuard, Rank};
 use crate::tables::OwnedTables;
-pub use crate::user::{UserAddr, UserRange};
+pub use panda_arch::addr::{UserAddr, UserRange};
 use panda_arch::paging::{flags, MapError};
 // Nothing at or above `USER_END` (the user half's end) is ever mapped into a user
 // space by this module.

@@ -8,7 +8,6 @@ use super::*;
 use crate::executor::yield_once;
 use core::task::Poll;
 use panda_mm::region::FaultDecision;
-use panda_platform::vm::UserAddr;
 
 /// A thread of `process` starting from `ctx`, as a future that completes with the
 /// thread's status (its exit code, the process's status if the process ended first).
@@ -56,15 +55,16 @@ async fn thread_loop(process: Arc<Process>, mut ctx: UserContext, tid: u64) -> u
                     break code;
                 }
             },
-            Exit::PageFault { addr, access } => {
+            Exit::PageFault { addr, at, access } => {
                 // Almost every fault completes on its first poll (a pooled or freshly
                 // zeroed frame), so it is polled once directly; only one that must wait
                 // (for the zeroing task) races the end of its process. (Building the
                 // race for every fault cost two 168-byte copies of the future and a
                 // second poll.)
-                // The trap reports CR2 as it is: a kernel-half address (a user access to
-                // kernel memory) is outside every region, as the bookkeeping would say.
-                let resolved = match UserAddr::new(addr) {
+                // A kernel-half or non-canonical address (arch decodes CR2 into a
+                // `UserAddr` only in the user half) is outside every region, as the
+                // bookkeeping would say.
+                let resolved = match at {
                     None => Some(Err(FaultError::Denied(FaultDecision::OutsideRegions))),
                     Some(at) => {
                         let mut fault = pin!(process.space.handle_fault_async(at, access));

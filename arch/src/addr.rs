@@ -28,7 +28,7 @@
 //! `UserRange::new(END, 0)` is `Some` and empty; `UserRange::new(END + 1, 0)` is `None`
 //! (a kernel or non-canonical pointer is refused even for zero bytes).
 
-use panda_arch::{page_floor, page_offset, PAGE_SIZE, USER_END as END};
+use crate::{page_floor, page_offset, PAGE_SIZE, USER_END as END};
 
 /// An address in the user half: below `USER_SPACE_END`, so canonical and never a
 /// kernel address. (Not necessarily mapped.)
