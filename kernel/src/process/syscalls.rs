@@ -8,6 +8,7 @@
 
 use super::*;
 use crate::executor::yield_once;
+use panda_mm::CpuId;
 use panda_platform::vm::UserRange;
 use panda_sched::AsyncLock;
 
@@ -106,9 +107,15 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
         }
         syscall::OP_THREAD_JOIN => join(process, tid, a0).await,
         syscall::OP_THREAD_SET_AFFINITY => match exec {
+            // An online CPU is below `MAX_CPUS`, so it is a `CpuId`.
             Some(exec) if (a0 as usize) < panda_arch::percpu::online_count() => {
-                exec.move_to(a0 as usize, true).await;
-                Ok(0)
+                match CpuId::new(a0 as usize) {
+                    Some(cpu) => {
+                        exec.move_to(cpu, true).await;
+                        Ok(0)
+                    }
+                    None => Err(Error::InvalidArgument),
+                }
             }
             _ => Err(Error::InvalidArgument),
         },
@@ -497,11 +504,11 @@ fn system_info() -> SystemInfo {
         profiled_faults: a::stat(Stat::ProfFaults),
         kernel_heap_bytes: crate::heap::live_bytes(),
         zero_pools_on: crate::memory::prezero() as u64,
-        zeroed_ahead: (0..panda_arch::percpu::online_count())
+        zeroed_ahead: CpuId::all(panda_arch::percpu::online_count())
             .filter_map(panda_platform::frame::pool_stats)
             .map(|s| s.zeroed)
             .sum(),
-        zeroed_for_other_cpus: (0..panda_arch::percpu::online_count())
+        zeroed_for_other_cpus: CpuId::all(panda_arch::percpu::online_count())
             .filter_map(panda_platform::frame::pool_stats)
             .map(|s| s.from_others)
             .sum(),
