@@ -36,7 +36,7 @@ use panda_arch::{percpu, PAGE_SIZE};
 use panda_mm::account::{Account, OverLimit, UNLIMITED};
 use panda_mm::region::{Access, FaultDecision, Regions, Retiring, Rights};
 use panda_mm::tlb::CpuMask;
-use panda_mm::MmError;
+use panda_mm::{MmError, PerCpu, MAX_CPUS};
 use panda_platform::frame::{FilledFrame, ZeroedFrame};
 use panda_platform::vm::{UserAddr, UserCopy, UserRange, UserTables, VmSpace};
 use panda_platform::zero::Source;
@@ -75,13 +75,11 @@ const STATS: usize = Stat::ProfFaults as usize + 1;
 
 /// The counters, one set per CPU on its own cache lines: the fault path updates only
 /// its CPU's, so counting never makes CPUs fight over a shared line; `stat` sums them.
-static STAT: [CachePadded<[AtomicU64; STATS]>; panda_sched::MAX_CPUS] =
-    [const { CachePadded::new([const { AtomicU64::new(0) }; STATS]) }; panda_sched::MAX_CPUS];
+static STAT: PerCpu<CachePadded<[AtomicU64; STATS]>> =
+    PerCpu::new([const { CachePadded::new([const { AtomicU64::new(0) }; STATS]) }; MAX_CPUS]);
 
 fn add(stat: Stat, n: u64) {
-    if let Some(c) = STAT.get(percpu::current_index()) {
-        c[stat as usize].fetch_add(n, Ordering::Relaxed);
-    }
+    STAT[panda_platform::cpu::current()][stat as usize].fetch_add(n, Ordering::Relaxed);
 }
 
 fn count(stat: Stat) {

@@ -53,35 +53,6 @@ impl core::fmt::Display for CpuId {
     }
 }
 
-/// A CPU number as `TlbState::on_switch_in`/`on_switch_out`, `FlushBatch::commit` and
-/// `CpuMask::contains` take it for now: a `CpuId`, or a bare index checked here (one
-/// past `MAX_CPUS` panics, as indexing a table with it did).
-///
-/// TODO(lead): a transition shim. `panda-platform`'s `vm.rs` (changed elsewhere) still
-/// passes `usize` CPU numbers to those four; once it passes `CpuId` (from
-/// `panda_platform::cpu::current`), drop this trait and the `usize` impl and let them
-/// take `CpuId`.
-pub trait IntoCpuId: Copy {
-    fn into_cpu_id(self) -> CpuId;
-}
-
-impl IntoCpuId for CpuId {
-    #[inline]
-    fn into_cpu_id(self) -> CpuId {
-        self
-    }
-}
-
-impl IntoCpuId for usize {
-    #[inline]
-    fn into_cpu_id(self) -> CpuId {
-        match CpuId::new(self) {
-            Some(cpu) => cpu,
-            None => panic!("CPU {self} is past MAX_CPUS"),
-        }
-    }
-}
-
 /// A table with one `T` per possible CPU, indexed only by `CpuId`: a bare number
 /// cannot index it, and a `CpuId` always finds its entry.
 pub struct PerCpu<T>([T; MAX_CPUS]);

@@ -38,7 +38,7 @@ pub mod slab;
 pub mod tlb;
 pub mod zero;
 
-pub use cpus::{cpus_nearest_first, CpuId, IntoCpuId, PerCpu, MAX_CPUS};
+pub use cpus::{cpus_nearest_first, CpuId, PerCpu, MAX_CPUS};
 
 /// Size of a frame.
 pub const FRAME_SIZE: u64 = panda_abi::PAGE_SIZE as u64;

@@ -19,7 +19,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{CpuId, IntoCpuId, PerCpu, PhysFrame};
+use crate::{CpuId, PerCpu, PhysFrame};
 
 /// CPUs tracked (`crate::MAX_CPUS`).
 pub use crate::MAX_CPUS;
@@ -71,9 +71,7 @@ impl CpuMask {
         self.0[cpu.index() / 64] &= !(1 << (cpu.index() % 64));
     }
 
-    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
-    pub fn contains(&self, cpu: impl IntoCpuId) -> bool {
-        let cpu = cpu.into_cpu_id();
+    pub fn contains(&self, cpu: CpuId) -> bool {
         self.0[cpu.index() / 64] & (1 << (cpu.index() % 64)) != 0
     }
 
@@ -129,9 +127,7 @@ impl TlbState {
 
     /// CPU `cpu` switches to this space. Returns whether it must flush, and records
     /// that after this switch it is current.
-    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
-    pub fn on_switch_in(&self, cpu: impl IntoCpuId) -> SwitchFlush {
-        let cpu = cpu.into_cpu_id();
+    pub fn on_switch_in(&self, cpu: CpuId) -> SwitchFlush {
         self.active.insert(cpu);
         let now = self.generation.load(Ordering::SeqCst);
         let seen = self.flushed[cpu].swap(now, Ordering::SeqCst);
@@ -143,9 +139,7 @@ impl TlbState {
     }
 
     /// CPU `cpu` switches away from this space.
-    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
-    pub fn on_switch_out(&self, cpu: impl IntoCpuId) {
-        let cpu = cpu.into_cpu_id();
+    pub fn on_switch_out(&self, cpu: CpuId) {
         self.active.remove(cpu);
     }
 
@@ -220,9 +214,7 @@ impl<F> FlushBatch<F> {
 
     /// Raises the space's generation and decides who flushes what. `me` is the calling
     /// CPU (it flushes locally if it runs the space; it is never a target).
-    /// (`impl IntoCpuId`: a shim until `panda-platform`'s `vm.rs` passes `CpuId`.)
-    pub fn commit(self, state: &TlbState, me: impl IntoCpuId) -> PendingFlush<F> {
-        let me = me.into_cpu_id();
+    pub fn commit(self, state: &TlbState, me: CpuId) -> PendingFlush<F> {
         let generation = state.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let mut targets = state.active();
         let local = targets.contains(me);

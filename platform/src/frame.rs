@@ -31,7 +31,7 @@ use core::task::{Context, Poll};
 
 use panda_mm::cache::Frames;
 use panda_mm::zero::{Demand, PoolStats, ZeroPools};
-use panda_mm::{CpuId, IntoCpuId, PhysFrame};
+use panda_mm::{CpuId, PhysFrame};
 
 use panda_arch::paging::ZeroMethod;
 use panda_arch::{HHDM_BASE, PAGE_SIZE};
@@ -545,14 +545,9 @@ pub(crate) fn pool_wants_frames(cpu: CpuId) -> bool {
     ZERO.get().is_some_and(|p| p.wants_frames(cpu))
 }
 
-/// CPU `cpu`'s pool counters.
-///
-/// TODO(lead): takes `impl IntoCpuId` (a `CpuId`, or a bare index checked against
-/// `MAX_CPUS`) only because `kernel/src/process/syscalls.rs` (changed elsewhere) still
-/// passes `usize`s from `0..online_count()`; once it iterates `CpuId::all(n)`, make
-/// this take `CpuId`.
-pub fn pool_stats(cpu: impl IntoCpuId) -> Option<PoolStats> {
-    Some(ZERO.get()?.stats(cpu.into_cpu_id()))
+/// CPU `cpu`'s pool counters (`None` before the pools are set up).
+pub fn pool_stats(cpu: CpuId) -> Option<PoolStats> {
+    Some(ZERO.get()?.stats(cpu))
 }
 
 /// Frames each pool holds at most.

@@ -32,7 +32,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub use panda_mm::region::{Access, Rights};
 use panda_mm::tlb::{CpuMask, FlushBatch, FlushScope, SwitchFlush, TlbState};
+use panda_mm::{CpuId, PerCpu, MAX_CPUS};
 
+use crate::cpu;
 use crate::frame::{self, FilledFrame, Frame, ZeroedFrame};
 use crate::ipi;
 use crate::sync::{Mutex, MutexGuard, Rank};
@@ -359,7 +361,7 @@ impl VmSpace {
     /// Makes this space current on the calling CPU. The space it replaces there (if
     /// any) learns that this CPU left it, so its shootdowns stop targeting this CPU.
     pub fn activate(self: &Arc<Self>) {
-        let cpu = percpu::current_index();
+        let cpu = cpu::current();
         let decision = self.tlb.on_switch_in(cpu);
         // SAFETY: the hierarchy shares the kernel half, so everything the kernel uses
         // stays mapped; it stays alive while loaded (dropping it first moves every CPU
@@ -370,9 +372,7 @@ impl VmSpace {
             panda_arch::paging::flush_user();
         }
         // After the CR3 load: this CPU can no longer use the previous space's entries.
-        let previous = CURRENT_SPACE
-            .get(cpu)
-            .and_then(|slot| slot.lock().replace(Arc::downgrade(self)));
+        let previous = CURRENT_SPACE[cpu].lock().replace(Arc::downgrade(self));
         if let Some(prev) = previous.and_then(|w| w.upgrade()) {
             if !Arc::ptr_eq(&prev, self) {
                 prev.tlb.on_switch_out(cpu);
@@ -383,16 +383,14 @@ impl VmSpace {
     /// Returns the calling CPU to the kernel's own tables.
     pub fn deactivate(&self) {
         panda_arch::kernel_tables::load();
-        let cpu = percpu::current_index();
+        let cpu = cpu::current();
         self.tlb.on_switch_out(cpu);
-        if let Some(slot) = CURRENT_SPACE.get(cpu) {
-            let mut current = slot.lock();
-            if current
-                .as_ref()
-                .is_some_and(|w| core::ptr::eq(w.as_ptr(), self))
-            {
-                *current = None;
-            }
+        let mut current = CURRENT_SPACE[cpu].lock();
+        if current
+            .as_ref()
+            .is_some_and(|w| core::ptr::eq(w.as_ptr(), self))
+        {
+            *current = None;
         }
     }
 
@@ -487,13 +485,11 @@ impl VmSpace {
     }
 
     fn shoot_down(&self, batch: FlushBatch<Frame>) {
-        let me = percpu::current_index();
+        let me = cpu::current();
         let pending = batch.commit(&self.tlb, me);
         // This CPU's request slot: shootdowns started on different CPUs (of one space
         // or of different ones) run in parallel; one CPU runs one at a time.
-        let Some(slot) = SCOPES.get(me) else {
-            return;
-        };
+        let slot = &SCOPES[me];
         let in_flight = IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
         MOST_IN_FLIGHT.fetch_max(in_flight, Ordering::SeqCst);
         *slot.lock() = match pending.scope() {
@@ -501,14 +497,18 @@ impl VmSpace {
             FlushScope::Everything => None,
         };
         if pending.flush_locally() {
-            flush_scope(me as u64);
+            flush_scope(me.index() as u64);
         }
         // All targets flush in parallel; `call_on_set` returns once every online one
         // has. An offline CPU cannot hold translations: it counts as flushed too.
         let targets = pending.targets();
         SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
         SHOOTDOWN_IPIS.fetch_add(targets.iter().count() as u64, Ordering::Relaxed);
-        ipi::call_on_set(|c| targets.contains(c), flush_scope, me as u64);
+        ipi::call_on_set(
+            |c| CpuId::new(c).is_some_and(|c| targets.contains(c)),
+            flush_scope,
+            me.index() as u64,
+        );
         IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
         let mut acked = CpuMask::default();
         for cpu in targets.iter() {
@@ -546,7 +546,11 @@ impl Drop for VmSpace {
         // No CPU may keep a freed PML4 in CR3: every CPU that may still run this space
         // (it ran a thread and has not switched since) leaves it first.
         let active = self.tlb.active();
-        ipi::call_on_set(|c| active.contains(c), leave_space, self.root);
+        ipi::call_on_set(
+            |c| CpuId::new(c).is_some_and(|c| active.contains(c)),
+            leave_space,
+            self.root,
+        );
         leave_space(self.root);
         // No CPU has the hierarchy loaded any more.
         if let Some(t) = self.tables.lock().take() {
@@ -603,14 +607,14 @@ impl Drop for Unmapped<'_> {
 }
 
 /// The user space each CPU last activated (to tell it when the CPU leaves).
-static CURRENT_SPACE: [Mutex<Option<Weak<VmSpace>>>; percpu::MAX_CPUS] =
-    [const { Mutex::new(&CURRENT, None) }; percpu::MAX_CPUS];
+static CURRENT_SPACE: PerCpu<Mutex<Option<Weak<VmSpace>>>> =
+    PerCpu::new([const { Mutex::new(&CURRENT, None) }; MAX_CPUS]);
 
 /// Per initiating CPU, the pages its shootdown in progress flushes (`None`: everything).
 /// A CPU runs one shootdown at a time, to the end, so one slot each suffices, and the
 /// cross-CPU call names the slot by the initiator's index.
-static SCOPES: [Mutex<Option<Vec<u64>>>; percpu::MAX_CPUS] =
-    [const { Mutex::new(&SCOPE, None) }; percpu::MAX_CPUS];
+static SCOPES: PerCpu<Mutex<Option<Vec<u64>>>> =
+    PerCpu::new([const { Mutex::new(&SCOPE, None) }; MAX_CPUS]);
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 static SHOOTDOWN_IPIS: AtomicU64 = AtomicU64::new(0);
@@ -656,7 +660,8 @@ fn flush_scope(initiator: u64) -> u64 {
             probe();
         }
     }
-    let Some(slot) = SCOPES.get(initiator as usize) else {
+    // The initiator's number came over the cross-CPU call as a `u64`: checked again.
+    let Some(slot) = CpuId::new(initiator as usize).map(|c| &SCOPES[c]) else {
         panda_arch::paging::flush_user();
         return 0;
     };

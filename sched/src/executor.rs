@@ -15,9 +15,9 @@ use crate::queue::TaskQueue;
 use crate::task::{Scheduler, Task, DONE, IDLE, RUNNING, SCHEDULED, WOKEN};
 use crate::timer::{Sleep, TimerKey, TimerList, Timers};
 
+use panda_mm::CpuId;
 /// Most CPUs an executor serves (`panda_mm::MAX_CPUS`).
 pub use panda_mm::MAX_CPUS;
-use panda_mm::{CpuId, IntoCpuId};
 
 /// What the executor needs from the machine. The kernel implements it with GS-based
 /// CPU ids, wake-up IPIs, the TSC and `sti; hlt`; the host tests with threads.
@@ -876,14 +876,10 @@ impl<P: Platform> Executor<P> {
     /// Moves the calling task to CPU `cpu` (one of the CPUs served): the future
     /// completes once the task is polled there. With `pin`, only that CPU will poll it
     /// from then on; without, it is shared (stealable) again.
-    ///
-    /// TODO(lead): takes `impl IntoCpuId` (a `CpuId`, or a bare index checked against
-    /// `MAX_CPUS`) only because `kernel/src/process/syscalls.rs` (changed elsewhere)
-    /// still passes the user's `usize`; once it passes a `CpuId`, take `CpuId`.
-    pub fn move_to(&'static self, cpu: impl IntoCpuId, pin: bool) -> MoveTo<P> {
+    pub fn move_to(&'static self, cpu: CpuId, pin: bool) -> MoveTo<P> {
         MoveTo {
             executor: self,
-            cpu: self.served(cpu.into_cpu_id().index(), "move_to's target"),
+            cpu: self.served(cpu.index(), "move_to's target"),
             pin,
             asked: false,
         }

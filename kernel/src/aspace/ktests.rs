@@ -377,7 +377,7 @@ async fn mm_mapping_a_mapped_page_is_refused_and_frees_the_frame() -> Outcome {
 /// set (so the first one's shootdowns no longer interrupt it), and leaves the second
 /// one's when it returns to the kernel's tables.
 async fn mm_switching_spaces_leaves_the_old_active_set() -> Outcome {
-    let cpu = percpu::current_index();
+    let cpu = panda_platform::cpu::current();
     let a = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     let b = AddressSpace::new().map_err(|e| fail(format_args!("{e:?}")))?;
     a.activate();

@@ -8,6 +8,8 @@
 
 use super::*;
 use crate::executor::yield_once;
+use panda_arch::PAGE_SIZE;
+use panda_mm::CpuId;
 use panda_platform::vm::UserRange;
 use panda_sched::AsyncLock;
 
@@ -74,7 +76,7 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
         syscall::OP_THREAD_CURRENT_CPU => Ok(panda_arch::percpu::current_index()),
         syscall::OP_THREAD_SPAWN => match exec {
             Some(exec) => {
-                let user_end = panda_abi::USER_SPACE_END as u64;
+                let user_end = panda_arch::USER_END;
                 // The stack top may be 0: a thread that never touches its stack
                 // needs none. Kernel-half and non-canonical values are refused.
                 if !(panda_abi::ELF_LOAD_BASE as u64..user_end).contains(&a0) || a1 > user_end {
@@ -106,9 +108,15 @@ pub(super) async fn system_call(process: &Arc<Process>, tid: u64, ctx: &mut User
         }
         syscall::OP_THREAD_JOIN => join(process, tid, a0).await,
         syscall::OP_THREAD_SET_AFFINITY => match exec {
+            // An online CPU is below `MAX_CPUS`, so it is a `CpuId`.
             Some(exec) if (a0 as usize) < panda_arch::percpu::online_count() => {
-                exec.move_to(a0 as usize, true).await;
-                Ok(0)
+                match CpuId::new(a0 as usize) {
+                    Some(cpu) => {
+                        exec.move_to(cpu, true).await;
+                        Ok(0)
+                    }
+                    None => Err(Error::InvalidArgument),
+                }
             }
             _ => Err(Error::InvalidArgument),
         },
@@ -135,9 +143,9 @@ async fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
     // growth from the heap's base: that is how a runtime reserves its allocator's range
     // (the user runtime takes 64 GiB of address space at once, docs/PROGRAMS.md), and
     // only what it touches costs anything.
-    let pages = |b: u64| b.div_ceil(4096);
+    let pages = |b: u64| b.div_ceil(PAGE_SIZE);
     let old = process.space.brk();
-    let growth = pages(new_end).saturating_sub(pages(old)) * 4096;
+    let growth = pages(new_end).saturating_sub(pages(old)) * PAGE_SIZE;
     if old > panda_abi::HEAP_BASE as u64 && growth > process.account().available() {
         return Err(Error::OutOfMemory);
     }
@@ -162,7 +170,7 @@ async fn buffer_alloc(process: &Process, size: u64) -> Result<usize, Error> {
             return Err(Error::OutOfMemory);
         }
     }
-    if size.div_ceil(4096).saturating_mul(4096) > process.account().available() {
+    if size.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE) > process.account().available() {
         return Err(Error::OutOfMemory);
     }
     process
@@ -481,8 +489,8 @@ fn system_info() -> SystemInfo {
     use crate::aspace::{self as a, Stat};
     SystemInfo {
         cpus: panda_arch::percpu::online_count() as u64,
-        memory_total: panda_platform::frame::total_frames() * 4096,
-        memory_free: crate::memory::frames_not_in_use() * 4096,
+        memory_total: panda_platform::frame::total_frames() * PAGE_SIZE,
+        memory_free: crate::memory::frames_not_in_use() * PAGE_SIZE,
         faults: a::stat(Stat::Faults),
         zero_pool_hits: a::stat(Stat::PoolHits),
         zero_pool_waits: a::stat(Stat::PoolWaits),
@@ -497,11 +505,11 @@ fn system_info() -> SystemInfo {
         profiled_faults: a::stat(Stat::ProfFaults),
         kernel_heap_bytes: crate::heap::live_bytes(),
         zero_pools_on: crate::memory::prezero() as u64,
-        zeroed_ahead: (0..panda_arch::percpu::online_count())
+        zeroed_ahead: CpuId::all(panda_arch::percpu::online_count())
             .filter_map(panda_platform::frame::pool_stats)
             .map(|s| s.zeroed)
             .sum(),
-        zeroed_for_other_cpus: (0..panda_arch::percpu::online_count())
+        zeroed_for_other_cpus: CpuId::all(panda_arch::percpu::online_count())
             .filter_map(panda_platform::frame::pool_stats)
             .map(|s| s.from_others)
             .sum(),
