@@ -145,7 +145,9 @@ async fn brk(process: &Process, new_end: u64) -> Result<usize, Error> {
     // only what it touches costs anything.
     let pages = |b: u64| b.div_ceil(PAGE_SIZE);
     let old = process.space.brk();
-    let growth = pages(new_end).saturating_sub(pages(old)) * PAGE_SIZE;
+    let growth = pages(new_end)
+        .saturating_sub(pages(old))
+        .saturating_mul(PAGE_SIZE);
     if old > panda_abi::HEAP_BASE as u64 && growth > process.account().available() {
         return Err(Error::OutOfMemory);
     }
