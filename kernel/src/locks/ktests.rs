@@ -5,7 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::ktest::support::{
-    async_tests, cpu_id, ensure, executor, tests, AsyncTest, Context, Outcome, Test,
+    async_tests, cpu_id, ensure, executor, tests, AsyncTest, Context, Failure, Outcome, Test,
 };
 
 pub(crate) const TESTS: &[Test] = tests![locks_out_of_order_are_named];
@@ -46,6 +46,24 @@ fn locks_out_of_order_are_named(_: &Context<'_>) -> Outcome {
     Ok(())
 }
 
+type Neighbours = (
+    &'static panda_sched::Executor<crate::executor::Machine>,
+    usize,
+    usize,
+);
+
+/// The executor, the calling CPU and its neighbour (the next CPU by number), for a
+/// test that makes one wait for the other; `None` on a single CPU.
+fn neighbours() -> Result<Option<Neighbours>, Failure> {
+    let exec = executor()?;
+    let n = exec.cpu_count();
+    if n < 2 {
+        return Ok(None);
+    }
+    let me = panda_arch::percpu::current_index();
+    Ok(Some((exec, me, (me + 1) % n)))
+}
+
 /// A CPU that takes a lock back to back must not keep a waiter out: a waiter that has
 /// spun briefly claims the next turn (`sync::Mutex`), and from then on no other CPU
 /// takes the lock before it, not even the CPU that just released it. Without the
@@ -55,13 +73,9 @@ async fn locks_a_waiter_is_not_starved() -> Outcome {
     use panda_platform::sync::{Mutex, Rank};
     static RANK: Rank = Rank::new(60, "test contended");
     static LOCK: Mutex<u64> = Mutex::new(&RANK, 0);
-    let exec = executor()?;
-    let n = exec.cpu_count();
-    if n < 2 {
+    let Some((exec, me, other)) = neighbours()? else {
         return Ok(());
-    }
-    let me = panda_arch::percpu::current_index();
-    let other = (me + 1) % n;
+    };
     let held = LOCK.lock();
     let waiter = exec.spawn_pinned(cpu_id(other)?, async {
         *LOCK.lock() += 1;
@@ -114,13 +128,9 @@ async fn locks_a_waiter_says_what_it_waits_for() -> Outcome {
         line(usize::MAX).is_empty(),
         "a line for a CPU that does not exist"
     );
-    let exec = executor()?;
-    let n = exec.cpu_count();
-    if n < 2 {
+    let Some((exec, me, other)) = neighbours()? else {
         return Ok(());
-    }
-    let me = panda_arch::percpu::current_index();
-    let other = (me + 1) % n;
+    };
     let held = LOCK.lock();
     let waiter = exec.spawn_pinned(cpu_id(other)?, async {
         drop(LOCK.lock());
