@@ -31,6 +31,7 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// `flags::NO_EXECUTE` if EFER.NXE is on (where it is not, the bit is reserved and
 /// setting it would fault), else 0.
+#[inline]
 pub fn nx_bit() -> u64 {
     if crate::cpu::nx_enabled() {
         flags::NO_EXECUTE
@@ -510,6 +511,7 @@ impl TableBuilder {
 }
 
 /// The active PML4's physical address.
+#[inline]
 pub fn active_root() -> u64 {
     Cr3::read().0.start_address().as_u64()
 }
@@ -534,6 +536,7 @@ pub fn reload_cr3() {
 }
 
 /// Invalidates the TLB entry of one page on this CPU.
+#[inline]
 pub fn flush_page(virt: u64) {
     x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(virt));
 }
@@ -617,6 +620,7 @@ pub fn set_zero_method(method: ZeroMethod) {
 }
 
 /// The method `Frame::zero` uses.
+#[inline]
 pub fn zero_method() -> ZeroMethod {
     let m = ZERO_METHOD.load(core::sync::atomic::Ordering::Relaxed);
     ZeroMethod::ALL

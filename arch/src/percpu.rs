@@ -108,6 +108,7 @@ impl PerCpu {
     }
 
     /// Whether the CPU has finished its bring-up.
+    #[inline]
     pub fn online(&self) -> bool {
         self.online.load(Ordering::Acquire)
     }
@@ -150,6 +151,7 @@ pub fn set_online() {
 }
 
 /// This CPU's block, if installed.
+#[inline]
 pub fn current() -> Option<&'static PerCpu> {
     READY
         .load(Ordering::Acquire)
@@ -175,6 +177,7 @@ pub fn checked_index() -> Option<usize> {
 }
 
 /// This CPU's dense index (0 before per-CPU set-up).
+#[inline]
 pub fn current_index() -> usize {
     if !READY.load(Ordering::Acquire) {
         return 0;
@@ -189,11 +192,13 @@ pub fn current_index() -> usize {
 }
 
 /// Block `index`.
+#[inline]
 pub fn cpu(index: usize) -> &'static PerCpu {
     &CPUS[index]
 }
 
 /// CPUs online.
+#[inline]
 pub fn online_count() -> usize {
     CPU_COUNT.load(Ordering::Acquire)
 }

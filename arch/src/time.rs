@@ -403,11 +403,13 @@ pub fn calibrate(refs: References, mut report: impl FnMut(&Round)) -> Result<Cho
 }
 
 /// TSC ticks per second (0 before calibration).
+#[inline]
 pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)
 }
 
 /// Converts TSC ticks to nanoseconds (0 before calibration).
+#[inline]
 pub fn ticks_to_ns(ticks: u64) -> u64 {
     let hz = tsc_hz();
     if hz == 0 {
@@ -417,6 +419,7 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
 }
 
 /// Nanoseconds since kernel entry (0 before calibration).
+#[inline]
 pub fn now_ns() -> u64 {
     ticks_to_ns(rdtsc().saturating_sub(TSC_AT_BOOT.load(Ordering::Relaxed)))
 }
