@@ -186,7 +186,6 @@ pub fn control_registers() -> (u64, u64, u64) {
 
 /// Reads the time-stamp counter.
 #[inline]
-#[inline]
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects; CR4.TSD is never set by Panda.
     unsafe { core::arch::x86_64::_rdtsc() }
