@@ -101,11 +101,27 @@ done
 
 panda_build_kernel
 
+# ` watchdog=S` for a boot whose vCPUs outnumber the host's cores more than 4 to 1:
+# under TCG each vCPU is a host thread, and at -smp 64 on a 2-core host one can wait
+# seconds for a core (a CPU without a timer tick for the default 5 s was reported as
+# hung once, running its executor loop with interrupts on). The limit grows with the
+# overcommit: 5 s per 4 vCPUs per host core, at most 60 s. Nothing otherwise.
+watchdog_for() {
+    local smp=1 prev="" a cores
+    for a in "$@"; do [ "$prev" = -smp ] && smp=$a; prev=$a; done
+    cores=$(nproc 2>/dev/null || echo 1)
+    if [ "$smp" -gt $((4 * cores)) ]; then
+        local s=$((5 * smp / (4 * cores)))
+        [ "$s" -gt 60 ] && s=60
+        echo " watchdog=$s"
+    fi
+}
+
 # Boots the kernel with the in-kernel tests; counts every guest test line.
 guest_tests() {
     local name=$1; shift
     local log="$logs/guest-$name.log" status=0
-    scripts/run.sh --timeout "$timeout_s" --cmdline test "$@" >"$log" 2>&1 || status=$?
+    scripts/run.sh --timeout "$timeout_s" --cmdline "test$(watchdog_for "$@")" "$@" >"$log" 2>&1 || status=$?
     local summary
     summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n1 | tr -d '\r' || true)
     grep -E '^FAIL ' "$log" | sed "s/^/  [$name] /" || true
@@ -565,7 +581,7 @@ if [ "$quick" = 0 ]; then
     # one's per-CPU block). Only that test runs: 288 vCPUs on a 2-core host are too
     # overcommitted for a full user run to be a fair test.
     log="$logs/smp-288.log" status=0
-    scripts/run.sh --timeout "$timeout_s" -smp 288 -m 1G --cmdline "test test.filter=smp_all_cpus_online" >"$log" 2>&1 || status=$?
+    scripts/run.sh --timeout "$timeout_s" -smp 288 -m 1G --cmdline "test test.filter=smp_all_cpus_online$(watchdog_for -smp 288)" >"$log" 2>&1 || status=$?
     if [ "$status" = 0 ] && grep -q 'smp: 288 of 288 CPUs online' "$log"; then
         pass "smp-288 ($(grep -o 'online (x2apic) in [0-9]* ms' "$log" | head -n1))"
     else
