@@ -91,11 +91,13 @@ if [ "$quick" = 0 ]; then
 fi
 
 section "host unit tests (${HOST_CRATES[*]})"
+# Each crate's tests are bounded (build included): a test that waits for a condition
+# that never comes (a lost wake-up, no stealing) fails here instead of hanging the run.
 for crate in "${HOST_CRATES[@]}"; do
-    if cargo test --quiet -p "$crate" >"$logs/host-$crate.log" 2>&1; then
+    if timeout 600 cargo test --quiet -p "$crate" >"$logs/host-$crate.log" 2>&1; then
         pass "host-$crate ($(grep -Eo '[0-9]+ passed' "$logs/host-$crate.log" | awk '{s+=$1} END {print s+0}') tests)"
     else
-        fail "host-$crate" "cargo test failed (see $logs/host-$crate.log)"; tail -20 "$logs/host-$crate.log"
+        fail "host-$crate" "cargo test failed or ran past 600 s (see $logs/host-$crate.log)"; tail -20 "$logs/host-$crate.log"
     fi
 done
 
